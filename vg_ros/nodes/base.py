@@ -1,0 +1,761 @@
+"""What the three perception nodes share: parameters from one YAML, QoS conventions, counted drops,
+stamp checks, approximate-time sync, extrinsics from TF or the rig, and a clean `main`.
+
+A node subclasses `PerceptionNode`, names its pipeline config dataclass and its own parameters, and
+overrides `on_configure` / `on_activate`:
+
+    class RegistrationNode(PerceptionNode):
+        default_node_name = "registration_node"
+        config_cls = OdometryConfig
+        node_params = {"points_topic": ("/lidar/points", "input PointCloud2")}
+
+        def on_activate(self):           # load the model; raise to fail with a clear ERROR log
+            self.odometry = LidarOdometry(self.cfg)
+            self.subscribe(PointCloud2, self.params["points_topic"], self.on_points, self.sensor_qos())
+
+    def main(args=None):
+        return run_node(RegistrationNode, args)
+
+`DropCounter`, `StampGuard` and `ApproxTimeSync` import nothing from ROS and are used by replay too.
+Times are integer nanoseconds throughout.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import json
+import logging
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from vg_ros import ros_compat
+from vg_ros.config import PipelineConfig, declare_ros_parameters, default_config_path, load_section, split_params
+from vg_ros.geometry import invert_T, make_T, quat_to_R
+from vg_ros.types import Rig, stamp_to_ns
+
+if ros_compat.HAVE_RCLPY:
+    import rclpy
+    from rclpy.node import Node as _RosNode
+    from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+else:  # replay and tests of the ROS-free helpers still import this module
+    _RosNode = object  # type: ignore[assignment,misc]
+
+DEVICES = ("cpu", "cuda", "auto")
+RELIABILITIES = ("best_effort", "reliable")
+
+
+class NodeSetupError(Exception):
+    """A node cannot start (bad parameter, missing checkpoint): logged as one ERROR line, exit code 2."""
+
+
+# ----------------------------------------------------------------------------------------- drops
+
+
+class DropCounter:
+    """Counts dropped inputs by reason and logs each reason at most once per `log_period_s`.
+
+    `drops["stale_stamp"]` is the count for one reason; `processed` counts what went through. The
+    logger is anything with `.warning(str)` (an rclpy logger or a `logging.Logger`).
+    """
+
+    def __init__(self, logger: Any = None, *, log_period_s: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if log_period_s < 0:
+            raise ValueError(f"DropCounter.log_period_s = {log_period_s}: must be >= 0")
+        self.logger = logger if logger is not None else logging.getLogger("vg_ros.drops")
+        self.log_period_s = float(log_period_s)
+        self.clock = clock
+        self.drops: collections.Counter[str] = collections.Counter()
+        self.processed: collections.Counter[str] = collections.Counter()
+        self._last_logged: dict[str, float] = {}
+        self._unlogged: collections.Counter[str] = collections.Counter()
+        self._lock = threading.Lock()
+
+    def drop(self, reason: str, detail: str = "") -> None:
+        """Count one dropped input under `reason`; log it unless this reason logged recently."""
+        with self._lock:
+            self.drops[reason] += 1
+            now = self.clock()
+            last = self._last_logged.get(reason)
+            if last is not None and now - last < self.log_period_s:
+                self._unlogged[reason] += 1
+                return
+            self._last_logged[reason] = now
+            suppressed = self._unlogged.pop(reason, 0)
+        more = f" (+{suppressed} more since last report)" if suppressed else ""
+        self.logger.warning(f"dropped input [{reason}] {detail}{more}; total {reason}={self.drops[reason]}")
+
+    def ok(self, what: str = "processed") -> None:
+        with self._lock:
+            self.processed[what] += 1
+
+    @property
+    def total(self) -> int:
+        return sum(self.drops.values())
+
+    def snapshot(self) -> dict:
+        """{"drops": {reason: n}, "processed": {what: n}} — a copy, JSON-ready."""
+        with self._lock:
+            return {"drops": dict(self.drops), "processed": dict(self.processed)}
+
+    def summary(self) -> str:
+        snap = self.snapshot()
+        done = " ".join(f"{k}={v}" for k, v in sorted(snap["processed"].items())) or "processed=0"
+        dropped = " ".join(f"{k}={v}" for k, v in sorted(snap["drops"].items())) or "none"
+        return f"{done}; drops: {dropped}"
+
+
+# ----------------------------------------------------------------------------------------- stamps
+
+
+class StampGuard:
+    """Per-topic monotonic stamp check: every stamp is processed at most once, in order.
+
+    `accept(topic, stamp_ns, now_ns)` is False (and the drop counted) when the stamp is zero, equal to
+    (`duplicate_stamp`) or older than (`out_of_order`) the last accepted one on that topic, or older
+    than `max_age_s` relative to `now_ns` (`stale_stamp`). `now_ns` comes from the node's clock, which
+    follows /clock under `use_sim_time`; a zero `now_ns` (sim time not received yet) or `max_age_s`
+    of 0 disables the age check.
+    """
+
+    # An age this large is a clock mismatch (bag stamps against wall time), not a slow pipeline.
+    CLOCK_MISMATCH_S = 1e5
+
+    def __init__(self, drops: DropCounter, max_age_s: float = 0.0) -> None:
+        if not max_age_s >= 0:
+            raise ValueError(f"StampGuard.max_age_s = {max_age_s}: must be >= 0 (0 disables the age check)")
+        self.drops = drops
+        self.max_age_ns = int(max_age_s * 1e9)
+        self.last_ns: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._mismatch_logged = False
+
+    def accept(self, topic: str, stamp_ns: int, now_ns: int | None = None) -> bool:
+        stamp_ns = int(stamp_ns)
+        if stamp_ns <= 0:
+            self.drops.drop("zero_stamp", f"on {topic}: header.stamp is zero or negative")
+            return False
+        with self._lock:
+            last = self.last_ns.get(topic)
+            if last is not None and stamp_ns <= last:
+                reason = "duplicate_stamp" if stamp_ns == last else "out_of_order"
+                verdict = (reason, f"on {topic}: stamp {stamp_ns} <= last accepted {last}")
+            elif self.max_age_ns and now_ns and now_ns - stamp_ns > self.max_age_ns:
+                age_s = (now_ns - stamp_ns) / 1e9
+                hint = ""
+                if age_s > self.CLOCK_MISMATCH_S and not self._mismatch_logged:
+                    self._mismatch_logged = True
+                    hint = " (clock mismatch? playing a bag needs use_sim_time:=true)"
+                verdict = ("stale_stamp", f"on {topic}: {age_s:.3f} s old > max_stamp_age{hint}")
+            else:
+                self.last_ns[topic] = stamp_ns
+                return True
+        self.drops.drop(*verdict)
+        return False
+
+
+def header_stamp_ns(msg: Any) -> int:
+    """`msg.header.stamp` as integer ns, for rclpy and rosbags messages alike."""
+    stamp = msg.header.stamp
+    return stamp_to_ns(stamp.sec, getattr(stamp, "nanosec", getattr(stamp, "nsec", 0)))
+
+
+# ------------------------------------------------------------------------------------------- sync
+
+
+class ApproxTimeSync:
+    """Approximate-time synchroniser for N topics, with the message_filters policy.
+
+    `add(index, msg, stamp_ns)` queues a message of topic `index` (at most `queue_size` per topic,
+    the oldest dropped first as `sync_queue_overflow`). The new message is the pivot: for every other
+    topic the queued stamps within `slop_s` of it are tried nearest first, and the first combination
+    whose spread (max - min stamp) is within `slop_s` is emitted as `callback(*msgs)` in topic order
+    and removed from the queues. Queued messages older than an emitted set can never be matched any
+    more and are dropped (`sync_stale`); a message older than the last emitted set on its own topic
+    is dropped on arrival (`sync_late`).
+
+    Degraded mode (`partial_timeout_s` set): when the newest stamp seen on any topic is more than
+    `partial_timeout_s` past the oldest queued message, that message is emitted with whatever other
+    topics have within `slop_s` and None for the rest, provided at least `min_topics` are present;
+    otherwise it is dropped (`sync_timeout`). Time is stamp time, so replay and sim time behave alike;
+    `flush(now_ns)` applies the same rule against a clock (e.g. a node timer) when no input arrives.
+    """
+
+    def __init__(self, n_topics: int, callback: Callable[..., None], *, slop_s: float = 0.05,
+                 queue_size: int = 10, partial_timeout_s: float | None = None, min_topics: int = 1,
+                 drops: DropCounter | None = None, names: Sequence[str] | None = None) -> None:
+        if n_topics < 1:
+            raise ValueError(f"ApproxTimeSync.n_topics = {n_topics}: must be >= 1")
+        if not slop_s > 0:
+            raise ValueError(f"ApproxTimeSync.slop_s = {slop_s}: must be > 0")
+        if queue_size < 1:
+            raise ValueError(f"ApproxTimeSync.queue_size = {queue_size}: must be >= 1")
+        if partial_timeout_s is not None and not partial_timeout_s > 0:
+            raise ValueError(f"ApproxTimeSync.partial_timeout_s = {partial_timeout_s}: must be > 0 or None")
+        if not 1 <= min_topics <= n_topics:
+            raise ValueError(f"ApproxTimeSync.min_topics = {min_topics}: must be in [1, {n_topics}]")
+        if names is not None and len(names) != n_topics:
+            raise ValueError(f"ApproxTimeSync.names has {len(names)} entries for {n_topics} topics")
+        self.n_topics = n_topics
+        self.callback = callback
+        self.slop_ns = int(round(slop_s * 1e9))
+        self.queue_size = int(queue_size)
+        self.partial_timeout_ns = None if partial_timeout_s is None else int(round(partial_timeout_s * 1e9))
+        self.min_topics = int(min_topics)
+        self.drops = drops if drops is not None else DropCounter()
+        self.names = list(names) if names is not None else [f"topic{i}" for i in range(n_topics)]
+        self.queues: list[dict[int, Any]] = [{} for _ in range(n_topics)]
+        self.last_emitted_ns: list[int | None] = [None] * n_topics
+        self.newest_ns: int | None = None
+        self.emitted_full = 0
+        self.emitted_partial = 0
+        self._lock = threading.RLock()
+
+    def add(self, index: int, msg: Any, stamp_ns: int | None = None) -> None:
+        if not 0 <= index < self.n_topics:
+            raise ValueError(f"ApproxTimeSync.add: topic index {index} not in [0, {self.n_topics})")
+        stamp_ns = header_stamp_ns(msg) if stamp_ns is None else int(stamp_ns)
+        ready: list[tuple[Any, ...]] = []
+        with self._lock:
+            name = self.names[index]
+            queue = self.queues[index]
+            last = self.last_emitted_ns[index]
+            if last is not None and stamp_ns <= last:
+                self.drops.drop("sync_late", f"on {name}: stamp {stamp_ns} <= last synchronised {last}")
+                return
+            if stamp_ns in queue:
+                self.drops.drop("duplicate_stamp", f"on {name}: stamp {stamp_ns} already queued")
+                return
+            queue[stamp_ns] = msg
+            while len(queue) > self.queue_size:
+                oldest = min(queue)
+                del queue[oldest]
+                self.drops.drop("sync_queue_overflow", f"on {name}: no partner within slop for stamp {oldest}")
+            self.newest_ns = stamp_ns if self.newest_ns is None else max(self.newest_ns, stamp_ns)
+            if stamp_ns in queue:
+                match = self._match(index, stamp_ns)
+                if match is not None:
+                    ready.append(self._take(match, full=True))
+            ready.extend(self._expire(self.newest_ns))
+        for msgs in ready:
+            self.callback(*msgs)
+
+    def flush(self, now_ns: int) -> None:
+        """Apply the partial-set timeout against `now_ns` (no effect without `partial_timeout_s`)."""
+        with self._lock:
+            ready = self._expire(int(now_ns))
+        for msgs in ready:
+            self.callback(*msgs)
+
+    def pending(self) -> int:
+        with self._lock:
+            return sum(len(q) for q in self.queues)
+
+    # -- policy
+
+    def _candidates(self, j: int, pivot_ns: int) -> list[int]:
+        near = [s for s in self.queues[j] if abs(s - pivot_ns) <= self.slop_ns]
+        return sorted(near, key=lambda s: (abs(s - pivot_ns), s))
+
+    def _match(self, index: int, pivot_ns: int) -> list[int | None] | None:
+        options: list[list[int]] = []
+        for j in range(self.n_topics):
+            if j == index:
+                options.append([pivot_ns])
+                continue
+            cands = self._candidates(j, pivot_ns)
+            if not cands:
+                return None
+            options.append(cands)
+        for combo in itertools.product(*options):
+            if max(combo) - min(combo) <= self.slop_ns:
+                return list(combo)
+        return None
+
+    def _take(self, stamps: list[int | None], *, full: bool) -> tuple[Any, ...]:
+        msgs = tuple(None if s is None else self.queues[j].pop(s) for j, s in enumerate(stamps))
+        present = [s for s in stamps if s is not None]
+        set_min = min(present)
+        for j, s in enumerate(stamps):
+            if s is not None:
+                self.last_emitted_ns[j] = s
+        # Anything queued before this set would come out of order if emitted later: drop it now.
+        for j, queue in enumerate(self.queues):
+            for old in [s for s in queue if s < set_min]:
+                del queue[old]
+                self.drops.drop("sync_stale", f"on {self.names[j]}: stamp {old} older than a synchronised set")
+        if full:
+            self.emitted_full += 1
+        else:
+            self.emitted_partial += 1
+        return msgs
+
+    def _expire(self, now_ns: int) -> list[tuple[Any, ...]]:
+        ready: list[tuple[Any, ...]] = []
+        if self.partial_timeout_ns is None:
+            return ready
+        while True:
+            oldest = min(((s, j) for j, q in enumerate(self.queues) for s in q), default=None)
+            if oldest is None or now_ns - oldest[0] <= self.partial_timeout_ns:
+                return ready
+            pivot_ns, index = oldest
+            stamps: list[int | None] = []
+            for j in range(self.n_topics):
+                if j == index:
+                    stamps.append(pivot_ns)
+                    continue
+                cands = [s for s in self._candidates(j, pivot_ns) if abs(s - pivot_ns) <= self.slop_ns]
+                stamps.append(cands[0] if cands else None)
+            present = sum(s is not None for s in stamps)
+            if present >= self.min_topics:
+                missing = [self.names[j] for j, s in enumerate(stamps) if s is None]
+                self.drops.drop("sync_partial", f"emitting a set without {missing} after the timeout")
+                ready.append(self._take(stamps, full=present == self.n_topics))
+            else:
+                del self.queues[index][pivot_ns]
+                self.drops.drop("sync_timeout", f"on {self.names[index]}: stamp {pivot_ns}, only {present} "
+                                                f"of {self.min_topics} topics arrived")
+
+
+# ------------------------------------------------------------------------------------- extrinsics
+
+
+def transform_to_matrix(transform: Any) -> np.ndarray:
+    """geometry_msgs/Transform (rclpy or rosbags) -> (4, 4). A zero quaternion raises ValueError."""
+    t, q = transform.translation, transform.rotation
+    T = make_T(quat_to_R(np.array([q.x, q.y, q.z, q.w], dtype=np.float64)), np.array([t.x, t.y, t.z]))
+    if not np.all(np.isfinite(T)):
+        raise ValueError("transform.translation is not finite")
+    return T
+
+
+class TfOrRig:
+    """Sensor extrinsics `T_base_sensor` (4, 4): from TF when it has them, else from the rig YAML.
+
+    Sources, in order: a tf2_ros buffer (when tf2_ros imports), the static transforms this object has
+    seen on /tf_static (subscribed when tf2_msgs imports, or fed by `add_transforms`, e.g. from a bag),
+    then the rig (`Rig.load(rig)`; camera `frame_id` or name, LiDAR `frame_id`). `lookup` returns the
+    matrix and the source's name so a node can log where its calibration came from.
+    """
+
+    def __init__(self, rig: Rig | str = "default", base_frame: str = "base_link", node: Any = None) -> None:
+        self.rig = rig if isinstance(rig, Rig) else Rig.load(rig)
+        self.base_frame = base_frame
+        self.static: dict[str, tuple[str, np.ndarray]] = {}  # child -> (parent, T_parent_child)
+        self.tf_buffer = None
+        self._lock = threading.Lock()
+        if node is not None and ros_compat.HAVE_TF2_ROS:
+            tf2_ros = ros_compat.tf2_ros
+            self.tf_buffer = tf2_ros.Buffer()
+            self._tf_listener = tf2_ros.TransformListener(self.tf_buffer, node)
+        elif node is not None and ros_compat.HAVE_TF2_MSGS:
+            node.create_subscription(ros_compat.TFMessage, "/tf_static", lambda m: self.add_transforms(m.transforms),
+                                     latched_qos())
+
+    def add_transforms(self, transforms: Sequence[Any]) -> int:
+        """Remember static TransformStamped messages (duck-typed); returns how many were usable."""
+        used = 0
+        for ts in transforms:
+            try:
+                T = transform_to_matrix(ts.transform)
+            except ValueError:
+                continue
+            with self._lock:
+                self.static[ts.child_frame_id.lstrip("/")] = (ts.header.frame_id.lstrip("/"), T)
+            used += 1
+        return used
+
+    def _from_static(self, frame: str) -> np.ndarray | None:
+        T = np.eye(4)
+        seen = set()
+        with self._lock:
+            while frame != self.base_frame:
+                if frame in seen or frame not in self.static:
+                    return None
+                seen.add(frame)
+                parent, T_parent_child = self.static[frame]
+                T = T_parent_child @ T
+                frame = parent
+        return T
+
+    def _from_tf2(self, frame: str) -> np.ndarray | None:
+        if self.tf_buffer is None:
+            return None
+        try:
+            ts = self.tf_buffer.lookup_transform(self.base_frame, frame, rclpy.time.Time())
+        except Exception:  # noqa: BLE001 - tf2 raises several lookup/connectivity exception types
+            return None
+        return transform_to_matrix(ts.transform)
+
+    def _from_rig(self, frame: str) -> np.ndarray | None:
+        if frame == self.base_frame:
+            return np.eye(4)
+        for cam in self.rig.cameras:
+            if frame in (cam.frame_id, cam.name):
+                return cam.T_base_cam.copy()
+        if frame == self.rig.lidar.frame_id:
+            return self.rig.lidar.T_base_lidar.copy()
+        return None
+
+    def lookup(self, frame: str) -> tuple[np.ndarray, str]:
+        """(T_base_frame (4, 4), source in {"tf2", "tf_static", "rig"}). Unknown frame: KeyError."""
+        frame = frame.lstrip("/")
+        for source, get in (("tf2", self._from_tf2), ("tf_static", self._from_static), ("rig", self._from_rig)):
+            T = get(frame)
+            if T is not None:
+                return T, source
+        raise KeyError(f"no transform {self.base_frame} <- {frame!r}: not in TF and not in rig {self.rig.name!r} "
+                       f"(rig frames: {[c.frame_id for c in self.rig.cameras] + [self.rig.lidar.frame_id]})")
+
+    def lookup_inverse(self, frame: str) -> np.ndarray:
+        """T_frame_base (4, 4)."""
+        return invert_T(self.lookup(frame)[0])
+
+
+# ------------------------------------------------------------------------------------------- QoS
+
+
+def sensor_qos(depth: int = 5, reliability: str = "best_effort") -> "QoSProfile":
+    """Sensor inputs: keep-last `depth`, best effort by default (as qos_profile_sensor_data), volatile.
+
+    A best-effort subscription receives from reliable and best-effort publishers alike; a reliable one
+    receives nothing from a best-effort publisher (the classic "node publishes nothing").
+    """
+    if reliability not in RELIABILITIES:
+        raise ValueError(f"sensor_reliability = {reliability!r}: must be one of {list(RELIABILITIES)}")
+    if depth < 1:
+        raise ValueError(f"qos_depth = {depth}: must be >= 1")
+    return QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=int(depth),
+                      reliability=ReliabilityPolicy.BEST_EFFORT if reliability == "best_effort"
+                      else ReliabilityPolicy.RELIABLE,
+                      durability=DurabilityPolicy.VOLATILE)
+
+
+def command_qos(depth: int = 1) -> "QoSProfile":
+    """Commands (/command): reliable and transient-local, so a late-joining node gets the last one."""
+    return QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=int(depth), reliability=ReliabilityPolicy.RELIABLE,
+                      durability=DurabilityPolicy.TRANSIENT_LOCAL)
+
+
+def latched_qos(depth: int = 1) -> "QoSProfile":
+    """Latched outputs and /tf_static: reliable, transient-local (late subscribers get the last value)."""
+    return command_qos(depth)
+
+
+def output_qos(depth: int = 5) -> "QoSProfile":
+    """Ordinary outputs: reliable, volatile — received by reliable and best-effort subscribers alike."""
+    return QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=int(depth), reliability=ReliabilityPolicy.RELIABLE,
+                      durability=DurabilityPolicy.VOLATILE)
+
+
+def describe_qos(qos: "QoSProfile") -> str:
+    rel = "reliable" if qos.reliability == ReliabilityPolicy.RELIABLE else "best_effort"
+    dur = "transient_local" if qos.durability == DurabilityPolicy.TRANSIENT_LOCAL else "volatile"
+    needs = []
+    if rel == "reliable":
+        needs.append("publishers must be reliable")
+    if dur == "transient_local":
+        needs.append("publishers must be transient_local")
+    return f"{rel}/{dur} depth {qos.depth}" + (f" ({', '.join(needs)})" if needs else " (accepts any publisher)")
+
+
+def resolve_device(device: str) -> str:
+    """'cpu' | 'cuda' | 'auto' -> 'cpu' or 'cuda'. Asking for CUDA where there is none is a ValueError."""
+    if device not in DEVICES:
+        raise ValueError(f"device = {device!r}: must be one of {list(DEVICES)}")
+    if device == "cpu":
+        return "cpu"
+    import torch
+    if torch.cuda.is_available():
+        return "cuda"
+    if device == "cuda":
+        raise ValueError("device = 'cuda' but torch sees no CUDA device here; use device:=cpu or auto")
+    return "cpu"
+
+
+# ------------------------------------------------------------------------------------------- node
+
+# Parameters every perception node has, beside its pipeline's config and its own topics.
+COMMON_PARAMS: dict[str, tuple[Any, str]] = {
+    "device": ("auto", "compute device: cpu | cuda | auto (cuda when available)"),
+    "rig": ("default", "rig name (config/rig_<name>.yaml) or path: extrinsics when TF has none"),
+    "weights": ("default", "checkpoint: 'default' (shipped in vg_ros/weights) or a .safetensors path"),
+    "base_frame": ("base_link", "the vehicle frame outputs are expressed in"),
+    "qos_depth": (5, "queue depth of sensor subscriptions"),
+    "sensor_reliability": ("best_effort", "sensor subscriptions: best_effort (accepts any publisher) | reliable"),
+    "max_stamp_age": (0.0, "drop inputs older than this many seconds by the node clock (sim time aware); 0 = off"),
+    "diagnostics_period": (5.0, "seconds between drop/throughput reports on ~/diagnostics; 0 = off"),
+}
+
+
+class PerceptionNode(_RosNode):  # type: ignore[misc,valid-type]
+    """Base of the perception nodes: parameters, QoS, drops, stamp checks, sync, extrinsics.
+
+    Subclasses set `default_node_name`, `config_cls` (a PipelineConfig dataclass or None) and
+    `node_params` ({name: (default, description)}), then override `on_configure` (read parameters,
+    no heavy work) and `on_activate` (load the model, create subscriptions and publishers).
+
+    Parameter values, lowest to highest priority: the dataclass / `node_params` defaults, this node's
+    section of `config/perception.yaml` (`config_path`), then ROS overrides (`--params-file`, `-p`,
+    launch). After construction: `self.cfg` (the validated pipeline config), `self.params` (node and
+    common parameters by name), `self.drops`, `self.stamps` (a StampGuard).
+    """
+
+    default_node_name: str = "perception_node"
+    config_cls: type[PipelineConfig] | None = None
+    node_params: dict[str, tuple[Any, str]] = {}
+
+    def __init__(self, node_name: str | None = None, *, config_path: str | Path | None = None,
+                 **node_kwargs: Any) -> None:
+        ros_compat.require_rclpy(type(self).__name__)
+        name = node_name or self.default_node_name
+        super().__init__(name, **node_kwargs)
+        self.drops = DropCounter(self.get_logger())
+        self.config_path = Path(config_path) if config_path else default_config_path()
+        file_values: dict = {}
+        if self.config_path.exists():
+            file_values = load_section(self.config_path, name)
+        elif config_path is not None:
+            raise ValueError(f"config file {self.config_path} does not exist")
+        self.cfg: PipelineConfig | None = None
+        if self.config_cls is not None:
+            cfg_values, rest = split_params(file_values, self.config_cls)
+            self.cfg = declare_ros_parameters(self, self.config_cls.from_dict(cfg_values))
+        else:
+            rest = dict(file_values)
+        specs = {**COMMON_PARAMS, **self.node_params}
+        unknown = sorted(set(rest) - set(specs) - {"use_sim_time"})
+        if unknown:
+            self.get_logger().warning(f"{self.config_path}: ignoring unknown parameter(s) {unknown} for {name}")
+        self.params: dict[str, Any] = {}
+        from rcl_interfaces.msg import ParameterDescriptor
+        for key, (default, description) in specs.items():
+            value = rest.get(key, default)
+            if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            self.params[key] = self.declare_parameter(key, value, ParameterDescriptor(description=description)).value
+        self._validate_common()
+        self.stamps = StampGuard(self.drops, float(self.params["max_stamp_age"]))
+        self.device = "cpu"
+        self._extrinsics: TfOrRig | None = None
+        self._diag_pub = None
+        period = float(self.params["diagnostics_period"])
+        if period > 0:
+            from std_msgs.msg import String
+            self._diag_pub = self.create_publisher(String, "~/diagnostics", output_qos(1))
+            self._diag_timer = self.create_timer(period, self.publish_diagnostics)
+        self.activated = False
+
+    def _validate_common(self) -> None:
+        p = self.params
+        if p["device"] not in DEVICES:
+            raise ValueError(f"{self.get_name()}.device = {p['device']!r}: must be one of {list(DEVICES)}")
+        if p["sensor_reliability"] not in RELIABILITIES:
+            raise ValueError(f"{self.get_name()}.sensor_reliability = {p['sensor_reliability']!r}: "
+                             f"must be one of {list(RELIABILITIES)}")
+        if not isinstance(p["qos_depth"], int) or not 1 <= p["qos_depth"] <= 1000:
+            raise ValueError(f"{self.get_name()}.qos_depth = {p['qos_depth']!r}: must be an int in [1, 1000]")
+        for key in ("max_stamp_age", "diagnostics_period"):
+            if not isinstance(p[key], (int, float)) or not p[key] >= 0:
+                raise ValueError(f"{self.get_name()}.{key} = {p[key]!r}: must be a number >= 0")
+
+    # -- lifecycle
+
+    def configure(self) -> None:
+        self.device = resolve_device(self.params["device"])
+        self.on_configure()
+
+    def activate(self) -> None:
+        self.on_activate()
+        self.activated = True
+        self.get_logger().info(f"active on {self.device}; optional ROS pieces missing here: "
+                               f"{', '.join(ros_compat.missing()) or 'none'}")
+
+    def deactivate(self) -> None:
+        if self.activated:
+            self.on_deactivate()
+            self.activated = False
+        self.get_logger().info(f"stopping: {self.drops.summary()}")
+
+    def on_configure(self) -> None:
+        """Read parameters into attributes; raise ValueError for a bad one. No model loading here."""
+
+    def on_activate(self) -> None:
+        """Load the model and create subscriptions/publishers. Raise to fail with a clear ERROR log."""
+
+    def on_deactivate(self) -> None:
+        """Free the model."""
+
+    # -- QoS and subscriptions
+
+    def sensor_qos(self) -> "QoSProfile":
+        return sensor_qos(int(self.params["qos_depth"]), str(self.params["sensor_reliability"]))
+
+    def command_qos(self) -> "QoSProfile":
+        return command_qos()
+
+    def latched_qos(self) -> "QoSProfile":
+        return latched_qos()
+
+    def output_qos(self) -> "QoSProfile":
+        return output_qos()
+
+    def subscribe(self, msg_type: type, topic: str, callback: Callable[[Any], None], qos: "QoSProfile",
+                  *, guard_stamps: bool = True):
+        """A subscription that logs what it expects, reports QoS mismatches, and (by default) passes
+        only messages whose header stamp the StampGuard accepts. Exceptions in `callback` are caught,
+        logged once per reason and counted as `callback_error`: the node keeps running."""
+        from rclpy.event_handler import SubscriptionEventCallbacks
+
+        type_name = f"{msg_type.__module__.split('.')[0]}/{msg_type.__name__}"
+        self.get_logger().info(f"subscribing {topic} [{type_name}] QoS {describe_qos(qos)}")
+
+        def on_incompatible(event: Any) -> None:
+            self.get_logger().error(
+                f"{topic}: a publisher's QoS is incompatible with this subscription ({describe_qos(qos)}); "
+                f"policy {getattr(event, 'last_policy_kind', '?')}: nothing will be received from it")
+
+        def guarded(msg: Any) -> None:
+            if guard_stamps and hasattr(msg, "header"):
+                if not self.stamps.accept(topic, header_stamp_ns(msg), self.now_ns()):
+                    return
+            self.call_safely(callback, msg, where=topic)
+
+        return self.create_subscription(msg_type, topic, guarded, qos,
+                                        event_callbacks=SubscriptionEventCallbacks(incompatible_qos=on_incompatible))
+
+    def synchronized(self, specs: Sequence[tuple[type, str]], callback: Callable[..., None], *,
+                     slop_s: float = 0.05, queue_size: int = 10, qos: "QoSProfile | None" = None,
+                     partial_timeout_s: float | None = None, min_topics: int | None = None):
+        """Subscribe `specs` [(msg_type, topic)] and call `callback(*msgs)` with approximately
+        synchronised sets. message_filters is used when it imports and no partial sets are asked for;
+        otherwise ApproxTimeSync (same policy, plus partial sets with None after `partial_timeout_s`)."""
+        qos = qos or self.sensor_qos()
+        topics = [topic for _, topic in specs]
+        if ros_compat.HAVE_MESSAGE_FILTERS and partial_timeout_s is None:
+            mf = ros_compat.message_filters
+            subs = [mf.Subscriber(self, msg_type, topic, qos_profile=qos) for msg_type, topic in specs]
+            sync = mf.ApproximateTimeSynchronizer(subs, queue_size, slop_s)
+            sync.registerCallback(lambda *msgs: self.call_safely(callback, *msgs, where="synchronised set"))
+            self.get_logger().info(f"synchronising {topics} with message_filters (slop {slop_s} s)")
+            return sync
+        sync = ApproxTimeSync(len(specs), lambda *msgs: self.call_safely(callback, *msgs, where="synchronised set"),
+                              slop_s=slop_s, queue_size=queue_size, partial_timeout_s=partial_timeout_s,
+                              min_topics=min_topics or len(specs), drops=self.drops, names=topics)
+        for index, (msg_type, topic) in enumerate(specs):
+            self.subscribe(msg_type, topic, lambda msg, i=index: sync.add(i, msg), qos)
+        if partial_timeout_s is not None:
+            self.create_timer(max(partial_timeout_s / 2, 0.05), lambda: sync.flush(self.now_ns()))
+        self.get_logger().info(f"synchronising {topics} (slop {slop_s} s, queue {queue_size}"
+                               + (f", partial sets after {partial_timeout_s} s)" if partial_timeout_s else ")"))
+        return sync
+
+    def call_safely(self, callback: Callable[..., None], *args: Any, where: str = "") -> None:
+        try:
+            callback(*args)
+        except Exception as exc:  # noqa: BLE001 - the callback boundary: log, count, keep running
+            reason = f"{type(exc).__name__}"
+            stamp = ""
+            first = next((a for a in args if a is not None and hasattr(a, "header")), None)
+            if first is not None:
+                stamp = f" stamp {header_stamp_ns(first)}"
+            self.drops.drop(f"callback_error:{reason}", f"in {where}{stamp}: {exc}")
+
+    # -- time, extrinsics, diagnostics
+
+    def now_ns(self) -> int:
+        """The node clock in ns (sim time under use_sim_time; 0 before the first /clock)."""
+        return int(self.get_clock().now().nanoseconds)
+
+    @property
+    def extrinsics(self) -> TfOrRig:
+        """TfOrRig for this node's `rig` and `base_frame` parameters (created on first use)."""
+        if self._extrinsics is None:
+            self._extrinsics = TfOrRig(str(self.params["rig"]), str(self.params["base_frame"]), node=self)
+        return self._extrinsics
+
+    def diagnostics(self) -> dict:
+        return {"node": self.get_name(), "stamp_ns": self.now_ns(), **self.drops.snapshot()}
+
+    def publish_diagnostics(self) -> None:
+        if self._diag_pub is None:
+            return
+        from std_msgs.msg import String
+        self._diag_pub.publish(String(data=json.dumps(self.diagnostics(), sort_keys=True)))
+        if self.drops.total:
+            self.get_logger().info(f"diagnostics: {self.drops.summary()}")
+
+
+def config_fields(cfg_cls: type[PipelineConfig]) -> list[str]:
+    return [f.name for f in dataclasses.fields(cfg_cls)]
+
+
+# -------------------------------------------------------------------------------------------- main
+
+
+def run_node(node_cls: type[PerceptionNode], args: list[str] | None = None, *, multithreaded: bool = True,
+             **node_kwargs: Any) -> int:
+    """Init rclpy, build, configure and activate the node, spin until SIGINT/SIGTERM, shut down.
+
+    A setup failure (bad parameter, missing or corrupt checkpoint, CUDA asked for but absent) is one
+    ERROR log line and exit code 2, never a traceback. SIGINT/SIGTERM only set a flag (our handlers,
+    not rclpy's), so the node deactivates and logs its drop summary while its context is still valid,
+    whenever the signal arrives. `args` are ROS arguments (None: sys.argv).
+    """
+    import signal
+
+    rclpy_mod = ros_compat.require_rclpy(node_cls.__name__)
+    from rclpy.executors import MultiThreadedExecutor, SingleThreadedExecutor
+    from rclpy.signals import SignalHandlerOptions
+
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    rclpy_mod.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+    node = None
+    stage = "construct"
+    try:
+        try:
+            node = node_cls(**node_kwargs)
+            stage = "configure"
+            node.configure()
+            stage = "activate"
+            node.activate()
+        except Exception as exc:  # noqa: BLE001 - setup failures end the process with one clear line
+            name = node.get_name() if node is not None else node_cls.default_node_name
+            msg = f"{name}: {stage} failed: {type(exc).__name__}: {exc}"
+            if node is not None:
+                node.get_logger().error(msg)
+            else:
+                print(f"[ERROR] {msg}", file=sys.stderr, flush=True)
+            return 2
+        executor = MultiThreadedExecutor(num_threads=4) if multithreaded else SingleThreadedExecutor()
+        executor.add_node(node)
+        try:
+            while not stop.is_set() and rclpy_mod.ok():
+                executor.spin_once(timeout_sec=0.1)
+        finally:
+            node.deactivate()
+            executor.shutdown(timeout_sec=1.0)
+        return 0
+    finally:
+        if node is not None:
+            node.destroy_node()
+        rclpy_mod.try_shutdown()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def node_main(node_cls: type[PerceptionNode]) -> Callable[[list[str] | None], int]:
+    """A console-script `main(args=None)` for `node_cls` that exits with run_node's code."""
+    def main(args: list[str] | None = None) -> int:
+        code = run_node(node_cls, args)
+        if args is None:
+            sys.exit(code)
+        return code
+    return main
