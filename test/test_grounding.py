@@ -1,0 +1,336 @@
+"""VG-LAW grounding: text encoder, model (weight generation, caching, heads), losses, metrics, pipeline."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from vg_ros.grounding import metrics
+from vg_ros.grounding.model import (VGLAW, VGLAWSpec, box_loss, cxcywh_to_xyxy, dice_loss, generalized_box_iou,
+                                    spec_by_name, total_loss)
+from vg_ros.grounding.text import MAX_TOKENS, TextEncoder, check_command
+from vg_ros.types import CameraFrame, CameraModel, GroundingResult
+
+torch.set_num_threads(1)
+SMALL = VGLAWSpec(img_h=32, img_w=64, patch=16, width=32, depth=2, heads=2, groups=4, lap_dim=16, mask_dim=16)
+
+
+@pytest.fixture(scope="module")
+def encoder() -> TextEncoder:
+    return TextEncoder()
+
+
+# -- text ---------------------------------------------------------------------------------------------------
+
+def test_text_encoder_cls_first_capped_at_40(encoder):
+    feats, valid = encoder.encode(["the red car left of the bus", "car " * 200])
+    assert feats.shape == (2, MAX_TOKENS, 384) and valid.shape == (2, MAX_TOKENS)
+    ids = encoder.tokenize(["the red car"])["input_ids"][0]
+    assert int(ids[0]) == encoder.tokenizer.cls_token_id
+    assert valid[1].all() and valid[0].sum() == 9  # [CLS] + 7 words + [SEP]
+    assert torch.isfinite(feats).all()
+
+
+def test_text_encoder_non_ascii_and_other_dir(encoder, tmp_path):
+    feats, valid = encoder.encode(["das rote Auto links vom Bus, bitte — 車"])
+    assert feats.shape[0] == 1 and valid[0, 0]
+    with pytest.raises(ValueError, match="config.json"):
+        TextEncoder(tmp_path)
+
+
+@pytest.mark.parametrize("bad, match", [("", "empty"), ("   \n", "empty"), ("x" * 1001, "1001 characters"),
+                                        ("?!. ,", "no letters"), (None, "expected str")])
+def test_check_command_rejects(bad, match):
+    with pytest.raises(ValueError, match=match):
+        check_command(bad)
+
+
+def test_check_command_normalises_whitespace():
+    assert check_command("  the  red\tcar ") == "the red car"
+    assert check_command("der grüne Lkw") == "der grüne Lkw"
+
+
+# -- model --------------------------------------------------------------------------------------------------
+
+def _text(batch: int, length: int = 6, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    feats = torch.randn(batch, length, 384, generator=gen)
+    valid = torch.ones(batch, length, dtype=torch.bool)
+    valid[0, length - 2:] = False
+    return feats, valid
+
+
+def test_spec_validation_and_configs():
+    assert spec_by_name("tiny").grid == (9, 16)
+    base = spec_by_name("base")
+    assert (base.img_h, base.img_w, base.width, base.depth) == (448, 448, 768, 12)
+    with pytest.raises(ValueError, match="patch"):
+        VGLAWSpec(img_h=30, img_w=64)
+    with pytest.raises(ValueError, match="model config"):
+        spec_by_name("huge")
+
+
+def test_phi_zero_init_starts_from_plain_backbone():
+    torch.manual_seed(0)
+    model = VGLAW(SMALL).eval()
+    images = torch.rand(2, 3, 32, 64)
+    feats, valid = _text(2)
+    weights = model.generate(feats, valid)
+    assert weights.phi.shape == (2, SMALL.depth, SMALL.d_w, SMALL.d_w)
+    assert torch.count_nonzero(weights.phi) == 0
+    with torch.no_grad():
+        adaptive = model.forward_visual(images, weights)
+        plain = model.forward_visual(images, weights, use_language_weights=False)
+    assert torch.allclose(adaptive["mask_logits"], plain["mask_logits"])
+    assert adaptive["boxes"].shape == (2, 4) and adaptive["mask_logits"].shape == (2, 32, 64)
+    assert ((adaptive["boxes"] > 0) & (adaptive["boxes"] < 1)).all()
+
+
+def test_shared_P_Q_and_language_changes_backbone():
+    torch.manual_seed(1)
+    model = VGLAW(SMALL).eval()
+    names = [n for n, _ in model.named_parameters()]
+    assert names.count("P") == 1 and names.count("Q") == 1
+    assert model.P.shape == (3 * SMALL.width, SMALL.d_w) and model.Q.shape == (SMALL.width, SMALL.d_w)
+    for layer in model.weight_generator.phi:
+        torch.nn.init.normal_(layer.weight, std=0.5)
+    images = torch.rand(1, 3, 32, 64).expand(2, -1, -1, -1)
+    feats, valid = _text(2)
+    with torch.no_grad():
+        out = model(images, feats, valid)
+    # same image, two expressions, only the generated weights differ -> different masks
+    assert (out["mask_logits"][0] - out["mask_logits"][1]).abs().max() > 1e-3
+
+
+def test_merged_weights_equal_low_rank_path():
+    torch.manual_seed(2)
+    model = VGLAW(SMALL).eval()
+    for layer in model.weight_generator.phi:
+        torch.nn.init.normal_(layer.weight, std=0.3)
+        torch.nn.init.normal_(layer.bias, std=0.3)
+    feats, valid = _text(1)
+    images = torch.rand(3, 3, 32, 64)
+    with torch.no_grad():
+        weights = model.generate(feats, valid)
+        merged = model.merge(weights)
+        low_rank = model.forward_visual(images, weights)
+        cached = model.forward_visual(images, merged)
+    assert merged.merged[0].shape == (3 * SMALL.width, SMALL.width)
+    expected = model.blocks[0].attn.qkv.weight + model.P @ weights.phi[0, 0] @ model.Q.t()
+    assert torch.allclose(merged.merged[0], expected)
+    assert torch.allclose(low_rank["mask_logits"], cached["mask_logits"], atol=1e-4)
+    assert torch.allclose(low_rank["boxes"], cached["boxes"], atol=1e-5)
+    with pytest.raises(ValueError, match="one command"):
+        model.merge(model.generate(*_text(2)))
+
+
+def test_padding_tokens_are_ignored():
+    torch.manual_seed(3)
+    model = VGLAW(SMALL)
+    feats, valid = _text(1, length=6)
+    valid[0, 4:] = False
+    altered = feats.clone()
+    altered[0, 4:] = 100.0
+    for layer in model.weight_generator.phi:
+        torch.nn.init.normal_(layer.weight)
+    assert torch.allclose(model.generate(feats, valid).phi, model.generate(altered, valid).phi)
+
+
+def test_model_input_errors():
+    model = VGLAW(SMALL)
+    feats, valid = _text(1)
+    with pytest.raises(ValueError, match="images"):
+        model(torch.rand(1, 3, 30, 64), feats, valid)
+    with pytest.raises(ValueError, match="text_feats"):
+        model(torch.rand(1, 3, 32, 64), torch.rand(1, 6, 100), valid)
+    bad_valid = valid.clone()
+    bad_valid[0, 0] = False
+    with pytest.raises(ValueError, match="CLS"):
+        model.generate(feats, bad_valid)
+
+
+def test_gradient_reaches_phi_P_Q_and_text_queries():
+    torch.manual_seed(4)
+    model = VGLAW(SMALL)
+    feats, valid = _text(2)
+    out = model(torch.rand(2, 3, 32, 64), feats, valid)
+    target_masks = torch.zeros(2, 32, 64)
+    target_masks[:, 8:20, 10:30] = 1
+    loss = total_loss(out, torch.tensor([[0.3, 0.4, 0.2, 0.3]] * 2), target_masks)["total"]
+    loss.backward()
+    assert model.weight_generator.phi[0].weight.grad.abs().sum() > 0
+    assert model.P.grad is not None and model.Q.grad is not None
+    assert torch.isfinite(model.blocks[0].attn.qkv.weight.grad).all()
+
+
+# -- losses -------------------------------------------------------------------------------------------------
+
+def test_box_losses_known_values():
+    a = torch.tensor([[0.0, 0.0, 2.0, 2.0]])
+    b = torch.tensor([[1.0, 1.0, 3.0, 3.0]])
+    # IoU 1/7, hull 9, union 7 -> GIoU = 1/7 - 2/9
+    assert generalized_box_iou(a, b).item() == pytest.approx(1 / 7 - 2 / 9, abs=1e-6)
+    box = torch.tensor([[0.5, 0.5, 0.2, 0.4]])
+    assert box_loss(box, box).item() == pytest.approx(0.0, abs=1e-6)
+    shifted = box + torch.tensor([[0.1, 0.0, 0.0, 0.0]])
+    expected_giou = 1 - generalized_box_iou(cxcywh_to_xyxy(shifted), cxcywh_to_xyxy(box)).item()
+    assert box_loss(shifted, box).item() == pytest.approx(0.1 + expected_giou, abs=1e-5)
+
+
+def test_mask_losses():
+    target = torch.zeros(1, 8, 8)
+    target[0, 2:6, 2:6] = 1
+    good = (target * 2 - 1) * 20
+    assert dice_loss(good, target).item() < 1e-3
+    assert dice_loss(-good, target).item() > 0.9
+    out = {"boxes": torch.tensor([[0.5, 0.5, 0.5, 0.5]]), "mask_logits": good}
+    losses = total_loss(out, torch.tensor([[0.5, 0.5, 0.5, 0.5]]), target)
+    assert losses["total"].item() < 1e-2
+
+
+def test_tiny_model_learns_which_object_the_command_names(encoder):
+    """A few seconds of training: one image with a red and a blue square; the command picks the box."""
+    torch.manual_seed(0)
+    image = torch.full((3, 32, 64), 0.5)
+    image[:, 8:24, 4:20] = torch.tensor([1.0, 0.0, 0.0])[:, None, None]     # red, left
+    image[:, 8:24, 40:56] = torch.tensor([0.0, 0.0, 1.0])[:, None, None]    # blue, right
+    feats, valid = encoder.encode(["the red square", "the blue square"])
+    boxes_xyxy = torch.tensor([[4, 8, 20, 24], [40, 8, 56, 24]], dtype=torch.float32) / torch.tensor([64, 32, 64, 32])
+    masks = torch.zeros(2, 32, 64)
+    masks[0, 8:24, 4:20] = 1
+    masks[1, 8:24, 40:56] = 1
+    targets = torch.stack([(boxes_xyxy[:, 0] + boxes_xyxy[:, 2]) / 2, (boxes_xyxy[:, 1] + boxes_xyxy[:, 3]) / 2,
+                           boxes_xyxy[:, 2] - boxes_xyxy[:, 0], boxes_xyxy[:, 3] - boxes_xyxy[:, 1]], dim=1)
+    model = VGLAW(SMALL)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    images = image[None].expand(2, -1, -1, -1)
+    for _ in range(150):
+        loss = total_loss(model(images, feats, valid), targets, masks)["total"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        out = model(images, feats, valid)
+    pred = cxcywh_to_xyxy(out["boxes"]).numpy()
+    ious = metrics.box_iou(pred, boxes_xyxy.numpy())
+    assert (ious > 0.5).all(), ious
+    pred_masks = out["mask_logits"].sigmoid().numpy() > 0.35
+    assert metrics.mask_miou(pred_masks, masks.numpy() > 0) > 0.6
+
+
+# -- metrics ------------------------------------------------------------------------------------------------
+
+def test_box_iou_and_prec():
+    a = np.array([[0, 0, 10, 10], [0, 0, 10, 10], [0, 0, 10, 10]], float)
+    b = np.array([[0, 0, 10, 10], [5, 0, 15, 10], [20, 20, 30, 30]], float)
+    assert metrics.box_iou(a, b) == pytest.approx([1.0, 1 / 3, 0.0])
+    assert metrics.box_iou(a[0], b[1]) == pytest.approx(1 / 3)
+    assert metrics.prec_at_05(a, b) == pytest.approx(1 / 3)
+    with pytest.raises(ValueError):
+        metrics.box_iou(a, b[:2])
+
+
+def test_mask_metrics_and_hops():
+    gt = np.zeros((2, 4, 4), bool)
+    gt[0, :2] = True      # 8 px
+    gt[1, :1, :1] = True  # 1 px
+    pred = np.zeros_like(gt)
+    pred[0, :1] = True    # 4 of 8 -> 0.5
+    pred[1, :1, :1] = True
+    assert metrics.mask_miou(pred, gt) == pytest.approx(0.75)
+    assert metrics.mask_oiou(pred, gt) == pytest.approx(5 / 9)
+    split = metrics.split_by_hops([1.0, 0.0, 0.5], [0, 1, 1])
+    assert split == {0: 1.0, 1: 0.25, "all": pytest.approx(0.5)}
+    report = metrics.grounding_report(np.array([[0, 0, 4, 2], [0, 0, 1, 1]]), np.array([[0, 0, 4, 2], [2, 2, 4, 4]]),
+                                      pred, gt, [0, 1])
+    assert report["prec@0.5"] == {0: 1.0, 1: 0.0, "all": 0.5}
+    assert report["count"] == {0: 1, 1: 1, "all": 2}
+
+
+# -- pipeline -----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pipeline(encoder):
+    from vg_ros.grounding.pipeline import GroundingConfig, GroundingPipeline
+    torch.manual_seed(0)
+    return GroundingPipeline(GroundingConfig(), weights=None, device="cpu", text_encoder=encoder)
+
+
+def _camera(width=480, height=270) -> CameraModel:
+    K = np.array([[300.0, 0, width / 2], [0, 300.0, height / 2], [0, 0, 1]])
+    return CameraModel("CAM_FRONT", width, height, K, np.eye(4))
+
+
+def test_pipeline_command_errors_and_no_command(encoder):
+    from vg_ros.grounding.pipeline import GroundingConfig, GroundingPipeline
+    pipe = GroundingPipeline(GroundingConfig(), weights=None, device="cpu", text_encoder=encoder)
+    frame = CameraFrame(_camera(), np.zeros((270, 480, 3), np.uint8))
+    with pytest.raises(RuntimeError, match="no command"):
+        pipe.infer(frame, 1)
+    for bad in ("", "x" * 10_000, "..."):
+        with pytest.raises(ValueError):
+            pipe.set_command(bad)
+    pipe.set_command("the red car")
+    with pytest.raises(ValueError):
+        pipe.set_command("")
+    assert pipe.command == "the red car"  # a bad command leaves the previous one in place
+    pipe.set_command("das Auto — 車")
+    with pytest.raises(ValueError, match="uint8"):
+        pipe.infer(CameraFrame(_camera(), np.zeros((270, 480), np.uint8)), 1)
+    with pytest.raises(ValueError, match="device"):
+        GroundingPipeline(GroundingConfig(), weights=None, device="tpu", text_encoder=encoder)
+    with pytest.raises(ValueError, match="does not exist"):
+        GroundingPipeline(GroundingConfig(), weights="/nonexistent.safetensors", device="cpu", text_encoder=encoder)
+
+
+def test_pipeline_cached_equals_uncached_and_shapes(pipeline):
+    for layer in pipeline.model.weight_generator.phi:
+        torch.nn.init.normal_(layer.weight, std=0.3)
+    rng = np.random.default_rng(0)
+    frame = CameraFrame(_camera(), rng.integers(0, 255, (270, 480, 3), dtype=np.uint8), stamp_ns=5)
+    pipeline.set_command("the blue truck behind the red car")
+    cached = pipeline.infer(frame, 7)
+    uncached = pipeline.infer_uncached(frame, "the blue truck behind the red car", 7)
+    assert cached.mask.shape == (270, 480) and cached.mask.dtype == bool
+    assert cached.stamp_ns == 7 and cached.command == "the blue truck behind the red car"
+    assert np.allclose(cached.box, uncached.box, atol=1e-2)
+    assert cached.score == pytest.approx(uncached.score, abs=1e-4)
+    assert (cached.mask != uncached.mask).mean() < 1e-3
+    assert 0 <= cached.box[0] <= cached.box[2] <= 480 and 0 <= cached.box[1] <= cached.box[3] <= 270
+    assert cached.found == (cached.score >= pipeline.config.score_threshold)
+
+
+def test_save_load_roundtrip(tmp_path):
+    from vg_ros.grounding.pipeline import load_weights, save_weights
+    model = VGLAW(SMALL)
+    save_weights(model, tmp_path / "w.safetensors", {"steps": 3})
+    loaded, meta = load_weights(tmp_path / "w.safetensors")
+    assert loaded.spec == SMALL and meta["steps"] == "3"
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_locate_median_of_points_in_mask(pipeline):
+    camera = _camera()
+    mask = np.zeros((270, 480), bool)
+    mask[100:170, 200:280] = True
+    result = GroundingResult(1, "x", True, 0.9, np.array([200, 100, 280, 170.0]), mask)
+    rng = np.random.default_rng(1)
+    # target: points around (0.1, 0.05, 10) in the camera frame (= LiDAR frame here); plus background
+    target = np.array([0.1, 0.05, 10.0]) + rng.normal(0, 0.1, (60, 3))
+    behind = np.array([0.0, 0.0, 30.0]) + rng.normal(0, 0.3, (20, 3))   # seen through the mask, fewer
+    elsewhere = np.array([8.0, 0.0, 10.0]) + rng.normal(0, 0.1, (50, 3))  # outside the mask
+    points = np.vstack([target, behind, elsewhere])
+    pos = pipeline.locate(result, points, np.eye(4), camera)
+    assert pos is not None and np.linalg.norm(pos - [0.1, 0.05, 10.0]) < 0.1
+    # a LiDAR offset: T_cam_lidar moves points 1 m along z
+    T = np.eye(4)
+    T[2, 3] = 1.0
+    pos2 = pipeline.locate(result, points - [0, 0, 1.0], T, camera)
+    assert np.linalg.norm(pos2 - [0.1, 0.05, 9.0]) < 0.1
+    assert pipeline.locate(result, elsewhere, np.eye(4), camera) is None
+    not_found = GroundingResult(1, "x", False, 0.1, result.box, mask)
+    assert pipeline.locate(not_found, points, np.eye(4), camera) is None
+    # a mask at half resolution still maps points correctly
+    half = GroundingResult(1, "x", True, 0.9, result.box, mask[::2, ::2])
+    assert np.linalg.norm(pipeline.locate(half, points, np.eye(4), camera) - [0.1, 0.05, 10.0]) < 0.1

@@ -1,0 +1,98 @@
+"""Grounding metrics as in the referring-expression literature: Prec@0.5 for boxes, mIoU and oIoU for masks,
+and a helper that splits any of them by hop count.
+
+* `box_iou(a, b)`: IoU of xyxy boxes, paired rows (N, 4) x (N, 4) -> (N,) (or two (4,) -> float).
+* `prec_at_05(pred, gt)`: fraction of pairs with box IoU >= 0.5, in [0, 1].
+* `mask_miou(pred, gt)`: mean over samples of per-sample mask IoU (a sample with both masks empty scores 1).
+* `mask_oiou(pred, gt)`: overall IoU = total intersection / total union over all samples.
+* `split_by_hops(values, hops)`: {hop: mean of values with that hop count} plus "all".
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray | float:
+    """IoU of xyxy boxes. a, b (N, 4) paired -> (N,); a, b (4,) -> float. Degenerate boxes have area 0."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    single = a.ndim == 1
+    a, b = np.atleast_2d(a), np.atleast_2d(b)
+    if a.shape != b.shape or a.shape[-1] != 4:
+        raise ValueError(f"box_iou: expected paired (N, 4) boxes, got {a.shape} and {b.shape}")
+    lt = np.maximum(a[:, :2], b[:, :2])
+    rb = np.minimum(a[:, 2:], b[:, 2:])
+    inter = np.clip(rb - lt, 0, None).prod(-1)
+    area_a = np.clip(a[:, 2:] - a[:, :2], 0, None).prod(-1)
+    area_b = np.clip(b[:, 2:] - b[:, :2], 0, None).prod(-1)
+    union = area_a + area_b - inter
+    iou = np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
+    return float(iou[0]) if single else iou
+
+
+def prec_at_05(pred_boxes: np.ndarray, gt_boxes: np.ndarray, threshold: float = 0.5) -> float:
+    """Fraction in [0, 1] of predictions whose box IoU with the ground truth is >= threshold."""
+    ious = np.atleast_1d(box_iou(np.atleast_2d(pred_boxes), np.atleast_2d(gt_boxes)))
+    if ious.size == 0:
+        raise ValueError("prec_at_05: no boxes")
+    return float((ious >= threshold).mean())
+
+
+def _mask_pairs(pred: np.ndarray | Sequence, gt: np.ndarray | Sequence) -> tuple[np.ndarray, np.ndarray]:
+    """Per-sample (intersection, union) pixel counts of paired boolean masks (N, H, W) or lists of (H, W)."""
+    if len(pred) != len(gt) or len(pred) == 0:
+        raise ValueError(f"masks: need the same non-zero number of predictions and truths, got {len(pred)} and {len(gt)}")
+    inter, union = np.zeros(len(pred)), np.zeros(len(pred))
+    for i, (p, g) in enumerate(zip(pred, gt)):
+        p, g = np.asarray(p, dtype=bool), np.asarray(g, dtype=bool)
+        if p.shape != g.shape:
+            raise ValueError(f"masks: sample {i} has prediction {p.shape} but truth {g.shape}")
+        inter[i] = np.logical_and(p, g).sum()
+        union[i] = np.logical_or(p, g).sum()
+    return inter, union
+
+
+def mask_ious(pred, gt) -> np.ndarray:
+    """Per-sample IoU (N,); both empty -> 1."""
+    inter, union = _mask_pairs(pred, gt)
+    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+
+
+def mask_miou(pred, gt) -> float:
+    """Mean of per-sample mask IoUs, in [0, 1]."""
+    return float(mask_ious(pred, gt).mean())
+
+
+def mask_oiou(pred, gt) -> float:
+    """Cumulative intersection over cumulative union, in [0, 1] (large objects weigh more)."""
+    inter, union = _mask_pairs(pred, gt)
+    return float(inter.sum() / union.sum()) if union.sum() > 0 else 1.0
+
+
+def split_by_hops(values: Sequence[float] | np.ndarray, hops: Sequence[int] | np.ndarray) -> dict:
+    """{hop (int): mean value, ..., "all": mean} over paired per-sample `values` and `hops`."""
+    values = np.asarray(values, dtype=np.float64)
+    hops = np.asarray(hops, dtype=int)
+    if values.shape != hops.shape:
+        raise ValueError(f"split_by_hops: values {values.shape} and hops {hops.shape} differ")
+    out: dict = {int(h): float(values[hops == h].mean()) for h in np.unique(hops)}
+    out["all"] = float(values.mean()) if values.size else float("nan")
+    return out
+
+
+def grounding_report(pred_boxes, gt_boxes, pred_masks, gt_masks, hops) -> dict:
+    """Everything at once, split by hops: {"prec@0.5", "miou", "oiou", "count"} -> {hop | "all": value}."""
+    hops = np.asarray(hops, dtype=int)
+    ious = np.atleast_1d(box_iou(np.atleast_2d(pred_boxes), np.atleast_2d(gt_boxes)))
+    m_ious = mask_ious(pred_masks, gt_masks)
+    inter, union = _mask_pairs(pred_masks, gt_masks)
+    report = {"prec@0.5": split_by_hops(ious >= 0.5, hops), "miou": split_by_hops(m_ious, hops),
+              "oiou": {}, "count": {}}
+    for h in list(np.unique(hops)) + ["all"]:
+        sel = np.ones_like(hops, bool) if h == "all" else hops == h
+        key = h if h == "all" else int(h)
+        report["oiou"][key] = float(inter[sel].sum() / max(union[sel].sum(), 1))
+        report["count"][key] = int(sel.sum())
+    return report

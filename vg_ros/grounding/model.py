@@ -1,0 +1,351 @@
+"""VG-LAW (Su et al., CVPR 2023): a ViT whose attention weights are generated from the referring expression.
+
+Parts, as in the paper and its notes (../shared/papers/README.md, "VG-LAW"):
+
+* `LanguageWeightGenerator`: per visual layer i a learnable query e_i attends over the token features in
+  G groups (softmax of dot products) -> h0_i (d_l); h1_i = GELU(W1_i h0_i) (d_l / r); Phi_i(h1_i) is a
+  d_w x d_w matrix (Phi zero-initialised, so training starts from the plain backbone).
+* `LAWBlock`: a pre-norm ViT block whose q/k/v projection is [W_q, W_k, W_v]_i = W0_i + P Phi(h1_i) Q^T,
+  P (3C, d_w) and Q (C, d_w) shared by all blocks. No cross-modal fusion module.
+* `BoxHead`: language-adaptive pooling (attention over visual tokens, the [CLS] feature as query, both
+  projected to k dims) -> 3-layer MLP -> sigmoid (cx, cy, w, h), normalised to the input size.
+* `MaskHead`: two stride-2 transposed convs (1/16 -> 1/4), per-pixel dot product with the (projected)
+  [CLS] feature, bilinear x4 to the input size; sigmoid and threshold 0.35 at inference.
+* Losses: L1 + GIoU (1, 1) on boxes, focal + Dice (4, 4) on masks.
+
+Per-command caching: `generate(text_feats, valid)` gives `LanguageWeights`; `merge()` folds them into
+one plain (3C, C) matrix per block, so each frame is an ordinary ViT forward (`forward_visual`).
+
+Scaled-down choice (said in the model card): the mask head's per-pixel features have `mask_dim` channels
+and the [CLS] feature is linearly projected to `mask_dim` before the dot product (the paper uses d_l).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MASK_THRESHOLD = 0.35
+
+
+@dataclass(frozen=True)
+class VGLAWSpec:
+    """Architecture of one VG-LAW network. Input images are (3, img_h, img_w); patch must divide both."""
+
+    img_h: int = 144
+    img_w: int = 256
+    patch: int = 16
+    width: int = 192
+    depth: int = 6
+    heads: int = 6
+    mlp_ratio: float = 4.0
+    text_dim: int = 384
+    groups: int = 8        # G of the grouped token attention
+    reduction: int = 16    # r: h1 has text_dim / r features
+    d_w: int = 32          # Phi(h1) is d_w x d_w
+    lap_dim: int = 64      # k of language-adaptive pooling
+    mask_dim: int = 64     # channels of the mask head's per-pixel features
+
+    def __post_init__(self) -> None:
+        for name in ("img_h", "img_w", "patch", "width", "depth", "heads", "text_dim", "groups",
+                     "reduction", "d_w", "lap_dim", "mask_dim"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"VGLAWSpec.{name} = {getattr(self, name)}: must be positive")
+        if self.img_h % self.patch or self.img_w % self.patch:
+            raise ValueError(f"VGLAWSpec: patch {self.patch} must divide img_h {self.img_h} and img_w {self.img_w}")
+        if self.width % self.heads:
+            raise ValueError(f"VGLAWSpec: width {self.width} not divisible by heads {self.heads}")
+        if self.text_dim % self.groups:
+            raise ValueError(f"VGLAWSpec: text_dim {self.text_dim} not divisible by groups {self.groups}")
+        if self.text_dim // self.reduction < 1:
+            raise ValueError(f"VGLAWSpec: reduction {self.reduction} too large for text_dim {self.text_dim}")
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.img_h // self.patch, self.img_w // self.patch
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# `tiny`: CPU-trainable. `base`: ViT-B at 448 x 448 as in the paper.
+SPECS: dict[str, VGLAWSpec] = {
+    "tiny": VGLAWSpec(),
+    "base": VGLAWSpec(img_h=448, img_w=448, patch=16, width=768, depth=12, heads=12, groups=8, lap_dim=256,
+                      mask_dim=256),
+}
+
+
+def spec_by_name(name: str, **overrides) -> VGLAWSpec:
+    if name not in SPECS:
+        raise ValueError(f"model config {name!r}: choose one of {sorted(SPECS)}")
+    values = SPECS[name].to_dict()
+    values.update(overrides)
+    return VGLAWSpec(**values)
+
+
+@dataclass
+class LanguageWeights:
+    """What an expression contributes. `phi` (B, depth, d_w, d_w); `cls` (B, text_dim) the [CLS] feature;
+    `merged` (depth tensors of (3C, C)) only after `VGLAW.merge` for one command (B = 1)."""
+
+    phi: torch.Tensor
+    cls: torch.Tensor
+    merged: list[torch.Tensor] | None = field(default=None)
+
+
+class LanguageWeightGenerator(nn.Module):
+    """Grouped token attention per layer -> h1_i -> Phi_i(h1_i) (d_w x d_w), Phi zero-initialised."""
+
+    def __init__(self, spec: VGLAWSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        d_l, d_h = spec.text_dim, spec.text_dim // spec.reduction
+        self.layer_queries = nn.Parameter(torch.randn(spec.depth, d_l) * 0.02)  # e_i
+        self.reduce = nn.ModuleList(nn.Linear(d_l, d_h) for _ in range(spec.depth))  # W1_i
+        self.phi = nn.ModuleList(nn.Linear(d_h, spec.d_w * spec.d_w) for _ in range(spec.depth))
+        self.reset_phi()
+
+    def reset_phi(self) -> None:
+        for layer in self.phi:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, text_feats: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """text_feats (B, L, d_l), valid (B, L) bool -> Phi matrices (B, depth, d_w, d_w)."""
+        B, L, d_l = text_feats.shape
+        G = self.spec.groups
+        tokens = text_feats.view(B, L, G, d_l // G)                           # F_l^g
+        queries = self.layer_queries.view(self.spec.depth, G, d_l // G)       # e_i^g
+        logits = torch.einsum("blgc,dgc->bdgl", tokens, queries) / math.sqrt(d_l // G)
+        logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
+        alpha = logits.softmax(dim=-1)                                        # (B, depth, G, L)
+        h0 = torch.einsum("bdgl,blgc->bdgc", alpha, tokens).reshape(B, self.spec.depth, d_l)
+        phis = []
+        for i in range(self.spec.depth):
+            h1 = F.gelu(self.reduce[i](h0[:, i]))
+            phis.append(self.phi[i](h1).view(B, self.spec.d_w, self.spec.d_w))
+        return torch.stack(phis, dim=1)
+
+
+class LAWAttention(nn.Module):
+    """Multi-head self-attention with qkv weight W0 + P Phi Q^T (P, Q passed in: shared across blocks)."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)  # W0_i and its bias
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, phi: torch.Tensor | None, P: torch.Tensor, Q: torch.Tensor,
+                merged: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, N, C); phi (B, d_w, d_w) or None (plain W0); merged (3C, C) replaces W0 + P phi Q^T."""
+        B, N, C = x.shape
+        if merged is not None:
+            qkv = F.linear(x, merged, self.qkv.bias)
+        else:
+            qkv = self.qkv(x)
+            if phi is not None:  # x (P phi Q^T)^T = ((x Q) phi^T) P^T, without forming per-sample matrices
+                qkv = qkv + torch.bmm(x @ Q, phi.transpose(1, 2)) @ P.t()
+        qkv = qkv.view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        attn = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        return self.proj(attn.transpose(1, 2).reshape(B, N, C))
+
+
+class LAWBlock(nn.Module):
+    def __init__(self, width: int, heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width)
+        self.attn = LAWAttention(width, heads)
+        self.norm2 = nn.LayerNorm(width)
+        hidden = int(width * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+
+    def forward(self, x, phi, P, Q, merged=None):
+        x = x + self.attn(self.norm1(x), phi, P, Q, merged)
+        return x + self.mlp(self.norm2(x))
+
+
+class BoxHead(nn.Module):
+    """Language-adaptive pooling + 3-layer MLP -> (B, 4) sigmoid (cx, cy, w, h); also the pooling map."""
+
+    def __init__(self, width: int, text_dim: int, lap_dim: int) -> None:
+        super().__init__()
+        self.visual_key = nn.Linear(width, lap_dim)
+        self.text_query = nn.Linear(text_dim, lap_dim)
+        self.mlp = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
+                                 nn.Linear(width, 4))
+
+    def forward(self, visual: torch.Tensor, cls: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """visual (B, N, C), cls (B, d_l) -> boxes (B, 4), attention (B, N)."""
+        keys = self.visual_key(visual)
+        query = self.text_query(cls)
+        attention = torch.einsum("bnk,bk->bn", keys, query).div(math.sqrt(keys.shape[-1])).softmax(dim=-1)
+        pooled = torch.einsum("bn,bnc->bc", attention, visual)
+        return self.mlp(pooled).sigmoid(), attention
+
+
+class MaskHead(nn.Module):
+    """(B, C, h, w) at 1/16 -> two stride-2 transposed convs -> (B, mask_dim, 4h, 4w) . cls -> logits
+    (B, 16h, 16w) after bilinear x4 (input resolution)."""
+
+    def __init__(self, width: int, text_dim: int, mask_dim: int) -> None:
+        super().__init__()
+        self.up1 = nn.ConvTranspose2d(width, width // 2, kernel_size=2, stride=2)
+        self.norm = nn.GroupNorm(1, width // 2)
+        self.up2 = nn.ConvTranspose2d(width // 2, mask_dim, kernel_size=2, stride=2)
+        self.text_proj = nn.Linear(text_dim, mask_dim)
+
+    def forward(self, fmap: torch.Tensor, cls: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
+        pixels = self.up2(F.gelu(self.norm(self.up1(fmap))))                       # (B, D, H/4, W/4)
+        kernel = self.text_proj(cls)                                                  # (B, D)
+        quarter = torch.einsum("bdhw,bd->bhw", pixels, kernel) / math.sqrt(pixels.shape[1])
+        return F.interpolate(quarter[:, None], size=out_hw, mode="bilinear", align_corners=False)[:, 0]
+
+
+class VGLAW(nn.Module):
+    """The grounding network. Text features come from `TextEncoder` (frozen or not; outside this module)."""
+
+    def __init__(self, spec: VGLAWSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        C = spec.width
+        gh, gw = spec.grid
+        self.patch_embed = nn.Conv2d(3, C, kernel_size=spec.patch, stride=spec.patch)
+        self.pos_embed = nn.Parameter(torch.randn(1, gh * gw, C) * 0.02)
+        self.weight_generator = LanguageWeightGenerator(spec)
+        self.P = nn.Parameter(torch.randn(3 * C, spec.d_w) / math.sqrt(spec.d_w))
+        self.Q = nn.Parameter(torch.randn(C, spec.d_w) / math.sqrt(C))
+        self.blocks = nn.ModuleList(LAWBlock(C, spec.heads, spec.mlp_ratio) for _ in range(spec.depth))
+        self.norm = nn.LayerNorm(C)
+        self.box_head = BoxHead(C, spec.text_dim, spec.lap_dim)
+        self.mask_head = MaskHead(C, spec.text_dim, spec.mask_dim)
+        self.register_buffer("pixel_mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
+        self.apply(self._init)
+        self.weight_generator.reset_phi()
+
+    @staticmethod
+    def _init(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    # -- language side: once per command -------------------------------------------------------------
+    def generate(self, text_feats: torch.Tensor, valid: torch.Tensor) -> LanguageWeights:
+        """text_feats (B, L, d_l) with [CLS] first, valid (B, L) bool -> LanguageWeights."""
+        if text_feats.dim() != 3 or text_feats.shape[-1] != self.spec.text_dim:
+            raise ValueError(f"text_feats: expected (B, L, {self.spec.text_dim}), got {tuple(text_feats.shape)}")
+        if valid.shape != text_feats.shape[:2]:
+            raise ValueError(f"valid: expected {tuple(text_feats.shape[:2])}, got {tuple(valid.shape)}")
+        valid = valid.bool()
+        if not valid[:, 0].all():
+            raise ValueError("valid: the first token ([CLS]) must be valid in every row")
+        return LanguageWeights(phi=self.weight_generator(text_feats, valid), cls=text_feats[:, 0])
+
+    def merge(self, weights: LanguageWeights) -> LanguageWeights:
+        """Fold W0_i + P Phi_i Q^T into one (3C, C) matrix per block, for a single command (B = 1)."""
+        if weights.phi.shape[0] != 1:
+            raise ValueError(f"merge: one command at a time, got a batch of {weights.phi.shape[0]}")
+        merged = [blk.attn.qkv.weight + self.P @ weights.phi[0, i] @ self.Q.t() for i, blk in enumerate(self.blocks)]
+        return LanguageWeights(phi=weights.phi, cls=weights.cls, merged=merged)
+
+    # -- visual side: every frame ---------------------------------------------------------------------
+    def forward_visual(self, images: torch.Tensor, weights: LanguageWeights, use_language_weights: bool = True
+                       ) -> dict[str, torch.Tensor]:
+        """images (B, 3, H, W) float in [0, 1] at the spec's size -> {"boxes" (B, 4) cx cy w h in [0, 1],
+        "mask_logits" (B, H, W), "pool" (B, N)}. `use_language_weights=False` runs the plain W0 backbone
+        (the Phi = 0 ablation); heads still see the [CLS] feature."""
+        spec = self.spec
+        if images.dim() != 4 or images.shape[1:] != (3, spec.img_h, spec.img_w):
+            raise ValueError(f"images: expected (B, 3, {spec.img_h}, {spec.img_w}), got {tuple(images.shape)}")
+        B = images.shape[0]
+        if weights.cls.shape[0] not in (1, B):
+            raise ValueError(f"weights: batch {weights.cls.shape[0]} does not match images batch {B}")
+        phi, cls = weights.phi, weights.cls
+        if phi.shape[0] == 1 and B > 1:
+            phi, cls = phi.expand(B, -1, -1, -1), cls.expand(B, -1)
+        x = (images - self.pixel_mean) / self.pixel_std
+        x = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed
+        for i, block in enumerate(self.blocks):
+            if not use_language_weights:
+                x = block(x, None, self.P, self.Q)
+            elif weights.merged is not None:
+                x = block(x, None, self.P, self.Q, merged=weights.merged[i])
+            else:
+                x = block(x, phi[:, i], self.P, self.Q)
+        visual = self.norm(x)
+        boxes, pool = self.box_head(visual, cls)
+        gh, gw = spec.grid
+        fmap = visual.transpose(1, 2).reshape(B, spec.width, gh, gw)
+        mask_logits = self.mask_head(fmap, cls, (spec.img_h, spec.img_w))
+        return {"boxes": boxes, "mask_logits": mask_logits, "pool": pool}
+
+    def forward(self, images, text_feats, valid, use_language_weights: bool = True):
+        return self.forward_visual(images, self.generate(text_feats, valid), use_language_weights)
+
+
+# -- losses ---------------------------------------------------------------------------------------------
+
+def cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
+    cx, cy, w, h = boxes.unbind(-1)
+    return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
+
+
+def xyxy_to_cxcywh(boxes: torch.Tensor) -> torch.Tensor:
+    x0, y0, x1, y1 = boxes.unbind(-1)
+    return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)
+
+
+def generalized_box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Paired GIoU of xyxy boxes a (B, 4), b (B, 4) -> (B,)."""
+    lt, rb = torch.max(a[:, :2], b[:, :2]), torch.min(a[:, 2:], b[:, 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    area_a = (a[:, 2:] - a[:, :2]).clamp(min=0).prod(-1)
+    area_b = (b[:, 2:] - b[:, :2]).clamp(min=0).prod(-1)
+    union = area_a + area_b - inter
+    iou = inter / union.clamp(min=1e-9)
+    hull = (torch.max(a[:, 2:], b[:, 2:]) - torch.min(a[:, :2], b[:, :2])).clamp(min=0).prod(-1)
+    return iou - (hull - union) / hull.clamp(min=1e-9)
+
+
+def box_loss(pred_cxcywh: torch.Tensor, target_cxcywh: torch.Tensor, w_l1: float = 1.0, w_giou: float = 1.0
+             ) -> torch.Tensor:
+    """L1 + GIoU on normalised boxes (B, 4), mean over the batch."""
+    l1 = F.l1_loss(pred_cxcywh, target_cxcywh, reduction="none").sum(-1).mean()
+    giou = (1 - generalized_box_iou(cxcywh_to_xyxy(pred_cxcywh), cxcywh_to_xyxy(target_cxcywh))).mean()
+    return w_l1 * l1 + w_giou * giou
+
+
+def sigmoid_focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0
+                       ) -> torch.Tensor:
+    """Per-image focal loss (B,), mean over pixels. logits, target (B, H, W)."""
+    prob = logits.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    p_t = prob * target + (1 - prob) * (1 - target)
+    loss = ce * (1 - p_t) ** gamma
+    loss = (alpha * target + (1 - alpha) * (1 - target)) * loss
+    return loss.flatten(1).mean(-1)
+
+
+def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-image Dice loss (B,). logits, target (B, H, W)."""
+    prob = logits.sigmoid().flatten(1)
+    target = target.flatten(1)
+    return 1 - (2 * (prob * target).sum(-1) + 1) / (prob.sum(-1) + target.sum(-1) + 1)
+
+
+def mask_loss(logits: torch.Tensor, target: torch.Tensor, w_focal: float = 4.0, w_dice: float = 4.0) -> torch.Tensor:
+    return w_focal * sigmoid_focal_loss(logits, target).mean() + w_dice * dice_loss(logits, target).mean()
+
+
+def total_loss(out: dict[str, torch.Tensor], target_boxes_cxcywh: torch.Tensor, target_masks: torch.Tensor
+               ) -> dict[str, torch.Tensor]:
+    """{"box", "mask", "total"}: L_det (L1 + GIoU, 1:1) + L_seg (focal + Dice, 4:4)."""
+    det = box_loss(out["boxes"], target_boxes_cxcywh)
+    seg = mask_loss(out["mask_logits"], target_masks.float())
+    return {"box": det, "mask": seg, "total": det + seg}

@@ -1,0 +1,218 @@
+"""Grounding inference: a command and camera frames in, the target's box, mask, score and 3D position out.
+
+The language-adaptive weights depend on the command alone, so `set_command` runs the text encoder and the
+weight generator once and caches the merged per-block q/k/v matrices; `infer` then runs a plain ViT per
+frame. `infer_uncached` re-does the language side every frame (for the benchmark).
+
+    pipe = GroundingPipeline(GroundingConfig(), weights="default", device="auto")
+    pipe.set_command("the red car left of the bus")
+    res = pipe.infer(frame, stamp_ns)        # GroundingResult; res.found False under score_threshold
+    pos = pipe.locate(res, points_lidar, T_cam_lidar, camera)   # (3,) in the LiDAR frame, or None
+
+No rclpy here: the node (`vg_ros/nodes/grounding_node.py`) converts messages and calls this.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from vg_ros.config import PipelineConfig, param
+from vg_ros.geometry import project_points
+from vg_ros.grounding.model import MASK_THRESHOLD, VGLAW, LanguageWeights, VGLAWSpec, spec_by_name
+from vg_ros.grounding.text import MAX_TOKENS, TextEncoder, check_command
+from vg_ros.types import CameraFrame, CameraModel, GroundingResult
+
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+
+
+def default_weights_path(model: str = "tiny") -> Path:
+    return WEIGHTS_DIR / f"grounding_vglaw_{model}.safetensors"
+
+
+@dataclasses.dataclass
+class GroundingConfig(PipelineConfig):
+    """Parameters of the grounding pipeline (also the grounding node's ROS parameters)."""
+
+    model: str = param("tiny", "network config: tiny (CPU) or base (ViT-B at 448)", choices=("tiny", "base"))
+    score_threshold: float = param(0.5, "below this score the target is published as not found", low=0.0, high=1.0)
+    mask_threshold: float = param(MASK_THRESHOLD, "mask probability threshold", low=0.01, high=0.99)
+    text_model_dir: str = param("", "local Hugging Face BERT directory; empty = packaged all-MiniLM-L6-v2")
+    max_tokens: int = param(MAX_TOKENS, "command tokens kept, [CLS] first", low=2, high=512)
+    min_points: int = param(3, "LiDAR points inside the mask needed for a 3D position", low=1, high=10000)
+    depth_window: float = param(1.5, "depth window (m) of the densest point cluster used for the position",
+                                low=0.05, high=50.0)
+    num_threads: int = param(0, "torch CPU threads (0 = leave torch's default)", low=0, high=256)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device not in ("cpu", "cuda", "auto"):
+        raise ValueError(f"device = {device!r}: must be one of cpu, cuda, auto")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device = 'cuda' but torch sees no CUDA device")
+    return torch.device(device)
+
+
+def save_weights(model: VGLAW, path: str | Path, metadata: dict | None = None) -> None:
+    """Write the model's state (safetensors) with its spec in the metadata."""
+    from safetensors.torch import save_file
+
+    meta = {"spec": json.dumps(model.spec.to_dict()), "format": "vg_ros.grounding.vglaw/1"}
+    meta.update({k: str(v) for k, v in (metadata or {}).items()})
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path), metadata=meta)
+
+
+def load_weights(path: str | Path, device: torch.device | str = "cpu") -> tuple[VGLAW, dict]:
+    """(model in eval mode, metadata) from a safetensors file written by `save_weights`. Never unpickles."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"weights: {path} does not exist (train with `vg-ros train grounding`)")
+    with safe_open(str(path), framework="pt") as fh:
+        meta = dict(fh.metadata() or {})
+    if "spec" not in meta:
+        raise ValueError(f"weights: {path} carries no VG-LAW spec in its metadata")
+    spec = VGLAWSpec(**json.loads(meta["spec"]))
+    model = VGLAW(spec)
+    missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"weights: {path} does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model.to(device).eval(), meta
+
+
+class GroundingPipeline:
+    """VG-LAW inference with per-command weight caching. Not thread-safe (one caller at a time)."""
+
+    def __init__(self, config: GroundingConfig | None = None, weights: str | Path | None = "default",
+                 device: str = "auto", text_encoder: TextEncoder | None = None) -> None:
+        """`weights`: "default" (the shipped file for `config.model`), a path, or None (untrained; tests)."""
+        self.config = config or GroundingConfig()
+        self.device = resolve_device(device)
+        if self.config.num_threads:
+            torch.set_num_threads(self.config.num_threads)
+        if weights is None:
+            self.model = VGLAW(spec_by_name(self.config.model)).to(self.device).eval()
+            self.weights_meta: dict = {}
+        else:
+            path = default_weights_path(self.config.model) if str(weights) == "default" else Path(weights)
+            self.model, self.weights_meta = load_weights(path, self.device)
+        self.text = text_encoder or TextEncoder(self.config.text_model_dir or None, self.config.max_tokens)
+        self.text.to(self.device).eval()
+        if self.text.dim != self.model.spec.text_dim:
+            raise ValueError(f"text encoder width {self.text.dim} != model text_dim {self.model.spec.text_dim}")
+        self.command: str | None = None
+        self._weights: LanguageWeights | None = None
+
+    @property
+    def spec(self) -> VGLAWSpec:
+        return self.model.spec
+
+    # -- language side ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def language_weights(self, text: str, merge: bool = True) -> LanguageWeights:
+        """Text encoder + weight generation for one command (ValueError for unusable text)."""
+        command = check_command(text)
+        feats, valid = self.text.encode([command], device=self.device)
+        weights = self.model.generate(feats, valid)
+        return self.model.merge(weights) if merge else weights
+
+    def set_command(self, text: str) -> None:
+        """Validate the command, generate and cache its weights. On ValueError the old command stays."""
+        weights = self.language_weights(text)
+        self.command, self._weights = check_command(text), weights
+
+    # -- visual side ------------------------------------------------------------------------------------
+    def preprocess(self, image: np.ndarray) -> torch.Tensor:
+        """(H, W, 3) uint8 RGB -> (1, 3, img_h, img_w) float in [0, 1] on the device."""
+        if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            shape = getattr(image, "shape", None)
+            dtype = getattr(image, "dtype", None)
+            raise ValueError(f"image: expected (H, W, 3) uint8 RGB, got shape {shape} dtype {dtype}")
+        if image.shape[0] < 8 or image.shape[1] < 8:
+            raise ValueError(f"image: {image.shape[1]}x{image.shape[0]} is too small")
+        tensor = torch.from_numpy(np.ascontiguousarray(image)).to(self.device).permute(2, 0, 1)[None].float() / 255
+        return F.interpolate(tensor, size=(self.spec.img_h, self.spec.img_w), mode="bilinear", antialias=True,
+                             align_corners=False)
+
+    @torch.no_grad()
+    def _run(self, frame: CameraFrame, stamp_ns: int, weights: LanguageWeights, command: str,
+             t_start: float) -> GroundingResult:
+        image = frame.image
+        height, width = image.shape[:2] if isinstance(image, np.ndarray) and image.ndim == 3 else (0, 0)
+        out = self.model.forward_visual(self.preprocess(image), weights)
+        prob = F.interpolate(out["mask_logits"][:, None], size=(height, width), mode="bilinear",
+                             align_corners=False)[0, 0].sigmoid()
+        mask_t = prob > self.config.mask_threshold
+        score = float(prob[mask_t].mean()) if bool(mask_t.any()) else float(prob.max())
+        cx, cy, w, h = out["boxes"][0].double().cpu().numpy()
+        box = np.array([(cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height])
+        box = np.clip(box, 0, [width, height, width, height])
+        found = score >= self.config.score_threshold
+        mask = mask_t.cpu().numpy()
+        return GroundingResult(stamp_ns=int(stamp_ns), command=command, found=bool(found), score=score,
+                               box=box.astype(np.float64), mask=mask, seconds=time.perf_counter() - t_start)
+
+    def infer(self, frame: CameraFrame, stamp_ns: int | None = None) -> GroundingResult:
+        """Ground the cached command in one frame (the cached weights; RuntimeError if no command yet)."""
+        if self._weights is None or self.command is None:
+            raise RuntimeError("grounding: no command set (call set_command first)")
+        t_start = time.perf_counter()
+        return self._run(frame, frame.stamp_ns if stamp_ns is None else stamp_ns, self._weights, self.command, t_start)
+
+    def infer_uncached(self, frame: CameraFrame, text: str, stamp_ns: int | None = None) -> GroundingResult:
+        """Re-run the text encoder and weight generation for this frame (the no-cache baseline)."""
+        t_start = time.perf_counter()
+        weights = self.language_weights(text, merge=False)
+        return self._run(frame, frame.stamp_ns if stamp_ns is None else stamp_ns, weights, check_command(text), t_start)
+
+    # -- 3D ---------------------------------------------------------------------------------------------
+    def locate(self, result: GroundingResult, points_lidar: np.ndarray, T_cam_lidar: np.ndarray,
+               camera: CameraModel) -> np.ndarray | None:
+        """The target's position (3,) in the LiDAR frame from the points that project inside the mask.
+
+        Robust to background seen through the mask's edges: among in-mask points the densest
+        `depth_window` metres of camera depth (nearest first on ties) is kept and its median returned.
+        None when not found or fewer than `min_points` points land in the mask.
+        """
+        if not result.found:
+            return None
+        points = np.asarray(points_lidar, dtype=np.float64)
+        if points.ndim != 2 or points.shape[1] != 3:
+            raise ValueError(f"points_lidar: expected (N, 3), got {points.shape}")
+        T = np.asarray(T_cam_lidar, dtype=np.float64)
+        if T.shape != (4, 4):
+            raise ValueError(f"T_cam_lidar: expected (4, 4), got {T.shape}")
+        points = points[np.isfinite(points).all(axis=1)]
+        mask = np.asarray(result.mask, dtype=bool)
+        mh, mw = mask.shape
+        uv, depth, valid = project_points(camera.K, T, points, camera.width, camera.height)
+        if not valid.any():
+            return None
+        # the mask may be at another resolution than the camera model: scale pixel coordinates
+        cols = np.clip((uv[valid, 0] * mw / camera.width).astype(int), 0, mw - 1)
+        rows = np.clip((uv[valid, 1] * mh / camera.height).astype(int), 0, mh - 1)
+        inside = mask[rows, cols]
+        if inside.sum() < self.config.min_points:
+            return None
+        cand = points[valid][inside]
+        cand_depth = depth[valid][inside]
+        order = np.argsort(cand_depth)
+        sorted_depth = cand_depth[order]
+        ends = np.searchsorted(sorted_depth, sorted_depth + self.config.depth_window, side="right")
+        counts = ends - np.arange(len(sorted_depth))
+        start = int(np.argmax(counts))  # first (nearest) of the densest windows
+        keep = order[start:ends[start]]
+        if len(keep) < self.config.min_points:
+            return None
+        return np.median(cand[keep], axis=0)
