@@ -30,7 +30,11 @@ def _msg_class(msgtype: str, flavor: str):
     """The class of `msgtype` ("pkg/msg/Name") in `flavor`."""
     if flavor == "rclpy":
         pkg, _, name = msgtype.split("/")
-        return getattr(importlib.import_module(f"{pkg}.msg"), name)
+        try:
+            return getattr(importlib.import_module(f"{pkg}.msg"), name)
+        except (ImportError, AttributeError):
+            raise ValueError(f"message type {msgtype!r} has no rclpy class here (custom types need a built ROS "
+                             f"workspace; use flavor='rosbags')") from None
     if flavor == "rosbags":
         from vg_ros.bag import typestore
         try:
@@ -312,7 +316,7 @@ def pointcloud2_dtype(msg) -> np.dtype:
         names.append(name)
         formats.append(base if count == 1 else (base, (count,)))
         offsets.append(int(f.offset))
-    if point_step <= 0 and names:
+    if point_step <= 0 and (names or int(msg.width) * int(msg.height) > 0):
         raise ValueError(f"point_step: must be positive, got {point_step}")
     return np.dtype({"names": names, "formats": formats, "offsets": offsets, "itemsize": max(point_step, 1)})
 
