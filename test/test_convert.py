@@ -482,3 +482,14 @@ def test_expression_round_trip(seed, hops, text, stamp):
 def test_unknown_flavor_is_rejected():
     with pytest.raises(ValueError, match="flavor must be one of"):
         C.make_header(0, "", "ros1")
+    with pytest.raises(ValueError, match="'vg_ros/msg/SemanticVoxelGrid' has no rclpy class here"):
+        C.voxel_grid_to_msg(np.zeros((1, 1, 1), np.uint8), GridSpec((0.0, 0.0, 0.0), (1.0, 1.0, 1.0), 1.0),
+                            flavor="rclpy")
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_compressed_depth_is_refused_by_name(flavor):
+    msg = build(flavor, "sensor_msgs/msg/CompressedImage", header=header(flavor), format="16UC1; compressedDepth png",
+                data=b"\x00" * 20)
+    with pytest.raises(ValueError, match="^format: '16UC1; compressedDepth png' is a compressedDepth image"):
+        C.decode_any_image(msg)

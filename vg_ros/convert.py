@@ -198,6 +198,8 @@ def array_to_image(array_: np.ndarray, encoding: str, *, stamp_ns: int = 0, fram
 
 def _compressed_kind(fmt: str) -> str:
     f = fmt.lower()
+    if "compresseddepth" in f:
+        raise ValueError(f"format: {fmt!r} is a compressedDepth image (depth with a header); not supported")
     if "jpeg" in f or "jpg" in f:
         return "jpeg"
     if "png" in f:
