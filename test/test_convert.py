@@ -15,7 +15,7 @@ from vg_ros.geometry import make_T, quat_to_R, rpy_to_R
 from vg_ros.types import CameraModel, Expression, GridSpec, LidarScan
 
 FLAVORS = ("rclpy", "rosbags")
-HSET = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+HSET = settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def build(flavor: str, msgtype: str, **fields):
