@@ -1,0 +1,148 @@
+"""vg_ros.playback: a bag published over real DDS at its pace with /clock and the QoS conventions,
+recorded back bit-for-bit; the `vg-ros play` / `vg-ros record` commands as separate processes."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ros_helpers import ros_session
+from vg_ros import ros_compat
+from vg_ros.bag import BagReader, BagWriter, typestore
+from vg_ros.convert import (
+    array_to_image, image_to_array, make_header, matrix_to_transform_stamped, pointcloud2_to_scan, stamp_of,
+    xyz_fields_to_pointcloud2,
+)
+from vg_ros.nodes.base import command_qos
+from vg_ros.playback import Player, Recorder, play_main, record_main
+
+DOMAIN = 62
+T0 = 1_700_000_000_000_000_000  # bag start, ns
+FRAMES = 10                      # 10 Hz for 1 s
+
+
+def write_bag(path: Path) -> Path:
+    """1 s at 10 Hz: an rgb8 image and a cloud per tick, a /command, a /tf_static, a custom /gt type."""
+    store = typestore()
+    String = store.types["std_msgs/msg/String"]
+    TFMessage = store.types["tf2_msgs/msg/TFMessage"]
+    Voxels = store.types["vg_ros/msg/SemanticVoxelGrid"]
+    Point = store.types["geometry_msgs/msg/Point"]
+    rng = np.random.default_rng(0)
+    with BagWriter(path) as bag:
+        bag.add_topic("/tf_static", "tf2_msgs/msg/TFMessage", latched=True)
+        bag.write("/tf_static", T0, TFMessage(transforms=[
+            matrix_to_transform_stamped(np.eye(4), T0, "base_link", "lidar_top", flavor="rosbags")]))
+        bag.write("/command", T0, String(data="the red car"))
+        for k in range(FRAMES):
+            stamp = T0 + k * 100_000_000
+            img = rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)
+            bag.write("/cameras/CAM_FRONT/image_raw", stamp,
+                      array_to_image(img, "rgb8", stamp_ns=stamp, frame_id="cam_front_optical", flavor="rosbags"))
+            xyz = rng.normal(size=(500, 3)).astype(np.float32)
+            bag.write("/lidar/points", stamp, xyz_fields_to_pointcloud2(xyz, {"intensity": xyz[:, 0].copy()},
+                                                                        stamp_ns=stamp, frame_id="lidar_top",
+                                                                        flavor="rosbags"))
+            bag.write("/gt/occupancy", stamp, Voxels(
+                header=make_header(stamp, "base_link", "rosbags"), origin=Point(0.0, 0.0, 0.0), resolution=0.4,
+                size_x=1, size_y=1, size_z=1, semantics=np.zeros(1, np.uint8), mask_camera=np.zeros(0, np.uint8),
+                mask_lidar=np.zeros(0, np.uint8)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def bag(tmp_path_factory) -> Path:
+    return write_bag(tmp_path_factory.mktemp("play") / "in.mcap")
+
+
+def test_play_and_record_round_trip_with_clock_pace_and_latching(bag, tmp_path):
+    from rosgraph_msgs.msg import Clock
+    from std_msgs.msg import String
+
+    with ros_session(DOMAIN) as ros:
+        player_node, rec_node = ros.node("player"), ros.node("recorder")
+        player = Player(player_node, bag, rate=2.0, track_stamps=True)
+        assert "/gt/occupancy" in player.skipped
+        assert ("/tf_static" in player.skipped) == (not ros_compat.HAVE_TF2_MSGS)
+        recorder = Recorder(rec_node, tmp_path / "out.mcap",
+                            ["/cameras/CAM_FRONT/image_raw", "/lidar/points", "/command"], track_stamps=True)
+        clocks: list[int] = []
+        rec_node.create_subscription(Clock, "/clock", lambda m: clocks.append(m.clock.sec * 10**9 + m.clock.nanosec),
+                                     100)
+        assert ros.spin_until(lambda: not recorder.poll(), timeout=10.0), "recorder never saw the publishers"
+        assert player.wait_for_subscribers(recorder.topics, timeout_s=0) == []
+        ros.spin_for(0.3)  # let both sides finish matching
+        result: dict = {}
+        thread = threading.Thread(target=lambda: result.update(player.run()))
+        thread.start()
+        ros.spin_until(lambda: not thread.is_alive(), timeout=20.0)
+        ros.spin_until(lambda: recorder.counts["/lidar/points"] >= FRAMES, timeout=3.0)
+        summary = recorder.close()
+
+        # a subscriber that joins after the command was published still gets it (transient-local)
+        late: list[str] = []
+        ros.node("late").create_subscription(String, "/command", lambda m: late.append(m.data),
+                                             command_qos())
+        assert ros.spin_until(lambda: late, timeout=5.0) and late == ["the red car"]
+
+    # 0.9 s of bag at 2x
+    assert 0.4 < result["wall_s"] < 2.0, result
+    assert result["published"]["/cameras/CAM_FRONT/image_raw"] == FRAMES
+    assert summary["counts"] == {"/cameras/CAM_FRONT/image_raw": FRAMES, "/lidar/points": FRAMES, "/command": 1}
+    assert clocks and clocks == sorted(clocks) and T0 <= clocks[0] and clocks[-1] >= T0 + 900_000_000
+    # end-to-end bookkeeping for latency: every image has a publish and a receive time
+    for k in range(FRAMES):
+        key = ("/cameras/CAM_FRONT/image_raw", T0 + k * 100_000_000)
+        assert recorder.receive_wall_ns[key] >= player.publish_wall_ns[key]
+
+    with BagReader(bag) as src, BagReader(tmp_path / "out.mcap") as out:
+        want = [m for t, _, _, m in src.messages(["/cameras/CAM_FRONT/image_raw"])]
+        got = [m for t, _, _, m in out.messages(["/cameras/CAM_FRONT/image_raw"])]
+        assert [stamp_of(m) for m in got] == [stamp_of(m) for m in want]
+        assert all(np.array_equal(image_to_array(a), image_to_array(b)) for a, b in zip(got, want))
+        clouds = [pointcloud2_to_scan(m) for _, _, _, m in out.messages(["/lidar/points"])]
+        ref = [pointcloud2_to_scan(m) for _, _, _, m in src.messages(["/lidar/points"])]
+        assert all(np.array_equal(a.xyz, b.xyz) and np.array_equal(a.intensity, b.intensity)
+                   for a, b in zip(clouds, ref))
+
+
+def test_cli_play_into_cli_record_in_separate_processes(bag, tmp_path):
+    env = {**os.environ, "ROS_DOMAIN_ID": str(DOMAIN + 1), "PYTHONUNBUFFERED": "1"}
+    out = tmp_path / "rec.mcap"
+    record = subprocess.Popen([sys.executable, "-m", "vg_ros.cli", "record", "/lidar/points", "/command",
+                               "--out", str(out), "--duration", "12"], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        time.sleep(1.0)
+        play = subprocess.run([sys.executable, "-m", "vg_ros.cli", "play", str(bag), "--rate", "2", "--delay", "3",
+                               "--reliable"], env=env, capture_output=True, text=True, timeout=60)
+        assert play.returncode == 0, play.stderr
+        assert "skipping /gt/occupancy" in play.stdout and "published" in play.stdout
+        time.sleep(1.0)
+        record.send_signal(2)  # SIGINT: the recorder closes its bag cleanly
+        log, _ = record.communicate(timeout=30)
+    finally:
+        if record.poll() is None:
+            record.kill()
+    assert record.returncode == 0, log
+    with BagReader(out) as rec:
+        assert rec.topics["/lidar/points"][1] == FRAMES, log
+        assert rec.topics["/command"][1] == 1
+
+
+def test_cli_bad_arguments_are_one_line_errors(bag, tmp_path):
+    from vg_ros.cli import UserError
+    with pytest.raises(UserError, match="--rate"):
+        play_main([str(bag), "--rate", "0"])
+    with pytest.raises(UserError, match="does not exist"):
+        play_main([str(tmp_path / "nope.mcap")])
+    with pytest.raises(UserError, match=r"topics: \['/nope'\] not in bag"):
+        play_main([str(bag), "--topics", "/nope", "--delay", "0"])
+    with pytest.raises(UserError, match="exists already"):
+        record_main(["/x", "--out", str(bag), "--duration", "0.1"])
