@@ -1,0 +1,60 @@
+"""Occ3D metrics on the real Occ3D-nuScenes label sample: perfect scores 100, a shifted prediction less."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from vg_ros.occupancy.metrics import OccupancyScore, geometric_iou, occ3d_miou
+from vg_ros.types import FREE_CLASS
+
+
+@pytest.fixture(scope="module")
+def occ3d(shared_data):
+    path = next((shared_data / "occupancy" / "occ3d_label_sample").glob("*/labels.npz"))
+    data = np.load(path)
+    return data["semantics"], data["mask_camera"]
+
+
+def test_perfect_prediction_scores_100(occ3d):
+    gt, mask = occ3d
+    sem = occ3d_miou(gt, gt, mask)
+    assert sem["miou"] == pytest.approx(100.0)
+    present = {c for c in np.unique(gt[mask.astype(bool)]) if c != FREE_CLASS}
+    scored = {name for name, v in sem["per_class"].items() if v is not None}
+    assert len(scored) == len(present) >= 5
+    assert geometric_iou(gt, gt, mask)["iou"] == pytest.approx(100.0)
+
+
+def test_shifted_prediction_scores_less(occ3d):
+    gt, mask = occ3d
+    shifted = np.roll(gt, 3, axis=0)
+    sem, geo = occ3d_miou(shifted, gt, mask), geometric_iou(shifted, gt, mask)
+    assert sem["miou"] < 90.0 and geo["iou"] < 90.0
+    all_free = np.full_like(gt, FREE_CLASS)
+    assert occ3d_miou(all_free, gt, mask)["miou"] == 0.0 and geometric_iou(all_free, gt, mask)["iou"] == 0.0
+
+
+def test_mask_restricts_scoring_and_numbers_by_hand():
+    gt = np.full((4, 1, 1), FREE_CLASS, np.uint8)
+    gt[:2] = 4  # two car voxels
+    pred = gt.copy()
+    pred[1] = FREE_CLASS  # one car missed
+    pred[2] = 4  # one false car
+    sem = occ3d_miou(pred, gt, np.ones_like(gt))
+    assert sem["per_class"]["car"] == pytest.approx(100 / 3) and sem["miou"] == pytest.approx(100 / 3)
+    assert geometric_iou(pred, gt)["iou"] == pytest.approx(100 / 3)
+    mask = np.array([1, 0, 0, 1], np.uint8).reshape(4, 1, 1)  # the wrong voxels are not camera-visible
+    assert occ3d_miou(pred, gt, mask)["miou"] == pytest.approx(100.0)
+
+
+def test_accumulates_over_frames_and_rejects_bad_input():
+    score = OccupancyScore()
+    gt = np.full((2, 2, 2), FREE_CLASS, np.uint8)
+    gt[0, 0, 0] = 1
+    score.add(gt, gt)
+    score.add(np.full_like(gt, FREE_CLASS), gt)
+    assert score.result()["per_class"]["barrier"] == pytest.approx(50.0) and score.result()["frames"] == 2
+    with pytest.raises(ValueError, match="shape"):
+        occ3d_miou(gt, gt[:1])
+    with pytest.raises(ValueError, match="outside"):
+        occ3d_miou(gt + 20, gt, np.ones_like(gt))
