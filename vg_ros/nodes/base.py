@@ -26,6 +26,7 @@ import dataclasses
 import itertools
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -502,7 +503,7 @@ class PerceptionNode(_RosNode):  # type: ignore[misc,valid-type]
     no heavy work) and `on_activate` (load the model, create subscriptions and publishers).
 
     Parameter values, lowest to highest priority: the dataclass / `node_params` defaults, this node's
-    section of `config/perception.yaml` (`config_path`), then ROS overrides (`--params-file`, `-p`,
+    section of `config/perception.yaml` (`config_path`, else $VG_ROS_CONFIG), then ROS overrides (`--params-file`, `-p`,
     launch). After construction: `self.cfg` (the validated pipeline config), `self.params` (node and
     common parameters by name), `self.drops`, `self.stamps` (a StampGuard).
     """
@@ -517,6 +518,8 @@ class PerceptionNode(_RosNode):  # type: ignore[misc,valid-type]
         name = node_name or self.default_node_name
         super().__init__(name, **node_kwargs)
         self.drops = DropCounter(self.get_logger())
+        # `vg-ros up --config X` hands its file to every node through VG_ROS_CONFIG.
+        config_path = config_path or os.environ.get("VG_ROS_CONFIG") or None
         self.config_path = Path(config_path) if config_path else default_config_path()
         file_values: dict = {}
         if self.config_path.exists():

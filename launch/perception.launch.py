@@ -1,0 +1,121 @@
+"""The three vg_ros perception nodes with config/perception.yaml, for a ROS 2 Jazzy install.
+
+    ros2 launch vg_ros perception.launch.py                       # all three nodes, default rig, device auto
+    ros2 launch vg_ros perception.launch.py nodes:=registration,grounding device:=cpu
+    ros2 launch vg_ros perception.launch.py bag:=drive.mcap rate:=0.5        # plays the bag with --clock
+    ros2 launch vg_ros perception.launch.py remappings:=/lidar/points:=/velodyne_points
+
+Launch arguments: config (params file), rig (name or YAML path), device (cpu | cuda | auto), nodes
+(comma list of occupancy, registration, grounding), use_sim_time (true | false; forced true when a
+bag is played), remappings (';'- or ','-separated FROM:=TO pairs, applied to every node), namespace,
+bag (a rosbag2 to play with `ros2 bag play --clock`), rate (its playback rate). Without a ROS install,
+`vg-ros up` runs the same nodes with the same YAML.
+"""
+import os
+
+from ament_index_python.packages import get_package_share_directory
+from launch import LaunchDescription
+from launch.actions import DeclareLaunchArgument, ExecuteProcess, LogInfo, OpaqueFunction
+from launch.substitutions import LaunchConfiguration
+from launch_ros.actions import Node
+
+PACKAGE = "vg_ros"
+# capability -> executable (console_scripts in setup.py) and node name (section in perception.yaml)
+NODES = {
+    "occupancy": "occupancy_node",
+    "registration": "registration_node",
+    "grounding": "grounding_node",
+}
+DEVICES = ("cpu", "cuda", "auto")
+
+
+def parse_remappings(text):
+    """'/a:=/b;/c:=/d' (or ',' separated) -> [('/a', '/b'), ('/c', '/d')]. Bad pairs raise ValueError."""
+    pairs = []
+    for item in text.replace(",", ";").split(";"):
+        item = item.strip()
+        if not item:
+            continue
+        src, sep, dst = item.partition(":=")
+        if not sep or not src.strip() or not dst.strip():
+            raise ValueError(f"remappings: {item!r} is not FROM:=TO")
+        pairs.append((src.strip(), dst.strip()))
+    return pairs
+
+
+def parse_nodes(text):
+    """'occupancy,registration' -> ['occupancy', 'registration'] (a '_node' suffix is accepted)."""
+    chosen = []
+    for item in text.split(","):
+        item = item.strip()
+        if item.endswith("_node"):
+            item = item[: -len("_node")]
+        if not item:
+            continue
+        if item not in NODES:
+            raise ValueError(f"nodes: unknown node {item!r}; choose from {', '.join(NODES)}")
+        if item not in chosen:
+            chosen.append(item)
+    if not chosen:
+        raise ValueError("nodes: choose at least one of " + ", ".join(NODES))
+    return chosen
+
+
+def _is_true(text):
+    return str(text).strip().lower() in ("true", "1", "yes", "on")
+
+
+def launch_setup(context, *args, **kwargs):
+    """Builds the actions once the launch arguments are known."""
+    value = {name: LaunchConfiguration(name).perform(context)
+             for name in ("config", "rig", "device", "nodes", "use_sim_time", "remappings", "namespace",
+                          "bag", "rate")}
+    if value["device"] not in DEVICES:
+        raise ValueError(f"device: {value['device']!r} must be one of {', '.join(DEVICES)}")
+    bag = value["bag"].strip()
+    use_sim_time = _is_true(value["use_sim_time"]) or bool(bag)
+    overrides = {"rig": value["rig"], "device": value["device"], "use_sim_time": use_sim_time}
+    remappings = parse_remappings(value["remappings"])
+    actions = [LogInfo(msg=f"vg_ros: nodes {value['nodes']} with {value['config']}, rig {value['rig']}, "
+                           f"device {value['device']}, use_sim_time {use_sim_time}")]
+    for capability in parse_nodes(value["nodes"]):
+        executable = NODES[capability]
+        actions.append(Node(
+            package=PACKAGE,
+            executable=executable,
+            name=executable,
+            namespace=value["namespace"],
+            parameters=[value["config"], overrides],
+            remappings=remappings,
+            output="screen",
+            emulate_tty=True,
+        ))
+    if bag:
+        actions.append(ExecuteProcess(
+            cmd=["ros2", "bag", "play", bag, "--clock", "--rate", value["rate"]],
+            output="screen",
+        ))
+    return actions
+
+
+def generate_launch_description():
+    default_config = os.path.join(get_package_share_directory(PACKAGE), "config", "perception.yaml")
+    return LaunchDescription([
+        DeclareLaunchArgument("config", default_value=default_config,
+                              description="ROS 2 params file for the three nodes"),
+        DeclareLaunchArgument("rig", default_value="default",
+                              description="rig name (config/rig_<name>.yaml) or path; extrinsics when TF has none"),
+        DeclareLaunchArgument("device", default_value="auto", choices=list(DEVICES),
+                              description="compute device for the models"),
+        DeclareLaunchArgument("nodes", default_value=",".join(NODES),
+                              description="comma list of nodes to run: " + ", ".join(NODES)),
+        DeclareLaunchArgument("use_sim_time", default_value="false", choices=["true", "false"],
+                              description="follow /clock (forced true when bag is given)"),
+        DeclareLaunchArgument("remappings", default_value="",
+                              description="topic remappings FROM:=TO, ';'-separated, applied to every node"),
+        DeclareLaunchArgument("namespace", default_value="", description="namespace for the nodes"),
+        DeclareLaunchArgument("bag", default_value="",
+                              description="a rosbag2 to play into the nodes (ros2 bag play --clock)"),
+        DeclareLaunchArgument("rate", default_value="1.0", description="playback rate of bag"),
+        OpaqueFunction(function=launch_setup),
+    ])

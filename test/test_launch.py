@@ -1,0 +1,252 @@
+"""launch/perception.launch.py without ROS's launch installed (parsed, and executed against small
+stand-ins of the launch API), config/perception.yaml against each node's parameters, and `vg-ros up`'s
+supervisor: a killed node is reported, not restarted, and the others keep publishing."""
+from __future__ import annotations
+
+import ast
+import importlib
+import importlib.util
+import signal
+import sys
+import textwrap
+import time
+import types
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ros_helpers import ros_session
+from vg_ros import ros_compat
+from vg_ros.up import NODES, NodeSpec, Supervisor, node_spec, parse_nodes
+
+REPO = Path(__file__).resolve().parent.parent
+LAUNCH_FILE = REPO / "launch" / "perception.launch.py"
+EXPECTED_ARGS = {"config", "rig", "device", "nodes", "use_sim_time", "remappings", "namespace", "bag", "rate"}
+
+
+def console_scripts() -> dict[str, str]:
+    tree = ast.parse((REPO / "setup.py").read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Dict):
+            for key, value in zip(node.keys, node.values):
+                if isinstance(key, ast.Constant) and key.value == "console_scripts":
+                    entries = ast.literal_eval(value)
+                    return dict(e.replace(" ", "").split("=", 1) for e in entries)
+    raise AssertionError("setup.py has no console_scripts")
+
+
+# ------------------------------------------------------------------------------- static structure
+
+
+def test_launch_file_structure_by_ast():
+    tree = ast.parse(LAUNCH_FILE.read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert imported <= {"os", "ament_index_python.packages", "launch", "launch.actions", "launch.substitutions",
+                        "launch_ros.actions"}, imported
+    declared = {c.args[0].value for c in ast.walk(tree) if isinstance(c, ast.Call)
+                and getattr(c.func, "id", None) == "DeclareLaunchArgument"}
+    assert declared == EXPECTED_ARGS
+    nodes_literal = next(ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)
+                         and getattr(n.targets[0], "id", None) == "NODES")
+    assert nodes_literal == {cap: name for cap, (name, _) in NODES.items()}, "launch file and vg-ros up disagree"
+    scripts = console_scripts()
+    for cap, (executable, module) in NODES.items():
+        assert scripts.get(executable) == f"{module}:main", f"{executable} is not a console script of {module}:main"
+    assert "generate_launch_description" in {f.name for f in tree.body if isinstance(f, ast.FunctionDef)}
+
+
+def node_class(capability: str):
+    """The node class of `capability`: the PerceptionNode subclass its module defines."""
+    from vg_ros.nodes.base import PerceptionNode
+    module = importlib.import_module(NODES[capability][1])
+    classes = [v for v in vars(module).values() if isinstance(v, type) and issubclass(v, PerceptionNode)
+               and v is not PerceptionNode and v.__module__ == module.__name__]
+    assert len(classes) == 1, f"{module.__name__} should define one PerceptionNode subclass, has {classes}"
+    return classes[0]
+
+
+@pytest.mark.parametrize("capability", list(NODES))
+def test_yaml_section_matches_the_node_and_its_pipeline_config(capability):
+    import dataclasses
+
+    from vg_ros.nodes.base import COMMON_PARAMS
+    if importlib.util.find_spec(NODES[capability][1]) is None:
+        pytest.skip(f"{NODES[capability][1]} is not in this checkout yet")
+    cls = node_class(capability)
+    name = NODES[capability][0]
+    assert cls.default_node_name == name
+    data = yaml.safe_load((REPO / "config" / "perception.yaml").read_text())
+    assert name in data, f"config/perception.yaml has no section {name}"
+    params = data[name].get("ros__parameters") or {}
+    known = set(COMMON_PARAMS) | set(cls.node_params) | {"use_sim_time"}
+    if cls.config_cls is not None:
+        known |= {f.name for f in dataclasses.fields(cls.config_cls)}
+        from vg_ros.config import split_params
+        cfg_values, _ = split_params(params, cls.config_cls)
+        cls.config_cls.from_dict(cfg_values)  # every pipeline value validates (range, type)
+    assert set(params) <= known, f"{name}: keys no parameter declares: {sorted(set(params) - known)}"
+    assert not set(cls.node_params) & set(COMMON_PARAMS), "a node redeclares a common parameter"
+
+
+# ----------------------------------------------------------------------- executed against stand-ins
+
+
+class Recorded:
+    """Stands in for a launch action/substitution class: keeps its arguments."""
+
+    def __init__(self, *args, **kwargs):
+        self.args, self.kwargs = args, kwargs
+
+
+class LaunchConfiguration(Recorded):
+    def perform(self, context):
+        return context.launch_configurations[self.args[0]]
+
+
+def stub_launch_modules(monkeypatch):
+    classes = {name: type(name, (Recorded,), {}) for name in
+               ("LaunchDescription", "DeclareLaunchArgument", "ExecuteProcess", "LogInfo", "OpaqueFunction", "Node")}
+    mods = {
+        "launch": {"LaunchDescription": classes["LaunchDescription"]},
+        "launch.actions": {k: classes[k] for k in ("DeclareLaunchArgument", "ExecuteProcess", "LogInfo",
+                                                    "OpaqueFunction")},
+        "launch.substitutions": {"LaunchConfiguration": LaunchConfiguration},
+        "launch_ros": {}, "launch_ros.actions": {"Node": classes["Node"]},
+        "ament_index_python.packages": {"get_package_share_directory": lambda pkg: f"/opt/share/{pkg}"},
+    }
+    for name, attrs in mods.items():
+        module = types.ModuleType(name)
+        module.__dict__.update(attrs)
+        monkeypatch.setitem(sys.modules, name, module)
+    spec = importlib.util.spec_from_file_location("perception_launch", LAUNCH_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def launch_actions(module, **overrides):
+    description = module.generate_launch_description()
+    declared = {a.args[0]: a.kwargs["default_value"] for a in description.args[0]
+                if type(a).__name__ == "DeclareLaunchArgument"}
+    context = types.SimpleNamespace(launch_configurations={**declared, **overrides})
+    opaque = description.args[0][-1]
+    return declared, opaque.kwargs["function"](context)
+
+
+def test_launch_description_executed_against_stand_ins(monkeypatch):
+    module = stub_launch_modules(monkeypatch)
+    declared, actions = launch_actions(module)
+    assert set(declared) == EXPECTED_ARGS
+    assert declared["config"] == "/opt/share/vg_ros/config/perception.yaml"
+    nodes = [a for a in actions if type(a).__name__ == "Node"]
+    assert [n.kwargs["executable"] for n in nodes] == ["occupancy_node", "registration_node", "grounding_node"]
+    assert all(n.kwargs["name"] == n.kwargs["executable"] and n.kwargs["package"] == "vg_ros" for n in nodes)
+    assert nodes[0].kwargs["parameters"] == ["/opt/share/vg_ros/config/perception.yaml",
+                                             {"rig": "default", "device": "auto", "use_sim_time": False}]
+    assert not [a for a in actions if type(a).__name__ == "ExecuteProcess"]
+
+    _, actions = launch_actions(module, nodes="grounding_node,registration", device="cpu", bag="/data/drive.mcap",
+                                rate="0.5", remappings="/lidar/points:=/velodyne_points; /command:=/speech")
+    nodes = [a for a in actions if type(a).__name__ == "Node"]
+    assert [n.kwargs["executable"] for n in nodes] == ["grounding_node", "registration_node"]
+    assert nodes[0].kwargs["parameters"][1] == {"rig": "default", "device": "cpu", "use_sim_time": True}
+    assert nodes[0].kwargs["remappings"] == [("/lidar/points", "/velodyne_points"), ("/command", "/speech")]
+    play = [a for a in actions if type(a).__name__ == "ExecuteProcess"]
+    assert play[0].kwargs["cmd"] == ["ros2", "bag", "play", "/data/drive.mcap", "--clock", "--rate", "0.5"]
+
+    with pytest.raises(ValueError, match="nodes: unknown node 'lidar'"):
+        launch_actions(module, nodes="lidar")
+    with pytest.raises(ValueError, match="device"):
+        launch_actions(module, device="gpu")
+    with pytest.raises(ValueError, match="FROM:=TO"):
+        launch_actions(module, remappings="/a=/b")
+
+
+@pytest.mark.skipif(not (ros_compat.HAVE_LAUNCH and ros_compat.HAVE_LAUNCH_ROS),
+                    reason="ROS 2 launch/launch_ros are not pip-installable; the stand-in test covers the logic")
+def test_launch_description_with_real_launch():
+    spec = importlib.util.spec_from_file_location("perception_launch_real", LAUNCH_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert len(module.generate_launch_description().entities) == len(EXPECTED_ARGS) + 1
+
+
+# --------------------------------------------------------------------------------------- vg-ros up
+
+
+def test_up_command_lines_and_arguments(tmp_path):
+    from vg_ros.cli import UserError
+    from vg_ros.up import main
+    spec = node_spec("registration", config=tmp_path / "p.yaml", rig="default", device="cpu", use_sim_time=True,
+                     threads=1)
+    argv = spec.argv
+    assert spec.name == "registration_node" and "vg_ros.nodes.registration_node" in argv[3]
+    ros_args = argv[argv.index("--ros-args"):]
+    assert ros_args == ["--ros-args", "-r", "__node:=registration_node", "--params-file", str(tmp_path / "p.yaml"),
+                        "-p", "rig:=default", "-p", "device:=cpu", "-p", "use_sim_time:=true"]
+    assert spec.env["VG_ROS_CONFIG"] == str(tmp_path / "p.yaml") and spec.env["OMP_NUM_THREADS"] == "1"
+    assert parse_nodes(["occupancy,grounding_node"]) == ["occupancy", "grounding"]
+    assert parse_nodes(None) == list(NODES)
+    with pytest.raises(UserError, match="unknown node 'radar'"):
+        main(["--nodes", "radar"])
+    with pytest.raises(UserError, match="no such file"):
+        main(["--config", str(tmp_path / "missing.yaml")])
+    with pytest.raises(UserError, match="unknown rig"):
+        main(["--rig", "no_such_rig"])
+
+
+HEARTBEAT_NODE = textwrap.dedent("""
+    import sys
+    from std_msgs.msg import String
+    from vg_ros.nodes.base import PerceptionNode, run_node
+
+    class Heartbeat(PerceptionNode):
+        default_node_name = sys.argv[1]
+        def on_activate(self):
+            self.pub = self.create_publisher(String, "/hb/" + self.get_name(), 10)
+            self.create_timer(0.05, lambda: self.pub.publish(String(data=self.get_name())))
+
+    sys.exit(run_node(Heartbeat, args=[]))
+""")
+
+
+def test_supervisor_reports_a_killed_node_restarts_nothing_and_the_others_keep_publishing(tmp_path):
+    from std_msgs.msg import String
+    script = tmp_path / "heartbeat.py"
+    script.write_text(HEARTBEAT_NODE)
+    names = ["alpha", "beta", "gamma"]
+    lines: list[str] = []
+    sup = Supervisor([NodeSpec(n, [sys.executable, "-u", str(script), n]) for n in names], log=lines.append,
+                     log_dir=tmp_path / "logs")
+    beats = {n: 0 for n in names}
+    with ros_session(64) as ros:
+        listener = ros.node("listener")
+        for n in names:
+            listener.create_subscription(String, f"/hb/{n}", lambda m: beats.__setitem__(m.data, beats[m.data] + 1), 10)
+        sup.env["ROS_DOMAIN_ID"] = "64"
+        sup.start()
+        try:
+            assert ros.spin_until(lambda: all(beats.values()), timeout=30.0), (beats, lines)
+            pids = {n: p.pid for n, p in sup.procs.items()}
+            sup.procs["beta"].send_signal(signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            died: list = []
+            while not died and time.monotonic() < deadline:
+                died = sup.poll()
+                ros.spin_for(0.1)
+            assert died == [("beta", -signal.SIGKILL)]
+            before = dict(beats)
+            ros.spin_for(1.0)
+            assert beats["alpha"] > before["alpha"] + 5 and beats["gamma"] > before["gamma"] + 5
+            assert beats["beta"] == before["beta"]                       # nobody restarted it
+            assert sup.alive() == ["alpha", "gamma"] and {n: p.pid for n, p in sup.procs.items()} == pids
+            assert sup.poll() == []                                       # reported once
+        finally:
+            codes = sup.stop()
+    report = [line for line in lines if "DIED" in line]
+    assert len(report) == 1 and "beta DIED (killed by SIGKILL)" in report[0] and "not restarted" in report[0]
+    assert "Still running: alpha, gamma" in report[0]
+    assert codes == {"alpha": 0, "beta": -signal.SIGKILL, "gamma": 0}   # the others stop cleanly on SIGINT
+    assert "stopping:" in (tmp_path / "logs" / "alpha.log").read_text()

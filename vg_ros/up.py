@@ -1,0 +1,255 @@
+"""`vg-ros up`: the three perception nodes with `config/perception.yaml`, where `ros2 launch` is absent.
+
+One OS process per node, watched by a `Supervisor`. Why processes and not one process with a
+multi-threaded executor: a node that dies (a segfault in a native library, the OOM killer, an
+unhandled error) takes only itself down and the others keep publishing; the three pipelines run in
+parallel instead of sharing one GIL and one torch thread pool; and it is what `ros2 launch` does, so
+behaviour (parameters, names, logs) is the same on a robot and here. The cost is importing torch once
+per node.
+
+Each node gets `--ros-args --params-file CONFIG -r __node:=NAME` plus `-p rig:=` / `device:=` /
+`use_sim_time:=` overrides; parameters are never spelled a second time here. The supervisor restarts
+nothing: when a node exits it logs which one, how (exit code or signal), after how long, and its
+last log lines, and keeps the others running. `vg-ros up` ends when every node has exited or on Ctrl-C
+(SIGINT to each node, then SIGTERM, then SIGKILL after a grace period).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, TextIO
+
+# capability -> (node name = console_scripts executable, module with `main`)
+NODES: dict[str, tuple[str, str]] = {
+    "occupancy": ("occupancy_node", "vg_ros.nodes.occupancy_node"),
+    "registration": ("registration_node", "vg_ros.nodes.registration_node"),
+    "grounding": ("grounding_node", "vg_ros.nodes.grounding_node"),
+}
+
+
+@dataclass
+class NodeSpec:
+    """One supervised process: `name` for logs, the full `argv`, extra environment."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def node_spec(capability: str, *, config: str | Path | None = None, rig: str | None = None,
+              device: str | None = None, use_sim_time: bool | None = None, threads: int | None = None,
+              extra_ros_args: list[str] | None = None) -> NodeSpec:
+    """The command line that runs `capability`'s node the way `ros2 run vg_ros <node>` would."""
+    if capability not in NODES:
+        raise ValueError(f"nodes: unknown node {capability!r}; choose from {sorted(NODES)}")
+    name, module = NODES[capability]
+    ros_args = ["--ros-args", "-r", f"__node:={name}"]
+    env: dict[str, str] = {}
+    if config is not None:
+        ros_args += ["--params-file", str(config)]
+        env["VG_ROS_CONFIG"] = str(config)
+    if rig is not None:
+        ros_args += ["-p", f"rig:={rig}"]
+    if device is not None:
+        ros_args += ["-p", f"device:={device}"]
+    if use_sim_time is not None:
+        ros_args += ["-p", f"use_sim_time:={'true' if use_sim_time else 'false'}"]
+    ros_args += list(extra_ros_args or [])
+    if threads:
+        env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
+    code = f"import sys; from {module} import main; sys.exit(main())"
+    return NodeSpec(name, [sys.executable, "-u", "-c", code, *ros_args], env)
+
+
+class Supervisor:
+    """Starts `specs` as child processes, relays their output prefixed by name, reports deaths.
+
+    `poll()` returns the nodes that exited since the last call (and logs each once); `alive()` lists
+    those running; `stop()` ends all. Nothing is ever restarted. `log` receives every line (default:
+    print to stdout); `tail[name]` keeps each node's last lines for the death report."""
+
+    def __init__(self, specs: list[NodeSpec], *, env: dict[str, str] | None = None,
+                 log: Callable[[str], None] | None = None, log_dir: str | Path | None = None,
+                 tail_lines: int = 15) -> None:
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"nodes: names repeat: {names}")
+        self.specs = {s.name: s for s in specs}
+        self.env = dict(os.environ if env is None else env)
+        self.log = log or (lambda line: print(line, flush=True))
+        self.log_dir = Path(log_dir) if log_dir else None
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.started_at: dict[str, float] = {}
+        self.exit_codes: dict[str, int] = {}
+        self.tail: dict[str, collections.deque[str]] = {n: collections.deque(maxlen=tail_lines) for n in names}
+        self.lines: dict[str, list[str]] = {n: [] for n in names}
+        self._threads: list[threading.Thread] = []
+        self._reported: set[str] = set()
+        self._files: list[TextIO] = []
+
+    def start(self) -> None:
+        if self.log_dir:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+        for name, spec in self.specs.items():
+            env = {**self.env, **spec.env, "PYTHONUNBUFFERED": "1"}
+            # start_new_session: Ctrl-C in the terminal reaches only us; we stop the nodes in order.
+            proc = subprocess.Popen(spec.argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True, errors="replace", start_new_session=True)
+            self.procs[name] = proc
+            self.started_at[name] = time.monotonic()
+            sink = open(self.log_dir / f"{name}.log", "w") if self.log_dir else None  # noqa: SIM115
+            if sink:
+                self._files.append(sink)
+            thread = threading.Thread(target=self._relay, args=(name, proc, sink), daemon=True)
+            thread.start()
+            self._threads.append(thread)
+            self.log(f"[up] started {name} (pid {proc.pid})")
+
+    def _relay(self, name: str, proc: subprocess.Popen, sink: TextIO | None) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            self.tail[name].append(line)
+            self.lines[name].append(line)
+            if sink:
+                sink.write(line + "\n")
+                sink.flush()
+            self.log(f"[{name}] {line}")
+
+    def alive(self) -> list[str]:
+        return [n for n, p in self.procs.items() if p.poll() is None]
+
+    def poll(self) -> list[tuple[str, int]]:
+        """(name, returncode) of nodes that exited since the last poll, each logged once."""
+        died = []
+        for name, proc in self.procs.items():
+            code = proc.poll()
+            if code is None or name in self._reported:
+                continue
+            self._reported.add(name)
+            self.exit_codes[name] = code
+            died.append((name, code))
+            ran = time.monotonic() - self.started_at[name]
+            how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+            time.sleep(0.1)  # let the relay thread catch the last lines
+            last = "\n".join(f"    {line}" for line in list(self.tail[name])[-8:])
+            others = ", ".join(self.alive()) or "none"
+            self.log(f"[up] {name} DIED ({how}) after {ran:.1f} s; not restarted. Still running: {others}."
+                     + (f" Its last lines:\n{last}" if last else ""))
+        return died
+
+    def stop(self, grace_s: float = 10.0) -> dict[str, int]:
+        """SIGINT every node, then SIGTERM, then SIGKILL, `grace_s` apart. Returns exit codes."""
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
+            running = [p for p in self.procs.values() if p.poll() is None]
+            if not running:
+                break
+            for proc in running:
+                try:
+                    proc.send_signal(sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + grace_s
+            while time.monotonic() < deadline and any(p.poll() is None for p in running):
+                time.sleep(0.05)
+        for thread in self._threads:
+            thread.join(timeout=2.0)
+        for sink in self._files:
+            sink.close()
+        self._files.clear()
+        codes = {}
+        for name, proc in self.procs.items():
+            codes[name] = proc.returncode if proc.returncode is not None else proc.wait()
+            self._reported.add(name)
+        self.exit_codes.update(codes)
+        return codes
+
+    def __enter__(self) -> "Supervisor":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def parse_nodes(values: list[str] | None) -> list[str]:
+    """`--nodes occupancy registration` or `--nodes occupancy,registration` -> capability names."""
+    if not values:
+        return list(NODES)
+    chosen: list[str] = []
+    for value in values:
+        for item in value.split(","):
+            item = item.strip().removesuffix("_node")
+            if not item:
+                continue
+            if item not in NODES:
+                raise ValueError(f"--nodes: unknown node {item!r}; choose from {', '.join(NODES)}")
+            if item not in chosen:
+                chosen.append(item)
+    return chosen
+
+
+def main(argv: list[str]) -> int:
+    """`vg-ros up [--config config/perception.yaml] [--rig NAME] [--nodes ...] [--device D]`."""
+    from vg_ros.cli import UserError
+    from vg_ros.config import default_config_path
+    from vg_ros.types import Rig
+
+    parser = argparse.ArgumentParser(prog="vg-ros up", description=(
+        "Run the perception nodes, one process each, with one YAML of ROS parameters (what "
+        "`ros2 launch vg_ros perception.launch.py` does on a ROS install). A node that dies is reported "
+        "and not restarted; the others keep running. Ctrl-C stops all."))
+    parser.add_argument("--config", default=None, help="ROS 2 params file (default: config/perception.yaml)")
+    parser.add_argument("--rig", default=None, help="rig name or YAML path (default: the config's, else 'default')")
+    parser.add_argument("--nodes", nargs="+", help=f"which nodes (default all): {' '.join(NODES)}")
+    parser.add_argument("--device", choices=("cpu", "cuda", "auto"), help="compute device for every node")
+    parser.add_argument("--use-sim-time", action="store_true", help="nodes follow /clock (e.g. from vg-ros play)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="OMP/MKL threads per node (default: cores / nodes, at least 1)")
+    parser.add_argument("--log-dir", default=None, help="also write each node's output to DIR/<node>.log")
+    args = parser.parse_args(argv)
+    try:
+        chosen = parse_nodes(args.nodes)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    config = Path(args.config) if args.config else default_config_path()
+    if not config.is_file():
+        raise UserError(f"--config {config}: no such file")
+    if args.rig is not None:
+        try:
+            Rig.load(args.rig)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+    if args.threads < 0:
+        raise UserError(f"--threads {args.threads}: must be >= 0")
+    threads = args.threads or max(1, (os.cpu_count() or 1) // len(chosen))
+    specs = [node_spec(c, config=config.resolve(), rig=args.rig, device=args.device,
+                       use_sim_time=True if args.use_sim_time else None, threads=threads) for c in chosen]
+    stop = threading.Event()
+    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+    sup = Supervisor(specs, log_dir=args.log_dir)
+    print(f"[up] {len(specs)} node(s) with {config}; ROS_DOMAIN_ID={os.environ.get('ROS_DOMAIN_ID', '0')}; "
+          f"Ctrl-C to stop", flush=True)
+    try:
+        sup.start()
+        while not stop.is_set():
+            sup.poll()
+            if not sup.alive():
+                print("[up] every node has exited", flush=True)
+                break
+            stop.wait(0.5)
+    finally:
+        codes = sup.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    failed = {n: c for n, c in codes.items() if c not in (0, -signal.SIGINT)}
+    print("[up] exit codes: " + ", ".join(f"{n}={c}" for n, c in codes.items()), flush=True)
+    return 1 if failed else 0
