@@ -1,0 +1,134 @@
+"""grounding_node over real DDS: late-joining command, mask/box/position outputs with the image's header,
+"not found" as an empty polygon and an all-zero mask, and bad input counted without stopping the node."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ros_helpers import ros_session
+
+pytest.importorskip("rclpy", reason="rclpy (ros-jazzy wheels) not installed")
+
+DOMAIN = 53
+
+
+@pytest.fixture(scope="module")
+def weights_file(tmp_path_factory):
+    """An untrained tiny VG-LAW checkpoint: the node's plumbing does not depend on trained values."""
+    from vg_ros.grounding.model import VGLAW, spec_by_name
+    from vg_ros.grounding.pipeline import save_weights
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("w") / "tiny.safetensors"
+    save_weights(VGLAW(spec_by_name("tiny")), path)
+    return path
+
+
+def _node(ros, weights, tmp_path, **overrides):
+    from rclpy.parameter import Parameter
+    from vg_ros.nodes.grounding_node import GroundingNode
+    cfg = tmp_path / "perception.yaml"
+    cfg.write_text("grounding_node:\n  ros__parameters: {diagnostics_period: 0.0, device: cpu}\n")
+    params = [Parameter("weights", value=str(weights))] + [Parameter(k, value=v) for k, v in overrides.items()]
+    node = GroundingNode(config_path=cfg, context=ros.context, parameter_overrides=params)
+    node.configure()
+    node.activate()
+    return ros.add(node)
+
+
+def _image(stamp_ns, encoding="rgb8"):
+    from vg_ros.convert import array_to_image
+    rng = np.random.default_rng(stamp_ns % 1000)
+    if encoding == "32FC1":
+        return array_to_image(rng.random((270, 480), dtype=np.float32), "32FC1", stamp_ns=stamp_ns,
+                              frame_id="cam_front_optical")
+    return array_to_image(rng.integers(0, 255, (270, 480, 3), dtype=np.uint8), encoding, stamp_ns=stamp_ns,
+                          frame_id="cam_front_optical")
+
+
+def _cloud(stamp_ns, centre_lidar):
+    from vg_ros.convert import xyz_fields_to_pointcloud2
+    rng = np.random.default_rng(0)
+    pts = np.asarray(centre_lidar) + rng.normal(0, 0.05, (200, 3))
+    return xyz_fields_to_pointcloud2(pts.astype(np.float32), stamp_ns=stamp_ns, frame_id="lidar_top")
+
+
+def test_node_outputs_late_command_and_position(weights_file, tmp_path):
+    from geometry_msgs.msg import PointStamped, PolygonStamped
+    from sensor_msgs.msg import CameraInfo, Image, PointCloud2
+    from std_msgs.msg import String
+    from vg_ros.convert import camera_model_to_info, image_to_array
+    from vg_ros.nodes.base import command_qos
+    from vg_ros.types import Rig
+
+    with ros_session(DOMAIN) as ros:
+        io = ros.node("io")
+        cmd_pub = io.create_publisher(String, "/command", command_qos())
+        cmd_pub.publish(String(data="the red car left of the bus"))  # before the node exists: transient-local
+        # score_threshold 0 -> always found; mask_threshold 0.01 -> (untrained) mask covers the view
+        node = _node(ros, weights_file, tmp_path, score_threshold=0.0, mask_threshold=0.01)
+        masks, boxes, positions = [], [], []
+        io.create_subscription(Image, "/grounding/mask", masks.append, 10)
+        io.create_subscription(PolygonStamped, "/grounding/box", boxes.append, 10)
+        io.create_subscription(PointStamped, "/grounding/position", positions.append, 10)
+        img_pub = io.create_publisher(Image, "/cameras/CAM_FRONT/image_raw", 10)
+        info_pub = io.create_publisher(CameraInfo, "/cameras/CAM_FRONT/camera_info", 10)
+        pts_pub = io.create_publisher(PointCloud2, "/lidar/points", 10)
+        assert ros.spin_until(lambda: node.pipeline.command == "the red car left of the bus", timeout=10)
+        assert ros.wait_for_match(img_pub) and ros.wait_for_match(pts_pub) and ros.wait_for_match(info_pub)
+        assert ros.spin_until(lambda: io.count_publishers("/grounding/mask") and
+                              io.get_subscriptions_info_by_topic("/grounding/mask"), timeout=5)
+        rig = Rig.load("default")
+        cam = rig.camera("CAM_FRONT")
+        # a target 10 m ahead of the camera, expressed in the LiDAR frame
+        p_base = cam.T_base_cam @ np.array([0.3, 0.2, 10.0, 1.0])
+        p_lidar = (np.linalg.inv(rig.lidar.T_base_lidar) @ p_base)[:3]
+        stamp = 1_000_000_000
+        info_pub.publish(camera_model_to_info(cam, stamp_ns=stamp))
+        pts_pub.publish(_cloud(stamp, p_lidar))
+        ros.spin_for(0.3)
+        img_pub.publish(_image(stamp))
+        assert ros.spin_until(lambda: masks and boxes and positions, timeout=20)
+        mask, box, pos = masks[0], boxes[0], positions[0]
+        assert mask.encoding == "mono8" and (mask.height, mask.width) == (270, 480)
+        assert mask.header.frame_id == "cam_front_optical" and mask.header.stamp.sec == 1
+        assert set(np.unique(image_to_array(mask))) <= {0, 255} and image_to_array(mask).max() == 255
+        assert box.header == mask.header and len(box.polygon.points) == 4
+        p = box.polygon.points
+        assert p[0].x == p[3].x and p[1].x == p[2].x and p[0].y == p[1].y and p[2].y == p[3].y
+        assert p[0].z == pytest.approx(node.last_result.score, abs=1e-6)
+        assert pos.header.frame_id == "lidar_top" and pos.header.stamp == mask.header.stamp
+        assert np.linalg.norm([pos.point.x - p_lidar[0], pos.point.y - p_lidar[1], pos.point.z - p_lidar[2]]) < 0.1
+
+
+def test_node_bad_input_is_counted_and_node_stays_up(weights_file, tmp_path):
+    from geometry_msgs.msg import PolygonStamped
+    from sensor_msgs.msg import Image
+    from std_msgs.msg import String
+    from vg_ros.convert import image_to_array
+    from vg_ros.nodes.base import command_qos
+
+    with ros_session(DOMAIN + 1) as ros:
+        node = _node(ros, weights_file, tmp_path, score_threshold=1.0, points_topic="")  # nothing is ever "found"
+        io = ros.node("io")
+        masks, boxes = [], []
+        io.create_subscription(Image, "/grounding/mask", masks.append, 10)
+        io.create_subscription(PolygonStamped, "/grounding/box", boxes.append, 10)
+        img_pub = io.create_publisher(Image, "/cameras/CAM_FRONT/image_raw", 10)
+        cmd_pub = io.create_publisher(String, "/command", command_qos(depth=10))
+        assert ros.wait_for_match(img_pub) and ros.wait_for_match(cmd_pub)
+        img_pub.publish(_image(1_000_000_000))                      # before any command
+        assert ros.spin_until(lambda: node.drops.drops["no_command"] == 1, timeout=5)
+        for count, text in enumerate(("", "go " * 3400, "   "), 1):  # empty, 10 kB, blank
+            cmd_pub.publish(String(data=text))  # one at a time: the command subscription keeps the last only
+            assert ros.spin_until(lambda: node.drops.drops["bad_command"] == count, timeout=5)
+        assert node.pipeline.command is None
+        cmd_pub.publish(String(data="das rote Auto links vom Bus — 赤い車"))  # non-ASCII is a valid command
+        assert ros.spin_until(lambda: node.pipeline.command is not None, timeout=5)
+        img_pub.publish(_image(2_000_000_000, encoding="32FC1"))   # foreign encoding
+        assert ros.spin_until(lambda: node.drops.drops["bad_image"] == 1, timeout=5)
+        img_pub.publish(_image(3_000_000_000, encoding="bgr8"))    # and the node still works
+        assert ros.spin_until(lambda: masks and boxes, timeout=20)
+        assert len(boxes[0].polygon.points) == 0                   # empty polygon = not found
+        assert image_to_array(masks[0]).max() == 0                 # all-zero mask when not found
+        assert node.drops.processed["not_found"] == 1 and node.drops.processed["commands"] == 1

@@ -1,0 +1,155 @@
+"""`vg-ros eval grounding`: score VG-LAW weights on held-out simulated scenes, split by hop count.
+
+Reports Prec@0.5, mask mIoU and oIoU per hop count, and two controls:
+
+* `phi_zero`: the same weights with the language-adaptive weights disabled (Phi fixed at zero, W0 only);
+  the heads still see the [CLS] feature. (An inference-time ablation; `vg-ros train grounding
+  --ablation-phi-zero` trains the retrained ablation the paper reports.)
+* `mismatched`: each image paired with a command about a DIFFERENT object in the same image, scored
+  against the original target. Chance level printed beside it: how often the other object's own box
+  already overlaps the target with IoU >= 0.5.
+
+Masks and boxes are scored at the camera's full resolution (480x270 by default), exactly as the
+pipeline post-processes them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from vg_ros.grounding import metrics
+from vg_ros.grounding.model import MASK_THRESHOLD, VGLAW
+
+DEFAULT_VAL_SEEDS = "1000-1011"
+
+
+@torch.no_grad()
+def predict(model: VGLAW, split, text_index: np.ndarray, *, batch: int = 32, device: str | torch.device = "cpu",
+            use_language_weights: bool = True, mask_threshold: float = MASK_THRESHOLD, expr_subset=None
+            ) -> dict[str, np.ndarray | list]:
+    """Run `model` over the split's expressions (all, or `expr_subset`) with the texts `text_index` (E,).
+
+    Returns {"boxes" (n, 4) xyxy pixels, "masks" list of (H, W) bool, "scores" (n,)} at the image size
+    stored in the split (full-size splits give full-resolution results)."""
+    from vg_ros.grounding.data import resize_image
+
+    model.eval()
+    spec = model.spec
+    idx_all = np.arange(len(split)) if expr_subset is None else np.asarray(expr_subset)
+    H, W = split.size
+    boxes, masks, scores = [], [], []
+    for start in range(0, len(idx_all), batch):
+        idx = idx_all[start:start + batch]
+        images = torch.stack([resize_image(split.images[i], (spec.img_h, spec.img_w))
+                              for i in split.expr_image[idx]]).to(device)
+        feats, valid = split.text_batch(text_index[idx])
+        out = model.forward_visual(images, model.generate(feats.to(device), valid.to(device)), use_language_weights)
+        prob = F.interpolate(out["mask_logits"][:, None], size=(H, W), mode="bilinear",
+                             align_corners=False)[:, 0].sigmoid()
+        pred = prob > mask_threshold
+        for b in range(len(idx)):
+            sel = pred[b]
+            scores.append(float(prob[b][sel].mean()) if bool(sel.any()) else float(prob[b].max()))
+            masks.append(sel.cpu().numpy())
+        cx, cy, w, h = out["boxes"].double().cpu().numpy().T
+        boxes.append(np.stack([(cx - w / 2) * W, (cy - h / 2) * H, (cx + w / 2) * W, (cy + h / 2) * H], axis=1))
+    return {"boxes": np.concatenate(boxes), "masks": masks, "scores": np.asarray(scores)}
+
+
+def evaluate_split(model: VGLAW, split, *, device="cpu", batch: int = 32, score_threshold: float = 0.5,
+                   controls: bool = True, log=print) -> dict:
+    """All numbers for one held-out split: {"main", "phi_zero", "mismatched", "chance", ...} reports."""
+    H, W = split.size
+    gt_boxes = split.boxes.astype(np.float64) * [W, H, W, H]
+    gt_masks = [split.masks(i) for i in range(len(split))]
+    hops = split.hops.astype(int)
+    t0 = time.time()
+    main = predict(model, split, split.text_index, batch=batch, device=device)
+    result = {"count": len(split), "images": int(len(split.images)),
+              "main": metrics.grounding_report(main["boxes"], gt_boxes, main["masks"], gt_masks, hops),
+              "found_rate": float((main["scores"] >= score_threshold).mean()),
+              "seconds_per_expression": (time.time() - t0) / len(split)}
+    log(f"[grounding eval] main done ({time.time() - t0:.0f} s)")
+    if not controls:
+        return result
+    ablated = predict(model, split, split.text_index, batch=batch, device=device, use_language_weights=False)
+    result["phi_zero"] = metrics.grounding_report(ablated["boxes"], gt_boxes, ablated["masks"], gt_masks, hops)
+    has_other = np.flatnonzero(split.other >= 0)
+    if len(has_other):
+        other = split.other[has_other]
+        swapped = predict(model, split, split.text_index[other], batch=batch, device=device, expr_subset=has_other)
+        result["mismatched"] = metrics.grounding_report(swapped["boxes"], gt_boxes[has_other],
+                                                        swapped["masks"], [gt_masks[i] for i in has_other],
+                                                        hops[has_other])
+        # the prediction for the other command against the other object's own ground truth
+        result["mismatched_vs_own_target"] = metrics.grounding_report(
+            swapped["boxes"], gt_boxes[other], swapped["masks"], [gt_masks[i] for i in other], hops[other])
+        result["mismatched_found_rate"] = float((swapped["scores"] >= score_threshold).mean())
+        overlap = np.atleast_1d(metrics.box_iou(gt_boxes[other], gt_boxes[has_other]))
+        result["chance"] = {"prec@0.5_other_object_box": float((overlap >= 0.5).mean()),
+                            "pairs": int(len(has_other))}
+    return result
+
+
+def format_report(result: dict) -> str:
+    """A plain-text table: rows = main / phi_zero / mismatched; columns per hop."""
+    lines = [f"expressions {result['count']} in {result['images']} images; "
+             f"found rate {result['found_rate']:.3f}"]
+    for name in ("main", "phi_zero", "mismatched", "mismatched_vs_own_target"):
+        if name not in result:
+            continue
+        rep = result[name]
+        keys = [k for k in rep["count"] if k != "all"] + ["all"]
+        cells = "  ".join(f"hop {k}: P@0.5 {100 * rep['prec@0.5'][k]:5.1f}  mIoU {100 * rep['miou'][k]:5.1f}  "
+                          f"oIoU {100 * rep['oiou'][k]:5.1f} (n={rep['count'][k]})" for k in keys)
+        lines.append(f"{name:>24}: {cells}")
+    if "chance" in result:
+        lines.append(f"{'chance':>24}: other object's own box hits the target (IoU>=0.5) in "
+                     f"{100 * result['chance']['prec@0.5_other_object_box']:.1f} % of "
+                     f"{result['chance']['pairs']} pairs; mismatched found rate "
+                     f"{result['mismatched_found_rate']:.3f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    from vg_ros.cli import UserError
+    from vg_ros.grounding.data import load_or_render, parse_seeds
+    from vg_ros.grounding.pipeline import default_weights_path, load_weights, resolve_device
+    from vg_ros.grounding.text import TextEncoder
+
+    ap = argparse.ArgumentParser(prog="vg-ros eval grounding", description=__doc__.split("\n")[0])
+    ap.add_argument("--weights", default="default", help="safetensors file, or 'default' (the shipped tiny)")
+    ap.add_argument("--config", default="tiny", choices=("tiny", "base"), help="which shipped weights for default")
+    ap.add_argument("--seeds", default=DEFAULT_VAL_SEEDS, help=f"held-out simulator seeds (default {DEFAULT_VAL_SEEDS})")
+    ap.add_argument("--seconds", type=float, default=1.0, help="simulated seconds per seed")
+    ap.add_argument("--expressions", type=int, default=8, help="expressions per frame")
+    ap.add_argument("--device", default="auto", choices=("cpu", "cuda", "auto"))
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--no-controls", action="store_true", help="skip the Phi=0 and mismatched-command controls")
+    ap.add_argument("--json", dest="json_out", default="", help="also write the numbers to this JSON file")
+    args = ap.parse_args(argv)
+    try:
+        seeds = parse_seeds(args.seeds)
+        torch.set_num_threads(max(1, args.threads))
+        device = resolve_device(args.device)
+        path = default_weights_path(args.config) if args.weights == "default" else args.weights
+        model, meta = load_weights(path, device)
+        train_seeds = set(parse_seeds(meta["train_seeds"])) if meta.get("train_seeds") else set()
+        if train_seeds & set(seeds):
+            raise UserError(f"seeds {sorted(train_seeds & set(seeds))[:5]} were used in training: not held out")
+        split = load_or_render(seeds, args.seconds, args.expressions, None, TextEncoder(), log=print)
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+    result = evaluate_split(model, split, device=device, controls=not args.no_controls)
+    result["weights"] = str(path)
+    result["seeds"] = args.seeds
+    print(format_report(result))
+    if args.json_out:
+        with open(args.json_out, "w") as fh:
+            json.dump(result, fh, indent=2, default=str)
+    return 0

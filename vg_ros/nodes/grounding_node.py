@@ -1,0 +1,192 @@
+"""`grounding_node`: VG-LAW over ROS 2 — a camera image and a spoken-style command in, the target's mask, box
+and (with a LiDAR cloud) 3D position out.
+
+Subscribes (topic names are parameters):
+  image_topic        sensor_msgs/Image            (sensor QoS; rgb8/bgr8/rgba8/bgra8/mono8)
+  camera_info_topic  sensor_msgs/CameraInfo       (sensor QoS; intrinsics for the 3D position)
+  command_topic      std_msgs/String              (reliable + transient-local: a late joiner gets the last)
+  points_topic       sensor_msgs/PointCloud2      (optional; "" disables the 3D position)
+Publishes, each with the image's header (stamp and frame):
+  mask_topic         sensor_msgs/Image mono8      (255 = target; all zero when not found)
+  box_topic          geometry_msgs/PolygonStamped (corners (x0,y0) (x1,y0) (x1,y1) (x0,y1) in pixels, the score
+                     in every point's z; an EMPTY polygon = not found). A standard type because pip rclpy
+                     cannot publish the package's own msg/ types.
+  position_topic     geometry_msgs/PointStamped   (target centre in the LiDAR frame; only when found and a
+                     cloud within `max_cloud_age` of the image and the camera<-LiDAR extrinsics are known)
+
+Bad input never stops the node: an empty / over-long / unusable command, an image in a foreign encoding, an
+image before any command — each is logged and counted in `~/diagnostics` (drops), and the node goes on.
+Non-ASCII commands are accepted (the tokenizer handles them).
+"""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from vg_ros.grounding.pipeline import GroundingConfig
+from vg_ros.nodes.base import PerceptionNode, header_stamp_ns, node_main
+from vg_ros.types import stamp_to_ns
+
+
+class GroundingNode(PerceptionNode):
+    default_node_name = "grounding_node"
+    config_cls = GroundingConfig
+    node_params = {
+        "image_topic": ("/cameras/CAM_FRONT/image_raw", "input sensor_msgs/Image"),
+        "camera_info_topic": ("/cameras/CAM_FRONT/camera_info", "input sensor_msgs/CameraInfo ('' = none)"),
+        "command_topic": ("/command", "input std_msgs/String: the referring expression"),
+        "points_topic": ("/lidar/points", "input sensor_msgs/PointCloud2 for the 3D position ('' = none)"),
+        "mask_topic": ("/grounding/mask", "output sensor_msgs/Image mono8"),
+        "box_topic": ("/grounding/box", "output geometry_msgs/PolygonStamped (empty = not found)"),
+        "position_topic": ("/grounding/position", "output geometry_msgs/PointStamped in the LiDAR frame"),
+        "max_cloud_age": (0.15, "largest |image stamp - cloud stamp| (s) for a cloud used for the position"),
+    }
+
+    def on_configure(self) -> None:
+        if not float(self.params["max_cloud_age"]) >= 0:
+            raise ValueError(f"grounding_node.max_cloud_age = {self.params['max_cloud_age']}: must be >= 0")
+        for key in ("image_topic", "command_topic", "mask_topic", "box_topic", "position_topic"):
+            if not str(self.params[key]).strip():
+                raise ValueError(f"grounding_node.{key} is empty")
+
+    def on_activate(self) -> None:
+        from geometry_msgs.msg import PointStamped, PolygonStamped
+        from sensor_msgs.msg import CameraInfo, Image, PointCloud2
+        from std_msgs.msg import String
+
+        from vg_ros.grounding.pipeline import GroundingPipeline
+
+        self.pipeline = GroundingPipeline(self.cfg, weights=self.params["weights"], device=self.device)
+        self._lock = threading.Lock()
+        self.camera_info = None
+        self.cloud = None
+        self.last_result = None
+        self.mask_pub = self.create_publisher(Image, self.params["mask_topic"], self.output_qos())
+        self.box_pub = self.create_publisher(PolygonStamped, self.params["box_topic"], self.output_qos())
+        self.position_pub = self.create_publisher(PointStamped, self.params["position_topic"], self.output_qos())
+        self.subscribe(String, self.params["command_topic"], self.on_command, self.command_qos())
+        self.subscribe(Image, self.params["image_topic"], self.on_image, self.sensor_qos())
+        if self.params["camera_info_topic"]:
+            self.subscribe(CameraInfo, self.params["camera_info_topic"], self.on_camera_info, self.sensor_qos(),
+                           guard_stamps=False)
+        if self.params["points_topic"]:
+            self.subscribe(PointCloud2, self.params["points_topic"], self.on_points, self.sensor_qos())
+        self.get_logger().info(f"VG-LAW {self.pipeline.spec.img_w}x{self.pipeline.spec.img_h} "
+                               f"({self.cfg.model}) ready; waiting for a command on {self.params['command_topic']}")
+
+    def on_deactivate(self) -> None:
+        self.pipeline = None
+
+    # -- inputs -------------------------------------------------------------------------------------------
+    def on_command(self, msg) -> None:
+        text = msg.data
+        try:
+            with self._lock:
+                self.pipeline.set_command(text)
+        except ValueError as exc:
+            self.drops.drop("bad_command", f"on {self.params['command_topic']}: {exc}; "
+                            f"keeping {self.pipeline.command!r}")
+            return
+        self.drops.ok("commands")
+        self.get_logger().info(f"command set: {self.pipeline.command[:120]!r}")
+
+    def on_camera_info(self, msg) -> None:
+        self.camera_info = msg
+
+    def on_points(self, msg) -> None:
+        self.cloud = msg
+
+    def on_image(self, msg) -> None:
+        from vg_ros.convert import image_to_rgb
+        from vg_ros.types import CameraFrame
+
+        stamp_ns = header_stamp_ns(msg)
+        if self.pipeline.command is None:
+            self.drops.drop("no_command", f"image {stamp_ns} on {self.params['image_topic']}: no command received "
+                            f"yet on {self.params['command_topic']}")
+            return
+        try:
+            rgb = image_to_rgb(msg)
+        except ValueError as exc:
+            self.drops.drop("bad_image", f"image {stamp_ns}: {exc}")
+            return
+        camera = self._camera_model(msg, rgb.shape[1], rgb.shape[0])
+        with self._lock:
+            result = self.pipeline.infer(CameraFrame(camera, rgb, stamp_ns), stamp_ns)
+        self.last_result = result
+        self.publish_result(msg.header, result)
+        self.publish_position(msg.header, result, camera)
+        self.drops.ok("found" if result.found else "not_found")
+
+    # -- outputs ------------------------------------------------------------------------------------------
+    def publish_result(self, header, result) -> None:
+        from geometry_msgs.msg import Point32, PolygonStamped
+
+        from vg_ros.convert import array_to_image
+
+        mask = (result.mask.astype(np.uint8) * 255) if result.found else np.zeros(result.mask.shape, np.uint8)
+        mask_msg = array_to_image(mask, "mono8")
+        mask_msg.header = header
+        self.mask_pub.publish(mask_msg)
+        box = PolygonStamped()
+        box.header = header
+        if result.found:
+            x0, y0, x1, y1 = (float(v) for v in result.box)
+            z = float(result.score)
+            box.polygon.points = [Point32(x=x0, y=y0, z=z), Point32(x=x1, y=y0, z=z),
+                                  Point32(x=x1, y=y1, z=z), Point32(x=x0, y=y1, z=z)]
+        self.box_pub.publish(box)
+
+    def _camera_model(self, msg, width: int, height: int):
+        """Intrinsics from the latest CameraInfo of the same size, else the rig camera of that frame."""
+        from vg_ros.convert import camera_info_to_model
+        from vg_ros.types import CameraModel
+
+        info = self.camera_info
+        if info is not None and int(info.width) == width and int(info.height) == height:
+            try:
+                return camera_info_to_model(info)
+            except ValueError as exc:
+                self.drops.drop("bad_camera_info", str(exc))
+        frame = msg.header.frame_id
+        for cam in self.extrinsics.rig.cameras:
+            if frame in (cam.frame_id, cam.name):
+                return cam.scaled(width, height)
+        f = float(width)  # unknown camera: a nominal pinhole; the 2D outputs do not depend on it
+        return CameraModel(frame or "camera", width, height, np.array([[f, 0, width / 2], [0, f, height / 2],
+                                                                        [0, 0, 1.0]]), np.eye(4), frame)
+
+    def publish_position(self, header, result, camera) -> None:
+        from geometry_msgs.msg import PointStamped
+
+        from vg_ros.convert import pointcloud2_to_scan
+
+        cloud = self.cloud
+        if cloud is None or not result.found:
+            return
+        image_ns, cloud_ns = stamp_to_ns(header.stamp.sec, header.stamp.nanosec), header_stamp_ns(cloud)
+        if abs(image_ns - cloud_ns) > float(self.params["max_cloud_age"]) * 1e9:
+            self.drops.drop("no_matching_cloud", f"image {image_ns}: newest cloud {cloud_ns} is "
+                            f"{abs(image_ns - cloud_ns) / 1e9:.3f} s away")
+            return
+        try:
+            T_base_cam, _ = self.extrinsics.lookup(header.frame_id or camera.name)
+            T_base_lidar, _ = self.extrinsics.lookup(cloud.header.frame_id)
+        except KeyError as exc:
+            self.drops.drop("no_extrinsics", str(exc))
+            return
+        scan = pointcloud2_to_scan(cloud)
+        T_cam_lidar = np.linalg.inv(T_base_cam) @ T_base_lidar
+        position = self.pipeline.locate(result, scan.xyz, T_cam_lidar, camera)
+        if position is None:
+            self.drops.drop("too_few_points_in_mask", f"image {image_ns}: not enough LiDAR points inside the mask")
+            return
+        out = PointStamped()
+        out.header.stamp = header.stamp
+        out.header.frame_id = cloud.header.frame_id
+        out.point.x, out.point.y, out.point.z = (float(v) for v in position)
+        self.position_pub.publish(out)
+
+
+main = node_main(GroundingNode)
