@@ -249,6 +249,7 @@ def test_ros_compat_flags_are_honest():
 class ToyConfig(PipelineConfig):
     voxel_size: float = param(0.5, "voxel edge (m)", low=0.01, high=5.0)
     iterations: int = param(10, "iterations", low=1, high=100)
+    weights: str = param("default", "also a common node parameter: declared once, from the config")
 
 
 @pytest.fixture
@@ -287,13 +288,15 @@ def test_parameters_from_yaml_then_overrides(tmp_path, ros_context):
             voxel_size: 1.5
             input_topic: /from/yaml
             qos_depth: 2
+            weights: /tmp/w.safetensors
             typo_param: 3
     """))
     ToyNode = toy_node_class()
     node = ToyNode(config_path=cfg_file, context=ros_context,
                    parameter_overrides=[Parameter("iterations", value=42)])
     try:
-        assert node.cfg == ToyConfig(voxel_size=1.5, iterations=42)
+        assert node.cfg == ToyConfig(voxel_size=1.5, iterations=42, weights="/tmp/w.safetensors")
+        assert node.params["weights"] == "/tmp/w.safetensors"
         assert node.params["input_topic"] == "/from/yaml" and node.params["qos_depth"] == 2
         assert node.params["device"] == "auto" and node.sensor_qos().depth == 2
         assert node.get_parameter("voxel_size").value == 1.5

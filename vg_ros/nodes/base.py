@@ -538,7 +538,11 @@ class PerceptionNode(_RosNode):  # type: ignore[misc,valid-type]
             self.get_logger().warning(f"{self.config_path}: ignoring unknown parameter(s) {unknown} for {name}")
         self.params: dict[str, Any] = {}
         from rcl_interfaces.msg import ParameterDescriptor
+        cfg_fields = set(config_fields(self.config_cls)) if self.config_cls is not None else set()
         for key, (default, description) in specs.items():
+            if key in cfg_fields:  # e.g. `device`, `weights` in the pipeline's own config: declared once, there
+                self.params[key] = getattr(self.cfg, key)
+                continue
             value = rest.get(key, default)
             if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
