@@ -263,16 +263,19 @@ class Renderer:
         for cam in rig.cameras:
             u, v = np.meshgrid(np.arange(cam.width) + 0.5, np.arange(cam.height) + 0.5)
             pix = np.stack([u.ravel(), v.ravel(), np.ones(u.size)], 1)
-            self.cam_dirs.append(pix @ np.linalg.inv(cam.K).T)
+            self.cam_dirs.append(np.ascontiguousarray((pix @ np.linalg.inv(cam.K).T).astype(np.float32)))
+        self.n_cam_rays = sum(len(d) for d in self.cam_dirs)
         # --- LiDAR rays in the LiDAR frame, azimuth-major (the firing order)
         li = rig.lidar
         self.beam_elev = np.radians(np.linspace(li.vfov_deg[0], li.vfov_deg[1], li.beams))
         self.azimuths = np.arange(li.points_per_ring) * 2 * np.pi / li.points_per_ring
         el, az = np.meshgrid(self.beam_elev, self.azimuths)          # (N_az, beams)
         self.lidar_dirs = np.stack([np.cos(el) * np.cos(az), np.cos(el) * np.sin(az), np.sin(el)], -1).reshape(-1, 3)
+        self.lidar_dirs = np.ascontiguousarray(self.lidar_dirs.astype(np.float32))
         self.lidar_ring = np.tile(np.arange(li.beams, dtype=np.uint16), li.points_per_ring)
         self.lidar_time = np.repeat((np.arange(li.points_per_ring) / li.points_per_ring / li.rate_hz).astype(np.float32),
                                     li.beams)
+        self._sky_cache: dict[str, np.ndarray] = {}
         self._mask_tables()
 
     # -- visibility tables ------------------------------------------------------------------------------
@@ -325,22 +328,17 @@ class Renderer:
         if mesh is not None:
             scene = o3d.t.geometry.RaycastingScene()
             scene.add_triangles(o3d.core.Tensor(mesh.verts), o3d.core.Tensor(mesh.tris))
-        rays, spans = [], []
+        n_rays = (self.n_cam_rays if cameras else 0) + (len(self.lidar_dirs) if lidar else 0)
+        ray_arr = np.empty((n_rays, 6), np.float32)
+        start = 0
         if cameras:
             for cam, dirs in zip(self.rig.cameras, self.cam_dirs):
-                T = T_odom_base @ cam.T_base_cam
-                d = dirs @ T[:3, :3].T
-                rays.append(np.concatenate([np.broadcast_to(T[:3, 3], d.shape), d], 1))
-                spans.append(len(d))
+                start = self._fill_rays(ray_arr, start, T_odom_base @ cam.T_base_cam, dirs)
         if lidar:
-            T = T_odom_base @ self.rig.lidar.T_base_lidar
-            d = self.lidar_dirs @ T[:3, :3].T
-            rays.append(np.concatenate([np.broadcast_to(T[:3, 3], d.shape), d], 1))
-            spans.append(len(d))
+            self._fill_rays(ray_arr, start, T_odom_base @ self.rig.lidar.T_base_lidar, self.lidar_dirs)
         images, depth, semantic, instance = {}, {}, {}, {}
         scan, labels, inst_pts = None, np.zeros(0, np.uint8), np.zeros(0, np.int32)
-        if rays:
-            ray_arr = np.concatenate(rays).astype(np.float32)
+        if n_rays:
             hit = scene.cast_rays(o3d.core.Tensor(ray_arr))
             t_hit = hit["t_hit"].numpy()
             prim = hit["primitive_ids"].numpy().astype(np.int64)
@@ -360,57 +358,101 @@ class Renderer:
         occ = mask_cam = mask_lidar = None
         if occupancy:
             occ = self.occupancy(t, T_odom_base)
+            # Free space: voxels whose centre lies before the first hit of the ray through it (tables built
+            # once per rig); surfaces: the voxels holding the hit points themselves.
             if cameras:
                 mask_cam = np.zeros(occ.size, bool)
-                for cam, (vox, pix, z) in zip(self.rig.cameras, self.cam_tables):
+                for cam, dirs, (vox, pix, z) in zip(self.rig.cameras, self.cam_dirs, self.cam_tables):
                     dp = depth[cam.name].ravel()
                     seen = z <= dp[pix] + SEAM
                     mask_cam[vox[seen]] = True
+                    hit = np.isfinite(dp)
+                    self._mark(mask_cam, dirs[hit] * dp[hit, None], cam.T_base_cam)
                 mask_cam = mask_cam.reshape(occ.shape)
             if lidar:
                 vox, ray, r = self.lidar_table
                 mask_lidar = np.zeros(occ.size, bool)
                 mask_lidar[vox[r <= self._last_range[ray] + SEAM]] = True
+                T = self.rig.lidar.T_base_lidar
+                self._mark(mask_lidar, scan.xyz, T)
                 mask_lidar = mask_lidar.reshape(occ.shape)
         return T_odom_base, RenderOutput(images, depth, semantic, instance, scan, labels, inst_pts, occ, mask_cam,
                                          mask_lidar)
+
+    def _sky(self, cam) -> np.ndarray:
+        """Sky colours (H*W, 3) float32 for a camera: a vertical gradient, cached."""
+        if cam.name not in self._sky_cache:
+            H, W = cam.height, cam.width
+            rows = np.repeat(np.arange(H, dtype=np.float32) / max(H - 1, 1), W)
+            self._sky_cache[cam.name] = np.stack([0.43 + 0.35 * rows, 0.62 + 0.25 * rows, 0.86 + 0.08 * rows], 1)
+        return self._sky_cache[cam.name]
+
+    @staticmethod
+    def _fill_rays(buf: np.ndarray, start: int, T: np.ndarray, dirs: np.ndarray) -> int:
+        """Write rays (origin, direction) of `dirs` (N, 3) float32 (sensor frame) posed by T into buf[start:]."""
+        n = len(dirs)
+        out = buf[start:start + n]
+        out[:, :3] = T[:3, 3].astype(np.float32)
+        R = T[:3, :3].astype(np.float32)
+        for k in range(3):
+            np.multiply(dirs[:, 0], R[k, 0], out=out[:, 3 + k])
+            out[:, 3 + k] += dirs[:, 1] * R[k, 1]
+            out[:, 3 + k] += dirs[:, 2] * R[k, 2]
+        return start + n
+
+    def _mark(self, flat_mask: np.ndarray, pts: np.ndarray, T_base_sensor: np.ndarray) -> None:
+        """Set the voxels of `flat_mask` (X*Y*Z,) that hold points (N, 3) float32 given in a sensor frame."""
+        g = self.grid
+        X, Y, Z = g.shape
+        R, t = T_base_sensor[:3, :3].astype(np.float32), T_base_sensor[:3, 3]
+        idx = []
+        for k in range(3):
+            coord = pts[:, 0] * R[k, 0] + pts[:, 1] * R[k, 1] + pts[:, 2] * R[k, 2]
+            idx.append(np.floor((coord + np.float32(t[k] - g.lower[k])) * np.float32(1 / g.voxel_size)).astype(np.int64))
+        ix, iy, iz = idx
+        ok = (ix >= 0) & (ix < X) & (iy >= 0) & (iy < Y) & (iz >= 0) & (iz < Z)
+        flat_mask[((ix[ok] * Y + iy[ok]) * Z + iz[ok])] = True
 
     def _shade(self, cam, rays, t_hit, prim, normals, mesh: MeshSet):
         H, W = cam.height, cam.width
         hit = np.isfinite(t_hit)
         p = prim[hit]
-        d = rays[hit, 3:]
-        pts = rays[hit, :3] + d * t_hit[hit, None]
+        r = rays[hit]
+        th = t_hit[hit]
         n = normals[hit]
-        n = np.where((np.sum(n * d, 1) > 0)[:, None], -n, n)
+        facing = n[:, 0] * r[:, 3] + n[:, 1] * r[:, 4] + n[:, 2] * r[:, 5]
+        sun = SUN.astype(np.float32)
+        n_dot_sun = n[:, 0] * sun[0] + n[:, 1] * sun[1] + n[:, 2] * sun[2]
+        n_dot_sun = np.where(facing > 0, -n_dot_sun, n_dot_sun)   # normals toward the viewer
         cls = mesh.cls[p]
-        lambert = 0.45 + 0.55 * np.clip(n @ SUN.astype(np.float32), 0, 1)
+        lambert = 0.45 + 0.55 * np.clip(n_dot_sun, 0, 1)
+        x = r[:, 0] + r[:, 3] * th
+        y = r[:, 1] + r[:, 4] * th
+        z = r[:, 2] + r[:, 5] * th
         # Deterministic world-space texture: a hash of the 0.3 m cell of the hit point.
-        cell = np.floor(pts / 0.3).astype(np.int64)
-        h = (cell[:, 0] * 73856093) ^ (cell[:, 1] * 19349663) ^ (cell[:, 2] * 83492791)
-        noise = ((h & 0xFFFF).astype(np.float32) / 65535.0 - 0.5) * 2 * TEXTURE_AMPLITUDE[cls]
+        h = ((np.floor(x * (1 / 0.3)).astype(np.int64) * 73856093) ^ (np.floor(y * (1 / 0.3)).astype(np.int64) * 19349663)
+             ^ (np.floor(z * (1 / 0.3)).astype(np.int64) * 83492791))
+        noise = ((h & 0xFFFF).astype(np.float32) * (2 / 65535.0) - 1.0) * TEXTURE_AMPLITUDE[cls]
         rgb = mesh.rgb[p] * (lambert * (1 + noise))[:, None]
         # Dashed centre lines on roads (outside junctions).
-        road = cls == CLS["driveable_surface"]
-        if road.any():
+        road = np.flatnonzero(cls == CLS["driveable_surface"])
+        if road.size:
             g = self.world.ground
-            x, y = pts[:, 0], pts[:, 1]
-            in_x = np.zeros(len(x), bool)
-            in_y = np.zeros(len(x), bool)
+            rx, ry = x[road], y[road]
+            in_x = np.zeros(road.size, bool)
+            in_y = np.zeros(road.size, bool)
             for c in g.road_x:
-                in_x |= np.abs(x - c) < ROAD_HALF_WIDTH
+                in_x |= np.abs(rx - c) < ROAD_HALF_WIDTH
             for c in g.road_y:
-                in_y |= np.abs(y - c) < ROAD_HALF_WIDTH
-            mark = np.zeros(len(x), bool)
+                in_y |= np.abs(ry - c) < ROAD_HALF_WIDTH
+            mark = np.zeros(road.size, bool)
             for c in g.road_x:
-                mark |= (np.abs(x - c) < 0.12) & ~in_y & (np.mod(y, 6.0) < 3.0)
+                mark |= (np.abs(rx - c) < 0.12) & ~in_y & (np.mod(ry, 6.0) < 3.0)
             for c in g.road_y:
-                mark |= (np.abs(y - c) < 0.12) & ~in_x & (np.mod(x, 6.0) < 3.0)
-            rgb[road & mark] = 0.85 * lambert[road & mark, None]
-        image = np.empty((H * W, 3), np.float32)
-        rows = np.repeat(np.arange(H, dtype=np.float32) / max(H - 1, 1), W)
-        sky = np.stack([0.43 + 0.35 * rows, 0.62 + 0.25 * rows, 0.86 + 0.08 * rows], 1)
-        image[:] = sky
+                mark |= (np.abs(ry - c) < 0.12) & ~in_x & (np.mod(rx, 6.0) < 3.0)
+            sel = road[mark]
+            rgb[sel] = 0.85 * lambert[sel, None]
+        image = self._sky(cam).copy()
         image[hit] = rgb
         image = (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8).reshape(H, W, 3)
         depth = t_hit.astype(np.float32).reshape(H, W)
