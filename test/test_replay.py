@@ -1,0 +1,167 @@
+"""vg_ros.replay + vg_ros.report: scoring of an output bag against the simulator's ground truth (exact on
+perfect and on known-degraded outputs), the pipelines over a real simulated bag, the JSON contract, the
+report folder, and one-line errors."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from sim_bags import sim_bag
+from vg_ros.bag import BagReader, BagWriter, typestore
+from vg_ros.convert import (
+    array_to_image, make_header, matrix_to_odometry, msg_to_expression, msg_to_voxel_grid, pose_stamped_to_matrix,
+    stamp_of, xyz_fields_to_pointcloud2,
+)
+from vg_ros.geometry import make_T, voxel_centers
+from vg_ros.replay import format_summary, main, public, replay, score_bags
+from vg_ros.types import FREE_CLASS
+
+SEED, SECONDS = 5, 2.0
+FRAMES = 20
+
+
+@pytest.fixture(scope="module")
+def bag():
+    return sim_bag(SEED, SECONDS)
+
+
+def write_outputs(bag, out, *, pose_error=None, box_shift=0.0, drop_every=0, lose_class=None):
+    """An output bag built from the ground truth: perfect unless told how to degrade it."""
+    store = typestore()
+    Point32, Polygon = store.types["geometry_msgs/msg/Point32"], store.types["geometry_msgs/msg/Polygon"]
+    PolygonStamped = store.types["geometry_msgs/msg/PolygonStamped"]
+    with BagReader(bag) as src, BagWriter(out, overwrite=True) as dst:
+        for topic, _, _, msg in src.messages(["/gt/occupancy", "/gt/ego_pose", "/gt/grounding"]):
+            stamp = stamp_of(msg)
+            if topic == "/gt/occupancy":
+                sem, grid, _, _ = msg_to_voxel_grid(msg)
+                if lose_class is not None:
+                    sem = np.where(sem == lose_class, FREE_CLASS, sem).astype(np.uint8)
+                occ = sem != FREE_CLASS
+                dst.write("/occupancy/voxels", stamp, xyz_fields_to_pointcloud2(
+                    voxel_centers(grid)[occ], {"label": sem[occ], "confidence": np.ones(occ.sum(), np.float32)},
+                    stamp_ns=stamp, frame_id="base_link", flavor="rosbags"))
+            elif topic == "/gt/ego_pose":
+                T = pose_stamped_to_matrix(msg)
+                if pose_error is not None:
+                    T = T @ make_T(None, pose_error(stamp))
+                dst.write("/odometry", stamp, matrix_to_odometry(T, np.eye(6), stamp_ns=stamp, flavor="rosbags"))
+            else:
+                expr = msg_to_expression(msg)
+                k = (stamp - src.start_ns) // 100_000_000
+                if (drop_every and k % drop_every == 0) or not expr.mask.any():
+                    points, mask = [], np.zeros_like(expr.mask)
+                else:
+                    x0, y0, x1, y1 = expr.box
+                    w = (x1 - x0) * box_shift
+                    points = [Point32(x0 + w, y0, 0.9), Point32(x1 + w, y0, 0.9), Point32(x1 + w, y1, 0.9),
+                              Point32(x0 + w, y1, 0.9)]
+                    mask = expr.mask
+                dst.write("/grounding/box", stamp, PolygonStamped(header=make_header(stamp, "cam", "rosbags"),
+                                                                  polygon=Polygon(points=points)))
+                dst.write("/grounding/mask", stamp, array_to_image(mask.astype(np.uint8) * 255, "mono8",
+                                                                   stamp_ns=stamp, flavor="rosbags"))
+    return out
+
+
+def test_scores_of_perfect_outputs(bag, tmp_path):
+    scores = score_bags(bag, write_outputs(bag, tmp_path / "perfect.mcap"), grounding_image_topic=
+                        "/cameras/CAM_FRONT/image_raw")
+    occ, odo, gro = scores["occupancy"], scores["odometry"], scores["grounding"]
+    assert occ["frames"] == occ["gt_frames"] == FRAMES and occ["coverage"] == 1.0
+    assert occ["miou"] == pytest.approx(100.0) and occ["iou"] == pytest.approx(100.0)
+    assert odo["frames"] == FRAMES and odo["ate_m"] < 1e-6 and odo["drift_pct"] < 1e-6 and odo["path_m"] > 1.0
+    assert gro["frames"] == gro["gt_frames"] == FRAMES - gro["gt_target_not_visible"] and gro["camera"] == "CAM_FRONT"
+    assert gro["gt_frames"] >= 5 and gro["found_when_not_visible"] == 0
+    assert gro["prec_at_05"] == 1.0 and gro["miou"] == pytest.approx(1.0) and gro["found_rate"] == 1.0
+
+
+def test_scores_of_degraded_outputs_are_the_expected_numbers(bag, tmp_path):
+    with BagReader(bag) as src:
+        sem, _, mask, _ = msg_to_voxel_grid(next(m for _, _, _, m in src.messages(["/gt/occupancy"])))
+    classes = [c for c in np.unique(sem[mask]) if c != FREE_CLASS]
+    lost = int(classes[0])
+    out = write_outputs(bag, tmp_path / "bad.mcap", pose_error=lambda s: [0.3, 0.0, 0.0], box_shift=0.5,
+                        drop_every=2, lose_class=lost)
+    scores = score_bags(bag, out, grounding_image_topic="/cameras/CAM_FRONT/image_raw")
+    occ, odo, gro = scores["occupancy"], scores["odometry"], scores["grounding"]
+    # one class predicted free everywhere: its IoU is 0, every other class stays 100
+    assert occ["per_class"][__import__("vg_ros.types").types.OCC_CLASSES[lost]] == 0.0
+    present = [v for v in occ["per_class"].values() if v is not None]
+    assert occ["miou"] == pytest.approx(100.0 * (len(present) - 1) / len(present))
+    assert occ["iou"] < 100.0
+    # a constant 0.3 m offset along the body x axis: after alignment at most 0.3 m, drift near 0.3 m / path
+    assert 0.0 < odo["ate_m"] <= 0.3 + 1e-9
+    # half the frames not found (IoU 0); the others shifted by half a box width: IoU = 1/3 < 0.5
+    assert gro["found_rate"] == pytest.approx(0.5, abs=0.06)
+    assert gro["prec_at_05"] == 0.0
+    assert gro["miou"] == pytest.approx(gro["found_rate"], abs=1e-9)  # masks are exact where found
+
+
+def test_replay_over_a_simulated_drive(bag, tmp_path):
+    out = tmp_path / "replay.mcap"
+    result = replay(bag, out)
+    clean = json.loads(json.dumps(public(result)))
+    for key in ("occupancy", "odometry", "grounding", "realtime_factor", "sensor_seconds", "wall_seconds"):
+        assert key in clean
+    assert clean["sensor_seconds"] == pytest.approx(1.9, abs=0.05) and clean["wall_seconds"] > 0
+    with BagReader(bag) as src:
+        lidar_stamps = sorted(stamp_of(m) for _, _, _, m in src.messages(["/lidar/points"]))
+    with BagReader(out) as rec:
+        outputs = rec.topics
+        written = {t: sorted(stamp_of(m) for _, _, _, m in rec.messages([t])) for t in outputs}
+    expectations = {
+        "occupancy": (("/occupancy/grid", "nav_msgs/msg/OccupancyGrid"), ("/occupancy/voxels", "sensor_msgs/msg/PointCloud2")),
+        "odometry": (("/odometry", "nav_msgs/msg/Odometry"), ("/lidar/pose", "geometry_msgs/msg/PoseStamped")),
+        "grounding": (("/grounding/mask", "sensor_msgs/msg/Image"), ("/grounding/box", "geometry_msgs/msg/PolygonStamped")),
+    }
+    available = 0
+    for section, topics in expectations.items():
+        sec = clean[section]
+        if sec.get("available") is False:
+            assert sec["reason"], section  # says why, and the others still ran
+            continue
+        available += 1
+        for topic, msgtype in topics:
+            assert outputs[topic][0] == msgtype
+            assert set(written[topic]) <= set(lidar_stamps), f"{topic} carries stamps no input had"
+        assert sec["latency_ms"]["p50"] > 0 and sec["latency_ms"]["p50"] <= sec["latency_ms"]["p99"]
+        assert sec["frames"] >= 1 and 0 < sec["coverage"] <= 1.0
+    if clean["occupancy"].get("available") is not False:
+        assert written["/occupancy/voxels"] == lidar_stamps       # every camera set, its own stamp
+        assert 0.0 <= clean["occupancy"]["miou"] <= 100.0
+    if clean["odometry"].get("available") is not False:
+        assert clean["odometry"]["frames"] >= FRAMES - 1
+        assert clean["odometry"]["ate_m"] < 0.5                    # 2 s of driving
+    if clean["grounding"].get("available") is not False:
+        assert written["/grounding/box"] == lidar_stamps           # one answer per command-camera image
+    assert "real-time factor" in format_summary(result)
+    print(f"replay over {SECONDS} s: {available} pipeline(s) available; {format_summary(result)}")
+
+
+def test_cli_json_report_and_errors(bag, tmp_path, capsys):
+    from vg_ros.cli import UserError
+    out = write_outputs(bag, tmp_path / "perfect.mcap")
+    from vg_ros.report import write_report
+    result = {"occupancy": {"latency_ms": {"p50": 1.0, "p90": 2.0, "p99": 3.0}}, "sensor_seconds": 1.9,
+              "wall_seconds": 1.0, "realtime_factor": 1.9}
+    from vg_ros.replay import merge_scores
+    merge_scores(result, score_bags(bag, out))
+    index = write_report(tmp_path / "report", bag, out, result, title="test report")
+    page = index.read_text()
+    for png in ("bev.png", "trajectory.png", "grounding.png"):
+        assert (tmp_path / "report" / png).stat().st_size > 5000 and png in page
+    assert "mIoU 100.00 %" in page
+    assert json.loads((tmp_path / "report" / "result.json").read_text())["occupancy"]["miou"] == pytest.approx(100)
+
+    assert main([str(bag), "--out", str(tmp_path / "r.mcap"), "--json", "--pipelines", "grounding"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["occupancy"]["available"] is False and "not requested" in printed["occupancy"]["reason"]
+    with pytest.raises(UserError, match="does not exist"):
+        main([str(tmp_path / "missing.mcap"), "--out", str(tmp_path / "x.mcap")])
+    with pytest.raises(UserError, match="must differ"):
+        main([str(bag), "--out", str(bag)])
+    with pytest.raises(UserError, match="exists already"):
+        main([str(bag), "--out", str(out)])

@@ -1,0 +1,753 @@
+"""`vg-ros replay`: the offline path — all three pipelines over a rosbag2, no DDS, outputs into a bag, scored.
+
+    vg-ros replay drive.mcap --out replay_out.mcap [--report DIR] [--json]
+
+Messages are read in log-time order and handed to one stage per pipeline, each configured exactly as its
+node (the node's own parameter defaults, then its section of `config/perception.yaml`): the occupancy
+stage synchronises the rig's cameras with the node's approximate-time policy (`ApproxTimeSync`), the
+registration stage runs LiDAR odometry scan by scan, the grounding stage follows `/command` and the
+command camera. Each stage writes the messages its node publishes (same topics, same types, the input's
+header stamp) into OUT.mcap:
+
+    /occupancy/grid      nav_msgs/OccupancyGrid       /occupancy/voxels  sensor_msgs/PointCloud2 (x,y,z,label,confidence)
+    /odometry            nav_msgs/Odometry            /lidar/pose        geometry_msgs/PoseStamped
+    /grounding/mask      sensor_msgs/Image mono8      /grounding/box     geometry_msgs/PolygonStamped (score in z)
+    /grounding/position  geometry_msgs/PointStamped
+
+(`/occupancy/markers` and `/lidar/registered` are visualisation only and not written.)
+
+`score_bags(input, output)` then scores an output bag — this one, or one the demo recorded from the live
+nodes — against the input's `/gt/*` topics, matching by header stamp: occupancy mIoU / IoU (Occ3D, camera
+mask), odometry ATE (aligned) and drift %, grounding Prec@0.5 and mask mIoU. Scores are over the frames
+that have an output; `coverage` says how many of the ground-truth frames that is. Grounding ground truth
+whose target is out of view (empty mask) is not scored but counted (`gt_target_not_visible`, and how
+often the node still claimed a target: `found_when_not_visible`). A pipeline that cannot
+run (weights missing, module absent) gets `{"available": false, "reason": ...}` and the others still run.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import importlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from vg_ros.types import FREE_CLASS
+
+PIPELINES = ("occupancy", "registration", "grounding")
+# pipeline -> its section in the result (the JSON contract calls the registration section "odometry")
+SECTIONS = {"occupancy": "occupancy", "registration": "odometry", "grounding": "grounding"}
+
+# Topic parameters a stage reads from its node's parameters (these defaults apply until the node module exists).
+STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "occupancy": {
+        "image_topic_pattern": "/cameras/{name}/image_raw", "camera_info_topic_pattern": "/cameras/{name}/camera_info",
+        "cameras": [], "grid_topic": "/occupancy/grid", "voxels_topic": "/occupancy/voxels",
+        "sync_slop": 0.05, "sync_queue": 10, "missing_camera_timeout": 0.5,
+    },
+    "registration": {"points_topic": "/lidar/points", "odometry_topic": "/odometry", "pose_topic": "/lidar/pose",
+                     "odom_frame": "odom"},
+    "grounding": {"image_topic": "/cameras/CAM_FRONT/image_raw", "camera_info_topic": "/cameras/CAM_FRONT/camera_info",
+                  "command_topic": "/command", "points_topic": "/lidar/points", "mask_topic": "/grounding/mask",
+                  "box_topic": "/grounding/box", "position_topic": "/grounding/position", "max_cloud_age": 0.15},
+}
+GT_TOPICS = {"occupancy": "/gt/occupancy", "odometry": "/gt/ego_pose", "grounding": "/gt/grounding"}
+
+
+class PipelineUnavailable(Exception):
+    """A pipeline cannot run here (module or weights missing): its section says why, the rest runs."""
+
+
+# --------------------------------------------------------------------------------------------- settings
+
+
+def node_class(capability: str):
+    """The node class of `capability` (a PerceptionNode subclass), or None when its module is absent."""
+    from vg_ros.up import NODES
+    module_name = NODES[capability][1]
+    if importlib.util.find_spec(module_name) is None:
+        return None
+    module = importlib.import_module(module_name)
+    from vg_ros.nodes.base import PerceptionNode
+    for value in vars(module).values():
+        if isinstance(value, type) and issubclass(value, PerceptionNode) and value.__module__ == module_name:
+            return value
+    return None
+
+
+def node_settings(capability: str, config_path: str | Path | None = None) -> tuple[Any, dict]:
+    """(pipeline config, node parameters) for `capability`, resolved as the node resolves them:
+    node defaults, then its section of the YAML. Raises PipelineUnavailable when the node is absent."""
+    from vg_ros.config import load_section, split_params
+    from vg_ros.nodes.base import COMMON_PARAMS
+    from vg_ros.up import NODES
+
+    try:
+        cls = node_class(capability)
+    except Exception as exc:  # noqa: BLE001 - an import error of a pipeline module: say which
+        raise PipelineUnavailable(f"{NODES[capability][1]} does not import: {type(exc).__name__}: {exc}") from None
+    if cls is None:
+        raise PipelineUnavailable(f"{NODES[capability][1]} is not in this installation")
+    params = {k: v for k, (v, _) in COMMON_PARAMS.items()}
+    params.update(STAGE_DEFAULTS[capability])
+    params.update({k: v for k, (v, _) in cls.node_params.items()})
+    section = load_section(config_path, NODES[capability][0])
+    cfg = None
+    if cls.config_cls is not None:
+        cfg_values, rest = split_params(section, cls.config_cls)
+        cfg = cls.config_cls.from_dict(cfg_values)
+        for f in dataclasses.fields(cfg):
+            if f.name in params:
+                params[f.name] = getattr(cfg, f.name)
+    else:
+        rest = section
+    params.update(rest)
+    return cfg, params
+
+
+def latency_ms(seconds: list[float]) -> dict:
+    if not seconds:
+        return {"p50": None, "p90": None, "p99": None, "mean": None}
+    ms = np.asarray(seconds) * 1000.0
+    return {"p50": float(np.percentile(ms, 50)), "p90": float(np.percentile(ms, 90)),
+            "p99": float(np.percentile(ms, 99)), "mean": float(ms.mean())}
+
+
+# ----------------------------------------------------------------------------------------------- stages
+
+
+class Stage:
+    """One pipeline over the bag: `topics` it reads, `feed()` per message, `finish()` at the end."""
+
+    name = ""
+
+    def __init__(self, params: dict, writer: Any) -> None:
+        self.params = params
+        self.writer = writer
+        self.seconds: list[float] = []
+        self.frames = 0
+        from vg_ros.nodes.base import DropCounter, StampGuard
+        import logging
+        self.drops = DropCounter(logging.getLogger(f"vg_ros.replay.{self.name}"), log_period_s=30.0)
+        self.stamps = StampGuard(self.drops)
+        self.topics: set[str] = set()
+
+    def feed(self, topic: str, msg: Any) -> None:
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        pass
+
+    def timed(self, fn: Callable[[], Any]) -> Any:
+        start = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            self.seconds.append(time.perf_counter() - start)
+
+    def summary(self) -> dict:
+        return {"available": True, "frames_out": self.frames, "latency_ms": latency_ms(self.seconds),
+                "busy_seconds": float(sum(self.seconds)), **self.drops.snapshot()}
+
+
+class OccupancyStage(Stage):
+    name = "occupancy"
+
+    def __init__(self, cfg: Any, params: dict, writer: Any, rig: Any, extrinsics: Any, device: str) -> None:
+        super().__init__(params, writer)
+        try:
+            from vg_ros.occupancy.pipeline import OccupancyPipeline, bev_occupancy
+            self.pipeline = OccupancyPipeline(cfg, weights=params.get("weights", "default"), device=device)
+        except (ImportError, FileNotFoundError, OSError, ValueError, RuntimeError) as exc:
+            raise PipelineUnavailable(f"{type(exc).__name__}: {exc}") from None
+        from vg_ros.nodes.base import ApproxTimeSync
+        self.cfg = cfg
+        self.bev = bev_occupancy
+        self.extrinsics = extrinsics
+        names = list(params.get("cameras") or [c.name for c in rig.cameras])
+        self.cameras = names
+        self.image_topics = [str(params["image_topic_pattern"]).format(name=n) for n in names]
+        self.info_topics = [str(params["camera_info_topic_pattern"]).format(name=n) for n in names]
+        self.topics = set(self.image_topics) | set(self.info_topics)
+        self.infos: dict[str, Any] = {}
+        self.sync = ApproxTimeSync(len(names), self._on_set, slop_s=float(params["sync_slop"]),
+                                   queue_size=int(params["sync_queue"]),
+                                   partial_timeout_s=float(params["missing_camera_timeout"]) or None,
+                                   min_topics=1, drops=self.drops, names=self.image_topics)
+        writer.add_topic(params["grid_topic"], "nav_msgs/msg/OccupancyGrid")
+        writer.add_topic(params["voxels_topic"], "sensor_msgs/msg/PointCloud2")
+
+    def feed(self, topic: str, msg: Any) -> None:
+        from vg_ros.convert import stamp_of
+        if topic in self.info_topics:
+            self.infos[self.cameras[self.info_topics.index(topic)]] = msg
+            return
+        if self.stamps.accept(topic, stamp_of(msg)):
+            self.sync.add(self.image_topics.index(topic), msg, stamp_of(msg))
+
+    def finish(self) -> None:
+        self.sync.flush(2**62)
+
+    def _camera(self, index: int, image_msg: Any):
+        from vg_ros.convert import camera_info_to_model
+        name = self.cameras[index]
+        T_base_cam, _ = self.extrinsics.lookup(image_msg.header.frame_id or name)
+        info = self.infos.get(name)
+        if info is not None:
+            return camera_info_to_model(info, name=name, T_base_cam=T_base_cam)
+        cam = self.extrinsics.rig.camera(name)
+        return dataclasses.replace(cam, T_base_cam=T_base_cam)
+
+    def _on_set(self, *images: Any) -> None:
+        from vg_ros.convert import (
+            array_to_occupancy_grid, image_to_rgb, stamp_of, xyz_fields_to_pointcloud2,
+        )
+        from vg_ros.geometry import voxel_centers
+        from vg_ros.types import CameraFrame
+        present = [(i, m) for i, m in enumerate(images) if m is not None]
+        stamp = stamp_of(present[0][1])
+        try:
+            frames = [CameraFrame(self._camera(i, m), image_to_rgb(m), stamp_of(m)) for i, m in present]
+            result = self.timed(lambda: self.pipeline.infer(frames, stamp))
+        except (ValueError, KeyError) as exc:
+            self.drops.drop(f"pipeline_error:{type(exc).__name__}", f"set {stamp}: {exc}")
+            return
+        frame_id = str(self.params.get("base_frame", "base_link"))
+        bev, origin_T, resolution = self.bev(result, self.cfg.z_min, self.cfg.z_max)
+        self.writer.write(self.params["grid_topic"], stamp, array_to_occupancy_grid(
+            bev, resolution, origin_T, stamp_ns=stamp, frame_id=frame_id, flavor="rosbags"))
+        occupied = result.semantics != FREE_CLASS
+        centres = voxel_centers(result.grid)[occupied]
+        self.writer.write(self.params["voxels_topic"], stamp, xyz_fields_to_pointcloud2(
+            centres, {"label": result.semantics[occupied].astype(np.uint8),
+                      "confidence": result.confidence[occupied].astype(np.float32)},
+            stamp_ns=stamp, frame_id=frame_id, flavor="rosbags"))
+        self.frames += 1
+
+
+class RegistrationStage(Stage):
+    name = "registration"
+
+    def __init__(self, cfg: Any, params: dict, writer: Any, extrinsics: Any, device: str) -> None:
+        super().__init__(params, writer)
+        try:
+            odometry = importlib.import_module("vg_ros.registration.odometry")
+            self.odometry = odometry.LidarOdometry(cfg) if cfg is not None else odometry.LidarOdometry()
+        except (ImportError, FileNotFoundError, OSError, ValueError, RuntimeError, AttributeError) as exc:
+            raise PipelineUnavailable(f"{type(exc).__name__}: {exc}") from None
+        self.extrinsics = extrinsics
+        self.topics = {params["points_topic"]}
+        writer.add_topic(params["odometry_topic"], "nav_msgs/msg/Odometry")
+        writer.add_topic(params["pose_topic"], "geometry_msgs/msg/PoseStamped")
+        self.failed = 0
+
+    def feed(self, topic: str, msg: Any) -> None:
+        from vg_ros.convert import matrix_to_odometry, matrix_to_pose_stamped, pointcloud2_to_scan, stamp_of
+        stamp = stamp_of(msg)
+        if not self.stamps.accept(topic, stamp):
+            return
+        try:
+            scan = pointcloud2_to_scan(msg)
+            result = self.timed(lambda: self.odometry.update(scan))
+        except ValueError as exc:
+            self.drops.drop(f"pipeline_error:{type(exc).__name__}", f"scan {stamp}: {exc}")
+            return
+        if not result.converged:
+            self.failed += 1
+            self.drops.drop("not_converged", f"scan {stamp}: {result.reason}")
+            return
+        odom = str(self.params.get("odom_frame", "odom"))
+        base = str(self.params.get("base_frame", "base_link"))
+        self.writer.write(self.params["odometry_topic"], stamp, matrix_to_odometry(
+            result.pose, result.covariance, stamp_ns=stamp, frame_id=odom, child_frame_id=base, flavor="rosbags"))
+        self.writer.write(self.params["pose_topic"], stamp, matrix_to_pose_stamped(
+            result.pose, stamp_ns=stamp, frame_id=odom, flavor="rosbags"))
+        self.frames += 1
+
+
+class GroundingStage(Stage):
+    name = "grounding"
+
+    def __init__(self, cfg: Any, params: dict, writer: Any, rig: Any, extrinsics: Any, device: str) -> None:
+        super().__init__(params, writer)
+        try:
+            from vg_ros.grounding.pipeline import GroundingPipeline
+            self.pipeline = GroundingPipeline(cfg, weights=params.get("weights", "default"), device=device)
+        except (ImportError, FileNotFoundError, OSError, ValueError, RuntimeError) as exc:
+            raise PipelineUnavailable(f"{type(exc).__name__}: {exc}") from None
+        self.rig = rig
+        self.extrinsics = extrinsics
+        p = params
+        self.topics = {p["image_topic"], p["command_topic"]} | ({p["points_topic"]} if p.get("points_topic") else set()) \
+            | ({p["camera_info_topic"]} if p.get("camera_info_topic") else set())
+        self.info = None
+        self.cloud = None
+        writer.add_topic(p["mask_topic"], "sensor_msgs/msg/Image")
+        writer.add_topic(p["box_topic"], "geometry_msgs/msg/PolygonStamped")
+        writer.add_topic(p["position_topic"], "geometry_msgs/msg/PointStamped")
+        self.found = 0
+
+    def feed(self, topic: str, msg: Any) -> None:
+        p = self.params
+        if topic == p["command_topic"]:
+            try:
+                self.pipeline.set_command(msg.data)
+            except ValueError as exc:
+                self.drops.drop("bad_command", str(exc))
+            return
+        if topic == p.get("camera_info_topic"):
+            self.info = msg
+            return
+        if topic == p.get("points_topic") and topic != p["image_topic"]:
+            self.cloud = msg
+            return
+        self._on_image(msg)
+
+    def _camera(self, msg: Any, width: int, height: int):
+        from vg_ros.convert import camera_info_to_model
+        info = self.info
+        if info is not None and int(info.width) == width and int(info.height) == height:
+            return camera_info_to_model(info)
+        for cam in self.rig.cameras:
+            if msg.header.frame_id in (cam.frame_id, cam.name):
+                return cam.scaled(width, height)
+        raise KeyError(f"no intrinsics for image frame {msg.header.frame_id!r}")
+
+    def _on_image(self, msg: Any) -> None:
+        from vg_ros.convert import array_to_image, image_to_rgb, make_header, pointcloud2_to_scan, stamp_of
+        from vg_ros.bag import typestore
+        from vg_ros.types import CameraFrame
+        stamp = stamp_of(msg)
+        if not self.stamps.accept(self.params["image_topic"], stamp):
+            return
+        if self.pipeline.command is None:
+            self.drops.drop("no_command", f"image {stamp}")
+            return
+        try:
+            rgb = image_to_rgb(msg)
+            camera = self._camera(msg, rgb.shape[1], rgb.shape[0])
+            result = self.timed(lambda: self.pipeline.infer(CameraFrame(camera, rgb, stamp), stamp))
+        except (ValueError, KeyError) as exc:
+            self.drops.drop(f"pipeline_error:{type(exc).__name__}", f"image {stamp}: {exc}")
+            return
+        store = typestore()
+        frame_id = msg.header.frame_id
+        mask = (result.mask.astype(np.uint8) * 255) if result.found else np.zeros(result.mask.shape, np.uint8)
+        self.writer.write(self.params["mask_topic"], stamp,
+                          array_to_image(mask, "mono8", stamp_ns=stamp, frame_id=frame_id, flavor="rosbags"))
+        Point32, Polygon = store.types["geometry_msgs/msg/Point32"], store.types["geometry_msgs/msg/Polygon"]
+        points = []
+        if result.found:
+            x0, y0, x1, y1 = (float(v) for v in result.box)
+            z = float(result.score)
+            points = [Point32(x0, y0, z), Point32(x1, y0, z), Point32(x1, y1, z), Point32(x0, y1, z)]
+        self.writer.write(self.params["box_topic"], stamp, store.types["geometry_msgs/msg/PolygonStamped"](
+            header=make_header(stamp, frame_id, "rosbags"), polygon=Polygon(points=points)))
+        self.frames += 1
+        self.found += int(result.found)
+        cloud = self.cloud
+        if not result.found or cloud is None:
+            return
+        if abs(stamp_of(cloud) - stamp) > float(self.params.get("max_cloud_age", 0.15)) * 1e9:
+            self.drops.drop("no_matching_cloud", f"image {stamp}")
+            return
+        try:
+            T_base_cam, _ = self.extrinsics.lookup(frame_id or camera.name)
+            T_base_lidar, _ = self.extrinsics.lookup(cloud.header.frame_id)
+        except KeyError as exc:
+            self.drops.drop("no_extrinsics", str(exc))
+            return
+        position = self.pipeline.locate(result, pointcloud2_to_scan(cloud).xyz,
+                                        np.linalg.inv(T_base_cam) @ T_base_lidar, camera)
+        if position is None:
+            self.drops.drop("too_few_points_in_mask", f"image {stamp}")
+            return
+        Point = store.types["geometry_msgs/msg/Point"]
+        self.writer.write(self.params["position_topic"], stamp, store.types["geometry_msgs/msg/PointStamped"](
+            header=make_header(stamp, cloud.header.frame_id, "rosbags"), point=Point(*(float(v) for v in position))))
+
+    def summary(self) -> dict:
+        return {**super().summary(), "found": self.found}
+
+
+# ------------------------------------------------------------------------------------------------ replay
+
+
+def replay(bag: str | Path, out: str | Path, *, config: str | Path | None = None, rig: str | None = None,
+           device: str = "cpu", pipelines: tuple[str, ...] = PIPELINES, overwrite: bool = False,
+           progress: bool = False, score: bool = True) -> dict:
+    """Run the pipelines over `bag`, write their outputs into `out`, score when `/gt/*` exists.
+    Returns the `--json` object (see the module docstring)."""
+    from vg_ros.bag import BagReader, BagWriter
+    from vg_ros.nodes.base import TfOrRig
+    from vg_ros.types import Rig
+
+    unknown = sorted(set(pipelines) - set(PIPELINES))
+    if unknown:
+        raise ValueError(f"pipelines: unknown {unknown}; choose from {list(PIPELINES)}")
+    bag, out = Path(bag), Path(out)
+    if out.resolve() == bag.resolve():
+        raise ValueError("--out must differ from the input bag")
+    reader = BagReader(bag)
+    result: dict = {"bag": str(bag), "out": str(out)}
+    try:
+        writer = BagWriter(out, overwrite=overwrite)
+        stages: dict[str, Stage] = {}
+        rig_cache: dict[str, Any] = {}
+        try:
+            for name in PIPELINES:
+                if name not in pipelines:
+                    result[SECTIONS[name]] = {"available": False, "reason": "not requested (--pipelines)"}
+                    continue
+                try:
+                    cfg, params = node_settings(name, config)
+                    rig_name = str(rig or params.get("rig", "default"))
+                    if rig_name not in rig_cache:
+                        rig_cache[rig_name] = Rig.load(rig_name)
+                    rig_obj = rig_cache[rig_name]
+                    extr = TfOrRig(rig_obj, str(params.get("base_frame", "base_link")))
+                    if name == "occupancy":
+                        stages[name] = OccupancyStage(cfg, params, writer, rig_obj, extr, device)
+                    elif name == "registration":
+                        stages[name] = RegistrationStage(cfg, params, writer, extr, device)
+                    else:
+                        stages[name] = GroundingStage(cfg, params, writer, rig_obj, extr, device)
+                except PipelineUnavailable as exc:
+                    result[SECTIONS[name]] = {"available": False, "reason": str(exc)}
+            topics = set().union(*(s.topics for s in stages.values())) if stages else set()
+            in_bag = set(reader.topics)
+            wanted = sorted((topics | {"/tf_static"}) & in_bag)
+            for name, stage in stages.items():
+                if not stage.topics & in_bag:
+                    result[SECTIONS[name]] = {"available": False,
+                                    "reason": f"the bag has none of its input topics {sorted(stage.topics)}"}
+            total = sum(reader.topics[t][1] for t in wanted)
+            bar = _progress(total, "replay", progress)
+            wall0 = time.perf_counter()
+            for topic, _, _, msg in reader.messages(wanted) if wanted else ():
+                if topic == "/tf_static":
+                    for stage in stages.values():
+                        extr = getattr(stage, "extrinsics", None)
+                        if extr is not None:
+                            extr.add_transforms(msg.transforms)
+                for stage in stages.values():
+                    if topic in stage.topics:
+                        try:
+                            stage.feed(topic, msg)
+                        except Exception as exc:  # noqa: BLE001 - as a node would: count, go on
+                            stage.drops.drop(f"callback_error:{type(exc).__name__}", f"{topic}: {exc}")
+                bar.update(1)
+            for stage in stages.values():
+                stage.finish()
+            wall = time.perf_counter() - wall0
+            bar.close()
+        finally:
+            writer.close()
+        sensor_seconds = reader.duration_s
+    finally:
+        reader.close()
+    for name, stage in stages.items():
+        if SECTIONS[name] not in result:
+            summary = stage.summary()
+            busy = summary["busy_seconds"]
+            summary["realtime_factor"] = sensor_seconds / busy if busy > 0 else None
+            result[SECTIONS[name]] = summary
+    result["sensor_seconds"] = sensor_seconds
+    result["wall_seconds"] = wall
+    result["realtime_factor"] = sensor_seconds / wall if wall > 0 else None
+    if score:
+        merge_scores(result, score_bags(bag, out))
+    return result
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if enabled:
+        try:
+            from tqdm import tqdm
+            return tqdm(total=total, desc=desc, unit="msg", leave=False, file=sys.stderr)
+        except ImportError:
+            pass
+
+    class _Nothing:
+        def update(self, n: int = 1) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+    return _Nothing()
+
+
+# ------------------------------------------------------------------------------------------------ scoring
+
+
+def merge_scores(result: dict, scores: dict) -> dict:
+    """Put `score_bags` output into a replay/demo result, beside each section's latency and drops."""
+    for section, values in scores.items():
+        target = result.setdefault(section, {})
+        if isinstance(target, dict):
+            target.update(values)
+    return result
+
+
+def _pred_semantics(voxel_msg: Any, grid: Any) -> np.ndarray:
+    """/occupancy/voxels (occupied voxel centres with `label`) -> semantics (X, Y, Z) on `grid`, free elsewhere."""
+    from vg_ros.convert import pointcloud2_to_structured
+    from vg_ros.geometry import voxel_indices
+    cloud = pointcloud2_to_structured(voxel_msg)
+    pred = np.full(grid.shape, FREE_CLASS, dtype=np.uint8)
+    if cloud.size == 0:
+        return pred
+    if "label" not in (cloud.dtype.names or ()):
+        raise ValueError("/occupancy/voxels has no `label` field")
+    xyz = np.stack([cloud["x"], cloud["y"], cloud["z"]], axis=1).astype(np.float64)
+    idx, inside = voxel_indices(xyz, grid)
+    idx = idx[inside]
+    pred[idx[:, 0], idx[:, 1], idx[:, 2]] = cloud["label"][inside].astype(np.uint8)
+    return pred
+
+
+def _box_of_polygon(msg: Any) -> tuple[bool, np.ndarray, float]:
+    pts = list(msg.polygon.points)
+    if not pts:
+        return False, np.zeros(4), 0.0
+    xs, ys = [p.x for p in pts], [p.y for p in pts]
+    return True, np.array([min(xs), min(ys), max(xs), max(ys)], dtype=np.float64), float(pts[0].z)
+
+
+def _grounding_image_topic() -> str:
+    """The grounding node's image topic as configured (its ground truth is scored on that camera only)."""
+    try:
+        return str(node_settings("grounding")[1]["image_topic"])
+    except (PipelineUnavailable, ValueError):
+        return str(STAGE_DEFAULTS["grounding"]["image_topic"])
+
+
+def score_bags(in_bag: str | Path, out_bag: str | Path, *, grounding_image_topic: str | None = None,
+               keep_frames: int = 0) -> dict:
+    """Score the outputs in `out_bag` against the `/gt/*` of `in_bag` (see the module docstring).
+
+    Returns {"occupancy": {...}, "odometry": {...}, "grounding": {...}} for the sections with ground
+    truth and outputs; with `keep_frames` N > 0, each section also carries the data the report draws for
+    about N evenly spaced frames (keys starting with '_')."""
+    from vg_ros.bag import BagReader
+    from vg_ros.convert import image_to_array, msg_to_expression, msg_to_voxel_grid, odometry_to_matrix
+    from vg_ros.convert import pose_stamped_to_matrix, stamp_of
+
+    with BagReader(out_bag) as out:
+        out_topics = set(out.topics)
+        pred: dict[str, dict[int, Any]] = collections.defaultdict(dict)
+        for topic, _, _, msg in out.messages(sorted(out_topics)) if out_topics else ():
+            pred[topic][stamp_of(msg)] = msg
+    scores: dict = {}
+    with BagReader(in_bag) as src:
+        gt_topics = set(src.topics)
+
+        def every(topic: str) -> int:
+            return max(1, math.ceil(src.topics[topic][1] / keep_frames)) if keep_frames else 0
+
+        # occupancy
+        if GT_TOPICS["occupancy"] in gt_topics:
+            from vg_ros.occupancy.metrics import OccupancyScore
+            acc = OccupancyScore()
+            gt_frames = 0
+            frames = []
+            keep = every(GT_TOPICS["occupancy"])
+            voxels = pred.get("/occupancy/voxels", {})
+            for _, _, _, msg in src.messages([GT_TOPICS["occupancy"]]):
+                gt_frames += 1
+                stamp = stamp_of(msg)
+                if stamp not in voxels:
+                    continue
+                sem, grid, mask_camera, _ = msg_to_voxel_grid(msg)
+                p = _pred_semantics(voxels[stamp], grid)
+                if keep and acc.frames % keep == 0:
+                    frames.append((stamp, p, sem, mask_camera, grid))
+                acc.add(p, sem, mask_camera)
+            if acc.frames:
+                r = acc.result()
+                scores["occupancy"] = {"miou": r["miou"], "iou": r["iou"], "frames": acc.frames,
+                                       "gt_frames": gt_frames, "coverage": acc.frames / max(gt_frames, 1),
+                                       "per_class": r["per_class"]}
+            else:
+                scores["occupancy"] = {"miou": None, "iou": None, "frames": 0, "gt_frames": gt_frames,
+                                       "coverage": 0.0}
+            if keep_frames:
+                scores["occupancy"]["_frames"] = frames
+
+        # odometry
+        if GT_TOPICS["odometry"] in gt_topics:
+            from vg_ros.registration.metrics import ate, rpe_drift_percent
+            gt_poses = {stamp_of(m): pose_stamped_to_matrix(m) for _, _, _, m in src.messages([GT_TOPICS["odometry"]])}
+            odo = pred.get("/odometry", {})
+            stamps = sorted(s for s in odo if s in gt_poses)
+            section: dict = {"frames": len(stamps), "gt_frames": len(gt_poses),
+                             "coverage": len(stamps) / max(len(gt_poses), 1)}
+            if len(stamps) >= 2:
+                est = np.stack([odometry_to_matrix(odo[s])[0] for s in stamps])
+                gt = np.stack([gt_poses[s] for s in stamps])
+                section.update({"ate_m": ate(est, gt), "drift_pct": rpe_drift_percent(est, gt),
+                                "path_m": float(np.sum(np.linalg.norm(np.diff(gt[:, :3, 3], axis=0), axis=1)))})
+                if keep_frames:
+                    section["_traj"] = (stamps, est, gt)
+            else:
+                section.update({"ate_m": None, "drift_pct": None})
+            scores["odometry"] = section
+
+        # grounding
+        if GT_TOPICS["grounding"] in gt_topics:
+            from vg_ros.grounding.metrics import box_iou, mask_ious
+            image_topic = grounding_image_topic or _grounding_image_topic()
+            camera = image_topic.strip("/").split("/")[1] if image_topic.startswith("/cameras/") else None
+            boxes, masks = pred.get("/grounding/box", {}), pred.get("/grounding/mask", {})
+            ious, m_ious, hops, found, frames = [], [], [], 0, []
+            keep = every(GT_TOPICS["grounding"])
+            gt_count = other_camera = invisible = found_invisible = 0
+            for _, _, _, msg in src.messages([GT_TOPICS["grounding"]]):
+                expr = msg_to_expression(msg)
+                if camera is not None and expr.camera != camera:
+                    other_camera += 1
+                    continue
+                stamp = expr.stamp_ns
+                if not expr.mask.any():  # the target left the view while its command is active: not scored
+                    invisible += 1
+                    found_invisible += int(stamp in boxes and _box_of_polygon(boxes[stamp])[0])
+                    continue
+                gt_count += 1
+                if stamp not in boxes:
+                    continue
+                ok, box, score = _box_of_polygon(boxes[stamp])
+                mask = image_to_array(masks[stamp]) > 0 if stamp in masks else np.zeros_like(expr.mask)
+                if not ok:
+                    mask = np.zeros_like(expr.mask)
+                if keep and len(ious) % keep == 0:
+                    frames.append((stamp, expr, ok, box, score, mask))
+                found += int(ok)
+                ious.append(float(box_iou(box, expr.box)) if ok else 0.0)
+                m_ious.append(float(mask_ious([mask], [expr.mask])[0]) if mask.shape == expr.mask.shape else 0.0)
+                hops.append(expr.hops)
+            section = {"frames": len(ious), "gt_frames": gt_count, "coverage": len(ious) / max(gt_count, 1),
+                       "found_rate": found / max(len(ious), 1), "gt_on_other_cameras": other_camera,
+                       "gt_target_not_visible": invisible, "found_when_not_visible": found_invisible,
+                       "camera": camera}
+            if ious:
+                ious_a, m_a, hops_a = np.asarray(ious), np.asarray(m_ious), np.asarray(hops)
+                section.update({
+                    "prec_at_05": float((ious_a >= 0.5).mean()), "miou": float(m_a.mean()),
+                    "by_hops": {int(h): {"prec_at_05": float((ious_a[hops_a == h] >= 0.5).mean()),
+                                         "miou": float(m_a[hops_a == h].mean()), "count": int((hops_a == h).sum())}
+                                for h in np.unique(hops_a)}})
+            else:
+                section.update({"prec_at_05": None, "miou": None})
+            if keep_frames:
+                section["_frames"] = frames
+            scores["grounding"] = section
+    return scores
+
+
+# ----------------------------------------------------------------------------------------------- output
+
+
+def _fmt(value: Any, spec: str = ".2f", unit: str = "") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:{spec}}{unit}"
+
+
+def summary_rows(result: dict) -> list[tuple[str, str, str, str]]:
+    """(pipeline, scores, latency p50/p90/p99, frames) rows for the printed table."""
+    rows = []
+    for name, label in (("occupancy", "occupancy"), ("odometry", "odometry"), ("grounding", "grounding")):
+        sec = result.get(name) or {}
+        if sec.get("available") is False:
+            rows.append((label, f"unavailable: {sec.get('reason', '?')}", "", ""))
+            continue
+        if name == "occupancy":
+            score = f"mIoU {_fmt(sec.get('miou'))} %  IoU {_fmt(sec.get('iou'))} %"
+        elif name == "odometry":
+            score = f"ATE {_fmt(sec.get('ate_m'), '.3f')} m  drift {_fmt(sec.get('drift_pct'))} %"
+        else:
+            p = sec.get("prec_at_05")
+            m = sec.get("miou")
+            score = (f"Prec@0.5 {_fmt(None if p is None else 100 * p, '.1f')} %  "
+                     f"mIoU {_fmt(None if m is None else 100 * m, '.1f')} %")
+        lat = sec.get("latency_ms") or {}
+        latency = f"{_fmt(lat.get('p50'), '.0f')}/{_fmt(lat.get('p90'), '.0f')}/{_fmt(lat.get('p99'), '.0f')} ms"
+        frames = f"{sec.get('frames', 0)}/{sec.get('gt_frames', '?')}"
+        rows.append((label, score, latency, frames))
+    return rows
+
+
+def format_summary(result: dict, title: str = "vg-ros replay") -> str:
+    rows = [("pipeline", "score", "latency p50/p90/p99", "frames scored/GT")] + summary_rows(result)
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = [title]
+    for k, row in enumerate(rows):
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+        if k == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    rtf = result.get("realtime_factor")
+    lines.append(f"sensor {result.get('sensor_seconds', 0):.1f} s in {result.get('wall_seconds', 0):.1f} s wall: "
+                 f"real-time factor {_fmt(rtf, '.2f')}")
+    return "\n".join(lines)
+
+
+def public(result: dict) -> dict:
+    """`result` without the per-frame data (keys starting with '_'), JSON-ready."""
+    if isinstance(result, dict):
+        return {k: public(v) for k, v in result.items() if not str(k).startswith("_")}
+    if isinstance(result, (list, tuple)):
+        return [public(v) for v in result]
+    if isinstance(result, (np.floating, np.integer)):
+        return result.item()
+    if isinstance(result, float) and math.isnan(result):
+        return None
+    return result
+
+
+def main(argv: list[str]) -> int:
+    """`vg-ros replay BAG --out OUT.mcap [--report DIR] [--json]`."""
+    from vg_ros.cli import UserError
+    parser = argparse.ArgumentParser(prog="vg-ros replay", description=(
+        "Run the occupancy, odometry and grounding pipelines over a rosbag2 offline (no DDS), write their "
+        "outputs as the nodes' messages into --out, and score them against the bag's /gt topics."))
+    parser.add_argument("bag", help="input rosbag2 (e.g. from `vg-ros sim`)")
+    parser.add_argument("--out", required=True, help="output rosbag2 (mcap directory)")
+    parser.add_argument("--report", default=None, help="write an HTML report with PNGs into this folder")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument("--config", default=None, help="ROS params file (default config/perception.yaml)")
+    parser.add_argument("--rig", default=None, help="rig name or YAML (default: the nodes' `rig` parameter)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
+    parser.add_argument("--pipelines", nargs="+", default=list(PIPELINES), choices=PIPELINES)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: all cores)")
+    parser.add_argument("--force", action="store_true", help="replace --out if it exists")
+    args = parser.parse_args(argv)
+    if args.threads < 0:
+        raise UserError(f"--threads {args.threads}: must be >= 0")
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+        import torch
+        torch.set_num_threads(args.threads)
+    try:
+        result = replay(args.bag, args.out, config=args.config, rig=args.rig, device=args.device,
+                        pipelines=tuple(args.pipelines), overwrite=args.force, progress=not args.json)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    if args.report:
+        from vg_ros.report import write_report
+        index = write_report(args.report, args.bag, args.out, result, title="vg-ros replay")
+        result["report"] = str(index)
+    if args.json:
+        print(json.dumps(public(result), sort_keys=True))
+    else:
+        print(format_summary(result))
+        if args.report:
+            print(f"report: {result['report']}")
+    return 0
