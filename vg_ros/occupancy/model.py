@@ -50,10 +50,10 @@ class TPVConfig:
     tpv_shape: tuple[int, int, int] = (100, 100, 8)
     upsample: int = 2
     pillar_points: tuple[int, int, int] = (4, 8, 8)  # ICA reference points for the xy, xz, yz queries
-    points_per_anchor: int = 2  # ICA sampling points per reference point and level
-    cross_view_anchors: int = 4  # CVHA reference points along a query's pillar
-    cross_view_points: int = 4  # CVHA sampling points per plane
-    num_hcab: int = 2
+    points_per_anchor: int = 1  # ICA sampling points per reference point and level
+    cross_view_anchors: int = 2  # CVHA reference points along a query's pillar
+    cross_view_points: int = 2  # CVHA sampling points per plane
+    num_hcab: int = 1
     num_hab: int = 1
     ffn_ratio: int = 2
     num_classes: int = NUM_OCC_CLASSES
@@ -101,7 +101,7 @@ MODEL_CONFIGS: dict[str, TPVConfig] = {
     "tiny": TPVConfig(),
     # The paper's "small" layout (100x100x8 planes upsampled x2) with a wider encoder at the rig's 480x270.
     "small": TPVConfig(name="small", image_size=(480, 270), backbone_channels=(32, 64, 128, 256),
-                       backbone_blocks=(2, 2, 2, 2), fpn_levels=4, embed_dim=64, num_heads=8,
+                       backbone_blocks=(2, 2, 2, 2), fpn_levels=4, embed_dim=64, num_heads=8, points_per_anchor=2,
                        pillar_points=(4, 16, 16), cross_view_anchors=4, cross_view_points=8,
                        num_hcab=3, num_hab=2),
     # The paper's base structure: 200x200x16 planes, C = 128, 8 heads, 3 HCAB + 2 HAB, pillars [4, 32, 32].
