@@ -61,7 +61,7 @@ def _text(batch: int, length: int = 6, seed: int = 0):
 
 
 def test_spec_validation_and_configs():
-    assert spec_by_name("tiny").grid == (9, 16)
+    assert spec_by_name("tiny").grid == (11, 20)
     base = spec_by_name("base")
     assert (base.img_h, base.img_w, base.width, base.depth) == (448, 448, 768, 12)
     with pytest.raises(ValueError, match="patch"):
@@ -334,3 +334,124 @@ def test_locate_median_of_points_in_mask(pipeline):
     # a mask at half resolution still maps points correctly
     half = GroundingResult(1, "x", True, 0.9, result.box, mask[::2, ::2])
     assert np.linalg.norm(pipeline.locate(half, points, np.eye(4), camera) - [0.1, 0.05, 10.0]) < 0.1
+
+
+# -- data, training loop, evaluation (a stand-in simulator: two coloured boxes per image) ---------------------
+
+def _fake_simulate(seed, seconds, rig=None, *, every=1, lidar=False, occupancy=False, expressions=3, **_):
+    from types import SimpleNamespace
+    from vg_ros.types import Expression
+    rng = np.random.default_rng(seed)
+    for tick in range(0, int(seconds * 10), every):
+        image = np.full((270, 480, 3), 90, np.uint8)
+        exprs = []
+        x_left, x_right = int(rng.integers(20, 150)), int(rng.integers(280, 400))
+        for inst, (x0, colour, word) in enumerate([(x_left, (220, 30, 30), "red"), (x_right, (30, 60, 220), "blue")], 1):
+            y0 = int(rng.integers(60, 180))
+            image[y0:y0 + 40, x0:x0 + 60] = colour
+            mask = np.zeros((270, 480), bool)
+            mask[y0:y0 + 40, x0:x0 + 60] = True
+            side = "left" if inst == 1 else "right"
+            exprs.append(Expression(f"the {word} car on the {side}", "CAM_FRONT", inst,
+                                    np.array([x0, y0, x0 + 60, y0 + 40.0]), mask, hops=inst - 1))
+        yield SimpleNamespace(images={"CAM_FRONT": image}, expressions=exprs[:expressions])
+
+
+@pytest.fixture(scope="module")
+def fake_splits(encoder):
+    from vg_ros import sim
+    from vg_ros.grounding import data
+    mp = pytest.MonkeyPatch()
+    mp.setattr(sim, "simulate", _fake_simulate, raising=False)
+    try:
+        train = data.render_split([0, 1], 1.0, 4, (32, 64), encoder, log=lambda *_: None, every=2)
+        full = data.render_split([7], 0.4, 4, None, encoder, log=lambda *_: None, every=2)
+    finally:
+        mp.undo()
+    return train, full
+
+
+def test_mirror_text_and_seeds():
+    from vg_ros.grounding.data import mirror_text, parse_seeds
+    assert mirror_text("The car left of the bus, Rightmost") == "The car right of the bus, Leftmost"
+    assert mirror_text("the leftmost red cone") == "the rightmost red cone"
+    assert parse_seeds("0-3,7") == [0, 1, 2, 3, 7]
+    with pytest.raises(ValueError):
+        parse_seeds("3-1")
+    with pytest.raises(ValueError):
+        parse_seeds("a")
+
+
+def test_render_split_layout(fake_splits, tmp_path):
+    from vg_ros.grounding.data import GroundingSplit
+    train, full = fake_splits
+    assert train.images.shape == (10, 32, 64, 3) and len(train) == 20 and full.size == (270, 480)
+    assert set(train.texts) >= {"the red car on the left", "the blue car on the right", "the red car on the right"}
+    i = 0
+    assert train.texts[train.mirror_index[i]] == train.texts[train.text_index[i]].replace("left", "right")
+    # the other-object control pairs each expression with the other instance of the same image
+    assert (train.instance[train.other] != train.instance).all()
+    assert (train.expr_image[train.other] == train.expr_image).all()
+    # the resized mask lies inside its normalised box
+    m = train.masks(0)
+    ys, xs = np.nonzero(m)
+    x0, y0, x1, y1 = train.boxes[0] * [64, 32, 64, 32]
+    assert xs.min() >= np.floor(x0) - 1 and xs.max() <= np.ceil(x1) and ys.min() >= np.floor(y0) - 1
+    feats, valid = train.text_batch(train.text_index[:3])
+    assert feats.shape[0] == 3 and valid[:, 0].all()
+    train.save(tmp_path / "s.npz")
+    again = GroundingSplit.load(tmp_path / "s.npz")
+    assert np.array_equal(again.masks(np.arange(3)), train.masks(np.arange(3)))
+
+
+def test_flip_augmentation_keeps_box_mask_and_text_consistent(fake_splits):
+    from vg_ros.grounding.train import make_batch
+    train, _ = fake_splits
+    batch = make_batch(train, np.arange(len(train)), np.random.default_rng(3), augment=True)
+    for b in range(len(train)):
+        ys, xs = np.nonzero(batch["masks"][b].numpy())
+        cx, cy, w, h = batch["boxes"][b].numpy() * [64, 32, 64, 32]
+        assert abs((xs.min() + xs.max() + 1) / 2 - cx) <= 1.5 and abs((ys.min() + ys.max() + 1) / 2 - cy) <= 1.5
+        # the red box stays red wherever flipping moved it
+        red = batch["images"][b, 0].numpy()[ys, xs].mean() > 0.6
+        assert red == (train.instance[b] == 1)
+
+
+def test_train_loop_and_evaluation_report(fake_splits):
+    from vg_ros.grounding.evaluate import evaluate_split, format_report
+    from vg_ros.grounding.train import train
+    train_split, full = fake_splits
+    model, history = train(train_split, steps=3, minutes=1, batch=4, spec=SMALL, log=lambda *_: None)
+    assert history["steps"] == 3 and np.isfinite(history["final_loss"])
+    # evaluation resizes full-size images to the model and scores at full size
+    result = evaluate_split(model, full, log=lambda *_: None)
+    assert result["count"] == len(full) and result["main"]["count"]["all"] == len(full)
+    assert {"phi_zero", "mismatched", "chance"} <= set(result)
+    assert result["chance"]["prec@0.5_other_object_box"] == 0.0
+    assert result["chance"]["prec@0.5_random_referred_object"] == pytest.approx(0.5)
+    assert "mismatched" in format_report(result)
+
+
+def test_ground_cli_json_png_and_errors(tmp_path, capsys):
+    import json
+    from PIL import Image
+    from vg_ros.cli import main as vg_main
+    from vg_ros.grounding.pipeline import save_weights
+    torch.manual_seed(0)
+    weights = tmp_path / "w.safetensors"
+    save_weights(VGLAW(spec_by_name("tiny")), weights)
+    image_path = tmp_path / "scene.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (270, 480, 3), dtype=np.uint8)).save(image_path)
+    png = tmp_path / "overlay.png"
+    assert vg_main(["ground", str(image_path), "the red car left of the bus", "--json", "--png", str(png),
+                    "--weights", str(weights), "--device", "cpu"]) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(record) == {"box", "score", "found", "mask_area", "seconds"} and len(record["box"]) == 4
+    assert 0 <= record["score"] <= 1 and 0 <= record["mask_area"] <= 270 * 480
+    assert np.asarray(Image.open(png)).shape == (270, 480, 3)
+    assert vg_main(["ground", str(tmp_path / "missing.png"), "the car", "--weights", str(weights)]) == 2
+    assert "no such image" in capsys.readouterr().err
+    assert vg_main(["ground", str(image_path), "   ", "--weights", str(weights)]) == 2
+    assert "command: empty" in capsys.readouterr().err
+    assert vg_main(["ground", str(image_path), "the car", "--weights", str(tmp_path / "nope.safetensors")]) == 2
+    assert "does not exist" in capsys.readouterr().err

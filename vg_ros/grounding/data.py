@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 CACHE_DIR = Path(__file__).resolve().parent.parent.parent / ".cache" / "grounding"
 FORMAT = 2
+EVERY = 5  # keep every 5th tick (0.5 s apart): neighbouring frames are near duplicates
 
 _MIRROR = {"left": "right", "right": "left", "leftmost": "rightmost", "rightmost": "leftmost",
            "lefthand": "righthand", "righthand": "lefthand"}
@@ -113,23 +114,22 @@ class GroundingSplit:
             return cls(**{k: data[k] for k in cls.__dataclass_fields__})
 
 
-def _frames(seed: int, seconds: float, expressions: int, rig: str):
-    from vg_ros import sim
-    result = sim.simulate(seed, seconds, rig, lidar=False, occupancy=False, expressions=expressions)
-    if hasattr(result, "images"):
-        return [result]
-    return result
+def _frames(seed: int, seconds: float, expressions: int, rig: str, every: int):
+    """SimFrames of one seed: cameras and expressions only (no LiDAR, no occupancy)."""
+    from vg_ros.sim import simulate
+    from vg_ros.types import Rig
+    return simulate(seed, seconds, Rig.load(rig), every=every, lidar=False, occupancy=False, expressions=expressions)
 
 
 def render_split(seeds, seconds: float, expressions: int, size: tuple[int, int] | None, encoder,
-                 rig: str = "default", log=print) -> GroundingSplit:
+                 rig: str = "default", log=print, every: int = EVERY) -> GroundingSplit:
     """Simulate `seeds`, keep every camera image that has expressions; `size` (h, w) resizes images and
     masks (None keeps full size, for evaluation)."""
     images, image_seed = [], []
     expr_image, texts_raw, boxes, masks, hops, instance = [], [], [], [], [], []
     t0 = time.time()
     for seed in seeds:
-        for frame in _frames(int(seed), seconds, expressions, rig):
+        for frame in _frames(int(seed), seconds, expressions, rig, every):
             by_camera: dict[str, list] = {}
             for expr in frame.expressions:
                 by_camera.setdefault(expr.camera, []).append(expr)
@@ -185,7 +185,7 @@ def render_split(seeds, seconds: float, expressions: int, size: tuple[int, int] 
 
 
 def cache_path(seeds, seconds: float, expressions: int, size: tuple[int, int] | None, rig: str, encoder) -> Path:
-    key = json.dumps({"seeds": [int(s) for s in seeds], "seconds": seconds, "expressions": expressions,
+    key = json.dumps({"seeds": [int(s) for s in seeds], "seconds": seconds, "expressions": expressions, "every": EVERY,
                       "size": size, "rig": rig, "text": str(encoder.model_dir), "format": FORMAT})
     digest = hashlib.sha1(key.encode()).hexdigest()[:12]
     kind = "full" if size is None else f"{size[1]}x{size[0]}"

@@ -35,12 +35,12 @@ MASK_THRESHOLD = 0.35
 class VGLAWSpec:
     """Architecture of one VG-LAW network. Input images are (3, img_h, img_w); patch must divide both."""
 
-    img_h: int = 144
-    img_w: int = 256
+    img_h: int = 176
+    img_w: int = 320
     patch: int = 16
-    width: int = 192
-    depth: int = 6
-    heads: int = 6
+    width: int = 128
+    depth: int = 4
+    heads: int = 4
     mlp_ratio: float = 4.0
     text_dim: int = 384
     groups: int = 8        # G of the grouped token attention

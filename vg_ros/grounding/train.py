@@ -22,9 +22,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vg_ros.grounding.model import VGLAW, spec_by_name, total_loss, xyxy_to_cxcywh
+from vg_ros.grounding.model import VGLAW, spec_by_name, total_loss, xyxy_to_cxcywh  # noqa: F401
 
-DEFAULT_TRAIN_SEEDS = "0-59"
+DEFAULT_TRAIN_SEEDS = "0-99"
 
 
 def make_batch(split, idx: np.ndarray, rng: np.random.Generator, augment: bool) -> dict[str, torch.Tensor]:
@@ -79,11 +79,12 @@ def lr_factor(progress: float, warmup: float) -> float:
 
 def train(split, *, config: str = "tiny", steps: int = 3000, minutes: float = 25.0, batch: int = 32,
           lr: float = 1e-3, weight_decay: float = 0.05, warmup: float = 0.05, seed: int = 0,
-          phi_zero: bool = False, device: str | torch.device = "cpu", log=print) -> tuple[VGLAW, dict]:
-    """Train a fresh model; returns (model, history {"steps", "seconds", "final_loss"})."""
+          phi_zero: bool = False, device: str | torch.device = "cpu", spec=None, log=print) -> tuple[VGLAW, dict]:
+    """Train a fresh model (`spec` overrides the named `config`); returns (model, history {"steps",
+    "seconds", "final_loss"})."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    spec = spec_by_name(config)
+    spec = spec or spec_by_name(config)
     if split.size != (spec.img_h, spec.img_w):
         raise ValueError(f"dataset images are {split.size}, the {config} model takes {(spec.img_h, spec.img_w)}")
     model = VGLAW(spec).to(device).train()
@@ -113,7 +114,8 @@ def train(split, *, config: str = "tiny", steps: int = 3000, minutes: float = 25
         opt.step()
         step += 1
         for k, v in losses.items():
-            running[k] = 0.95 * running.get(k, float(v)) + 0.05 * float(v)
+            value = float(v.detach())
+            running[k] = 0.95 * running.get(k, value) + 0.05 * value
         if step % 50 == 0 or step == 1:
             log(f"[grounding train] step {step} {time.time() - t0:6.0f} s lr {opt.param_groups[0]['lr']:.2e} "
                 + " ".join(f"{k} {v:.3f}" for k, v in running.items()))
@@ -166,10 +168,10 @@ def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="vg-ros train grounding", description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="tiny", choices=("tiny", "base"))
     ap.add_argument("--seeds", default=DEFAULT_TRAIN_SEEDS, help=f"simulator seeds to train on (default {DEFAULT_TRAIN_SEEDS})")
-    ap.add_argument("--seconds", type=float, default=2.0, help="simulated seconds per training seed")
-    ap.add_argument("--expressions", type=int, default=8, help="expressions per simulated frame")
+    ap.add_argument("--seconds", type=float, default=2.5, help="simulated seconds per training seed")
+    ap.add_argument("--expressions", type=int, default=12, help="expressions per simulated frame")
     ap.add_argument("--val-seeds", default=DEFAULT_VAL_SEEDS, help="held-out seeds scored at the end")
-    ap.add_argument("--val-seconds", type=float, default=1.0)
+    ap.add_argument("--val-seconds", type=float, default=1.5)
     ap.add_argument("--steps", type=int, default=6000, help="at most this many steps")
     ap.add_argument("--minutes", type=float, default=25.0, help="at most this much wall time for the steps")
     ap.add_argument("--batch", type=int, default=32)
