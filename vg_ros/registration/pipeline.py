@@ -55,6 +55,8 @@ class RegistrationConfig(PipelineConfig):
     refine_iterations: int = param(20, "max reweighted least-squares iterations", low=0, high=1000)
     local_refine: bool = param(True, "refine with GICP (small_gicp) on the downsampled clouds")
     gicp_max_distance: float = param(0.15, "GICP max correspondence distance (m)", low=1e-3, high=50.0)
+    max_match_normal_z: float = param(1.0, "only points with |normal z| below this are matched (0.9 drops the "
+                                      "ground, whose FPFH descriptors all look alike); 1 keeps all", low=0.0, high=1.0)
     min_inliers: int = param(10, "fewer inlier correspondences -> converged=False", low=3, high=100_000)
     min_fitness: float = param(0.05, "lower fitness (fraction of source points near the target) -> converged=False",
                                low=0.0, high=1.0)
@@ -66,7 +68,8 @@ class RegistrationConfig(PipelineConfig):
             return cls()
         if name == "lidar":
             return cls(voxel_size=0.3, normal_radius=0.9, fpfh_radius=1.5, tau=1.2, nms_radius=0.6,
-                       gicp_max_distance=1.0, max_correspondences=1500, max_points=2_000_000)
+                       gicp_max_distance=1.0, max_correspondences=1500, max_points=2_000_000,
+                       max_match_normal_z=0.9)
         raise ValueError(f"RegistrationConfig.preset: unknown preset {name!r}; choose indoor | lidar")
 
     def dims(self) -> VBRegDims:
@@ -170,6 +173,21 @@ class RegistrationPipeline:
         """points (M, 3) -> normals (M, 3), FPFH (M, 33)."""
         normals = features.estimate_normals(points, self.cfg.normal_radius)
         return normals, features.fpfh(points, normals, self.cfg.fpfh_radius, self.cfg.fpfh_max_nn)
+
+    def match(self, src_pts, src_normals, src_desc, dst_pts, dst_normals, dst_desc) -> np.ndarray:
+        """Putative correspondences (K, 2) [source row, target row], restricted to points whose normal is
+        not (near) vertical when `max_match_normal_z` < 1; falls back to all points if too few remain."""
+        cfg = self.cfg
+        src_keep = np.abs(src_normals[:, 2]) < cfg.max_match_normal_z if cfg.max_match_normal_z < 1 else None
+        dst_keep = np.abs(dst_normals[:, 2]) < cfg.max_match_normal_z if cfg.max_match_normal_z < 1 else None
+        if src_keep is None or src_keep.sum() < 30 or dst_keep.sum() < 30:
+            src_keep = np.ones(len(src_pts), bool)
+            dst_keep = np.ones(len(dst_pts), bool)
+        src_rows, dst_rows = np.nonzero(src_keep)[0], np.nonzero(dst_keep)[0]
+        pairs = features.match_descriptors(src_desc[src_rows], dst_desc[dst_rows], mutual=cfg.mutual,
+                                           max_correspondences=cfg.max_correspondences,
+                                           min_correspondences=min(cfg.max_correspondences, 100))
+        return np.stack([src_rows[pairs[:, 0]], dst_rows[pairs[:, 1]]], axis=1) if len(pairs) else pairs
 
     # ------------------------------------------------------------------------------ confidence
 
@@ -281,9 +299,7 @@ class RegistrationPipeline:
                                 f"voxelising at {cfg.voxel_size} m (need >= 3)", start)
         src_normals, src_desc = self.describe(src_pts)
         dst_normals, dst_desc = self.describe(dst_pts)
-        pairs = features.match_descriptors(src_desc, dst_desc, mutual=cfg.mutual,
-                                           max_correspondences=cfg.max_correspondences,
-                                           min_correspondences=min(cfg.max_correspondences, 100))
+        pairs = self.match(src_pts, src_normals, src_desc, dst_pts, dst_normals, dst_desc)
         if len(pairs) < 3:
             return _failure(f"only {len(pairs)} descriptor correspondences (need >= 3)", start)
         corr_src, corr_dst = src_pts[pairs[:, 0]], dst_pts[pairs[:, 1]]
@@ -305,7 +321,7 @@ class RegistrationPipeline:
         result = small_gicp.align(dst_pts, src_pts, init_T_target_source=T_init, registration_type="GICP",
                                   downsampling_resolution=self.cfg.voxel_size,
                                   max_correspondence_distance=self.cfg.gicp_max_distance, num_threads=1)
-        T_new = np.asarray(result.T_target_source)
+        T_new = np.array(result.T_target_source, dtype=np.float64, copy=True)
         if not np.isfinite(T_new).all():
             return T_init
         tree = cKDTree(dst_pts)

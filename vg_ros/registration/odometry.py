@@ -1,0 +1,262 @@
+"""LiDAR odometry: scan-to-map GICP (small_gicp Gaussian voxel map of recent scans) from a
+constant-velocity motion prior, with VBReg global re-localisation when the local refinement fails or
+lands far from the prior.
+
+    odo = LidarOdometry(OdometryConfig(), T_base_lidar=rig.lidar.T_base_lidar)
+    result = odo.update(scan)              # OdometryResult: pose = T_odom_base at scan.stamp_ns
+    odo.registered_cloud                   # (N, 3) the last scan in odom
+
+`odom` is the base frame at the first scan. A scan whose registration cannot be trusted gives
+`converged=False` (pose = the motion prior, covariance inflated) and is not added to the map.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+
+import numpy as np
+
+from vg_ros.config import PipelineConfig, param
+from vg_ros.geometry import invert_T, make_T
+from vg_ros.types import LidarScan, OdometryResult
+
+UNTRUSTED_VARIANCE = 1e4  # per-axis variance given to poses that must not be trusted
+
+
+@dataclasses.dataclass
+class OdometryConfig(PipelineConfig):
+    """Parameters of LidarOdometry (and of registration_node)."""
+
+    min_range: float = param(1.0, "drop points closer than this (m): the vehicle itself", low=0.0, high=100.0)
+    max_range: float = param(80.0, "drop points farther than this (m)", low=1.0, high=1000.0)
+    voxel_size: float = param(0.5, "scan downsampling before GICP (m)", low=0.01, high=10.0)
+    map_voxel_size: float = param(1.0, "Gaussian voxel map resolution (m)", low=0.05, high=20.0)
+    map_horizon: int = param(30, "scans a map voxel survives without being seen (LRU)", low=1, high=100_000)
+    max_correspondence_distance: float = param(2.0, "GICP max correspondence distance (m)", low=0.05, high=50.0)
+    max_iterations: int = param(30, "GICP iterations", low=1, high=1000)
+    deskew: bool = param(False, "undistort each sweep with the constant-velocity model and per-point time")
+    min_fitness: float = param(0.5, "GICP inlier fraction below this = local refinement failed", low=0.0, high=1.0)
+    max_prior_deviation: float = param(2.0, "correction vs the motion prior above this (m) = prior is off", low=0.0, high=100.0)
+    max_prior_deviation_deg: float = param(15.0, "correction vs the motion prior above this (deg) = prior is off",
+                                           low=0.0, high=180.0)
+    relocalize: bool = param(True, "run VBReg global registration against the local map when local fails")
+    relocalize_scans: int = param(5, "recent registered scans that form the re-localisation target", low=1, high=100)
+    global_preset: str = param("lidar", "RegistrationConfig preset for re-localisation", choices=("lidar", "indoor"))
+    num_threads: int = param(1, "small_gicp threads", low=1, high=64)
+
+
+def _rotation_angle_deg(R: np.ndarray) -> float:
+    return float(np.degrees(np.arccos(np.clip((np.trace(R) - 1.0) / 2.0, -1.0, 1.0))))
+
+
+def orthonormalize(T: np.ndarray) -> np.ndarray:
+    """The nearest rigid transform to T (4, 4): composing poses and velocities frame after frame
+    otherwise grows round-off exponentially (GICP keeps its initial guess's scale)."""
+    U, _, Vt = np.linalg.svd(T[:3, :3])
+    R = U @ np.diag([1.0, 1.0, np.sign(np.linalg.det(U @ Vt))]) @ Vt
+    return make_T(R, T[:3, 3])
+
+
+def deskew(points: np.ndarray, times: np.ndarray, delta: np.ndarray, period: float) -> np.ndarray:
+    """Undistort a sweep: points (N, 3) measured at times (N,) s after the stamp; `delta` (4, 4) the
+    motion over one `period` (T_prev^-1 T_curr). Each point moves by the fraction of the motion its
+    time represents, so all are expressed at the stamp."""
+    from scipy.spatial.transform import Rotation
+    frac = (np.asarray(times, np.float64) / max(period, 1e-6))[:, None]
+    rotvec = Rotation.from_matrix(delta[:3, :3]).as_rotvec()
+    R = Rotation.from_rotvec(frac * rotvec).as_matrix()  # (N, 3, 3)
+    return np.einsum("nij,nj->ni", R, points) + frac * delta[:3, 3]
+
+
+def gicp_covariance(result, num_points: int, T_odom_lidar: np.ndarray) -> np.ndarray:
+    """6x6 (x, y, z, roll, pitch, yaw) covariance in odom from small_gicp's Gauss-Newton Hessian.
+
+    small_gicp's H is over a right (sensor-frame) perturbation ordered (rotation, translation) and is
+    whitened by the point covariances; scaling by the residual variance (2 e / dof) makes it metric.
+    The adjoint of T_odom_lidar maps it to a left perturbation in odom, which base_link shares."""
+    H = np.array(result.H, dtype=np.float64, copy=True)
+    if not np.isfinite(H).all() or num_points < 7:
+        return np.eye(6) * UNTRUSTED_VARIANCE
+    dof = max(3 * int(result.num_inliers) - 6, 1)
+    sigma2 = max(2.0 * float(result.error) / dof, 1e-12)
+    reg = 1e-9 * max(np.trace(H), 1e-9)
+    cov_rt = sigma2 * np.linalg.inv(H + reg * np.eye(6))
+    perm = np.r_[3, 4, 5, 0, 1, 2]  # -> (translation, rotation)
+    cov_tr = cov_rt[np.ix_(perm, perm)]
+    R, t = T_odom_lidar[:3, :3], T_odom_lidar[:3, 3]
+    skew_t = np.array([[0, -t[2], t[1]], [t[2], 0, -t[0]], [-t[1], t[0], 0]])
+    adjoint = np.zeros((6, 6))
+    adjoint[:3, :3], adjoint[:3, 3:], adjoint[3:, 3:] = R, skew_t @ R, R
+    cov = adjoint @ cov_tr @ adjoint.T
+    return 0.5 * (cov + cov.T)
+
+
+class LidarOdometry:
+    """Scan-to-map odometry. `update(scan)` -> OdometryResult; `T_base_lidar` (4, 4) from the rig."""
+
+    def __init__(self, cfg: OdometryConfig | None = None, T_base_lidar: np.ndarray | None = None,
+                 weights: str | None = "default", device: str = "cpu") -> None:
+        import small_gicp
+        self._sg = small_gicp
+        self.cfg = cfg or OdometryConfig()
+        self.T_base_lidar = np.eye(4) if T_base_lidar is None else np.asarray(T_base_lidar, dtype=np.float64)
+        self.T_lidar_base = invert_T(self.T_base_lidar)
+        self.weights, self.device = weights, device
+        self._global = None
+        self.reset()
+
+    def reset(self) -> None:
+        self.voxelmap = self._sg.GaussianVoxelMap(self.cfg.map_voxel_size)
+        self.voxelmap.set_lru(horizon=self.cfg.map_horizon, clear_cycle=10)
+        self.T_odom_lidar: np.ndarray | None = None
+        self.velocity = np.eye(4)  # motion over one scan period, lidar frame
+        self.last_stamp_ns: int | None = None
+        self.registered_cloud = np.zeros((0, 3))
+        self.recent_clouds: collections.deque = collections.deque(maxlen=self.cfg.relocalize_scans)
+        self.poses: list[tuple[int, np.ndarray]] = []
+        self.stats = {"scans": 0, "local_ok": 0, "relocalized": 0, "failed": 0}
+
+    @property
+    def global_registration(self):
+        if self._global is None:
+            from vg_ros.registration.pipeline import RegistrationConfig, RegistrationPipeline
+            self._global = RegistrationPipeline(RegistrationConfig.preset(self.cfg.global_preset),
+                                                weights=self.weights, device=self.device)
+        return self._global
+
+    def _crop(self, xyz: np.ndarray) -> np.ndarray:
+        ranges = np.linalg.norm(xyz, axis=1)
+        keep = np.isfinite(xyz).all(axis=1) & (ranges >= self.cfg.min_range) & (ranges <= self.cfg.max_range)
+        return keep
+
+    def _align(self, source, T_init: np.ndarray):
+        return self._sg.align(self.voxelmap, source, T_init, max_correspondence_distance=self.cfg.max_correspondence_distance,
+                              num_threads=self.cfg.num_threads, max_iterations=self.cfg.max_iterations)
+
+    def _check(self, result, num_points: int, T_pred: np.ndarray) -> str:
+        fitness = result.num_inliers / max(num_points, 1)
+        if not result.converged and fitness < self.cfg.min_fitness:
+            return f"GICP did not converge (fitness {fitness:.2f})"
+        if fitness < self.cfg.min_fitness:
+            return f"fitness {fitness:.2f} < min_fitness {self.cfg.min_fitness}"
+        T = np.array(result.T_target_source, dtype=np.float64, copy=True)
+        correction = invert_T(T_pred) @ T
+        if np.linalg.norm(correction[:3, 3]) > self.cfg.max_prior_deviation:
+            return f"correction {np.linalg.norm(correction[:3, 3]):.2f} m from the motion prior > max_prior_deviation"
+        if _rotation_angle_deg(correction[:3, :3]) > self.cfg.max_prior_deviation_deg:
+            return f"correction {_rotation_angle_deg(correction[:3, :3]):.1f} deg from the motion prior"
+        return ""
+
+    def update(self, scan: LidarScan) -> OdometryResult:
+        """Register one sweep (points in the LiDAR frame) and return T_odom_base at its stamp."""
+        start = time.perf_counter()
+        cfg = self.cfg
+        xyz = np.asarray(scan.xyz)
+        if xyz.ndim != 2 or xyz.shape[1] < 3:
+            raise ValueError(f"LidarScan.xyz: expected (N, 3), got shape {xyz.shape}")
+        stamp = int(scan.stamp_ns)
+        if self.last_stamp_ns is not None and stamp <= self.last_stamp_ns:
+            raise ValueError(f"LidarScan.stamp_ns {stamp} is not after the last scan's {self.last_stamp_ns}")
+        self.stats["scans"] += 1
+        keep = self._crop(xyz[:, :3])
+        points = np.asarray(xyz[keep, :3], dtype=np.float64)
+        predicted = None if self.T_odom_lidar is None else self.T_odom_lidar @ self._velocity_for(stamp)
+        if len(points) < 10:
+            return self._fail(stamp, predicted, f"only {len(points)} usable points in the scan", start)
+        if cfg.deskew and scan.time is not None and self.T_odom_lidar is not None:
+            period = self._period(stamp)
+            points = deskew(points, np.asarray(scan.time)[keep], self._velocity_for(stamp), period)
+        source, _ = self._sg.preprocess_points(points, downsampling_resolution=cfg.voxel_size, num_neighbors=10,
+                                               num_threads=cfg.num_threads)
+        if source.size() < 10:
+            return self._fail(stamp, predicted, f"only {source.size()} points after downsampling", start)
+        if self.T_odom_lidar is None:
+            T = self.T_base_lidar.copy()  # odom = base_link at the first scan
+            cov = np.eye(6) * 1e-9
+            self._accept(stamp, T, source, points)
+            self.stats["local_ok"] += 1
+            return OdometryResult(stamp, T @ self.T_lidar_base, cov, True, time.perf_counter() - start)
+        result = self._align(source, predicted)
+        reason = self._check(result, source.size(), predicted)
+        how = "local"
+        if reason and cfg.relocalize:
+            relocalized = self._relocalize(points, source, predicted)
+            if relocalized is not None:
+                result, reason, how = relocalized, "", "relocalized"
+            else:
+                reason = f"{reason}; global re-localisation failed too"
+        if reason:
+            return self._fail(stamp, predicted, reason, start)
+        T = orthonormalize(np.array(result.T_target_source, dtype=np.float64, copy=True))
+        cov = gicp_covariance(result, source.size(), T)
+        self._accept(stamp, T, source, points, keep_velocity=how != "local")
+        self.stats["local_ok" if how == "local" else "relocalized"] += 1
+        return OdometryResult(stamp, T @ self.T_lidar_base, cov, True, time.perf_counter() - start,
+                              reason="" if how == "local" else "re-localised by VBReg")
+
+    def _period(self, stamp: int) -> float:
+        if self.last_stamp_ns is None or len(self.poses) < 2:
+            return 0.1
+        return max((self.poses[-1][0] - self.poses[-2][0]) / 1e9, 1e-3)
+
+    def _velocity_for(self, stamp: int) -> np.ndarray:
+        """The constant-velocity prior scaled to the gap since the last scan (dropped scans widen it)."""
+        if self.last_stamp_ns is None or len(self.poses) < 2:
+            return self.velocity
+        period_ns = self.poses[-1][0] - self.poses[-2][0]
+        gap_ns = stamp - self.last_stamp_ns
+        if period_ns <= 0 or abs(gap_ns - period_ns) < 0.1 * period_ns:
+            return self.velocity
+        from scipy.spatial.transform import Rotation
+        frac = gap_ns / period_ns
+        R = Rotation.from_rotvec(Rotation.from_matrix(self.velocity[:3, :3]).as_rotvec() * frac).as_matrix()
+        return make_T(R, self.velocity[:3, 3] * frac)
+
+    def _relocalize(self, points: np.ndarray, source, predicted: np.ndarray):
+        """VBReg of the scan against the local map (in the predicted LiDAR frame), then GICP from there."""
+        if not self.recent_clouds:
+            return None
+        map_odom = np.concatenate(list(self.recent_clouds))
+        if len(map_odom) < 10:
+            return None
+        T_pred_odom = invert_T(predicted)
+        map_local = map_odom @ T_pred_odom[:3, :3].T + T_pred_odom[:3, 3]
+        crop = np.linalg.norm(map_local, axis=1) <= self.cfg.max_range
+        found = self.global_registration.register(points, map_local[crop])
+        if not found.converged:
+            return None
+        T_init = predicted @ found.transform
+        result = self._align(source, T_init)
+        fitness = result.num_inliers / max(source.size(), 1)
+        if fitness < self.cfg.min_fitness:
+            return None
+        return result
+
+    def _accept(self, stamp: int, T_odom_lidar: np.ndarray, source, points: np.ndarray,
+                keep_velocity: bool = False) -> None:
+        """Make T_odom_lidar the current pose, update the velocity (unless the jump came from
+        re-localisation, which is not motion) and add the scan to the map."""
+        if self.T_odom_lidar is not None and not keep_velocity:
+            self.velocity = orthonormalize(invert_T(self.T_odom_lidar) @ T_odom_lidar)
+            gap = stamp - (self.last_stamp_ns or stamp)
+            if self.poses and len(self.poses) >= 2:
+                period = self.poses[-1][0] - self.poses[-2][0]
+                if period > 0 and gap > 0 and abs(gap - period) > 0.1 * period:
+                    from scipy.spatial.transform import Rotation
+                    frac = period / gap
+                    R = Rotation.from_rotvec(Rotation.from_matrix(self.velocity[:3, :3]).as_rotvec() * frac).as_matrix()
+                    self.velocity = make_T(R, self.velocity[:3, 3] * frac)
+        self.T_odom_lidar = T_odom_lidar
+        self.last_stamp_ns = stamp
+        self.poses.append((stamp, T_odom_lidar @ self.T_lidar_base))
+        self.voxelmap.insert(source, T_odom_lidar)
+        self.registered_cloud = points @ T_odom_lidar[:3, :3].T + T_odom_lidar[:3, 3]
+        self.recent_clouds.append(np.asarray(source.points())[:, :3] @ T_odom_lidar[:3, :3].T + T_odom_lidar[:3, 3])
+
+    def _fail(self, stamp: int, predicted: np.ndarray | None, reason: str, start: float) -> OdometryResult:
+        self.stats["failed"] += 1
+        pose_lidar = predicted if predicted is not None else (self.T_odom_lidar if self.T_odom_lidar is not None
+                                                               else self.T_base_lidar)
+        return OdometryResult(stamp, pose_lidar @ self.T_lidar_base, np.eye(6) * UNTRUSTED_VARIANCE, False,
+                              time.perf_counter() - start, reason=reason)
