@@ -59,6 +59,10 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
                   "command_topic": "/command", "points_topic": "/lidar/points", "mask_topic": "/grounding/mask",
                   "box_topic": "/grounding/box", "position_topic": "/grounding/position", "max_cloud_age": 0.15},
 }
+# The pipeline config of each node, used directly while a node module is absent.
+CONFIG_CLASSES = {"occupancy": ("vg_ros.occupancy.pipeline", "OccupancyConfig"),
+                  "registration": ("vg_ros.registration.odometry", "OdometryConfig"),
+                  "grounding": ("vg_ros.grounding.pipeline", "GroundingConfig")}
 GT_TOPICS = {"occupancy": "/gt/occupancy", "odometry": "/gt/ego_pose", "grounding": "/gt/grounding"}
 
 
@@ -85,25 +89,27 @@ def node_class(capability: str):
 
 def node_settings(capability: str, config_path: str | Path | None = None) -> tuple[Any, dict]:
     """(pipeline config, node parameters) for `capability`, resolved as the node resolves them:
-    node defaults, then its section of the YAML. Raises PipelineUnavailable when the node is absent."""
+    node defaults, then its section of the YAML. While the node module is absent, its pipeline's config
+    class and STAGE_DEFAULTS stand in. Raises PipelineUnavailable when the pipeline does not import."""
     from vg_ros.config import load_section, split_params
     from vg_ros.nodes.base import COMMON_PARAMS
     from vg_ros.up import NODES
 
     try:
         cls = node_class(capability)
+        module_name, class_name = CONFIG_CLASSES[capability]
+        config_cls = cls.config_cls if cls is not None else getattr(importlib.import_module(module_name), class_name)
     except Exception as exc:  # noqa: BLE001 - an import error of a pipeline module: say which
-        raise PipelineUnavailable(f"{NODES[capability][1]} does not import: {type(exc).__name__}: {exc}") from None
-    if cls is None:
-        raise PipelineUnavailable(f"{NODES[capability][1]} is not in this installation")
+        raise PipelineUnavailable(f"{capability} does not import: {type(exc).__name__}: {exc}") from None
     params = {k: v for k, (v, _) in COMMON_PARAMS.items()}
     params.update(STAGE_DEFAULTS[capability])
-    params.update({k: v for k, (v, _) in cls.node_params.items()})
+    if cls is not None:
+        params.update({k: v for k, (v, _) in cls.node_params.items()})
     section = load_section(config_path, NODES[capability][0])
     cfg = None
-    if cls.config_cls is not None:
-        cfg_values, rest = split_params(section, cls.config_cls)
-        cfg = cls.config_cls.from_dict(cfg_values)
+    if config_cls is not None:
+        cfg_values, rest = split_params(section, config_cls)
+        cfg = config_cls.from_dict(cfg_values)
         for f in dataclasses.fields(cfg):
             if f.name in params:
                 params[f.name] = getattr(cfg, f.name)
@@ -239,10 +245,11 @@ class RegistrationStage(Stage):
     def __init__(self, cfg: Any, params: dict, writer: Any, extrinsics: Any, device: str) -> None:
         super().__init__(params, writer)
         try:
-            odometry = importlib.import_module("vg_ros.registration.odometry")
-            self.odometry = odometry.LidarOdometry(cfg) if cfg is not None else odometry.LidarOdometry()
-        except (ImportError, FileNotFoundError, OSError, ValueError, RuntimeError, AttributeError) as exc:
+            self.odometry_cls = importlib.import_module("vg_ros.registration.odometry").LidarOdometry
+        except (ImportError, AttributeError) as exc:
             raise PipelineUnavailable(f"{type(exc).__name__}: {exc}") from None
+        self.cfg = cfg
+        self.odometry = None  # built at the first scan, with base_link <- its frame from /tf_static or the rig
         self.extrinsics = extrinsics
         self.topics = {params["points_topic"]}
         writer.add_topic(params["odometry_topic"], "nav_msgs/msg/Odometry")
@@ -256,8 +263,11 @@ class RegistrationStage(Stage):
             return
         try:
             scan = pointcloud2_to_scan(msg)
+            if self.odometry is None:
+                T_base_lidar, _ = self.extrinsics.lookup(msg.header.frame_id)
+                self.odometry = self.odometry_cls(self.cfg, T_base_lidar=T_base_lidar)
             result = self.timed(lambda: self.odometry.update(scan))
-        except ValueError as exc:
+        except (ValueError, KeyError) as exc:
             self.drops.drop(f"pipeline_error:{type(exc).__name__}", f"scan {stamp}: {exc}")
             return
         if not result.converged:
@@ -667,7 +677,8 @@ def summary_rows(result: dict) -> list[tuple[str, str, str, str]]:
     for name, label in (("occupancy", "occupancy"), ("odometry", "odometry"), ("grounding", "grounding")):
         sec = result.get(name) or {}
         if sec.get("available") is False:
-            rows.append((label, f"unavailable: {sec.get('reason', '?')}", "", ""))
+            reason = str(sec.get("reason", "?"))
+            rows.append((label, "unavailable: " + (reason if len(reason) <= 90 else reason[:87] + "..."), "", ""))
             continue
         if name == "occupancy":
             score = f"mIoU {_fmt(sec.get('miou'))} %  IoU {_fmt(sec.get('iou'))} %"
