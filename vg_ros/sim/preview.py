@@ -52,9 +52,10 @@ def camera_grid(images: Mapping[str, np.ndarray] | Sequence[np.ndarray], columns
     return np.concatenate(rows, 0)
 
 
-def bev_image(semantics: np.ndarray, scale: int = 2) -> np.ndarray:
+def bev_image(semantics: np.ndarray, scale: int = 2, ego: bool = True) -> np.ndarray:
     """Bird's-eye view of semantic occupancy (X, Y, Z) uint8 (17 = free): the top-most occupied class of each
-    column in OCC_PALETTE colours. Forward (+x) is up, left (+y) is left; ego at the centre (white marker).
+    column in OCC_PALETTE colours. Forward (+x) is up, left (+y) is left; ego at the centre (a white marker
+    when `ego`).
     Returns (X * scale, Y * scale, 3) uint8."""
     sem = np.asarray(semantics)
     if sem.ndim != 3:
@@ -67,6 +68,8 @@ def bev_image(semantics: np.ndarray, scale: int = 2) -> np.ndarray:
     img = rgb[::-1, ::-1]  # row 0 = max x (front), column 0 = max y (left)
     img = np.repeat(np.repeat(img, scale, 0), scale, 1)
     img = np.ascontiguousarray(img)
+    if not ego:
+        return img
     c = (img.shape[1] // 2, img.shape[0] // 2)
     cv2.rectangle(img, (c[0] - 2 * scale, c[1] - 4 * scale), (c[0] + 2 * scale, c[1] + 4 * scale), (255, 255, 255), -1)
     return img

@@ -19,8 +19,8 @@ CLS = {name: i for i, name in enumerate(OCC_CLASSES)}
 
 # Saturated, well separated colours so that colour words are learnable (CLEVR-like).
 COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (210, 30, 30), "green": (30, 165, 50), "blue": (35, 70, 215), "yellow": (235, 205, 25),
-    "white": (235, 235, 235), "black": (28, 28, 30), "gray": (125, 125, 128), "orange": (250, 125, 10),
+    "red": (210, 30, 30), "green": (30, 165, 50), "blue": (35, 70, 215), "yellow": (240, 220, 20),
+    "white": (235, 235, 235), "black": (28, 28, 30), "gray": (125, 125, 128), "orange": (255, 110, 0),
 }
 COLOUR_NAMES: tuple[str, ...] = tuple(COLOURS)
 

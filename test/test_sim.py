@@ -1,0 +1,174 @@
+"""The simulator's acceptance tests: geometry consistency between cameras, LiDAR and occupancy; unique
+referring expressions with masks inside boxes; determinism down to bag bytes; clear CLI errors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from vg_ros.geometry import invert_T, project_points, transform_points, voxel_indices
+from vg_ros.sim import COLOURS, SimFrame, make_world, simulate
+from vg_ros.sim.core import get_renderer
+from vg_ros.sim.language import VisibleObject, describe, mask_box, resolve, visible_objects
+from vg_ros.types import FREE_CLASS, Rig
+
+
+@pytest.fixture(scope="module")
+def frames() -> list[SimFrame]:
+    """Two ticks of two worlds (seeds 1 and 2), one second apart."""
+    out = []
+    for seed in (1, 2):
+        out += list(simulate(seed, 1.1, every=10, expressions=4))
+    return out
+
+
+def _lidar_in_base(f: SimFrame) -> np.ndarray:
+    return transform_points(f.rig.lidar.T_base_lidar, f.lidar.xyz.astype(np.float64))
+
+
+def test_world_is_deterministic_and_attributes_are_named():
+    a, b, c = make_world(7), make_world(7), make_world(8)
+    key = lambda w: [(o.kind, o.instance_id, o.colour, o.size, o.pose, o.dimensions) for o in w.objects]  # noqa: E731
+    assert key(a) == key(b)
+    assert key(a) != key(c)
+    things = [o for o in a.objects if o.instance_id]
+    assert len({o.instance_id for o in things}) == len(things)
+    assert {o.kind for o in things} >= {"car", "truck", "pedestrian", "cyclist", "cone", "barrier", "pole"}
+    assert {o.colour for o in things} <= set(COLOURS) and {o.size for o in things} == {"small", "large"}
+    assert any(o.moving for o in a.objects) and any(not o.moving for o in things)
+    # colour words are learnable: every pair of named colours is far apart in RGB
+    rgb = np.array(list(COLOURS.values()), float)
+    dist = np.linalg.norm(rgb[:, None] - rgb[None], axis=2) + np.eye(len(rgb)) * 1e3
+    assert dist.min() > 90
+
+
+def test_ego_drives_a_smooth_path_at_3_to_15_mps():
+    w = make_world(3)
+    t = np.arange(0, 60, 0.1)
+    xy = np.array([w.T_odom_base(s)[:2, 3] for s in t])
+    speed = np.linalg.norm(np.diff(xy, axis=0), axis=1) / 0.1
+    assert 3.0 <= speed.min() and speed.max() <= 15.0
+    yaw = np.unwrap([np.arctan2(w.T_odom_base(s)[1, 0], w.T_odom_base(s)[0, 0]) for s in t])
+    assert np.abs(np.diff(yaw)).max() < 0.25           # no jumps in heading
+    assert abs(yaw[-1] - yaw[0]) > np.pi / 2            # and it does turn
+
+
+def test_frame_contents(frames):
+    f = frames[0]
+    rig = f.rig
+    assert list(f.images) == [c.name for c in rig.cameras]
+    for cam in rig.cameras:
+        assert f.images[cam.name].shape == (cam.height, cam.width, 3) and f.images[cam.name].dtype == np.uint8
+        assert f.depth[cam.name].dtype == np.float32 and f.instance[cam.name].dtype == np.int32
+        sky = ~np.isfinite(f.depth[cam.name])
+        assert sky.any() and np.all(f.semantic[cam.name][sky] == FREE_CLASS)
+        assert np.all(f.semantic[cam.name][~sky] < FREE_CLASS)
+    n = len(f.lidar.xyz)
+    assert 15_000 < n <= rig.lidar.beams * rig.lidar.points_per_ring
+    assert f.lidar.ring.dtype == np.uint16 and f.lidar.ring.max() < rig.lidar.beams
+    assert f.lidar.time.dtype == np.float32 and 0 <= f.lidar.time.min() and f.lidar.time.max() < 0.1
+    assert f.lidar_labels.shape == (n,) and f.lidar_instance.shape == (n,)
+    assert f.occupancy.shape == (200, 200, 16) and f.mask_camera.shape == f.mask_lidar.shape == (200, 200, 16)
+    assert f.stamp_ns == 1_700_000_000 * 10**9 and frames[1].stamp_ns - f.stamp_ns == 10**9
+    classes = set(np.unique(f.occupancy).tolist())
+    assert {11, 13, FREE_CLASS} <= classes       # road, sidewalk and free at least
+
+
+def test_lidar_agrees_with_camera_depth(frames):
+    for f in frames:
+        pts = _lidar_in_base(f)
+        for cam in f.rig.cameras:
+            uv, d, ok = project_points(cam.K, invert_T(cam.T_base_cam), pts, cam.width, cam.height)
+            assert ok.sum() > 500, cam.name
+            pix = np.floor(uv[ok]).astype(int)
+            rendered = f.depth[cam.name][pix[:, 1], pix[:, 0]]
+            rel = np.abs(rendered - d[ok]) / d[ok]
+            assert np.median(rel) < 0.02, (cam.name, np.median(rel))
+
+
+def test_lidar_returns_fall_in_occupied_voxels_of_their_class(frames):
+    for f in frames:
+        idx, inside = voxel_indices(_lidar_in_base(f), f.grid)
+        occ = f.occupancy[idx[inside, 0], idx[inside, 1], idx[inside, 2]]
+        assert (occ == f.lidar_labels[inside]).mean() >= 0.95
+        # every return's voxel was reached by the LiDAR; most are also seen by some camera
+        assert f.mask_lidar[idx[inside, 0], idx[inside, 1], idx[inside, 2]].all()
+        assert f.mask_camera[idx[inside, 0], idx[inside, 1], idx[inside, 2]].mean() > 0.5
+
+
+def test_solid_objects_and_masks(frames):
+    f = frames[0]
+    world, _ = get_renderer(1, f.rig)
+    T_base_odom = invert_T(f.T_odom_base)
+    # a static car near the ego is a solid block: its centre voxel (at half height) is a car voxel
+    checked = 0
+    for o in world.objects:
+        if o.kind == "car" and not o.moving:
+            c = transform_points(T_base_odom, np.array([[o.pose[0], o.pose[1], 0.55]]))
+            idx, inside = voxel_indices(c, f.grid)
+            if inside[0] and np.abs(c[0, :2]).max() < 30:
+                assert f.occupancy[tuple(idx[0])] == 4
+                checked += 1
+    assert checked > 0
+    # free voxels ahead of the ego are observed; voxels below the road are not
+    assert f.mask_camera[112, 100, 5] and f.mask_lidar[112, 100, 5]   # 5 m ahead, 1 m up
+    assert not f.mask_camera[100, 100, 0] and not f.mask_lidar[100, 100, 0]
+
+
+def test_expressions_are_unique_and_masks_lie_in_boxes(frames):
+    hops = []
+    for f in frames:
+        world, _ = get_renderer(1 if f is frames[0] or f is frames[1] else 2, f.rig)
+        assert 1 <= len(f.expressions) <= 4
+        for e in f.expressions:
+            objs = visible_objects(world, f.instance[e.camera], f.depth[e.camera])
+            assert resolve(objs, e.text) == [e.instance_id], e.text
+            ys, xs = np.nonzero(e.mask)
+            assert xs.size >= 150
+            assert xs.min() >= e.box[0] and xs.max() < e.box[2] and ys.min() >= e.box[1] and ys.max() < e.box[3]
+            assert np.array_equal(e.mask, f.instance[e.camera] == e.instance_id) and e.stamp_ns == f.stamp_ns
+            hops.append(e.hops)
+    assert set(hops) >= {0, 1}
+
+
+def _obj(iid, kind, colour, size, cx, depth):
+    return VisibleObject(iid, kind, colour, size, 500, np.array([cx - 10, 50, cx + 10, 80.0]), cx, depth)
+
+
+def test_language_relations_and_mixture():
+    objs = [_obj(1, "car", "red", "small", 100, 10), _obj(2, "car", "red", "small", 300, 20),
+            _obj(3, "pedestrian", "blue", "large", 200, 15), _obj(4, "cone", "orange", "small", 400, 8)]
+    rng = np.random.default_rng(0)
+    seen_hops = []
+    for _ in range(200):
+        for target in objs:
+            res = describe(objs, target, rng)
+            assert res is not None
+            text, hops = res
+            assert resolve(objs, text) == [target.instance_id], text
+            seen_hops.append(hops)
+    frac = np.bincount(seen_hops, minlength=3) / len(seen_hops)
+    assert abs(frac[0] - 0.4) < 0.1 and abs(frac[1] - 0.4) < 0.1 and abs(frac[2] - 0.2) < 0.1
+    # the two red cars are told apart only by a relation or a superlative
+    assert resolve(objs, "the red car") == [1, 2]
+    assert resolve(objs, "the red car to the left of the person") == [1]
+    assert resolve(objs, "the farthest red vehicle") == [2]
+    assert resolve(objs, "the automobile behind the man walking") == [2]
+    assert mask_box(np.zeros((4, 4), bool)).tolist() == [0, 0, 0, 0]
+
+
+def test_flags_skip_work_and_arrays_repeat():
+    rig = Rig.load("default")
+    a = next(simulate(4, 0.1, rig, cameras=False, occupancy=False, expressions=0))
+    assert a.images == {} and a.occupancy is None and a.lidar is not None and a.expressions == []
+    b = next(simulate(4, 0.1, rig, lidar=False, occupancy=False, expressions=0))
+    assert b.lidar is None and len(b.images) == 6
+    c = next(simulate(4, 0.1, rig, lidar=False, occupancy=False, expressions=0))
+    assert all(np.array_equal(b.images[k], c.images[k]) for k in b.images)
+    d = next(simulate(4, 0.1, rig, cameras=False, occupancy=False, expressions=0))
+    assert np.array_equal(a.lidar.xyz, d.lidar.xyz) and np.array_equal(a.lidar.intensity, d.lidar.intensity)
+    late = next(simulate(4, 0.1, rig, start_s=2.0, cameras=False, occupancy=False, expressions=0))
+    assert late.stamp_ns == a.stamp_ns + 2 * 10**9 and late.tick == 20
+    with pytest.raises(ValueError, match="seconds"):
+        next(simulate(4, -1.0))
+    with pytest.raises(ValueError, match="every"):
+        next(simulate(4, 1.0, every=0))
