@@ -1,0 +1,124 @@
+"""`registration_node`: LiDAR odometry over ROS 2 — scan-to-map GICP with VBReg re-localisation
+(`vg_ros.registration.odometry.LidarOdometry`).
+
+Subscribes:
+  points_topic   sensor_msgs/PointCloud2   (sensor-data QoS; any frame the rig or TF knows)
+Publishes, stamped with the input cloud's stamp:
+  odom_topic     nav_msgs/Odometry         (odom -> base_link, 6x6 pose covariance from the GICP Hessian)
+  pose_topic     geometry_msgs/PoseStamped (frame odom)
+  cloud_topic    sensor_msgs/PointCloud2   (the registered scan in odom)
+  TF odom -> base_link when tf2_ros imports (via ros_compat; skipped otherwise)
+
+A scan whose registration fails (too few points, low fitness, a correction far from the motion prior
+that re-localisation cannot confirm) is logged, counted in `~/diagnostics` and not published: no
+confident pose ever comes from a failed registration.
+"""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from vg_ros import ros_compat
+from vg_ros.nodes.base import PerceptionNode, header_stamp_ns, node_main
+from vg_ros.registration.odometry import LidarOdometry, OdometryConfig
+
+
+class RegistrationNode(PerceptionNode):
+    default_node_name = "registration_node"
+    config_cls = OdometryConfig
+    node_params = {
+        "points_topic": ("/lidar/points", "input sensor_msgs/PointCloud2"),
+        "odom_topic": ("/registration/odometry", "output nav_msgs/Odometry (odom -> base_link)"),
+        "pose_topic": ("/registration/pose", "output geometry_msgs/PoseStamped in odom"),
+        "cloud_topic": ("/registration/cloud", "output sensor_msgs/PointCloud2, the registered scan in odom ('' = off)"),
+        "odom_frame": ("odom", "frame of the published poses and cloud"),
+        "publish_tf": (True, "broadcast odom -> base_link on /tf (needs tf2_ros)"),
+    }
+
+    def on_configure(self) -> None:
+        for key in ("points_topic", "odom_topic", "pose_topic", "odom_frame"):
+            if not str(self.params[key]).strip():
+                raise ValueError(f"registration_node.{key} is empty")
+
+    def on_activate(self) -> None:
+        from geometry_msgs.msg import PoseStamped
+        from nav_msgs.msg import Odometry
+        from sensor_msgs.msg import PointCloud2
+
+        weights = self.params["weights"]
+        self._weights = None if str(weights).lower() in ("", "none") else weights
+        if self.cfg.relocalize:  # load the checkpoint now: a bad one fails activation with one clear line
+            from vg_ros.registration.pipeline import RegistrationConfig, RegistrationPipeline
+            self._global = RegistrationPipeline(RegistrationConfig.preset(self.cfg.global_preset),
+                                                weights=self._weights, device=self.device)
+        else:
+            self._global = None
+        self.odometry: LidarOdometry | None = None
+        self.lidar_frame: str | None = None
+        self._lock = threading.Lock()
+        self.odom_pub = self.create_publisher(Odometry, self.params["odom_topic"], self.output_qos())
+        self.pose_pub = self.create_publisher(PoseStamped, self.params["pose_topic"], self.output_qos())
+        self.cloud_pub = (self.create_publisher(PointCloud2, self.params["cloud_topic"], self.output_qos())
+                          if self.params["cloud_topic"] else None)
+        self.tf_broadcaster = None
+        if self.params["publish_tf"] and ros_compat.HAVE_TF2_ROS:
+            self.tf_broadcaster = ros_compat.tf2_ros.TransformBroadcaster(self)
+        self.subscribe(PointCloud2, self.params["points_topic"], self.on_points, self.sensor_qos())
+        self.get_logger().info(f"odometry ready: {self.params['points_topic']} -> {self.params['odom_topic']}, "
+                               f"TF {'on' if self.tf_broadcaster else 'off (tf2_ros missing or publish_tf false)'}")
+
+    def on_deactivate(self) -> None:
+        if self.odometry is not None:
+            self.get_logger().info(f"odometry stats: {self.odometry.stats}")
+        self.odometry = None
+        self._global = None
+
+    def _odometry_for(self, frame_id: str) -> LidarOdometry:
+        """The odometry, built on the first scan once the LiDAR frame (hence T_base_lidar) is known."""
+        if self.odometry is None:
+            T_base_lidar, source = self.extrinsics.lookup(frame_id)
+            self.odometry = LidarOdometry(self.cfg, T_base_lidar=T_base_lidar, weights=self._weights, device=self.device)
+            self.odometry._global = self._global
+            self.lidar_frame = frame_id
+            self.get_logger().info(f"T_{self.params['base_frame']}_{frame_id} from {source}")
+        elif frame_id != self.lidar_frame:
+            raise ValueError(f"frame_id {frame_id!r} changed (was {self.lidar_frame!r})")
+        return self.odometry
+
+    def on_points(self, msg) -> None:
+        from vg_ros.convert import pointcloud2_to_scan
+
+        stamp_ns = header_stamp_ns(msg)
+        try:
+            scan = pointcloud2_to_scan(msg)
+            odometry = self._odometry_for(msg.header.frame_id or "lidar")
+        except (ValueError, KeyError) as exc:
+            self.drops.drop("bad_cloud", f"cloud {stamp_ns} on {self.params['points_topic']}: {exc}")
+            return
+        scan.stamp_ns = stamp_ns
+        with self._lock:
+            result = odometry.update(scan)
+        if not result.converged:
+            self.drops.drop("registration_failed", f"cloud {stamp_ns}: {result.reason}; pose not published")
+            return
+        self.publish(result, odometry.registered_cloud)
+        self.drops.ok("relocalized" if result.reason else "registered")
+
+    def publish(self, result, registered_cloud: np.ndarray) -> None:
+        from vg_ros import convert
+
+        frame, child = self.params["odom_frame"], self.params["base_frame"]
+        self.odom_pub.publish(convert.matrix_to_odometry(result.pose, result.covariance, result.stamp_ns, frame, child))
+        self.pose_pub.publish(convert.matrix_to_pose_stamped(result.pose, result.stamp_ns, frame))
+        if self.cloud_pub is not None:
+            self.cloud_pub.publish(convert.xyz_fields_to_pointcloud2(registered_cloud.astype(np.float32),
+                                                                     stamp_ns=result.stamp_ns, frame_id=frame))
+        if self.tf_broadcaster is not None:
+            self.tf_broadcaster.sendTransform(convert.matrix_to_transform_stamped(result.pose, result.stamp_ns, frame, child))
+
+
+main = node_main(RegistrationNode)
+
+if __name__ == "__main__":
+    main()
