@@ -58,17 +58,25 @@ def _check_args(seed, seconds, start_s, every, expressions) -> None:
 _RENDERERS: dict = {}
 
 
+def _rig_key(rig: Rig) -> tuple:
+    """What the renderer depends on in a rig, hashable (so a re-loaded identical rig hits the cache)."""
+    li = rig.lidar
+    cams = tuple((c.name, c.width, c.height, np.asarray(c.K, np.float64).tobytes(),
+                  np.asarray(c.T_base_cam, np.float64).tobytes()) for c in rig.cameras)
+    return cams + ((li.frame_id, li.beams, tuple(li.vfov_deg), li.points_per_ring, li.min_range, li.max_range,
+                    li.rate_hz, li.range_noise_std, np.asarray(li.T_base_lidar, np.float64).tobytes()),)
+
+
 def get_renderer(seed: int, rig: Rig, grid: GridSpec | None = None) -> tuple[World, Renderer]:
     """World and renderer for (seed, rig), cached (the last few) so repeated `simulate` calls are cheap."""
     grid = grid or GridSpec()
-    key = (int(seed), id(rig), grid.lower, grid.upper, grid.voxel_size)
+    key = (int(seed), _rig_key(rig), tuple(grid.lower), tuple(grid.upper), float(grid.voxel_size))
     if key not in _RENDERERS:
         if len(_RENDERERS) >= 2:
             _RENDERERS.pop(next(iter(_RENDERERS)))
         world = make_world(int(seed))
-        _RENDERERS[key] = (world, Renderer(world, rig, grid), rig)  # keep rig alive so id() stays unique
-    world, renderer, _ = _RENDERERS[key]
-    return world, renderer
+        _RENDERERS[key] = (world, Renderer(world, rig, grid))
+    return _RENDERERS[key]
 
 
 def simulate(seed: int, seconds: float, rig: Rig | None = None, *, start_s: float = 0.0, every: int = 1,

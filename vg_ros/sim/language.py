@@ -40,6 +40,7 @@ SUPERLATIVES = {
 PIXEL_MARGIN = 8.0     # left/right: box centres must differ by this many pixels
 DEPTH_MARGIN = 1.5     # in front / behind: median depths must differ by this many metres
 HOP_MIX = (0.4, 0.4, 0.2)
+MAX_TRIES = 12         # candidates tried per search level, so busy images stay cheap (2-hop is cubic)
 
 
 @dataclass
@@ -176,7 +177,7 @@ def _expr_zero(objs, target, rng):
 def _expr_one(objs, target, rng):
     anchors = [o for o in objs if o is not target]
     rng.shuffle(anchors)
-    for anchor in anchors:
+    for anchor in anchors[:MAX_TRIES]:
         ad = _unique_zero_hop(objs, anchor, rng)
         if ad is None or ad[2]:
             continue
@@ -191,7 +192,7 @@ def _expr_one(objs, target, rng):
 def _expr_two(objs, target, rng):
     mids = [o for o in objs if o is not target]
     rng.shuffle(mids)
-    for mid in mids:
+    for mid in mids[:MAX_TRIES]:
         opts = _relation_options(objs, target, mid, rng)
         if not opts:
             continue
@@ -223,16 +224,28 @@ def make_expressions(world: World, camera: str, instance: np.ndarray, depth: np.
                      count: int, stamp_ns: int = 0, *, min_pixels: int = 150, min_box: int = 12) -> list[Expression]:
     """Up to `count` expressions about distinct visible objects of one image (`instance`, `depth` (H, W))."""
     objs = visible_objects(world, instance, depth, min_pixels=min_pixels, min_box=min_box)
-    order = list(rng.permutation(len(objs)))
-    out = []
-    for k in order:
-        if len(out) >= count:
+    out: list[Expression] = []
+    used: set[int] = set()
+    while len(out) < count and len(used) < len(objs):
+        # Draw the hop count first, then look for a target that supports it, so that sparse scenes do not
+        # skew the mixture toward zero-hop; fall back to the other hop counts only when no target allows it.
+        drawn = int(rng.choice(3, p=HOP_MIX))
+        found = None
+        for hops in [drawn] + [h for h in (1, 2, 0) if h != drawn]:
+            for k in rng.permutation(len(objs))[:MAX_TRIES]:
+                target = objs[int(k)]
+                if target.instance_id in used:
+                    continue
+                res = describe(objs, target, rng, hops=hops)
+                if res is not None:
+                    found = (target, res[0], hops)
+                    break
+            if found:
+                break
+        if found is None:
             break
-        target = objs[int(k)]
-        res = describe(objs, target, rng)
-        if res is None:
-            continue
-        text, hops = res
+        target, text, hops = found
+        used.add(target.instance_id)
         mask = instance == target.instance_id
         out.append(Expression(text=text, camera=camera, instance_id=target.instance_id, box=mask_box(mask),
                               mask=mask, hops=hops, stamp_ns=stamp_ns))
