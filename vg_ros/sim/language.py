@@ -174,8 +174,15 @@ def _expr_zero(objs, target, rng):
     return _phrase(d[0], d[1], rng, d[2])
 
 
-def _expr_one(objs, target, rng):
-    anchors = [o for o in objs if o is not target]
+def _pick_relation(objs, target, opts, rng) -> tuple[dict, str]:
+    """One of `opts`, preferring those where the relation is needed (the attributes alone are ambiguous)."""
+    needed = [o for o in opts if sum(_matches(x, target.kind, o[0]) for x in objs) > 1]
+    pool = needed if needed and rng.random() < 0.8 else opts
+    return pool[int(rng.integers(len(pool)))]
+
+
+def _expr_one(objs, target, rng, exclude: frozenset = frozenset()):
+    anchors = [o for o in objs if o is not target and o.instance_id not in exclude]
     rng.shuffle(anchors)
     for anchor in anchors[:MAX_TRIES]:
         ad = _unique_zero_hop(objs, anchor, rng)
@@ -184,7 +191,7 @@ def _expr_one(objs, target, rng):
         opts = _relation_options(objs, target, anchor, rng)
         if not opts:
             continue
-        attrs, rel = opts[int(rng.integers(len(opts)))]
+        attrs, rel = _pick_relation(objs, target, opts, rng)
         return f"{_phrase(target.kind, attrs, rng)} {rng.choice(RELATIONS[rel])} {_phrase(ad[0], ad[1], rng)}"
     return None
 
@@ -196,10 +203,10 @@ def _expr_two(objs, target, rng):
         opts = _relation_options(objs, target, mid, rng)
         if not opts:
             continue
-        mid_text = _expr_one(objs, mid, rng)
+        mid_text = _expr_one(objs, mid, rng, exclude=frozenset({target.instance_id}))  # no circular chains
         if mid_text is None:
             continue
-        attrs, rel = opts[int(rng.integers(len(opts)))]
+        attrs, rel = _pick_relation(objs, target, opts, rng)
         return f"{_phrase(target.kind, attrs, rng)} {rng.choice(RELATIONS[rel])} {mid_text}"
     return None
 

@@ -90,8 +90,8 @@ def lidar_on_bev(bev: np.ndarray, points_base: np.ndarray, grid: GridSpec | None
     return img
 
 
-def overlay_mask(rgb: np.ndarray, mask: np.ndarray, box, text: str = "", colour=(255, 40, 40)) -> np.ndarray:
-    """The image with `mask` (H, W) bool tinted, `box` (x0, y0, x1, y1) drawn and `text` in a band above.
+def overlay_mask(rgb: np.ndarray, mask: np.ndarray, box, text: str = "", colour=(255, 0, 255)) -> np.ndarray:
+    """The image with `mask` (H, W) bool tinted and outlined, `box` (x0, y0, x1, y1) drawn and `text` in a band above.
     Returns (H + band, W, 3) uint8."""
     img = np.asarray(rgb)
     if img.ndim != 3 or img.shape[2] != 3:
@@ -99,9 +99,12 @@ def overlay_mask(rgb: np.ndarray, mask: np.ndarray, box, text: str = "", colour=
     m = np.asarray(mask, dtype=bool)
     if m.shape != img.shape[:2]:
         raise ValueError(f"mask: shape {m.shape} does not match the image {img.shape[:2]}")
+    # A light tint plus the mask outline, so the target's own colour stays readable under the overlay.
     out = img.astype(np.float32)
-    out[m] = 0.45 * out[m] + 0.55 * np.asarray(colour, np.float32)
+    out[m] = 0.7 * out[m] + 0.3 * np.asarray(colour, np.float32)
     out = np.ascontiguousarray(out.astype(np.uint8))
+    contours, _ = cv2.findContours(m.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    cv2.drawContours(out, contours, -1, colour, 1)
     b = np.asarray(box, dtype=np.float64).reshape(-1)
     if b.size == 4 and b[2] > b[0] and b[3] > b[1]:
         cv2.rectangle(out, (int(b[0]), int(b[1])), (int(np.ceil(b[2])) - 1, int(np.ceil(b[3])) - 1), (40, 255, 40), 1)
