@@ -40,6 +40,7 @@ SUPERLATIVES = {
 PIXEL_MARGIN = 8.0     # left/right: box centres must differ by this many pixels
 DEPTH_MARGIN = 1.5     # in front / behind: median depths must differ by this many metres
 HOP_MIX = (0.4, 0.4, 0.2)
+FALLBACK = {0: (0, 1, 2), 1: (1, 0, 2), 2: (2, 1, 0)}   # hop counts tried when the drawn one is impossible
 MAX_TRIES = 12         # candidates tried per search level, so busy images stay cheap (2-hop is cubic)
 
 
@@ -238,7 +239,7 @@ def make_expressions(world: World, camera: str, instance: np.ndarray, depth: np.
         # skew the mixture toward zero-hop; fall back to the other hop counts only when no target allows it.
         drawn = int(rng.choice(3, p=HOP_MIX))
         found = None
-        for hops in [drawn] + [h for h in (1, 2, 0) if h != drawn]:
+        for hops in FALLBACK[drawn]:
             for k in rng.permutation(len(objs))[:MAX_TRIES]:
                 target = objs[int(k)]
                 if target.instance_id in used:
