@@ -91,7 +91,7 @@ def lidar_on_bev(bev: np.ndarray, points_base: np.ndarray, grid: GridSpec | None
 
 
 def overlay_mask(rgb: np.ndarray, mask: np.ndarray, box, text: str = "", colour=(255, 0, 255)) -> np.ndarray:
-    """The image with `mask` (H, W) bool tinted and outlined, `box` (x0, y0, x1, y1) drawn and `text` in a band above.
+    """The image dimmed outside `mask` (H, W) bool, the mask outlined, `box` (x0, y0, x1, y1) drawn and `text` in a band above.
     Returns (H + band, W, 3) uint8."""
     img = np.asarray(rgb)
     if img.ndim != 3 or img.shape[2] != 3:
@@ -99,9 +99,9 @@ def overlay_mask(rgb: np.ndarray, mask: np.ndarray, box, text: str = "", colour=
     m = np.asarray(mask, dtype=bool)
     if m.shape != img.shape[:2]:
         raise ValueError(f"mask: shape {m.shape} does not match the image {img.shape[:2]}")
-    # A light tint plus the mask outline, so the target's own colour stays readable under the overlay.
+    # Dim everything but the target and outline the mask, so the target keeps its own (named) colour.
     out = img.astype(np.float32)
-    out[m] = 0.7 * out[m] + 0.3 * np.asarray(colour, np.float32)
+    out[~m] *= 0.5
     out = np.ascontiguousarray(out.astype(np.uint8))
     contours, _ = cv2.findContours(m.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
     cv2.drawContours(out, contours, -1, colour, 1)
