@@ -15,7 +15,8 @@ EMPTY_RGB = (40, 40, 40)
 
 
 def _label(img: np.ndarray, text: str, org=(6, 18), scale: float = 0.5) -> None:
-    cv2.putText(img, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 3, cv2.LINE_AA)
+    (w, h), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+    cv2.rectangle(img, (org[0] - 4, org[1] - h - 4), (org[0] + w + 4, org[1] + base + 2), (0, 0, 0), -1)
     cv2.putText(img, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1, cv2.LINE_AA)
 
 
