@@ -236,15 +236,14 @@ def _sphere(center, r, rgb, cls) -> Part:
     return Part("sphere", np.asarray(center, float), np.array([r, r, r], float), tuple(rgb), cls)
 
 
-def make_parts(kind: str, colour: str, size: str, rng: np.random.Generator) -> tuple[list[Part], tuple]:
+def make_parts(kind: str, colour: str, size: str) -> tuple[list[Part], tuple]:
     """Primitives and (length, width, height) for a referable kind."""
     rgb = COLOURS[colour]
     big = size == "large"
     c = KIND_CLASS[kind]
     if kind == "car":
         L, W, H = (4.9, 2.0, 1.65) if big else (3.9, 1.7, 1.45)
-        parts = [_box((0, 0, 0.25 + (0.55 * H - 0.25) / 2 + 0.0), (L, W, 0.55 * H - 0.25 + 0.0), rgb, c)]
-        parts[0] = _box((0, 0, (0.25 + 0.55 * H) / 2), (L, W, 0.55 * H - 0.25), rgb, c)
+        parts = [_box((0, 0, (0.25 + 0.55 * H) / 2), (L, W, 0.55 * H - 0.25), rgb, c)]   # body above 0.25 m clearance
         parts.append(_box((-0.1 * L, 0, 0.55 * H + 0.45 * H / 2), (0.55 * L, 0.9 * W, 0.45 * H), rgb, c))
         for sx in (-0.3 * L, 0.3 * L):
             for sy in (-0.42 * W, 0.42 * W):
@@ -252,11 +251,10 @@ def make_parts(kind: str, colour: str, size: str, rng: np.random.Generator) -> t
     elif kind == "truck":
         L, W, H = (9.0, 2.5, 3.6) if big else (6.5, 2.3, 3.0)
         cab = 1.9
-        parts = [_box((L / 2 - cab / 2, 0, (0.4 + H * 0.8) / 2), (cab, W, H * 0.8 - 0.4), rgb, c),
-                 _box((-cab / 2, 0, (0.6 + H) / 2), (L - cab - 0.2, W, H - 0.6), STUFF_RGB["sidewalk"], c),
-                 _box((0, 0, 0.25), (L, W * 0.9, 0.5), STUFF_RGB["tyre"], c)]
         # The cargo box is the truck's colour too, so the colour word describes most of its pixels.
-        parts[1] = _box((-cab / 2, 0, (0.6 + H) / 2), (L - cab - 0.2, W, H - 0.6), rgb, c)
+        parts = [_box((L / 2 - cab / 2, 0, (0.4 + H * 0.8) / 2), (cab, W, H * 0.8 - 0.4), rgb, c),
+                 _box((-cab / 2, 0, (0.6 + H) / 2), (L - cab - 0.2, W, H - 0.6), rgb, c),
+                 _box((0, 0, 0.25), (L, W * 0.9, 0.5), STUFF_RGB["tyre"], c)]
     elif kind == "bus":
         L, W, H = (12.0, 2.55, 3.3) if big else (9.5, 2.45, 3.1)
         parts = [_box((0, 0, (0.35 + H) / 2), (L, W, H - 0.35), rgb, c),
@@ -347,7 +345,7 @@ class _Builder:
             motion: Motion | None = None, check: bool = True) -> SimObject | None:
         size = size or ("large" if self.rng.random() < 0.5 else "small")
         colour = colour or self.colour()
-        parts, dims = make_parts(kind, colour, size, self.rng)
+        parts, dims = make_parts(kind, colour, size)
         radius = _bounding_radius(parts)
         if check and motion is None:
             if not self.free(x, y, radius * 0.9):
@@ -592,8 +590,7 @@ def _park_on_road(b: _Builder, c: float, along_x: bool, L: float, W: float) -> N
                     yaw = (0.0 if along_x else math.pi / 2) + (0.0 if lane < 0 else math.pi)
                     v = c + lane * (LANE_OFFSET + 0.4)
                     x, y = (u, v) if along_x else (v, u)
-                    motion = None
-                    obj = b.add(kind, x, y, yaw, motion=motion)
+                    obj = b.add(kind, x, y, yaw)
                     u += (obj.dimensions[0] if obj else 4.0) + rng.uniform(1.5, 10)
                 else:
                     u += rng.uniform(3, 10)
