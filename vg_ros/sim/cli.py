@@ -186,7 +186,9 @@ def main(argv: list[str]) -> int:
         stats = write_bag(out, args.seed, args.seconds, rig, preview_dir=args.preview,
                           command_every=args.command_every, command_camera=args.command_camera,
                           lidar_labels=not args.no_lidar_labels, overwrite=args.force)
-    except (ValueError, KeyError, OSError) as exc:
+    except OSError as exc:
+        raise UserError(f"cannot write {exc.filename or args.out!s}: {exc.strerror or exc}") from None
+    except (ValueError, KeyError) as exc:
         raise UserError(str(exc).strip("'\"")) from None
     rate = stats.data_seconds / max(stats.wall_seconds, 1e-9)
     print(f"wrote {stats.path}: {stats.frames} frames ({stats.data_seconds:.1f} s of data), {stats.commands} commands "
