@@ -175,15 +175,27 @@ class VBRegNet(nn.Module):
         return {"logits": logits, "attention": attentions, "features": features, "kl": kl_total}
 
 
-def elbo_loss(output: dict, labels: torch.Tensor, kl_weight: float = 1.0, pos_weight: float | None = None) -> dict:
-    """Negative ELBO: BCE(labels | logits) - (-KL) summed over iterations. labels (B, N) in {0, 1}.
+def elbo_loss(output: dict, labels: torch.Tensor, kl_weight: float = 1.0, pos_weight: float | None = None,
+              prior_output: dict | None = None, prior_weight: float = 1.0) -> dict:
+    """Negative ELBO: BCE(labels | logits with posterior z) + KL(posterior || prior) summed over
+    iterations. labels (B, N) in {0, 1}.
 
-    `pos_weight` balances rare inliers (default: negatives / positives, capped at 10)."""
+    `prior_output` (the same batch run with prior means, as at inference) adds `prior_weight` x its
+    BCE: the hybrid objective of conditional VAEs (Sohn et al. 2015), which keeps the classifier from
+    relying on label information that only the posterior carries. `pos_weight` balances rare inliers
+    (default: negatives / positives, capped at 10)."""
     labels = labels.to(output["logits"].dtype)
     if pos_weight is None:
         pos = labels.sum().clamp(min=1.0)
         pos_weight = float(((labels.numel() - pos) / pos).clamp(max=10.0))
-    nll = F.binary_cross_entropy_with_logits(output["logits"], labels,
-                                             pos_weight=torch.tensor(pos_weight, dtype=labels.dtype))
+    weight = torch.tensor(pos_weight, dtype=labels.dtype, device=labels.device)
+    nll = F.binary_cross_entropy_with_logits(output["logits"], labels, pos_weight=weight)
     kl = output["kl"].mean()
-    return {"loss": nll + kl_weight * kl, "nll": nll.detach(), "kl": kl.detach()}
+    loss = nll + kl_weight * kl
+    terms = {"nll": nll.detach(), "kl": kl.detach()}
+    if prior_output is not None:
+        prior_nll = F.binary_cross_entropy_with_logits(prior_output["logits"], labels, pos_weight=weight)
+        loss = loss + prior_weight * prior_nll
+        terms["prior_nll"] = prior_nll.detach()
+    terms["loss"] = loss
+    return terms

@@ -53,6 +53,8 @@ class RegistrationConfig(PipelineConfig):
     kappa: int = param(40, "hypothetical inliers per seed (kappa - 1 voted + the seed)", low=3, high=1000)
     wilson_z: float = param(1.96, "z of the Wilson score lower bound on votes", low=0.0, high=10.0)
     refine_iterations: int = param(20, "max reweighted least-squares iterations", low=0, high=1000)
+    verify_candidates: int = param(5, "distinct best hypotheses checked against the full clouds (overlap); 1 = "
+                                   "take the best correspondence score as the paper does", low=1, high=100)
     local_refine: bool = param(True, "refine with GICP (small_gicp) on the downsampled clouds")
     gicp_max_distance: float = param(0.15, "GICP max correspondence distance (m)", low=1e-3, high=50.0)
     max_match_normal_z: float = param(1.0, "only points with |normal z| below this are matched (0.9 drops the "
@@ -174,15 +176,24 @@ class RegistrationPipeline:
         normals = features.estimate_normals(points, self.cfg.normal_radius)
         return normals, features.fpfh(points, normals, self.cfg.fpfh_radius, self.cfg.fpfh_max_nn)
 
-    def match(self, src_pts, src_normals, src_desc, dst_pts, dst_normals, dst_desc) -> np.ndarray:
-        """Putative correspondences (K, 2) [source row, target row], restricted to points whose normal is
-        not (near) vertical when `max_match_normal_z` < 1; falls back to all points if too few remain."""
+    def structure_masks(self, src_normals: np.ndarray, dst_normals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(M,) bool masks of points whose normal is not (near) vertical when `max_match_normal_z` < 1.
+
+        On LiDAR scans the ground's FPFH descriptors all look alike and its scan rings move with the
+        sensor, so matching and hypothesis verification use the other points (all when too few remain)."""
         cfg = self.cfg
-        src_keep = np.abs(src_normals[:, 2]) < cfg.max_match_normal_z if cfg.max_match_normal_z < 1 else None
-        dst_keep = np.abs(dst_normals[:, 2]) < cfg.max_match_normal_z if cfg.max_match_normal_z < 1 else None
-        if src_keep is None or src_keep.sum() < 30 or dst_keep.sum() < 30:
-            src_keep = np.ones(len(src_pts), bool)
-            dst_keep = np.ones(len(dst_pts), bool)
+        if cfg.max_match_normal_z >= 1:
+            return np.ones(len(src_normals), bool), np.ones(len(dst_normals), bool)
+        src_keep = np.abs(src_normals[:, 2]) < cfg.max_match_normal_z
+        dst_keep = np.abs(dst_normals[:, 2]) < cfg.max_match_normal_z
+        if src_keep.sum() < 30 or dst_keep.sum() < 30:
+            return np.ones(len(src_normals), bool), np.ones(len(dst_normals), bool)
+        return src_keep, dst_keep
+
+    def match(self, src_pts, src_normals, src_desc, dst_pts, dst_normals, dst_desc) -> np.ndarray:
+        """Putative correspondences (K, 2) [source row, target row] among the structure points."""
+        cfg = self.cfg
+        src_keep, dst_keep = self.structure_masks(src_normals, dst_normals)
         src_rows, dst_rows = np.nonzero(src_keep)[0], np.nonzero(dst_keep)[0]
         pairs = features.match_descriptors(src_desc[src_rows], dst_desc[dst_rows], mutual=cfg.mutual,
                                            max_correspondences=cfg.max_correspondences,
@@ -250,7 +261,9 @@ class RegistrationPipeline:
         return res
 
     def _solve(self, src: np.ndarray, dst: np.ndarray, tau: float, start: float,
-               covariance_normals: np.ndarray | None) -> RegistrationResult:
+               covariance_normals: np.ndarray | None, verify=None) -> RegistrationResult:
+        """Confidence, voting search and (with `verify`, a function T -> overlap) the choice among the
+        best distinct hypotheses by overlap of the full clouds."""
         cfg = self.cfg
         src_t = torch.as_tensor(src, dtype=torch.float64, device=self.device)
         dst_t = torch.as_tensor(dst, dtype=torch.float64, device=self.device)
@@ -259,11 +272,15 @@ class RegistrationPipeline:
         num_seeds = int(min(N, max(cfg.min_seeds, round(cfg.seed_ratio * N)), cfg.max_seeds))
         found = voting_search(src_t, dst_t, confidence.double(), voters.double(), tau=tau, kappa=cfg.kappa,
                               num_seeds=num_seeds, nms_radius=cfg.nms_radius, wilson_z=cfg.wilson_z,
-                              refine_iterations=cfg.refine_iterations)
-        self.last_debug = {"confidence": confidence.cpu().numpy(), "inlier_mask": found.inlier_mask,
-                           "num_seeds": num_seeds, "score": found.score}
-        T = found.transform
-        mask = found.inlier_mask
+                              refine_iterations=cfg.refine_iterations,
+                              num_candidates=cfg.verify_candidates if verify is not None else 1)
+        T, mask, score = found.transform, found.inlier_mask, found.score
+        if verify is not None and len(found.candidates) > 1:
+            overlaps = [verify(candidate[0]) for candidate in found.candidates]
+            best = int(np.argmax(overlaps))  # first maximum: ties keep the better correspondence score
+            T, mask, score = found.candidates[best]
+        self.last_debug = {"confidence": confidence.cpu().numpy(), "inlier_mask": mask,
+                           "num_seeds": num_seeds, "score": score}
         inliers = int(mask.sum())
         moved = src[mask] @ T[:3, :3].T + T[:3, 3]
         cov = rigid_covariance(moved, moved - dst[mask]) if inliers >= 3 else np.eye(6) * 1e6
@@ -303,7 +320,15 @@ class RegistrationPipeline:
         if len(pairs) < 3:
             return _failure(f"only {len(pairs)} descriptor correspondences (need >= 3)", start)
         corr_src, corr_dst = src_pts[pairs[:, 0]], dst_pts[pairs[:, 1]]
-        res = self._solve(corr_src, corr_dst, cfg.tau, start, None)
+        src_keep, dst_keep = self.structure_masks(src_normals, dst_normals)
+        src_structure, dst_tree = src_pts[src_keep], cKDTree(dst_pts[dst_keep])
+        near = 1.5 * cfg.voxel_size
+
+        def overlap(T: np.ndarray) -> float:
+            moved = src_structure @ T[:3, :3].T + T[:3, 3]
+            return float(np.mean(dst_tree.query(moved, distance_upper_bound=near)[0] < near))
+
+        res = self._solve(corr_src, corr_dst, cfg.tau, start, None, verify=overlap if cfg.verify_candidates > 1 else None)
         self.last_debug["num_correspondences"] = len(pairs)
         T = res.transform
         if cfg.local_refine and res.inliers >= 3:

@@ -23,6 +23,7 @@ class SearchResult:
     score: float
     num_hypotheses: int
     residuals: np.ndarray
+    candidates: list = None  # [(T (4, 4), inlier mask (N,), score)] best distinct refined hypotheses, best first
 
 
 def weighted_kabsch(src: torch.Tensor, dst: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -114,10 +115,34 @@ def refine(T: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, tau: float, ma
     return T, mask
 
 
+def distinct_best(T_all: torch.Tensor, scores: torch.Tensor, count: int, min_shift: float, min_angle_deg: float = 5.0) -> list[int]:
+    """Indices of up to `count` hypotheses, best score first, each at least `min_shift` (m) or
+    `min_angle_deg` away from those already taken (neighbouring seeds give near-copies)."""
+    order = np.lexsort((np.arange(len(scores)), -scores.cpu().numpy()))
+    picked: list[int] = []
+    for i in order:
+        T = T_all[int(i)]
+        far = True
+        for j in picked:
+            rel = torch.linalg.solve(T_all[j], T)
+            angle = float(torch.rad2deg(torch.arccos(((torch.trace(rel[:3, :3]) - 1) / 2).clamp(-1, 1))))
+            if float(torch.linalg.norm(rel[:3, 3])) < min_shift and angle < min_angle_deg:
+                far = False
+                break
+        if far:
+            picked.append(int(i))
+        if len(picked) >= count:
+            break
+    return picked
+
+
 def voting_search(src: torch.Tensor, dst: torch.Tensor, confidence: torch.Tensor, voters: torch.Tensor, *,
                   tau: float, kappa: int = 40, num_seeds: int = 100, nms_radius: float = 0.1, wilson_z: float = 1.96,
-                  refine_iterations: int = 20) -> SearchResult:
-    """The full search. src/dst (N, 3) float64; confidence (N,); voters (V, N, N)."""
+                  refine_iterations: int = 20, num_candidates: int = 1) -> SearchResult:
+    """The full search. src/dst (N, 3) float64; confidence (N,); voters (V, N, N).
+
+    `num_candidates` > 1 also refines the next-best distinct hypotheses (`SearchResult.candidates`)
+    so a caller holding the clouds can verify them against the full geometry."""
     N = src.shape[0]
     if N < 3:
         raise ValueError(f"voting_search: need at least 3 correspondences, got {N}")
@@ -132,10 +157,15 @@ def voting_search(src: torch.Tensor, dst: torch.Tensor, confidence: torch.Tensor
     T_all = weighted_kabsch(src[members], dst[members], weights.to(src.dtype))
     dist = residuals(T_all, src, dst)
     scores = hypothesis_score(dist, tau)
-    best = int(torch.argmax(scores))  # first maximum: deterministic
-    T_best, mask = refine(T_all[best], src, dst, tau, refine_iterations)
-    d_final = residuals(T_best[None], src, dst)[0]
-    return SearchResult(T_best.cpu().numpy(), mask.cpu().numpy(), float(scores[best]), S, d_final.cpu().numpy())
+    picks = distinct_best(T_all, scores, max(1, num_candidates), min_shift=tau)
+    candidates = []
+    for index in picks:
+        T_ref, mask = refine(T_all[index], src, dst, tau, refine_iterations)
+        d = residuals(T_ref[None], src, dst)[0]
+        candidates.append((T_ref.cpu().numpy(), mask.cpu().numpy(), float(hypothesis_score(d[None], tau)[0])))
+    T_best, mask_best, score_best = candidates[0]
+    d_final = residuals(torch.as_tensor(T_best, dtype=src.dtype, device=src.device)[None], src, dst)[0]
+    return SearchResult(T_best, mask_best, score_best, S, d_final.cpu().numpy(), candidates)
 
 
 def scale_candidates(src: np.ndarray, dst: np.ndarray, noise_bound: float, max_candidates: int = 5) -> list[float]:

@@ -172,7 +172,7 @@ def batch_from_sets(sets: list[dict], rng: np.random.Generator, batch: int, size
 
 
 def train(sets: list[dict], cfg: RegistrationConfig, *, steps: int, batch: int = 4, size: int = 384,
-          lr: float = 1e-3, kl_weight: float = 0.1, seed: int = 0, log_every: int = 50,
+          lr: float = 1e-3, kl_weight: float = 0.1, prior_weight: float = 1.0, seed: int = 0, log_every: int = 50,
           max_seconds: float | None = None, log=print) -> tuple[VBRegNet, dict]:
     """Adam on the negative ELBO. Returns the network and a summary (final loss terms, steps, seconds)."""
     if not sets:
@@ -189,24 +189,27 @@ def train(sets: list[dict], cfg: RegistrationConfig, *, steps: int, batch: int =
         src, dst, beta, labels = batch_from_sets(sets, rng, batch, size, cfg.tau)
         net.train()
         out = net(src, dst, beta, labels)
+        prior_out = net(src, dst, beta, None, sample=False) if prior_weight > 0 else None
         warm = min(1.0, (step + 1) / max(steps * 0.2, 1))  # KL annealing
-        terms = elbo_loss(out, labels, kl_weight=kl_weight * warm)
+        terms = elbo_loss(out, labels, kl_weight=kl_weight * warm, prior_output=prior_out, prior_weight=prior_weight)
         opt.zero_grad()
         terms["loss"].backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
         opt.step()
         sched.step()
         done = step + 1
-        history.append((float(terms["nll"]), float(terms["kl"])))
+        history.append((float(terms["nll"]), float(terms["kl"]), float(terms.get("prior_nll", terms["nll"]))))
         if log_every and (step % log_every == 0 or step == steps - 1):
-            nll, kl = np.mean(history[-log_every:], axis=0)
-            log(f"step {step:5d}  nll {nll:.4f}  kl {kl:.4f}  {time.perf_counter() - start:.0f}s")
+            nll, kl, prior_nll = np.mean(history[-log_every:], axis=0)
+            log(f"step {step:5d}  nll {nll:.4f}  kl {kl:.4f}  prior nll {prior_nll:.4f}  "
+                f"{time.perf_counter() - start:.0f}s", flush=True)
         if max_seconds is not None and time.perf_counter() - start > max_seconds:
             log(f"stopping at step {done}: time budget {max_seconds:.0f}s spent")
             break
     net.eval()
-    nll, kl = np.mean(history[-min(50, len(history)):], axis=0)
-    return net, {"steps": done, "seconds": time.perf_counter() - start, "final_nll": float(nll), "final_kl": float(kl)}
+    nll, kl, prior_nll = np.mean(history[-min(50, len(history)):], axis=0)
+    return net, {"steps": done, "seconds": time.perf_counter() - start, "final_nll": float(nll), "final_kl": float(kl),
+                 "final_prior_nll": float(prior_nll)}
 
 
 def save_weights(net: VBRegNet, path: Path, meta: dict) -> None:
@@ -240,6 +243,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--size", type=int, default=384, help="correspondences per training sample")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--kl-weight", type=float, default=0.1)
+    parser.add_argument("--prior-weight", type=float, default=1.0, help="weight of the prior-path BCE (hybrid objective)")
     parser.add_argument("--max-minutes", type=float, default=12.0, help="stop training after this wall time")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
@@ -273,7 +277,7 @@ def main(argv: list[str]) -> int:
     inlier_ratio = float(np.mean([s["labels"].mean() for s in sets]))
     print(f"{len(sets)} correspondence sets, mean inlier ratio {inlier_ratio:.3f}", flush=True)
     net, summary = train(sets, cfg, steps=args.steps, batch=args.batch, size=args.size, lr=args.lr,
-                         kl_weight=args.kl_weight, max_seconds=args.max_minutes * 60)
+                         kl_weight=args.kl_weight, prior_weight=args.prior_weight, max_seconds=args.max_minutes * 60)
     out = Path(args.out)
     weights_path = out / "registration_vbreg.safetensors"
     meta = {"preset": args.preset, "steps": summary["steps"], "tau": cfg.tau}
@@ -284,8 +288,10 @@ def main(argv: list[str]) -> int:
         "held-out seeds (never trained on)": list(HELDOUT_SEEDS),
         "steps": f"{summary['steps']} x batch {args.batch} x {args.size} correspondences",
         "network": json.dumps(dataclasses.asdict(net.dims)),
-        "optimiser": f"Adam lr {args.lr} (cosine), KL weight {args.kl_weight} (annealed over 20 % of steps)",
-        "final loss": f"nll {summary['final_nll']:.4f}, kl {summary['final_kl']:.4f}",
+        "optimiser": f"Adam lr {args.lr} (cosine), KL weight {args.kl_weight} (annealed over 20 % of steps), "
+                     f"prior-path BCE weight {args.prior_weight}",
+        "final loss (last 50 steps)": f"nll {summary['final_nll']:.4f}, kl {summary['final_kl']:.4f}, "
+                                      f"prior-path nll {summary['final_prior_nll']:.4f}",
         "train time": f"{summary['seconds']:.0f} s CPU ({args.threads} thread)",
         "command": "vg-ros train registration " + " ".join(argv),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

@@ -1,0 +1,113 @@
+"""`vg-ros register` / `vg-ros odometry` end to end, point-cloud file reading, and a short training run
+with a safetensors round trip."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from vg_ros.cli import main as vg_main
+from vg_ros.registration.io import read_cloud
+
+
+def test_register_json_on_real_lidar_pair(shared_data, capsys):
+    lid = shared_data / "registration" / "lidar_pair_small_gicp"
+    code = vg_main(["register", str(lid / "source.ply"), str(lid / "target.ply"), "--preset", "lidar", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert {"transform", "inliers", "inlier_ratio", "fitness", "seconds", "converged"} <= set(out)
+    assert set(out) <= {"transform", "inliers", "inlier_ratio", "fitness", "seconds", "converged", "reason", "covariance"}
+    gt = np.loadtxt(lid / "T_target_source.txt")
+    assert np.linalg.norm(np.asarray(out["transform"])[:3, 3] - gt[:3, 3]) < 0.6 and out["converged"] is True
+
+
+def test_register_text_output_and_no_refine(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    cloud = np.concatenate([rng.uniform(0, 4, (2000, 3)) * [1, 1, 0], rng.uniform(0, 4, (2000, 3)) * [0, 1, 1],
+                            rng.uniform(0.5, 3.5, 3) + rng.uniform(-0.3, 0.3, (800, 3))])
+    np.save(tmp_path / "a.npy", cloud)
+    np.save(tmp_path / "b.npy", cloud + [0.1, 0.0, 0.0])
+    code = vg_main(["register", str(tmp_path / "a.npy"), str(tmp_path / "b.npy"), "--no-refine", "--weights", "none"])
+    text = capsys.readouterr().out
+    assert "transform" in text and "inliers" in text and "fitness" in text and "seconds" in text
+    assert code in (0, 1)
+
+
+def test_register_rejects_non_point_clouds(tmp_path, capsys):
+    bogus = tmp_path / "notes.ply"
+    bogus.write_text("hello, not a cloud\n")
+    assert vg_main(["register", str(bogus), str(bogus)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a PLY" in err[0]
+    txt = tmp_path / "x.txt"
+    txt.write_text("1 2 3")
+    assert vg_main(["register", str(txt), str(txt)]) == 2
+    assert "unsupported point-cloud format" in capsys.readouterr().err
+    assert vg_main(["register", str(tmp_path / "missing.pcd"), str(txt)]) == 2
+    np.save(tmp_path / "bad.npy", np.zeros((4, 2)))
+    assert vg_main(["register", str(tmp_path / "bad.npy"), str(tmp_path / "bad.npy")]) == 2
+    (tmp_path / "odd.bin").write_bytes(b"\x00" * 18)
+    assert vg_main(["register", str(tmp_path / "odd.bin"), str(tmp_path / "odd.bin")]) == 2
+
+
+def test_bin_layouts_detected(tmp_path):
+    rng = np.random.default_rng(1)
+    xyz = rng.normal(size=(40, 3)).astype(np.float32) * 10  # 40 points: x4 = 640 B, x5 = 800 B (both /80)
+    kitti = np.c_[xyz, rng.uniform(0, 1, 40).astype(np.float32)]
+    nusc = np.c_[xyz, rng.uniform(0, 255, 40).astype(np.float32), rng.integers(0, 32, 40).astype(np.float32)]
+    kitti.astype(np.float32).tofile(tmp_path / "k.bin")
+    nusc.astype(np.float32).tofile(tmp_path / "n.bin")
+    assert np.allclose(read_cloud(tmp_path / "k.bin"), xyz)
+    assert np.allclose(read_cloud(tmp_path / "n.bin"), xyz)
+    assert np.allclose(read_cloud(tmp_path / "n.bin", bin_fields=5), xyz)
+    xyz3 = rng.normal(size=(7, 4)).astype(np.float32)  # 112 B: x4 only
+    xyz3.tofile(tmp_path / "s.bin")
+    assert read_cloud(tmp_path / "s.bin").shape == (7, 3)
+
+
+def test_odometry_cli_on_real_bag(shared_data, capsys):
+    bag = shared_data / "bags" / "s3e_lidar_imu_camera"
+    code = vg_main(["odometry", str(bag), "--topic", "/Alpha/velodyne_points", "--json", "--weights", "none"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and out["scans"] == 2 and out["converged"] == 2
+    assert vg_main(["odometry", str(bag), "--topic", "/nope"]) == 2
+    assert "not in bag" in capsys.readouterr().err
+
+
+def test_short_training_reduces_loss_and_round_trips(tmp_path):
+    from vg_ros.registration.pipeline import RegistrationConfig, load_network
+    from vg_ros.registration.train import save_weights, train
+
+    rng = np.random.default_rng(0)
+    sets = []
+    for _ in range(6):
+        src = rng.uniform(-20, 20, (200, 3))
+        dst = src + [1.0, 2.0, 0.0]
+        labels = (rng.uniform(size=200) < 0.3).astype(np.uint8)
+        dst[labels == 0] = rng.uniform(-20, 20, (int((labels == 0).sum()), 3))
+        sets.append({"src": src, "dst": dst, "labels": labels, "T_gt": np.eye(4)})
+    cfg = RegistrationConfig.preset("lidar").replace(num_layers=2, feature_dim=16, random_dim=8, hidden_dim=16)
+    net, summary = train(sets, cfg, steps=40, batch=2, size=128, lr=3e-3, log_every=0)
+    assert summary["steps"] == 40 and summary["final_prior_nll"] < 0.6
+    path = tmp_path / "w.safetensors"
+    save_weights(net, path, {"preset": "lidar"})
+    loaded = load_network(path, RegistrationConfig.preset("lidar"), torch.device("cpu"))
+    assert loaded.dims.num_layers == 2 and loaded.dims.feature_dim == 16  # dims come from the file
+    from vg_ros.registration.model import spatial_compatibility
+    src = torch.as_tensor(sets[0]["src"][None], dtype=torch.float32)
+    dst = torch.as_tensor(sets[0]["dst"][None], dtype=torch.float32)
+    beta = spatial_compatibility(src, dst, cfg.tau)
+    with torch.no_grad():
+        a, b = net(src, dst, beta)["logits"], loaded(src, dst, beta)["logits"]
+    assert torch.equal(a, b)
+    probs = torch.sigmoid(a[0]).numpy()
+    labels = sets[0]["labels"].astype(bool)
+    assert probs[labels].mean() > probs[~labels].mean() + 0.3
+
+
+def test_missing_weights_is_a_clear_error(tmp_path):
+    from vg_ros.registration.pipeline import RegistrationPipeline
+    with pytest.raises(ValueError, match="not found"):
+        RegistrationPipeline(weights=tmp_path / "none.safetensors")
