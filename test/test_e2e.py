@@ -17,12 +17,13 @@ from sim_bags import sim_bag
 from vg_ros.bag import BagReader
 from vg_ros.convert import image_to_array, occupancy_grid_to_array, odometry_to_matrix, pointcloud2_to_structured
 from vg_ros.convert import stamp_of
-from vg_ros.replay import PIPELINES, SECTIONS, replay, score_bags
+from vg_ros.replay import PIPELINES, SECTIONS, output_topics, replay, score_bags
 from vg_ros.up import NODES
 
 SEED, SECONDS, RATE = 3, 3.0, 0.3
 DOMAIN = 66
 KILL_AT = 0.6  # fraction of the played messages after which grounding_node is killed
+T = output_topics()  # the nodes' topics as configured
 
 # Documented ranges for this drive (docs/bringup.md): wide enough for CPU noise and the shipped tiny models.
 RANGES = {
@@ -78,39 +79,39 @@ def test_every_node_started_and_published(live):
     for cap in live["caps"]:
         name = NODES[cap][0]
         assert "active on" in live["lines"][name], f"{name} never became active:\n{live['lines'][name][-2000:]}"
-    expected = {"occupancy": "/occupancy/voxels", "registration": "/odometry", "grounding": "/grounding/box"}
+    expected = {cap: T[SECTIONS[cap]]["primary"] for cap in PIPELINES}
     for cap in live["caps"]:
         assert info["received"].get(expected[cap], 0) > 0, f"{cap}: nothing on {expected[cap]}; {info}"
 
 
 def test_outputs_are_sane_and_carry_input_stamps(live):
     bag, out = live["bag"], live["out"] / "live.mcap"
-    lidar = input_stamps(bag, "/lidar/points")
-    images = input_stamps(bag, "/cameras/CAM_FRONT/image_raw")
+    lidar = input_stamps(bag, T["odometry"]["inputs"][0])
+    images = input_stamps(bag, T["grounding"]["image"])
     if "occupancy" in live["caps"]:
-        grids = messages(out, "/occupancy/grid")
+        grids = messages(out, T["occupancy"]["grid"])
         assert grids and {stamp_of(m) for m in grids} <= images
         for msg in grids:
             grid, origin, res = occupancy_grid_to_array(msg)
             assert msg.header.frame_id == "base_link" and grid.shape == (200, 200) and res == pytest.approx(0.4)
             assert set(np.unique(grid)) <= {-1, 0, 100} and (grid == 100).any() and (grid == 0).any()
-        for msg in messages(out, "/occupancy/voxels"):
+        for msg in messages(out, T["occupancy"]["voxels"]):
             cloud = pointcloud2_to_structured(msg)
             assert msg.header.frame_id == "base_link" and cloud.size > 100
             assert cloud["label"].max() < 17 and 0 <= cloud["confidence"].min() <= cloud["confidence"].max() <= 1
             assert np.all(np.abs(cloud["x"]) < 40) and np.all(np.abs(cloud["y"]) < 40)
     if "registration" in live["caps"]:
-        odo = messages(out, "/odometry")
+        odo = messages(out, T["odometry"]["odometry"])
         assert odo and {stamp_of(m) for m in odo} <= lidar
         stamps = [stamp_of(m) for m in odo]
         assert stamps == sorted(stamps) and len(set(stamps)) == len(stamps)  # never twice, in order
         for msg in odo:
-            T, cov = odometry_to_matrix(msg)
+            pose, cov = odometry_to_matrix(msg)
             assert msg.header.frame_id == "odom" and msg.child_frame_id == "base_link"
-            assert np.all(np.isfinite(T)) and np.allclose(cov, cov.T) and np.linalg.eigvalsh(cov).min() >= -1e-9
-        assert {stamp_of(m) for m in messages(out, "/lidar/pose")} <= lidar
+            assert np.all(np.isfinite(pose)) and np.allclose(cov, cov.T) and np.linalg.eigvalsh(cov).min() >= -1e-9
+        assert {stamp_of(m) for m in messages(out, T["odometry"]["pose"])} <= lidar
     if "grounding" in live["caps"]:
-        boxes, masks = messages(out, "/grounding/box"), messages(out, "/grounding/mask")
+        boxes, masks = messages(out, T["grounding"]["box"]), messages(out, T["grounding"]["mask"])
         assert boxes and {stamp_of(m) for m in boxes} <= images and {stamp_of(m) for m in masks} <= images
         for msg in boxes:
             assert msg.header.frame_id == "cam_front_optical" and len(msg.polygon.points) in (0, 4)
@@ -148,9 +149,10 @@ def test_killed_node_is_reported_and_the_others_keep_publishing(live):
     run, kill_ns = live["run"], live["killed"]["wall_ns"]
     info = live["info"]
     assert info["died"].get("grounding_node") == -signal.SIGKILL
-    after = {topic: [w for (t, _), w in run.recorder.receive_wall_ns.items() if t == topic and w > kill_ns + 1e9]
-             for topic in ("/odometry", "/occupancy/voxels", "/grounding/box")}
-    assert not after["/grounding/box"], "grounding_node published after it was killed (restarted?)"
-    for cap, topic in (("registration", "/odometry"), ("occupancy", "/occupancy/voxels")):
+    primary = {cap: T[SECTIONS[cap]]["primary"] for cap in PIPELINES}
+    after = {cap: [w for (t, _), w in run.recorder.receive_wall_ns.items() if t == topic and w > kill_ns + 1e9]
+             for cap, topic in primary.items()}
+    assert not after["grounding"], "grounding_node published after it was killed (restarted?)"
+    for cap in ("registration", "occupancy"):
         if cap in live["caps"]:
-            assert after[topic], f"{topic} stopped when grounding_node was killed"
+            assert after[cap], f"{primary[cap]} stopped when grounding_node was killed"

@@ -15,11 +15,12 @@ from vg_ros.convert import (
     stamp_of, xyz_fields_to_pointcloud2,
 )
 from vg_ros.geometry import make_T, voxel_centers
-from vg_ros.replay import format_summary, main, public, replay, score_bags
+from vg_ros.replay import format_summary, main, output_topics, public, replay, score_bags
 from vg_ros.types import FREE_CLASS
 
 SEED, SECONDS = 5, 2.0
 FRAMES = 20
+TOPICS = output_topics()  # the nodes' output topics, as configured
 
 
 @pytest.fixture(scope="module")
@@ -40,14 +41,14 @@ def write_outputs(bag, out, *, pose_error=None, box_shift=0.0, drop_every=0, los
                 if lose_class is not None:
                     sem = np.where(sem == lose_class, FREE_CLASS, sem).astype(np.uint8)
                 occ = sem != FREE_CLASS
-                dst.write("/occupancy/voxels", stamp, xyz_fields_to_pointcloud2(
+                dst.write(TOPICS["occupancy"]["voxels"], stamp, xyz_fields_to_pointcloud2(
                     voxel_centers(grid)[occ], {"label": sem[occ], "confidence": np.ones(occ.sum(), np.float32)},
                     stamp_ns=stamp, frame_id="base_link", flavor="rosbags"))
             elif topic == "/gt/ego_pose":
                 T = pose_stamped_to_matrix(msg)
                 if pose_error is not None:
                     T = T @ make_T(None, pose_error(stamp))
-                dst.write("/odometry", stamp, matrix_to_odometry(T, np.eye(6), stamp_ns=stamp, flavor="rosbags"))
+                dst.write(TOPICS["odometry"]["odometry"], stamp, matrix_to_odometry(T, np.eye(6), stamp_ns=stamp, flavor="rosbags"))
             else:
                 expr = msg_to_expression(msg)
                 k = (stamp - src.start_ns) // 100_000_000
@@ -59,9 +60,9 @@ def write_outputs(bag, out, *, pose_error=None, box_shift=0.0, drop_every=0, los
                     points = [Point32(x0 + w, y0, 0.9), Point32(x1 + w, y0, 0.9), Point32(x1 + w, y1, 0.9),
                               Point32(x0 + w, y1, 0.9)]
                     mask = expr.mask
-                dst.write("/grounding/box", stamp, PolygonStamped(header=make_header(stamp, "cam", "rosbags"),
+                dst.write(TOPICS["grounding"]["box"], stamp, PolygonStamped(header=make_header(stamp, "cam", "rosbags"),
                                                                   polygon=Polygon(points=points)))
-                dst.write("/grounding/mask", stamp, array_to_image(mask.astype(np.uint8) * 255, "mono8",
+                dst.write(TOPICS["grounding"]["mask"], stamp, array_to_image(mask.astype(np.uint8) * 255, "mono8",
                                                                    stamp_ns=stamp, flavor="rosbags"))
     return out
 
@@ -112,10 +113,14 @@ def test_replay_over_a_simulated_drive(bag, tmp_path):
     with BagReader(out) as rec:
         outputs = rec.topics
         written = {t: sorted(stamp_of(m) for _, _, _, m in rec.messages([t])) for t in outputs}
+    t = TOPICS
     expectations = {
-        "occupancy": (("/occupancy/grid", "nav_msgs/msg/OccupancyGrid"), ("/occupancy/voxels", "sensor_msgs/msg/PointCloud2")),
-        "odometry": (("/odometry", "nav_msgs/msg/Odometry"), ("/lidar/pose", "geometry_msgs/msg/PoseStamped")),
-        "grounding": (("/grounding/mask", "sensor_msgs/msg/Image"), ("/grounding/box", "geometry_msgs/msg/PolygonStamped")),
+        "occupancy": ((t["occupancy"]["grid"], "nav_msgs/msg/OccupancyGrid"),
+                      (t["occupancy"]["voxels"], "sensor_msgs/msg/PointCloud2")),
+        "odometry": ((t["odometry"]["odometry"], "nav_msgs/msg/Odometry"),
+                     (t["odometry"]["pose"], "geometry_msgs/msg/PoseStamped")),
+        "grounding": ((t["grounding"]["mask"], "sensor_msgs/msg/Image"),
+                      (t["grounding"]["box"], "geometry_msgs/msg/PolygonStamped")),
     }
     available = 0
     for section, topics in expectations.items():
@@ -130,13 +135,13 @@ def test_replay_over_a_simulated_drive(bag, tmp_path):
         assert sec["latency_ms"]["p50"] > 0 and sec["latency_ms"]["p50"] <= sec["latency_ms"]["p99"]
         assert sec["frames"] >= 1 and 0 < sec["coverage"] <= 1.0
     if clean["occupancy"].get("available") is not False:
-        assert written["/occupancy/voxels"] == lidar_stamps       # every camera set, its own stamp
+        assert written[t["occupancy"]["voxels"]] == lidar_stamps       # every camera set, its own stamp
         assert 0.0 <= clean["occupancy"]["miou"] <= 100.0
     if clean["odometry"].get("available") is not False:
         assert clean["odometry"]["frames"] >= FRAMES - 1
         assert clean["odometry"]["ate_m"] < 0.5                    # 2 s of driving
     if clean["grounding"].get("available") is not False:
-        assert written["/grounding/box"] == lidar_stamps           # one answer per command-camera image
+        assert written[t["grounding"]["box"]] == lidar_stamps           # one answer per command-camera image
     assert "real-time factor" in format_summary(result)
     print(f"replay over {SECONDS} s: {available} pipeline(s) available; {format_summary(result)}")
 

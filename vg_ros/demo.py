@@ -25,21 +25,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from vg_ros.replay import PIPELINES, SECTIONS, format_summary, merge_scores, public, replay, score_bags
+from vg_ros.replay import (
+    PIPELINES, SECTIONS, format_summary, merge_scores, output_topics, public, replay, score_bags,
+)
+from vg_ros.up import NODES
 
-# output topic -> (result section, the input topic whose publish time starts its latency clock)
-OUTPUTS: dict[str, tuple[str, str]] = {
-    "/occupancy/grid": ("occupancy", "/cameras/CAM_FRONT/image_raw"),
-    "/occupancy/voxels": ("occupancy", "/cameras/CAM_FRONT/image_raw"),
-    "/odometry": ("odometry", "/lidar/points"),
-    "/lidar/pose": ("odometry", "/lidar/points"),
-    "/grounding/mask": ("grounding", "/cameras/CAM_FRONT/image_raw"),
-    "/grounding/box": ("grounding", "/cameras/CAM_FRONT/image_raw"),
-    "/grounding/position": ("grounding", "/cameras/CAM_FRONT/image_raw"),
-}
-# the output whose count says how many frames a node answered
-PRIMARY = {"occupancy": "/occupancy/voxels", "odometry": "/odometry", "grounding": "/grounding/box"}
-
+NODE_NAMES = {cap: name for cap, (name, _) in NODES.items()}
 
 def _log(text: str) -> None:
     print(text, flush=True)
@@ -65,15 +56,25 @@ class LiveRun:
 
     def __init__(self, bag: Path, out: Path, *, rate: float, device: str, nodes: list[str],
                  config: str | None, startup_timeout_s: float, log_dir: Path,
-                 during_play: Callable[[Any, int], None] | None = None, quiet: bool = False) -> None:
+                 during_play: Callable[[Any, int], None] | None = None, quiet: bool = False,
+                 lossless: bool = True, queue_depth: int = 30) -> None:
         """`during_play(supervisor, messages_published)` is called after every published message (tests
-        use it to kill a node mid-run)."""
+        use it to kill a node mid-run). `lossless`: sensor topics reliable on both sides and node queues
+        `queue_depth` deep, so a slow node works off a backlog instead of losing frames (what scoring
+        against replay wants; a robot would keep the best-effort default and take the freshest frame)."""
         self.bag, self.out, self.rate, self.device = bag, out, rate, device
         self.nodes = nodes
         self.config = config
         self.startup_timeout_s = startup_timeout_s
         self.log_dir = log_dir
         self.during_play = during_play
+        self.lossless = lossless
+        self.queue_depth = int(queue_depth)
+        self.topics = output_topics(config)
+        self.expected = expected_frames(bag, self.topics)
+        sections = {SECTIONS[c] for c in nodes}
+        self.outputs = [t for name, sec in self.topics.items() if name in sections for k, t in sec.items()
+                        if k in ("grid", "voxels", "odometry", "pose", "mask", "box", "position")]
         self.diagnostics: dict[str, dict] = {}
         self.supervisor: Any = None
         self.recorder: Any = None
@@ -85,8 +86,9 @@ class LiveRun:
         from vg_ros.up import NODES, Supervisor, node_spec
 
         config = Path(self.config) if self.config else default_config_path()
-        specs = [node_spec(c, config=config.resolve(), device=self.device, use_sim_time=True, threads=1)
-                 for c in self.nodes]
+        qos_args = ["-p", "sensor_reliability:=reliable", "-p", f"qos_depth:={self.queue_depth}"] if self.lossless else []
+        specs = [node_spec(c, config=config.resolve(), device=self.device, use_sim_time=True, threads=1,
+                           extra_ros_args=qos_args) for c in self.nodes]
         node_logs: list[str] = []
 
         def on_line(line: str) -> None:
@@ -102,8 +104,10 @@ class LiveRun:
         summary: dict = {"published": {}}
         info: dict[str, Any] = {}
         try:
-            player = self.player = Player(ros.node, self.bag, rate=self.rate, track_stamps=True)
-            recorder = self.recorder = Recorder(ros.node, live_bag, list(OUTPUTS), overwrite=True, track_stamps=True)
+            player = self.player = Player(ros.node, self.bag, rate=self.rate, track_stamps=True,
+                                          reliable_sensors=self.lossless)
+            recorder = self.recorder = Recorder(ros.node, live_bag, self.outputs, overwrite=True,
+                                                track_stamps=True)
             from std_msgs.msg import String
             for capability in self.nodes:
                 name = NODES[capability][0]
@@ -137,6 +141,7 @@ class LiveRun:
             rec_summary = recorder.close() if recorder is not None else {"counts": {}}
             ros.close()
         info["exit_codes"] = codes
+        info["sections"] = [SECTIONS[c] for c in self.nodes]
         info["died"] = {n: c for n, c in sup.exit_codes.items() if c not in (0, -2)}
         info["published"] = summary["published"]
         info["skipped_topics"] = player.skipped
@@ -167,7 +172,7 @@ class LiveRun:
         if not sup.alive():
             return time.monotonic() - t0
         # DDS discovery both ways: the nodes' subscriptions must see our publishers, and we theirs
-        inputs = [t for t in ("/lidar/points", "/cameras/CAM_FRONT/image_raw", "/command") if t in player.topics]
+        inputs = [t for sec in self.topics.values() for t in sec["inputs"] if t in player.topics]
         player.wait_for_subscribers(inputs, timeout_s=10.0)
         end = time.monotonic() + 5.0
         while recorder.poll() and time.monotonic() < end:
@@ -177,27 +182,35 @@ class LiveRun:
         _log(f"[demo]     nodes ready after {ready:.0f} s: {', '.join(sup.alive()) or 'none'}")
         return ready
 
-    def _drain(self, recorder: Any, sup: Any, stop: threading.Event, quiet_s: float = 4.0,
-               limit_s: float = 60.0) -> None:
-        """Wait until no output arrived for `quiet_s` (the nodes worked off their queues)."""
+    def _drain(self, recorder: Any, sup: Any, stop: threading.Event, limit_s: float = 120.0) -> None:
+        """After playback, let the nodes work off their queues: wait until every running node answered
+        every expected frame, or no output arrived for `quiet` seconds (a few times the slowest latency
+        seen so far, at least 5 s), at most `limit_s`."""
         end = time.monotonic() + limit_s
         while time.monotonic() < end and not stop.is_set():
             recorder.poll()
             sup.poll()
-            if time.monotonic() - max(recorder.last_receive_wall, 0) > quiet_s:
+            running = {SECTIONS[c] for c in self.nodes if NODE_NAMES[c] in sup.alive()}
+            if all(recorder.counts.get(self.topics[sec]["primary"], 0) >= self.expected.get(sec, 0)
+                   for sec in running):
                 return
-            time.sleep(0.2)
+            slowest = max((p.get("p99") or 0.0 for p in self._latency(self.player, recorder).values()), default=0.0)
+            quiet = max(5.0, 3.0 * slowest / 1000.0)
+            if time.monotonic() - recorder.last_receive_wall > quiet:
+                return
+            time.sleep(0.25)
 
     def _latency(self, player: Any, recorder: Any) -> dict:
-        """End-to-end wall latency per section: output received - input published, same header stamp."""
+        """End-to-end wall latency per section: output received - last input published with that stamp."""
+        sent: dict[tuple[str, int], int] = player.publish_wall_ns
         per: dict[str, list[float]] = {}
-        for (topic, stamp), received in recorder.receive_wall_ns.items():
-            if topic not in OUTPUTS or topic != PRIMARY.get(OUTPUTS[topic][0]):
-                continue
-            section, source = OUTPUTS[topic]
-            sent = player.publish_wall_ns.get((source, stamp))
-            if sent is not None:
-                per.setdefault(section, []).append((received - sent) / 1e6)
+        for section, sec in self.topics.items():
+            for (topic, stamp), received in recorder.receive_wall_ns.items():
+                if topic != sec["primary"]:
+                    continue
+                times = [sent[(t, stamp)] for t in sec["inputs"] if (t, stamp) in sent]
+                if times:
+                    per.setdefault(section, []).append((received - max(times)) / 1e6)
         return {k: _percentiles(v) for k, v in per.items()}
 
 
@@ -217,23 +230,24 @@ def _bar(total: int, desc: str):
     return _progress(total, desc, _progress_enabled())
 
 
-def expected_frames(bag: Path) -> dict[str, int]:
-    """How many outputs each node should produce for the bag: LiDAR ticks, and command-camera images
-    from the first command on."""
+def expected_frames(bag: Path, topics: dict) -> dict[str, int]:
+    """How many outputs each node should produce for the bag: one per camera set / LiDAR scan, and one
+    per command-camera image from the first command on."""
     from vg_ros.bag import BagReader
-    from vg_ros.convert import stamp_of
     with BagReader(bag) as reader:
-        topics = reader.topics
-        lidar = topics.get("/lidar/points", ("", 0))[1]
+        counts = {t: c for t, (_, c) in reader.topics.items()}
+        occ_inputs = topics["occupancy"]["inputs"]
+        image = topics["grounding"]["image"]
         first_cmd = None
         images = 0
-        for topic, _, log_ns, msg in reader.messages([t for t in ("/command", "/cameras/CAM_FRONT/image_raw")
-                                                      if t in topics]):
+        wanted = [t for t in ("/command", image) if t in counts]
+        for topic, _, log_ns, _ in reader.messages(wanted) if wanted else ():
             if topic == "/command" and first_cmd is None:
                 first_cmd = log_ns
-            elif topic != "/command" and first_cmd is not None:
+            elif topic == image and first_cmd is not None:
                 images += 1
-    return {"occupancy": lidar, "odometry": lidar, "grounding": images}
+    return {"occupancy": max((counts.get(t, 0) for t in occ_inputs), default=0),
+            "odometry": counts.get(topics["odometry"]["inputs"][0], 0), "grounding": images}
 
 
 def comparison_table(live: dict, offline: dict | None) -> str:
@@ -258,9 +272,12 @@ def comparison_table(live: dict, offline: dict | None) -> str:
     return "\n".join(lines)
 
 
-def drops_table(live_info: dict, expected: dict[str, int], live: dict) -> str:
+def drops_table(live_info: dict, expected: dict[str, int], topics: dict) -> str:
     lines = ["frames answered (live) / expected, and drops counted by each node:"]
-    for section, topic in PRIMARY.items():
+    for section, sec in topics.items():
+        if section not in expected or section not in live_info.get("sections", topics):
+            continue
+        topic = sec["primary"]
         got = live_info.get("received", {}).get(topic, 0)
         lines.append(f"  {section:<10} {got:>4} / {expected.get(section, 0):<4} ({topic})")
     for node, diag in sorted(live_info.get("diagnostics", {}).items()):
@@ -295,6 +312,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--nodes", nargs="+", default=list(PIPELINES), choices=PIPELINES, help="which nodes to run")
     parser.add_argument("--config", default=None, help="ROS params file (default config/perception.yaml)")
     parser.add_argument("--startup-timeout", type=float, default=240.0, help="seconds to wait for the nodes to load")
+    parser.add_argument("--best-effort", action="store_true",
+                        help="sensor QoS as on a robot (best effort, shallow queues: a slow node drops frames) "
+                             "instead of reliable with 30-deep queues")
     parser.add_argument("--json", action="store_true", help="also print the result as one JSON object")
     args = parser.parse_args(argv)
     if not args.seconds > 0:
@@ -311,9 +331,10 @@ def main(argv: list[str]) -> int:
     except OSError as exc:
         raise UserError(f"--out {out}: not writable ({exc})") from None
     t_start = time.monotonic()
+    topics = output_topics(args.config)
     try:
         bag = Path(args.bag) if args.bag else simulate(out, args.seed, args.seconds)
-        expected = expected_frames(bag)
+        expected = expected_frames(bag, topics)
     except ValueError as exc:
         raise UserError(str(exc)) from None
 
@@ -332,7 +353,8 @@ def main(argv: list[str]) -> int:
     else:
         os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
         live_info = LiveRun(bag, out, rate=args.rate, device=args.device, nodes=list(args.nodes), config=args.config,
-                            startup_timeout_s=args.startup_timeout, log_dir=out / "logs").run()
+                            startup_timeout_s=args.startup_timeout, log_dir=out / "logs",
+                            lossless=not args.best_effort).run()
         out_bag = Path(live_info["live_bag"])
         result = {"sensor_seconds": (offline or {}).get("sensor_seconds"), "rate": args.rate,
                   "wall_seconds": live_info.get("play_wall_s"), "live": public(live_info)}
@@ -347,11 +369,11 @@ def main(argv: list[str]) -> int:
         for name in PIPELINES:
             if name not in args.nodes:
                 result[SECTIONS[name]] = {"available": False, "reason": "not requested (--nodes)"}
-        merge_scores(result, score_bags(bag, out_bag))
+        merge_scores(result, score_bags(bag, out_bag, topics=topics))
         for name in args.nodes:
             section = SECTIONS[name]
             node = f"{name}_node"
-            if node in live_info["died"] and not live_info["received"].get(PRIMARY[section]):
+            if node in live_info["died"] and not live_info["received"].get(topics[section]["primary"]):
                 last = (live_info.get("last_lines") or {}).get(node, "")
                 result[section].update({"available": False,
                                         "reason": f"{node} exited (code {live_info['died'][node]}): {last}"})
@@ -359,9 +381,9 @@ def main(argv: list[str]) -> int:
             result["replay"] = public(offline)
         title = f"vg-ros demo: live nodes over DDS at {args.rate}x"
         extra = "<h2>live vs replay</h2><pre>" + _esc(comparison_table(result, offline)) + "</pre>" \
-                + "<h2>drops and latency</h2><pre>" + _esc(drops_table(live_info, expected, result)) + "</pre>"
+                + "<h2>drops and latency</h2><pre>" + _esc(drops_table(live_info, expected, topics)) + "</pre>"
     from vg_ros.report import write_report
-    index = write_report(out / "report", bag, out_bag, result, title=title, extra_html=extra)
+    index = write_report(out / "report", bag, out_bag, result, title=title, extra_html=extra, topics=topics)
     result["report"] = str(index)
     result["total_wall_seconds"] = time.monotonic() - t_start
     print()
@@ -370,7 +392,7 @@ def main(argv: list[str]) -> int:
         print()
         print(comparison_table(result, offline))
         print()
-        print(drops_table(live_info, expected, result))
+        print(drops_table(live_info, expected, topics))
     print(f"\nreport: {index}   (total {result['total_wall_seconds']:.0f} s)")
     (out / "result.json").write_text(json.dumps(public(result), indent=2, sort_keys=True))
     if args.json:

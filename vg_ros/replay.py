@@ -6,8 +6,8 @@ Messages are read in log-time order and handed to one stage per pipeline, each c
 node (the node's own parameter defaults, then its section of `config/perception.yaml`): the occupancy
 stage synchronises the rig's cameras with the node's approximate-time policy (`ApproxTimeSync`), the
 registration stage runs LiDAR odometry scan by scan, the grounding stage follows `/command` and the
-command camera. Each stage writes the messages its node publishes (same topics, same types, the input's
-header stamp) into OUT.mcap:
+command camera. Each stage writes the messages its node publishes (same topics — the node's topic
+parameters —, same types, the input's header stamp) into OUT.mcap; with the stage defaults:
 
     /occupancy/grid      nav_msgs/OccupancyGrid       /occupancy/voxels  sensor_msgs/PointCloud2 (x,y,z,label,confidence)
     /odometry            nav_msgs/Odometry            /lidar/pose        geometry_msgs/PoseStamped
@@ -53,7 +53,7 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "cameras": [], "grid_topic": "/occupancy/grid", "voxels_topic": "/occupancy/voxels",
         "sync_slop": 0.05, "sync_queue": 10, "missing_camera_timeout": 0.5,
     },
-    "registration": {"points_topic": "/lidar/points", "odometry_topic": "/odometry", "pose_topic": "/lidar/pose",
+    "registration": {"points_topic": "/lidar/points", "odom_topic": "/odometry", "pose_topic": "/lidar/pose",
                      "odom_frame": "odom"},
     "grounding": {"image_topic": "/cameras/CAM_FRONT/image_raw", "camera_info_topic": "/cameras/CAM_FRONT/camera_info",
                   "command_topic": "/command", "points_topic": "/lidar/points", "mask_topic": "/grounding/mask",
@@ -117,6 +117,32 @@ def node_settings(capability: str, config_path: str | Path | None = None) -> tup
         rest = section
     params.update(rest)
     return cfg, params
+
+
+def output_topics(config_path: str | Path | None = None) -> dict[str, dict[str, Any]]:
+    """What each node publishes (and reads), from its parameters as configured:
+    {"occupancy": {"grid", "voxels", "images"}, "odometry": {"odometry", "pose", "points"},
+     "grounding": {"mask", "box", "position", "image"}}. `primary` names the output counted per frame."""
+    from vg_ros.types import Rig
+    p: dict[str, dict] = {}
+    for cap in PIPELINES:
+        try:
+            p[cap] = node_settings(cap, config_path)[1]
+        except (PipelineUnavailable, ValueError):
+            p[cap] = {**STAGE_DEFAULTS[cap]}
+    occ, reg, gro = p["occupancy"], p["registration"], p["grounding"]
+    try:
+        names = list(occ.get("cameras") or [c.name for c in Rig.load(str(occ.get("rig", "default"))).cameras])
+    except ValueError:
+        names = []
+    return {
+        "occupancy": {"grid": occ["grid_topic"], "voxels": occ["voxels_topic"], "primary": occ["voxels_topic"],
+                      "inputs": [str(occ["image_topic_pattern"]).format(name=n) for n in names]},
+        "odometry": {"odometry": reg["odom_topic"], "pose": reg["pose_topic"], "primary": reg["odom_topic"],
+                     "inputs": [reg["points_topic"]]},
+        "grounding": {"mask": gro["mask_topic"], "box": gro["box_topic"], "position": gro["position_topic"],
+                      "primary": gro["box_topic"], "inputs": [gro["image_topic"]], "image": gro["image_topic"]},
+    }
 
 
 def latency_ms(seconds: list[float]) -> dict:
@@ -244,15 +270,23 @@ class RegistrationStage(Stage):
 
     def __init__(self, cfg: Any, params: dict, writer: Any, extrinsics: Any, device: str) -> None:
         super().__init__(params, writer)
+        weights = params.get("weights", "default")
+        self.weights = None if str(weights).lower() in ("", "none") else weights
+        self.device = device
+        self.global_registration = None
         try:
             self.odometry_cls = importlib.import_module("vg_ros.registration.odometry").LidarOdometry
-        except (ImportError, AttributeError) as exc:
+            if cfg is not None and cfg.relocalize:  # as the node: a missing checkpoint fails here, clearly
+                from vg_ros.registration.pipeline import RegistrationConfig, RegistrationPipeline
+                self.global_registration = RegistrationPipeline(RegistrationConfig.preset(cfg.global_preset),
+                                                                weights=self.weights, device=device)
+        except (ImportError, AttributeError, FileNotFoundError, OSError, ValueError, RuntimeError) as exc:
             raise PipelineUnavailable(f"{type(exc).__name__}: {exc}") from None
         self.cfg = cfg
         self.odometry = None  # built at the first scan, with base_link <- its frame from /tf_static or the rig
         self.extrinsics = extrinsics
         self.topics = {params["points_topic"]}
-        writer.add_topic(params["odometry_topic"], "nav_msgs/msg/Odometry")
+        writer.add_topic(params["odom_topic"], "nav_msgs/msg/Odometry")
         writer.add_topic(params["pose_topic"], "geometry_msgs/msg/PoseStamped")
         self.failed = 0
 
@@ -265,7 +299,10 @@ class RegistrationStage(Stage):
             scan = pointcloud2_to_scan(msg)
             if self.odometry is None:
                 T_base_lidar, _ = self.extrinsics.lookup(msg.header.frame_id)
-                self.odometry = self.odometry_cls(self.cfg, T_base_lidar=T_base_lidar)
+                self.odometry = self.odometry_cls(self.cfg, T_base_lidar=T_base_lidar, weights=self.weights,
+                                                  device=self.device)
+                if self.global_registration is not None:
+                    self.odometry._global = self.global_registration  # loaded once, as registration_node does
             result = self.timed(lambda: self.odometry.update(scan))
         except (ValueError, KeyError) as exc:
             self.drops.drop(f"pipeline_error:{type(exc).__name__}", f"scan {stamp}: {exc}")
@@ -276,7 +313,7 @@ class RegistrationStage(Stage):
             return
         odom = str(self.params.get("odom_frame", "odom"))
         base = str(self.params.get("base_frame", "base_link"))
-        self.writer.write(self.params["odometry_topic"], stamp, matrix_to_odometry(
+        self.writer.write(self.params["odom_topic"], stamp, matrix_to_odometry(
             result.pose, result.covariance, stamp_ns=stamp, frame_id=odom, child_frame_id=base, flavor="rosbags"))
         self.writer.write(self.params["pose_topic"], stamp, matrix_to_pose_stamped(
             result.pose, stamp_ns=stamp, frame_id=odom, flavor="rosbags"))
@@ -474,7 +511,7 @@ def replay(bag: str | Path, out: str | Path, *, config: str | Path | None = None
     result["wall_seconds"] = wall
     result["realtime_factor"] = sensor_seconds / wall if wall > 0 else None
     if score:
-        merge_scores(result, score_bags(bag, out))
+        merge_scores(result, score_bags(bag, out, config=config))
     return result
 
 
@@ -532,25 +569,19 @@ def _box_of_polygon(msg: Any) -> tuple[bool, np.ndarray, float]:
     return True, np.array([min(xs), min(ys), max(xs), max(ys)], dtype=np.float64), float(pts[0].z)
 
 
-def _grounding_image_topic() -> str:
-    """The grounding node's image topic as configured (its ground truth is scored on that camera only)."""
-    try:
-        return str(node_settings("grounding")[1]["image_topic"])
-    except (PipelineUnavailable, ValueError):
-        return str(STAGE_DEFAULTS["grounding"]["image_topic"])
-
-
 def score_bags(in_bag: str | Path, out_bag: str | Path, *, grounding_image_topic: str | None = None,
-               keep_frames: int = 0) -> dict:
+               keep_frames: int = 0, topics: dict | None = None, config: str | Path | None = None) -> dict:
     """Score the outputs in `out_bag` against the `/gt/*` of `in_bag` (see the module docstring).
 
     Returns {"occupancy": {...}, "odometry": {...}, "grounding": {...}} for the sections with ground
     truth and outputs; with `keep_frames` N > 0, each section also carries the data the report draws for
-    about N evenly spaced frames (keys starting with '_')."""
+    about N evenly spaced frames (keys starting with '_'). Output topic names come from `topics`
+    (default: `output_topics(config)`, i.e. the nodes' parameters)."""
     from vg_ros.bag import BagReader
     from vg_ros.convert import image_to_array, msg_to_expression, msg_to_voxel_grid, odometry_to_matrix
     from vg_ros.convert import pose_stamped_to_matrix, stamp_of
 
+    topics = topics or output_topics(config)
     with BagReader(out_bag) as out:
         out_topics = set(out.topics)
         pred: dict[str, dict[int, Any]] = collections.defaultdict(dict)
@@ -570,7 +601,7 @@ def score_bags(in_bag: str | Path, out_bag: str | Path, *, grounding_image_topic
             gt_frames = 0
             frames = []
             keep = every(GT_TOPICS["occupancy"])
-            voxels = pred.get("/occupancy/voxels", {})
+            voxels = pred.get(topics["occupancy"]["voxels"], {})
             for _, _, _, msg in src.messages([GT_TOPICS["occupancy"]]):
                 gt_frames += 1
                 stamp = stamp_of(msg)
@@ -596,11 +627,11 @@ def score_bags(in_bag: str | Path, out_bag: str | Path, *, grounding_image_topic
         if GT_TOPICS["odometry"] in gt_topics:
             from vg_ros.registration.metrics import ate, rpe_drift_percent
             gt_poses = {stamp_of(m): pose_stamped_to_matrix(m) for _, _, _, m in src.messages([GT_TOPICS["odometry"]])}
-            odo = pred.get("/odometry", {})
+            odo = pred.get(topics["odometry"]["odometry"], {})
             stamps = sorted(s for s in odo if s in gt_poses)
             section: dict = {"frames": len(stamps), "gt_frames": len(gt_poses),
                              "coverage": len(stamps) / max(len(gt_poses), 1)}
-            if len(stamps) >= 2:
+            if len(stamps) >= 3:  # ATE aligns rigidly: fewer poses say nothing
                 est = np.stack([odometry_to_matrix(odo[s])[0] for s in stamps])
                 gt = np.stack([gt_poses[s] for s in stamps])
                 section.update({"ate_m": ate(est, gt), "drift_pct": rpe_drift_percent(est, gt),
@@ -614,9 +645,9 @@ def score_bags(in_bag: str | Path, out_bag: str | Path, *, grounding_image_topic
         # grounding
         if GT_TOPICS["grounding"] in gt_topics:
             from vg_ros.grounding.metrics import box_iou, mask_ious
-            image_topic = grounding_image_topic or _grounding_image_topic()
+            image_topic = grounding_image_topic or topics["grounding"]["image"]
             camera = image_topic.strip("/").split("/")[1] if image_topic.startswith("/cameras/") else None
-            boxes, masks = pred.get("/grounding/box", {}), pred.get("/grounding/mask", {})
+            boxes, masks = pred.get(topics["grounding"]["box"], {}), pred.get(topics["grounding"]["mask"], {})
             ious, m_ious, hops, found, frames = [], [], [], 0, []
             keep = every(GT_TOPICS["grounding"])
             gt_count = other_camera = invisible = found_invisible = 0
@@ -646,7 +677,7 @@ def score_bags(in_bag: str | Path, out_bag: str | Path, *, grounding_image_topic
             section = {"frames": len(ious), "gt_frames": gt_count, "coverage": len(ious) / max(gt_count, 1),
                        "found_rate": found / max(len(ious), 1), "gt_on_other_cameras": other_camera,
                        "gt_target_not_visible": invisible, "found_when_not_visible": found_invisible,
-                       "camera": camera}
+                       "camera": camera, "image_topic": image_topic}
             if ious:
                 ious_a, m_a, hops_a = np.asarray(ious), np.asarray(m_ious), np.asarray(hops)
                 section.update({
@@ -753,7 +784,8 @@ def main(argv: list[str]) -> int:
         raise UserError(str(exc)) from None
     if args.report:
         from vg_ros.report import write_report
-        index = write_report(args.report, args.bag, args.out, result, title="vg-ros replay")
+        index = write_report(args.report, args.bag, args.out, result, title="vg-ros replay",
+                             topics=output_topics(args.config))
         result["report"] = str(index)
     if args.json:
         print(json.dumps(public(result), sort_keys=True))

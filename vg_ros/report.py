@@ -120,11 +120,11 @@ def _images_at(bag: str | Path, topic: str, stamps: set[int]) -> dict[int, np.nd
     return found
 
 
-def draw_grounding(path: Path, frames: list, in_bag: str | Path, camera: str | None) -> Path | None:
-    if not frames or not camera:
+def draw_grounding(path: Path, frames: list, in_bag: str | Path, image_topic: str | None) -> Path | None:
+    if not frames or not image_topic:
         return None
     plt = _plt()
-    images = _images_at(in_bag, f"/cameras/{camera}/image_raw", {f[0] for f in frames})
+    images = _images_at(in_bag, image_topic, {f[0] for f in frames})
     frames = [f for f in frames if f[0] in images][:4]
     if not frames:
         return None
@@ -152,12 +152,13 @@ def draw_grounding(path: Path, frames: list, in_bag: str | Path, camera: str | N
 
 
 def write_report(out_dir: str | Path, in_bag: str | Path, out_bag: str | Path, result: dict, *,
-                 title: str = "vg_ros report", frames: int = 4, extra_html: str = "") -> Path:
+                 title: str = "vg_ros report", frames: int = 4, extra_html: str = "",
+                 topics: dict | None = None) -> Path:
     """Write index.html, the PNGs and result.json into `out_dir`; returns the index path."""
     from vg_ros.replay import format_summary, public, score_bags, summary_rows
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    detail = score_bags(in_bag, out_bag, keep_frames=frames)
+    detail = score_bags(in_bag, out_bag, keep_frames=frames, topics=topics)
     pictures = []
     occ = detail.get("occupancy", {})
     if (p := draw_bev(out / "bev.png", occ.get("_frames", []))) is not None:
@@ -166,7 +167,7 @@ def write_report(out_dir: str | Path, in_bag: str | Path, out_bag: str | Path, r
     if (p := draw_trajectory(out / "trajectory.png", odo.get("_traj"), odo)) is not None:
         pictures.append((p.name, "trajectory vs ground truth"))
     gro = detail.get("grounding", {})
-    if (p := draw_grounding(out / "grounding.png", gro.get("_frames", []), in_bag, gro.get("camera"))) is not None:
+    if (p := draw_grounding(out / "grounding.png", gro.get("_frames", []), in_bag, gro.get("image_topic"))) is not None:
         pictures.append((p.name, "grounding: command, GT box (green), prediction (red)"))
     clean = public(result)
     (out / "result.json").write_text(json.dumps(clean, indent=2, sort_keys=True))
