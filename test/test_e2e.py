@@ -44,7 +44,8 @@ def live(tmp_path_factory):
     caps = runnable_nodes()
     if not caps:
         pytest.skip("no node module in this checkout (vg_ros/nodes/*_node.py)")
-    os.environ["ROS_DOMAIN_ID"] = str(DOMAIN)
+    previous_domain = os.environ.get("ROS_DOMAIN_ID")
+    os.environ["ROS_DOMAIN_ID"] = str(DOMAIN)  # the node processes inherit it
     bag = sim_bag(SEED, SECONDS)
     out = tmp_path_factory.mktemp("e2e")
     with BagReader(bag) as reader:
@@ -58,8 +59,14 @@ def live(tmp_path_factory):
 
     run = LiveRun(bag, out, rate=RATE, device="cpu", nodes=caps, config=None, startup_timeout_s=150.0,
                   log_dir=out / "logs", during_play=during_play)
-    info = run.run()
-    return {"bag": bag, "out": out, "info": info, "run": run, "killed": killed, "caps": caps,
+    try:
+        info = run.run()
+    finally:
+        if previous_domain is None:
+            os.environ.pop("ROS_DOMAIN_ID", None)
+        else:
+            os.environ["ROS_DOMAIN_ID"] = previous_domain
+    yield {"bag": bag, "out": out, "info": info, "run": run, "killed": killed, "caps": caps,
             "lines": {n: "\n".join(run.supervisor.lines[n]) for n in run.supervisor.specs}}
 
 
