@@ -142,6 +142,15 @@ def test_sync_partial_sets_after_timeout_when_a_camera_is_missing():
     assert [m[0] for m in out] == [f"a{k}" for k in range(6)]
 
 
+def test_sync_flush_ignores_a_clock_of_another_time_base():
+    sync, out, drops = make_sync(2, slop_s=0.02, partial_timeout_s=0.25)
+    sync.add(0, "a0", 100 * MS)
+    sync.flush(10**18)              # wall clock against bag stamps: no early partial set
+    assert out == [] and sync.pending() == 1
+    sync.flush(400 * MS)            # the same time base: the timeout applies
+    assert out == [("a0", None)]
+
+
 def test_sync_partial_below_min_topics_is_dropped():
     sync, out, drops = make_sync(3, slop_s=0.02, partial_timeout_s=0.1, min_topics=2)
     sync.add(0, "lonely", 100 * MS)

@@ -247,10 +247,18 @@ class ApproxTimeSync:
         for msgs in ready:
             self.callback(*msgs)
 
+    # A clock this far from the newest stamp is another time base (wall clock vs bag time): ignored.
+    CLOCK_MISMATCH_NS = 60 * 1_000_000_000
+
     def flush(self, now_ns: int) -> None:
-        """Apply the partial-set timeout against `now_ns` (no effect without `partial_timeout_s`)."""
+        """Apply the partial-set timeout against `now_ns` (no effect without `partial_timeout_s`).
+        A `now_ns` more than a minute away from the newest stamp seen is another clock (a bag played
+        without use_sim_time): then only stamp time counts, so nothing is flushed early."""
         with self._lock:
-            ready = self._expire(int(now_ns))
+            now_ns = int(now_ns)
+            if self.newest_ns is not None and abs(now_ns - self.newest_ns) > self.CLOCK_MISMATCH_NS:
+                now_ns = self.newest_ns
+            ready = self._expire(now_ns)
         for msgs in ready:
             self.callback(*msgs)
 
