@@ -38,9 +38,9 @@ class VGLAWSpec:
     img_h: int = 176
     img_w: int = 320
     patch: int = 16
-    width: int = 128
+    width: int = 96
     depth: int = 4
-    heads: int = 4
+    heads: int = 3
     mlp_ratio: float = 4.0
     text_dim: int = 384
     groups: int = 8        # G of the grouped token attention
