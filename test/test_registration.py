@@ -17,12 +17,12 @@ import torch
 
 @pytest.fixture(scope="module")
 def indoor() -> RegistrationPipeline:
-    return RegistrationPipeline(RegistrationConfig.preset("indoor"), weights=None)
+    return RegistrationPipeline(RegistrationConfig.preset("indoor"), weights="default")
 
 
 @pytest.fixture(scope="module")
 def lidar() -> RegistrationPipeline:
-    return RegistrationPipeline(RegistrationConfig.preset("lidar"), weights=None)
+    return RegistrationPipeline(RegistrationConfig.preset("lidar"), weights="default")
 
 
 def real_pairs(root):
@@ -58,6 +58,14 @@ def test_real_pairs_register_from_identity(shared_data, indoor, lidar):
         assert np.sqrt(np.diag(cov)[:3]).max() < max_te
 
 
+def test_real_pairs_compatibility_only(shared_data):
+    """Without the network (weights=None) the same search still registers every real pair."""
+    for name, preset, src, dst, gt in real_pairs(shared_data):
+        res = RegistrationPipeline(RegistrationConfig.preset(preset), weights=None).register(src, dst)
+        max_re, max_te = THRESH[preset]
+        assert rotation_error_deg(res.transform, gt) < max_re and translation_error(res.transform, gt) < max_te, name
+
+
 def test_real_pair_is_deterministic(shared_data, lidar):
     _, _, src, dst, _ = real_pairs(shared_data)[2]
     first, second = lidar.register(src, dst), lidar.register(src, dst)
@@ -76,7 +84,7 @@ def test_correspondence_outlier_sets(shared_data, bench):
     noise_bound = float((folder / "parameters.txt").read_text().split("Noise Bound:")[1].split()[0])
     noise_bound = max(noise_bound, 1e-3)
     cfg = RegistrationConfig.preset("indoor").replace(min_inliers=3)
-    pipe = RegistrationPipeline(cfg, weights=None)
+    pipe = RegistrationPipeline(cfg, weights="default")
     res = pipe.solve_correspondences(src, dst, tau=2 * noise_bound, estimate_scale_too=True, noise_bound=noise_bound)
     scale = np.cbrt(np.linalg.det(res.transform[:3, :3]))
     assert rotation_error_deg(res.transform[:3, :3] / scale, R_ref) < 2.0
@@ -166,7 +174,7 @@ def test_huge_cloud_is_downsampled_not_a_crash():
     base, moved, T = synthetic_pair(5)
     huge = np.repeat(moved.astype(np.float32), 10_000_000 // len(moved) + 1, axis=0)[:10_000_000]
     huge += rng.normal(0, 0.002, size=(1, 3)).astype(np.float32)
-    pipe = RegistrationPipeline(RegistrationConfig.preset("indoor"), weights=None)
+    pipe = RegistrationPipeline(RegistrationConfig.preset("indoor"), weights="default")
     res = pipe.register(base, huge)
     assert res.seconds < 60
     assert rotation_error_deg(res.transform, T) < 5.0

@@ -53,6 +53,8 @@ class RegistrationConfig(PipelineConfig):
     kappa: int = param(40, "hypothetical inliers per seed (kappa - 1 voted + the seed)", low=3, high=1000)
     wilson_z: float = param(1.96, "z of the Wilson score lower bound on votes", low=0.0, high=10.0)
     refine_iterations: int = param(20, "max reweighted least-squares iterations", low=0, high=1000)
+    confidence_weighting: bool = param(True, "weight hypothesis scores and the final least squares by the inlier "
+                                       "confidence (false: count every correspondence alike, as the paper's score)")
     verify_candidates: int = param(5, "distinct best hypotheses checked against the full clouds (overlap); 1 = "
                                    "take the best correspondence score as the paper does", low=1, high=100)
     local_refine: bool = param(True, "refine with GICP (small_gicp) on the downsampled clouds")
@@ -273,7 +275,8 @@ class RegistrationPipeline:
         found = voting_search(src_t, dst_t, confidence.double(), voters.double(), tau=tau, kappa=cfg.kappa,
                               num_seeds=num_seeds, nms_radius=cfg.nms_radius, wilson_z=cfg.wilson_z,
                               refine_iterations=cfg.refine_iterations,
-                              num_candidates=cfg.verify_candidates if verify is not None else 1)
+                              num_candidates=cfg.verify_candidates if verify is not None else 1,
+                              confidence_weighting=cfg.confidence_weighting)
         T, mask, score = found.transform, found.inlier_mask, found.score
         if verify is not None and len(found.candidates) > 1:
             overlaps = [verify(candidate[0]) for candidate in found.candidates]

@@ -74,9 +74,12 @@ def residuals(T: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> torch.Te
     return torch.linalg.norm(moved - dst[None], dim=-1)
 
 
-def hypothesis_score(dist: torch.Tensor, tau: float) -> torch.Tensor:
-    """sum_i 1(d_i < tau) (1 - d_i^2 / tau^2) per hypothesis: dist (S, N) -> (S,)."""
-    return torch.clamp(1.0 - dist ** 2 / (tau * tau), min=0.0).sum(dim=-1)
+def hypothesis_score(dist: torch.Tensor, tau: float, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_i w_i 1(d_i < tau) (1 - d_i^2 / tau^2) per hypothesis: dist (S, N) -> (S,); w = 1 by default."""
+    truncated = torch.clamp(1.0 - dist ** 2 / (tau * tau), min=0.0)
+    if weights is not None:
+        truncated = truncated * weights
+    return truncated.sum(dim=-1)
 
 
 def vote(voters: torch.Tensor, seeds: torch.Tensor, kappa: int) -> torch.Tensor:
@@ -138,11 +141,14 @@ def distinct_best(T_all: torch.Tensor, scores: torch.Tensor, count: int, min_shi
 
 def voting_search(src: torch.Tensor, dst: torch.Tensor, confidence: torch.Tensor, voters: torch.Tensor, *,
                   tau: float, kappa: int = 40, num_seeds: int = 100, nms_radius: float = 0.1, wilson_z: float = 1.96,
-                  refine_iterations: int = 20, num_candidates: int = 1) -> SearchResult:
+                  refine_iterations: int = 20, num_candidates: int = 1,
+                  confidence_weighting: bool = False) -> SearchResult:
     """The full search. src/dst (N, 3) float64; confidence (N,); voters (V, N, N).
 
     `num_candidates` > 1 also refines the next-best distinct hypotheses (`SearchResult.candidates`)
-    so a caller holding the clouds can verify them against the full geometry."""
+    so a caller holding the clouds can verify them against the full geometry. `confidence_weighting`
+    weights the hypothesis score and the final least squares by the inlier confidence (PointDSC-style)
+    instead of counting every correspondence alike."""
     N = src.shape[0]
     if N < 3:
         raise ValueError(f"voting_search: need at least 3 correspondences, got {N}")
@@ -156,13 +162,14 @@ def voting_search(src: torch.Tensor, dst: torch.Tensor, confidence: torch.Tensor
     weights = torch.cat([torch.ones(S, 1, dtype=support.dtype, device=support.device), top_support], dim=1)
     T_all = weighted_kabsch(src[members], dst[members], weights.to(src.dtype))
     dist = residuals(T_all, src, dst)
-    scores = hypothesis_score(dist, tau)
+    weight = confidence.to(src.dtype) if confidence_weighting else None
+    scores = hypothesis_score(dist, tau, weight)
     picks = distinct_best(T_all, scores, max(1, num_candidates), min_shift=tau)
     candidates = []
     for index in picks:
-        T_ref, mask = refine(T_all[index], src, dst, tau, refine_iterations)
+        T_ref, mask = refine(T_all[index], src, dst, tau, refine_iterations, prior_weight=weight)
         d = residuals(T_ref[None], src, dst)[0]
-        candidates.append((T_ref.cpu().numpy(), mask.cpu().numpy(), float(hypothesis_score(d[None], tau)[0])))
+        candidates.append((T_ref.cpu().numpy(), mask.cpu().numpy(), float(hypothesis_score(d[None], tau, weight)[0])))
     T_best, mask_best, score_best = candidates[0]
     d_final = residuals(torch.as_tensor(T_best, dtype=src.dtype, device=src.device)[None], src, dst)[0]
     return SearchResult(T_best, mask_best, score_best, S, d_final.cpu().numpy(), candidates)

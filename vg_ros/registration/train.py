@@ -27,6 +27,9 @@ from vg_ros.registration.model import VBRegNet, elbo_loss, spatial_compatibility
 from vg_ros.registration.pipeline import DEFAULT_WEIGHTS, RegistrationConfig, RegistrationPipeline
 
 CACHE_DIR = Path(__file__).resolve().parent.parent.parent / ".cache" / "registration"
+# The RegistrationConfig fields that shape a correspondence set (the cache key); the rest only affect solving.
+MATCHING_FIELDS = ("voxel_size", "normal_radius", "fpfh_radius", "fpfh_max_nn", "max_points", "max_keypoints", "mutual",
+                   "max_correspondences", "tau", "max_match_normal_z")
 TRAIN_SEEDS = tuple(range(0, 24))
 HELDOUT_SEEDS = tuple(range(9000, 9010))
 
@@ -131,7 +134,8 @@ def correspondence_set(pipe: RegistrationPipeline, pair: CloudPair) -> dict[str,
 
 def cached_sets(source: str, pairs_fn, pipe: RegistrationPipeline, key: dict) -> list[dict[str, np.ndarray]]:
     """Correspondence sets for `source`, from `.cache/registration/` when the key (config + spec) matches."""
-    digest = hashlib.sha1(json.dumps({**key, "cfg": pipe.cfg.to_dict()}, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    matching = {k: v for k, v in pipe.cfg.to_dict().items() if k in MATCHING_FIELDS}
+    digest = hashlib.sha1(json.dumps({**key, "cfg": matching}, sort_keys=True, default=str).encode()).hexdigest()[:10]
     path = CACHE_DIR / f"{source}_{digest}.npz"
     if path.exists():
         with np.load(path) as data:
