@@ -79,15 +79,16 @@ def lr_factor(progress: float, warmup: float) -> float:
 
 def train(split, *, config: str = "tiny", steps: int = 3000, minutes: float = 25.0, batch: int = 32,
           lr: float = 1e-3, weight_decay: float = 0.05, warmup: float = 0.05, seed: int = 0,
-          phi_zero: bool = False, device: str | torch.device = "cpu", spec=None, log=print) -> tuple[VGLAW, dict]:
-    """Train a fresh model (`spec` overrides the named `config`); returns (model, history {"steps",
-    "seconds", "final_loss"})."""
+          phi_zero: bool = False, device: str | torch.device = "cpu", spec=None, init: VGLAW | None = None,
+          log=print) -> tuple[VGLAW, dict]:
+    """Train a fresh model (`spec` overrides the named `config`), or continue `init`; returns (model,
+    history {"steps", "seconds", "final_loss"})."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    spec = spec or spec_by_name(config)
+    spec = init.spec if init is not None else (spec or spec_by_name(config))
     if split.size != (spec.img_h, spec.img_w):
         raise ValueError(f"dataset images are {split.size}, the {config} model takes {(spec.img_h, spec.img_w)}")
-    model = VGLAW(spec).to(device).train()
+    model = (init if init is not None else VGLAW(spec)).to(device).train()
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or n.endswith("pos_embed")]
     decay = [p for n, p in model.named_parameters() if not (p.ndim < 2 or n.endswith("pos_embed"))]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
@@ -137,6 +138,8 @@ def write_card(path: Path, *, args, history: dict, result: dict | None, weights:
         f"{args.seconds} s per seed, {args.expressions} expressions per frame: {n_train} expressions on "
         f"{n_images} camera images, resized to {spec.img_w}x{spec.img_h}",
         f"* held-out evaluation seeds: `{args.val_seeds}` (never used in training)",
+        (f"* continued from `{history['init']}` ({history['steps_before']} steps before this run)"
+         if history.get("init") else None),
         f"* steps: {history['steps']} (batch {args.batch}) in {history['seconds'] / 60:.1f} min; "
         f"AdamW lr {args.lr}, wd {args.weight_decay}, warm-up + cosine; final train loss {history['final_loss']:.3f}",
         f"* architecture: {json.dumps(spec.to_dict())}",
@@ -155,7 +158,7 @@ def write_card(path: Path, *, args, history: dict, result: dict | None, weights:
         "Reproduce the numbers: `vg-ros eval grounding --weights " + str(weights) + f" --seeds {args.val_seeds} "
         f"--seconds {args.val_seconds} --expressions {args.expressions}`",
     ]
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(line for line in lines if line is not None) + "\n")
 
 
 def main(argv: list[str]) -> int:
@@ -180,6 +183,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--device", default="auto", choices=("cpu", "cuda", "auto"))
     ap.add_argument("--ablation-phi-zero", action="store_true", help="train with Phi fixed at zero (ablation)")
+    ap.add_argument("--init", default="", help="continue training these weights (.safetensors) instead of a fresh model")
+    ap.add_argument("--seed", type=int, default=0, help="torch / batch sampling seed")
     ap.add_argument("--out", default=str(WEIGHTS_DIR), help="output folder for weights + model card")
     ap.add_argument("--name", default="", help="file stem (default grounding_vglaw_<config>[_phi0])")
     ap.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation")
@@ -198,16 +203,28 @@ def main(argv: list[str]) -> int:
     torch.set_num_threads(max(1, args.threads))
     device = resolve_device(args.device)
     spec = spec_by_name(args.config)
+    init, init_steps = None, 0
+    if args.init:
+        from vg_ros.grounding.pipeline import load_weights
+        try:
+            init, init_meta = load_weights(args.init, device)
+        except ValueError as exc:
+            raise UserError(str(exc)) from exc
+        if init.spec != spec:
+            raise UserError(f"--init {args.init}: its architecture is not the {args.config} config")
+        init_steps = int(init_meta.get("steps", 0))
     encoder = TextEncoder()
     split = load_or_render(train_seeds, args.seconds, args.expressions, (spec.img_h, spec.img_w), encoder)
     print(f"[grounding train] {len(split)} expressions on {len(split.images)} images; hops "
           f"{dict(zip(*np.unique(split.hops, return_counts=True)))}")
     model, history = train(split, config=args.config, steps=args.steps, minutes=args.minutes, batch=args.batch,
                            lr=args.lr, weight_decay=args.weight_decay, phi_zero=args.ablation_phi_zero,
-                           device=device)
+                           device=device, init=init, seed=args.seed)
+    history["steps_before"] = init_steps
+    history["init"] = args.init
     stem = args.name or f"grounding_vglaw_{args.config}" + ("_phi0" if args.ablation_phi_zero else "")
     weights = out_dir / f"{stem}.safetensors"
-    save_weights(model, weights, {"train_seeds": args.seeds, "steps": history["steps"],
+    save_weights(model, weights, {"train_seeds": args.seeds, "steps": init_steps + history["steps"],
                                   "phi_zero": int(args.ablation_phi_zero),
                                   "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="minutes")})
     print(f"[grounding train] wrote {weights} ({weights.stat().st_size / 1e6:.1f} MB)")
