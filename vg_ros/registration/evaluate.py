@@ -16,7 +16,7 @@ import numpy as np
 
 from vg_ros.registration.metrics import THRESHOLDS, inlier_prf, rotation_error_deg, translation_error
 from vg_ros.registration.pipeline import RegistrationConfig, RegistrationPipeline
-from vg_ros.registration.train import HELDOUT_SEEDS, PairSpec, sim_pairs, sim_sets
+from vg_ros.registration.train import HELDOUT_SEEDS, PairSpec, set_config, sim_pairs, sim_sets
 
 
 def score_sets(pipe: RegistrationPipeline, sets: list[dict], re_max: float, te_max: float) -> dict:
@@ -50,17 +50,32 @@ def summarise(re, te, prf, top_precision, seconds, re_max, te_max) -> dict:
 
 
 def score_full(pipe: RegistrationPipeline, pairs, re_max: float, te_max: float) -> dict:
-    re, te, seconds = [], [], []
+    """The whole pipeline on raw scan pairs; RR also split by how many scans apart the pair is."""
+    re, te, seconds, skips, failures = [], [], [], [], []
     for pair in pairs:
         res = pipe.register(pair.src, pair.dst)
         re.append(rotation_error_deg(res.transform, pair.T_gt))
         te.append(translation_error(res.transform, pair.T_gt))
         seconds.append(res.seconds)
-    return summarise(re, te, [], [], seconds, re_max, te_max)
+        skips.append(int(pair.name.rsplit("_", 1)[1]))
+        if not (re[-1] < re_max and te[-1] < te_max):
+            failures.append(f"{pair.name} (RE {re[-1]:.1f} deg, TE {te[-1]:.2f} m)")
+    out = summarise(re, te, [], [], seconds, re_max, te_max)
+    for key in ("inlier_precision", "inlier_recall", "inlier_f1", "top10_confidence_precision"):
+        out.pop(key)
+    ok = (np.asarray(re) < re_max) & (np.asarray(te) < te_max)
+    skips = np.asarray(skips)
+    for lo, hi in ((1, 9), (10, 99)):
+        sel = (skips >= lo) & (skips <= hi)
+        if sel.any():
+            out[f"rr_skip_{lo}_{hi}"] = float(ok[sel].mean())
+            out[f"pairs_skip_{lo}_{hi}"] = int(sel.sum())
+    out["failures"] = failures
+    return out
 
 
 def evaluate(seeds, weights: str, preset: str = "lidar", full: bool = False, spec: PairSpec | None = None) -> dict:
-    cfg = RegistrationConfig.preset(preset)
+    cfg = RegistrationConfig.preset(preset) if full else set_config(preset)
     spec = spec or PairSpec()
     re_max, te_max = THRESHOLDS[preset]
     variants = {"trained": RegistrationPipeline(cfg, weights=weights), "compatibility_only": RegistrationPipeline(cfg, weights=None)}
@@ -79,8 +94,8 @@ def evaluate(seeds, weights: str, preset: str = "lidar", full: bool = False, spe
 
 
 def format_report(report: dict) -> str:
-    keys = ["pairs", "rr", "median_re_deg", "median_te_m", "inlier_precision", "inlier_recall", "inlier_f1",
-            "top10_confidence_precision", "seconds_per_pair"]
+    keys = ["pairs", "rr", "pairs_skip_1_9", "rr_skip_1_9", "pairs_skip_10_99", "rr_skip_10_99", "median_re_deg",
+            "median_te_m", "inlier_precision", "inlier_recall", "inlier_f1", "top10_confidence_precision", "seconds_per_pair"]
     lines = [f"held-out sim seeds {report['seeds']} ({report['mode']}, preset {report['preset']}, "
              f"success RE < {report['thresholds']['re_deg']} deg and TE < {report['thresholds']['te_m']} m)"]
     if "mean_true_inlier_ratio" in report:
@@ -90,8 +105,11 @@ def format_report(report: dict) -> str:
         a, b = report["trained"].get(key), report["compatibility_only"].get(key)
         if a is None and b is None:
             continue
-        fmt = (lambda v: "-" if v is None else f"{v:.4f}") if key != "pairs" else (lambda v: str(v))
+        fmt = (lambda v: "-" if v is None else f"{v:.4f}") if not key.startswith("pairs") else (lambda v: str(v))
         lines.append(f"{key:<28}{fmt(a):>16}{fmt(b):>16}")
+    for name in ("trained", "compatibility_only"):
+        if report[name].get("failures"):
+            lines.append(f"{name} failures: {', '.join(report[name]['failures'])}")
     return "\n".join(lines)
 
 

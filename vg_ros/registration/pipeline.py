@@ -41,6 +41,8 @@ class RegistrationConfig(PipelineConfig):
     max_keypoints: int = param(30_000, "stride cap on downsampled points that get descriptors", low=10, high=1_000_000)
     mutual: bool = param(True, "keep only mutual nearest neighbours in descriptor space")
     max_correspondences: int = param(1500, "cap on putative correspondences (best descriptor distance)", low=3, high=20_000)
+    min_correspondences: int = param(100, "when mutual matching gives fewer, the best one-way matches fill up",
+                                     low=0, high=20_000)
     tau: float = param(0.10, "inlier threshold (m)", low=1e-5, high=20.0)
     num_layers: int = param(6, "VBReg iterations L (paper code 12; 6 nearly as good)", low=1, high=24)
     feature_dim: int = param(64, "VBReg feature width (paper code 128)", low=4, high=1024)
@@ -55,7 +57,7 @@ class RegistrationConfig(PipelineConfig):
     refine_iterations: int = param(20, "max reweighted least-squares iterations", low=0, high=1000)
     confidence_weighting: bool = param(True, "weight hypothesis scores and the final least squares by the inlier "
                                        "confidence (false: count every correspondence alike, as the paper's score)")
-    verify_candidates: int = param(5, "distinct best hypotheses checked against the full clouds (overlap); 1 = "
+    verify_candidates: int = param(20, "distinct best hypotheses checked against the full clouds (overlap); 1 = "
                                    "take the best correspondence score as the paper does", low=1, high=100)
     local_refine: bool = param(True, "refine with GICP (small_gicp) on the downsampled clouds")
     gicp_max_distance: float = param(0.15, "GICP max correspondence distance (m)", low=1e-3, high=50.0)
@@ -73,7 +75,7 @@ class RegistrationConfig(PipelineConfig):
         if name == "lidar":
             return cls(voxel_size=0.3, normal_radius=0.9, fpfh_radius=1.5, tau=1.2, nms_radius=0.6,
                        gicp_max_distance=1.0, max_correspondences=1500, max_points=2_000_000,
-                       max_match_normal_z=0.9)
+                       max_match_normal_z=0.9, min_correspondences=1000)
         raise ValueError(f"RegistrationConfig.preset: unknown preset {name!r}; choose indoor | lidar")
 
     def dims(self) -> VBRegDims:
@@ -199,7 +201,7 @@ class RegistrationPipeline:
         src_rows, dst_rows = np.nonzero(src_keep)[0], np.nonzero(dst_keep)[0]
         pairs = features.match_descriptors(src_desc[src_rows], dst_desc[dst_rows], mutual=cfg.mutual,
                                            max_correspondences=cfg.max_correspondences,
-                                           min_correspondences=min(cfg.max_correspondences, 100))
+                                           min_correspondences=min(cfg.max_correspondences, cfg.min_correspondences))
         return np.stack([src_rows[pairs[:, 0]], dst_rows[pairs[:, 1]]], axis=1) if len(pairs) else pairs
 
     # ------------------------------------------------------------------------------ confidence
@@ -344,19 +346,28 @@ class RegistrationPipeline:
         return res
 
     def _gicp(self, src_pts: np.ndarray, dst_pts: np.ndarray, T_init: np.ndarray) -> np.ndarray:
-        """GICP from T_init; kept only if it does not lower the overlap (a diverged GICP is ignored)."""
+        """GICP from T_init, coarse (max distance tau) then fine (`gicp_max_distance`); each stage is
+        kept only if it does not lower the overlap (a diverged GICP is ignored)."""
         import small_gicp
-        result = small_gicp.align(dst_pts, src_pts, init_T_target_source=T_init, registration_type="GICP",
-                                  downsampling_resolution=self.cfg.voxel_size,
-                                  max_correspondence_distance=self.cfg.gicp_max_distance, num_threads=1)
-        T_new = np.array(result.T_target_source, dtype=np.float64, copy=True)
-        if not np.isfinite(T_new).all():
-            return T_init
         tree = cKDTree(dst_pts)
         thr = self.cfg.gicp_max_distance
-        before = np.mean(tree.query(src_pts @ T_init[:3, :3].T + T_init[:3, 3])[0] < thr)
-        after = np.mean(tree.query(src_pts @ T_new[:3, :3].T + T_new[:3, 3])[0] < thr)
-        return T_new if after >= before else T_init
+
+        def overlap(T: np.ndarray) -> float:
+            return float(np.mean(tree.query(src_pts @ T[:3, :3].T + T[:3, 3], distance_upper_bound=thr)[0] < thr))
+
+        T_best, best = T_init, overlap(T_init)
+        stages = [self.cfg.tau, thr] if self.cfg.tau > thr else [thr]
+        for max_distance in stages:
+            result = small_gicp.align(dst_pts, src_pts, init_T_target_source=T_best, registration_type="GICP",
+                                      downsampling_resolution=self.cfg.voxel_size,
+                                      max_correspondence_distance=max_distance, num_threads=1)
+            T_new = np.array(result.T_target_source, dtype=np.float64, copy=True)
+            if not np.isfinite(T_new).all():
+                continue
+            score = overlap(T_new)
+            if score >= best:
+                T_best, best = T_new, score
+        return T_best
 
     def _fitness_covariance(self, src_pts: np.ndarray, dst_pts: np.ndarray, dst_normals: np.ndarray,
                             T: np.ndarray) -> tuple[float, np.ndarray]:

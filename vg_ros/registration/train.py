@@ -29,7 +29,16 @@ from vg_ros.registration.pipeline import DEFAULT_WEIGHTS, RegistrationConfig, Re
 CACHE_DIR = Path(__file__).resolve().parent.parent.parent / ".cache" / "registration"
 # The RegistrationConfig fields that shape a correspondence set (the cache key); the rest only affect solving.
 MATCHING_FIELDS = ("voxel_size", "normal_radius", "fpfh_radius", "fpfh_max_nn", "max_points", "max_keypoints", "mutual",
-                   "max_correspondences", "tau", "max_match_normal_z")
+                   "max_correspondences", "tau", "max_match_normal_z", "min_correspondences")
+# Training and correspondence-level evaluation use mutual matches only (topped up to 100): the sets the
+# network learns from. The pipeline presets may top up further at inference (more inliers on hard pairs).
+SET_OVERRIDES = {"min_correspondences": 100}
+
+
+def set_config(preset: str) -> RegistrationConfig:
+    """The matching config of training / evaluation correspondence sets for `preset`."""
+    return RegistrationConfig.preset(preset).replace(**SET_OVERRIDES)
+
 TRAIN_SEEDS = tuple(range(0, 24))
 HELDOUT_SEEDS = tuple(range(9000, 9010))
 
@@ -254,7 +263,7 @@ def main(argv: list[str]) -> int:
     if args.steps < 1:
         raise UserError("--steps must be >= 1")
     torch.set_num_threads(args.threads)
-    cfg = RegistrationConfig.preset(args.preset)
+    cfg = set_config(args.preset)
     pipe = RegistrationPipeline(cfg, weights=None)
     spec = PairSpec()
     sets: list[dict] = []
