@@ -111,3 +111,38 @@ def test_missing_weights_is_a_clear_error(tmp_path):
     from vg_ros.registration.pipeline import RegistrationPipeline
     with pytest.raises(ValueError, match="not found"):
         RegistrationPipeline(weights=tmp_path / "none.safetensors")
+
+
+def test_train_cli_on_user_3dmatch_layout(shared_data, tmp_path, capsys):
+    folder = shared_data / "registration" / "3dmatch_redkitchen_0_4"
+    code = vg_main(["train", "registration", "--preset", "indoor", "--data", str(folder), "--no-sim",
+                    "--steps", "2", "--out", str(tmp_path)])
+    assert code == 0
+    assert "1 correspondence sets" in capsys.readouterr().out
+    card = (tmp_path / "registration_vbreg.md").read_text()
+    assert "3dmatch data" in card and "steps" in card and "command" in card
+    from vg_ros.registration.pipeline import RegistrationPipeline
+    RegistrationPipeline(weights=tmp_path / "registration_vbreg.safetensors")  # loads
+
+
+def test_kitti_layout_pairs(tmp_path):
+    from vg_ros.geometry import invert_T, make_T, rpy_to_R
+    from vg_ros.registration.train import kitti_pairs
+    (tmp_path / "velodyne").mkdir()
+    rng = np.random.default_rng(0)
+    Tr = make_T(rpy_to_R(-np.pi / 2, 0, -np.pi / 2), [0.1, -0.05, -0.3])  # velodyne -> camera
+    poses_cam = [make_T(rpy_to_R(0, 0.05 * k, 0), [0, 0, 2.0 * k]) for k in range(3)]
+    base = rng.normal(size=(100, 3)) * 10
+    lines = []
+    for k, P in enumerate(poses_cam):
+        T_world_velo = invert_T(Tr) @ P @ Tr
+        pts = (base - T_world_velo[:3, 3]) @ T_world_velo[:3, :3]  # world points seen from scan k
+        np.c_[pts, np.zeros(100)].astype(np.float32).tofile(tmp_path / "velodyne" / f"{k:06d}.bin")
+        lines.append(" ".join(f"{v:.9f}" for v in P[:3].reshape(-1)))
+    (tmp_path / "poses.txt").write_text("\n".join(lines) + "\n")
+    (tmp_path / "calib.txt").write_text("Tr: " + " ".join(f"{v:.9f}" for v in Tr[:3].reshape(-1)) + "\n")
+    pairs = kitti_pairs(tmp_path, every=2)
+    assert len(pairs) == 1
+    p = pairs[0]
+    moved = p.src @ p.T_gt[:3, :3].T + p.T_gt[:3, 3]
+    assert np.allclose(moved, p.dst, atol=1e-3)
