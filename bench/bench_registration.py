@@ -5,7 +5,8 @@ Pairs: the real pairs in ../shared/data/registration (when present) and held-out
 RANSAC: Open3D `registration_ransac_based_on_feature_matching` as in Open3D's global-registration
 tutorial (mutual filter, distance 1.5 x voxel, ransac_n 3, edge-length 0.9 + distance checkers,
 RANSACConvergenceCriteria(100000, 0.999) = the API default, which stops early once confident), and a
-100k setting (confidence 1.0: all 100,000 iterations run). RANSAC's time includes its FPFH, as ours does.
+100k setting, RANSACConvergenceCriteria(100000, 1.0): up to 100,000 iterations with no confidence-based
+early exit. RANSAC is seeded (`o3d.utility.random.seed(0)`); its time includes its FPFH, as ours does.
 Odometry: a 60 s simulated drive, our LidarOdometry vs KISS-ICP's Python pipeline (`KissICP`), drift
 (KITTI-style %) and Hz.
 """
@@ -38,16 +39,21 @@ def real_pairs():
     ]
 
 
-def ransac(pipe, pair, confidence: float, seed: int = 0):
-    """Open3D RANSAC on the pipeline's own downsampled points and FPFH. Returns (T, seconds)."""
+def ransac(pipe, pair, confidence: float, seed: int = 0, structure_only: bool = False):
+    """Open3D RANSAC on the pipeline's own downsampled points and FPFH. Returns (T, seconds).
+    `structure_only`: only the points our pipeline matches (non-ground on LiDAR), to separate the
+    effect of that choice from the solver's."""
     import open3d as o3d
     from vg_ros.registration.features import to_o3d
     reg = o3d.pipelines.registration
     o3d.utility.random.seed(seed)
     start = time.perf_counter()
     src_pts, dst_pts = pipe.preprocess(pair.src, "source"), pipe.preprocess(pair.dst, "target")
-    _, src_desc = pipe.describe(src_pts)
-    _, dst_desc = pipe.describe(dst_pts)
+    src_normals, src_desc = pipe.describe(src_pts)
+    dst_normals, dst_desc = pipe.describe(dst_pts)
+    if structure_only:
+        src_keep, dst_keep = pipe.structure_masks(src_normals, dst_normals)
+        src_pts, src_desc, dst_pts, dst_desc = src_pts[src_keep], src_desc[src_keep], dst_pts[dst_keep], dst_desc[dst_keep]
     src_f, dst_f = reg.Feature(), reg.Feature()
     src_f.data = np.ascontiguousarray(src_desc.T, dtype=np.float64)
     dst_f.data = np.ascontiguousarray(dst_desc.T, dtype=np.float64)
@@ -70,7 +76,7 @@ def bench_pairs(sim_seeds, pairs_per_seed: int, weights: str, log=print) -> dict
     pipes = {preset: {"ours": RegistrationPipeline(RegistrationConfig.preset(preset), weights=weights),
                       "ours_compat_only": RegistrationPipeline(RegistrationConfig.preset(preset), weights=None)}
              for preset in ("indoor", "lidar")}
-    methods = ["ours", "ours_compat_only", "ransac_default", "ransac_100k"]
+    methods = ["ours", "ours_compat_only", "ransac_default", "ransac_100k", "ransac_100k_structure"]
     rows = {m: {"re": [], "te": [], "ok": [], "s": []} for m in methods}
     for preset, pair in pairs:
         re_max, te_max = THRESHOLDS[preset]
@@ -79,7 +85,8 @@ def bench_pairs(sim_seeds, pairs_per_seed: int, weights: str, log=print) -> dict
                 res = pipes[preset][method].register(pair.src, pair.dst)
                 T, seconds = res.transform, res.seconds
             else:
-                T, seconds = ransac(pipes[preset]["ours"], pair, 0.999 if method == "ransac_default" else 1.0)
+                T, seconds = ransac(pipes[preset]["ours"], pair, 0.999 if method == "ransac_default" else 1.0,
+                                    structure_only=method.endswith("_structure"))
             re, te = rotation_error_deg(T, pair.T_gt), translation_error(T, pair.T_gt)
             rows[method]["re"].append(re)
             rows[method]["te"].append(te)
@@ -157,9 +164,9 @@ def main(argv: list[str]) -> int:
         log("pairs (real + held-out sim):")
         report["pairs"] = bench_pairs(args.sim_seeds, args.pairs_per_seed, args.weights, log)
         s = report["pairs"]["summary"]
-        log(f"\n{'method':<18}{'RR':>8}{'med RE deg':>12}{'med TE m':>10}{'s/pair':>9}{'time vs ours':>14}")
+        log(f"\n{'method':<22}{'RR':>8}{'med RE deg':>12}{'med TE m':>10}{'s/pair':>9}{'time vs ours':>14}")
         for m, r in s.items():
-            log(f"{m:<18}{r['rr'] * 100:>7.1f}%{r['median_re_deg']:>12.3f}{r['median_te_m']:>10.3f}"
+            log(f"{m:<22}{r['rr'] * 100:>7.1f}%{r['median_re_deg']:>12.3f}{r['median_te_m']:>10.3f}"
                 f"{r['seconds_per_pair']:>9.2f}{ratio(r['seconds_per_pair'], s['ours']['seconds_per_pair']):>14}")
     if not args.skip_odometry:
         log(f"\nodometry: {args.odometry_seconds:.0f} s simulated drive (seed {args.odometry_seed})")

@@ -146,3 +146,13 @@ def test_kitti_layout_pairs(tmp_path):
     p = pairs[0]
     moved = p.src @ p.T_gt[:3, :3].T + p.T_gt[:3, 3]
     assert np.allclose(moved, p.dst, atol=1e-3)
+
+
+def test_odometry_cli_on_simulated_bag_with_ground_truth(tmp_path, capsys):
+    bag = tmp_path / "drive.mcap"
+    assert vg_main(["sim", "--seed", "5", "--seconds", "1.5", "--out", str(bag)]) == 0
+    capsys.readouterr()
+    code = vg_main(["odometry", str(bag), "--topic", "/lidar/points", "--rig", "default", "--json", "--weights", "none"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and out["scans"] == 15 and out["converged"] == 15 and out["gt_matched"] == 15
+    assert out["ate_m"] < 0.05 and out["drift_percent"] < 1.0 and out["hz"] > 1.0
