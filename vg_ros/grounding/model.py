@@ -179,6 +179,13 @@ class BoxHead(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
                                  nn.Linear(width, 4))
 
+    def reset_pooling(self) -> None:
+        """Unit-variance projections, so the pooling logits start O(1): with the ViT's std-0.02 init they
+        start near 0, the attention stays uniform (mean pooling) and the box never leaves the mean box."""
+        for layer in (self.visual_key, self.text_query):
+            nn.init.normal_(layer.weight, std=layer.in_features ** -0.5)
+            nn.init.zeros_(layer.bias)
+
     def forward(self, visual: torch.Tensor, cls: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """visual (B, N, C), cls (B, d_l) -> boxes (B, 4), attention (B, N)."""
         keys = self.visual_key(visual)
@@ -227,6 +234,7 @@ class VGLAW(nn.Module):
         self.register_buffer("pixel_std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
         self.apply(self._init)
         self.weight_generator.reset_phi()
+        self.box_head.reset_pooling()
 
     @staticmethod
     def _init(module: nn.Module) -> None:

@@ -185,6 +185,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--ablation-phi-zero", action="store_true", help="train with Phi fixed at zero (ablation)")
     ap.add_argument("--init", default="", help="continue training these weights (.safetensors) instead of a fresh model")
     ap.add_argument("--seed", type=int, default=0, help="torch / batch sampling seed")
+    ap.add_argument("--reset-pooling", action="store_true",
+                    help="with --init: re-initialise the box head's language-adaptive pooling projections")
     ap.add_argument("--out", default=str(WEIGHTS_DIR), help="output folder for weights + model card")
     ap.add_argument("--name", default="", help="file stem (default grounding_vglaw_<config>[_phi0])")
     ap.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation")
@@ -213,6 +215,9 @@ def main(argv: list[str]) -> int:
         if init.spec != spec:
             raise UserError(f"--init {args.init}: its architecture is not the {args.config} config")
         init_steps = int(init_meta.get("steps", 0))
+        if args.reset_pooling:
+            torch.manual_seed(args.seed)
+            init.box_head.reset_pooling()
     encoder = TextEncoder()
     split = load_or_render(train_seeds, args.seconds, args.expressions, (spec.img_h, spec.img_w), encoder)
     print(f"[grounding train] {len(split)} expressions on {len(split.images)} images; hops "
@@ -221,7 +226,7 @@ def main(argv: list[str]) -> int:
                            lr=args.lr, weight_decay=args.weight_decay, phi_zero=args.ablation_phi_zero,
                            device=device, init=init, seed=args.seed)
     history["steps_before"] = init_steps
-    history["init"] = args.init
+    history["init"] = args.init + (" (box pooling re-initialised)" if args.reset_pooling else "")
     stem = args.name or f"grounding_vglaw_{args.config}" + ("_phi0" if args.ablation_phi_zero else "")
     weights = out_dir / f"{stem}.safetensors"
     save_weights(model, weights, {"train_seeds": args.seeds, "steps": init_steps + history["steps"],
