@@ -20,7 +20,7 @@ from vg_ros.convert import stamp_of
 from vg_ros.replay import PIPELINES, SECTIONS, output_topics, replay, score_bags
 from vg_ros.up import NODES
 
-SEED, SECONDS, RATE = 3, 3.0, 0.3
+SEED, SECONDS, RATE = 3, 2.0, 0.3
 DOMAIN = 66
 KILL_AT = 0.6  # fraction of the played messages after which grounding_node is killed
 T = output_topics()  # the nodes' topics as configured
@@ -98,10 +98,11 @@ def test_outputs_are_sane_and_carry_input_stamps(live):
     if "occupancy" in live["caps"]:
         grids = messages(out, T["occupancy"]["grid"])
         assert grids and {stamp_of(m) for m in grids} <= images
-        for msg in grids:
+        for msg in grids:  # (whether obstacles show up in the band is the model's business, not checked here)
             grid, origin, res = occupancy_grid_to_array(msg)
             assert msg.header.frame_id == "base_link" and grid.shape == (200, 200) and res == pytest.approx(0.4)
-            assert set(np.unique(grid)) <= {-1, 0, 100} and (grid == 100).any() and (grid == 0).any()
+            assert set(np.unique(grid).tolist()) <= {-1, 0, 100} and (grid == 0).any() and (grid == -1).any()
+            assert origin[:3, 3] == pytest.approx([-40.0, -40.0, 0.0])
         for msg in messages(out, T["occupancy"]["voxels"]):
             cloud = pointcloud2_to_structured(msg)
             assert msg.header.frame_id == "base_link" and cloud.size > 100
@@ -128,26 +129,77 @@ def test_outputs_are_sane_and_carry_input_stamps(live):
             assert msg.encoding == "mono8" and mask.shape == (270, 480) and set(np.unique(mask)) <= {0, 255}
 
 
-def test_scores_in_documented_ranges_and_equal_to_replay(live, tmp_path):
-    bag, out = live["bag"], live["out"] / "live.mcap"
-    scores = score_bags(bag, out)
+def test_scores_in_documented_ranges(live):
+    scores = score_bags(live["bag"], live["out"] / "live.mcap")
     for (section, key), (low, high) in RANGES.items():
         cap = next(c for c, s in SECTIONS.items() if s == section)
-        if cap in live["caps"] and scores[section].get(key) is not None:
+        if cap in live["caps"]:
+            assert scores[section].get(key) is not None, (section, scores[section])
             assert low <= scores[section][key] <= high, (section, key, scores[section])
-    offline = replay(bag, tmp_path / "replay.mcap", pipelines=tuple(live["caps"]))
-    for cap in live["caps"]:
-        section = SECTIONS[cap]
-        a, b = scores[section], offline[section]
-        if b.get("available") is False:
-            continue
-        # the same pipelines on the same frames: the live numbers are replay's within noise
-        if section == "occupancy" and a["frames"] and b["frames"]:
-            assert abs(a["miou"] - b["miou"]) < 5.0 and abs(a["iou"] - b["iou"]) < 5.0, (a, b)
-        if section == "odometry" and a.get("ate_m") is not None and b.get("ate_m") is not None:
-            assert abs(a["ate_m"] - b["ate_m"]) < 0.1, (a, b)
-        if section == "grounding" and a.get("prec_at_05") is not None and b.get("prec_at_05") is not None:
-            assert abs(a["miou"] - b["miou"]) < 0.2, (a, b)
+
+
+def test_live_outputs_equal_offline_pipelines_frame_by_frame(live, tmp_path):
+    """What the nodes published over DDS is what the pipelines compute offline on the same input:
+    odometry and grounding through `replay`, occupancy directly on two frames (it is the slow one)."""
+    bag, out = live["bag"], live["out"] / "live.mcap"
+    cheap = tuple(c for c in ("registration", "grounding") if c in live["caps"])
+    if cheap:
+        offline = tmp_path / "replay.mcap"
+        replay(bag, offline, pipelines=cheap, score=False)
+    if "registration" in live["caps"]:
+        topic = T["odometry"]["odometry"]
+        a = {stamp_of(m): odometry_to_matrix(m)[0] for m in messages(out, topic)}
+        b = {stamp_of(m): odometry_to_matrix(m)[0] for m in messages(offline, topic)}
+        common = sorted(set(a) & set(b))
+        assert len(common) >= len(a) - 1 >= 3
+        # live may have lost a scan replay had, which changes the motion prior: compare up to the first gap
+        gap = next((k for k, s in enumerate(sorted(b)) if s not in a), len(b))
+        same = sorted(b)[:gap]
+        assert same and all(np.abs(a[s][:3, 3] - b[s][:3, 3]).max() < 0.02 for s in same)
+    if "grounding" in live["caps"]:
+        topic = T["grounding"]["box"]
+        a = {stamp_of(m): [(p.x, p.y) for p in m.polygon.points] for m in messages(out, topic)}
+        b = {stamp_of(m): [(p.x, p.y) for p in m.polygon.points] for m in messages(offline, topic)}
+        common = sorted(set(a) & set(b))
+        assert common, "no grounding frame in both"
+        for s in common:
+            assert len(a[s]) == len(b[s]) and np.allclose(a[s], b[s], atol=1.0), (s, a[s], b[s])
+    if "occupancy" in live["caps"]:
+        check_occupancy_frames(bag, out, count=2)
+
+
+def check_occupancy_frames(bag, out, count):
+    from vg_ros.convert import camera_info_to_model, image_to_rgb
+    from vg_ros.geometry import voxel_centers
+    from vg_ros.occupancy.pipeline import OccupancyPipeline
+    from vg_ros.replay import node_settings
+    from vg_ros.types import CameraFrame, FREE_CLASS, Rig
+    cfg, params = node_settings("occupancy")
+    rig = Rig.load(str(params["rig"]))
+    live_msgs = messages(out, T["occupancy"]["voxels"])
+    assert live_msgs
+    picks = {stamp_of(live_msgs[k]): live_msgs[k] for k in np.linspace(0, len(live_msgs) - 1, count).astype(int)}
+    pipeline = OccupancyPipeline(cfg, weights=params["weights"], device="cpu")
+    names = list(params["cameras"])
+    images = {n: {} for n in names}
+    infos = {}
+    with BagReader(bag) as reader:
+        for topic, _, _, msg in reader.messages(T["occupancy"]["inputs"]
+                                                + [f"/cameras/{n}/camera_info" for n in names]):
+            name = topic.split("/")[2]
+            if topic.endswith("camera_info"):
+                infos.setdefault(name, msg)
+            elif stamp_of(msg) in picks:
+                images[name][stamp_of(msg)] = msg
+    for stamp, msg in picks.items():
+        frames = [CameraFrame(camera_info_to_model(infos[n], name=n, T_base_cam=rig.camera(n).T_base_cam),
+                              image_to_rgb(images[n][stamp]), stamp) for n in names]
+        result = pipeline.infer(frames, stamp)
+        occupied = (result.semantics != FREE_CLASS) & result.observed
+        want = {tuple(np.round(c, 2)) for c in voxel_centers(result.grid)[occupied]}
+        cloud = pointcloud2_to_structured(msg)
+        got = {tuple(np.round(c, 2)) for c in np.stack([cloud["x"], cloud["y"], cloud["z"]], 1)}
+        assert len(want & got) / max(len(want | got), 1) > 0.99, f"set {stamp}: live voxels differ from the pipeline's"
 
 
 def test_killed_node_is_reported_and_the_others_keep_publishing(live):

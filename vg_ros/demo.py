@@ -1,6 +1,6 @@
 """`vg-ros demo`: a simulated drive through the three live nodes over real DDS, scored, with a report.
 
-    vg-ros demo [--seconds 12] [--seed 1] [--out demo_out] [--rate 0.25] [--offline]
+    vg-ros demo [--seconds 6] [--seed 1] [--out demo_out] [--rate 0.25] [--offline]
 
 1. simulate a drive into `OUT/drive.mcap` (`vg-ros sim`);
 2. start the three nodes as processes (`vg-ros up`'s supervisor; `use_sim_time`, one thread each);
@@ -57,10 +57,11 @@ class LiveRun:
     def __init__(self, bag: Path, out: Path, *, rate: float, device: str, nodes: list[str],
                  config: str | None, startup_timeout_s: float, log_dir: Path,
                  during_play: Callable[[Any, int], None] | None = None, quiet: bool = False,
-                 lossless: bool = True, queue_depth: int = 30) -> None:
+                 lossless: bool = True, queue_depth: int | None = None) -> None:
         """`during_play(supervisor, messages_published)` is called after every published message (tests
         use it to kill a node mid-run). `lossless`: sensor topics reliable on both sides and node queues
-        `queue_depth` deep, so a slow node works off a backlog instead of losing frames (what scoring
+        `queue_depth` deep (default: every frame of the bag, at most 300), so a slow node works off a
+        backlog instead of losing frames (what scoring
         against replay wants; a robot would keep the best-effort default and take the freshest frame)."""
         self.bag, self.out, self.rate, self.device = bag, out, rate, device
         self.nodes = nodes
@@ -69,9 +70,9 @@ class LiveRun:
         self.log_dir = log_dir
         self.during_play = during_play
         self.lossless = lossless
-        self.queue_depth = int(queue_depth)
         self.topics = output_topics(config)
         self.expected = expected_frames(bag, self.topics)
+        self.queue_depth = int(queue_depth or min(300, max(30, max(self.expected.values(), default=0) + 5)))
         sections = {SECTIONS[c] for c in nodes}
         self.outputs = [t for name, sec in self.topics.items() if name in sections for k, t in sec.items()
                         if k in ("grid", "voxels", "odometry", "pose", "mask", "box", "position")]
@@ -300,7 +301,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="vg-ros demo", description=(
         "Simulate a drive, run the three nodes over real DDS on it (localhost only), record and score their "
         "outputs against the ground truth, compare with `vg-ros replay`, and write a report folder."))
-    parser.add_argument("--seconds", type=float, default=12.0, help="length of the simulated drive (default 12)")
+    parser.add_argument("--seconds", type=float, default=6.0, help="length of the simulated drive (default 6)")
     parser.add_argument("--seed", type=int, default=1, help="world seed (default 1)")
     parser.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
     parser.add_argument("--rate", type=float, default=0.25,
@@ -314,7 +315,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--startup-timeout", type=float, default=240.0, help="seconds to wait for the nodes to load")
     parser.add_argument("--best-effort", action="store_true",
                         help="sensor QoS as on a robot (best effort, shallow queues: a slow node drops frames) "
-                             "instead of reliable with 30-deep queues")
+                             "instead of reliable with a queue as deep as the bag")
     parser.add_argument("--json", action="store_true", help="also print the result as one JSON object")
     args = parser.parse_args(argv)
     if not args.seconds > 0:

@@ -256,7 +256,7 @@ class OccupancyStage(Stage):
         bev, origin_T, resolution = self.bev(result, self.cfg.z_min, self.cfg.z_max)
         self.writer.write(self.params["grid_topic"], stamp, array_to_occupancy_grid(
             bev, resolution, origin_T, stamp_ns=stamp, frame_id=frame_id, flavor="rosbags"))
-        occupied = result.semantics != FREE_CLASS
+        occupied = (result.semantics != FREE_CLASS) & result.observed  # as occupancy_node: seen voxels only
         centres = voxel_centers(result.grid)[occupied]
         self.writer.write(self.params["voxels_topic"], stamp, xyz_fields_to_pointcloud2(
             centres, {"label": result.semantics[occupied].astype(np.uint8),
