@@ -67,10 +67,19 @@ def train(args: argparse.Namespace, log=print) -> dict:
     if not paths:
         raise ValueError("no training samples")
     model = TPVFormer(cfg).to(device).train()
+    init_steps = 0
     if args.init:
+        from safetensors import safe_open
         from safetensors.torch import load_file
         model.load_state_dict(load_file(args.init), strict=True)
-        log(f"initialised from {args.init}")
+        with safe_open(args.init, framework="pt") as fh:
+            init_meta = dict(fh.metadata() or {})
+        # Undo the inference-time free-logit shifts baked into the bias: training resumes on raw logits.
+        baked = float(init_meta.get("free_logit_shift", 0.0)) + float(init_meta.get("free_calibration_shift", 0.0))
+        with torch.no_grad():
+            model.decoder.classifier.bias[FREE_CLASS] -= baked
+        init_steps = int(init_meta.get("steps", 0))
+        log(f"initialised from {args.init} ({init_steps} steps; free bias shift {baked:+.3f} undone)")
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     warmup = min(50, max(1, args.steps // 10))
     start = time.time()
@@ -123,8 +132,8 @@ def train(args: argparse.Namespace, log=print) -> dict:
     stats = class_statistics(paths)
     info = {
         "config": args.config, "supervision": args.supervision, "train_seeds": args.seeds,
-        "eval_seeds": args.eval_seeds, "samples": len(paths), "steps": step, "lr": args.lr,
-        "train_minutes": round(train_seconds / 60, 1), "threads": torch.get_num_threads(),
+        "eval_seeds": args.eval_seeds, "samples": len(paths), "steps": init_steps + step, "lr": args.lr,
+        "train_minutes": round(train_seconds / 60, 1), "resumed_from_steps": init_steps, "threads": torch.get_num_threads(),
         "final_loss": float(np.mean([h["loss"] for h in history[-50:]])),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "vg-ros train occupancy " + " ".join(shlex.quote(a) for a in args.argv),
@@ -134,6 +143,13 @@ def train(args: argparse.Namespace, log=print) -> dict:
     if args.supervision == "dense":
         true_free = float(stats["total"][FREE_CLASS] / stats["total"].sum())
         info["free_logit_shift"] = apply_free_logit_adjustment(model, true_free, free_seen / max(total_seen, 1))
+    if args.calibrate_frames:
+        from vg_ros.occupancy.evaluate import calibrate_free_shift
+        calib_paths = [paths[i] for i in rng.choice(len(paths), min(args.calibrate_frames, len(paths)), replace=False)]
+        shift, sweep = calibrate_free_shift(model, calib_paths, device)
+        info["free_calibration_shift"] = shift
+        info["free_calibration_frames"] = len(calib_paths)
+        log(f"free-logit calibration on {len(calib_paths)} training frames: shift {shift:+.2f}")
     save_checkpoint(model, out_path, info)
     log(f"wrote {out_path} after {step} steps ({info['train_minutes']} min)")
     info["weights"] = str(out_path)
@@ -168,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=str(WEIGHTS_DIR), help="folder for weights, card and metrics")
     p.add_argument("--log-every", type=int, default=20)
     p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--calibrate-frames", type=int, default=8,
+                   help="training frames for the free-logit calibration (0 = off)")
     p.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation and model card")
     return p
 
