@@ -346,7 +346,7 @@ class RegistrationPipeline:
         return res
 
     def _gicp(self, src_pts: np.ndarray, dst_pts: np.ndarray, T_init: np.ndarray) -> np.ndarray:
-        """GICP from T_init, coarse (max distance tau) then fine (`gicp_max_distance`); each stage is
+        """GICP from T_init, coarse (max distance 2 tau, tau) then fine (`gicp_max_distance`); each stage is
         kept only if it does not lower the overlap (a diverged GICP is ignored)."""
         import small_gicp
         tree = cKDTree(dst_pts)
@@ -356,7 +356,7 @@ class RegistrationPipeline:
             return float(np.mean(tree.query(src_pts @ T[:3, :3].T + T[:3, 3], distance_upper_bound=thr)[0] < thr))
 
         T_best, best = T_init, overlap(T_init)
-        stages = [self.cfg.tau, thr] if self.cfg.tau > thr else [thr]
+        stages = [2.0 * self.cfg.tau, self.cfg.tau, thr] if self.cfg.tau > thr else [thr]
         for max_distance in stages:
             result = small_gicp.align(dst_pts, src_pts, init_T_target_source=T_best, registration_type="GICP",
                                       downsampling_resolution=self.cfg.voxel_size,

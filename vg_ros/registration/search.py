@@ -118,21 +118,22 @@ def refine(T: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, tau: float, ma
     return T, mask
 
 
+def _is_distinct(T: torch.Tensor, others: list[torch.Tensor], min_shift: float, min_angle_deg: float) -> bool:
+    for other in others:
+        rel = torch.linalg.solve(other, T)
+        angle = float(torch.rad2deg(torch.arccos(((torch.trace(rel[:3, :3]) - 1) / 2).clamp(-1, 1))))
+        if float(torch.linalg.norm(rel[:3, 3])) < min_shift and angle < min_angle_deg:
+            return False
+    return True
+
+
 def distinct_best(T_all: torch.Tensor, scores: torch.Tensor, count: int, min_shift: float, min_angle_deg: float = 5.0) -> list[int]:
     """Indices of up to `count` hypotheses, best score first, each at least `min_shift` (m) or
     `min_angle_deg` away from those already taken (neighbouring seeds give near-copies)."""
     order = np.lexsort((np.arange(len(scores)), -scores.cpu().numpy()))
     picked: list[int] = []
     for i in order:
-        T = T_all[int(i)]
-        far = True
-        for j in picked:
-            rel = torch.linalg.solve(T_all[j], T)
-            angle = float(torch.rad2deg(torch.arccos(((torch.trace(rel[:3, :3]) - 1) / 2).clamp(-1, 1))))
-            if float(torch.linalg.norm(rel[:3, 3])) < min_shift and angle < min_angle_deg:
-                far = False
-                break
-        if far:
+        if _is_distinct(T_all[int(i)], [T_all[j] for j in picked], min_shift, min_angle_deg):
             picked.append(int(i))
         if len(picked) >= count:
             break
@@ -164,12 +165,21 @@ def voting_search(src: torch.Tensor, dst: torch.Tensor, confidence: torch.Tensor
     dist = residuals(T_all, src, dst)
     weight = confidence.to(src.dtype) if confidence_weighting else None
     scores = hypothesis_score(dist, tau, weight)
-    picks = distinct_best(T_all, scores, max(1, num_candidates), min_shift=tau)
-    candidates = []
+    # Different hypotheses often refine to the same pose: dedupe again after refinement, drawing up to
+    # 4x as many raw hypotheses, so the caller really gets `num_candidates` different poses.
+    num_candidates = max(1, num_candidates)
+    picks = distinct_best(T_all, scores, 4 * num_candidates if num_candidates > 1 else 1, min_shift=tau)
+    candidates: list = []
+    refined: list[torch.Tensor] = []
     for index in picks:
         T_ref, mask = refine(T_all[index], src, dst, tau, refine_iterations, prior_weight=weight)
+        if refined and not _is_distinct(T_ref, refined, tau, 5.0):
+            continue
+        refined.append(T_ref)
         d = residuals(T_ref[None], src, dst)[0]
         candidates.append((T_ref.cpu().numpy(), mask.cpu().numpy(), float(hypothesis_score(d[None], tau, weight)[0])))
+        if len(candidates) >= num_candidates:
+            break
     T_best, mask_best, score_best = candidates[0]
     d_final = residuals(torch.as_tensor(T_best, dtype=src.dtype, device=src.device)[None], src, dst)[0]
     return SearchResult(T_best, mask_best, score_best, S, d_final.cpu().numpy(), candidates)
