@@ -6,7 +6,8 @@ features against a dense voxel feature volume at three resolutions (how cost gro
 Latency runs the whole `OccupancyPipeline.infer` (resize, encoder, full 200x200x16 decode, observed mask) on
 random images from the default rig with untrained weights (speed does not depend on the values).
 Memory: the three planes C x (XY + XZ + YZ) against C x X x Y x Z, float32, as allocated tensors
-(`nbytes`), plus the process's peak RSS growth when the dense volume is actually written.
+(`nbytes`), plus the process's peak RSS growth when the dense volume is actually written (measured
+first, before the model runs, so the growth is visible).
 """
 from __future__ import annotations
 
@@ -68,17 +69,17 @@ def main(argv: list[str]) -> int:
     p.add_argument("--skip-latency", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    print(f"Feature memory, C = {args.channels}, float32: TPV planes vs dense voxel volume")
+    for r in memory(args.channels):
+        X, Y, Z = r["resolution"]
+        print(f"  {X}x{Y}x{Z}: TPV {r['tpv_mb']:.2f} MB, dense {r['dense_mb']:.1f} MB -> dense/TPV = {r['ratio']:.1f}x"
+              f" (peak RSS grew {r['dense_peak_rss_growth_mb']:.0f} MB for the dense volume)")
     if not args.skip_latency:
         print(f"CPU latency per 6-camera frame ({args.threads} threads, median of {args.repeats}):")
         for config in args.configs:
             r = latency(config, args.repeats)
             print(f"  {r['config']:<6} input {r['input'][0]}x{r['input'][1]}: {r['median_s']:.2f} s "
                   f"(min {r['min_s']:.2f} s)")
-    print(f"Feature memory, C = {args.channels}, float32: TPV planes vs dense voxel volume")
-    for r in memory(args.channels):
-        X, Y, Z = r["resolution"]
-        print(f"  {X}x{Y}x{Z}: TPV {r['tpv_mb']:.2f} MB, dense {r['dense_mb']:.1f} MB -> dense/TPV = {r['ratio']:.1f}x"
-              f" (peak RSS grew {r['dense_peak_rss_growth_mb']:.0f} MB for the dense volume)")
     return 0
 
 
