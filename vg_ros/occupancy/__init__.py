@@ -1,0 +1,1 @@
+"""Occupancy from surround cameras: TPVFormer model, pipeline, training, metrics (see docs/occupancy.md)."""
