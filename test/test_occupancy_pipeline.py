@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vg_ros.geometry import invert_T, project_points
-from vg_ros.occupancy.cli import bev_image, load_frame_dir, load_lidar
+from vg_ros.occupancy.cli import load_frame_dir, load_lidar
 from vg_ros.occupancy.cli import main as occupancy_cli
 from vg_ros.occupancy.model import TPVFormer, model_config
 from vg_ros.occupancy.pipeline import (OccupancyConfig, OccupancyPipeline, bev_occupancy, load_checkpoint,
