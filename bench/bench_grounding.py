@@ -3,7 +3,7 @@
 Cached: `set_command` once, then `infer` per frame (a plain ViT with merged q/k/v weights + heads).
 Uncached: `infer_uncached` per frame (tokenizer + MiniLM text encoder + weight generation + the ViT with
 low-rank language terms + heads). Configs tiny and base at 224x224 and 448x448, plus tiny at its native
-256x144. Latency does not depend on the weights' values, so untrained weights of each shape are timed.
+320x176. Latency does not depend on the weights' values, so untrained weights of each shape are timed.
 
     vg-ros bench grounding [--threads 2] [--frames 10] [--json out.json]
 """
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 
-def time_calls(fn, frames: int, warmup: int = 2) -> float:
+def time_calls(fn, frames: int, warmup: int = 5) -> float:
     for _ in range(warmup):
         fn()
     times = []
@@ -30,10 +30,10 @@ def time_calls(fn, frames: int, warmup: int = 2) -> float:
 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="vg-ros bench grounding", description=__doc__.split("\n")[0])
-    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: stable on a shared machine)")
     ap.add_argument("--frames", type=int, default=10, help="timed frames per case (base uses a third)")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
-    ap.add_argument("--cases", default="tiny@256x144,tiny@224x224,tiny@448x448,base@224x224,base@448x448",
+    ap.add_argument("--cases", default="tiny@320x176,tiny@224x224,tiny@448x448,base@224x224,base@448x448",
                     help="comma list of config@WxH")
     ap.add_argument("--json", dest="json_out", default="")
     args = ap.parse_args(argv)
@@ -64,8 +64,9 @@ def main(argv: list[str]) -> int:
             torch.nn.init.normal_(layer.weight, std=0.02)
         pipe.set_command(command)
         frames = max(3, args.frames // 3) if name == "base" else args.frames
-        cached = time_calls(lambda: pipe.infer(frame, 1), frames)
-        uncached = time_calls(lambda: pipe.infer_uncached(frame, command, 1), frames)
+        warmup = 2 if name == "base" else 5
+        cached = time_calls(lambda: pipe.infer(frame, 1), frames, warmup)
+        uncached = time_calls(lambda: pipe.infer_uncached(frame, command, 1), frames, warmup)
         params = sum(p.numel() for p in pipe.model.parameters()) / 1e6
         rows.append({"case": case, "params_m": params, "cached_ms": cached * 1e3, "uncached_ms": uncached * 1e3,
                      "speedup": uncached / cached})

@@ -43,7 +43,7 @@ def _match_case(word: str, repl: str | None) -> str:
 
 def resize_image(image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
     """(H, W, 3) uint8 -> (3, h, w) float in [0, 1]; the same resampling the pipeline uses at inference."""
-    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 255
+    tensor = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1)[None].float() / 255
     return F.interpolate(tensor, size=size, mode="bilinear", antialias=True, align_corners=False)[0]
 
 

@@ -141,7 +141,7 @@ class GroundingPipeline:
             raise ValueError(f"image: expected (H, W, 3) uint8 RGB, got shape {shape} dtype {dtype}")
         if image.shape[0] < 8 or image.shape[1] < 8:
             raise ValueError(f"image: {image.shape[1]}x{image.shape[0]} is too small")
-        tensor = torch.from_numpy(np.ascontiguousarray(image)).to(self.device).permute(2, 0, 1)[None].float() / 255
+        tensor = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).to(self.device).permute(2, 0, 1)[None].float() / 255
         return F.interpolate(tensor, size=(self.spec.img_h, self.spec.img_w), mode="bilinear", antialias=True,
                              align_corners=False)
 
