@@ -307,7 +307,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--rate", type=float, default=0.25,
                         help="playback rate; below 1 so a small CPU keeps up (default 0.25)")
     parser.add_argument("--offline", action="store_true", help="score via `vg-ros replay` only, no DDS")
-    parser.add_argument("--no-replay", action="store_true", help="live only: skip the replay comparison")
+    parser.add_argument("--no-replay", action="store_true",
+                        help="live only: skip the replay comparison (about halves the time)")
     parser.add_argument("--bag", default=None, help="use this bag instead of simulating one")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
     parser.add_argument("--nodes", nargs="+", default=list(PIPELINES), choices=PIPELINES, help="which nodes to run")
@@ -339,15 +340,14 @@ def main(argv: list[str]) -> int:
     except ValueError as exc:
         raise UserError(str(exc)) from None
 
-    offline = None
-    if args.offline or not args.no_replay:
-        step = "2/2" if args.offline else "4/4"
-        _log(f"[demo] {step} replaying the bag offline (same pipelines, no DDS)")
-        offline = replay(bag, out / "replay.mcap", config=args.config, device=args.device,
-                         pipelines=tuple(args.nodes), overwrite=True, progress=_progress_enabled())
+    def run_replay(step: str) -> dict:
+        _log(f"[demo] {step} replaying the bag offline (same pipelines, no DDS) for comparison")
+        return replay(bag, out / "replay.mcap", config=args.config, device=args.device,
+                      pipelines=tuple(args.nodes), overwrite=True, progress=_progress_enabled())
 
+    offline = None
     if args.offline:
-        result = offline
+        offline = result = run_replay("2/2")
         title = "vg-ros demo (offline replay)"
         out_bag = out / "replay.mcap"
         extra = ""
@@ -356,6 +356,8 @@ def main(argv: list[str]) -> int:
         live_info = LiveRun(bag, out, rate=args.rate, device=args.device, nodes=list(args.nodes), config=args.config,
                             startup_timeout_s=args.startup_timeout, log_dir=out / "logs",
                             lossless=not args.best_effort).run()
+        if not args.no_replay:
+            offline = run_replay("4/4")
         out_bag = Path(live_info["live_bag"])
         result = {"sensor_seconds": (offline or {}).get("sensor_seconds"), "rate": args.rate,
                   "wall_seconds": live_info.get("play_wall_s"), "live": public(live_info)}

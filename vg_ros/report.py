@@ -1,7 +1,7 @@
 """The report folder of `vg-ros replay --report` and `vg-ros demo`: `index.html` plus PNGs.
 
     bev.png          BEV of semantic occupancy, predicted vs ground truth, for a few frames over time
-                     (top-most occupied class per column, camera-visible area only; grey = not seen)
+                     (top-most occupied class per column, camera-visible area only; light blue = not seen)
     trajectory.png   odometry vs ground truth in the ground plane (aligned as ATE aligns it)
     grounding.png    the command camera's image with the command text, GT box (green), predicted box and
                      mask (red), for a few frames
@@ -21,6 +21,9 @@ import numpy as np
 from vg_ros.types import FREE_CLASS, OCC_CLASSES, OCC_PALETTE
 
 
+UNSEEN_RGB = (205, 222, 245)  # light blue: no palette class uses it
+
+
 def _plt():
     import matplotlib
     matplotlib.use("Agg")
@@ -30,7 +33,7 @@ def _plt():
 
 def bev_image(semantics: np.ndarray, visible: np.ndarray | None = None) -> np.ndarray:
     """semantics (X, Y, Z) -> RGB (Y, X, 3) uint8 seen from above, x (forward) to the right, y (left) up:
-    the class of the highest occupied voxel of each column; free = white; columns never visible = grey."""
+    the class of the highest occupied voxel of each column; free = white; columns never visible = UNSEEN_RGB."""
     sem = np.asarray(semantics)
     occupied = sem != FREE_CLASS
     if visible is not None:
@@ -41,7 +44,7 @@ def bev_image(semantics: np.ndarray, visible: np.ndarray | None = None) -> np.nd
     has = z_top >= 0
     rgb[has] = OCC_PALETTE[top[has]]
     if visible is not None:
-        rgb[~np.asarray(visible, bool).any(axis=2)] = (170, 170, 170)
+        rgb[~np.asarray(visible, bool).any(axis=2)] = UNSEEN_RGB
     # rows = y from high (left) to low, columns = x from back to front
     return np.ascontiguousarray(np.transpose(rgb, (1, 0, 2))[::-1])
 
@@ -74,8 +77,9 @@ def draw_bev(path: Path, frames: list) -> Path | None:
     present = sorted({int(c) for _, p, g, _, _ in frames for c in np.unique(np.concatenate([p.ravel(), g.ravel()]))
                       if c != FREE_CLASS})
     handles = [plt.Rectangle((0, 0), 1, 1, color=OCC_PALETTE[c] / 255.0) for c in present]
-    fig.legend(handles, [OCC_CLASSES[c] for c in present], loc="lower center", ncol=min(6, max(1, len(present))),
-               fontsize=7)
+    handles.append(plt.Rectangle((0, 0), 1, 1, color=np.array(UNSEEN_RGB) / 255.0))
+    fig.legend(handles, [OCC_CLASSES[c] for c in present] + ["not seen by a camera"], loc="lower center",
+               ncol=min(6, len(handles)), fontsize=7)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=90)
     plt.close(fig)
