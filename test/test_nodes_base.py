@@ -138,22 +138,29 @@ def test_sync_partial_sets_after_timeout_when_a_camera_is_missing():
     # stamps 100..601 seen; sets older than 601 - 250 ms come out partially, in order, with None
     assert out[:3] == [("a0", "b0", None), ("a1", "b1", None), ("a2", "b2", None)]
     assert len(out) == 3 and drops.drops["sync_partial"] == 3
+    time.sleep(0.3)                 # input stopped: the clock-driven flush takes the rest
     sync.flush(10_000 * MS)
     assert [m[0] for m in out] == [f"a{k}" for k in range(6)]
 
 
-def test_sync_flush_ignores_a_clock_of_another_time_base():
-    sync, out, drops = make_sync(2, slop_s=0.02, partial_timeout_s=0.25)
+def test_sync_flush_ignores_a_clock_of_another_time_base_and_a_running_backlog():
+    sync, out, drops = make_sync(2, slop_s=0.02, partial_timeout_s=0.1)
     sync.add(0, "a0", 100 * MS)
+    sync.flush(400 * MS)            # input arrived just now: a backlog may still be coming, no flush
+    assert out == []
+    time.sleep(0.15)
     sync.flush(10**18)              # wall clock against bag stamps: no early partial set
     assert out == [] and sync.pending() == 1
-    sync.flush(400 * MS)            # the same time base: the timeout applies
+    sync.flush(400 * MS)            # idle, same time base: the timeout applies
     assert out == [("a0", None)]
+    sync.add(1, "b0-late", 100 * MS)  # the missing camera's image for that stamp: never a second set
+    assert drops.drops["sync_late"] == 1 and sync.pending() == 0
 
 
 def test_sync_partial_below_min_topics_is_dropped():
     sync, out, drops = make_sync(3, slop_s=0.02, partial_timeout_s=0.1, min_topics=2)
     sync.add(0, "lonely", 100 * MS)
+    time.sleep(0.15)
     sync.flush(300 * MS)
     assert out == [] and drops.drops["sync_timeout"] == 1 and sync.pending() == 0
 

@@ -184,8 +184,10 @@ class ApproxTimeSync:
     Degraded mode (`partial_timeout_s` set): when the newest stamp seen on any topic is more than
     `partial_timeout_s` past the oldest queued message, that message is emitted with whatever other
     topics have within `slop_s` and None for the rest, provided at least `min_topics` are present;
-    otherwise it is dropped (`sync_timeout`). Time is stamp time, so replay and sim time behave alike;
-    `flush(now_ns)` applies the same rule against a clock (e.g. a node timer) when no input arrives.
+    otherwise it is dropped (`sync_timeout`); a late message of a topic missing from an emitted set is
+    dropped (`sync_late`), so no stamp is emitted twice. Time is stamp time, so replay and sim time behave
+    alike; `flush(now_ns)` applies the same rule against a clock (e.g. a node timer), but only once no
+    input arrived for `partial_timeout_s` of wall time (a backlog behind the clock is not split).
     """
 
     def __init__(self, n_topics: int, callback: Callable[..., None], *, slop_s: float = 0.05,
@@ -216,6 +218,7 @@ class ApproxTimeSync:
         self.newest_ns: int | None = None
         self.emitted_full = 0
         self.emitted_partial = 0
+        self._last_add = float("-inf")
         self._lock = threading.RLock()
 
     def add(self, index: int, msg: Any, stamp_ns: int | None = None) -> None:
@@ -224,6 +227,7 @@ class ApproxTimeSync:
         stamp_ns = header_stamp_ns(msg) if stamp_ns is None else int(stamp_ns)
         ready: list[tuple[Any, ...]] = []
         with self._lock:
+            self._last_add = time.monotonic()
             name = self.names[index]
             queue = self.queues[index]
             last = self.last_emitted_ns[index]
@@ -255,6 +259,11 @@ class ApproxTimeSync:
         A `now_ns` more than a minute away from the newest stamp seen is another clock (a bag played
         without use_sim_time): then only stamp time counts, so nothing is flushed early."""
         with self._lock:
+            # Only when input has stopped: while messages keep coming (e.g. a backlog worked off behind a
+            # clock that is already ahead), stamp time in `add` decides, so sets are not split early.
+            if self.partial_timeout_ns is None or \
+                    time.monotonic() - self._last_add < self.partial_timeout_ns / 1e9:
+                return
             now_ns = int(now_ns)
             if self.newest_ns is not None and abs(now_ns - self.newest_ns) > self.CLOCK_MISMATCH_NS:
                 now_ns = self.newest_ns
@@ -290,10 +299,13 @@ class ApproxTimeSync:
     def _take(self, stamps: list[int | None], *, full: bool) -> tuple[Any, ...]:
         msgs = tuple(None if s is None else self.queues[j].pop(s) for j, s in enumerate(stamps))
         present = [s for s in stamps if s is not None]
-        set_min = min(present)
+        set_min, set_max = min(present), max(present)
         for j, s in enumerate(stamps):
-            if s is not None:
-                self.last_emitted_ns[j] = s
+            # a topic missing from a partial set counts as emitted up to the set: its late message for
+            # this stamp is dropped (`sync_late`) instead of making a second set with the same stamp
+            stamp = s if s is not None else set_max
+            last = self.last_emitted_ns[j]
+            self.last_emitted_ns[j] = stamp if last is None else max(last, stamp)
         # Anything queued before this set would come out of order if emitted later: drop it now.
         for j, queue in enumerate(self.queues):
             for old in [s for s in queue if s < set_min]:
