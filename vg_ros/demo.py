@@ -88,8 +88,11 @@ class LiveRun:
 
         config = Path(self.config) if self.config else default_config_path()
         qos_args = ["-p", "sensor_reliability:=reliable", "-p", f"qos_depth:={self.queue_depth}"] if self.lossless else []
+        # With a backlog the executor drains the six camera queues unevenly; the default 0.5 s wait for a
+        # late camera would then split sets that are all queued. Lossless runs wait longer (stamp time).
+        extra = {"occupancy": ["-p", "missing_camera_timeout:=5.0"]} if self.lossless else {}
         specs = [node_spec(c, config=config.resolve(), device=self.device, use_sim_time=True, threads=1,
-                           extra_ros_args=qos_args) for c in self.nodes]
+                           extra_ros_args=qos_args + extra.get(c, [])) for c in self.nodes]
         node_logs: list[str] = []
 
         def on_line(line: str) -> None:
