@@ -22,6 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vg_ros.sim.seeds import parse_seeds  # noqa: F401 - re-exported for the CLIs
+
 CACHE_DIR = Path(__file__).resolve().parent.parent.parent / ".cache" / "grounding"
 FORMAT = 2
 EVERY = 5  # keep every 5th tick (0.5 s apart): neighbouring frames are near duplicates
@@ -204,21 +206,6 @@ def load_or_render(seeds, seconds: float, expressions: int, size: tuple[int, int
     split.save(path)
     log(f"[grounding data] wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return split
-
-
-def parse_seeds(text: str) -> list[int]:
-    """"0-39" or "0,3,5-7" -> list of ints (ValueError on anything else)."""
-    seeds: list[int] = []
-    for part in str(text).split(","):
-        part = part.strip()
-        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
-        if not m:
-            raise ValueError(f"seeds: {part!r} is not N or N-M")
-        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
-        if hi < lo:
-            raise ValueError(f"seeds: range {part!r} is empty")
-        seeds.extend(range(lo, hi + 1))
-    return seeds
 
 
 if __name__ == "__main__":  # pragma: no cover - manual pre-render: python -m vg_ros.grounding.data 0-39 2.0 8

@@ -13,31 +13,16 @@ Supervision (`supervision_points`), as metric points in base_link with class lab
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
 
+from vg_ros.sim.seeds import parse_seeds  # noqa: F401 - re-exported for the CLIs
 from vg_ros.geometry import invert_T, transform_points
 from vg_ros.types import FREE_CLASS, NUM_OCC_CLASSES, GridSpec, Rig
 
 REPO = Path(__file__).resolve().parent.parent.parent
 CACHE_ROOT = REPO / ".cache" / "occupancy"
-
-
-def parse_seeds(text: str) -> list[int]:
-    """'0-3,7,9-10' -> [0, 1, 2, 3, 7, 9, 10]. ValueError on anything else."""
-    seeds: list[int] = []
-    for part in str(text).split(","):
-        part = part.strip()
-        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
-        if not m:
-            raise ValueError(f"seeds: cannot parse {part!r} (use e.g. '0-23' or '1,4,9')")
-        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
-        if hi < lo:
-            raise ValueError(f"seeds: range {part!r} is empty")
-        seeds.extend(range(lo, hi + 1))
-    return seeds
 
 
 def cache_dir(image_size: tuple[int, int], root: Path | None = None) -> Path:

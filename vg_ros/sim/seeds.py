@@ -1,0 +1,19 @@
+"""Seed lists for the simulator as the trainers and evaluators take them on the command line."""
+from __future__ import annotations
+
+import re
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'0-3,7,9-10' -> [0, 1, 2, 3, 7, 9, 10]. ValueError on anything else."""
+    seeds: list[int] = []
+    for part in str(text).split(","):
+        part = part.strip()
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if not m:
+            raise ValueError(f"seeds: cannot parse {part!r} (use e.g. '0-23' or '1,4,9')")
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if hi < lo:
+            raise ValueError(f"seeds: range {part!r} is empty")
+        seeds.extend(range(lo, hi + 1))
+    return seeds
