@@ -107,7 +107,7 @@ def test_checkpoint_round_trip(tmp_path):
     assert meta["steps"] == "3" and loaded.cfg == cfg
     for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), name
-    with pytest.raises(ValueError, match="do not exist"):
+    with pytest.raises(ValueError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.safetensors")
 
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vg_ros.checkpoint import load_into, read_state, save_state
 from vg_ros.config import PipelineConfig, param
 from vg_ros.geometry import project_points
 from vg_ros.grounding.model import MASK_THRESHOLD, VGLAW, LanguageWeights, VGLAWSpec, spec_by_name
@@ -62,32 +63,15 @@ def resolve_device(device: str) -> torch.device:
 
 def save_weights(model: VGLAW, path: str | Path, metadata: dict | None = None) -> None:
     """Write the model's state (safetensors) with its spec in the metadata."""
-    from safetensors.torch import save_file
-
-    meta = {"spec": json.dumps(model.spec.to_dict()), "format": "vg_ros.grounding.vglaw/1"}
-    meta.update({k: str(v) for k, v in (metadata or {}).items()})
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(path), metadata=meta)
+    save_state(model, path, {"spec": json.dumps(model.spec.to_dict()), "format": "vg_ros.grounding.vglaw/1",
+                             **(metadata or {})})
 
 
 def load_weights(path: str | Path, device: torch.device | str = "cpu") -> tuple[VGLAW, dict]:
     """(model in eval mode, metadata) from a safetensors file written by `save_weights`. Never unpickles."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"weights: {path} does not exist (train with `vg-ros train grounding`)")
-    with safe_open(str(path), framework="pt") as fh:
-        meta = dict(fh.metadata() or {})
-    if "spec" not in meta:
-        raise ValueError(f"weights: {path} carries no VG-LAW spec in its metadata")
-    spec = VGLAWSpec(**json.loads(meta["spec"]))
-    model = VGLAW(spec)
-    missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
-    if missing or unexpected:
-        raise ValueError(f"weights: {path} does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    state, meta = read_state(path, "spec", "grounding")
+    model = VGLAW(VGLAWSpec(**json.loads(meta["spec"])))
+    load_into(model, state, path, "grounding")
     return model.to(device).eval(), meta
 
 

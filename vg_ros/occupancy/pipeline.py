@@ -12,12 +12,14 @@ reported as not `observed`. Never imports rclpy.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from vg_ros.checkpoint import load_into, read_state, save_state
 from vg_ros.config import PipelineConfig, param
 from vg_ros.geometry import invert_T, voxel_centers
 from vg_ros.occupancy.model import MODEL_CONFIGS, TPVConfig, TPVFormer, model_config
@@ -65,34 +67,14 @@ def resolve_device(device: str) -> torch.device:
 
 def save_checkpoint(model: TPVFormer, path: str | Path, metadata: dict | None = None) -> None:
     """Weights as safetensors; the model config travels in the metadata (`tpv_config`, JSON)."""
-    import json
-
-    from safetensors.torch import save_file
-    meta = {k: str(v) for k, v in (metadata or {}).items()}
-    meta["tpv_config"] = json.dumps(model.cfg.to_dict())
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(path), metadata=meta)
+    save_state(model, path, {**(metadata or {}), "tpv_config": json.dumps(model.cfg.to_dict())})
 
 
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[TPVFormer, dict]:
     """A TPVFormer from a safetensors file written by `save_checkpoint`; (model in eval mode, metadata)."""
-    import json
-
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"occupancy weights {path} do not exist (train them: vg-ros train occupancy)")
-    with safe_open(str(path), framework="pt") as fh:
-        meta = dict(fh.metadata() or {})
-    if "tpv_config" not in meta:
-        raise ValueError(f"occupancy weights {path}: no `tpv_config` metadata; not written by our train.py")
+    state, meta = read_state(path, "tpv_config", "occupancy")
     model = TPVFormer(TPVConfig.from_dict(json.loads(meta["tpv_config"])))
-    state = load_file(str(path))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"occupancy weights {path}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    load_into(model, state, path, "occupancy")
     return model.to(device).eval(), meta
 
 
