@@ -7,7 +7,7 @@ One cached sample (`.cache/occupancy/<W>x<H>/seed<S>_tick<T>.npz`):
     lidar_base (P, 3) float32 LiDAR hits in base_link; lidar_labels (P,) uint8; lidar_origin (3,) float32.
 
 Supervision (`supervision_points`), as metric points in base_link with class labels:
-    dense  - voxel centres of camera-visible voxels: every occupied one (capped) plus free ones;
+    dense  - voxel centres of camera-visible voxels: occupied ones (class-balanced cap) plus free ones;
     sparse - LiDAR hits with their point labels, plus free points sampled along each ray before its hit
              (what the LiDAR saw through); no voxel labels at all.
 """
@@ -88,16 +88,32 @@ def voxel_centre_points(idx: np.ndarray, grid: GridSpec) -> np.ndarray:
     return (np.asarray(grid.lower) + (idx + 0.5) * grid.voxel_size).astype(np.float32)
 
 
+def balanced_subset(labels: np.ndarray, per_class: int, total: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices of at most `per_class` items of each label, then at most `total` overall, drawn at random.
+
+    Ground classes cover most occupied voxels of a street scene; capping each class keeps every voxel of
+    the rare ones (cones, pedestrians, bicycles) in the loss instead of a uniform sample that misses them."""
+    keep = []
+    for value in np.unique(labels):
+        members = np.flatnonzero(labels == value)
+        keep.append(members if len(members) <= per_class else rng.choice(members, per_class, replace=False))
+    keep = np.concatenate(keep) if keep else np.zeros(0, np.int64)
+    if len(keep) > total:
+        keep = rng.choice(keep, total, replace=False)
+    return np.sort(keep)
+
+
 def supervision_points(sample: dict[str, np.ndarray], mode: str, rng: np.random.Generator, grid: GridSpec,
                        max_occupied: int = 8000, free_per_occupied: float = 2.0,
-                       free_per_ray: int = 2) -> tuple[np.ndarray, np.ndarray]:
-    """Training points of one sample: (points (P, 3) metres in base_link, labels (P,) int64)."""
+                       free_per_ray: int = 2, max_per_class: int = 2500) -> tuple[np.ndarray, np.ndarray]:
+    """Training points of one sample: (points (P, 3) metres in base_link, labels (P,) int64). Occupied
+    points are class-balanced: at most `max_per_class` of each class, `max_occupied` in all."""
     if mode == "dense":
         occ, mask = sample["occupancy"], sample["mask_camera"].astype(bool)
         occ_idx = np.argwhere(mask & (occ != FREE_CLASS))
         free_idx = np.argwhere(mask & (occ == FREE_CLASS))
-        if len(occ_idx) > max_occupied:
-            occ_idx = occ_idx[rng.choice(len(occ_idx), max_occupied, replace=False)]
+        occ_idx = occ_idx[balanced_subset(occ[occ_idx[:, 0], occ_idx[:, 1], occ_idx[:, 2]], max_per_class,
+                                          max_occupied, rng)]
         n_free = min(len(free_idx), int(free_per_occupied * max(len(occ_idx), 1000)))
         free_idx = free_idx[rng.choice(len(free_idx), n_free, replace=False)]
         idx = np.concatenate([occ_idx, free_idx])
@@ -108,9 +124,8 @@ def supervision_points(sample: dict[str, np.ndarray], mode: str, rng: np.random.
         lower, upper = np.asarray(grid.lower), np.asarray(grid.upper)
         inside = np.all((hits >= lower) & (hits < upper), axis=1) & (hit_labels < FREE_CLASS)
         hits, hit_labels = hits[inside], hit_labels[inside]
-        if len(hits) > max_occupied:
-            keep = rng.choice(len(hits), max_occupied, replace=False)
-            hits, hit_labels = hits[keep], hit_labels[keep]
+        keep = balanced_subset(hit_labels, max_per_class, max_occupied, rng)
+        hits, hit_labels = hits[keep], hit_labels[keep]
         # Free space the beam crossed: stop one voxel diagonal short of the hit.
         ray = hits - origin
         length = np.linalg.norm(ray, axis=1, keepdims=True)

@@ -1,0 +1,80 @@
+"""Occupancy training data: both supervision modes, class-balanced sampling, the per-height prior baseline."""
+import numpy as np
+import pytest
+
+from vg_ros.occupancy.data import (balanced_subset, class_statistics, height_prior_prediction,
+                                   supervision_points, voxel_centre_points)
+from vg_ros.types import FREE_CLASS, GridSpec
+
+GRID = GridSpec((-4.0, -4.0, -1.0), (4.0, 4.0, 1.4), 0.4)   # 20 x 20 x 6
+CAR, ROAD, CONE = 4, 11, 8
+
+
+def _sample() -> dict:
+    X, Y, Z = GRID.shape
+    occ = np.full((X, Y, Z), FREE_CLASS, np.uint8)
+    occ[:, :, 0] = ROAD                  # 400 ground voxels
+    occ[2:6, 2:5, 1:4] = CAR             # 36 car voxels
+    occ[15, 15, 1] = CONE                # a single cone voxel
+    mask = np.ones((X, Y, Z), bool)
+    mask[:, :10] = False                 # half of the grid unseen by the cameras
+    mask[2:6, 2:5, 1:4] = True
+    hits = voxel_centre_points(np.argwhere(occ != FREE_CLASS), GRID)
+    labels = occ[occ != FREE_CLASS]
+    return {"occupancy": occ, "mask_camera": mask, "lidar_base": hits, "lidar_labels": labels,
+            "lidar_origin": np.array([0.0, 0.0, 1.2], np.float32)}
+
+
+def test_balanced_subset_caps_each_class_and_keeps_rare_ones():
+    rng = np.random.default_rng(0)
+    labels = np.array([ROAD] * 1000 + [CAR] * 50 + [CONE] * 3)
+    keep = balanced_subset(labels, per_class=100, total=10_000, rng=rng)
+    counts = {c: int((labels[keep] == c).sum()) for c in (ROAD, CAR, CONE)}
+    assert counts == {ROAD: 100, CAR: 50, CONE: 3}
+    assert len(np.unique(keep)) == len(keep)
+    assert len(balanced_subset(labels, per_class=100, total=60, rng=rng)) == 60
+    assert len(balanced_subset(np.zeros(0, np.int64), 10, 10, rng)) == 0
+
+
+def test_dense_points_are_camera_visible_voxel_centres_with_their_labels():
+    sample = _sample()
+    rng = np.random.default_rng(1)
+    points, labels = supervision_points(sample, "dense", rng, GRID, max_per_class=50, free_per_occupied=2.0)
+    idx = np.floor((points - np.asarray(GRID.lower)) / GRID.voxel_size).astype(int)
+    assert np.allclose(points, voxel_centre_points(idx, GRID))
+    assert np.array_equal(labels, sample["occupancy"][idx[:, 0], idx[:, 1], idx[:, 2]])
+    assert sample["mask_camera"][idx[:, 0], idx[:, 1], idx[:, 2]].all()     # never an unseen voxel
+    assert (labels == CONE).sum() == 1 and (labels == CAR).sum() == 36       # rare classes kept whole
+    assert (labels == ROAD).sum() == 50                                      # the ground is capped
+    n_occupied = (labels != FREE_CLASS).sum()
+    visible_free = (sample["mask_camera"] & (sample["occupancy"] == FREE_CLASS)).sum()
+    assert (labels == FREE_CLASS).sum() == min(visible_free, 2 * max(n_occupied, 1000))
+    few = supervision_points(sample, "dense", rng, GRID, max_per_class=50, free_per_occupied=0.01)[1]
+    assert (few == FREE_CLASS).sum() == 10   # free points at the given ratio (of at least 1000 occupied)
+
+
+def test_sparse_points_are_lidar_hits_and_free_space_before_them():
+    sample = _sample()
+    rng = np.random.default_rng(2)
+    points, labels = supervision_points(sample, "sparse", rng, GRID, free_per_ray=2)
+    hits = labels != FREE_CLASS
+    assert set(np.unique(labels[hits])) == {CAR, ROAD, CONE}
+    # free samples lie on a ray from the sensor, short of a hit by at least one voxel diagonal
+    origin = sample["lidar_origin"]
+    free = points[~hits]
+    assert len(free) > 0
+    dist_free = np.linalg.norm(free - origin, axis=1)
+    dist_hits = np.linalg.norm(sample["lidar_base"] - origin, axis=1)
+    assert dist_free.max() <= dist_hits.max() - np.sqrt(3) * GRID.voxel_size + 1e-5
+    with pytest.raises(ValueError, match="dense.*sparse"):
+        supervision_points(sample, "voxels", rng, GRID)
+
+
+def test_height_prior_baseline(tmp_path):
+    sample = _sample()
+    np.savez(tmp_path / "a.npz", **sample)
+    stats = class_statistics([tmp_path / "a.npz"])
+    assert stats["per_height"].shape == (GRID.shape[2], 18)
+    assert stats["total"].sum() == sample["mask_camera"].sum()
+    prior = height_prior_prediction(stats["per_height"], GRID.shape)
+    assert (prior[:, :, 0] == ROAD).all() and (prior[:, :, 1:] == FREE_CLASS).all()
