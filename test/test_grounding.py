@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from vg_ros.grounding import metrics
-from vg_ros.grounding.model import (VGLAW, VGLAWSpec, box_loss, cxcywh_to_xyxy, dice_loss, generalized_box_iou,
-                                    spec_by_name, total_loss)
+from vg_ros.grounding.model import (VGLAW, BoxHead, VGLAWSpec, box_loss, cxcywh_to_xyxy, dice_loss,
+                                    generalized_box_iou, pooling_loss, spec_by_name, total_loss)
 from vg_ros.grounding.text import MAX_TOKENS, TextEncoder, check_command
 from vg_ros.types import CameraFrame, CameraModel, GroundingResult
 
@@ -61,13 +61,49 @@ def _text(batch: int, length: int = 6, seed: int = 0):
 
 
 def test_spec_validation_and_configs():
-    assert spec_by_name("tiny").grid == (11, 20)
+    tiny = spec_by_name("tiny")
+    assert tiny.grid == (11, 20) and tiny.stem == "conv" and tiny.box_reference
     base = spec_by_name("base")
     assert (base.img_h, base.img_w, base.width, base.depth) == (448, 448, 768, 12)
+    assert base.stem == "patch" and not base.box_reference   # the paper's ViT-B and head
     with pytest.raises(ValueError, match="patch"):
         VGLAWSpec(img_h=30, img_w=64)
     with pytest.raises(ValueError, match="model config"):
         spec_by_name("huge")
+    with pytest.raises(ValueError, match="stem"):
+        VGLAWSpec(stem="resnet")
+    with pytest.raises(ValueError, match="power-of-two"):
+        VGLAWSpec(img_h=36, img_w=72, patch=12, stem="conv")
+
+
+@pytest.mark.parametrize("stem", ["patch", "conv"])
+def test_stems_give_the_same_token_grid(stem):
+    spec = VGLAWSpec(**{**SMALL.to_dict(), "stem": stem})
+    model = VGLAW(spec).eval()
+    tokens = model.patch_embed(torch.rand(2, 3, 32, 64))
+    assert tokens.shape == (2, SMALL.width, 2, 4)
+    with torch.no_grad():
+        out = model(torch.rand(2, 3, 32, 64), *_text(2))
+    assert out["fmap_hw"] == (2, 4) and out["pool"].shape == (2, 8)
+
+
+def test_anchored_box_centre_follows_the_pooling():
+    """With zero offsets the anchored head's centre is the attention-weighted token centre."""
+    torch.manual_seed(5)
+    head = BoxHead(width=8, text_dim=6, lap_dim=4, grid=(2, 4), anchored=True)
+    torch.nn.init.zeros_(head.mlp[-1].weight)
+    torch.nn.init.zeros_(head.mlp[-1].bias)
+    visual = torch.randn(3, 8, 8)
+    visual[:, 6] += 40.0   # one token (row 1, column 2) dominates the keys
+    boxes, attention = head(visual, torch.randn(3, 6))
+    expected = attention @ head.token_centres
+    assert torch.allclose(boxes[:, :2], expected, atol=1e-4)
+    assert torch.allclose(boxes[:, 2:], torch.full((3, 2), 0.5))
+    plain = BoxHead(width=8, text_dim=6, lap_dim=4, grid=(2, 4), anchored=False)
+    plain.load_state_dict(head.state_dict())
+    assert torch.allclose(plain(visual, torch.randn(3, 6))[0], torch.full((3, 4), 0.5))
+    with pytest.raises(ValueError, match="tokens"):
+        head(torch.randn(1, 5, 8), torch.randn(1, 6))
 
 
 def test_phi_zero_init_starts_from_plain_backbone():
@@ -186,6 +222,25 @@ def test_mask_losses():
     out = {"boxes": torch.tensor([[0.5, 0.5, 0.5, 0.5]]), "mask_logits": good}
     losses = total_loss(out, torch.tensor([[0.5, 0.5, 0.5, 0.5]]), target)
     assert losses["total"].item() < 1e-2
+
+
+def test_pooling_loss_is_low_only_on_the_target_tokens():
+    masks = torch.zeros(2, 32, 64)
+    masks[0, :16, :16] = 1          # token (0, 0) of the (2, 4) grid
+    on_target = torch.full((2, 8), 1e-6)
+    on_target[:, 0] = 1.0
+    elsewhere = torch.full((2, 8), 1e-6)
+    elsewhere[:, 7] = 1.0
+    uniform = torch.full((2, 8), 1 / 8)
+    loss_on, loss_off, loss_uniform = (pooling_loss(p, masks, (2, 4)) for p in (on_target, elsewhere, uniform))
+    assert float(loss_uniform[0]) == pytest.approx(np.log(8), rel=1e-4)
+    assert loss_on[0] < 1e-4 and loss_off[0] > loss_uniform[0]
+    assert loss_on[1] == loss_off[1] == 0     # no target pixels: no pooling loss
+    out = {"boxes": torch.full((2, 4), 0.5), "mask_logits": torch.zeros(2, 32, 64), "pool": uniform, "fmap_hw": (2, 4)}
+    target = torch.full((2, 4), 0.5)
+    with_pool = total_loss(out, target, masks, w_pool=2.0)
+    without = total_loss(out, target, masks)
+    assert "pool" not in without and with_pool["total"] == pytest.approx(float(without["total"] + 2 * with_pool["pool"]))
 
 
 def test_tiny_model_learns_which_object_the_command_names(encoder):

