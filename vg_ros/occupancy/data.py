@@ -103,9 +103,14 @@ def balanced_subset(labels: np.ndarray, per_class: int, total: int, rng: np.rand
     return np.sort(keep)
 
 
+SUPERVISION_DEFAULTS = {"max_occupied": 8000, "max_per_class": 2500, "free_per_occupied": 2.0, "free_per_ray": 2}
+
+
 def supervision_points(sample: dict[str, np.ndarray], mode: str, rng: np.random.Generator, grid: GridSpec,
-                       max_occupied: int = 8000, free_per_occupied: float = 2.0,
-                       free_per_ray: int = 2, max_per_class: int = 2500) -> tuple[np.ndarray, np.ndarray]:
+                       max_occupied: int = SUPERVISION_DEFAULTS["max_occupied"],
+                       free_per_occupied: float = SUPERVISION_DEFAULTS["free_per_occupied"],
+                       free_per_ray: int = SUPERVISION_DEFAULTS["free_per_ray"],
+                       max_per_class: int = SUPERVISION_DEFAULTS["max_per_class"]) -> tuple[np.ndarray, np.ndarray]:
     """Training points of one sample: (points (P, 3) metres in base_link, labels (P,) int64). Occupied
     points are class-balanced: at most `max_per_class` of each class, `max_occupied` in all."""
     if mode == "dense":

@@ -103,6 +103,17 @@ def metrics_table(metrics: dict) -> str:
     return "\n".join(rows)
 
 
+def sampling_text(info: dict) -> str:
+    """How the training points of one frame were drawn (recorded in `info`, else today's defaults)."""
+    from vg_ros.occupancy.data import SUPERVISION_DEFAULTS
+    info = {**SUPERVISION_DEFAULTS, **info}
+    per_class = f"occupied ones class-balanced (at most {info['max_per_class']} per class, {info['max_occupied']} in all)"
+    if info["supervision"] == "dense":
+        return f"{per_class}, free ones {info['free_per_occupied']} per occupied (at least 1000 occupied counted)."
+    return f"LiDAR hits class-balanced (at most {info['max_per_class']} per class, {info['max_occupied']} in all), " \
+           f"{info['free_per_ray']} free points along each ray."
+
+
 def write_card(path: Path, info: dict) -> None:
     """The model card beside the weights: data, seeds, steps, command, metrics, date."""
     m = info["metrics"]
@@ -119,6 +130,7 @@ package's own `vg_ros/occupancy/train.py` on {info['date']}.
   {info['train_minutes']} min on {info['threads']} CPU threads; final loss {info['final_loss']:.3f}.
   {('Free-class logit adjustment ' + format(info['free_logit_shift'], '.3f') + ' (true vs sampled free prior).') if 'free_logit_shift' in info else ''}
   {('Free-logit calibration on ' + str(info['free_calibration_frames']) + ' training frames (max mIoU + IoU): ' + format(info['free_calibration_shift'], '+.2f') + '.') if 'free_calibration_shift' in info else ''}
+* Supervision points per frame: {sampling_text(info)}
 * Command: `{info['command']}`
 
 ## Held-out evaluation

@@ -23,12 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vg_ros.occupancy.data import build_cache, class_statistics, load_sample, parse_seeds, supervision_points
+from vg_ros.occupancy.data import (SUPERVISION_DEFAULTS, build_cache, class_statistics, load_sample, parse_seeds,
+                                   supervision_points)
 from vg_ros.occupancy.model import MODEL_CONFIGS, TPVFormer, model_config, occupancy_loss
 from vg_ros.occupancy.pipeline import WEIGHTS_DIR, resolve_device, save_checkpoint
 from vg_ros.types import FREE_CLASS
 
-DEFAULT_TRAIN_SEEDS = "0-23"
+DEFAULT_TRAIN_SEEDS = "0-47"
 DEFAULT_EVAL_SEEDS = "1000-1003"
 
 
@@ -137,13 +138,17 @@ def train(args: argparse.Namespace, log=print) -> dict:
         "final_loss": float(np.mean([h["loss"] for h in history[-50:]])),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "vg-ros train occupancy " + " ".join(shlex.quote(a) for a in args.argv),
+        **SUPERVISION_DEFAULTS,
         # The LiDAR-free baseline travels with the weights: per-height class counts of the training set.
         "height_prior_counts": json.dumps(stats["per_height"].tolist()),
     }
     if args.supervision == "dense":
         true_free = float(stats["total"][FREE_CLASS] / stats["total"].sum())
         info["free_logit_shift"] = apply_free_logit_adjustment(model, true_free, free_seen / max(total_seen, 1))
-    if args.calibrate_frames:
+    if args.calibrate_frames and args.supervision == "sparse":
+        # The calibration scores voxel labels, which sparse (LiDAR-only) training must never see.
+        log("free-logit calibration skipped: it needs voxel labels, and sparse supervision has none")
+    elif args.calibrate_frames:
         from vg_ros.occupancy.evaluate import calibrate_free_shift
         calib_paths = [paths[i] for i in rng.choice(len(paths), min(args.calibrate_frames, len(paths)), replace=False)]
         shift, sweep = calibrate_free_shift(model, calib_paths, device)
@@ -185,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=int, default=20)
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--calibrate-frames", type=int, default=8,
-                   help="training frames for the free-logit calibration (0 = off)")
+                   help="training frames for the free-logit calibration (0 = off; dense supervision only)")
     p.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation and model card")
     return p
 
