@@ -275,6 +275,17 @@ def test_tiny_model_learns_which_object_the_command_names(encoder):
 
 # -- metrics ------------------------------------------------------------------------------------------------
 
+def test_found_report():
+    found = np.array([True, True, True, False, False, False])
+    correct = np.array([True, True, False, False, False, True])
+    rep = metrics.found_report(found, correct)
+    assert rep["found_rate"] == pytest.approx(0.5) and rep["precision"] == pytest.approx(2 / 3)
+    assert rep["wrong_rejected"] == pytest.approx(2 / 3) and rep["right_kept"] == pytest.approx(2 / 3)
+    assert np.isnan(metrics.found_report(np.zeros(2, bool), np.ones(2, bool))["precision"])
+    with pytest.raises(ValueError):
+        metrics.found_report(found, correct[:3])
+
+
 def test_box_iou_and_prec():
     a = np.array([[0, 0, 10, 10], [0, 0, 10, 10], [0, 0, 10, 10]], float)
     b = np.array([[0, 0, 10, 10], [5, 0, 15, 10], [20, 20, 30, 30]], float)

@@ -77,6 +77,8 @@ def evaluate_split(model: VGLAW, split, *, device="cpu", batch: int = 32, score_
     result = {"count": len(split), "images": int(len(split.images)),
               "main": metrics.grounding_report(main["boxes"], gt_boxes, main["masks"], gt_masks, hops),
               "found_rate": float((main["scores"] >= score_threshold).mean()),
+              "found": metrics.found_report(main["scores"] >= score_threshold,
+                                            metrics.mask_ious(main["masks"], gt_masks) >= 0.5),
               "seconds_per_expression": (time.time() - t0) / len(split)}
     log(f"[grounding eval] main done ({time.time() - t0:.0f} s)")
     if not controls:
@@ -115,6 +117,11 @@ def format_report(result: dict) -> str:
         cells = "  ".join(f"hop {k}: P@0.5 {100 * rep['prec@0.5'][k]:5.1f}  mIoU {100 * rep['miou'][k]:5.1f}  "
                           f"oIoU {100 * rep['oiou'][k]:5.1f} (n={rep['count'][k]})" for k in keys)
         lines.append(f"{name:>24}: {cells}")
+    if "found" in result:
+        f = result["found"]
+        lines.append(f"{'not found':>24}: found {100 * f['found_rate']:.1f} %; correct (mask IoU >= 0.5) among found "
+                     f"{100 * f['precision']:.1f} %; wrong results published as not found {100 * f['wrong_rejected']:.1f} %; "
+                     f"right results kept {100 * f['right_kept']:.1f} %")
     if "chance" in result:
         chance = result["chance"]
         lines.append(f"{'chance':>24}: the other object's own box hits the target (IoU>=0.5) in "

@@ -6,6 +6,7 @@ and a helper that splits any of them by hop count.
 * `mask_miou(pred, gt)`: mean over samples of per-sample mask IoU (a sample with both masks empty scores 1).
 * `mask_oiou(pred, gt)`: overall IoU = total intersection / total union over all samples.
 * `split_by_hops(values, hops)`: {hop: mean of values with that hop count} plus "all".
+* `found_report(found, correct)`: how well "found" / "not found" separates right results from wrong ones.
 """
 from __future__ import annotations
 
@@ -96,3 +97,22 @@ def grounding_report(pred_boxes, gt_boxes, pred_masks, gt_masks, hops) -> dict:
         report["oiou"][key] = float(inter[sel].sum() / max(union[sel].sum(), 1))
         report["count"][key] = int(sel.sum())
     return report
+
+
+def found_report(found: np.ndarray, correct: np.ndarray) -> dict:
+    """How far the node's "not found" can be trusted. `found` (N,) bool: published as found; `correct` (N,)
+    bool: the result is right (e.g. mask IoU >= 0.5). Returns fractions in [0, 1] (NaN when undefined):
+    "found_rate"; "precision" = correct among found (what a consumer of found results gets);
+    "wrong_rejected" = not found among the wrong results (wrong masks kept off the topic);
+    "right_kept" = found among the right ones."""
+    found = np.asarray(found, dtype=bool)
+    correct = np.asarray(correct, dtype=bool)
+    if found.shape != correct.shape or found.ndim != 1:
+        raise ValueError(f"found_report: expected two (N,) arrays, got {found.shape} and {correct.shape}")
+
+    def frac(num: np.ndarray, den: np.ndarray) -> float:
+        return float(num.sum() / den.sum()) if den.sum() else float("nan")
+
+    return {"found_rate": float(found.mean()) if found.size else float("nan"),
+            "precision": frac(found & correct, found), "wrong_rejected": frac(~found & ~correct, ~correct),
+            "right_kept": frac(found & correct, correct), "count": int(found.size)}
