@@ -107,10 +107,20 @@ def test_short_training_reduces_loss_and_round_trips(tmp_path):
     assert probs[labels].mean() > probs[~labels].mean() + 0.3
 
 
+def test_model_card_seed_ranges():
+    from vg_ros.registration.train import seed_ranges
+    assert seed_ranges(range(96)) == "0-95"
+    assert seed_ranges([8, 7, 0, 1, 2, 5]) == "0-2, 5, 7-8"
+
+
 def test_missing_weights_is_a_clear_error(tmp_path):
     from vg_ros.registration.pipeline import RegistrationPipeline
-    with pytest.raises(ValueError, match="not found"):
+    with pytest.raises(ValueError, match="does not exist"):
         RegistrationPipeline(weights=tmp_path / "none.safetensors")
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        RegistrationPipeline(weights=corrupt)
 
 
 def test_train_cli_on_user_3dmatch_layout(shared_data, tmp_path, capsys):

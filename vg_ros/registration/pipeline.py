@@ -1,6 +1,6 @@
 """Global point-cloud registration with VBReg: sanitise -> voxel downsample -> normals + FPFH -> mutual
-matches -> VBReg inlier confidence -> voting-based inlier search -> optional GICP refinement
-(small_gicp) -> covariance from the inlier geometry.
+matches -> VBReg inlier confidence -> voting-based inlier search -> verification of the best hypotheses on
+the clouds (verify.py) -> optional GICP refinement (small_gicp) -> covariance from the inlier geometry.
 
     cfg = RegistrationConfig.preset("lidar")
     pipe = RegistrationPipeline(cfg, weights="default")       # None: compatibility-only confidence
@@ -19,10 +19,12 @@ import numpy as np
 import torch
 from scipy.spatial import cKDTree
 
+from vg_ros.checkpoint import load_into, read_state
 from vg_ros.config import PipelineConfig, param
 from vg_ros.registration import features
 from vg_ros.registration.model import VBRegDims, VBRegNet, second_order_compatibility, spatial_compatibility
-from vg_ros.registration.search import scale_candidates, voting_search
+from vg_ros.registration.search import distinct_best, refine, scale_candidates, voting_search
+from vg_ros.registration.verify import CloudVerifier
 from vg_ros.types import RegistrationResult
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
@@ -57,8 +59,11 @@ class RegistrationConfig(PipelineConfig):
     refine_iterations: int = param(20, "max reweighted least-squares iterations", low=0, high=1000)
     confidence_weighting: bool = param(True, "weight hypothesis scores and the final least squares by the inlier "
                                        "confidence (false: count every correspondence alike, as the paper's score)")
-    verify_candidates: int = param(20, "distinct best hypotheses checked against the full clouds (overlap); 1 = "
-                                   "take the best correspondence score as the paper does", low=1, high=100)
+    verify_candidates: int = param(5, "register(): the best distinct hypotheses by coarse cloud overlap and as many "
+                                   "by correspondence score are aligned and compared by overlap of the clouds; "
+                                   "1 = take the best correspondence score as the paper does", low=1, high=100)
+    verify_sample: int = param(1000, "source points sampled for the coarse overlap of every hypothesis",
+                               low=10, high=1_000_000)
     local_refine: bool = param(True, "refine with GICP (small_gicp) on the downsampled clouds")
     gicp_max_distance: float = param(0.15, "GICP max correspondence distance (m)", low=1e-3, high=50.0)
     max_match_normal_z: float = param(1.0, "only points with |normal z| below this are matched (0.9 drops the "
@@ -74,8 +79,8 @@ class RegistrationConfig(PipelineConfig):
             return cls()
         if name == "lidar":
             return cls(voxel_size=0.3, normal_radius=0.9, fpfh_radius=1.5, tau=1.2, nms_radius=0.6,
-                       gicp_max_distance=1.0, max_correspondences=1500, max_points=2_000_000,
-                       max_match_normal_z=0.9, min_correspondences=1000)
+                       gicp_max_distance=1.0, max_correspondences=2000, max_points=2_000_000,
+                       max_match_normal_z=0.9, min_correspondences=2000)
         raise ValueError(f"RegistrationConfig.preset: unknown preset {name!r}; choose indoor | lidar")
 
     def dims(self) -> VBRegDims:
@@ -95,23 +100,14 @@ def resolve_device(device: str) -> torch.device:
 def load_network(weights: str | Path, cfg: RegistrationConfig, device: torch.device) -> VBRegNet:
     """A VBRegNet from a safetensors file written by train.py. The file's metadata carries the dims;
     they override the config's (the config only sizes an untrained network)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     path = DEFAULT_WEIGHTS if str(weights) == "default" else Path(weights)
-    if not path.is_file():
-        raise ValueError(f"registration weights {path} not found (train with `vg-ros train registration`)")
-    with safe_open(str(path), framework="pt") as fh:
-        meta = fh.metadata() or {}
+    state, meta = read_state(path, required="num_layers", kind="registration")
     dims = cfg.dims()
     for key in ("feature_dim", "random_dim", "hidden_dim", "num_layers", "input_dim"):
         if key in meta:
             setattr(dims, key, int(meta[key]))
     net = VBRegNet(dims)
-    state = load_file(str(path))
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"registration weights {path}: missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}")
+    load_into(net, state, path, "registration")
     return net.to(device).eval()
 
 
@@ -265,27 +261,25 @@ class RegistrationPipeline:
         return res
 
     def _solve(self, src: np.ndarray, dst: np.ndarray, tau: float, start: float,
-               covariance_normals: np.ndarray | None, verify=None) -> RegistrationResult:
-        """Confidence, voting search and (with `verify`, a function T -> overlap) the choice among the
-        best distinct hypotheses by overlap of the full clouds."""
+               covariance_normals: np.ndarray | None, verifier: CloudVerifier | None = None) -> RegistrationResult:
+        """Confidence, voting search and (with a `verifier` on the clouds) the choice among the best
+        distinct hypotheses by overlap of the clouds."""
         cfg = self.cfg
         src_t = torch.as_tensor(src, dtype=torch.float64, device=self.device)
         dst_t = torch.as_tensor(dst, dtype=torch.float64, device=self.device)
         confidence, voters = self.confidence_and_voters(src_t, dst_t, tau)
         N = len(src)
         num_seeds = int(min(N, max(cfg.min_seeds, round(cfg.seed_ratio * N)), cfg.max_seeds))
-        found = voting_search(src_t, dst_t, confidence.double(), voters.double(), tau=tau, kappa=cfg.kappa,
+        found = voting_search(src_t, dst_t, confidence.double(), voters, tau=tau, kappa=cfg.kappa,
                               num_seeds=num_seeds, nms_radius=cfg.nms_radius, wilson_z=cfg.wilson_z,
-                              refine_iterations=cfg.refine_iterations,
-                              num_candidates=cfg.verify_candidates if verify is not None else 1,
-                              confidence_weighting=cfg.confidence_weighting)
+                              refine_iterations=cfg.refine_iterations, confidence_weighting=cfg.confidence_weighting)
         T, mask, score = found.transform, found.inlier_mask, found.score
-        if verify is not None and len(found.candidates) > 1:
-            overlaps = [verify(candidate[0]) for candidate in found.candidates]
-            best = int(np.argmax(overlaps))  # first maximum: ties keep the better correspondence score
-            T, mask, score = found.candidates[best]
-        self.last_debug = {"confidence": confidence.cpu().numpy(), "inlier_mask": mask,
-                           "num_seeds": num_seeds, "score": score}
+        self.last_debug = {"confidence": confidence.cpu().numpy(), "num_seeds": num_seeds}
+        if verifier is not None:
+            T, overlap = self._verify(found, verifier, src_t, dst_t, confidence.double(), tau)
+            mask = np.linalg.norm(src @ T[:3, :3].T + T[:3, 3] - dst, axis=1) < tau
+            score = overlap
+        self.last_debug.update({"inlier_mask": mask, "score": score})
         inliers = int(mask.sum())
         moved = src[mask] @ T[:3, :3].T + T[:3, 3]
         cov = rigid_covariance(moved, moved - dst[mask]) if inliers >= 3 else np.eye(6) * 1e6
@@ -295,6 +289,43 @@ class RegistrationPipeline:
         if reason:
             res.converged, res.reason = False, reason
         return res
+
+    def _verify(self, found, verifier: CloudVerifier, src: torch.Tensor, dst: torch.Tensor,
+                confidence: torch.Tensor, tau: float) -> tuple[np.ndarray, float]:
+        """The pose among the search's hypotheses that best aligns the clouds, and its overlap.
+
+        Candidates: the `verify_candidates` best distinct raw hypotheses by coarse cloud overlap, then as
+        many by correspondence score. On LiDAR (tau above the fine GICP distance) each is aligned by GICP
+        on the clouds at 2 tau and tau, so a pose that is right but rough (a few degrees, ~1 m: typical of
+        a seed's kappa-set on a 1-5 % inlier set) is compared at its best; the reweighted least squares on
+        the correspondences is not used there, as at such inlier ratios it can pull a rough pose towards
+        a wrong one. Otherwise each is refined on the correspondences. The first maximum of the fine
+        overlap wins."""
+        cfg = self.cfg
+        hypotheses = torch.as_tensor(found.hypotheses, dtype=src.dtype, device=src.device)
+        coarse = torch.as_tensor(verifier.coarse_overlap(found.hypotheses))
+        count = cfg.verify_candidates
+        picks = distinct_best(hypotheses, coarse, count, min_shift=tau)
+        picks += [i for i in distinct_best(hypotheses, torch.as_tensor(found.hypothesis_scores), count, min_shift=tau)
+                  if i not in picks]
+        weight = confidence if cfg.confidence_weighting else None
+        stages = self._coarse_gicp_stages(tau) if cfg.local_refine else []
+        best_T, best_overlap = found.transform, -1.0
+        for index in picks:
+            if stages:
+                T = verifier.align(found.hypotheses[index], stages)
+            else:
+                T = refine(hypotheses[index], src, dst, tau, cfg.refine_iterations, prior_weight=weight)[0].cpu().numpy()
+            overlap = verifier.overlap(T)
+            if overlap > best_overlap:
+                best_T, best_overlap = T, overlap
+        self.last_debug["candidates"] = len(picks)
+        return best_T, best_overlap
+
+    def _coarse_gicp_stages(self, tau: float) -> list[float]:
+        """GICP max distances that bring a rough pose into the fine stage's reach: 2 tau, tau when tau is
+        above `gicp_max_distance` (LiDAR), none otherwise (indoor: the search is already that precise)."""
+        return [2.0 * tau, tau] if tau > self.cfg.gicp_max_distance else []
 
     def _degenerate_reason(self, inlier_src: np.ndarray, inliers: int) -> str:
         if inliers < self.cfg.min_inliers:
@@ -322,52 +353,34 @@ class RegistrationPipeline:
         src_normals, src_desc = self.describe(src_pts)
         dst_normals, dst_desc = self.describe(dst_pts)
         pairs = self.match(src_pts, src_normals, src_desc, dst_pts, dst_normals, dst_desc)
+        return self.register_matches(src_pts, src_normals, dst_pts, dst_normals, pairs, start)
+
+    def register_matches(self, src_pts: np.ndarray, src_normals: np.ndarray, dst_pts: np.ndarray,
+                         dst_normals: np.ndarray, pairs: np.ndarray, start: float | None = None) -> RegistrationResult:
+        """The part of `register` after matching: voxelised clouds (N, 3) / (M, 3) with their normals and
+        the putative correspondences (K, 2) [source row, target row] -> result."""
+        start = time.perf_counter() if start is None else start
+        cfg = self.cfg
         if len(pairs) < 3:
             return _failure(f"only {len(pairs)} descriptor correspondences (need >= 3)", start)
         corr_src, corr_dst = src_pts[pairs[:, 0]], dst_pts[pairs[:, 1]]
         src_keep, dst_keep = self.structure_masks(src_normals, dst_normals)
-        src_structure, dst_tree = src_pts[src_keep], cKDTree(dst_pts[dst_keep])
-        near = 1.5 * cfg.voxel_size
-
-        def overlap(T: np.ndarray) -> float:
-            moved = src_structure @ T[:3, :3].T + T[:3, 3]
-            return float(np.mean(dst_tree.query(moved, distance_upper_bound=near)[0] < near))
-
-        res = self._solve(corr_src, corr_dst, cfg.tau, start, None, verify=overlap if cfg.verify_candidates > 1 else None)
+        verifier = CloudVerifier(src_pts, dst_pts, src_keep, dst_keep, voxel_size=cfg.voxel_size, cell=cfg.tau,
+                                 sample=cfg.verify_sample)
+        res = self._solve(corr_src, corr_dst, cfg.tau, start, None,
+                          verifier=verifier if cfg.verify_candidates > 1 else None)
         self.last_debug["num_correspondences"] = len(pairs)
         T = res.transform
         if cfg.local_refine and res.inliers >= 3:
-            T = self._gicp(src_pts, dst_pts, T)
+            # candidates were already aligned coarsely during verification; the paper's path was not
+            stages = [] if cfg.verify_candidates > 1 else self._coarse_gicp_stages(cfg.tau)
+            T = verifier.align(T, stages + [cfg.gicp_max_distance])
         fitness, cov = self._fitness_covariance(src_pts, dst_pts, dst_normals, T)
         res.transform, res.fitness, res.covariance = T, fitness, cov
         if res.converged and fitness < cfg.min_fitness:
             res.converged, res.reason = False, f"fitness {fitness:.3f} < min_fitness {cfg.min_fitness}"
         res.seconds = time.perf_counter() - start
         return res
-
-    def _gicp(self, src_pts: np.ndarray, dst_pts: np.ndarray, T_init: np.ndarray) -> np.ndarray:
-        """GICP from T_init, coarse (max distance 2 tau, tau) then fine (`gicp_max_distance`); each stage is
-        kept only if it does not lower the overlap (a diverged GICP is ignored)."""
-        import small_gicp
-        tree = cKDTree(dst_pts)
-        thr = self.cfg.gicp_max_distance
-
-        def overlap(T: np.ndarray) -> float:
-            return float(np.mean(tree.query(src_pts @ T[:3, :3].T + T[:3, 3], distance_upper_bound=thr)[0] < thr))
-
-        T_best, best = T_init, overlap(T_init)
-        stages = [2.0 * self.cfg.tau, self.cfg.tau, thr] if self.cfg.tau > thr else [thr]
-        for max_distance in stages:
-            result = small_gicp.align(dst_pts, src_pts, init_T_target_source=T_best, registration_type="GICP",
-                                      downsampling_resolution=self.cfg.voxel_size,
-                                      max_correspondence_distance=max_distance, num_threads=1)
-            T_new = np.array(result.T_target_source, dtype=np.float64, copy=True)
-            if not np.isfinite(T_new).all():
-                continue
-            score = overlap(T_new)
-            if score >= best:
-                T_best, best = T_new, score
-        return T_best
 
     def _fitness_covariance(self, src_pts: np.ndarray, dst_pts: np.ndarray, dst_normals: np.ndarray,
                             T: np.ndarray) -> tuple[float, np.ndarray]:

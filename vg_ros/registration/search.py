@@ -16,7 +16,8 @@ import torch
 @dataclass
 class SearchResult:
     """`transform` (4, 4) source -> target; `inlier_mask` (N,) bool; `score` of the best hypothesis;
-    `num_hypotheses` evaluated."""
+    `num_hypotheses` evaluated; `hypotheses` (S, 4, 4) every seed's raw pose and `hypothesis_scores` (S,)
+    their scores, for a caller that verifies them against the clouds."""
 
     transform: np.ndarray
     inlier_mask: np.ndarray
@@ -24,6 +25,8 @@ class SearchResult:
     num_hypotheses: int
     residuals: np.ndarray
     candidates: list = None  # [(T (4, 4), inlier mask (N,), score)] best distinct refined hypotheses, best first
+    hypotheses: np.ndarray = None
+    hypothesis_scores: np.ndarray = None
 
 
 def weighted_kabsch(src: torch.Tensor, dst: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -87,7 +90,7 @@ def vote(voters: torch.Tensor, seeds: torch.Tensor, kappa: int) -> torch.Tensor:
     matches (support > 0 only; the seed itself excluded)."""
     V, N, _ = voters.shape
     k = max(1, min(kappa - 1, N - 1))
-    rows = voters[:, seeds, :].clone()  # (V, S, N)
+    rows = voters[:, seeds, :]  # (V, S, N), a copy (advanced indexing)
     rows[:, torch.arange(len(seeds)), seeds] = -1.0
     top_val, top_idx = torch.topk(rows, k, dim=-1)
     counted = (top_val > 0).to(voters.dtype)
@@ -182,7 +185,8 @@ def voting_search(src: torch.Tensor, dst: torch.Tensor, confidence: torch.Tensor
             break
     T_best, mask_best, score_best = candidates[0]
     d_final = residuals(torch.as_tensor(T_best, dtype=src.dtype, device=src.device)[None], src, dst)[0]
-    return SearchResult(T_best, mask_best, score_best, S, d_final.cpu().numpy(), candidates)
+    return SearchResult(T_best, mask_best, score_best, S, d_final.cpu().numpy(), candidates,
+                        T_all.cpu().numpy(), scores.cpu().numpy())
 
 
 def scale_candidates(src: np.ndarray, dst: np.ndarray, noise_bound: float, max_candidates: int = 5) -> list[float]:
