@@ -84,7 +84,7 @@ def train(split, *, config: str = "tiny", steps: int = 3000, minutes: float = 25
           w_pool: float = 1.0, monitor=None, monitor_every: int = 0, log=print) -> tuple[VGLAW, dict]:
     """Train a fresh model (`spec` overrides the named `config`), or continue `init`; returns (model,
     history {"steps", "seconds", "final_loss", "monitor"}). `w_pool` weighs the pooling-attention loss
-    (`model.pooling_loss`); `monitor(model) -> dict` runs every `monitor_every` steps and at the end
+    (`model.pooling_loss`); `monitor(model, step) -> dict` runs every `monitor_every` steps and at the end
     (on a dev split, never on the held-out test seeds)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -135,7 +135,7 @@ def train(split, *, config: str = "tiny", steps: int = 3000, minutes: float = 25
 
 def _monitor(model: VGLAW, monitor, step: int, seconds: float, log) -> dict:
     model.eval()
-    numbers = {"step": step, "minutes": round(seconds / 60, 1), **monitor(model)}
+    numbers = {"step": step, "minutes": round(seconds / 60, 1), **monitor(model, step)}
     model.train()
     log(f"[grounding train] dev at step {step}: " + " ".join(f"{k} {v}" for k, v in numbers.items()))
     return numbers
@@ -255,12 +255,17 @@ def main(argv: list[str]) -> int:
     split = load_or_render(train_seeds, args.seconds, args.expressions, (spec.img_h, spec.img_w), encoder)
     print(f"[grounding train] {len(split)} expressions on {len(split.images)} images; hops "
           f"{dict(zip(*np.unique(split.hops, return_counts=True)))}")
+    stem = args.name or f"grounding_vglaw_{args.config}" + ("_phi0" if args.ablation_phi_zero else "")
+    weights = out_dir / f"{stem}.safetensors"
+    meta = {"train_seeds": args.seeds, "phi_zero": int(args.ablation_phi_zero)}
     monitor = None
     if args.monitor_every:
         dev = load_or_render(dev_seeds, args.val_seconds, args.expressions, None, encoder)
 
-        def monitor(model):
+        def monitor(model, step):
             rep = evaluate_split(model, dev, device=device, controls=False, log=lambda *_: None)["main"]
+            # a run that is stopped early still leaves its latest weights, marked partial
+            save_weights(model, weights, {**meta, "steps": init_steps + step, "partial": "true"})
             return {f"{name}_{hop}": round(100 * rep[key][hop], 1) for name, key in (("P@0.5", "prec@0.5"), ("mIoU", "miou"))
                     for hop in rep[key]}
     model, history = train(split, config=args.config, steps=args.steps, minutes=args.minutes, batch=args.batch,
@@ -269,10 +274,7 @@ def main(argv: list[str]) -> int:
                            monitor_every=args.monitor_every)
     history["steps_before"] = init_steps
     history["init"] = args.init + (" (box pooling re-initialised)" if args.reset_pooling else "")
-    stem = args.name or f"grounding_vglaw_{args.config}" + ("_phi0" if args.ablation_phi_zero else "")
-    weights = out_dir / f"{stem}.safetensors"
-    save_weights(model, weights, {"train_seeds": args.seeds, "steps": init_steps + history["steps"],
-                                  "phi_zero": int(args.ablation_phi_zero),
+    save_weights(model, weights, {**meta, "steps": init_steps + history["steps"],
                                   "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="minutes")})
     print(f"[grounding train] wrote {weights} ({weights.stat().st_size / 1e6:.1f} MB)")
     result, report_text = None, "(not evaluated: --no-eval)"
