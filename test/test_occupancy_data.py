@@ -78,3 +78,36 @@ def test_height_prior_baseline(tmp_path):
     assert stats["total"].sum() == sample["mask_camera"].sum()
     prior = height_prior_prediction(stats["per_height"], GRID.shape)
     assert (prior[:, :, 0] == ROAD).all() and (prior[:, :, 1:] == FREE_CLASS).all()
+
+
+def test_height_prior_at_lidar_hits_is_the_layers_most_frequent_occupied_class(tmp_path):
+    import dataclasses
+    from vg_ros.occupancy.evaluate import height_prior_points
+    from vg_ros.occupancy.model import model_config
+    sample = _sample()
+    np.savez(tmp_path / "a.npz", **sample)
+    per_height = class_statistics([tmp_path / "a.npz"])["per_height"]
+    cfg = dataclasses.replace(model_config("tiny"), grid_lower=GRID.lower, grid_upper=GRID.upper)
+    z = np.array([-0.8, -0.5, 0.0, 0.5, 1.3])      # layers 0, 1, 2, 3, 5
+    classes = height_prior_points(per_height, np.c_[np.zeros((5, 2)), z], cfg)
+    assert classes.tolist() == [ROAD, CAR, CAR, CAR, 0]  # layer 5 has no occupied voxel: class 0, never free
+
+
+def test_evaluation_scores_voxels_and_lidar_hits(tmp_path):
+    """evaluate_model on one rendered frame: Occ3D scores for the model and the prior, and the LiDAR
+    segmentation scores of both at the frame's in-grid hits."""
+    import torch
+    from vg_ros.occupancy.data import build_cache, load_sample
+    from vg_ros.occupancy.evaluate import evaluate_model, lidar_points_in_grid, metrics_table
+    from vg_ros.occupancy.model import TPVFormer, model_config
+    torch.manual_seed(0)
+    model = TPVFormer(model_config("tiny")).eval()
+    paths = build_cache([4242], model.cfg.image_size, seconds=0.1, every=1, root=tmp_path, log=lambda *_: None)
+    per_height = class_statistics(paths)["per_height"]
+    out = evaluate_model(model, paths, torch.device("cpu"), per_height)
+    points, labels = lidar_points_in_grid(model, load_sample(paths[0]))
+    assert len(points) > 1000 and set(np.unique(labels)) <= set(range(FREE_CLASS))
+    for key in ("model", "height_prior"):
+        assert 0.0 <= out[key]["iou"] <= 100.0 and 0.0 <= out["lidarseg"][key]["miou"] <= 100.0
+    assert out["lidarseg"]["height_prior"]["miou"] > 5.0  # the ground layer's class is right at most ground hits
+    assert "LiDAR segmentation" in metrics_table(dict(out, name="tiny"))
