@@ -67,6 +67,8 @@ def test_node_outputs_late_command_and_position(weights_file, tmp_path):
         cmd_pub.publish(String(data="the red car left of the bus"))  # before the node exists: transient-local
         # score_threshold 0 -> always found; mask_threshold 0.01 -> (untrained) mask covers the view
         node = _node(ros, weights_file, tmp_path, score_threshold=0.0, mask_threshold=0.01)
+        # a command must not queue behind images in the default (mutually exclusive) callback group
+        assert node.command_sub.callback_group is not node.default_callback_group
         masks, boxes, positions = [], [], []
         io.create_subscription(Image, "/grounding/mask", masks.append, 10)
         io.create_subscription(PolygonStamped, "/grounding/box", boxes.append, 10)

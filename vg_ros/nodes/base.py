@@ -634,10 +634,12 @@ class PerceptionNode(_RosNode):  # type: ignore[misc,valid-type]
         return output_qos()
 
     def subscribe(self, msg_type: type, topic: str, callback: Callable[[Any], None], qos: "QoSProfile",
-                  *, guard_stamps: bool = True):
+                  *, guard_stamps: bool = True, callback_group: Any = None):
         """A subscription that logs what it expects, reports QoS mismatches, and (by default) passes
         only messages whose header stamp the StampGuard accepts. Exceptions in `callback` are caught,
-        logged once per reason and counted as `callback_error`: the node keeps running."""
+        logged once per reason and counted as `callback_error`: the node keeps running. `callback_group`
+        (None: the node's default, mutually exclusive with every other default callback) lets a cheap
+        control input run beside a long sensor callback on the multi-threaded executor."""
         from rclpy.event_handler import SubscriptionEventCallbacks
 
         type_name = f"{msg_type.__module__.split('.')[0]}/{msg_type.__name__}"
@@ -654,7 +656,7 @@ class PerceptionNode(_RosNode):  # type: ignore[misc,valid-type]
                     return
             self.call_safely(callback, msg, where=topic)
 
-        return self.create_subscription(msg_type, topic, guarded, qos,
+        return self.create_subscription(msg_type, topic, guarded, qos, callback_group=callback_group,
                                         event_callbacks=SubscriptionEventCallbacks(incompatible_qos=on_incompatible))
 
     def synchronized(self, specs: Sequence[tuple[type, str]], callback: Callable[..., None], *,

@@ -65,7 +65,13 @@ class GroundingNode(PerceptionNode):
         self.mask_pub = self.create_publisher(Image, self.params["mask_topic"], self.output_qos())
         self.box_pub = self.create_publisher(PolygonStamped, self.params["box_topic"], self.output_qos())
         self.position_pub = self.create_publisher(PointStamped, self.params["position_topic"], self.output_qos())
-        self.subscribe(String, self.params["command_topic"], self.on_command, self.command_qos())
+        # Commands get their own callback group: in the default group a command waits behind every queued
+        # image (seen in the demo: a new command applied 8 frames late); here it waits for one frame at most
+        # (the pipeline lock), and the next image is grounded with it.
+        from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+        self.command_group = MutuallyExclusiveCallbackGroup()
+        self.command_sub = self.subscribe(String, self.params["command_topic"], self.on_command, self.command_qos(),
+                                          callback_group=self.command_group)
         self.subscribe(Image, self.params["image_topic"], self.on_image, self.sensor_qos())
         if self.params["camera_info_topic"]:
             self.subscribe(CameraInfo, self.params["camera_info_topic"], self.on_camera_info, self.sensor_qos(),
