@@ -59,7 +59,7 @@ def main(argv: list[str]) -> int:
         spec = spec_by_name(name, img_h=height, img_w=width)
         pipe = GroundingPipeline(GroundingConfig(model=name), weights=None, device=args.device, text_encoder=encoder)
         torch.manual_seed(0)
-        pipe.model = VGLAW(spec).to(pipe.device).eval()
+        pipe.model = VGLAW(spec).to(pipe.device).for_inference()
         for layer in pipe.model.weight_generator.phi:  # non-zero Phi, as after training
             torch.nn.init.normal_(layer.weight, std=0.02)
         pipe.set_command(command)

@@ -87,6 +87,24 @@ def test_stems_give_the_same_token_grid(stem):
     assert out["fmap_hw"] == (2, 4) and out["pool"].shape == (2, 8)
 
 
+def test_fused_conv_stem_gives_the_same_output_and_refuses_training():
+    torch.manual_seed(3)
+    model = VGLAW(VGLAWSpec(**{**SMALL.to_dict(), "stem": "conv"}))
+    model.train()
+    model(torch.rand(4, 3, 32, 64), *_text(4))  # moves the BatchNorm running statistics off their init
+    model.eval()
+    images, text = torch.rand(2, 3, 32, 64), _text(2)
+    with torch.no_grad():
+        before = model(images, *text)
+        model.for_inference()
+        after = model(images, *text)
+    assert model.patch_embed.fused and not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    for key in ("boxes", "mask_logits"):
+        assert torch.allclose(before[key], after[key], atol=1e-5), key
+    with pytest.raises(RuntimeError, match="folded"):
+        model.train()
+
+
 def test_anchored_box_centre_follows_the_pooling():
     """With zero offsets the anchored head's centre is the attention-weighted token centre."""
     torch.manual_seed(5)
