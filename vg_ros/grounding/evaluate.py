@@ -65,9 +65,13 @@ def predict(model: VGLAW, split, text_index: np.ndarray, *, batch: int = 32, dev
     return {"boxes": np.concatenate(boxes), "masks": masks, "scores": np.asarray(scores)}
 
 
-def evaluate_split(model: VGLAW, split, *, device="cpu", batch: int = 32, score_threshold: float = 0.5,
+def evaluate_split(model: VGLAW, split, *, device="cpu", batch: int = 32, score_threshold: float | None = None,
                    controls: bool = True, log=print) -> dict:
-    """All numbers for one held-out split: {"main", "phi_zero", "mismatched", "chance", ...} reports."""
+    """All numbers for one held-out split: {"main", "phi_zero", "mismatched", "chance", ...} reports.
+    `score_threshold` (None: the pipeline's default) decides what would be published as found."""
+    if score_threshold is None:
+        from vg_ros.grounding.pipeline import GroundingConfig
+        score_threshold = GroundingConfig().score_threshold
     H, W = split.size
     gt_boxes = split.boxes.astype(np.float64) * [W, H, W, H]
     gt_masks = [split.masks(i) for i in range(len(split))]
