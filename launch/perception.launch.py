@@ -76,6 +76,12 @@ def launch_setup(context, *args, **kwargs):
     use_sim_time = _is_true(value["use_sim_time"]) or bool(bag)
     overrides = {"rig": value["rig"], "device": value["device"], "use_sim_time": use_sim_time}
     remappings = parse_remappings(value["remappings"])
+    # Fast DDS profile with 100 ms reliable heartbeats (config/fastdds_profiles.xml says why), unless the
+    # user chose a profiles file
+    env = {}
+    if not (os.environ.get("FASTRTPS_DEFAULT_PROFILES_FILE") or os.environ.get("FASTDDS_DEFAULT_PROFILES_FILE")):
+        profiles = os.path.join(get_package_share_directory(PACKAGE), "config", "fastdds_profiles.xml")
+        env = {"FASTRTPS_DEFAULT_PROFILES_FILE": profiles, "FASTDDS_DEFAULT_PROFILES_FILE": profiles}
     actions = [LogInfo(msg=f"vg_ros: nodes {value['nodes']} with {value['config']}, rig {value['rig']}, "
                            f"device {value['device']}, use_sim_time {use_sim_time}")]
     for capability in parse_nodes(value["nodes"]):
@@ -89,6 +95,7 @@ def launch_setup(context, *args, **kwargs):
             remappings=remappings,
             output="screen",
             emulate_tty=True,
+            additional_env=env,
         ))
     if bag:
         actions.append(ExecuteProcess(

@@ -250,3 +250,25 @@ def test_supervisor_reports_a_killed_node_restarts_nothing_and_the_others_keep_p
     assert "Still running: alpha, gamma" in report[0]
     assert codes == {"alpha": 0, "beta": -signal.SIGKILL, "gamma": 0}   # the others stop cleanly on SIGINT
     assert "stopping:" in (tmp_path / "logs" / "alpha.log").read_text()
+
+
+def test_nodes_get_the_fast_dds_profile_unless_the_user_chose_one(monkeypatch, tmp_path):
+    from vg_ros import ros_compat
+    module = stub_launch_modules(monkeypatch)
+    for var in ("FASTRTPS_DEFAULT_PROFILES_FILE", "FASTDDS_DEFAULT_PROFILES_FILE"):
+        monkeypatch.delenv(var, raising=False)
+    _, actions = launch_actions(module)
+    env = [a for a in actions if type(a).__name__ == "Node"][0].kwargs["additional_env"]
+    assert env == {var: "/opt/share/vg_ros/config/fastdds_profiles.xml"
+                   for var in ("FASTRTPS_DEFAULT_PROFILES_FILE", "FASTDDS_DEFAULT_PROFILES_FILE")}
+    monkeypatch.setenv("FASTDDS_DEFAULT_PROFILES_FILE", "/etc/mine.xml")
+    _, actions = launch_actions(module)
+    assert [a for a in actions if type(a).__name__ == "Node"][0].kwargs["additional_env"] == {}
+
+    # the same rule for `vg-ros up`, the demo and run_node (vg_ros.ros_compat.use_dds_profiles)
+    environ: dict[str, str] = {}
+    assert ros_compat.use_dds_profiles(environ) == str(ros_compat.DDS_PROFILES)
+    assert environ["FASTRTPS_DEFAULT_PROFILES_FILE"] == environ["FASTDDS_DEFAULT_PROFILES_FILE"]
+    assert "<heartbeatPeriod>" in ros_compat.DDS_PROFILES.read_text()
+    mine = {"FASTRTPS_DEFAULT_PROFILES_FILE": "/etc/mine.xml"}
+    assert ros_compat.use_dds_profiles(mine) == "/etc/mine.xml" and len(mine) == 1

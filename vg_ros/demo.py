@@ -28,6 +28,7 @@ from typing import Any, Callable
 from vg_ros.replay import (
     PIPELINES, SECTIONS, format_summary, merge_scores, output_topics, public, replay, score_bags,
 )
+from vg_ros.ros_compat import use_dds_profiles
 from vg_ros.up import NODES
 
 NODE_NAMES = {cap: name for cap, (name, _) in NODES.items()}
@@ -356,6 +357,7 @@ def main(argv: list[str]) -> int:
         extra = ""
     else:
         os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+        use_dds_profiles()  # before the in-process player's rclpy.init; the node processes inherit it
         live_info = LiveRun(bag, out, rate=args.rate, device=args.device, nodes=list(args.nodes), config=args.config,
                             startup_timeout_s=args.startup_timeout, log_dir=out / "logs",
                             lossless=not args.best_effort).run()

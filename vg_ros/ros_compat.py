@@ -17,6 +17,9 @@ it imports. `missing()` lists what is absent, for logs and `vg-ros up --help`.
 from __future__ import annotations
 
 import importlib
+import os
+from collections.abc import MutableMapping
+from pathlib import Path
 from types import ModuleType
 
 
@@ -74,6 +77,25 @@ def available() -> dict[str, bool]:
 def missing() -> list[str]:
     """'name (fallback)' for every optional piece that does not import."""
     return [f"{name} ({FALLBACKS[name]})" for name, ok in available().items() if not ok]
+
+
+DDS_PROFILES = Path(__file__).resolve().parent.parent / "config" / "fastdds_profiles.xml"
+_PROFILE_VARS = ("FASTRTPS_DEFAULT_PROFILES_FILE", "FASTDDS_DEFAULT_PROFILES_FILE")  # Fast DDS 2.x, 3.x
+
+
+def use_dds_profiles(environ: MutableMapping[str, str] | None = None) -> str | None:
+    """Point Fast DDS at config/fastdds_profiles.xml (100 ms reliable heartbeats; see the file) in
+    `environ` (default os.environ) unless the user set a profiles file; call before rclpy.init or when
+    building a child process's environment. Returns the file in effect, None when there is none."""
+    environ = os.environ if environ is None else environ
+    for var in _PROFILE_VARS:
+        if environ.get(var):
+            return environ[var]
+    if not DDS_PROFILES.is_file():
+        return None
+    for var in _PROFILE_VARS:
+        environ[var] = str(DDS_PROFILES)
+    return str(DDS_PROFILES)
 
 
 def require_rclpy(what: str) -> ModuleType:

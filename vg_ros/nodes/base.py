@@ -740,6 +740,7 @@ def run_node(node_cls: type[PerceptionNode], args: list[str] | None = None, *, m
     import signal
 
     rclpy_mod = ros_compat.require_rclpy(node_cls.__name__)
+    ros_compat.use_dds_profiles()
     from rclpy.executors import MultiThreadedExecutor, SingleThreadedExecutor
     from rclpy.signals import SignalHandlerOptions
 
