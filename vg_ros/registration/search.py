@@ -24,9 +24,8 @@ class SearchResult:
     score: float
     num_hypotheses: int
     residuals: np.ndarray
-    candidates: list = None  # [(T (4, 4), inlier mask (N,), score)] best distinct refined hypotheses, best first
-    hypotheses: np.ndarray = None
-    hypothesis_scores: np.ndarray = None
+    hypotheses: np.ndarray
+    hypothesis_scores: np.ndarray
 
 
 def weighted_kabsch(src: torch.Tensor, dst: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -145,14 +144,13 @@ def distinct_best(T_all: torch.Tensor, scores: torch.Tensor, count: int, min_shi
 
 def voting_search(src: torch.Tensor, dst: torch.Tensor, confidence: torch.Tensor, voters: torch.Tensor, *,
                   tau: float, kappa: int = 40, num_seeds: int = 100, nms_radius: float = 0.1, wilson_z: float = 1.96,
-                  refine_iterations: int = 20, num_candidates: int = 1,
-                  confidence_weighting: bool = False) -> SearchResult:
+                  refine_iterations: int = 20, confidence_weighting: bool = False) -> SearchResult:
     """The full search. src/dst (N, 3) float64; confidence (N,); voters (V, N, N).
 
-    `num_candidates` > 1 also refines the next-best distinct hypotheses (`SearchResult.candidates`)
-    so a caller holding the clouds can verify them against the full geometry. `confidence_weighting`
-    weights the hypothesis score and the final least squares by the inlier confidence (PointDSC-style)
-    instead of counting every correspondence alike."""
+    The best-scoring hypothesis is refined; every seed's raw hypothesis and score are returned too, so a
+    caller holding the clouds can verify them against the full geometry (`verify.CloudVerifier`).
+    `confidence_weighting` weights the hypothesis score and the final least squares by the inlier
+    confidence (PointDSC-style) instead of counting every correspondence alike."""
     N = src.shape[0]
     if N < 3:
         raise ValueError(f"voting_search: need at least 3 correspondences, got {N}")
@@ -168,24 +166,11 @@ def voting_search(src: torch.Tensor, dst: torch.Tensor, confidence: torch.Tensor
     dist = residuals(T_all, src, dst)
     weight = confidence.to(src.dtype) if confidence_weighting else None
     scores = hypothesis_score(dist, tau, weight)
-    # Different hypotheses often refine to the same pose: dedupe again after refinement, drawing up to
-    # 4x as many raw hypotheses, so the caller really gets `num_candidates` different poses.
-    num_candidates = max(1, num_candidates)
-    picks = distinct_best(T_all, scores, 4 * num_candidates if num_candidates > 1 else 1, min_shift=tau)
-    candidates: list = []
-    refined: list[torch.Tensor] = []
-    for index in picks:
-        T_ref, mask = refine(T_all[index], src, dst, tau, refine_iterations, prior_weight=weight)
-        if refined and not _is_distinct(T_ref, refined, tau, 5.0):
-            continue
-        refined.append(T_ref)
-        d = residuals(T_ref[None], src, dst)[0]
-        candidates.append((T_ref.cpu().numpy(), mask.cpu().numpy(), float(hypothesis_score(d[None], tau, weight)[0])))
-        if len(candidates) >= num_candidates:
-            break
-    T_best, mask_best, score_best = candidates[0]
-    d_final = residuals(torch.as_tensor(T_best, dtype=src.dtype, device=src.device)[None], src, dst)[0]
-    return SearchResult(T_best, mask_best, score_best, S, d_final.cpu().numpy(), candidates,
+    best = distinct_best(T_all, scores, 1, min_shift=tau)[0]
+    T_best, mask_best = refine(T_all[best], src, dst, tau, refine_iterations, prior_weight=weight)
+    d_final = residuals(T_best[None], src, dst)[0]
+    score_best = float(hypothesis_score(d_final[None], tau, weight)[0])
+    return SearchResult(T_best.cpu().numpy(), mask_best.cpu().numpy(), score_best, S, d_final.cpu().numpy(),
                         T_all.cpu().numpy(), scores.cpu().numpy())
 
 
