@@ -265,7 +265,7 @@ def test_nodes_get_the_fast_dds_profile_unless_the_user_chose_one(monkeypatch, t
     _, actions = launch_actions(module)
     assert [a for a in actions if type(a).__name__ == "Node"][0].kwargs["additional_env"] == {}
 
-    # the same rule for `vg-ros up`, the demo and run_node (vg_ros.ros_compat.use_dds_profiles)
+    # the same rule for every node (run_node) and the demo's player (vg_ros.ros_compat.use_dds_profiles)
     environ: dict[str, str] = {}
     assert ros_compat.use_dds_profiles(environ) == str(ros_compat.DDS_PROFILES)
     assert environ["FASTRTPS_DEFAULT_PROFILES_FILE"] == environ["FASTDDS_DEFAULT_PROFILES_FILE"]

@@ -27,8 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, TextIO
 
-from vg_ros import ros_compat
-
 # capability -> (node name = console_scripts executable, module with `main`)
 NODES: dict[str, tuple[str, str]] = {
     "occupancy": ("occupancy_node", "vg_ros.nodes.occupancy_node"),
@@ -86,7 +84,6 @@ class Supervisor:
             raise ValueError(f"nodes: names repeat: {names}")
         self.specs = {s.name: s for s in specs}
         self.env = dict(os.environ if env is None else env)
-        ros_compat.use_dds_profiles(self.env)
         self.log = log or (lambda line: print(line, flush=True))
         self.log_dir = Path(log_dir) if log_dir else None
         self.procs: dict[str, subprocess.Popen] = {}
