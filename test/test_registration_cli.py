@@ -108,9 +108,11 @@ def test_short_training_reduces_loss_and_round_trips(tmp_path):
 
 
 def test_model_card_seed_ranges():
-    from vg_ros.registration.train import seed_ranges
-    assert seed_ranges(range(96)) == "0-95"
-    assert seed_ranges([8, 7, 0, 1, 2, 5]) == "0-2, 5, 7-8"
+    from vg_ros.sim.seeds import format_seeds, parse_seeds
+    assert format_seeds(range(96)) == "0-95"
+    assert format_seeds([8, 7, 0, 1, 2, 5]) == "0-2, 5, 7-8"
+    assert parse_seeds(format_seeds([8, 7, 0, 1, 2, 5])) == [0, 1, 2, 5, 7, 8]
+    assert format_seeds([]) == "none"
 
 
 def test_missing_weights_is_a_clear_error(tmp_path):

@@ -26,6 +26,7 @@ from vg_ros.checkpoint import save_state
 from vg_ros.geometry import invert_T, make_T, rpy_to_R
 from vg_ros.registration.model import VBRegNet, elbo_loss, spatial_compatibility
 from vg_ros.registration.pipeline import DEFAULT_WEIGHTS, RegistrationConfig, RegistrationPipeline
+from vg_ros.sim.seeds import format_seeds
 
 CACHE_DIR = Path(__file__).resolve().parent.parent.parent / ".cache" / "registration"
 # The RegistrationConfig fields that shape a correspondence set (the cache key); the rest only affect solving.
@@ -230,17 +231,6 @@ def train(sets: list[dict], cfg: RegistrationConfig, *, steps: int, batch: int =
                  "final_prior_nll": float(prior_nll)}
 
 
-def seed_ranges(seeds) -> str:
-    """[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8' (the card stays readable for 96 seeds)."""
-    parts: list[str] = []
-    for seed in sorted(set(int(s) for s in seeds)):
-        if parts and parts[-1][1] == seed - 1:
-            parts[-1][1] = seed
-        else:
-            parts.append([seed, seed])
-    return ", ".join(f"{lo}-{hi}" if hi > lo else f"{lo}" for lo, hi in parts) or "none"
-
-
 def save_weights(net: VBRegNet, path: Path, meta: dict) -> None:
     save_state(net, path, {**dataclasses.asdict(net.dims), **meta})
 
@@ -281,9 +271,9 @@ def main(argv: list[str]) -> int:
     sets: list[dict] = []
     sources = []
     if not args.no_sim:
-        print(f"building sim correspondence sets for seeds {seed_ranges(args.seeds)} (cached in {CACHE_DIR})", flush=True)
+        print(f"building sim correspondence sets for seeds {format_seeds(args.seeds)} (cached in {CACHE_DIR})", flush=True)
         sets += sim_sets(args.seeds, spec, pipe)
-        sources.append(f"simulator seeds {seed_ranges(args.seeds)} ({spec})")
+        sources.append(f"simulator seeds {format_seeds(args.seeds)} ({spec})")
     if args.data:
         folder = Path(args.data)
         if not folder.is_dir():
@@ -309,8 +299,8 @@ def main(argv: list[str]) -> int:
     save_weights(net, weights_path, meta)
     card = {
         "data": "; ".join(sources) + f"; {len(sets)} correspondence sets, mean inlier ratio {inlier_ratio:.3f}",
-        "seeds": seed_ranges(args.seeds) if not args.no_sim else "none",
-        "held-out seeds (never trained on)": f"{seed_ranges(HELDOUT_SEEDS)}, 9700-9719 (development), {FINAL_SEEDS} (final, run once)",
+        "seeds": format_seeds(args.seeds) if not args.no_sim else "none",
+        "held-out seeds (never trained on)": f"{format_seeds(HELDOUT_SEEDS)}, 9700-9719 (development), {FINAL_SEEDS} (final, run once)",
         "steps": f"{summary['steps']} x batch {args.batch} x {args.size} correspondences",
         "network": json.dumps(dataclasses.asdict(net.dims)),
         "optimiser": f"Adam lr {args.lr} (cosine), KL weight {args.kl_weight} (annealed over 20 % of steps), "

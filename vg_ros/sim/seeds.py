@@ -17,3 +17,15 @@ def parse_seeds(text: str) -> list[int]:
             raise ValueError(f"seeds: range {part!r} is empty")
         seeds.extend(range(lo, hi + 1))
     return seeds
+
+
+def format_seeds(seeds) -> str:
+    """[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8' ('none' when empty): model cards stay readable for 96 seeds, and
+    `parse_seeds` reads it back."""
+    parts: list[list[int]] = []
+    for seed in sorted(set(int(s) for s in seeds)):
+        if parts and parts[-1][1] == seed - 1:
+            parts[-1][1] = seed
+        else:
+            parts.append([seed, seed])
+    return ", ".join(f"{lo}-{hi}" if hi > lo else f"{lo}" for lo, hi in parts) or "none"
