@@ -384,6 +384,52 @@ def test_pipeline_cached_equals_uncached_and_shapes(pipeline):
     assert cached.found == (cached.score >= pipeline.config.score_threshold)
 
 
+def test_target_region_keeps_the_heaviest_region_and_its_box():
+    from vg_ros.grounding.pipeline import published_box, target_region
+    prob = np.zeros((40, 60), np.float32)
+    prob[5:9, 5:25] = 0.6      # large, faint: 80 px x 0.6 = 48
+    prob[20:30, 40:50] = 0.95  # smaller, confident: 100 px x 0.95 = 95 -> the target
+    prob[35, 0] = 0.99         # a stray pixel
+    mask, score = target_region(prob, 0.35)
+    assert mask.sum() == 100 and mask[20:30, 40:50].all()
+    assert score == pytest.approx(0.95)
+    both, score_all = target_region(prob, 0.35, single_region=False)
+    assert both.sum() == 181 and score_all == pytest.approx((48 + 95 + 0.99) / 181, rel=1e-5)
+    head = np.array([1.0, 2.0, 3.0, 4.0])
+    assert np.array_equal(published_box(mask, head, "mask"), [40, 20, 50, 30])  # x1 / y1 exclusive
+    assert np.array_equal(published_box(mask, head, "head"), head)
+    empty, peak = target_region(np.full((4, 4), 0.2, np.float32), 0.35)
+    assert not empty.any() and peak == pytest.approx(0.2)
+    assert np.array_equal(published_box(empty, head, "mask"), head)  # nothing to box: the head's box
+
+
+def test_shipped_pipeline_publishes_one_region_and_its_box(encoder):
+    """The shipped weights on a held-out simulated frame: every published mask is one region and the box
+    is its tight box, and it lies inside the thresholded map that `single_region=False` publishes."""
+    from scipy import ndimage
+    from vg_ros.grounding.pipeline import GroundingConfig, GroundingPipeline
+    from vg_ros.sim import simulate
+    frame = next(iter(simulate(1000, 0.1, every=1, lidar=False, occupancy=False, expressions=6)))
+    pipe = GroundingPipeline(GroundingConfig(), device="cpu", text_encoder=encoder)
+    head_pipe = GroundingPipeline(GroundingConfig(box_source="head", single_region=False), device="cpu",
+                                  text_encoder=encoder)
+    checked = 0
+    for expr in frame.expressions:
+        image = CameraFrame(_camera(), np.asarray(frame.images[expr.camera]))
+        pipe.set_command(expr.text)
+        head_pipe.set_command(expr.text)
+        result, raw = pipe.infer(image, 1), head_pipe.infer(image, 1)
+        assert result.found == (result.score >= pipe.config.score_threshold)
+        if not result.mask.any():
+            continue
+        ys, xs = np.nonzero(result.mask)
+        assert np.array_equal(result.box, [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+        assert ndimage.label(result.mask)[1] == 1
+        assert (result.mask <= raw.mask).all()   # the published region is part of the thresholded map
+        checked += 1
+    assert checked >= 3
+
+
 def test_save_load_roundtrip(tmp_path):
     from vg_ros.grounding.pipeline import load_weights, save_weights
     model = VGLAW(SMALL)
@@ -510,10 +556,10 @@ def test_train_loop_and_evaluation_report(fake_splits):
     # evaluation resizes full-size images to the model and scores at full size
     result = evaluate_split(model, full, log=lambda *_: None)
     assert result["count"] == len(full) and result["main"]["count"]["all"] == len(full)
-    assert {"phi_zero", "mismatched", "chance"} <= set(result)
+    assert {"phi_zero", "mismatched", "chance", "box_head"} <= set(result)
     assert result["chance"]["prec@0.5_other_object_box"] == 0.0
     assert result["chance"]["prec@0.5_random_referred_object"] == pytest.approx(0.5)
-    assert "mismatched" in format_report(result)
+    assert "mismatched" in format_report(result) and "box head" in format_report(result)
 
 
 def test_ground_cli_json_png_and_errors(tmp_path, capsys):

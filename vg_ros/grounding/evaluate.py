@@ -10,7 +10,8 @@ Reports Prec@0.5, mask mIoU and oIoU per hop count, and two controls:
   already overlaps the target with IoU >= 0.5.
 
 Masks and boxes are scored at the camera's full resolution (480x270 by default), exactly as the
-pipeline post-processes them.
+pipeline post-processes them (`GroundingConfig`: one mask region, the box = the mask's tight box). The
+`box_head` row scores the box head's own regression (the paper's REC output) on the same runs.
 """
 from __future__ import annotations
 
@@ -23,22 +24,25 @@ import torch
 import torch.nn.functional as F
 
 from vg_ros.grounding import metrics
-from vg_ros.grounding.model import MASK_THRESHOLD, VGLAW
+from vg_ros.grounding.model import VGLAW
 
 DEFAULT_VAL_SEEDS = "1000-1011"
 
 
 @torch.no_grad()
 def predict(model: VGLAW, split, text_index: np.ndarray, *, batch: int = 32, device: str | torch.device = "cpu",
-            use_language_weights: bool = True, mask_threshold: float = MASK_THRESHOLD, expr_subset=None
-            ) -> dict[str, np.ndarray | list]:
+            use_language_weights: bool = True, config=None, expr_subset=None) -> dict[str, np.ndarray | list]:
     """Run `model` over the split's expressions (all, or `expr_subset`) with the texts `text_index`, one
-    per expression run (aligned with `expr_subset` when given).
+    per expression run (aligned with `expr_subset` when given), post-processed exactly as the pipeline does
+    with `config` (a `GroundingConfig`; None = its defaults).
 
-    Returns {"boxes" (n, 4) xyxy pixels, "masks" list of (H, W) bool, "scores" (n,)} at the image size
-    stored in the split (full-size splits give full-resolution results)."""
+    Returns {"boxes" (n, 4) xyxy pixels as published, "head_boxes" (n, 4) the box head's own, "masks" list of
+    (H, W) bool, "scores" (n,)} at the image size stored in the split (full-size splits give full-resolution
+    results)."""
     from vg_ros.grounding.data import resize_image
+    from vg_ros.grounding.pipeline import GroundingConfig, published_box, target_region
 
+    config = config or GroundingConfig()
     model.eval()
     spec = model.spec
     idx_all = np.arange(len(split)) if expr_subset is None else np.asarray(expr_subset)
@@ -46,7 +50,7 @@ def predict(model: VGLAW, split, text_index: np.ndarray, *, batch: int = 32, dev
     if len(text_index) != len(idx_all):
         raise ValueError(f"text_index: {len(text_index)} texts for {len(idx_all)} expressions")
     H, W = split.size
-    boxes, masks, scores = [], [], []
+    boxes, head_boxes, masks, scores = [], [], [], []
     for start in range(0, len(idx_all), batch):
         idx = idx_all[start:start + batch]
         images = torch.stack([resize_image(split.images[i], (spec.img_h, spec.img_w))
@@ -54,15 +58,17 @@ def predict(model: VGLAW, split, text_index: np.ndarray, *, batch: int = 32, dev
         feats, valid = split.text_batch(text_index[start:start + batch])
         out = model.forward_visual(images, model.generate(feats.to(device), valid.to(device)), use_language_weights)
         prob = F.interpolate(out["mask_logits"][:, None], size=(H, W), mode="bilinear",
-                             align_corners=False)[:, 0].sigmoid()
-        pred = prob > mask_threshold
-        for b in range(len(idx)):
-            sel = pred[b]
-            scores.append(float(prob[b][sel].mean()) if bool(sel.any()) else float(prob[b].max()))
-            masks.append(sel.cpu().numpy())
+                             align_corners=False)[:, 0].sigmoid().float().cpu().numpy()
         cx, cy, w, h = out["boxes"].double().cpu().numpy().T
-        boxes.append(np.stack([(cx - w / 2) * W, (cy - h / 2) * H, (cx + w / 2) * W, (cy + h / 2) * H], axis=1))
-    return {"boxes": np.concatenate(boxes), "masks": masks, "scores": np.asarray(scores)}
+        head = np.stack([(cx - w / 2) * W, (cy - h / 2) * H, (cx + w / 2) * W, (cy + h / 2) * H], axis=1)
+        for b in range(len(idx)):
+            mask, score = target_region(prob[b], config.mask_threshold, config.single_region)
+            masks.append(mask)
+            scores.append(score)
+            boxes.append(published_box(mask, head[b], config.box_source))
+        head_boxes.append(head)
+    return {"boxes": np.stack(boxes), "head_boxes": np.concatenate(head_boxes), "masks": masks,
+            "scores": np.asarray(scores)}
 
 
 def evaluate_split(model: VGLAW, split, *, device="cpu", batch: int = 32, score_threshold: float | None = None,
@@ -80,6 +86,7 @@ def evaluate_split(model: VGLAW, split, *, device="cpu", batch: int = 32, score_
     main = predict(model, split, split.text_index, batch=batch, device=device)
     result = {"count": len(split), "images": int(len(split.images)),
               "main": metrics.grounding_report(main["boxes"], gt_boxes, main["masks"], gt_masks, hops),
+              "box_head": metrics.grounding_report(main["head_boxes"], gt_boxes, main["masks"], gt_masks, hops),
               "found_rate": float((main["scores"] >= score_threshold).mean()),
               "found": metrics.found_report(main["scores"] >= score_threshold,
                                             metrics.mask_ious(main["masks"], gt_masks) >= 0.5),
@@ -121,6 +128,11 @@ def format_report(result: dict) -> str:
         cells = "  ".join(f"hop {k}: P@0.5 {100 * rep['prec@0.5'][k]:5.1f}  mIoU {100 * rep['miou'][k]:5.1f}  "
                           f"oIoU {100 * rep['oiou'][k]:5.1f} (n={rep['count'][k]})" for k in keys)
         lines.append(f"{name:>24}: {cells}")
+    if "box_head" in result:
+        rep = result["box_head"]
+        keys = [k for k in rep["count"] if k != "all"] + ["all"]
+        lines.append(f"{'box head (paper REC)':>24}: " + "  ".join(
+            f"hop {k}: P@0.5 {100 * rep['prec@0.5'][k]:5.1f}" for k in keys))
     if "found" in result:
         f = result["found"]
         lines.append(f"{'not found':>24}: found {100 * f['found_rate']:.1f} %; correct (mask IoU >= 0.5) among found "

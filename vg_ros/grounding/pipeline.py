@@ -21,12 +21,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from vg_ros.checkpoint import load_into, read_state, save_state
 from vg_ros.config import PipelineConfig, param
 from vg_ros.geometry import project_points
 from vg_ros.grounding.model import MASK_THRESHOLD, VGLAW, LanguageWeights, VGLAWSpec, spec_by_name
 from vg_ros.grounding.text import MAX_TOKENS, TextEncoder, check_command
+from vg_ros.sim.language import mask_box
 from vg_ros.types import CameraFrame, CameraModel, GroundingResult
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
@@ -43,12 +45,41 @@ class GroundingConfig(PipelineConfig):
     model: str = param("tiny", "network config: tiny (CPU) or base (ViT-B at 448)", choices=("tiny", "base"))
     score_threshold: float = param(0.8, "below this score the target is published as not found (0.8: chosen on the dev seeds 900-911)", low=0.0, high=1.0)
     mask_threshold: float = param(MASK_THRESHOLD, "mask probability threshold", low=0.01, high=0.99)
+    single_region: bool = param(True, "publish only the connected mask region with the most probability mass "
+                                "(drops the mask head's stray blobs on look-alikes)")
+    box_source: str = param("mask", "published box: mask = tight box of the published mask (box head's box "
+                            "when the mask is empty); head = the box head's regression, as the paper",
+                            choices=("mask", "head"))
     text_model_dir: str = param("", "local Hugging Face BERT directory; empty = packaged all-MiniLM-L6-v2")
     max_tokens: int = param(MAX_TOKENS, "command tokens kept, [CLS] first", low=2, high=512)
     min_points: int = param(3, "LiDAR points inside the mask needed for a 3D position", low=1, high=10000)
     depth_window: float = param(1.5, "depth window (m) of the densest point cluster used for the position",
                                 low=0.05, high=50.0)
     num_threads: int = param(0, "torch CPU threads (0 = leave torch's default)", low=0, high=256)
+
+
+def target_region(prob: np.ndarray, threshold: float, single_region: bool = True) -> tuple[np.ndarray, float]:
+    """(mask (H, W) bool, score) from the mask head's probability map (H, W): the pixels above `threshold`,
+    with `single_region` only the 4-connected region holding the most probability mass. `score` is the
+    mean probability over the mask, or the map's peak when nothing passes the threshold."""
+    prob = np.asarray(prob, dtype=np.float32)
+    mask = prob > threshold
+    if not mask.any():
+        return mask, float(prob.max())
+    if single_region:
+        labels, count = ndimage.label(mask)
+        if count > 1:
+            mass = ndimage.sum(prob, labels, np.arange(1, count + 1))
+            mask = labels == 1 + int(np.argmax(mass))
+    return mask, float(prob[mask].mean())
+
+
+def published_box(mask: np.ndarray, head_box: np.ndarray, box_source: str) -> np.ndarray:
+    """The box a result carries, (x0, y0, x1, y1) pixels with x1/y1 exclusive: the mask's tight box
+    (`box_source` "mask", unless the mask is empty) or the box head's `head_box`."""
+    if box_source == "mask" and mask.any():
+        return mask_box(mask)
+    return np.asarray(head_box, dtype=np.float64)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -143,13 +174,11 @@ class GroundingPipeline:
         out = self.model.forward_visual(self.preprocess(image), weights)
         prob = F.interpolate(out["mask_logits"][:, None], size=(height, width), mode="bilinear",
                              align_corners=False)[0, 0].sigmoid()
-        mask_t = prob > self.config.mask_threshold
-        score = float(prob[mask_t].mean()) if bool(mask_t.any()) else float(prob.max())
+        mask, score = target_region(prob.float().cpu().numpy(), self.config.mask_threshold, self.config.single_region)
         cx, cy, w, h = out["boxes"][0].double().cpu().numpy()
-        box = np.array([(cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height])
-        box = np.clip(box, 0, [width, height, width, height])
+        head_box = np.array([(cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height])
+        box = np.clip(published_box(mask, head_box, self.config.box_source), 0, [width, height, width, height])
         found = score >= self.config.score_threshold
-        mask = mask_t.cpu().numpy()
         return GroundingResult(stamp_ns=int(stamp_ns), command=command, found=bool(found), score=score,
                                box=box.astype(np.float64), mask=mask, seconds=time.perf_counter() - t_start)
 
