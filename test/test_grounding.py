@@ -62,7 +62,7 @@ def _text(batch: int, length: int = 6, seed: int = 0):
 
 def test_spec_validation_and_configs():
     tiny = spec_by_name("tiny")
-    assert tiny.grid == (11, 20) and tiny.stem == "conv" and tiny.box_reference
+    assert tiny.grid == (11, 20) and tiny.stem == "conv" and tiny.box_reference and tiny.mask_skip
     base = spec_by_name("base")
     assert (base.img_h, base.img_w, base.width, base.depth) == (448, 448, 768, 12)
     assert base.stem == "patch" and not base.box_reference   # the paper's ViT-B and head
@@ -74,6 +74,8 @@ def test_spec_validation_and_configs():
         VGLAWSpec(stem="resnet")
     with pytest.raises(ValueError, match="power-of-two"):
         VGLAWSpec(img_h=36, img_w=72, patch=12, stem="conv")
+    with pytest.raises(ValueError, match="mask_skip"):
+        VGLAWSpec(mask_skip=True)   # the skip joins read the conv stem
 
 
 @pytest.mark.parametrize("stem", ["patch", "conv"])
@@ -87,9 +89,33 @@ def test_stems_give_the_same_token_grid(stem):
     assert out["fmap_hw"] == (2, 4) and out["pool"].shape == (2, 8)
 
 
+def test_mask_skip_joins_start_at_zero_and_learn():
+    """A network grown with the mask head's skip joins computes exactly what it did before; the joins get
+    gradient at once and then change the mask; any other change of architecture is refused."""
+    from vg_ros.grounding.model import total_loss
+    torch.manual_seed(4)
+    plain = VGLAW(VGLAWSpec(**{**SMALL.to_dict(), "stem": "conv"})).eval()
+    grown = VGLAW.grown_from(plain, VGLAWSpec(**{**SMALL.to_dict(), "stem": "conv", "mask_skip": True})).eval()
+    _, maps = grown.patch_embed(torch.rand(1, 3, 32, 64), skips=(8, 4))
+    assert maps[8].shape[-2:] == (4, 8) and maps[4].shape[-2:] == (8, 16)
+    images, text = torch.rand(2, 3, 32, 64), _text(2)
+    with torch.no_grad():
+        a, b = plain(images, *text), grown(images, *text)
+    assert torch.equal(a["mask_logits"], b["mask_logits"]) and torch.equal(a["boxes"], b["boxes"])
+    grown.train()
+    out = grown(images, *text)
+    masks = torch.zeros(2, 32, 64)
+    masks[:, 8:20, 10:30] = 1
+    total_loss(out, torch.tensor([[0.3, 0.4, 0.3, 0.4]] * 2), masks)["total"].backward()
+    assert grown.mask_head.skip8.weight.grad.abs().sum() > 0
+    assert grown.mask_head.skip4[-1].weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="more than mask_skip"):
+        VGLAW.grown_from(plain, VGLAWSpec(**{**SMALL.to_dict(), "stem": "conv", "mask_skip": True, "depth": 3}))
+
+
 def test_fused_conv_stem_gives_the_same_output_and_refuses_training():
     torch.manual_seed(3)
-    model = VGLAW(VGLAWSpec(**{**SMALL.to_dict(), "stem": "conv"}))
+    model = VGLAW(VGLAWSpec(**{**SMALL.to_dict(), "stem": "conv", "mask_skip": True}))
     model.train()
     model(torch.rand(4, 3, 32, 64), *_text(4))  # moves the BatchNorm running statistics off their init
     model.eval()

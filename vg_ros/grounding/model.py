@@ -21,6 +21,7 @@ and the [CLS] feature is linearly projected to `mask_dim` before the dot product
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -51,6 +52,7 @@ class VGLAWSpec:
     mask_dim: int = 64     # channels of the mask head's per-pixel features
     stem: str = "patch"    # "patch": one patch x patch projection (ViT); "conv": early 3x3 convolutions
     box_reference: bool = False  # box centre as an offset from the pooling's centre of mass (BoxHead)
+    mask_skip: bool = False  # mask head also reads the conv stem's 1/8 and 1/4 feature maps (MaskHead)
 
     def __post_init__(self) -> None:
         for name in ("img_h", "img_w", "patch", "width", "depth", "heads", "text_dim", "groups",
@@ -69,6 +71,8 @@ class VGLAWSpec:
             raise ValueError(f"VGLAWSpec.stem = {self.stem!r}: choose one of {STEMS}")
         if self.stem == "conv" and self.patch & (self.patch - 1):
             raise ValueError(f"VGLAWSpec: the conv stem needs a power-of-two patch, got {self.patch}")
+        if self.mask_skip and (self.stem != "conv" or self.patch < 16):
+            raise ValueError("VGLAWSpec.mask_skip reads the conv stem's 1/8 and 1/4 maps: needs stem 'conv', patch >= 16")
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -80,7 +84,7 @@ class VGLAWSpec:
 
 # `tiny`: CPU-trainable. `base`: ViT-B at 448 x 448 as in the paper.
 SPECS: dict[str, VGLAWSpec] = {
-    "tiny": VGLAWSpec(stem="conv", box_reference=True),
+    "tiny": VGLAWSpec(stem="conv", box_reference=True, mask_skip=True),
     "base": VGLAWSpec(img_h=448, img_w=448, patch=16, width=768, depth=12, heads=12, groups=8, lap_dim=256,
                       mask_dim=256),
 }
@@ -115,9 +119,25 @@ class ConvStem(nn.Module):
         self.layers = nn.Sequential(*layers).to(memory_format=torch.channels_last)
         self.fused = False
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) normalised -> (B, width, H / patch, W / patch)."""
-        return self.layers(images.contiguous(memory_format=torch.channels_last))
+    def forward(self, images: torch.Tensor, skips: tuple[int, ...] = ()) -> torch.Tensor | tuple:
+        """(B, 3, H, W) normalised -> (B, width, H / patch, W / patch); with `skips` (strides, e.g. (8, 4))
+        also {stride: the stem's activation at 1/stride} for the mask head."""
+        x = images.contiguous(memory_format=torch.channels_last)
+        if not skips:
+            return self.layers(x)
+        maps, stride = {}, 1
+        for layer in self.layers:
+            x = layer(x)
+            if isinstance(layer, nn.Conv2d) and layer.stride[0] == 2:
+                stride *= 2
+            elif isinstance(layer, nn.ReLU) and stride in skips:
+                maps[stride] = x
+        return x, maps
+
+    def channels(self, stride: int) -> int:
+        """Channels of the activation at 1/stride."""
+        convs = [m for m in self.layers if isinstance(m, nn.Conv2d) and m.stride[0] == 2]
+        return convs[int(math.log2(stride)) - 1].out_channels
 
     @torch.no_grad()
     def fuse_for_inference(self) -> None:
@@ -268,17 +288,36 @@ class BoxHead(nn.Module):
 
 class MaskHead(nn.Module):
     """(B, C, h, w) at 1/16 -> two stride-2 transposed convs -> (B, mask_dim, 4h, 4w) . cls -> logits
-    (B, 16h, 16w) after bilinear x4 (input resolution)."""
+    (B, 16h, 16w) after bilinear x4 (input resolution).
 
-    def __init__(self, width: int, text_dim: int, mask_dim: int) -> None:
+    `skip_channels` (c8, c4): the conv stem's 1/8 and 1/4 maps join the two upsampling stages (U-Net
+    style; language-free edges and colours at the resolution the mask is read at). Both joins are
+    zero-initialised, so a head with them starts as the plain head (and loads its weights unchanged)."""
+
+    def __init__(self, width: int, text_dim: int, mask_dim: int, skip_channels: tuple[int, int] | None = None) -> None:
         super().__init__()
         self.up1 = nn.ConvTranspose2d(width, width // 2, kernel_size=2, stride=2)
         self.norm = nn.GroupNorm(1, width // 2)
         self.up2 = nn.ConvTranspose2d(width // 2, mask_dim, kernel_size=2, stride=2)
         self.text_proj = nn.Linear(text_dim, mask_dim)
+        self.skip8 = self.skip4 = None
+        if skip_channels is not None:
+            c8, c4 = skip_channels
+            self.skip8 = nn.Conv2d(c8, width // 2, 1)
+            self.skip4 = nn.Sequential(nn.Conv2d(c4 + mask_dim, mask_dim, 1), nn.GroupNorm(1, mask_dim), nn.GELU(),
+                                       nn.Conv2d(mask_dim, mask_dim, 1))
+            for conv in (self.skip8, self.skip4[-1]):
+                nn.init.zeros_(conv.weight)
+                nn.init.zeros_(conv.bias)
 
-    def forward(self, fmap: torch.Tensor, cls: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
-        pixels = self.up2(F.gelu(self.norm(self.up1(fmap))))                       # (B, D, H/4, W/4)
+    def forward(self, fmap: torch.Tensor, cls: torch.Tensor, out_hw: tuple[int, int],
+                skips: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+        x = self.up1(fmap)                                                            # (B, C/2, H/8, W/8)
+        if self.skip8 is not None:
+            x = x + self.skip8(skips[8])
+        pixels = self.up2(F.gelu(self.norm(x)))                                       # (B, D, H/4, W/4)
+        if self.skip4 is not None:
+            pixels = pixels + self.skip4(torch.cat([pixels, skips[4].to(pixels.dtype)], dim=1))
         kernel = self.text_proj(cls)                                                  # (B, D)
         quarter = torch.einsum("bdhw,bd->bhw", pixels, kernel) / math.sqrt(pixels.shape[1])
         return F.interpolate(quarter[:, None], size=out_hw, mode="bilinear", align_corners=False)[:, 0]
@@ -301,7 +340,8 @@ class VGLAW(nn.Module):
         self.blocks = nn.ModuleList(LAWBlock(C, spec.heads, spec.mlp_ratio) for _ in range(spec.depth))
         self.norm = nn.LayerNorm(C)
         self.box_head = BoxHead(C, spec.text_dim, spec.lap_dim, spec.grid, anchored=spec.box_reference)
-        self.mask_head = MaskHead(C, spec.text_dim, spec.mask_dim)
+        skip_channels = ((self.patch_embed.channels(8), self.patch_embed.channels(4)) if spec.mask_skip else None)
+        self.mask_head = MaskHead(C, spec.text_dim, spec.mask_dim, skip_channels)
         self.register_buffer("pixel_mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
         self.apply(self._init)
@@ -314,6 +354,19 @@ class VGLAW(nn.Module):
             nn.init.trunc_normal_(module.weight, std=0.02)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
+
+    @classmethod
+    def grown_from(cls, model: "VGLAW", spec: VGLAWSpec) -> "VGLAW":
+        """A `spec` network carrying `model`'s weights, where `spec` only adds the mask head's skip joins
+        (`mask_skip`): they start at zero, so the result computes exactly what `model` did. ValueError for
+        any other change of architecture."""
+        if dataclasses.replace(model.spec, mask_skip=spec.mask_skip) != spec:
+            raise ValueError("grown_from: the specs differ in more than mask_skip")
+        grown = cls(spec)
+        missing, unexpected = grown.load_state_dict(model.state_dict(), strict=False)
+        if unexpected or any(not k.startswith(("mask_head.skip8.", "mask_head.skip4.")) for k in missing):
+            raise ValueError(f"grown_from: cannot map the weights (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        return grown.to(next(model.parameters()).device)
 
     # -- language side: once per command -------------------------------------------------------------
     def for_inference(self) -> "VGLAW":
@@ -357,7 +410,12 @@ class VGLAW(nn.Module):
         if phi.shape[0] == 1 and B > 1:
             phi, cls = phi.expand(B, -1, -1, -1), cls.expand(B, -1)
         x = (images - self.pixel_mean) / self.pixel_std
-        x = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed
+        skips = None
+        if spec.mask_skip:
+            x, skips = self.patch_embed(x, skips=(8, 4))
+        else:
+            x = self.patch_embed(x)
+        x = x.flatten(2).transpose(1, 2) + self.pos_embed
         for i, block in enumerate(self.blocks):
             if not use_language_weights:
                 x = block(x, None, self.P, self.Q)
@@ -369,7 +427,7 @@ class VGLAW(nn.Module):
         boxes, pool = self.box_head(visual, cls)
         gh, gw = spec.grid
         fmap = visual.transpose(1, 2).reshape(B, spec.width, gh, gw)
-        mask_logits = self.mask_head(fmap, cls, (spec.img_h, spec.img_w))
+        mask_logits = self.mask_head(fmap, cls, (spec.img_h, spec.img_w), skips)
         return {"boxes": boxes, "mask_logits": mask_logits, "pool": pool, "fmap_hw": (gh, gw)}
 
     def forward(self, images, text_feats, valid, use_language_weights: bool = True):

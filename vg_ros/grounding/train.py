@@ -170,7 +170,8 @@ def write_card(path: Path, *, args, history: dict, result: dict | None, weights:
         "* scaled down from the paper: ViT trained from scratch (no COCO pre-training), small width/depth, "
         "mask head's [CLS] kernel linearly projected to `mask_dim` channels"
         + (", convolutional stem" if spec.stem == "conv" else "")
-        + (", box centre anchored at the pooling's centre of mass" if spec.box_reference else ""),
+        + (", box centre anchored at the pooling's centre of mass" if spec.box_reference else "")
+        + (", mask head also reads the conv stem's 1/8 and 1/4 maps (zero-initialised skip joins)" if spec.mask_skip else ""),
         f"* ablation: {'THIS MODEL has Phi fixed at zero (no language-adaptive weights)' if args.ablation_phi_zero else 'full VG-LAW'}",
         "",
         "## Held-out results (`vg-ros eval grounding`)",
@@ -245,6 +246,11 @@ def main(argv: list[str]) -> int:
             init, init_meta = load_weights(args.init, device)
         except ValueError as exc:
             raise UserError(str(exc)) from exc
+        if init.spec != spec and not init.spec.mask_skip and spec.mask_skip:
+            try:
+                init = VGLAW.grown_from(init, spec)   # the same network with the mask head's skip joins added
+            except ValueError:
+                pass
         if init.spec != spec:
             raise UserError(f"--init {args.init}: its architecture is not the {args.config} config")
         init_steps = int(init_meta.get("steps", 0))
