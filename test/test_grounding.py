@@ -586,6 +586,10 @@ def test_train_loop_and_evaluation_report(fake_splits):
     assert result["chance"]["prec@0.5_other_object_box"] == 0.0
     assert result["chance"]["prec@0.5_random_referred_object"] == pytest.approx(0.5)
     assert "mismatched" in format_report(result) and "box head" in format_report(result)
+    from vg_ros.grounding.evaluate import format_sweep
+    found = [result["threshold_sweep"][t]["found_rate"] for t in sorted(result["threshold_sweep"])]
+    assert found == sorted(found, reverse=True)   # a higher threshold never publishes more
+    assert len(format_sweep(result).splitlines()) == 1 + len(result["threshold_sweep"])
 
 
 def test_ground_cli_json_png_and_errors(tmp_path, capsys):

@@ -27,6 +27,7 @@ from vg_ros.grounding import metrics
 from vg_ros.grounding.model import VGLAW
 
 DEFAULT_VAL_SEEDS = "1000-1011"
+SWEEP_THRESHOLDS = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)   # score_threshold candidates (--sweep)
 
 
 @torch.no_grad()
@@ -84,12 +85,14 @@ def evaluate_split(model: VGLAW, split, *, device="cpu", batch: int = 32, score_
     hops = split.hops.astype(int)
     t0 = time.time()
     main = predict(model, split, split.text_index, batch=batch, device=device)
+    correct = metrics.mask_ious(main["masks"], gt_masks) >= 0.5
     result = {"count": len(split), "images": int(len(split.images)),
               "main": metrics.grounding_report(main["boxes"], gt_boxes, main["masks"], gt_masks, hops),
               "box_head": metrics.grounding_report(main["head_boxes"], gt_boxes, main["masks"], gt_masks, hops),
               "found_rate": float((main["scores"] >= score_threshold).mean()),
-              "found": metrics.found_report(main["scores"] >= score_threshold,
-                                            metrics.mask_ious(main["masks"], gt_masks) >= 0.5),
+              "found": metrics.found_report(main["scores"] >= score_threshold, correct),
+              "threshold_sweep": {f"{t:.2f}": metrics.found_report(main["scores"] >= t, correct)
+                                  for t in SWEEP_THRESHOLDS},
               "seconds_per_expression": (time.time() - t0) / len(split)}
     log(f"[grounding eval] main done ({time.time() - t0:.0f} s)")
     if not controls:
@@ -114,6 +117,15 @@ def evaluate_split(model: VGLAW, split, *, device="cpu", batch: int = 32, score_
         result["chance"] = {"prec@0.5_other_object_box": float((overlap >= 0.5).mean()),
                             "prec@0.5_random_referred_object": float(random_pick), "pairs": int(len(has_other))}
     return result
+
+
+def format_sweep(result: dict) -> str:
+    """What each candidate `score_threshold` would publish: one line per threshold."""
+    lines = ["score_threshold  found %  correct among found %  wrong held back %  right kept %"]
+    for t, f in result["threshold_sweep"].items():
+        lines.append(f"{t:>15}  {100 * f['found_rate']:7.1f}  {100 * f['precision']:20.1f}  "
+                     f"{100 * f['wrong_rejected']:17.1f}  {100 * f['right_kept']:12.1f}")
+    return "\n".join(lines)
 
 
 def format_report(result: dict) -> str:
@@ -163,6 +175,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--no-controls", action="store_true", help="skip the Phi=0 and mismatched-command controls")
     ap.add_argument("--json", dest="json_out", default="", help="also write the numbers to this JSON file")
+    ap.add_argument("--sweep", action="store_true",
+                    help="also print what each candidate score_threshold would publish (choose it on dev seeds)")
     args = ap.parse_args(argv)
     try:
         seeds = parse_seeds(args.seeds)
@@ -180,6 +194,8 @@ def main(argv: list[str]) -> int:
     result["weights"] = str(path)
     result["seeds"] = args.seeds
     print(format_report(result))
+    if args.sweep:
+        print(format_sweep(result))
     if args.json_out:
         with open(args.json_out, "w") as fh:
             json.dump(result, fh, indent=2, default=str)
