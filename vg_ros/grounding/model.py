@@ -18,12 +18,14 @@ one plain (3C, C) matrix per block, so each frame is an ordinary ViT forward (`f
 
 Scaled-down choice (said in the model card): the mask head's per-pixel features have `mask_dim` channels
 and the [CLS] feature is linearly projected to `mask_dim` before the dot product (the paper uses d_l).
+Aids for training from scratch on a CPU, in `tiny` only (`base` is the paper's): a convolutional stem
+(`ConvStem`), the box centre anchored at the pooling's centre of mass, and the mask head's skip joins from
+the stem's 1/8 and 1/4 maps (`mask_skip`).
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -360,7 +362,7 @@ class VGLAW(nn.Module):
         """A `spec` network carrying `model`'s weights, where `spec` only adds the mask head's skip joins
         (`mask_skip`): they start at zero, so the result computes exactly what `model` did. ValueError for
         any other change of architecture."""
-        if dataclasses.replace(model.spec, mask_skip=spec.mask_skip) != spec:
+        if replace(model.spec, mask_skip=spec.mask_skip) != spec:
             raise ValueError("grown_from: the specs differ in more than mask_skip")
         grown = cls(spec)
         missing, unexpected = grown.load_state_dict(model.state_dict(), strict=False)
