@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from vg_ros.grounding import metrics
 from vg_ros.grounding.model import (VGLAW, BoxHead, VGLAWSpec, box_loss, cxcywh_to_xyxy, dice_loss,
@@ -111,6 +112,28 @@ def test_mask_skip_joins_start_at_zero_and_learn():
     assert grown.mask_head.skip4[-1].weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="more than mask_skip"):
         VGLAW.grown_from(plain, VGLAWSpec(**{**SMALL.to_dict(), "stem": "conv", "mask_skip": True, "depth": 3}))
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_mask_head_matches_its_modules(skip):
+    """The head computes exactly the paper's sequence (+ the skip joins): up1 (+ skip8), GroupNorm, GELU, up2
+    (+ skip4 residual), dot product with the projected [CLS], bilinear to the output size."""
+    from vg_ros.grounding.model import MaskHead
+    torch.manual_seed(5)
+    head = MaskHead(32, 24, 16, (20, 12) if skip else None)
+    for p in head.parameters():          # the skip joins start at zero: give them values to compare
+        torch.nn.init.normal_(p, std=0.3)
+    fmap, cls = torch.randn(2, 32, 3, 5), torch.randn(2, 24)
+    skips = {8: torch.randn(2, 20, 6, 10), 4: torch.randn(2, 12, 12, 20)}
+    x = head.up1(fmap)
+    if skip:
+        x = x + head.skip8(skips[8])
+    pixels = head.up2(F.gelu(head.norm(x)))
+    if skip:
+        pixels = pixels + head.skip4(torch.cat([pixels, skips[4]], dim=1))
+    quarter = torch.einsum("bdhw,bd->bhw", pixels, head.text_proj(cls)) / 4.0
+    reference = F.interpolate(quarter[:, None], size=(48, 80), mode="bilinear", align_corners=False)[:, 0]
+    assert torch.allclose(head(fmap, cls, (48, 80), skips if skip else None), reference, atol=1e-4, rtol=1e-4)
 
 
 def test_fused_conv_stem_gives_the_same_output_and_refuses_training():
