@@ -771,7 +771,12 @@ def run_node(node_cls: type[PerceptionNode], args: list[str] | None = None, *, m
                 executor.spin_once(timeout_sec=0.1)
         finally:
             node.deactivate()
-            executor.shutdown(timeout_sec=1.0)
+            if not executor.shutdown(timeout_sec=1.0):
+                # a callback is still running: say where, so a hang is never silent (the supervisor's
+                # SIGKILL follows if it never returns)
+                import faulthandler
+                node.get_logger().error("callbacks still running at shutdown; every thread's stack follows")
+                faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
         return 0
     finally:
         if node is not None:
