@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from vg_ros.grounding import metrics
-from vg_ros.grounding.model import VGLAW
+from vg_ros.grounding.model import VGLAW, cxcywh_to_xyxy
 
 DEFAULT_VAL_SEEDS = "1000-1011"
 SWEEP_THRESHOLDS = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)   # score_threshold candidates (--sweep)
@@ -60,8 +60,7 @@ def predict(model: VGLAW, split, text_index: np.ndarray, *, batch: int = 32, dev
         out = model.forward_visual(images, model.generate(feats.to(device), valid.to(device)), use_language_weights)
         prob = F.interpolate(out["mask_logits"][:, None], size=(H, W), mode="bilinear",
                              align_corners=False)[:, 0].sigmoid().float().cpu().numpy()
-        cx, cy, w, h = out["boxes"].double().cpu().numpy().T
-        head = np.stack([(cx - w / 2) * W, (cy - h / 2) * H, (cx + w / 2) * W, (cy + h / 2) * H], axis=1)
+        head = cxcywh_to_xyxy(out["boxes"].double()).cpu().numpy() * [W, H, W, H]
         for b in range(len(idx)):
             mask, score = target_region(prob[b], config.mask_threshold, config.single_region)
             masks.append(mask)

@@ -26,7 +26,8 @@ from scipy import ndimage
 from vg_ros.checkpoint import load_into, read_state, save_state
 from vg_ros.config import PipelineConfig, param
 from vg_ros.geometry import project_points
-from vg_ros.grounding.model import MASK_THRESHOLD, VGLAW, LanguageWeights, VGLAWSpec, spec_by_name
+from vg_ros.grounding.model import (MASK_THRESHOLD, VGLAW, LanguageWeights, VGLAWSpec, cxcywh_to_xyxy,
+                                   spec_by_name)
 from vg_ros.grounding.text import MAX_TOKENS, TextEncoder, check_command
 from vg_ros.sim.language import mask_box
 from vg_ros.types import CameraFrame, CameraModel, GroundingResult
@@ -175,8 +176,7 @@ class GroundingPipeline:
         prob = F.interpolate(out["mask_logits"][:, None], size=(height, width), mode="bilinear",
                              align_corners=False)[0, 0].sigmoid()
         mask, score = target_region(prob.float().cpu().numpy(), self.config.mask_threshold, self.config.single_region)
-        cx, cy, w, h = out["boxes"][0].double().cpu().numpy()
-        head_box = np.array([(cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height])
+        head_box = cxcywh_to_xyxy(out["boxes"][0].double()).cpu().numpy() * [width, height, width, height]
         box = np.clip(published_box(mask, head_box, self.config.box_source), 0, [width, height, width, height])
         found = score >= self.config.score_threshold
         return GroundingResult(stamp_ns=int(stamp_ns), command=command, found=bool(found), score=score,
