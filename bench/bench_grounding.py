@@ -3,7 +3,10 @@
 Cached: `set_command` once, then `infer` per frame (a plain ViT with merged q/k/v weights + heads).
 Uncached: `infer_uncached` per frame (tokenizer + MiniLM text encoder + weight generation + the ViT with
 low-rank language terms + heads). Configs tiny and base at 224x224 and 448x448, plus tiny at its native
-320x176. Latency does not depend on the weights' values, so untrained weights of each shape are timed.
+320x176. The frame is a held-out simulated camera image (seed 1000) with a command the simulator wrote
+for it. The network's cost does not depend on its weights' values, but the post-processing (the mask's
+regions) does: a case at a shipped file's own size runs the shipped weights, the others untrained weights
+of their shape with a non-zero Phi.
 
     vg-ros bench grounding [--threads 2] [--frames 10] [--json out.json]
 """
@@ -28,6 +31,22 @@ def time_calls(fn, frames: int, warmup: int = 5) -> float:
     return float(np.median(times))
 
 
+def simulated_frame(seed: int = 1000) -> tuple:
+    """(CameraFrame, short command, long command): the first simulated camera image of `seed` (held out:
+    never trained on) with referring expressions of different lengths, and its shortest and longest
+    expression. The language side's cost grows with the command, so both ends are timed."""
+    from vg_ros.sim import simulate
+    from vg_ros.types import CameraFrame, Rig
+
+    rig = Rig.load("default")
+    for sim_frame in simulate(seed, 4.0, rig, lidar=False, occupancy=False, expressions=12):
+        for camera in rig.cameras:
+            texts = sorted({e.text for e in sim_frame.expressions if e.camera == camera.name}, key=len)
+            if len(texts) >= 2 and len(texts[-1].split()) > len(texts[0].split()):
+                return CameraFrame(camera, sim_frame.images[camera.name], sim_frame.stamp_ns), texts[0], texts[-1]
+    raise RuntimeError(f"simulator seed {seed}: no camera image with two commands of different lengths in 4 s")
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="vg-ros bench grounding", description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: stable on a shared machine)")
@@ -40,41 +59,48 @@ def main(argv: list[str]) -> int:
     torch.set_num_threads(max(1, args.threads))
 
     from vg_ros.grounding.model import VGLAW, spec_by_name
-    from vg_ros.grounding.pipeline import GroundingConfig, GroundingPipeline
+    from vg_ros.grounding.pipeline import GroundingConfig, GroundingPipeline, default_weights_path, load_weights
     from vg_ros.grounding.text import TextEncoder
-    from vg_ros.types import CameraFrame, CameraModel
 
     encoder = TextEncoder()
-    command = "the red car to the left of the white bus behind the pedestrian"
-    rng = np.random.default_rng(0)
-    image = rng.integers(0, 255, (270, 480, 3), dtype=np.uint8)
-    camera = CameraModel("CAM_FRONT", 480, 270, np.array([[400.0, 0, 240], [0, 400.0, 135], [0, 0, 1]]), np.eye(4))
-    frame = CameraFrame(camera, image, 1)
+    frame, short, long = simulated_frame()
     rows = []
-    print(f"VG-LAW per-frame latency, {args.device}, {torch.get_num_threads()} threads, median of frames")
-    print(f"{'case':>16} {'params':>8} {'cached ms':>10} {'uncached ms':>12} {'speed-up':>9}")
+    print(f"VG-LAW per-frame latency, {args.device}, {torch.get_num_threads()} threads, median of frames; "
+          f"a {frame.image.shape[1]}x{frame.image.shape[0]} simulated image")
+    print(f"uncached short: {short!r}; uncached long: {long!r} (cached: the frame cost does not depend on it)")
+    print(f"{'case':>16} {'weights':>9} {'params':>8} {'cached ms':>10} {'uncached ms':>19} {'speed-up':>15}")
+    print(f"{'':>16} {'':>9} {'':>8} {'':>10} {'short':>9} {'long':>9} {'short':>7} {'long':>7}")
     for case in args.cases.split(","):
         name, size = case.split("@")
         width, height = (int(v) for v in size.split("x"))
         spec = spec_by_name(name, img_h=height, img_w=width)
-        pipe = GroundingPipeline(GroundingConfig(model=name), weights=None, device=args.device, text_encoder=encoder)
-        torch.manual_seed(0)
-        pipe.model = VGLAW(spec).to(pipe.device).for_inference()
-        for layer in pipe.model.weight_generator.phi:  # non-zero Phi, as after training
-            torch.nn.init.normal_(layer.weight, std=0.02)
-        pipe.set_command(command)
+        shipped = default_weights_path(name)
+        if shipped.exists() and load_weights(shipped)[0].spec == spec:
+            pipe = GroundingPipeline(GroundingConfig(model=name), weights=shipped, device=args.device,
+                                     text_encoder=encoder)
+            weights = "shipped"
+        else:
+            pipe = GroundingPipeline(GroundingConfig(model=name), weights=None, device=args.device, text_encoder=encoder)
+            torch.manual_seed(0)
+            pipe.model = VGLAW(spec).to(pipe.device).for_inference()
+            for layer in pipe.model.weight_generator.phi:  # non-zero Phi, as after training
+                torch.nn.init.normal_(layer.weight, std=0.02)
+            weights = "untrained"
+        pipe.set_command(short)
         frames = max(3, args.frames // 3) if name == "base" else args.frames
         warmup = 2 if name == "base" else 5
         cached = time_calls(lambda: pipe.infer(frame, 1), frames, warmup)
-        uncached = time_calls(lambda: pipe.infer_uncached(frame, command, 1), frames, warmup)
+        uncached_short = time_calls(lambda: pipe.infer_uncached(frame, short, 1), frames, warmup)
+        uncached_long = time_calls(lambda: pipe.infer_uncached(frame, long, 1), frames, warmup)
         params = sum(p.numel() for p in pipe.model.parameters()) / 1e6
-        rows.append({"case": case, "params_m": params, "cached_ms": cached * 1e3, "uncached_ms": uncached * 1e3,
-                     "speedup": uncached / cached})
-        print(f"{case:>16} {params:7.1f}M {cached * 1e3:10.1f} {uncached * 1e3:12.1f} {uncached / cached:8.2f}x",
-              flush=True)
+        rows.append({"case": case, "weights": weights, "params_m": params, "cached_ms": cached * 1e3,
+                     "uncached_ms": uncached_short * 1e3, "uncached_long_ms": uncached_long * 1e3,
+                     "speedup": uncached_short / cached, "speedup_long": uncached_long / cached})
+        print(f"{case:>16} {weights:>9} {params:7.1f}M {cached * 1e3:10.1f} {uncached_short * 1e3:9.1f} "
+              f"{uncached_long * 1e3:9.1f} {uncached_short / cached:6.2f}x {uncached_long / cached:6.2f}x", flush=True)
     t0 = time.perf_counter()
     for _ in range(5):
-        pipe.set_command(command)
+        pipe.set_command(long)
     print(f"set_command (text encoder + weight generation + merge, {rows[-1]['case']}): "
           f"{(time.perf_counter() - t0) / 5 * 1e3:.1f} ms")
     if args.json_out:

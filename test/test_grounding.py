@@ -117,7 +117,8 @@ def test_mask_skip_joins_start_at_zero_and_learn():
 @pytest.mark.parametrize("skip", [False, True])
 def test_mask_head_matches_its_modules(skip):
     """The head computes exactly the paper's sequence (+ the skip joins): up1 (+ skip8), GroupNorm, GELU, up2
-    (+ skip4 residual), dot product with the projected [CLS], bilinear to the output size."""
+    (+ skip4 residual), dot product with the projected [CLS], bilinear to the output size; the channels-last
+    matrix products and skip4's last conv folded into the kernel give the modules' numbers."""
     from vg_ros.grounding.model import MaskHead
     torch.manual_seed(5)
     head = MaskHead(32, 24, 16, (20, 12) if skip else None)
@@ -133,7 +134,9 @@ def test_mask_head_matches_its_modules(skip):
         pixels = pixels + head.skip4(torch.cat([pixels, skips[4]], dim=1))
     quarter = torch.einsum("bdhw,bd->bhw", pixels, head.text_proj(cls)) / 4.0
     reference = F.interpolate(quarter[:, None], size=(48, 80), mode="bilinear", align_corners=False)[:, 0]
-    assert torch.allclose(head(fmap, cls, (48, 80), skips if skip else None), reference, atol=1e-4, rtol=1e-4)
+    last = {k: v.permute(0, 2, 3, 1) for k, v in skips.items()}      # the head takes channels-last maps
+    out = head(fmap.permute(0, 2, 3, 1), cls, (48, 80), last if skip else None)
+    assert torch.allclose(out, reference, atol=1e-4, rtol=1e-4)
 
 
 def test_fused_conv_stem_gives_the_same_output_and_refuses_training():
@@ -450,6 +453,25 @@ def test_target_region_keeps_the_heaviest_region_and_its_box():
     empty, peak = target_region(np.full((4, 4), 0.2, np.float32), 0.35)
     assert not empty.any() and peak == pytest.approx(0.2)
     assert np.array_equal(published_box(empty, head, "mask"), head)  # nothing to box: the head's box
+
+
+def test_target_region_window_equals_labelling_the_whole_map():
+    """Labelling only the window around the thresholded pixels picks the same region (ties included) as
+    labelling the whole map."""
+    from scipy import ndimage
+    from vg_ros.grounding.pipeline import target_region
+    rng = np.random.default_rng(7)
+    for trial in range(40):
+        prob = np.zeros((30, 50), np.float32)
+        for _ in range(rng.integers(1, 6)):
+            r, c = rng.integers(0, 28), rng.integers(0, 48)
+            prob[r:r + rng.integers(1, 6), c:c + rng.integers(1, 9)] = rng.choice([0.5, 0.7, 0.9])
+        labels, count = ndimage.label(prob > 0.35)
+        mass = ndimage.sum(prob, labels, np.arange(1, count + 1))
+        expected = labels == 1 + int(np.argmax(mass))
+        mask, score = target_region(prob, 0.35)
+        assert np.array_equal(mask, expected), trial
+        assert score == pytest.approx(float(prob[expected].mean()))
 
 
 def test_shipped_pipeline_publishes_one_region_and_its_box(encoder):

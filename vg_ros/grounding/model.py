@@ -122,19 +122,21 @@ class ConvStem(nn.Module):
         self.fused = False
 
     def forward(self, images: torch.Tensor, skips: tuple[int, ...] = ()) -> torch.Tensor | tuple:
-        """(B, 3, H, W) normalised -> (B, width, H / patch, W / patch); with `skips` (strides, e.g. (8, 4))
-        also {stride: the stem's activation at 1/stride} for the mask head."""
+        """(B, 3, H, W) normalised -> (B, width, H / patch, W / patch) in channels-last memory (so
+        `.permute(0, 2, 3, 1)` is a free view); with `skips` (strides, e.g. (8, 4)) also {stride: the stem's
+        activation at 1/stride, channels-last} for the mask head. The final 1x1 projection runs as a matrix
+        product over the channels (oneDNN has no fast path for it here)."""
         x = images.contiguous(memory_format=torch.channels_last)
-        if not skips:
-            return self.layers(x)
+        *convs, project = self.layers
         maps, stride = {}, 1
-        for layer in self.layers:
+        for layer in convs:
             x = layer(x)
             if isinstance(layer, nn.Conv2d) and layer.stride[0] == 2:
                 stride *= 2
             elif isinstance(layer, nn.ReLU) and stride in skips:
                 maps[stride] = x
-        return x, maps
+        x = _pointwise(x.permute(0, 2, 3, 1), project).permute(0, 3, 1, 2)
+        return (x, maps) if skips else x
 
     def channels(self, stride: int) -> int:
         """Channels of the activation at 1/stride."""
@@ -289,8 +291,8 @@ class BoxHead(nn.Module):
 
 
 class MaskHead(nn.Module):
-    """(B, C, h, w) at 1/16 -> two stride-2 transposed convs -> (B, mask_dim, 4h, 4w) . cls -> logits
-    (B, 16h, 16w) after bilinear x4 (input resolution).
+    """(B, h, w, C) at 1/16 -> two stride-2 transposed convs -> (B, 4h, 4w, mask_dim) . cls -> logits
+    (B, 16h, 16w) after bilinear x4 (input resolution). Channels-last throughout.
 
     `skip_channels` (c8, c4): the conv stem's 1/8 and 1/4 maps join the two upsampling stages (U-Net
     style; language-free edges and colours at the resolution the mask is read at). Both joins are
@@ -314,26 +316,53 @@ class MaskHead(nn.Module):
 
     def forward(self, fmap: torch.Tensor, cls: torch.Tensor, out_hw: tuple[int, int],
                 skips: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
-        x = _upsample2(fmap, self.up1)                                                # (B, C/2, H/8, W/8)
+        """fmap (B, h, w, C) channels last, cls (B, d_l), skips {8: (B, 2h, 2w, c8), 4: (B, 4h, 4w, c4)}
+        channels last -> mask logits (B, *out_hw). Channels-last throughout: every 1x1 convolution is one
+        matrix product over the last axis."""
+        x = _upsample2(fmap, self.up1)                                                # (B, H/8, W/8, C/2)
         if self.skip8 is not None:
-            x = x + self.skip8(skips[8])
-        pixels = _upsample2(F.gelu(self.norm(x)), self.up2)                           # (B, D, H/4, W/4)
-        if self.skip4 is not None:
-            pixels = pixels + self.skip4(torch.cat([pixels, skips[4].to(pixels.dtype)], dim=1))
+            x = x + _pointwise(skips[8], self.skip8)
+        pixels = _upsample2(F.gelu(_norm_channels_last(self.norm, x)), self.up2)      # (B, H/4, W/4, D)
         kernel = self.text_proj(cls)                                                  # (B, D)
-        quarter = torch.einsum("bdhw,bd->bhw", pixels, kernel) / math.sqrt(pixels.shape[1])
+        quarter = _dot(pixels, kernel)
+        if self.skip4 is not None:
+            # pixels + out(hidden), dotted with the kernel: the last 1x1 conv `out` is folded into the
+            # kernel, hidden . (W_out^T kernel) + b_out . kernel, so it never runs per pixel
+            join, norm, _, out = self.skip4
+            joined = _pointwise(torch.cat([pixels, skips[4].to(pixels.dtype)], dim=-1), join)
+            hidden = F.gelu(_norm_channels_last(norm, joined))
+            folded = kernel @ out.weight.flatten(1)                                   # (B, D)
+            quarter = quarter + _dot(hidden, folded) + (kernel @ out.bias)[:, None, None]
+        quarter = quarter / math.sqrt(pixels.shape[-1])
         return F.interpolate(quarter[:, None], size=out_hw, mode="bilinear", align_corners=False)[:, 0]
 
 
+def _pointwise(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """A 1x1 convolution `conv` applied to channels-last x (B, H, W, C_in) -> (B, H, W, C_out)."""
+    return F.linear(x, conv.weight.flatten(1), conv.bias)
+
+
+def _norm_channels_last(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    """`norm` on channels-last x (B, H, W, C): as an NCHW view in channels-last memory, which PyTorch's
+    channels-last GroupNorm kernel reads without a copy (4x faster than normalising and scaling here)."""
+    return norm(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+def _dot(pixels: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """Per-pixel dot product of channels-last pixels (B, H, W, D) with one kernel (B, D) per image -> (B, H, W)."""
+    B, H, W, D = pixels.shape
+    return (pixels.reshape(B, H * W, D) @ kernel[:, :, None]).view(B, H, W)
+
+
 def _upsample2(x: torch.Tensor, conv: nn.ConvTranspose2d) -> torch.Tensor:
-    """`conv(x)` for a kernel-2, stride-2 transposed convolution computed as one matrix product (each input
-    pixel's 2x2 output block): the same numbers (`test_mask_head_matches_its_modules`), faster on CPU than
-    oneDNN's transposed convolution at these sizes. (B, C_in, H, W) -> (B, C_out, 2H, 2W)."""
-    B, C, H, W = x.shape
+    """`conv` (a kernel-2, stride-2 transposed convolution) on channels-last x (B, H, W, C_in) -> (B, 2H,
+    2W, C_out), computed as one matrix product (each input pixel's 2x2 output block): the same numbers
+    (`test_mask_head_matches_its_modules`), faster on CPU than oneDNN's transposed convolution here."""
+    B, H, W, C = x.shape
     out = conv.weight.shape[1]
-    y = F.linear(x.permute(0, 2, 3, 1), conv.weight.reshape(C, out * 4).t())          # (B, H, W, out*2*2)
-    y = y.view(B, H, W, out, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(B, out, 2 * H, 2 * W)
-    return y + conv.bias.view(1, out, 1, 1)
+    weight = conv.weight.permute(0, 2, 3, 1).reshape(C, 4 * out)                      # (C_in, (i, j, C_out))
+    y = F.linear(x, weight.t(), conv.bias.repeat(4))                                  # (B, H, W, 2*2*out)
+    return y.view(B, H, W, 2, 2, out).permute(0, 1, 3, 2, 4, 5).reshape(B, 2 * H, 2 * W, out)
 
 
 class VGLAW(nn.Module):
@@ -425,10 +454,11 @@ class VGLAW(nn.Module):
         x = (images - self.pixel_mean) / self.pixel_std
         skips = None
         if spec.mask_skip:
-            x, skips = self.patch_embed(x, skips=(8, 4))
+            x, maps = self.patch_embed(x, skips=(8, 4))
+            skips = {stride: m.permute(0, 2, 3, 1) for stride, m in maps.items()}   # channels last
         else:
             x = self.patch_embed(x)
-        x = x.flatten(2).transpose(1, 2) + self.pos_embed
+        x = x.permute(0, 2, 3, 1).reshape(B, -1, spec.width) + self.pos_embed   # (a view for the conv stem)
         for i, block in enumerate(self.blocks):
             if not use_language_weights:
                 x = block(x, None, self.P, self.Q)
@@ -439,8 +469,7 @@ class VGLAW(nn.Module):
         visual = self.norm(x)
         boxes, pool = self.box_head(visual, cls)
         gh, gw = spec.grid
-        fmap = visual.transpose(1, 2).reshape(B, spec.width, gh, gw)
-        mask_logits = self.mask_head(fmap, cls, (spec.img_h, spec.img_w), skips)
+        mask_logits = self.mask_head(visual.view(B, gh, gw, spec.width), cls, (spec.img_h, spec.img_w), skips)
         return {"boxes": boxes, "mask_logits": mask_logits, "pool": pool, "fmap_hw": (gh, gw)}
 
     def forward(self, images, text_feats, valid, use_language_weights: bool = True):
