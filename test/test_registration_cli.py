@@ -168,3 +168,35 @@ def test_odometry_cli_on_simulated_bag_with_ground_truth(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert code == 0 and out["scans"] == 15 and out["converged"] == 15 and out["gt_matched"] == 15
     assert out["ate_m"] < 0.05 and out["drift_percent"] < 1.0 and out["hz"] > 1.0
+
+
+def test_eval_full_scores_and_flags_wrong_but_converged():
+    """score_full: RR, the converged split (a wrong pose reported as converged is counted apart) and the
+    failure list, on a street scene moved by a known pose and the same scene against a far-away copy of
+    itself with a wrong ground truth."""
+    from vg_ros.geometry import make_T, rpy_to_R
+    from vg_ros.registration.evaluate import format_report, score_full
+    from vg_ros.registration.pipeline import RegistrationConfig, RegistrationPipeline
+    from vg_ros.registration.train import CloudPair
+    from test_registration_verify import street_scene
+
+    src = street_scene()
+    T = make_T(rpy_to_R(0.0, 0.0, np.radians(40.0)), [3.0, 1.0, 0.0])
+    dst = src @ T[:3, :3].T + T[:3, 3]
+    pipe = RegistrationPipeline(RegistrationConfig.preset("lidar"), weights=None)
+    pairs = [CloudPair("street_0_3", src, dst, T), CloudPair("street_1_12", src, dst, make_T(t=[30.0, 0.0, 0.0]))]
+    out = score_full(pipe, pairs, 5.0, 0.6)
+    assert out["pairs"] == 2 and out["rr"] == 0.5 and out["rr_skip_1_9"] == 1.0 and out["rr_skip_10_99"] == 0.0
+    assert out["converged_rate"] == 1.0 and out["wrong_but_converged"] == 1 and out["right_not_converged"] == 0
+    assert len(out["failures"]) == 1 and out["failures"][0].startswith("street_1_12") and "converged" in out["failures"][0]
+    report = {"seeds": [0], "preset": "lidar", "thresholds": {"re_deg": 5.0, "te_m": 0.6}, "mode": "full pipeline",
+              "overrides": {"bev_candidates": 0}, "trained": out, "compatibility_only": out}
+    text = format_report(report)
+    assert "bev_candidates=0" in text and "wrong_but_converged" in text
+
+
+def test_eval_set_option_is_checked(capsys):
+    assert vg_main(["eval", "registration", "--seeds", "9500", "--set", "bev_candidates"]) == 2
+    assert "PARAM=VALUE" in capsys.readouterr().err
+    assert vg_main(["eval", "registration", "--seeds", "9500", "--set", "no_such_parameter=1"]) == 2
+    assert "unknown parameter" in capsys.readouterr().err

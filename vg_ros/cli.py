@@ -96,4 +96,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m vg_ros.cli`: run the imported module's main, so the UserError the subcommands raise (they
+    # import vg_ros.cli) is the class caught there, not a twin defined in __main__
+    from vg_ros.cli import main as package_main
+    sys.exit(package_main())

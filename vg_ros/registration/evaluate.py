@@ -51,19 +51,25 @@ def summarise(re, te, prf, top_precision, seconds, re_max, te_max) -> dict:
 
 def score_full(pipe: RegistrationPipeline, pairs, re_max: float, te_max: float) -> dict:
     """The whole pipeline on raw scan pairs; RR also split by how many scans apart the pair is."""
-    re, te, seconds, skips, failures = [], [], [], [], []
+    re, te, seconds, skips, failures, converged = [], [], [], [], [], []
     for pair in pairs:
         res = pipe.register(pair.src, pair.dst)
         re.append(rotation_error_deg(res.transform, pair.T_gt))
         te.append(translation_error(res.transform, pair.T_gt))
         seconds.append(res.seconds)
         skips.append(int(pair.name.rsplit("_", 1)[1]))
+        converged.append(res.converged)
         if not (re[-1] < re_max and te[-1] < te_max):
-            failures.append(f"{pair.name} (RE {re[-1]:.1f} deg, TE {te[-1]:.2f} m)")
+            failures.append(f"{pair.name} (RE {re[-1]:.1f} deg, TE {te[-1]:.2f} m, "
+                            f"{'converged' if res.converged else 'not converged'})")
     out = summarise(re, te, [], [], seconds, re_max, te_max)
     for key in ("inlier_precision", "inlier_recall", "inlier_f1", "top10_confidence_precision"):
         out.pop(key)
     ok = (np.asarray(re) < re_max) & (np.asarray(te) < te_max)
+    converged = np.asarray(converged, dtype=bool)
+    out["converged_rate"] = float(converged.mean())
+    out["wrong_but_converged"] = int((converged & ~ok).sum())   # the case a user must never get
+    out["right_not_converged"] = int((~converged & ok).sum())
     skips = np.asarray(skips)
     for lo, hi in ((1, 9), (10, 99)):
         sel = (skips >= lo) & (skips <= hi)
@@ -74,13 +80,16 @@ def score_full(pipe: RegistrationPipeline, pairs, re_max: float, te_max: float) 
     return out
 
 
-def evaluate(seeds, weights: str, preset: str = "lidar", full: bool = False, spec: PairSpec | None = None) -> dict:
+def evaluate(seeds, weights: str, preset: str = "lidar", full: bool = False, spec: PairSpec | None = None,
+             overrides: dict | None = None) -> dict:
+    """Both variants on `seeds`' pairs; `overrides` ({parameter: value}) change the preset's config (ablations)."""
     cfg = RegistrationConfig.preset(preset) if full else set_config(preset)
+    cfg = cfg.replace(**(overrides or {}))
     spec = spec or PairSpec()
     re_max, te_max = THRESHOLDS[preset]
     variants = {"trained": RegistrationPipeline(cfg, weights=weights), "compatibility_only": RegistrationPipeline(cfg, weights=None)}
     report = {"seeds": list(seeds), "preset": preset, "thresholds": {"re_deg": re_max, "te_m": te_max},
-              "mode": "full pipeline" if full else "correspondence sets (FPFH matches)"}
+              "mode": "full pipeline" if full else "correspondence sets (FPFH matches)", "overrides": dict(overrides or {})}
     if full:
         pairs = [p for seed in seeds for p in sim_pairs(seed, spec)]
         for name, pipe in variants.items():
@@ -94,9 +103,10 @@ def evaluate(seeds, weights: str, preset: str = "lidar", full: bool = False, spe
 
 
 def format_report(report: dict) -> str:
-    keys = ["pairs", "rr", "pairs_skip_1_9", "rr_skip_1_9", "pairs_skip_10_99", "rr_skip_10_99", "median_re_deg",
-            "median_te_m", "inlier_precision", "inlier_recall", "inlier_f1", "top10_confidence_precision", "seconds_per_pair"]
-    lines = [f"held-out sim seeds {report['seeds']} ({report['mode']}, preset {report['preset']}, "
+    keys = ["pairs", "rr", "pairs_skip_1_9", "rr_skip_1_9", "pairs_skip_10_99", "rr_skip_10_99", "converged_rate",
+            "wrong_but_converged", "right_not_converged", "median_re_deg", "median_te_m", "inlier_precision", "inlier_recall", "inlier_f1", "top10_confidence_precision", "seconds_per_pair"]
+    overrides = "".join(f", {k}={v}" for k, v in report.get("overrides", {}).items())
+    lines = [f"held-out sim seeds {report['seeds']} ({report['mode']}, preset {report['preset']}{overrides}, "
              f"success RE < {report['thresholds']['re_deg']} deg and TE < {report['thresholds']['te_m']} m)"]
     if "mean_true_inlier_ratio" in report:
         lines.append(f"mean true inlier ratio of the putative matches: {report['mean_true_inlier_ratio']:.3f}")
@@ -105,7 +115,8 @@ def format_report(report: dict) -> str:
         a, b = report["trained"].get(key), report["compatibility_only"].get(key)
         if a is None and b is None:
             continue
-        fmt = (lambda v: "-" if v is None else f"{v:.4f}") if not key.startswith("pairs") else (lambda v: str(v))
+        counts = key.startswith("pairs") or key in ("wrong_but_converged", "right_not_converged")
+        fmt = (lambda v: "-" if v is None else f"{v:.4f}") if not counts else (lambda v: str(v))
         lines.append(f"{key:<28}{fmt(a):>16}{fmt(b):>16}")
     for name in ("trained", "compatibility_only"):
         if report[name].get("failures"):
@@ -120,14 +131,23 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--weights", default="default")
     parser.add_argument("--preset", default="lidar", choices=("lidar", "indoor"))
     parser.add_argument("--full", action="store_true", help="run the whole pipeline on raw scans")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="PARAM=VALUE",
+                        help="change one pipeline parameter of the preset (repeatable), e.g. --set bev_candidates=0")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     if not args.seeds:
         raise UserError("--seeds: give at least one seed")
     import torch
+    import yaml
     torch.set_num_threads(1)
+    overrides = {}
+    for item in args.overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set {item!r}: expected PARAM=VALUE")
+        overrides[key.strip()] = yaml.safe_load(value)
     try:
-        report = evaluate(args.seeds, args.weights, args.preset, args.full)
+        report = evaluate(args.seeds, args.weights, args.preset, args.full, overrides=overrides)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     print(json.dumps(report, indent=1) if args.json else format_report(report))

@@ -64,6 +64,11 @@ class RegistrationConfig(PipelineConfig):
                                    "1 = take the best correspondence score as the paper does", low=1, high=100)
     verify_sample: int = param(1000, "source points sampled for the coarse overlap of every hypothesis",
                                low=10, high=1_000_000)
+    bev_candidates: int = param(0, "register(), ground vehicles: the best distinct (yaw, x, y) poses of a bird's-eye-view "
+                                "correlation of the structure points join the verified hypotheses (found without "
+                                "descriptors: rescues pairs whose matches hold no true pair); 0 = off", low=0, high=100)
+    bev_cell: float = param(1.0, "bird's-eye-view cell of that correlation (m)", low=0.05, high=20.0)
+    bev_yaw_step_deg: float = param(3.0, "yaw step of that correlation (deg)", low=0.1, high=90.0)
     local_refine: bool = param(True, "refine with GICP (small_gicp) on the downsampled clouds")
     gicp_max_distance: float = param(0.15, "GICP max correspondence distance (m)", low=1e-3, high=50.0)
     max_match_normal_z: float = param(1.0, "only points with |normal z| below this are matched (0.9 drops the "
@@ -80,7 +85,7 @@ class RegistrationConfig(PipelineConfig):
         if name == "lidar":
             return cls(voxel_size=0.3, normal_radius=0.9, fpfh_radius=1.5, tau=1.2, nms_radius=0.6,
                        gicp_max_distance=1.0, max_correspondences=2000, max_points=2_000_000,
-                       max_match_normal_z=0.9, min_correspondences=2000)
+                       max_match_normal_z=0.9, min_correspondences=2000, bev_candidates=5)
         raise ValueError(f"RegistrationConfig.preset: unknown preset {name!r}; choose indoor | lidar")
 
     def dims(self) -> VBRegDims:
@@ -299,8 +304,9 @@ class RegistrationPipeline:
         on the clouds at 2 tau and tau, so a pose that is right but rough (a few degrees, ~1 m: typical of
         a seed's kappa-set on a 1-5 % inlier set) is compared at its best; the reweighted least squares on
         the correspondences is not used there, as at such inlier ratios it can pull a rough pose towards
-        a wrong one. Otherwise each is refined on the correspondences. The first maximum of the fine
-        overlap wins."""
+        a wrong one. Otherwise each is refined on the correspondences. With `bev_candidates` the
+        bird's-eye-view correlation's best poses (`CloudVerifier.bev_hypotheses`) are candidates too, aligned
+        by GICP at 2 tau and tau. The first maximum of the fine overlap wins."""
         cfg = self.cfg
         hypotheses = torch.as_tensor(found.hypotheses, dtype=src.dtype, device=src.device)
         coarse = torch.as_tensor(verifier.coarse_overlap(found.hypotheses))
@@ -310,7 +316,7 @@ class RegistrationPipeline:
                   if i not in picks]
         weight = confidence if cfg.confidence_weighting else None
         stages = self._coarse_gicp_stages(tau) if cfg.local_refine else []
-        best_T, best_overlap = found.transform, -1.0
+        best_T, best_overlap, best_source = found.transform, -1.0, "search"
         for index in picks:
             if stages:
                 T = verifier.align(found.hypotheses[index], stages)
@@ -319,7 +325,13 @@ class RegistrationPipeline:
             overlap = verifier.overlap(T)
             if overlap > best_overlap:
                 best_T, best_overlap = T, overlap
-        self.last_debug["candidates"] = len(picks)
+        bev = verifier.bev_hypotheses(cfg.bev_candidates, cfg.bev_cell, cfg.bev_yaw_step_deg)
+        for T_bev in bev:
+            T = verifier.align(T_bev, stages or [2.0 * tau, tau])
+            overlap = verifier.overlap(T)
+            if overlap > best_overlap:
+                best_T, best_overlap, best_source = T, overlap, "bev"
+        self.last_debug.update({"candidates": len(picks) + len(bev), "chosen_from": best_source})
         return best_T, best_overlap
 
     def _coarse_gicp_stages(self, tau: float) -> list[float]:

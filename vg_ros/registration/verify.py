@@ -7,6 +7,13 @@ clouds tell them apart: every raw hypothesis gets a coarse overlap (a sample of 
 looked up in a voxel hash of the target at cell size tau), the best distinct ones are aligned by GICP
 (small_gicp) and compared by fine overlap (source structure points within 1.5 voxels of the target).
 
+When the matches hold almost no true pair (scans 10-15 m apart, facades seen from the other side) no
+hypothesis of the search is near the truth, and nothing downstream can recover it. For a ground vehicle,
+whose scans differ mostly by a yaw and a horizontal shift, `bev_hypotheses` proposes poses without
+descriptors: the bird's-eye occupancy of the source structure points, turned through every yaw step, is
+cross-correlated with the target's (one FFT per yaw); the best distinct (yaw, x, y) peaks join the
+search's hypotheses and the same GICP + fine-overlap comparison decides.
+
 Shapes: clouds (N, 3) float64 voxelised points; keep masks (N,) bool (structure points: not ground on
 LiDAR); transforms (4, 4), batches (S, 4, 4), all mapping source into target.
 """
@@ -33,6 +40,8 @@ class CloudVerifier:
     land in an occupied target cell of size `cell` (one vectorised lookup for all hypotheses).
     `overlap(T)`: fraction of source structure points within `near` of the target's structure points.
     `align(T, max_distances)`: GICP stages, each kept only when it does not lower `overlap`.
+    `bev_hypotheses(count, cell, yaw_step_deg)`: (count, 4, 4) yaw + horizontal-shift poses from a
+    bird's-eye-view correlation of the structure points (no descriptors involved).
     """
 
     def __init__(self, src_pts: np.ndarray, dst_pts: np.ndarray, src_keep: np.ndarray, dst_keep: np.ndarray, *,
@@ -45,7 +54,7 @@ class CloudVerifier:
         self.voxel_size, self.cell = float(voxel_size), float(cell)
         self.near = 1.5 * self.voxel_size
         self.src_structure = src_pts[src_keep]
-        dst_structure = dst_pts[dst_keep]
+        self.dst_structure = dst_structure = dst_pts[dst_keep]
         self.dst_tree = cKDTree(dst_structure)
         step = max(1, int(np.ceil(len(self.src_structure) / max(sample, 1))))
         self.src_sample = self.src_structure[::step]
@@ -88,3 +97,49 @@ class CloudVerifier:
             if score >= best:
                 T_best, best = T_new, score
         return T_best
+
+    def bev_hypotheses(self, count: int, cell: float, yaw_step_deg: float, max_range: float = 100.0) -> np.ndarray:
+        """(K <= count, 4, 4) poses (rotation about z, horizontal shift) whose bird's-eye occupancy of the source
+        structure points overlaps the target's most, best first, pairwise at least 10 deg or 2 cells apart.
+
+        Both clouds are rasterised at `cell` metres within `max_range` of their origin; each yaw's overlap
+        for every shift is one cross-correlation (FFT, zero-padded so no shift wraps around). The best shift
+        of every yaw is a candidate. Exact to about a cell and half a yaw step: GICP takes it from there."""
+        if count <= 0 or len(self.src_structure) < 3 or len(self.dst_structure) < 3:
+            return np.zeros((0, 4, 4))
+        from scipy import fft
+
+        def raster(xy: np.ndarray) -> np.ndarray:
+            ij = np.floor((xy + half) / cell).astype(np.int64)
+            inside = ((ij >= 0) & (ij < n)).all(axis=1)
+            image = np.zeros((2 * n, 2 * n), np.float32)
+            image[ij[inside, 0], ij[inside, 1]] = 1.0
+            return image
+
+        src_xy, dst_xy = self.src_structure[:, :2], self.dst_structure[:, :2]
+        half = min(max_range, max(np.abs(src_xy).max(), np.abs(dst_xy).max())) + cell
+        n = int(np.ceil(2 * half / cell))
+        target = fft.rfft2(raster(dst_xy))
+        yaws = np.deg2rad(np.arange(-180.0, 180.0, yaw_step_deg))
+        peaks = []
+        for yaw in yaws:
+            c, s = np.cos(yaw), np.sin(yaw)
+            turned = raster(src_xy @ np.array([[c, s], [-s, c]]))          # rows: R(yaw) applied to each point
+            corr = fft.irfft2(np.conj(fft.rfft2(turned)) * target, s=(2 * n, 2 * n))
+            a, b = np.unravel_index(int(np.argmax(corr)), corr.shape)
+            # corr[a, b] = sum_x src(x) dst(x + (a, b)): the shift in cells, negative past the middle
+            peaks.append((float(corr[a, b]), yaw, (a if a < n else a - 2 * n) * cell, (b if b < n else b - 2 * n) * cell))
+        chosen: list[tuple[float, float, float, float]] = []
+        for peak in sorted(peaks, key=lambda p: -p[0]):
+            if any(abs((peak[1] - q[1] + np.pi) % (2 * np.pi) - np.pi) < np.deg2rad(10)
+                   and np.hypot(peak[2] - q[2], peak[3] - q[3]) < 2 * cell for q in chosen):
+                continue
+            chosen.append(peak)
+            if len(chosen) == count:
+                break
+        out = np.tile(np.eye(4), (len(chosen), 1, 1))
+        for k, (_, yaw, x, y) in enumerate(chosen):
+            c, s = np.cos(yaw), np.sin(yaw)
+            out[k, :2, :2] = [[c, -s], [s, c]]
+            out[k, :2, 3] = x, y
+        return out
