@@ -436,6 +436,28 @@ def test_pipeline_cached_equals_uncached_and_shapes(pipeline):
     assert cached.found == (cached.score >= pipeline.config.score_threshold)
 
 
+def test_pipeline_runs_the_box_head_only_when_its_box_is_published(pipeline):
+    """box_source "mask": the mask's tight box, and the box head's box (the same one box_source "head"
+    publishes) when the mask is empty, although the head then runs only after the mask is known."""
+    from vg_ros.grounding.pipeline import GroundingConfig
+    from vg_ros.sim.language import mask_box
+    frame = CameraFrame(_camera(), np.random.default_rng(3).integers(0, 255, (270, 480, 3), dtype=np.uint8))
+    pipeline.set_command("the red car")
+    config = pipeline.config
+    try:
+        results = {}
+        for threshold in (0.01, 0.99):           # nearly every pixel passes / nothing passes (untrained head)
+            for source in ("mask", "head"):
+                pipeline.config = GroundingConfig(mask_threshold=threshold, box_source=source)
+                results[threshold, source] = pipeline.infer(frame, 1)
+    finally:
+        pipeline.config = config
+    assert results[0.01, "mask"].mask.any() and not results[0.99, "mask"].mask.any()
+    assert np.array_equal(results[0.01, "mask"].box, mask_box(results[0.01, "mask"].mask))
+    assert np.allclose(results[0.99, "mask"].box, results[0.99, "head"].box)
+    assert np.allclose(results[0.01, "head"].box, results[0.99, "head"].box)   # the head ignores the mask
+
+
 def test_target_region_keeps_the_heaviest_region_and_its_box():
     from vg_ros.grounding.pipeline import published_box, target_region
     prob = np.zeros((40, 60), np.float32)

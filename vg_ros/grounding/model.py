@@ -437,11 +437,13 @@ class VGLAW(nn.Module):
         return LanguageWeights(phi=weights.phi, cls=weights.cls, merged=merged)
 
     # -- visual side: every frame ---------------------------------------------------------------------
-    def forward_visual(self, images: torch.Tensor, weights: LanguageWeights, use_language_weights: bool = True
-                       ) -> dict[str, torch.Tensor]:
+    def forward_visual(self, images: torch.Tensor, weights: LanguageWeights, use_language_weights: bool = True,
+                       box_head: bool = True) -> dict[str, torch.Tensor]:
         """images (B, 3, H, W) float in [0, 1] at the spec's size -> {"boxes" (B, 4) cx cy w h in [0, 1],
-        "mask_logits" (B, H, W), "pool" (B, N), "fmap_hw" the token grid (gh, gw)}. `use_language_weights=False` runs the plain W0 backbone
-        (the Phi = 0 ablation); heads still see the [CLS] feature."""
+        "mask_logits" (B, H, W), "pool" (B, N), "visual" (B, N, C) the final tokens, "fmap_hw" the token grid
+        (gh, gw)}. `use_language_weights=False` runs the plain W0 backbone (the Phi = 0 ablation); heads still
+        see the [CLS] feature. `box_head=False` leaves out "boxes" and "pool" (a caller that needs the box
+        only sometimes runs `self.box_head(out["visual"], weights.cls)` then)."""
         spec = self.spec
         if images.dim() != 4 or images.shape[1:] != (3, spec.img_h, spec.img_w):
             raise ValueError(f"images: expected (B, 3, {spec.img_h}, {spec.img_w}), got {tuple(images.shape)}")
@@ -467,10 +469,12 @@ class VGLAW(nn.Module):
             else:
                 x = block(x, phi[:, i], self.P, self.Q)
         visual = self.norm(x)
-        boxes, pool = self.box_head(visual, cls)
         gh, gw = spec.grid
         mask_logits = self.mask_head(visual.view(B, gh, gw, spec.width), cls, (spec.img_h, spec.img_w), skips)
-        return {"boxes": boxes, "mask_logits": mask_logits, "pool": pool, "fmap_hw": (gh, gw)}
+        out = {"mask_logits": mask_logits, "visual": visual, "fmap_hw": (gh, gw)}
+        if box_head:
+            out["boxes"], out["pool"] = self.box_head(visual, cls)
+        return out
 
     def forward(self, images, text_feats, valid, use_language_weights: bool = True):
         return self.forward_visual(images, self.generate(text_feats, valid), use_language_weights)

@@ -180,11 +180,17 @@ class GroundingPipeline:
              t_start: float) -> GroundingResult:
         image = frame.image
         height, width = image.shape[:2] if isinstance(image, np.ndarray) and image.ndim == 3 else (0, 0)
-        out = self.model.forward_visual(self.preprocess(image), weights)
+        # the box head runs only when its box is published: box_source "head", or an empty mask
+        head_first = self.config.box_source == "head"
+        out = self.model.forward_visual(self.preprocess(image), weights, box_head=head_first)
         prob = F.interpolate(out["mask_logits"][:, None], size=(height, width), mode="bilinear",
                              align_corners=False)[0, 0].sigmoid()
         mask, score = target_region(prob.float().cpu().numpy(), self.config.mask_threshold, self.config.single_region)
-        head_box = cxcywh_to_xyxy(out["boxes"][0].double()).cpu().numpy() * [width, height, width, height]
+        if head_first or not mask.any():
+            boxes = out["boxes"] if head_first else self.model.box_head(out["visual"], weights.cls)[0]
+            head_box = cxcywh_to_xyxy(boxes[0].double()).cpu().numpy() * [width, height, width, height]
+        else:
+            head_box = np.zeros(4)  # not used: the mask's own box is published
         box = np.clip(published_box(mask, head_box, self.config.box_source), 0, [width, height, width, height])
         found = score >= self.config.score_threshold
         return GroundingResult(stamp_ns=int(stamp_ns), command=command, found=bool(found), score=score,
