@@ -64,9 +64,10 @@ class RegistrationConfig(PipelineConfig):
                                    "1 = take the best correspondence score as the paper does", low=1, high=100)
     verify_sample: int = param(1000, "source points sampled for the coarse overlap of every hypothesis",
                                low=10, high=1_000_000)
-    bev_candidates: int = param(0, "register(), ground vehicles: the best distinct (yaw, x, y) poses of a bird's-eye-view "
-                                "correlation of the structure points join the verified hypotheses (found without "
-                                "descriptors: rescues pairs whose matches hold no true pair); 0 = off", low=0, high=100)
+    bev_candidates: int = param(0, "register() with verify_candidates > 1, ground vehicles: the best distinct (yaw, x, y) "
+                                "poses of a bird's-eye-view correlation of the structure points join the verified "
+                                "hypotheses (found without descriptors: rescues pairs whose matches hold no true pair; "
+                                "always aligned by GICP, being rough); 0 = off", low=0, high=100)
     bev_cell: float = param(1.0, "bird's-eye-view cell of that correlation (m)", low=0.05, high=20.0)
     bev_yaw_step_deg: float = param(3.0, "yaw step of that correlation (deg)", low=0.1, high=90.0)
     local_refine: bool = param(True, "refine with GICP (small_gicp) on the downsampled clouds")
