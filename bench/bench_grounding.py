@@ -59,7 +59,7 @@ def main(argv: list[str]) -> int:
     torch.set_num_threads(max(1, args.threads))
 
     from vg_ros.grounding.model import VGLAW, spec_by_name
-    from vg_ros.grounding.pipeline import GroundingConfig, GroundingPipeline, default_weights_path, load_weights
+    from vg_ros.grounding.pipeline import GroundingConfig, GroundingPipeline, default_weights_path
     from vg_ros.grounding.text import TextEncoder
 
     encoder = TextEncoder()
@@ -75,12 +75,10 @@ def main(argv: list[str]) -> int:
         width, height = (int(v) for v in size.split("x"))
         spec = spec_by_name(name, img_h=height, img_w=width)
         shipped = default_weights_path(name)
-        if shipped.exists() and load_weights(shipped)[0].spec == spec:
-            pipe = GroundingPipeline(GroundingConfig(model=name), weights=shipped, device=args.device,
-                                     text_encoder=encoder)
-            weights = "shipped"
-        else:
-            pipe = GroundingPipeline(GroundingConfig(model=name), weights=None, device=args.device, text_encoder=encoder)
+        pipe = GroundingPipeline(GroundingConfig(model=name), weights=shipped if shipped.exists() else None,
+                                 device=args.device, text_encoder=encoder)
+        weights = "shipped"
+        if not shipped.exists() or pipe.spec != spec:   # no shipped file of this shape: time an untrained one
             torch.manual_seed(0)
             pipe.model = VGLAW(spec).to(pipe.device).for_inference()
             for layer in pipe.model.weight_generator.phi:  # non-zero Phi, as after training

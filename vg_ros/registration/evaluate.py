@@ -104,7 +104,8 @@ def evaluate(seeds, weights: str, preset: str = "lidar", full: bool = False, spe
 
 def format_report(report: dict) -> str:
     keys = ["pairs", "rr", "pairs_skip_1_9", "rr_skip_1_9", "pairs_skip_10_99", "rr_skip_10_99", "converged_rate",
-            "wrong_but_converged", "right_not_converged", "median_re_deg", "median_te_m", "inlier_precision", "inlier_recall", "inlier_f1", "top10_confidence_precision", "seconds_per_pair"]
+            "wrong_but_converged", "right_not_converged", "median_re_deg", "median_te_m", "inlier_precision",
+            "inlier_recall", "inlier_f1", "top10_confidence_precision", "seconds_per_pair"]
     overrides = "".join(f", {k}={v}" for k, v in report.get("overrides", {}).items())
     lines = [f"held-out sim seeds {report['seeds']} ({report['mode']}, preset {report['preset']}{overrides}, "
              f"success RE < {report['thresholds']['re_deg']} deg and TE < {report['thresholds']['te_m']} m)"]

@@ -317,22 +317,21 @@ class RegistrationPipeline:
                   if i not in picks]
         weight = confidence if cfg.confidence_weighting else None
         stages = self._coarse_gicp_stages(tau) if cfg.local_refine else []
-        best_T, best_overlap, best_source = found.transform, -1.0, "search"
+        candidates = []  # (pose aligned or refined, where it came from)
         for index in picks:
             if stages:
-                T = verifier.align(found.hypotheses[index], stages)
+                candidates.append((verifier.align(found.hypotheses[index], stages), "search"))
             else:
-                T = refine(hypotheses[index], src, dst, tau, cfg.refine_iterations, prior_weight=weight)[0].cpu().numpy()
+                T = refine(hypotheses[index], src, dst, tau, cfg.refine_iterations, prior_weight=weight)[0]
+                candidates.append((T.cpu().numpy(), "search"))
+        candidates += [(verifier.align(T, stages or [2.0 * tau, tau]), "bev")
+                       for T in verifier.bev_hypotheses(cfg.bev_candidates, cfg.bev_cell, cfg.bev_yaw_step_deg)]
+        best_T, best_overlap, best_source = found.transform, -1.0, "search"
+        for T, source in candidates:
             overlap = verifier.overlap(T)
             if overlap > best_overlap:
-                best_T, best_overlap = T, overlap
-        bev = verifier.bev_hypotheses(cfg.bev_candidates, cfg.bev_cell, cfg.bev_yaw_step_deg)
-        for T_bev in bev:
-            T = verifier.align(T_bev, stages or [2.0 * tau, tau])
-            overlap = verifier.overlap(T)
-            if overlap > best_overlap:
-                best_T, best_overlap, best_source = T, overlap, "bev"
-        self.last_debug.update({"candidates": len(picks) + len(bev), "chosen_from": best_source})
+                best_T, best_overlap, best_source = T, overlap, source
+        self.last_debug.update({"candidates": len(candidates), "chosen_from": best_source})
         return best_T, best_overlap
 
     def _coarse_gicp_stages(self, tau: float) -> list[float]:
