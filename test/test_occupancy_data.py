@@ -98,7 +98,7 @@ def test_evaluation_scores_voxels_and_lidar_hits(tmp_path):
     segmentation scores of both at the frame's in-grid hits."""
     import torch
     from vg_ros.occupancy.data import build_cache, load_sample
-    from vg_ros.occupancy.evaluate import evaluate_model, lidar_points_in_grid, metrics_table
+    from vg_ros.occupancy.evaluate import calibrate_free_shift, evaluate_model, lidar_points_in_grid, metrics_table
     from vg_ros.occupancy.model import TPVFormer, model_config
     torch.manual_seed(0)
     model = TPVFormer(model_config("tiny")).eval()
@@ -110,4 +110,10 @@ def test_evaluation_scores_voxels_and_lidar_hits(tmp_path):
     for key in ("model", "height_prior"):
         assert 0.0 <= out[key]["iou"] <= 100.0 and 0.0 <= out["lidarseg"][key]["miou"] <= 100.0
     assert out["lidarseg"]["height_prior"]["miou"] > 5.0  # the ground layer's class is right at most ground hits
+    assert out["height_prior"]["obstacle_iou"] == 0.0  # ground where the ground is, free above: no obstacle
     assert "LiDAR segmentation" in metrics_table(dict(out, name="tiny"))
+    bias = model.decoder.classifier.bias[FREE_CLASS].item()
+    shift, sweep = calibrate_free_shift(model, paths, torch.device("cpu"), np.array([-2.0, 0.0, 2.0]))
+    total = [s["miou"] + s["iou"] + s["obstacle_iou"] for s in sweep]
+    assert [s["shift"] for s in sweep] == [-2.0, 0.0, 2.0] and shift == sweep[int(np.argmax(total))]["shift"]
+    assert model.decoder.classifier.bias[FREE_CLASS].item() == pytest.approx(bias + shift)

@@ -58,3 +58,23 @@ def test_accumulates_over_frames_and_rejects_bad_input():
         occ3d_miou(gt, gt[:1])
     with pytest.raises(ValueError, match="outside"):
         occ3d_miou(gt + 20, gt, np.ones_like(gt))
+
+
+def test_obstacle_iou_counts_ground_classes_as_not_occupied():
+    gt = np.full((5, 1, 1), FREE_CLASS, np.uint8)
+    gt[0], gt[1], gt[2] = 14, 4, 15  # terrain, car, manmade
+    pred = gt.copy()
+    pred[2] = 11  # the wall called driveable surface: occupied right, obstacle missed
+    pred[3] = 16  # a false vegetation voxel
+    r = occ3d_miou(pred, gt)
+    assert r["iou"] == pytest.approx(300 / 4)  # 3 hits of 4 occupied in the union
+    assert r["obstacle_iou"] == pytest.approx(100 / 3)  # car found; wall missed; vegetation false
+
+
+def test_ground_only_prediction_keeps_geometry_but_finds_no_obstacle(occ3d):
+    gt, mask = occ3d
+    ground = np.isin(gt, [11, 12, 13, 14])
+    ground_only = np.where(ground, gt, FREE_CLASS).astype(np.uint8)
+    full, flat = occ3d_miou(gt, gt, mask), occ3d_miou(ground_only, gt, mask)
+    assert full["obstacle_iou"] == pytest.approx(100.0)
+    assert flat["obstacle_iou"] == 0.0 and flat["iou"] > 0.0

@@ -72,7 +72,7 @@ def test_scores_of_perfect_outputs(bag, tmp_path):
                         "/cameras/CAM_FRONT/image_raw")
     occ, odo, gro = scores["occupancy"], scores["odometry"], scores["grounding"]
     assert occ["frames"] == occ["gt_frames"] == FRAMES and occ["coverage"] == 1.0
-    assert occ["miou"] == pytest.approx(100.0) and occ["iou"] == pytest.approx(100.0)
+    assert occ["miou"] == occ["iou"] == occ["obstacle_iou"] == pytest.approx(100.0)
     assert odo["frames"] == FRAMES and odo["ate_m"] < 1e-6 and odo["drift_pct"] < 1e-6 and odo["path_m"] > 1.0
     assert gro["frames"] == gro["gt_frames"] == FRAMES - gro["gt_target_not_visible"] and gro["camera"] == "CAM_FRONT"
     assert gro["gt_frames"] >= 5 and gro["found_when_not_visible"] == 0

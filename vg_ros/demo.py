@@ -259,6 +259,7 @@ def comparison_table(live: dict, offline: dict | None) -> str:
     """Live numbers beside replay's, per metric."""
     rows = [("metric", "live (DDS)", "replay", "delta")]
     keys = [("occupancy", "miou", "occupancy mIoU %", 1.0), ("occupancy", "iou", "occupancy IoU %", 1.0),
+            ("occupancy", "obstacle_iou", "occupancy obstacle IoU %", 1.0),
             ("odometry", "ate_m", "odometry ATE m", 1.0), ("odometry", "drift_pct", "odometry drift %", 1.0),
             ("grounding", "prec_at_05", "grounding Prec@0.5 %", 100.0), ("grounding", "miou", "grounding mIoU %", 100.0)]
     for section, key, label, scale in keys:

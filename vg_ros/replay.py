@@ -614,12 +614,12 @@ def score_bags(in_bag: str | Path, out_bag: str | Path, *, grounding_image_topic
                 acc.add(p, sem, mask_camera)
             if acc.frames:
                 r = acc.result()
-                scores["occupancy"] = {"miou": r["miou"], "iou": r["iou"], "frames": acc.frames,
-                                       "gt_frames": gt_frames, "coverage": acc.frames / max(gt_frames, 1),
-                                       "per_class": r["per_class"]}
+                scores["occupancy"] = {"miou": r["miou"], "iou": r["iou"], "obstacle_iou": r["obstacle_iou"],
+                                       "frames": acc.frames, "gt_frames": gt_frames,
+                                       "coverage": acc.frames / max(gt_frames, 1), "per_class": r["per_class"]}
             else:
-                scores["occupancy"] = {"miou": None, "iou": None, "frames": 0, "gt_frames": gt_frames,
-                                       "coverage": 0.0}
+                scores["occupancy"] = {"miou": None, "iou": None, "obstacle_iou": None, "frames": 0,
+                                       "gt_frames": gt_frames, "coverage": 0.0}
             if keep_frames:
                 scores["occupancy"]["_frames"] = frames
 
@@ -712,7 +712,8 @@ def summary_rows(result: dict) -> list[tuple[str, str, str, str]]:
             rows.append((label, "unavailable: " + (reason if len(reason) <= 90 else reason[:87] + "..."), "", ""))
             continue
         if name == "occupancy":
-            score = f"mIoU {_fmt(sec.get('miou'))} %  IoU {_fmt(sec.get('iou'))} %"
+            score = (f"mIoU {_fmt(sec.get('miou'))} %  IoU {_fmt(sec.get('iou'))} %  "
+                     f"obstacle IoU {_fmt(sec.get('obstacle_iou'))} %")
         elif name == "odometry":
             score = f"ATE {_fmt(sec.get('ate_m'), '.3f')} m  drift {_fmt(sec.get('drift_pct'))} %"
         else:

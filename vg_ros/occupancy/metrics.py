@@ -4,6 +4,11 @@ As the Occ3D-nuScenes challenge code does: voxels count only where `mask_camera.
 confusion matrix is accumulated over frames; per-class IoU = TP / (TP + FP + FN); mIoU is the mean over
 classes 0-16 whose union is non-empty (NaN classes are left out). Free is class 17 and is not scored
 semantically; geometric IoU scores "occupied" (class != 17) against free. Numbers are in percent.
+
+Beside them, `obstacle_iou` (ours, not Occ3D's): geometric IoU with the flat ground classes (driveable
+surface, other flat, sidewalk, terrain) counted as not occupied, i.e. how well the voxels a robot must
+avoid are found. On a flat street most camera-visible occupied voxels are the ground layer, which a
+height prior gets by construction, so geometric IoU alone hardly separates a model from it.
 """
 from __future__ import annotations
 
@@ -12,6 +17,8 @@ import numpy as np
 from vg_ros.types import FREE_CLASS, NUM_OCC_CLASSES, OCC_CLASSES
 
 SCORED_CLASSES = FREE_CLASS  # classes 0..16
+GROUND_CLASSES = tuple(OCC_CLASSES.index(n) for n in ("driveable_surface", "other_flat", "sidewalk", "terrain"))
+OBSTACLE_CLASSES = np.array([c for c in range(FREE_CLASS) if c not in GROUND_CLASSES])
 
 
 def _check(pred: np.ndarray, gt: np.ndarray, mask_camera: np.ndarray | None) -> np.ndarray:
@@ -56,10 +63,13 @@ class OccupancyScore:
         occ_pred = conf[:, :FREE_CLASS].sum()
         occ_tp = conf[:FREE_CLASS, :FREE_CLASS].sum()
         occ_union = occ_gt + occ_pred - occ_tp
+        obstacle = conf[np.ix_(OBSTACLE_CLASSES, OBSTACLE_CLASSES)].sum()
+        obstacle_union = conf[OBSTACLE_CLASSES].sum() + conf[:, OBSTACLE_CLASSES].sum() - obstacle
         return {
             "per_class": {OCC_CLASSES[c]: (None if np.isnan(v) else float(v)) for c, v in enumerate(per_class)},
             "miou": float(np.nanmean(per_class)) if np.any(~np.isnan(per_class)) else float("nan"),
             "iou": float(100.0 * occ_tp / occ_union) if occ_union > 0 else float("nan"),
+            "obstacle_iou": float(100.0 * obstacle / obstacle_union) if obstacle_union > 0 else float("nan"),
             "frames": self.frames,
             "voxels": int(conf.sum()),
         }

@@ -164,8 +164,10 @@ def train(args: argparse.Namespace, log=print) -> dict:
         metrics = evaluate_model(model, eval_paths, device, per_height=stats["per_height"])
         info["metrics"] = metrics
         write_card(out_path.with_suffix(".md"), info)
-        log(f"held-out seeds {args.eval_seeds}: mIoU {metrics['model']['miou']:.2f}  IoU {metrics['model']['iou']:.2f}"
-            f"  | height-prior baseline mIoU {metrics['height_prior']['miou']:.2f}  IoU {metrics['height_prior']['iou']:.2f}")
+        model_r, prior_r = metrics["model"], metrics["height_prior"]
+        log(f"held-out seeds {args.eval_seeds}: mIoU {model_r['miou']:.2f}  IoU {model_r['iou']:.2f}  obstacle IoU "
+            f"{model_r['obstacle_iou']:.2f}  | height-prior baseline mIoU {prior_r['miou']:.2f}  IoU {prior_r['iou']:.2f}"
+            f"  obstacle IoU {prior_r['obstacle_iou']:.2f}")
     (out_dir / (weights_name(args.config, args.supervision) + ".json")).write_text(json.dumps(info, indent=2))
     return info
 
@@ -189,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=str(WEIGHTS_DIR), help="folder for weights, card and metrics")
     p.add_argument("--log-every", type=int, default=20)
     p.add_argument("--save-every", type=int, default=100)
-    p.add_argument("--calibrate-frames", type=int, default=8,
+    p.add_argument("--calibrate-frames", type=int, default=16,
                    help="training frames for the free-logit calibration (0 = off; dense supervision only)")
     p.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation and model card")
     return p
