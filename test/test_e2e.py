@@ -223,13 +223,14 @@ def test_killed_node_is_reported_and_the_others_keep_publishing(live):
 def test_demo_tables_and_argument_errors(tmp_path):
     from vg_ros.cli import UserError
     from vg_ros.demo import comparison_table, main
-    live = {"occupancy": {"miou": 20.0, "iou": 70.0}, "odometry": {"ate_m": 0.02, "drift_pct": 0.1},
-            "grounding": {"prec_at_05": 0.5, "miou": 0.4}}
-    offline = {"occupancy": {"miou": 20.5, "iou": 70.0}, "odometry": {"ate_m": 0.02, "drift_pct": 0.1},
-               "grounding": {"prec_at_05": None, "miou": 0.4}}
+    live = {"occupancy": {"miou": 20.0, "iou": 70.0, "obstacle_iou": 25.0},
+            "odometry": {"ate_m": 0.02, "drift_pct": 0.1}, "grounding": {"prec_at_05": 0.5, "miou": 0.4}}
+    offline = {"occupancy": {"miou": 20.5, "iou": 70.0, "obstacle_iou": 24.0},
+               "odometry": {"ate_m": 0.02, "drift_pct": 0.1}, "grounding": {"prec_at_05": None, "miou": 0.4}}
     table = comparison_table(live, offline)
-    assert "occupancy mIoU %      20.000      20.500  -0.500" in table
-    assert "grounding Prec@0.5 %  50.000      -       -" in table
+    assert "occupancy mIoU %          20.000      20.500  -0.500" in table
+    assert "occupancy obstacle IoU %  25.000      24.000  +1.000" in table
+    assert "grounding Prec@0.5 %      50.000      -       -" in table
     with pytest.raises(UserError, match="--seconds"):
         main(["--seconds", "0"])
     with pytest.raises(UserError, match="--rate"):
