@@ -166,8 +166,8 @@ def train(args: argparse.Namespace, log=print) -> dict:
         write_card(out_path.with_suffix(".md"), info)
         model_r, prior_r = metrics["model"], metrics["height_prior"]
         log(f"held-out seeds {args.eval_seeds}: mIoU {model_r['miou']:.2f}  IoU {model_r['iou']:.2f}  obstacle IoU "
-            f"{model_r['obstacle_iou']:.2f}  | height-prior baseline mIoU {prior_r['miou']:.2f}  IoU {prior_r['iou']:.2f}"
-            f"  obstacle IoU {prior_r['obstacle_iou']:.2f}")
+            f"{model_r['obstacle_iou']:.2f}  | height-prior baseline mIoU {prior_r['miou']:.2f}  "
+            f"IoU {prior_r['iou']:.2f}  obstacle IoU {prior_r['obstacle_iou']:.2f}")
     (out_dir / (weights_name(args.config, args.supervision) + ".json")).write_text(json.dumps(info, indent=2))
     return info
 
