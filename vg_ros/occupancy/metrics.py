@@ -36,6 +36,13 @@ def _check(pred: np.ndarray, gt: np.ndarray, mask_camera: np.ndarray | None) -> 
     return mask
 
 
+def _grouped_iou(conf: np.ndarray, classes: np.ndarray) -> float:
+    """IoU in percent of "any of `classes`" against the rest, from a [gt, pred] confusion matrix."""
+    hit = conf[np.ix_(classes, classes)].sum()
+    union = conf[classes].sum() + conf[:, classes].sum() - hit
+    return float(100.0 * hit / union) if union > 0 else float("nan")
+
+
 class OccupancyScore:
     """Accumulates a confusion matrix over frames; `result()` gives per-class IoU, mIoU and geometric IoU."""
 
@@ -59,17 +66,11 @@ class OccupancyScore:
         with np.errstate(invalid="ignore", divide="ignore"):
             iou = np.where(union > 0, tp / np.maximum(union, 1), np.nan) * 100.0
         per_class = iou[:SCORED_CLASSES]
-        occ_gt = conf[:FREE_CLASS].sum()  # gt occupied
-        occ_pred = conf[:, :FREE_CLASS].sum()
-        occ_tp = conf[:FREE_CLASS, :FREE_CLASS].sum()
-        occ_union = occ_gt + occ_pred - occ_tp
-        obstacle = conf[np.ix_(OBSTACLE_CLASSES, OBSTACLE_CLASSES)].sum()
-        obstacle_union = conf[OBSTACLE_CLASSES].sum() + conf[:, OBSTACLE_CLASSES].sum() - obstacle
         return {
             "per_class": {OCC_CLASSES[c]: (None if np.isnan(v) else float(v)) for c, v in enumerate(per_class)},
             "miou": float(np.nanmean(per_class)) if np.any(~np.isnan(per_class)) else float("nan"),
-            "iou": float(100.0 * occ_tp / occ_union) if occ_union > 0 else float("nan"),
-            "obstacle_iou": float(100.0 * obstacle / obstacle_union) if obstacle_union > 0 else float("nan"),
+            "iou": _grouped_iou(conf, np.arange(FREE_CLASS)),
+            "obstacle_iou": _grouped_iou(conf, OBSTACLE_CLASSES),
             "frames": self.frames,
             "voxels": int(conf.sum()),
         }
