@@ -496,6 +496,27 @@ def test_target_region_window_equals_labelling_the_whole_map():
         assert score == pytest.approx(float(prob[expected].mean()))
 
 
+def test_mask_from_logits_equals_resizing_the_whole_map():
+    """Resizing only the window over the logits above the threshold gives the mask and score of resizing
+    the whole map with F.interpolate and thresholding its sigmoid: blobs anywhere (borders too), up- and
+    down-sizing, several regions, nothing above the threshold (the score is then the whole map's peak)."""
+    from vg_ros.grounding.pipeline import mask_from_logits, target_region
+    rng = np.random.default_rng(8)
+    sizes = [(270, 480), (176, 320), (30, 50), (301, 300)]
+    for trial in range(80):
+        logits = torch.from_numpy(rng.normal(-6.0, 1.0, (44, 80)).astype(np.float32))
+        for _ in range(trial % 4):
+            r, c = rng.integers(0, 44), rng.integers(0, 80)
+            logits[max(r - 2, 0):r + rng.integers(1, 4), max(c - 3, 0):c + rng.integers(1, 5)] = float(rng.normal(1, 3))
+        size = sizes[trial % len(sizes)]
+        prob = F.interpolate(logits[None, None], size=size, mode="bilinear", align_corners=False)[0, 0].sigmoid()
+        for single in (True, False):
+            expected, expected_score = target_region(prob.numpy(), 0.35, single)
+            mask, score = mask_from_logits(logits, size, 0.35, single)
+            assert mask.shape == size and np.array_equal(mask, expected), (trial, single)
+            assert score == pytest.approx(expected_score, abs=1e-5)
+
+
 def test_shipped_pipeline_publishes_one_region_and_its_box(encoder):
     """The shipped weights on a held-out simulated frame: every published mask is one region and the box
     is its tight box, and it lies inside the thresholded map that `single_region=False` publishes."""

@@ -21,7 +21,6 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from vg_ros.grounding import metrics
 from vg_ros.grounding.model import VGLAW, cxcywh_to_xyxy
@@ -41,7 +40,7 @@ def predict(model: VGLAW, split, text_index: np.ndarray, *, batch: int = 32, dev
     (H, W) bool, "scores" (n,)} at the image size stored in the split (full-size splits give full-resolution
     results)."""
     from vg_ros.grounding.data import resize_image
-    from vg_ros.grounding.pipeline import GroundingConfig, published_box, target_region
+    from vg_ros.grounding.pipeline import GroundingConfig, mask_from_logits, published_box
 
     config = config or GroundingConfig()
     model.eval()
@@ -58,11 +57,9 @@ def predict(model: VGLAW, split, text_index: np.ndarray, *, batch: int = 32, dev
                               for i in split.expr_image[idx]]).to(device)
         feats, valid = split.text_batch(text_index[start:start + batch])
         out = model.forward_visual(images, model.generate(feats.to(device), valid.to(device)), use_language_weights)
-        prob = F.interpolate(out["mask_logits"][:, None], size=(H, W), mode="bilinear",
-                             align_corners=False)[:, 0].sigmoid().float().cpu().numpy()
         head = cxcywh_to_xyxy(out["boxes"].double()).cpu().numpy() * [W, H, W, H]
         for b in range(len(idx)):
-            mask, score = target_region(prob[b], config.mask_threshold, config.single_region)
+            mask, score = mask_from_logits(out["mask_logits"][b], (H, W), config.mask_threshold, config.single_region)
             masks.append(mask)
             scores.append(score)
             boxes.append(published_box(mask, head[b], config.box_source))

@@ -14,7 +14,9 @@ No rclpy here: the node (`vg_ros/nodes/grounding_node.py`) converts messages and
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
 import time
 from pathlib import Path
 
@@ -81,6 +83,53 @@ def target_region(prob: np.ndarray, threshold: float, single_region: bool = True
             mask = np.zeros_like(mask)
             mask[window] = inside
     return mask, float(inside_prob[inside].mean())
+
+
+def mask_from_logits(logits: torch.Tensor, out_hw: tuple[int, int], threshold: float,
+                     single_region: bool = True) -> tuple[np.ndarray, float]:
+    """`target_region` of sigmoid(the logits (h, w) bilinearly resized to `out_hw`), as F.interpolate
+    (align_corners=False) would resize them, computed only where it can matter.
+
+    A resized value is a convex combination of source logits, so output pixels whose source pixels are all
+    at or under logit(threshold) stay under the threshold: only the output window over the source pixels
+    above it is resized (separable bilinear weights, two small matrix products) and passed through the
+    sigmoid. The same mask and score as resizing the whole map (to float rounding); when nothing passes,
+    the whole map is resized, since the score is then its peak."""
+    H, W = out_hw
+    src = logits.detach().float().cpu().numpy()
+    above = src > math.log(threshold / (1.0 - threshold))
+    if above.any():
+        Ry, Rx = _bilinear_weights(H, src.shape[0]), _bilinear_weights(W, src.shape[1])
+        rows, cols = np.flatnonzero(above.any(axis=1)), np.flatnonzero(above.any(axis=0))
+        out_r = np.flatnonzero(Ry[:, rows[0]:rows[-1] + 1].any(axis=1))
+        out_c = np.flatnonzero(Rx[:, cols[0]:cols[-1] + 1].any(axis=1))
+        Ry, Rx = Ry[out_r[0]:out_r[-1] + 1], Rx[out_c[0]:out_c[-1] + 1]
+        used_r, used_c = np.flatnonzero(Ry.any(axis=0)), np.flatnonzero(Rx.any(axis=0))
+        r0, r1, c0, c1 = used_r[0], used_r[-1] + 1, used_c[0], used_c[-1] + 1
+        resized = Ry[:, r0:r1] @ src[r0:r1, c0:c1].astype(np.float64) @ Rx[:, c0:c1].T
+        mask_window, score = target_region(1.0 / (1.0 + np.exp(-resized)), threshold, single_region)
+        if mask_window.any():
+            mask = np.zeros((H, W), dtype=bool)
+            mask[out_r[0]:out_r[-1] + 1, out_c[0]:out_c[-1] + 1] = mask_window
+            return mask, score
+    prob = F.interpolate(logits.detach().float().cpu()[None, None], size=(H, W), mode="bilinear",
+                         align_corners=False)[0, 0].sigmoid()
+    return target_region(prob.numpy(), threshold, single_region)
+
+
+@functools.lru_cache(maxsize=32)
+def _bilinear_weights(n_out: int, n_in: int) -> np.ndarray:
+    """(n_out, n_in) weights of 1-D bilinear resampling as F.interpolate (align_corners=False, no
+    antialias): source coordinate (i + 0.5) * n_in / n_out - 0.5, clamped at 0, between its two neighbours."""
+    src = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)
+    low = np.minimum(np.floor(src).astype(int), n_in - 1)
+    high = np.minimum(low + 1, n_in - 1)
+    frac = src - low
+    weights = np.zeros((n_out, n_in))
+    np.add.at(weights, (np.arange(n_out), low), 1.0 - frac)
+    np.add.at(weights, (np.arange(n_out), high), frac)
+    weights.setflags(write=False)
+    return weights
 
 
 def published_box(mask: np.ndarray, head_box: np.ndarray, box_source: str) -> np.ndarray:
@@ -183,9 +232,8 @@ class GroundingPipeline:
         # the box head runs only when its box is published: box_source "head", or an empty mask
         head_first = self.config.box_source == "head"
         out = self.model.forward_visual(self.preprocess(image), weights, box_head=head_first)
-        prob = F.interpolate(out["mask_logits"][:, None], size=(height, width), mode="bilinear",
-                             align_corners=False)[0, 0].sigmoid()
-        mask, score = target_region(prob.float().cpu().numpy(), self.config.mask_threshold, self.config.single_region)
+        mask, score = mask_from_logits(out["mask_logits"][0], (height, width), self.config.mask_threshold,
+                                       self.config.single_region)
         if head_first or not mask.any():
             boxes = out["boxes"] if head_first else self.model.box_head(out["visual"], weights.cls)[0]
             head_box = cxcywh_to_xyxy(boxes[0].double()).cpu().numpy() * [width, height, width, height]
