@@ -63,7 +63,7 @@ def _text(batch: int, length: int = 6, seed: int = 0):
 
 def test_spec_validation_and_configs():
     tiny = spec_by_name("tiny")
-    assert tiny.grid == (11, 20) and tiny.stem == "conv" and tiny.box_reference and tiny.mask_skip
+    assert tiny.grid == (11, 20) and tiny.stem == "conv" and tiny.box_reference and tiny.mask_skip and tiny.mask_refine
     base = spec_by_name("base")
     assert (base.img_h, base.img_w, base.width, base.depth) == (448, 448, 768, 12)
     assert base.stem == "patch" and not base.box_reference   # the paper's ViT-B and head
@@ -77,6 +77,8 @@ def test_spec_validation_and_configs():
         VGLAWSpec(img_h=36, img_w=72, patch=12, stem="conv")
     with pytest.raises(ValueError, match="mask_skip"):
         VGLAWSpec(mask_skip=True)   # the skip joins read the conv stem
+    with pytest.raises(ValueError, match="mask_refine"):
+        VGLAWSpec(mask_refine=True)   # so does the refiner
 
 
 @pytest.mark.parametrize("stem", ["patch", "conv"])
@@ -110,8 +112,49 @@ def test_mask_skip_joins_start_at_zero_and_learn():
     total_loss(out, torch.tensor([[0.3, 0.4, 0.3, 0.4]] * 2), masks)["total"].backward()
     assert grown.mask_head.skip8.weight.grad.abs().sum() > 0
     assert grown.mask_head.skip4[-1].weight.grad.abs().sum() > 0
-    with pytest.raises(ValueError, match="more than mask_skip"):
+    with pytest.raises(ValueError, match="more than added mask_skip"):
         VGLAW.grown_from(plain, VGLAWSpec(**{**SMALL.to_dict(), "stem": "conv", "mask_skip": True, "depth": 3}))
+
+
+def test_mask_refiner_starts_at_zero_learns_and_matches_the_dense_computation():
+    """Grown with the refiner, a network computes exactly what it did; the refiner's kernel gets gradient at
+    once. The windowed computation gives the numbers of refining every 1/2 pixel with the gate applied
+    (cells above the gate in both images, one at the map's border); nothing above the gate: no change."""
+    from vg_ros.grounding.model import MaskRefiner, total_loss
+    torch.manual_seed(6)
+    conv = {**SMALL.to_dict(), "stem": "conv", "mask_skip": True}
+    plain = VGLAW(VGLAWSpec(**conv)).eval()
+    grown = VGLAW.grown_from(plain, VGLAWSpec(**{**conv, "mask_refine": True})).eval()
+    images, text = torch.rand(2, 3, 32, 64), _text(2)
+    with torch.no_grad():
+        assert torch.equal(plain(images, *text)["mask_logits"], grown(images, *text)["mask_logits"])
+    grown.train()
+    masks = torch.zeros(2, 32, 64)
+    masks[:, 8:20, 10:30] = 1
+    total_loss(grown(images, *text), torch.tensor([[0.3, 0.4, 0.3, 0.4]] * 2), masks)["total"].backward()
+    assert grown.mask_head.refine.text_proj.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="more than added"):
+        VGLAW.grown_from(grown, VGLAWSpec(**conv))   # removing a part is not growing
+
+    refiner = MaskRefiner(6, 8)
+    for p in refiner.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    B, h, w = 2, 10, 14
+    quarter = torch.full((B, h, w), -9.0) + torch.rand(B, h, w)
+    quarter[0, 2:4, 3:5] = torch.randn(2, 2) * 5
+    quarter[1, 7:10, 11:14] = 4.0
+    fine, cls, logits = torch.randn(B, 2 * h, 2 * w, 6), torch.randn(B, 8), torch.randn(B, 4 * h, 4 * w)
+    coarse = F.interpolate(quarter[:, None], scale_factor=2, mode="bilinear", align_corners=False)[:, 0]
+    gate = coarse > MaskRefiner.GATE_LOGIT
+    feats = torch.cat([fine, (coarse.clamp(-10, 10) / MaskRefiner.COARSE_SCALE)[..., None]], dim=-1)
+    delta = (refiner.mlp(feats) * refiner.text_proj(cls)[:, None, None]).sum(-1) * gate
+    dense = logits + F.interpolate(delta[:, None], scale_factor=2, mode="bilinear", align_corners=False)[:, 0]
+    refined = refiner(quarter, fine, cls, logits)
+    assert 0 < gate.sum() < gate.numel() / 4 and not torch.equal(refined, logits)
+    assert torch.allclose(refined, dense, atol=1e-5)
+    assert torch.equal(refiner(torch.full((B, h, w), -9.0), fine, cls, logits), logits)
+    with pytest.raises(ValueError, match="2x"):
+        refiner(quarter, fine[:, :-2], cls, logits)
 
 
 @pytest.mark.parametrize("skip", [False, True])
@@ -141,7 +184,8 @@ def test_mask_head_matches_its_modules(skip):
 
 def test_fused_conv_stem_gives_the_same_output_and_refuses_training():
     torch.manual_seed(3)
-    model = VGLAW(VGLAWSpec(**{**SMALL.to_dict(), "stem": "conv", "mask_skip": True}))
+    model = VGLAW(VGLAWSpec(**{**SMALL.to_dict(), "stem": "conv", "mask_skip": True, "mask_refine": True}))
+    torch.nn.init.normal_(model.mask_head.refine.text_proj.weight)   # a refiner that changes the logits
     model.train()
     model(torch.rand(4, 3, 32, 64), *_text(4))  # moves the BatchNorm running statistics off their init
     model.eval()

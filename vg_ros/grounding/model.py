@@ -19,8 +19,9 @@ one plain (3C, C) matrix per block, so each frame is an ordinary ViT forward (`f
 Scaled-down choice (said in the model card): the mask head's per-pixel features have `mask_dim` channels
 and the [CLS] feature is linearly projected to `mask_dim` before the dot product (the paper uses d_l).
 Aids for training from scratch on a CPU, in `tiny` only (`base` is the paper's): a convolutional stem
-(`ConvStem`), the box centre anchored at the pooling's centre of mass, and the mask head's skip joins from
-the stem's 1/8 and 1/4 maps (`mask_skip`).
+(`ConvStem`), the box centre anchored at the pooling's centre of mass, the mask head's skip joins from
+the stem's 1/8 and 1/4 maps (`mask_skip`), and a point-wise refinement of the mask logits at 1/2 resolution
+(`mask_refine`, `MaskRefiner`).
 """
 from __future__ import annotations
 
@@ -55,6 +56,7 @@ class VGLAWSpec:
     stem: str = "patch"    # "patch": one patch x patch projection (ViT); "conv": early 3x3 convolutions
     box_reference: bool = False  # box centre as an offset from the pooling's centre of mass (BoxHead)
     mask_skip: bool = False  # mask head also reads the conv stem's 1/8 and 1/4 feature maps (MaskHead)
+    mask_refine: bool = False  # mask logits refined at 1/2 resolution from the stem's 1/2 map (MaskRefiner)
 
     def __post_init__(self) -> None:
         for name in ("img_h", "img_w", "patch", "width", "depth", "heads", "text_dim", "groups",
@@ -75,6 +77,8 @@ class VGLAWSpec:
             raise ValueError(f"VGLAWSpec: the conv stem needs a power-of-two patch, got {self.patch}")
         if self.mask_skip and (self.stem != "conv" or self.patch < 16):
             raise ValueError("VGLAWSpec.mask_skip reads the conv stem's 1/8 and 1/4 maps: needs stem 'conv', patch >= 16")
+        if self.mask_refine and self.stem != "conv":
+            raise ValueError("VGLAWSpec.mask_refine reads the conv stem's 1/2 map: needs stem 'conv'")
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -86,7 +90,7 @@ class VGLAWSpec:
 
 # `tiny`: CPU-trainable. `base`: ViT-B at 448 x 448 as in the paper.
 SPECS: dict[str, VGLAWSpec] = {
-    "tiny": VGLAWSpec(stem="conv", box_reference=True, mask_skip=True),
+    "tiny": VGLAWSpec(stem="conv", box_reference=True, mask_skip=True, mask_refine=True),
     "base": VGLAWSpec(img_h=448, img_w=448, patch=16, width=768, depth=12, heads=12, groups=8, lap_dim=256,
                       mask_dim=256),
 }
@@ -296,9 +300,11 @@ class MaskHead(nn.Module):
 
     `skip_channels` (c8, c4): the conv stem's 1/8 and 1/4 maps join the two upsampling stages (U-Net
     style; language-free edges and colours at the resolution the mask is read at). Both joins are
-    zero-initialised, so a head with them starts as the plain head (and loads its weights unchanged)."""
+    zero-initialised, so a head with them starts as the plain head (and loads its weights unchanged).
+    `refine_channels` (c2): the logits are also refined at 1/2 from the stem's 1/2 map (`MaskRefiner`)."""
 
-    def __init__(self, width: int, text_dim: int, mask_dim: int, skip_channels: tuple[int, int] | None = None) -> None:
+    def __init__(self, width: int, text_dim: int, mask_dim: int, skip_channels: tuple[int, int] | None = None,
+                 refine_channels: int = 0) -> None:
         super().__init__()
         self.up1 = nn.ConvTranspose2d(width, width // 2, kernel_size=2, stride=2)
         self.norm = nn.GroupNorm(1, width // 2)
@@ -313,6 +319,7 @@ class MaskHead(nn.Module):
             for conv in (self.skip8, self.skip4[-1]):
                 nn.init.zeros_(conv.weight)
                 nn.init.zeros_(conv.bias)
+        self.refine = MaskRefiner(refine_channels, text_dim) if refine_channels else None
 
     def forward(self, fmap: torch.Tensor, cls: torch.Tensor, out_hw: tuple[int, int],
                 skips: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
@@ -334,7 +341,72 @@ class MaskHead(nn.Module):
             folded = kernel @ out.weight.flatten(1)                                   # (B, D)
             quarter = quarter + _dot(hidden, folded) + (kernel @ out.bias)[:, None, None]
         quarter = quarter / math.sqrt(pixels.shape[-1])
-        return F.interpolate(quarter[:, None], size=out_hw, mode="bilinear", align_corners=False)[:, 0]
+        logits = F.interpolate(quarter[:, None], size=out_hw, mode="bilinear", align_corners=False)[:, 0]
+        if self.refine is not None:
+            logits = self.refine(quarter, skips[2], cls, logits)
+        return logits
+
+
+class MaskRefiner(nn.Module):
+    """Point-wise refinement of the mask logits at 1/2 resolution (PointRend's idea, Kirillov et al., CVPR
+    2020: predict finer only where the coarse mask may be, from fine features and the coarse prediction).
+
+    Why: the head's logits live at 1/4 of the input (a 6 x 6 pixel cell of the 480x270 camera image at
+    320x176), and even a perfect 1/4 map, bilinearly upsampled, caps mask mIoU at 79.8 % on the dev seeds
+    (targets under 200 px: 72 % reach IoU 0.5); a perfect 1/2 map caps it at 92.2 %.
+
+    At the 1/2 pixels where the coarse logit, bilinearly upsampled, exceeds `GATE_LOGIT` (the target's
+    surroundings; elsewhere nothing changes): features = [the stem's 1/2 activation, the coarse logit] ->
+    2-layer MLP (`HIDDEN`, GELU) -> dot product with a kernel projected from the [CLS] feature (per
+    command, as the head's own kernel) -> a logit correction, bilinearly upsampled to the output and added.
+    Only the gated pixels are computed, in training and at inference alike. The kernel projection is
+    zero-initialised: a network grown with the refiner (`VGLAW.grown_from`) computes exactly what it did."""
+
+    HIDDEN = 32
+    GATE_LOGIT = -4.0     # sigmoid 0.018: pixels the coarse mask leaves clearly out stay out
+    COARSE_SCALE = 5.0    # the coarse logit enters the MLP clamped to +-10 and divided by this
+
+    def __init__(self, channels: int, text_dim: int) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(channels + 1, self.HIDDEN), nn.GELU(),
+                                 nn.Linear(self.HIDDEN, self.HIDDEN), nn.GELU())
+        self.text_proj = nn.Linear(text_dim, self.HIDDEN)
+        self.reset_kernel()
+
+    def reset_kernel(self) -> None:
+        """Zero the kernel projection: no correction until training moves it."""
+        nn.init.zeros_(self.text_proj.weight)
+        nn.init.zeros_(self.text_proj.bias)
+
+    def forward(self, quarter: torch.Tensor, fine: torch.Tensor, cls: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """quarter (B, h, w) coarse logits at 1/4, fine (B, 2h, 2w, c) the stem's 1/2 map channels-last, cls
+        (B, d_l), logits (B, 4h, 4w) the coarse logits at the input size -> the refined logits.
+
+        Computed in the window of 1/4 cells around every cell above the gate (2 cells of margin, the union
+        over the batch): outside it every coarse cell is <= GATE_LOGIT, so no 1/2 pixel is gated there and
+        the correction (zero there) upsamples to zero; inside it the bilinear x2 steps see the same cells as
+        over the whole map. Same numbers as computing everything everywhere, for the window's cost."""
+        B, h, w = quarter.shape
+        if fine.shape[1:3] != (2 * h, 2 * w) or logits.shape[-2:] != (4 * h, 4 * w):
+            raise ValueError(f"MaskRefiner: fine {tuple(fine.shape)} and logits {tuple(logits.shape)} must be 2x "
+                             f"and 4x the coarse map {tuple(quarter.shape)}")
+        above = (quarter > self.GATE_LOGIT).detach()
+        rows, cols = above.any(dim=(0, 2)).nonzero()[:, 0], above.any(dim=(0, 1)).nonzero()[:, 0]
+        if not len(rows):
+            return logits
+        r0, r1 = max(int(rows[0]) - 2, 0), min(int(rows[-1]) + 3, h)
+        c0, c1 = max(int(cols[0]) - 2, 0), min(int(cols[-1]) + 3, w)
+        coarse = F.interpolate(quarter[:, None, r0:r1, c0:c1], scale_factor=2, mode="bilinear",
+                               align_corners=False)[:, 0]                                  # (B, 2h', 2w')
+        gate = coarse > self.GATE_LOGIT
+        batch_index = gate.nonzero()[:, 0]
+        coarse_in = coarse[gate].clamp(-10.0, 10.0)[:, None] / self.COARSE_SCALE
+        window = fine[:, 2 * r0:2 * r1, 2 * c0:2 * c1][gate].to(coarse.dtype)
+        hidden = self.mlp(torch.cat([window, coarse_in], dim=-1))                         # (n, HIDDEN)
+        values = (hidden * self.text_proj(cls)[batch_index]).sum(-1)
+        delta = coarse.new_zeros(coarse.shape).masked_scatter(gate, values)
+        delta = F.interpolate(delta[:, None], scale_factor=2, mode="bilinear", align_corners=False)[:, 0]
+        return logits + F.pad(delta, (4 * c0, 4 * (w - c1), 4 * r0, 4 * (h - r1)))
 
 
 def _pointwise(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
@@ -383,12 +455,15 @@ class VGLAW(nn.Module):
         self.norm = nn.LayerNorm(C)
         self.box_head = BoxHead(C, spec.text_dim, spec.lap_dim, spec.grid, anchored=spec.box_reference)
         skip_channels = ((self.patch_embed.channels(8), self.patch_embed.channels(4)) if spec.mask_skip else None)
-        self.mask_head = MaskHead(C, spec.text_dim, spec.mask_dim, skip_channels)
+        refine_channels = self.patch_embed.channels(2) if spec.mask_refine else 0
+        self.mask_head = MaskHead(C, spec.text_dim, spec.mask_dim, skip_channels, refine_channels)
         self.register_buffer("pixel_mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
         self.apply(self._init)
         self.weight_generator.reset_phi()
         self.box_head.reset_pooling()
+        if self.mask_head.refine is not None:
+            self.mask_head.refine.reset_kernel()
 
     @staticmethod
     def _init(module: nn.Module) -> None:
@@ -400,13 +475,15 @@ class VGLAW(nn.Module):
     @classmethod
     def grown_from(cls, model: "VGLAW", spec: VGLAWSpec) -> "VGLAW":
         """A `spec` network carrying `model`'s weights, where `spec` only adds the mask head's skip joins
-        (`mask_skip`): they start at zero, so the result computes exactly what `model` did. ValueError for
-        any other change of architecture."""
-        if replace(model.spec, mask_skip=spec.mask_skip) != spec:
-            raise ValueError("grown_from: the specs differ in more than mask_skip")
+        (`mask_skip`) and/or its refiner (`mask_refine`): they start at zero, so the result computes exactly
+        what `model` did. ValueError for any other change of architecture."""
+        if (replace(model.spec, mask_skip=spec.mask_skip, mask_refine=spec.mask_refine) != spec
+                or (model.spec.mask_skip and not spec.mask_skip) or (model.spec.mask_refine and not spec.mask_refine)):
+            raise ValueError("grown_from: the specs differ in more than added mask_skip / mask_refine")
         grown = cls(spec)
         missing, unexpected = grown.load_state_dict(model.state_dict(), strict=False)
-        if unexpected or any(not k.startswith(("mask_head.skip8.", "mask_head.skip4.")) for k in missing):
+        if unexpected or any(not k.startswith(("mask_head.skip8.", "mask_head.skip4.", "mask_head.refine."))
+                             for k in missing):
             raise ValueError(f"grown_from: cannot map the weights (missing {missing[:3]}, unexpected {unexpected[:3]})")
         return grown.to(next(model.parameters()).device)
 
@@ -455,8 +532,9 @@ class VGLAW(nn.Module):
             phi, cls = phi.expand(B, -1, -1, -1), cls.expand(B, -1)
         x = (images - self.pixel_mean) / self.pixel_std
         skips = None
-        if spec.mask_skip:
-            x, maps = self.patch_embed(x, skips=(8, 4))
+        strides = (8, 4) * spec.mask_skip + (2,) * spec.mask_refine
+        if strides:
+            x, maps = self.patch_embed(x, skips=strides)
             skips = {stride: m.permute(0, 2, 3, 1) for stride, m in maps.items()}   # channels last
         else:
             x = self.patch_embed(x)

@@ -171,7 +171,8 @@ def write_card(path: Path, *, args, history: dict, result: dict | None, weights:
         "mask head's [CLS] kernel linearly projected to `mask_dim` channels"
         + (", convolutional stem" if spec.stem == "conv" else "")
         + (", box centre anchored at the pooling's centre of mass" if spec.box_reference else "")
-        + (", mask head also reads the conv stem's 1/8 and 1/4 maps (zero-initialised skip joins)" if spec.mask_skip else ""),
+        + (", mask head also reads the conv stem's 1/8 and 1/4 maps (zero-initialised skip joins)" if spec.mask_skip else "")
+        + (", mask logits refined at 1/2 resolution from the stem's 1/2 map (zero-initialised)" if spec.mask_refine else ""),
         f"* ablation: {'THIS MODEL has Phi fixed at zero (no language-adaptive weights)' if args.ablation_phi_zero else 'full VG-LAW'}",
         "",
         "## Held-out results (`vg-ros eval grounding`)",
@@ -246,9 +247,9 @@ def main(argv: list[str]) -> int:
             init, init_meta = load_weights(args.init, device)
         except ValueError as exc:
             raise UserError(str(exc)) from exc
-        if init.spec != spec and not init.spec.mask_skip and spec.mask_skip:
+        if init.spec != spec:
             try:
-                init = VGLAW.grown_from(init, spec)   # the same network with the mask head's skip joins added
+                init = VGLAW.grown_from(init, spec)   # the same network with the skip joins / refiner added
             except ValueError:
                 pass
         if init.spec != spec:
