@@ -561,6 +561,20 @@ def test_mask_from_logits_equals_resizing_the_whole_map():
             assert score == pytest.approx(expected_score, abs=1e-5)
 
 
+def test_coverage_map_ious_show_what_a_coarse_grid_loses():
+    """A perfect map on a coarse grid: a cell-aligned block comes back whole; a target smaller than a cell
+    is lost or blurred; the full-resolution grid loses nothing."""
+    from vg_ros.grounding.evaluate import coverage_map_ious
+    block = np.zeros((64, 96), bool)
+    block[16:32, 24:48] = True            # 8-pixel cells of a (8, 12) grid: aligned
+    speck = np.zeros((64, 96), bool)
+    speck[21:24, 30:33] = True            # 9 px, inside one 8x8 cell
+    coarse = coverage_map_ious([block, speck], (8, 12))
+    assert coarse[0] > 0.85 and coarse[1] < 0.5
+    assert np.allclose(coverage_map_ious([block, speck], (64, 96)), 1.0)
+    assert coverage_map_ious([speck], (32, 48))[0] > coarse[1]   # a finer grid keeps more of it
+
+
 def test_shipped_pipeline_publishes_one_region_and_its_box(encoder):
     """The shipped weights on a held-out simulated frame: every published mask is one region and the box
     is its tight box, and it lies inside the thresholded map that `single_region=False` publishes."""

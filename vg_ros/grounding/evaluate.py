@@ -21,6 +21,7 @@ import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from vg_ros.grounding import metrics
 from vg_ros.grounding.model import VGLAW, cxcywh_to_xyxy
@@ -115,6 +116,21 @@ def evaluate_split(model: VGLAW, split, *, device="cpu", batch: int = 32, score_
     return result
 
 
+def coverage_map_ious(gt_masks: list[np.ndarray], grid_hw: tuple[int, int]) -> np.ndarray:
+    """Per-expression mask IoU that a perfect map on a coarser grid would score: each ground-truth mask
+    area-averaged onto `grid_hw` (the fraction of each cell it covers), bilinearly resized back
+    (align_corners=False, as the head's logits are) and thresholded at 0.5. How much a head whose map lives
+    on that grid loses to resolution alone (not a strict bound: logits sharper than coverage can put an
+    edge inside a cell)."""
+    ious = []
+    for mask in gt_masks:
+        full = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
+        cover = F.interpolate(full, size=grid_hw, mode="area")
+        back = F.interpolate(cover, size=mask.shape, mode="bilinear", align_corners=False)[0, 0].numpy() >= 0.5
+        ious.append(metrics.mask_ious([back], [mask])[0])
+    return np.asarray(ious)
+
+
 def format_sweep(result: dict) -> str:
     """What each candidate `score_threshold` would publish: one line per threshold."""
     lines = ["score_threshold  found %  correct among found %  wrong held back %  right kept %"]
@@ -171,6 +187,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--no-controls", action="store_true", help="skip the Phi=0 and mismatched-command controls")
     ap.add_argument("--json", dest="json_out", default="", help="also write the numbers to this JSON file")
+    ap.add_argument("--resolution-cap", action="store_true",
+                    help="also print what a perfect mask map at 1/4 and 1/2 of the model input would score")
     ap.add_argument("--sweep", action="store_true",
                     help="also print what each candidate score_threshold would publish (choose it on dev seeds)")
     args = ap.parse_args(argv)
@@ -192,6 +210,16 @@ def main(argv: list[str]) -> int:
     print(format_report(result))
     if args.sweep:
         print(format_sweep(result))
+    if args.resolution_cap:
+        gt_masks = [split.masks(i) for i in range(len(split))]
+        result["resolution_cap"] = {}
+        for stride in (4, 2):
+            grid = (model.spec.img_h // stride, model.spec.img_w // stride)
+            ious = coverage_map_ious(gt_masks, grid)
+            result["resolution_cap"][f"1/{stride}"] = {"grid": list(grid), "miou": float(ious.mean()),
+                                                       "iou>=0.5": float((ious >= 0.5).mean())}
+            print(f"a perfect mask map at 1/{stride} of the input ({grid[1]}x{grid[0]}) would score mask mIoU "
+                  f"{100 * ious.mean():.1f}, IoU >= 0.5 for {100 * (ious >= 0.5).mean():.1f} % of the expressions")
     if args.json_out:
         with open(args.json_out, "w") as fh:
             json.dump(result, fh, indent=2, default=str)
