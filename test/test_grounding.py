@@ -152,6 +152,7 @@ def test_mask_refiner_starts_at_zero_learns_and_matches_the_dense_computation():
     refined = refiner(quarter, fine, cls, logits)
     assert 0 < gate.sum() < gate.numel() / 4 and not torch.equal(refined, logits)
     assert torch.allclose(refined, dense, atol=1e-5)
+    assert torch.allclose(refiner(quarter[:1], fine[:1], cls[:1], logits[:1]), dense[:1], atol=1e-5)  # one image
     assert torch.equal(refiner(torch.full((B, h, w), -9.0), fine, cls, logits), logits)
     with pytest.raises(ValueError, match="2x"):
         refiner(quarter, fine[:, :-2], cls, logits)

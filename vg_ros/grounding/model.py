@@ -399,11 +399,12 @@ class MaskRefiner(nn.Module):
         coarse = F.interpolate(quarter[:, None, r0:r1, c0:c1], scale_factor=2, mode="bilinear",
                                align_corners=False)[:, 0]                                  # (B, 2h', 2w')
         gate = coarse > self.GATE_LOGIT
-        batch_index = gate.nonzero()[:, 0]
         coarse_in = coarse[gate].clamp(-10.0, 10.0)[:, None] / self.COARSE_SCALE
         window = fine[:, 2 * r0:2 * r1, 2 * c0:2 * c1][gate].to(coarse.dtype)
         hidden = self.mlp(torch.cat([window, coarse_in], dim=-1))                         # (n, HIDDEN)
-        values = (hidden * self.text_proj(cls)[batch_index]).sum(-1)
+        kernel = self.text_proj(cls)                                                      # (B, HIDDEN)
+        # one image (the pipeline): a matrix-vector product; a batch: each pixel with its image's kernel
+        values = hidden @ kernel[0] if B == 1 else (hidden * kernel[gate.nonzero()[:, 0]]).sum(-1)
         delta = coarse.new_zeros(coarse.shape).masked_scatter(gate, values)
         delta = F.interpolate(delta[:, None], scale_factor=2, mode="bilinear", align_corners=False)[:, 0]
         return logits + F.pad(delta, (4 * c0, 4 * (w - c1), 4 * r0, 4 * (h - r1)))
