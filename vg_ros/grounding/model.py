@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, replace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -390,8 +391,8 @@ class MaskRefiner(nn.Module):
         if fine.shape[1:3] != (2 * h, 2 * w) or logits.shape[-2:] != (4 * h, 4 * w):
             raise ValueError(f"MaskRefiner: fine {tuple(fine.shape)} and logits {tuple(logits.shape)} must be 2x "
                              f"and 4x the coarse map {tuple(quarter.shape)}")
-        above = (quarter > self.GATE_LOGIT).detach()
-        rows, cols = above.any(dim=(0, 2)).nonzero()[:, 0], above.any(dim=(0, 1)).nonzero()[:, 0]
+        above = (quarter > self.GATE_LOGIT).any(dim=0).cpu().numpy()     # (h, w): a few thousand cells
+        rows, cols = np.flatnonzero(above.any(axis=1)), np.flatnonzero(above.any(axis=0))
         if not len(rows):
             return logits
         r0, r1 = max(int(rows[0]) - 2, 0), min(int(rows[-1]) + 3, h)
@@ -407,7 +408,9 @@ class MaskRefiner(nn.Module):
         values = hidden @ kernel[0] if B == 1 else (hidden * kernel[gate.nonzero()[:, 0]]).sum(-1)
         delta = coarse.new_zeros(coarse.shape).masked_scatter(gate, values)
         delta = F.interpolate(delta[:, None], scale_factor=2, mode="bilinear", align_corners=False)[:, 0]
-        return logits + F.pad(delta, (4 * c0, 4 * (w - c1), 4 * r0, 4 * (h - r1)))
+        logits = logits.clone() if torch.is_grad_enabled() else logits    # in place when nothing needs the input
+        logits[:, 4 * r0:4 * r1, 4 * c0:4 * c1] += delta
+        return logits
 
 
 def _pointwise(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
