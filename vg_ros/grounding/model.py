@@ -386,7 +386,8 @@ class MaskRefiner(nn.Module):
         Computed in the window of 1/4 cells around every cell above the gate (2 cells of margin, the union
         over the batch): outside it every coarse cell is <= GATE_LOGIT, so no 1/2 pixel is gated there and
         the correction (zero there) upsamples to zero; inside it the bilinear x2 steps see the same cells as
-        over the whole map. Same numbers as computing everything everywhere, for the window's cost."""
+        over the whole map. Same numbers as computing everything everywhere, for the window's cost.
+        Without autograd (inference) `logits` is updated in place and returned."""
         B, h, w = quarter.shape
         if fine.shape[1:3] != (2 * h, 2 * w) or logits.shape[-2:] != (4 * h, 4 * w):
             raise ValueError(f"MaskRefiner: fine {tuple(fine.shape)} and logits {tuple(logits.shape)} must be 2x "
