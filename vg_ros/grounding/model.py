@@ -379,7 +379,8 @@ class MaskRefiner(nn.Module):
         nn.init.zeros_(self.text_proj.weight)
         nn.init.zeros_(self.text_proj.bias)
 
-    def forward(self, quarter: torch.Tensor, fine: torch.Tensor, cls: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    def forward(self, quarter: torch.Tensor, fine: torch.Tensor, cls: torch.Tensor,
+                logits: torch.Tensor) -> torch.Tensor:
         """quarter (B, h, w) coarse logits at 1/4, fine (B, 2h, 2w, c) the stem's 1/2 map channels-last, cls
         (B, d_l), logits (B, 4h, 4w) the coarse logits at the input size -> the refined logits.
 

@@ -46,7 +46,8 @@ class GroundingConfig(PipelineConfig):
     """Parameters of the grounding pipeline (also the grounding node's ROS parameters)."""
 
     model: str = param("tiny", "network config: tiny (CPU) or base (ViT-B at 448)", choices=("tiny", "base"))
-    score_threshold: float = param(0.9, "below this score the target is published as not found (0.9: on the dev seeds 900-911 the highest that keeps >= 95 % of right results)", low=0.0, high=1.0)
+    score_threshold: float = param(0.9, "below this score the target is published as not found (0.9: on the dev "
+                                   "seeds 900-911 the highest that keeps >= 95 % of right results)", low=0.0, high=1.0)
     mask_threshold: float = param(MASK_THRESHOLD, "mask probability threshold", low=0.01, high=0.99)
     single_region: bool = param(True, "publish only the connected mask region with the most probability mass "
                                 "(drops the mask head's stray blobs on look-alikes)")

@@ -171,8 +171,10 @@ def write_card(path: Path, *, args, history: dict, result: dict | None, weights:
         "mask head's [CLS] kernel linearly projected to `mask_dim` channels"
         + (", convolutional stem" if spec.stem == "conv" else "")
         + (", box centre anchored at the pooling's centre of mass" if spec.box_reference else "")
-        + (", mask head also reads the conv stem's 1/8 and 1/4 maps (zero-initialised skip joins)" if spec.mask_skip else "")
-        + (", mask logits refined at 1/2 resolution from the stem's 1/2 map (zero-initialised)" if spec.mask_refine else ""),
+        + (", mask head also reads the conv stem's 1/8 and 1/4 maps (zero-initialised skip joins)"
+           if spec.mask_skip else "")
+        + (", mask logits refined at 1/2 resolution from the stem's 1/2 map (zero-initialised)"
+           if spec.mask_refine else ""),
         f"* ablation: {'THIS MODEL has Phi fixed at zero (no language-adaptive weights)' if args.ablation_phi_zero else 'full VG-LAW'}",
         "",
         "## Held-out results (`vg-ros eval grounding`)",
