@@ -122,13 +122,12 @@ def coverage_map_ious(gt_masks: list[np.ndarray], grid_hw: tuple[int, int]) -> n
     (align_corners=False, as the head's logits are) and thresholded at 0.5. How much a head whose map lives
     on that grid loses to resolution alone (not a strict bound: logits sharper than coverage can put an
     edge inside a cell)."""
-    ious = []
+    best = []
     for mask in gt_masks:
         full = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
         cover = F.interpolate(full, size=grid_hw, mode="area")
-        back = F.interpolate(cover, size=mask.shape, mode="bilinear", align_corners=False)[0, 0].numpy() >= 0.5
-        ious.append(metrics.mask_ious([back], [mask])[0])
-    return np.asarray(ious)
+        best.append(F.interpolate(cover, size=mask.shape, mode="bilinear", align_corners=False)[0, 0].numpy() >= 0.5)
+    return metrics.mask_ious(best, gt_masks)
 
 
 def format_sweep(result: dict) -> str:
