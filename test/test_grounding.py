@@ -149,20 +149,22 @@ def test_mask_refiner_starts_at_zero_learns_and_matches_the_dense_computation():
     feats = torch.cat([fine, (coarse.clamp(-10, 10) / MaskRefiner.COARSE_SCALE)[..., None]], dim=-1)
     delta = (refiner.mlp(feats) * refiner.text_proj(cls)[:, None, None]).sum(-1) * gate
     dense = logits + F.interpolate(delta[:, None], scale_factor=2, mode="bilinear", align_corners=False)[:, 0]
-    refined = refiner(quarter, fine, cls, logits)
+    kernel = refiner.text_proj(cls)
+    refined = refiner(quarter, fine, kernel, logits)
     assert 0 < gate.sum() < gate.numel() / 4 and not torch.equal(refined, logits)
     assert torch.allclose(refined, dense, atol=1e-5)
-    assert torch.allclose(refiner(quarter[:1], fine[:1], cls[:1], logits[:1]), dense[:1], atol=1e-5)  # one image
-    assert torch.equal(refiner(torch.full((B, h, w), -9.0), fine, cls, logits), logits)
+    assert torch.allclose(refiner(quarter[:1], fine[:1], kernel[:1], logits[:1]), dense[:1], atol=1e-5)  # one image
+    assert torch.equal(refiner(torch.full((B, h, w), -9.0), fine, kernel, logits), logits)
     with pytest.raises(ValueError, match="2x"):
-        refiner(quarter, fine[:, :-2], cls, logits)
+        refiner(quarter, fine[:, :-2], kernel, logits)
 
 
 @pytest.mark.parametrize("skip", [False, True])
 def test_mask_head_matches_its_modules(skip):
     """The head computes exactly the paper's sequence (+ the skip joins): up1 (+ skip8), GroupNorm, GELU, up2
     (+ skip4 residual), dot product with the projected [CLS], bilinear to the output size; the channels-last
-    matrix products and skip4's last conv folded into the kernel give the modules' numbers."""
+    matrix products, with the kernel folded into up2 and skip4's last conv and up2 into skip4's first conv,
+    give the modules' numbers; one command's tensors serve a whole batch."""
     from vg_ros.grounding.model import MaskHead
     torch.manual_seed(5)
     head = MaskHead(32, 24, 16, (20, 12) if skip else None)
@@ -179,8 +181,12 @@ def test_mask_head_matches_its_modules(skip):
     quarter = torch.einsum("bdhw,bd->bhw", pixels, head.text_proj(cls)) / 4.0
     reference = F.interpolate(quarter[:, None], size=(48, 80), mode="bilinear", align_corners=False)[:, 0]
     last = {k: v.permute(0, 2, 3, 1) for k, v in skips.items()}      # the head takes channels-last maps
-    out = head(fmap.permute(0, 2, 3, 1), cls, (48, 80), last if skip else None)
+    out = head(fmap.permute(0, 2, 3, 1), head.command_tensors(cls), (48, 80), last if skip else None)
     assert torch.allclose(out, reference, atol=1e-4, rtol=1e-4)
+    one = head(fmap.permute(0, 2, 3, 1), head.command_tensors(cls[:1]), (48, 80), last if skip else None)
+    alone = head(fmap[1:].permute(0, 2, 3, 1), head.command_tensors(cls[:1]), (48, 80),
+                 {k: v[1:] for k, v in last.items()} if skip else None)
+    assert torch.allclose(one[0], out[0], atol=1e-5) and torch.allclose(one[1], alone[0], atol=1e-5)
 
 
 def test_fused_conv_stem_gives_the_same_output_and_refuses_training():

@@ -14,7 +14,8 @@ Parts, as in the paper and its notes (../shared/papers/README.md, "VG-LAW"):
 * Losses: L1 + GIoU (1, 1) on boxes, focal + Dice (4, 4) on masks.
 
 Per-command caching: `generate(text_feats, valid)` gives `LanguageWeights`; `merge()` folds them into
-one plain (3C, C) matrix per block, so each frame is an ordinary ViT forward (`forward_visual`).
+one plain (3C, C) matrix per block and the [CLS] kernel into the mask head's last linear layers, so each
+frame is an ordinary ViT forward (`forward_visual`).
 
 Scaled-down choice (said in the model card): the mask head's per-pixel features have `mask_dim` channels
 and the [CLS] feature is linearly projected to `mask_dim` before the dot product (the paper uses d_l).
@@ -173,11 +174,13 @@ class ConvStem(nn.Module):
 @dataclass
 class LanguageWeights:
     """What an expression contributes. `phi` (B, depth, d_w, d_w); `cls` (B, text_dim) the [CLS] feature;
-    `merged` (depth tensors of (3C, C)) only after `VGLAW.merge` for one command (B = 1)."""
+    only after `VGLAW.merge` for one command (B = 1): `merged` (depth tensors of (3C, C)) and `head` (the
+    mask head's `command_tensors`)."""
 
     phi: torch.Tensor
     cls: torch.Tensor
     merged: list[torch.Tensor] | None = field(default=None)
+    head: dict[str, torch.Tensor] | None = field(default=None)
 
 
 class LanguageWeightGenerator(nn.Module):
@@ -302,7 +305,10 @@ class MaskHead(nn.Module):
     `skip_channels` (c8, c4): the conv stem's 1/8 and 1/4 maps join the two upsampling stages (U-Net
     style; language-free edges and colours at the resolution the mask is read at). Both joins are
     zero-initialised, so a head with them starts as the plain head (and loads its weights unchanged).
-    `refine_channels` (c2): the logits are also refined at 1/2 from the stem's 1/2 map (`MaskRefiner`)."""
+    `refine_channels` (c2): the logits are also refined at 1/2 from the stem's 1/2 map (`MaskRefiner`).
+
+    What does not depend on the frame (the projected [CLS] kernel and its products with the layers after
+    the last nonlinearity) comes from `command_tensors`, computed once per command by `VGLAW.merge`."""
 
     def __init__(self, width: int, text_dim: int, mask_dim: int, skip_channels: tuple[int, int] | None = None,
                  refine_channels: int = 0) -> None:
@@ -322,29 +328,49 @@ class MaskHead(nn.Module):
                 nn.init.zeros_(conv.bias)
         self.refine = MaskRefiner(refine_channels, text_dim) if refine_channels else None
 
-    def forward(self, fmap: torch.Tensor, cls: torch.Tensor, out_hw: tuple[int, int],
+    def command_tensors(self, cls: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The head's frame-independent tensors for the [CLS] features cls (B, d_l). The 1/4 pixels are
+        up2(g) (+ skip4's residual out(hidden)), and the logits their dot product with kernel k / sqrt(D).
+        Both up2 and skip4's last conv are linear, so k folds into them: "up2" (B, C/2, 4) gives each 1/8
+        pixel's four 1/4 logits, "up2_bias" (B,); "out" (B, D) and "out_bias" (B,) dot with skip4's hidden
+        features. skip4's first conv reads [up2(g), skip]: its up2 half folds into up2 ("join_up2" (C/2, 4D)
+        in (i, j, channel) order, "join_bias" (D,)), so up2's own output is never formed. "refine" (B,
+        HIDDEN): the refiner's kernel."""
+        kernel = self.text_proj(cls) / math.sqrt(self.up2.out_channels)                  # (B, D)
+        up2 = self.up2.weight.permute(0, 2, 3, 1)                                         # (C/2, 2, 2, D)
+        out = {"up2": torch.einsum("cijd,bd->bcij", up2, kernel).flatten(2), "up2_bias": kernel @ self.up2.bias}
+        if self.skip4 is not None:
+            join, _, _, last = self.skip4
+            join_up2 = join.weight.flatten(1)[:, :self.up2.out_channels]                  # (D, D)
+            out.update(out=kernel @ last.weight.flatten(1), out_bias=kernel @ last.bias,
+                       join_up2=(up2 @ join_up2.t()).flatten(1), join_bias=join_up2 @ self.up2.bias + join.bias)
+        if self.refine is not None:
+            out["refine"] = self.refine.text_proj(cls)
+        return out
+
+    def forward(self, fmap: torch.Tensor, command: dict[str, torch.Tensor], out_hw: tuple[int, int],
                 skips: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
-        """fmap (B, h, w, C) channels last, cls (B, d_l), skips {8: (B, 2h, 2w, c8), 4: (B, 4h, 4w, c4)}
-        channels last -> mask logits (B, *out_hw). Channels-last throughout: every 1x1 convolution is one
-        matrix product over the last axis."""
+        """fmap (B, h, w, C) channels last, `command` from `command_tensors` (batch B or 1), skips {8: (B, 2h,
+        2w, c8), 4: (B, 4h, 4w, c4), 2: (B, 8h, 8w, c2)} channels last -> mask logits (B, *out_hw). Every 1x1
+        convolution is one matrix product over the last axis."""
         x = _upsample2(fmap, self.up1)                                                # (B, H/8, W/8, C/2)
         if self.skip8 is not None:
             x = x + _pointwise(skips[8], self.skip8)
-        pixels = _upsample2(F.gelu(_norm_channels_last(self.norm, x)), self.up2)      # (B, H/4, W/4, D)
-        kernel = self.text_proj(cls)                                                  # (B, D)
-        quarter = _dot(pixels, kernel)
+        g = F.gelu(_norm_channels_last(self.norm, x))
+        B, h, w, c = g.shape
+        quarter = _shuffle2((g.reshape(B, h * w, c) @ command["up2"]).view(B, h, w, 4, 1))[..., 0]
+        quarter = quarter + command["up2_bias"][:, None, None]                        # (B, H/4, W/4)
         if self.skip4 is not None:
-            # pixels + out(hidden), dotted with the kernel: the last 1x1 conv `out` is folded into the
-            # kernel, hidden . (W_out^T kernel) + b_out . kernel, so it never runs per pixel
-            join, norm, _, out = self.skip4
-            joined = _pointwise(torch.cat([pixels, skips[4].to(pixels.dtype)], dim=-1), join)
+            join, norm, _, _ = self.skip4
+            # join([up2(g), skip]) = skip . W_skip^T + join_bias + g . join_up2 (the latter shuffled to 1/4)
+            from_skip = F.linear(skips[4].to(g.dtype), join.weight.flatten(1)[:, self.up2.out_channels:],
+                                 command["join_bias"])
+            joined = from_skip + _shuffle2((g @ command["join_up2"]).view(B, h, w, 4, -1))
             hidden = F.gelu(_norm_channels_last(norm, joined))
-            folded = kernel @ out.weight.flatten(1)                                   # (B, D)
-            quarter = quarter + _dot(hidden, folded) + (kernel @ out.bias)[:, None, None]
-        quarter = quarter / math.sqrt(pixels.shape[-1])
+            quarter = quarter + _dot(hidden, command["out"]) + command["out_bias"][:, None, None]
         logits = F.interpolate(quarter[:, None], size=out_hw, mode="bilinear", align_corners=False)[:, 0]
         if self.refine is not None:
-            logits = self.refine(quarter, skips[2], cls, logits)
+            logits = self.refine(quarter, skips[2], command["refine"], logits)
         return logits
 
 
@@ -379,10 +405,11 @@ class MaskRefiner(nn.Module):
         nn.init.zeros_(self.text_proj.weight)
         nn.init.zeros_(self.text_proj.bias)
 
-    def forward(self, quarter: torch.Tensor, fine: torch.Tensor, cls: torch.Tensor,
+    def forward(self, quarter: torch.Tensor, fine: torch.Tensor, kernel: torch.Tensor,
                 logits: torch.Tensor) -> torch.Tensor:
-        """quarter (B, h, w) coarse logits at 1/4, fine (B, 2h, 2w, c) the stem's 1/2 map channels-last, cls
-        (B, d_l), logits (B, 4h, 4w) the coarse logits at the input size -> the refined logits.
+        """quarter (B, h, w) coarse logits at 1/4, fine (B, 2h, 2w, c) the stem's 1/2 map channels-last,
+        kernel (B or 1, HIDDEN) `text_proj` of the [CLS] feature, logits (B, 4h, 4w) the coarse logits at the
+        input size -> the refined logits.
 
         Computed in the window of 1/4 cells around every cell above the gate (2 cells of margin, the union
         over the batch): outside it every coarse cell is <= GATE_LOGIT, so no 1/2 pixel is gated there and
@@ -405,9 +432,8 @@ class MaskRefiner(nn.Module):
         coarse_in = coarse[gate].clamp(-10.0, 10.0)[:, None] / self.COARSE_SCALE
         window = fine[:, 2 * r0:2 * r1, 2 * c0:2 * c1][gate].to(coarse.dtype)
         hidden = self.mlp(torch.cat([window, coarse_in], dim=-1))                         # (n, HIDDEN)
-        kernel = self.text_proj(cls)                                                      # (B, HIDDEN)
-        # one image (the pipeline): a matrix-vector product; a batch: each pixel with its image's kernel
-        values = hidden @ kernel[0] if B == 1 else (hidden * kernel[gate.nonzero()[:, 0]]).sum(-1)
+        # one kernel (one command, as in the pipeline): a matrix-vector product; else each pixel with its image's
+        values = hidden @ kernel[0] if len(kernel) == 1 else (hidden * kernel[gate.nonzero()[:, 0]]).sum(-1)
         delta = coarse.new_zeros(coarse.shape).masked_scatter(gate, values)
         delta = F.interpolate(delta[:, None], scale_factor=2, mode="bilinear", align_corners=False)[:, 0]
         logits = logits.clone() if torch.is_grad_enabled() else logits    # in place when nothing needs the input
@@ -439,8 +465,13 @@ def _upsample2(x: torch.Tensor, conv: nn.ConvTranspose2d) -> torch.Tensor:
     B, H, W, C = x.shape
     out = conv.weight.shape[1]
     weight = conv.weight.permute(0, 2, 3, 1).reshape(C, 4 * out)                      # (C_in, (i, j, C_out))
-    y = F.linear(x, weight.t(), conv.bias.repeat(4))                                  # (B, H, W, 2*2*out)
-    return y.view(B, H, W, 2, 2, out).permute(0, 1, 3, 2, 4, 5).reshape(B, 2 * H, 2 * W, out)
+    return _shuffle2(F.linear(x, weight.t(), conv.bias.repeat(4)).view(B, H, W, 4, out))
+
+
+def _shuffle2(blocks: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, 4, C), each pixel's 2x2 output block in (i, j) order -> (B, 2H, 2W, C): pixel (2y + i, 2x + j)."""
+    B, H, W, _, C = blocks.shape
+    return blocks.view(B, H, W, 2, 2, C).permute(0, 1, 3, 2, 4, 5).reshape(B, 2 * H, 2 * W, C)
 
 
 class VGLAW(nn.Module):
@@ -513,11 +544,13 @@ class VGLAW(nn.Module):
         return LanguageWeights(phi=self.weight_generator(text_feats, valid), cls=text_feats[:, 0])
 
     def merge(self, weights: LanguageWeights) -> LanguageWeights:
-        """Fold W0_i + P Phi_i Q^T into one (3C, C) matrix per block, for a single command (B = 1)."""
+        """Fold W0_i + P Phi_i Q^T into one (3C, C) matrix per block and compute the mask head's
+        frame-independent tensors, for a single command (B = 1)."""
         if weights.phi.shape[0] != 1:
             raise ValueError(f"merge: one command at a time, got a batch of {weights.phi.shape[0]}")
         merged = [blk.attn.qkv.weight + self.P @ weights.phi[0, i] @ self.Q.t() for i, blk in enumerate(self.blocks)]
-        return LanguageWeights(phi=weights.phi, cls=weights.cls, merged=merged)
+        return LanguageWeights(phi=weights.phi, cls=weights.cls, merged=merged,
+                               head=self.mask_head.command_tensors(weights.cls))
 
     # -- visual side: every frame ---------------------------------------------------------------------
     def forward_visual(self, images: torch.Tensor, weights: LanguageWeights, use_language_weights: bool = True,
@@ -554,7 +587,8 @@ class VGLAW(nn.Module):
                 x = block(x, phi[:, i], self.P, self.Q)
         visual = self.norm(x)
         gh, gw = spec.grid
-        mask_logits = self.mask_head(visual.view(B, gh, gw, spec.width), cls, (spec.img_h, spec.img_w), skips)
+        head = weights.head if weights.head is not None else self.mask_head.command_tensors(cls)
+        mask_logits = self.mask_head(visual.view(B, gh, gw, spec.width), head, (spec.img_h, spec.img_w), skips)
         out = {"mask_logits": mask_logits, "visual": visual, "fmap_hw": (gh, gw)}
         if box_head:
             out["boxes"], out["pool"] = self.box_head(visual, cls)
