@@ -329,43 +329,44 @@ class MaskHead(nn.Module):
         self.refine = MaskRefiner(refine_channels, text_dim) if refine_channels else None
 
     def command_tensors(self, cls: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The head's frame-independent tensors for the [CLS] features cls (B, d_l). The 1/4 pixels are
-        up2(g) (+ skip4's residual out(hidden)), and the logits their dot product with kernel k / sqrt(D).
-        Both up2 and skip4's last conv are linear, so k folds into them: "up2" (B, C/2, 4) gives each 1/8
-        pixel's four 1/4 logits, "up2_bias" (B,); "out" (B, D) and "out_bias" (B,) dot with skip4's hidden
-        features. skip4's first conv reads [up2(g), skip]: its up2 half folds into up2 ("join_up2" (C/2, 4D)
-        in (i, j, channel) order, "join_bias" (D,)), so up2's own output is never formed. "refine" (B,
-        HIDDEN): the refiner's kernel."""
+        """The head's frame-independent tensors for the [CLS] features cls (B, d_l).
+
+        The 1/4 pixels are up2(eighth) (+ skip4's residual last(hidden)); the logits are their dot product
+        with the kernel k = text_proj(cls) / sqrt(D). up2 and skip4's last conv are linear, so k folds into
+        them: "up2" (B, C/2, 4) gives each 1/8 pixel's four 1/4 logits, "up2_bias" (B,); "out" (B, D) and
+        "out_bias" (B,) dot with skip4's hidden features. skip4's first conv reads [up2(eighth), skip]: its
+        up2 half folds into up2 ("join_up2" (C/2, 4D) in (i, j, channel) order, "join_bias" (D,)), so up2's
+        own 1/4 output is never formed. "refine" (B, HIDDEN): the refiner's kernel."""
         kernel = self.text_proj(cls) / math.sqrt(self.up2.out_channels)                  # (B, D)
         up2 = self.up2.weight.permute(0, 2, 3, 1)                                         # (C/2, 2, 2, D)
-        out = {"up2": torch.einsum("cijd,bd->bcij", up2, kernel).flatten(2), "up2_bias": kernel @ self.up2.bias}
+        tensors = {"up2": torch.einsum("cijd,bd->bcij", up2, kernel).flatten(2), "up2_bias": kernel @ self.up2.bias}
         if self.skip4 is not None:
             join, _, _, last = self.skip4
             join_up2 = join.weight.flatten(1)[:, :self.up2.out_channels]                  # (D, D)
-            out.update(out=kernel @ last.weight.flatten(1), out_bias=kernel @ last.bias,
-                       join_up2=(up2 @ join_up2.t()).flatten(1), join_bias=join_up2 @ self.up2.bias + join.bias)
+            tensors.update(out=kernel @ last.weight.flatten(1), out_bias=kernel @ last.bias,
+                           join_up2=(up2 @ join_up2.t()).flatten(1), join_bias=join_up2 @ self.up2.bias + join.bias)
         if self.refine is not None:
-            out["refine"] = self.refine.text_proj(cls)
-        return out
+            tensors["refine"] = self.refine.text_proj(cls)
+        return tensors
 
     def forward(self, fmap: torch.Tensor, command: dict[str, torch.Tensor], out_hw: tuple[int, int],
                 skips: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
         """fmap (B, h, w, C) channels last, `command` from `command_tensors` (batch B or 1), skips {8: (B, 2h,
         2w, c8), 4: (B, 4h, 4w, c4), 2: (B, 8h, 8w, c2)} channels last -> mask logits (B, *out_hw). Every 1x1
         convolution is one matrix product over the last axis."""
-        x = _upsample2(fmap, self.up1)                                                # (B, H/8, W/8, C/2)
+        x = _upsample2(fmap, self.up1)
         if self.skip8 is not None:
             x = x + _pointwise(skips[8], self.skip8)
-        g = F.gelu(_norm_channels_last(self.norm, x))
-        B, h, w, c = g.shape
-        quarter = _shuffle2((g.reshape(B, h * w, c) @ command["up2"]).view(B, h, w, 4, 1))[..., 0]
+        eighth = F.gelu(_norm_channels_last(self.norm, x))                            # (B, H/8, W/8, C/2)
+        B, h, w, c = eighth.shape
+        quarter = _shuffle2((eighth.reshape(B, h * w, c) @ command["up2"]).view(B, h, w, 4, 1))[..., 0]
         quarter = quarter + command["up2_bias"][:, None, None]                        # (B, H/4, W/4)
         if self.skip4 is not None:
             join, norm, _, _ = self.skip4
-            # join([up2(g), skip]) = skip . W_skip^T + join_bias + g . join_up2 (the latter shuffled to 1/4)
-            from_skip = F.linear(skips[4].to(g.dtype), join.weight.flatten(1)[:, self.up2.out_channels:],
+            # join([up2(eighth), skip]) = skip . W_skip^T + join_bias + eighth . join_up2, the last shuffled to 1/4
+            from_skip = F.linear(skips[4].to(eighth.dtype), join.weight.flatten(1)[:, self.up2.out_channels:],
                                  command["join_bias"])
-            joined = from_skip + _shuffle2((g @ command["join_up2"]).view(B, h, w, 4, -1))
+            joined = from_skip + _shuffle2((eighth @ command["join_up2"]).view(B, h, w, 4, -1))
             hidden = F.gelu(_norm_channels_last(norm, joined))
             quarter = quarter + _dot(hidden, command["out"]) + command["out_bias"][:, None, None]
         logits = F.interpolate(quarter[:, None], size=out_hw, mode="bilinear", align_corners=False)[:, 0]

@@ -1,8 +1,9 @@
 """Grounding inference: a command and camera frames in, the target's box, mask, score and 3D position out.
 
 The language-adaptive weights depend on the command alone, so `set_command` runs the text encoder and the
-weight generator once and caches the merged per-block q/k/v matrices; `infer` then runs a plain ViT per
-frame. `infer_uncached` re-does the language side every frame (for the benchmark).
+weight generator once and caches the merged per-block q/k/v matrices and the mask head's per-command
+tensors (`VGLAW.merge`); `infer` then runs a plain ViT per frame. `infer_uncached` re-does the language
+side every frame (for the benchmark).
 
     pipe = GroundingPipeline(GroundingConfig(), weights="default", device="auto")
     pipe.set_command("the red car left of the bus")
