@@ -6,7 +6,8 @@ low-rank language terms + heads). Configs tiny and base at 224x224 and 448x448, 
 320x176. The frame is a held-out simulated camera image (seed 1000) with a command the simulator wrote
 for it. The network's cost does not depend on its weights' values, but the post-processing (the mask's
 regions) does: a case at a shipped file's own size runs the shipped weights, the others untrained weights
-of their shape with a non-zero Phi.
+of their shape with a non-zero Phi. Each path is timed in three blocks of back-to-back calls, the blocks of
+the three paths interleaved (`time_calls`): steady state per path, and load changes shared by all.
 
     vg-ros bench grounding [--threads 2] [--frames 10] [--json out.json]
 """
@@ -20,15 +21,21 @@ import numpy as np
 import torch
 
 
-def time_calls(fn, frames: int, warmup: int = 5) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(frames):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+def time_calls(fns: list, frames: int, warmup: int = 5, rounds: int = 3) -> list[float]:
+    """Median seconds per call of each function in `fns` over `frames` timed calls each. The calls come in
+    `rounds` blocks per function, the blocks interleaved: inside a block a path runs back to back (its steady
+    state: warm caches, as a node running it per frame), and a change of load during the run reaches every
+    path alike. Each block starts with `warmup` untimed calls."""
+    times: list[list[float]] = [[] for _ in fns]
+    for block in range(rounds):
+        for fn, spent in zip(fns, times):
+            for _ in range(warmup):
+                fn()
+            for _ in range(frames // rounds + (block < frames % rounds)):
+                t0 = time.perf_counter()
+                fn()
+                spent.append(time.perf_counter() - t0)
+    return [float(np.median(spent)) for spent in times]
 
 
 def simulated_frame(seed: int = 1000) -> tuple:
@@ -86,10 +93,10 @@ def main(argv: list[str]) -> int:
             weights = "untrained"
         pipe.set_command(short)
         frames = max(3, args.frames // 3) if name == "base" else args.frames
-        warmup = 2 if name == "base" else 5
-        cached = time_calls(lambda: pipe.infer(frame, 1), frames, warmup)
-        uncached_short = time_calls(lambda: pipe.infer_uncached(frame, short, 1), frames, warmup)
-        uncached_long = time_calls(lambda: pipe.infer_uncached(frame, long, 1), frames, warmup)
+        warmup = 1 if name == "base" else 3   # untimed calls at the start of each block
+        cached, uncached_short, uncached_long = time_calls(
+            [lambda: pipe.infer(frame, 1), lambda: pipe.infer_uncached(frame, short, 1),
+             lambda: pipe.infer_uncached(frame, long, 1)], frames, warmup)
         params = sum(p.numel() for p in pipe.model.parameters()) / 1e6
         rows.append({"case": case, "weights": weights, "params_m": params, "cached_ms": cached * 1e3,
                      "uncached_ms": uncached_short * 1e3, "uncached_long_ms": uncached_long * 1e3,
