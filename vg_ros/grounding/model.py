@@ -433,7 +433,7 @@ class MaskRefiner(nn.Module):
         coarse_in = coarse[gate].clamp(-10.0, 10.0)[:, None] / self.COARSE_SCALE
         window = fine[:, 2 * r0:2 * r1, 2 * c0:2 * c1][gate].to(coarse.dtype)
         hidden = self.mlp(torch.cat([window, coarse_in], dim=-1))                         # (n, HIDDEN)
-        # one kernel (one command, as in the pipeline): a matrix-vector product; else each pixel with its image's
+        # one kernel (one command, as in the pipeline): a matrix-vector product; else each pixel uses its image's
         values = hidden @ kernel[0] if len(kernel) == 1 else (hidden * kernel[gate.nonzero()[:, 0]]).sum(-1)
         delta = coarse.new_zeros(coarse.shape).masked_scatter(gate, values)
         delta = F.interpolate(delta[:, None], scale_factor=2, mode="bilinear", align_corners=False)[:, 0]
