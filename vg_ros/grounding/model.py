@@ -78,7 +78,8 @@ class VGLAWSpec:
         if self.stem == "conv" and self.patch & (self.patch - 1):
             raise ValueError(f"VGLAWSpec: the conv stem needs a power-of-two patch, got {self.patch}")
         if self.mask_skip and (self.stem != "conv" or self.patch < 16):
-            raise ValueError("VGLAWSpec.mask_skip reads the conv stem's 1/8 and 1/4 maps: needs stem 'conv', patch >= 16")
+            raise ValueError("VGLAWSpec.mask_skip reads the conv stem's 1/8 and 1/4 maps: "
+                             "needs stem 'conv', patch >= 16")
         if self.mask_refine and self.stem != "conv":
             raise ValueError("VGLAWSpec.mask_refine reads the conv stem's 1/2 map: needs stem 'conv'")
 
