@@ -19,6 +19,7 @@ import functools
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -218,7 +219,10 @@ class GroundingPipeline:
         if image.shape[0] < 8 or image.shape[1] < 8:
             raise ValueError(f"image: {image.shape[1]}x{image.shape[0]} is too small")
         size = (self.spec.img_h, self.spec.img_w)
-        tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]
+        with warnings.catch_warnings():
+            # a read-only image (a ROS message's buffer, a decoded file) is only ever read here: no copy
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]
         # on CPU the uint8 image is resized (3x faster than in float; within one grey level of it);
         # CUDA has no uint8 antialiased resize, so there it is converted first
         if self.device.type != "cpu":
