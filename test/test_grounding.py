@@ -1,6 +1,8 @@
 """VG-LAW grounding: text encoder, model (weight generation, caching, heads), losses, metrics, pipeline."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -647,31 +649,42 @@ def test_locate_median_of_points_in_mask(pipeline):
 
 # -- data, training loop, evaluation (a stand-in simulator: two coloured boxes per image) ---------------------
 
-def _fake_simulate(seed, seconds, rig=None, *, every=1, lidar=False, occupancy=False, expressions=3, **_):
+_FAKE_OBJECTS = {1: ("car", "red"), 2: ("car", "blue"), 3: ("bus", "green")}
+
+
+def _fake_frames(seed, seconds, expressions, rig, every):
+    """(world, frames) as `data._frames` gives them: a red car on the left and, on the right, a blue car
+    (even ticks) or a green bus (odd ticks)."""
     from types import SimpleNamespace
     from vg_ros.types import Expression
-    rng = np.random.default_rng(seed)
-    for tick in range(0, int(seconds * 10), every):
-        image = np.full((270, 480, 3), 90, np.uint8)
-        exprs = []
-        x_left, x_right = int(rng.integers(20, 150)), int(rng.integers(280, 400))
-        for inst, (x0, colour, word) in enumerate([(x_left, (220, 30, 30), "red"), (x_right, (30, 60, 220), "blue")], 1):
-            y0 = int(rng.integers(60, 180))
-            image[y0:y0 + 40, x0:x0 + 60] = colour
-            mask = np.zeros((270, 480), bool)
-            mask[y0:y0 + 40, x0:x0 + 60] = True
-            side = "left" if inst == 1 else "right"
-            exprs.append(Expression(f"the {word} car on the {side}", "CAM_FRONT", inst,
-                                    np.array([x0, y0, x0 + 60, y0 + 40.0]), mask, hops=inst - 1))
-        yield SimpleNamespace(images={"CAM_FRONT": image}, expressions=exprs[:expressions])
+    world = SimpleNamespace(objects=[SimpleNamespace(instance_id=i, kind=k, colour=c, size="large")
+                                     for i, (k, c) in _FAKE_OBJECTS.items()])
+
+    def frames():
+        rng = np.random.default_rng(seed)
+        for tick in range(0, int(seconds * 10), every):
+            image = np.full((270, 480, 3), 90, np.uint8)
+            instance = np.zeros((270, 480), np.int32)
+            exprs = []
+            x_left, x_right = int(rng.integers(20, 150)), int(rng.integers(280, 400))
+            right = 2 if (tick // every) % 2 == 0 else 3
+            for inst, x0, colour, side in [(1, x_left, (220, 30, 30), "left"), (right, x_right, (30, 60, 220), "right")]:
+                y0 = int(rng.integers(60, 180))
+                image[y0:y0 + 40, x0:x0 + 60] = colour
+                instance[y0:y0 + 40, x0:x0 + 60] = inst
+                kind, word = _FAKE_OBJECTS[inst]
+                exprs.append(Expression(f"the {word} {kind} on the {side}", "CAM_FRONT", inst,
+                                        np.array([x0, y0, x0 + 60, y0 + 40.0]), instance == inst, hops=int(inst > 1)))
+            yield SimpleNamespace(images={"CAM_FRONT": image}, instance={"CAM_FRONT": instance},
+                                  expressions=exprs[:expressions])
+    return world, frames()
 
 
 @pytest.fixture(scope="module")
 def fake_splits(encoder):
-    from vg_ros import sim
     from vg_ros.grounding import data
     mp = pytest.MonkeyPatch()
-    mp.setattr(sim, "simulate", _fake_simulate, raising=False)
+    mp.setattr(data, "_frames", _fake_frames)
     try:
         train = data.render_split([0, 1], 1.0, 4, (32, 64), encoder, log=lambda *_: None, every=2)
         full = data.render_split([7], 0.4, 4, None, encoder, log=lambda *_: None, every=2)
@@ -726,16 +739,46 @@ def test_flip_augmentation_keeps_box_mask_and_text_consistent(fake_splits):
         assert red == (train.instance[b] == 1)
 
 
+def test_absent_commands_name_nothing_in_the_image(fake_splits):
+    from vg_ros.grounding.train import make_batch
+    train, _ = fake_splits
+    images = np.arange(len(train.images))
+    texts = train.absent_texts(images, np.random.default_rng(0))
+    assert (texts >= 0).all()
+    for image, text in zip(images, texts):
+        own = {str(train.texts[t]) for t in train.text_index[train.expr_image == image]}
+        expected = "the green bus" if any("blue car" in t for t in own) else "the blue car"
+        assert str(train.texts[text]).startswith(expected)
+        assert not (train.present[image] & train.text_descriptors[text]).any()
+    # an image holding every kind of object named in the split has no absent command
+    crowded = train.present.copy()
+    crowded[:] = train.present.any(0)
+    full_split = dataclasses.replace(train, present=crowded)
+    assert (full_split.absent_texts(images, np.random.default_rng(0)) == -1).all()
+    # in a batch the swapped commands keep their image, get an empty mask and carry no box term
+    batch = make_batch(train, np.arange(len(train)), np.random.default_rng(1), augment=True, absent=0.5)
+    swapped = ~batch["present"].numpy()
+    assert 0 < swapped.sum() < len(train)
+    assert batch["masks"][swapped].sum() == 0 and (batch["masks"][~swapped].flatten(1).sum(1) > 0).all()
+    out = {"boxes": torch.rand(len(train), 4) * 0.5 + 0.25, "mask_logits": torch.zeros(len(train), 32, 64)}
+    moved = batch["boxes"].clone()
+    moved[batch["present"] == 0] = 0.9
+    assert (total_loss(out, moved, batch["masks"], present=batch["present"])["box"]
+            == total_loss(out, batch["boxes"], batch["masks"], present=batch["present"])["box"])
+    assert total_loss(out, moved, batch["masks"])["box"] != total_loss(out, batch["boxes"], batch["masks"])["box"]
+
+
 def test_train_loop_and_evaluation_report(fake_splits):
     from vg_ros.grounding.evaluate import evaluate_split, format_report
     from vg_ros.grounding.train import train
     train_split, full = fake_splits
-    model, history = train(train_split, steps=3, minutes=1, batch=4, spec=SMALL, log=lambda *_: None)
+    model, history = train(train_split, steps=3, minutes=1, batch=4, spec=SMALL, absent=0.25, log=lambda *_: None)
     assert history["steps"] == 3 and np.isfinite(history["final_loss"])
     # evaluation resizes full-size images to the model and scores at full size
     result = evaluate_split(model, full, log=lambda *_: None)
     assert result["count"] == len(full) and result["main"]["count"]["all"] == len(full)
-    assert {"phi_zero", "mismatched", "chance", "box_head"} <= set(result)
+    assert {"phi_zero", "mismatched", "chance", "box_head", "absent"} <= set(result)
+    assert result["absent"]["pairs"] == len(full.images) and "absent referent" in format_report(result)
     assert result["chance"]["prec@0.5_other_object_box"] == 0.0
     assert result["chance"]["prec@0.5_random_referred_object"] == pytest.approx(0.5)
     assert "mismatched" in format_report(result) and "box head" in format_report(result)

@@ -8,7 +8,8 @@ import pytest
 from vg_ros.geometry import invert_T, project_points, transform_points, voxel_indices
 from vg_ros.sim import COLOURS, SimFrame, make_world, simulate
 from vg_ros.sim.core import get_renderer
-from vg_ros.sim.language import VisibleObject, describe, mask_box, resolve, visible_objects
+from vg_ros.sim.language import (VisibleObject, describe, descriptors, mask_box, phrase_descriptors,
+                                present_descriptors, resolve, visible_objects)
 from vg_ros.types import FREE_CLASS, Rig
 
 
@@ -122,12 +123,34 @@ def test_expressions_are_unique_and_masks_lie_in_boxes(frames):
         for e in f.expressions:
             objs = visible_objects(world, f.instance[e.camera], f.depth[e.camera])
             assert resolve(objs, e.text) == [e.instance_id], e.text
+            # the target's (kind, colour, size) is present, and the target noun phrase admits it
+            present = present_descriptors(world, f.instance[e.camera])
+            target = next(o for o in objs if o.instance_id == e.instance_id)
+            own = descriptors().index((target.kind, target.colour, target.size))
+            assert present[own] and phrase_descriptors(e.text)[own], e.text
             ys, xs = np.nonzero(e.mask)
             assert xs.size >= 150
             assert xs.min() >= e.box[0] and xs.max() < e.box[2] and ys.min() >= e.box[1] and ys.max() < e.box[3]
             assert np.array_equal(e.mask, f.instance[e.camera] == e.instance_id) and e.stamp_ns == f.stamp_ns
             hops.append(e.hops)
     assert set(hops) >= {0, 1}
+
+
+def test_descriptors_of_images_and_phrases():
+    world = make_world(3)
+    car = next(o for o in world.objects if o.kind == "car" and o.instance_id)
+    instance = np.zeros((20, 30), np.int32)
+    instance[4, 7] = car.instance_id          # a single pixel is enough to be present
+    present = present_descriptors(world, instance)
+    assert present.sum() == 1 and descriptors()[int(np.argmax(present))] == (car.kind, car.colour, car.size)
+    assert not present_descriptors(world, np.zeros((20, 30), np.int32)).any()
+    names = descriptors()
+    picked = lambda text: {names[i] for i in np.flatnonzero(phrase_descriptors(text))}  # noqa: E731
+    assert picked("the large red car left of the bus") == {("car", "red", "large")}
+    assert picked("the nearest person") == {d for d in names if d[0] == "pedestrian"}
+    assert picked("the small post behind the red truck") == {d for d in names if d[0] == "pole" and d[2] == "small"}
+    with pytest.raises(ValueError):
+        phrase_descriptors("a red car")
 
 
 def _obj(iid, kind, colour, size, cx, depth):

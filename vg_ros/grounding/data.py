@@ -7,11 +7,13 @@ horizontal-flip augmentation: flipping the image swaps "left" and "right" in the
 
     split = load_or_render(seeds=range(0, 40), seconds=2.0, expressions=8, size=(144, 256), encoder=enc)
     split.images (I, h, w, 3) uint8; split.boxes (E, 4) xyxy normalised to [0, 1]; split.masks(i) (h, w) bool
+    split.absent_texts(images, rng)    # per image, a command about something that is not in it (or -1)
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import functools
 import re
 import sys
 import time
@@ -25,7 +27,7 @@ import torch.nn.functional as F
 from vg_ros.sim.seeds import parse_seeds  # noqa: F401 - re-exported for the CLIs
 
 CACHE_DIR = Path(__file__).resolve().parent.parent.parent / ".cache" / "grounding"
-FORMAT = 2
+FORMAT = 3
 EVERY = 5  # keep every 5th tick (0.5 s apart): neighbouring frames are near duplicates
 
 _MIRROR = {"left": "right", "right": "left", "leftmost": "rightmost", "rightmost": "leftmost",
@@ -61,7 +63,8 @@ def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 @dataclass
 class GroundingSplit:
-    """One cached split. Per image: `images` (I, h, w, 3) uint8, `image_seed` (I,). Per expression:
+    """One cached split. Per image: `images` (I, h, w, 3) uint8, `image_seed` (I,), `present` (I, C) bool
+    which (kind, colour, size) of `sim.language.descriptors()` shows at least one pixel. Per expression:
     `expr_image` (E,), `text_index` (E,) into `texts`, `mirror_index` (E,), `boxes` (E, 4) xyxy in [0, 1],
     `packed_masks` (E, ceil(h*w/8)) uint8, `hops` (E,), `instance` (E,), `other` (E,) index of an expression
     about a DIFFERENT object in the same image (-1 if none). Texts: `texts` (T,), `text_feats` (T, L, d)
@@ -69,6 +72,7 @@ class GroundingSplit:
 
     images: np.ndarray
     image_seed: np.ndarray
+    present: np.ndarray
     expr_image: np.ndarray
     text_index: np.ndarray
     mirror_index: np.ndarray
@@ -104,6 +108,29 @@ class GroundingSplit:
         valid = torch.arange(L)[None, :] < torch.from_numpy(lengths.astype(np.int64))[:, None]
         return feats, valid
 
+    @functools.cached_property
+    def text_descriptors(self) -> np.ndarray:
+        """(T, C) bool: the descriptors each text's target noun phrase admits."""
+        from vg_ros.sim.language import phrase_descriptors
+        return np.stack([phrase_descriptors(str(t)) for t in self.texts])
+
+    @functools.cached_property
+    def text_mirror(self) -> np.ndarray:
+        """(T,) the mirrored twin of each text used by an expression (itself for the others)."""
+        out = np.arange(len(self.texts), dtype=np.int32)
+        out[self.text_index] = self.mirror_index
+        return out
+
+    def absent_texts(self, images: np.ndarray, rng: np.random.Generator, tries: int = 32) -> np.ndarray:
+        """For each image id in `images`, the text id of another expression of the split whose target noun
+        phrase admits nothing present in that image (so the command's referent is certainly absent), drawn
+        at random among `tries` candidates; -1 where none of them qualifies."""
+        images = np.asarray(images, dtype=np.int64)
+        candidates = self.text_index[rng.integers(0, len(self), (len(images), tries))]
+        absent = ~(self.text_descriptors[candidates] & self.present[images][:, None, :]).any(-1)
+        first = absent.argmax(1)
+        return np.where(absent.any(1), candidates[np.arange(len(images)), first], -1).astype(np.int32)
+
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npz")
@@ -117,21 +144,26 @@ class GroundingSplit:
 
 
 def _frames(seed: int, seconds: float, expressions: int, rig: str, every: int):
-    """SimFrames of one seed: cameras and expressions only (no LiDAR, no occupancy)."""
+    """(world, SimFrames) of one seed: cameras and expressions only (no LiDAR, no occupancy)."""
     from vg_ros.sim import simulate
+    from vg_ros.sim.core import get_renderer
     from vg_ros.types import Rig
-    return simulate(seed, seconds, Rig.load(rig), every=every, lidar=False, occupancy=False, expressions=expressions)
+    world = get_renderer(seed, Rig.load(rig))[0]
+    return world, simulate(seed, seconds, Rig.load(rig), every=every, lidar=False, occupancy=False,
+                           expressions=expressions)
 
 
 def render_split(seeds, seconds: float, expressions: int, size: tuple[int, int] | None, encoder,
                  rig: str = "default", log=print, every: int = EVERY) -> GroundingSplit:
     """Simulate `seeds`, keep every camera image that has expressions; `size` (h, w) resizes images and
     masks (None keeps full size, for evaluation)."""
-    images, image_seed = [], []
+    from vg_ros.sim.language import present_descriptors
+    images, image_seed, present = [], [], []
     expr_image, texts_raw, boxes, masks, hops, instance = [], [], [], [], [], []
     t0 = time.time()
     for seed in seeds:
-        for frame in _frames(int(seed), seconds, expressions, rig, every):
+        world, frames = _frames(int(seed), seconds, expressions, rig, every)
+        for frame in frames:
             by_camera: dict[str, list] = {}
             for expr in frame.expressions:
                 by_camera.setdefault(expr.camera, []).append(expr)
@@ -145,6 +177,7 @@ def render_split(seeds, seconds: float, expressions: int, size: tuple[int, int] 
                 image_id = len(images)
                 images.append(stored)
                 image_seed.append(int(seed))
+                present.append(present_descriptors(world, frame.instance[camera]))
                 for expr in exprs:
                     x0, y0, x1, y1 = np.asarray(expr.box, dtype=np.float64)
                     expr_image.append(image_id)
@@ -179,7 +212,8 @@ def render_split(seeds, seconds: float, expressions: int, size: tuple[int, int] 
                 other[i] = rng.choice(choices)
     packed = np.stack([np.packbits(m.reshape(-1)) for m in masks])
     return GroundingSplit(
-        images=np.stack(images), image_seed=np.asarray(image_seed, np.int32), expr_image=expr_image_arr,
+        images=np.stack(images), image_seed=np.asarray(image_seed, np.int32), present=np.stack(present),
+        expr_image=expr_image_arr,
         text_index=np.asarray([lookup[t] for t in texts_raw], np.int32),
         mirror_index=np.asarray([lookup[mirror_text(t)] for t in texts_raw], np.int32),
         boxes=np.asarray(boxes, np.float32), packed_masks=packed, hops=np.asarray(hops, np.int8),

@@ -1,6 +1,8 @@
 """`vg-ros eval grounding`: score VG-LAW weights on held-out simulated scenes, split by hop count.
 
-Reports Prec@0.5, mask mIoU and oIoU per hop count, and two controls:
+Reports Prec@0.5, mask mIoU and oIoU per hop count; how often a command whose referent is NOT in the image
+is still answered as found (`absent`: each image paired with another expression of the split whose target
+noun phrase admits nothing in it; the node should publish "not found"); and two controls:
 
 * `phi_zero`: the same weights with the language-adaptive weights disabled (Phi fixed at zero, W0 only);
   the heads still see the [CLS] feature. (An inference-time ablation; `vg-ros train grounding
@@ -70,9 +72,9 @@ def predict(model: VGLAW, split, text_index: np.ndarray, *, batch: int = 32, dev
 
 
 def evaluate_split(model: VGLAW, split, *, device="cpu", batch: int = 32, score_threshold: float | None = None,
-                   controls: bool = True, log=print) -> dict:
-    """All numbers for one held-out split: {"main", "phi_zero", "mismatched", "chance", ...} reports.
-    `score_threshold` (None: the pipeline's default) decides what would be published as found."""
+                   controls: bool = True, absent: bool = True, log=print) -> dict:
+    """All numbers for one held-out split: {"main", "absent", "phi_zero", "mismatched", "chance", ...}
+    reports. `score_threshold` (None: the pipeline's default) decides what would be published as found."""
     if score_threshold is None:
         from vg_ros.grounding.pipeline import GroundingConfig
         score_threshold = GroundingConfig().score_threshold
@@ -83,6 +85,12 @@ def evaluate_split(model: VGLAW, split, *, device="cpu", batch: int = 32, score_
     t0 = time.time()
     main = predict(model, split, split.text_index, batch=batch, device=device)
     correct = metrics.mask_ious(main["masks"], gt_masks) >= 0.5
+    absent_scores = None
+    if absent:
+        image_ids, first = np.unique(split.expr_image, return_index=True)
+        texts = split.absent_texts(image_ids, np.random.default_rng(0))
+        keep = texts >= 0
+        absent_scores = predict(model, split, texts[keep], batch=batch, device=device, expr_subset=first[keep])["scores"]
     result = {"count": len(split), "images": int(len(split.images)),
               "main": metrics.grounding_report(main["boxes"], gt_boxes, main["masks"], gt_masks, hops),
               "box_head": metrics.grounding_report(main["head_boxes"], gt_boxes, main["masks"], gt_masks, hops),
@@ -91,6 +99,11 @@ def evaluate_split(model: VGLAW, split, *, device="cpu", batch: int = 32, score_
               "threshold_sweep": {f"{t:.2f}": metrics.found_report(main["scores"] >= t, correct)
                                   for t in SWEEP_THRESHOLDS},
               "seconds_per_expression": (time.time() - t0) / len(split)}
+    if absent_scores is not None:
+        result["absent"] = {"pairs": int(len(absent_scores)), "images": int(len(split.images)),
+                            "found_rate": float((absent_scores >= score_threshold).mean())}
+        for t, report in result["threshold_sweep"].items():
+            report["absent_found_rate"] = float((absent_scores >= float(t)).mean())
     log(f"[grounding eval] main done ({time.time() - t0:.0f} s)")
     if not controls:
         return result
@@ -132,10 +145,11 @@ def coverage_map_ious(gt_masks: list[np.ndarray], grid_hw: tuple[int, int]) -> n
 
 def format_sweep(result: dict) -> str:
     """What each candidate `score_threshold` would publish: one line per threshold."""
-    lines = ["score_threshold  found %  correct among found %  wrong held back %  right kept %"]
+    lines = ["score_threshold  found %  correct among found %  wrong held back %  right kept %  found on absent %"]
     for t, f in result["threshold_sweep"].items():
         lines.append(f"{t:>15}  {100 * f['found_rate']:7.1f}  {100 * f['precision']:20.1f}  "
-                     f"{100 * f['wrong_rejected']:17.1f}  {100 * f['right_kept']:12.1f}")
+                     f"{100 * f['wrong_rejected']:17.1f}  {100 * f['right_kept']:12.1f}  "
+                     f"{100 * f.get('absent_found_rate', float('nan')):17.1f}")
     return "\n".join(lines)
 
 
@@ -161,6 +175,10 @@ def format_report(result: dict) -> str:
         lines.append(f"{'not found':>24}: found {100 * f['found_rate']:.1f} %; correct (mask IoU >= 0.5) among found "
                      f"{100 * f['precision']:.1f} %; wrong results published as not found {100 * f['wrong_rejected']:.1f} %; "
                      f"right results kept {100 * f['right_kept']:.1f} %")
+    if "absent" in result:
+        a = result["absent"]
+        lines.append(f"{'absent referent':>24}: published as found for {100 * a['found_rate']:.1f} % of {a['pairs']} "
+                     "images paired with a command about something not in them (right: not found)")
     if "chance" in result:
         chance = result["chance"]
         lines.append(f"{'chance':>24}: the other object's own box hits the target (IoU>=0.5) in "

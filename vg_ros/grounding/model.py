@@ -667,10 +667,16 @@ def pooling_loss(pool: torch.Tensor, target_masks: torch.Tensor, grid: tuple[int
 
 
 def total_loss(out: dict[str, torch.Tensor], target_boxes_cxcywh: torch.Tensor, target_masks: torch.Tensor,
-               w_pool: float = 0.0) -> dict[str, torch.Tensor]:
+               w_pool: float = 0.0, present: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """{"box", "mask", "total"} (+ "pool" when `w_pool` > 0): L_det (L1 + GIoU, 1:1) + L_seg (focal + Dice,
-    4:4) [+ w_pool * `pooling_loss`]."""
-    det = box_loss(out["boxes"], target_boxes_cxcywh)
+    4:4) [+ w_pool * `pooling_loss`]. `present` (B,) bool, False where the command's referent is not in the
+    image: those have an empty target mask and no box term (L_det is the mean over the others)."""
+    if present is None or bool(present.all()):
+        det = box_loss(out["boxes"], target_boxes_cxcywh)
+    elif bool(present.any()):
+        det = box_loss(out["boxes"][present], target_boxes_cxcywh[present])
+    else:
+        det = out["boxes"].sum() * 0.0
     seg = mask_loss(out["mask_logits"], target_masks.float())
     losses = {"box": det, "mask": seg, "total": det + seg}
     if w_pool > 0:

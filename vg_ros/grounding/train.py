@@ -28,12 +28,23 @@ DEFAULT_TRAIN_SEEDS = "0-399"
 DEFAULT_DEV_SEEDS = "900-911"   # monitoring during training: neither trained on nor the held-out test seeds
 
 
-def make_batch(split, idx: np.ndarray, rng: np.random.Generator, augment: bool) -> dict[str, torch.Tensor]:
-    """Images (B, 3, h, w) in [0, 1], text feats/valid, target boxes (B, 4) cxcywh, masks (B, h, w)."""
+def make_batch(split, idx: np.ndarray, rng: np.random.Generator, augment: bool, absent: float = 0.0
+               ) -> dict[str, torch.Tensor]:
+    """Images (B, 3, h, w) in [0, 1], text feats/valid, target boxes (B, 4) cxcywh, masks (B, h, w), and
+    "present" (B,) bool. About an `absent` fraction of the expressions keep their image but get a command
+    whose referent is not in it (`GroundingSplit.absent_texts`): an empty target mask, no box target."""
     images = torch.from_numpy(split.images[split.expr_image[idx]]).permute(0, 3, 1, 2).float() / 255
     masks = torch.from_numpy(split.masks(idx)).float()
     boxes = torch.from_numpy(split.boxes[idx].astype(np.float32))
     text_index = split.text_index[idx].copy()
+    present = np.ones(len(idx), bool)
+    if absent > 0:
+        swap = np.flatnonzero(rng.random(len(idx)) < absent)
+        texts = split.absent_texts(split.expr_image[idx[swap]], rng)
+        swap, texts = swap[texts >= 0], texts[texts >= 0]
+        text_index[swap] = texts
+        masks[swap] = 0
+        present[swap] = False
     if augment:
         B, _, h, w = images.shape
         flip = rng.random(B) < 0.5
@@ -43,7 +54,7 @@ def make_batch(split, idx: np.ndarray, rng: np.random.Generator, augment: bool) 
             masks[f] = masks[f].flip(-1)
             fb = boxes[f].clone()
             boxes[f] = torch.stack([1 - fb[:, 2], fb[:, 1], 1 - fb[:, 0], fb[:, 3]], dim=1)
-            text_index[flip] = split.mirror_index[idx][flip]
+            text_index[flip] = split.text_mirror[text_index[flip]]
         gain = torch.from_numpy(rng.uniform(0.75, 1.25, (B, 1, 1, 1)).astype(np.float32))
         bias = torch.from_numpy(rng.uniform(-0.08, 0.08, (B, 1, 1, 1)).astype(np.float32))
         images = (images * gain + bias).clamp(0, 1)
@@ -67,7 +78,8 @@ def make_batch(split, idx: np.ndarray, rng: np.random.Generator, augment: bool) 
                 images[b, :, :, dx:] = 0.5; masks[b, :, dx:] = 0
             boxes[b] = (boxes[b] + torch.tensor([dx / w, dy / h, dx / w, dy / h])).clamp(0, 1)
     feats, valid = split.text_batch(text_index)
-    return {"images": images, "feats": feats, "valid": valid, "boxes": xyxy_to_cxcywh(boxes), "masks": masks}
+    return {"images": images, "feats": feats, "valid": valid, "boxes": xyxy_to_cxcywh(boxes), "masks": masks,
+            "present": torch.from_numpy(present)}
 
 
 def lr_factor(progress: float, warmup: float) -> float:
@@ -81,9 +93,12 @@ def lr_factor(progress: float, warmup: float) -> float:
 def train(split, *, config: str = "tiny", steps: int = 3000, minutes: float = 25.0, batch: int = 32,
           lr: float = 1e-3, weight_decay: float = 0.05, warmup: float = 0.05, seed: int = 0,
           phi_zero: bool = False, device: str | torch.device = "cpu", spec=None, init: VGLAW | None = None,
-          w_pool: float = 1.0, monitor=None, monitor_every: int = 0, log=print) -> tuple[VGLAW, dict]:
+          w_pool: float = 1.0, absent: float = 0.0, monitor=None, monitor_every: int = 0, log=print
+          ) -> tuple[VGLAW, dict]:
     """Train a fresh model (`spec` overrides the named `config`), or continue `init`; returns (model,
-    history {"steps", "seconds", "final_loss", "monitor"}). `w_pool` weighs the pooling-attention loss
+    history {"steps", "seconds", "final_loss", "monitor"}). `absent` is the fraction of commands swapped
+    for one whose referent is not in the image (target: an empty mask, so the node can say "not found").
+    `w_pool` weighs the pooling-attention loss
     (`model.pooling_loss`); `monitor(model, step) -> dict` runs every `monitor_every` steps and at the end
     (on a dev split, never on the held-out test seeds)."""
     torch.manual_seed(seed)
@@ -109,10 +124,11 @@ def train(split, *, config: str = "tiny", steps: int = 3000, minutes: float = 25
         for group in opt.param_groups:
             group["lr"] = lr * lr_factor(progress, warmup)
         idx = rng.integers(0, len(split), batch)
-        data = make_batch(split, idx, rng, augment=True)
+        data = make_batch(split, idx, rng, augment=True, absent=absent)
         out = model(data["images"].to(device), data["feats"].to(device), data["valid"].to(device),
                     use_language_weights=not phi_zero)
-        losses = total_loss(out, data["boxes"].to(device), data["masks"].to(device), w_pool=w_pool)
+        losses = total_loss(out, data["boxes"].to(device), data["masks"].to(device), w_pool=w_pool,
+                            present=data["present"].to(device))
         opt.zero_grad(set_to_none=True)
         losses["total"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -161,6 +177,9 @@ def write_card(path: Path, *, args, history: dict, result: dict | None, weights:
         f"AdamW lr {args.lr}, wd {args.weight_decay}, warm-up + cosine; final train loss {history['final_loss']:.3f}",
         f"* losses: L1 + GIoU (1, 1), focal + Dice (4, 4)" + (f", pooling-attention loss x {args.w_pool} (training aid)"
                                                              if args.w_pool else ""),
+        (f"* absent referents: {100 * args.absent:.0f} % of the commands swapped for one about something not in "
+         "the image (target: an empty mask, no box term), so that the score can say \"not found\""
+         if args.absent else None),
         (f"* dev seeds `{args.dev_seeds}` (neither trained on nor held out), scored during training: "
          + "; ".join(f"step {m['step']}: P@0.5 {m.get('P@0.5_all')} mIoU {m.get('mIoU_all')}" for m in history["monitor"])
          if history.get("monitor") else None),
@@ -207,6 +226,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--monitor-every", type=int, default=1000, help="0 = no dev scoring during training")
     ap.add_argument("--w-pool", type=float, default=1.0,
                     help="weight of the pooling-attention loss (a training aid; 0 = the paper's losses only)")
+    ap.add_argument("--absent", type=float, default=0.2,
+                    help="fraction of commands swapped for one whose referent is not in the image (empty mask)")
     ap.add_argument("--val-seconds", type=float, default=1.5)
     ap.add_argument("--steps", type=int, default=6000, help="at most this many steps")
     ap.add_argument("--minutes", type=float, default=25.0, help="at most this much wall time for the steps")
@@ -235,6 +256,8 @@ def main(argv: list[str]) -> int:
             raise ValueError(f"--dev-seeds and --val-seeds overlap: {sorted(set(dev_seeds) & set(val_seeds))[:5]}")
         if args.steps < 1 or args.minutes <= 0 or args.batch < 1:
             raise ValueError("--steps, --minutes and --batch must be positive")
+        if not 0.0 <= args.absent < 1.0:
+            raise ValueError(f"--absent: a fraction in [0, 1), got {args.absent}")
         out_dir = Path(args.out)
         out_dir.mkdir(parents=True, exist_ok=True)
     except (ValueError, OSError) as exc:
@@ -266,21 +289,25 @@ def main(argv: list[str]) -> int:
           f"{dict(zip(*np.unique(split.hops, return_counts=True)))}")
     stem = args.name or f"grounding_vglaw_{args.config}" + ("_phi0" if args.ablation_phi_zero else "")
     weights = out_dir / f"{stem}.safetensors"
-    meta = {"train_seeds": args.seeds, "phi_zero": int(args.ablation_phi_zero)}
+    meta = {"train_seeds": args.seeds, "phi_zero": int(args.ablation_phi_zero), "absent": args.absent}
     monitor = None
     if args.monitor_every:
         dev = load_or_render(dev_seeds, args.val_seconds, args.expressions, None, encoder)
 
         def monitor(model, step):
-            rep = evaluate_split(model, dev, device=device, controls=False, log=lambda *_: None)["main"]
+            result = evaluate_split(model, dev, device=device, controls=False, log=lambda *_: None)
+            rep = result["main"]
             # a run that is stopped early still leaves its latest weights, marked partial
             save_weights(model, weights, {**meta, "steps": init_steps + step, "partial": "true"})
-            return {f"{name}_{hop}": round(100 * rep[key][hop], 1) for name, key in (("P@0.5", "prec@0.5"), ("mIoU", "miou"))
-                    for hop in rep[key]}
+            numbers = {f"{name}_{hop}": round(100 * rep[key][hop], 1)
+                       for name, key in (("P@0.5", "prec@0.5"), ("mIoU", "miou")) for hop in rep[key]}
+            # at the pipeline's score threshold: found among the commands, and among the absent referents
+            return {**numbers, "found": round(100 * result["found_rate"], 1),
+                    "found_on_absent": round(100 * result["absent"]["found_rate"], 1)}
     model, history = train(split, config=args.config, steps=args.steps, minutes=args.minutes, batch=args.batch,
                            lr=args.lr, weight_decay=args.weight_decay, phi_zero=args.ablation_phi_zero,
-                           device=device, init=init, seed=args.seed, w_pool=args.w_pool, monitor=monitor,
-                           monitor_every=args.monitor_every)
+                           device=device, init=init, seed=args.seed, w_pool=args.w_pool, absent=args.absent,
+                           monitor=monitor, monitor_every=args.monitor_every)
     history["steps_before"] = init_steps
     history["init"] = args.init + (" (box pooling re-initialised)" if args.reset_pooling else "")
     save_weights(model, weights, {**meta, "steps": init_steps + history["steps"],

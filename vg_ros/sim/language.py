@@ -260,6 +260,35 @@ def make_expressions(world: World, camera: str, instance: np.ndarray, depth: np.
     return out
 
 
+def descriptors() -> tuple[tuple[str, str, str], ...]:
+    """Every (kind, colour, size) a referable object can have; `present_descriptors` and `phrase_descriptors`
+    index into this tuple."""
+    from vg_ros.sim.world import COLOUR_NAMES
+    return tuple((k, c, s) for k in REFERABLE_KINDS for c in COLOUR_NAMES for s in ("small", "large"))
+
+
+def present_descriptors(world: World, instance: np.ndarray) -> np.ndarray:
+    """(len(descriptors()),) bool: which (kind, colour, size) has at least one pixel in the image's
+    `instance` map (H, W) — however little of it shows, unlike `visible_objects`."""
+    index = {d: i for i, d in enumerate(descriptors())}
+    by_id = {o.instance_id: o for o in world.objects if o.instance_id}
+    out = np.zeros(len(index), bool)
+    for iid in np.unique(instance[instance > 0]).tolist():
+        obj = by_id.get(iid)
+        if obj is not None and (obj.kind, obj.colour, obj.size) in index:
+            out[index[(obj.kind, obj.colour, obj.size)]] = True
+    return out
+
+
+def phrase_descriptors(expression: str) -> np.ndarray:
+    """(len(descriptors()),) bool: the (kind, colour, size) that the expression's target noun phrase ("the
+    large red car" in "the large red car left of the bus") admits. An image where none of them is present
+    holds no object the expression could mean, whatever its relations say."""
+    kind, attrs, _, _ = _parse_np(expression.split())
+    return np.array([k == kind and attrs.get("colour", c) == c and attrs.get("size", s) == s
+                     for k, c, s in descriptors()], bool)
+
+
 def resolve(text_objs: list[VisibleObject], expression: str) -> list[int]:
     """Instance ids satisfying a generated expression among `text_objs` (a small parser for the templates
     above, used by tests to check uniqueness independently of the generator)."""
