@@ -11,9 +11,9 @@ horizontal-flip augmentation: flipping the image swaps "left" and "right" in the
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-import functools
 import re
 import sys
 import time
@@ -148,9 +148,9 @@ def _frames(seed: int, seconds: float, expressions: int, rig: str, every: int):
     from vg_ros.sim import simulate
     from vg_ros.sim.core import get_renderer
     from vg_ros.types import Rig
-    world = get_renderer(seed, Rig.load(rig))[0]
-    return world, simulate(seed, seconds, Rig.load(rig), every=every, lidar=False, occupancy=False,
-                           expressions=expressions)
+    loaded = Rig.load(rig)
+    return get_renderer(seed, loaded)[0], simulate(seed, seconds, loaded, every=every, lidar=False, occupancy=False,
+                                                   expressions=expressions)
 
 
 def render_split(seeds, seconds: float, expressions: int, size: tuple[int, int] | None, encoder,

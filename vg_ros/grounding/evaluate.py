@@ -90,7 +90,8 @@ def evaluate_split(model: VGLAW, split, *, device="cpu", batch: int = 32, score_
         image_ids, first = np.unique(split.expr_image, return_index=True)
         texts = split.absent_texts(image_ids, np.random.default_rng(0))
         keep = texts >= 0
-        absent_scores = predict(model, split, texts[keep], batch=batch, device=device, expr_subset=first[keep])["scores"]
+        absent_scores = predict(model, split, texts[keep], batch=batch, device=device,
+                                expr_subset=first[keep])["scores"]
     result = {"count": len(split), "images": int(len(split.images)),
               "main": metrics.grounding_report(main["boxes"], gt_boxes, main["masks"], gt_masks, hops),
               "box_head": metrics.grounding_report(main["head_boxes"], gt_boxes, main["masks"], gt_masks, hops),
