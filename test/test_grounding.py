@@ -788,6 +788,26 @@ def test_train_loop_and_evaluation_report(fake_splits):
     assert len(format_sweep(result).splitlines()) == 1 + len(result["threshold_sweep"])
 
 
+def test_batches_from_worker_processes(fake_splits):
+    from vg_ros.grounding.train import batches, train
+    train_split, _ = fake_splits
+    inline = batches(train_split, 5, np.random.default_rng(0), absent=0.0)
+    stream = batches(train_split, 5, np.random.default_rng(0), absent=0.5, workers=2, seed=4)
+    first, second = next(stream), next(stream)
+    stream.close()
+    assert first["images"].shape == next(inline)["images"].shape == (5, 3, 32, 64)
+    assert first["masks"].shape == (5, 32, 64) and first["present"].dtype == torch.bool
+    # the two workers draw their own streams (seeded by seed and worker id), not the same batch twice
+    assert not torch.equal(first["images"], second["images"])
+    # where an absent command was swapped in, its target mask is empty
+    for batch in (first, second):
+        assert batch["masks"][~batch["present"]].sum() == 0
+    model, history = train(train_split, steps=2, minutes=1, batch=4, spec=SMALL, workers=1, log=lambda *_: None)
+    assert history["steps"] == 2 and np.isfinite(history["final_loss"])
+    with pytest.raises(ValueError, match="must be positive"):
+        train(train_split, steps=2, minutes=-1, batch=4, spec=SMALL)
+
+
 def test_ground_cli_json_png_and_errors(tmp_path, capsys):
     import json
     from PIL import Image

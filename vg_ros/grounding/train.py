@@ -13,6 +13,7 @@ import argparse
 import datetime as dt
 import json
 import math
+import multiprocessing
 import platform
 import sys
 import time
@@ -82,6 +83,39 @@ def make_batch(split, idx: np.ndarray, rng: np.random.Generator, augment: bool, 
             "present": torch.from_numpy(present)}
 
 
+class _Batches(torch.utils.data.IterableDataset):
+    """Endless training batches drawn in DataLoader worker processes (each with its own random stream)."""
+
+    def __init__(self, split, batch: int, seed: int, absent: float) -> None:
+        super().__init__()
+        self.split, self.batch, self.seed, self.absent = split, batch, seed, absent
+
+    def __iter__(self):
+        worker = torch.utils.data.get_worker_info()
+        rng = np.random.default_rng([self.seed, worker.id if worker is not None else 0])
+        while True:
+            idx = rng.integers(0, len(self.split), self.batch)
+            yield make_batch(self.split, idx, rng, augment=True, absent=self.absent)
+
+
+def batches(split, batch: int, rng: np.random.Generator, absent: float, workers: int = 0, seed: int = 0,
+            pin_memory: bool = False):
+    """Endless augmented training batches: drawn in the training loop with `rng` (workers 0), or prepared
+    ahead in `workers` background processes (forked: they share the split's memory), e.g. to keep a GPU fed."""
+    if workers <= 0:
+        while True:
+            yield make_batch(split, rng.integers(0, len(split), batch), rng, augment=True, absent=absent)
+    _ = split.text_descriptors, split.text_mirror   # computed once here, not once per worker
+    fork = "fork" if "fork" in multiprocessing.get_all_start_methods() else None   # no copy of the split
+    loader = iter(torch.utils.data.DataLoader(_Batches(split, batch, seed, absent), batch_size=None,
+                                              num_workers=workers, pin_memory=pin_memory, prefetch_factor=4,
+                                              multiprocessing_context=fork))
+    try:
+        yield from loader
+    finally:
+        del loader   # the iterator's finaliser ends the worker processes
+
+
 def lr_factor(progress: float, warmup: float) -> float:
     """Linear warm-up over the first `warmup` fraction, then cosine to 2 % of the peak."""
     if progress < warmup:
@@ -93,19 +127,26 @@ def lr_factor(progress: float, warmup: float) -> float:
 def train(split, *, config: str = "tiny", steps: int = 3000, minutes: float = 25.0, batch: int = 32,
           lr: float = 1e-3, weight_decay: float = 0.05, warmup: float = 0.05, seed: int = 0,
           phi_zero: bool = False, device: str | torch.device = "cpu", spec=None, init: VGLAW | None = None,
-          w_pool: float = 1.0, absent: float = 0.0, monitor=None, monitor_every: int = 0, log=print
-          ) -> tuple[VGLAW, dict]:
+          w_pool: float = 1.0, absent: float = 0.0, workers: int = 0, monitor=None, monitor_every: int = 0,
+          log=print) -> tuple[VGLAW, dict]:
     """Train a fresh model (`spec` overrides the named `config`), or continue `init`; returns (model,
     history {"steps", "seconds", "final_loss", "monitor"}). `absent` is the fraction of commands swapped
     for one whose referent is not in the image (target: an empty mask, so the node can say "not found").
+    `workers` > 0 prepares the batches in that many background processes (`batches`).
     `w_pool` weighs the pooling-attention loss
     (`model.pooling_loss`); `monitor(model, step) -> dict` runs every `monitor_every` steps and at the end
     (on a dev split, never on the held-out test seeds)."""
+    if steps < 1 or not minutes > 0:
+        raise ValueError(f"steps = {steps}, minutes = {minutes}: both must be positive")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     spec = init.spec if init is not None else (spec or spec_by_name(config))
     if split.size != (spec.img_h, spec.img_w):
         raise ValueError(f"dataset images are {split.size}, the {config} model takes {(spec.img_h, spec.img_w)}")
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True   # TF32 matrix products and convolutions on the GPU
+        torch.backends.cudnn.allow_tf32 = True
     model = (init if init is not None else VGLAW(spec)).to(device).train()
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or n.endswith("pos_embed")]
     decay = [p for n, p in model.named_parameters() if not (p.ndim < 2 or n.endswith("pos_embed"))]
@@ -116,6 +157,7 @@ def train(split, *, config: str = "tiny", steps: int = 3000, minutes: float = 25
     running: dict[str, float] = {}
     curve: list[dict] = []
     step = 0
+    stream = batches(split, batch, rng, absent, workers, seed, pin_memory=device.type == "cuda")
     while step < steps:
         elapsed = time.time() - t0
         progress = max(step / steps, elapsed / budget_s)
@@ -123,12 +165,9 @@ def train(split, *, config: str = "tiny", steps: int = 3000, minutes: float = 25
             break
         for group in opt.param_groups:
             group["lr"] = lr * lr_factor(progress, warmup)
-        idx = rng.integers(0, len(split), batch)
-        data = make_batch(split, idx, rng, augment=True, absent=absent)
-        out = model(data["images"].to(device), data["feats"].to(device), data["valid"].to(device),
-                    use_language_weights=not phi_zero)
-        losses = total_loss(out, data["boxes"].to(device), data["masks"].to(device), w_pool=w_pool,
-                            present=data["present"].to(device))
+        data = {k: v.to(device, non_blocking=True) for k, v in next(stream).items()}
+        out = model(data["images"], data["feats"], data["valid"], use_language_weights=not phi_zero)
+        losses = total_loss(out, data["boxes"], data["masks"], w_pool=w_pool, present=data["present"])
         opt.zero_grad(set_to_none=True)
         losses["total"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -142,6 +181,7 @@ def train(split, *, config: str = "tiny", steps: int = 3000, minutes: float = 25
                 + " ".join(f"{k} {v:.3f}" for k, v in running.items()))
         if monitor is not None and monitor_every and step % monitor_every == 0:
             curve.append(_monitor(model, monitor, step, time.time() - t0, log))
+    stream.close()   # ends the worker processes, if any
     model.eval()
     if monitor is not None and (not curve or curve[-1]["step"] != step):
         curve.append(_monitor(model, monitor, step, time.time() - t0, log))
@@ -235,6 +275,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--weight-decay", type=float, default=0.05)
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--workers", type=int, default=0,
+                    help="background processes preparing batches (0 = in the training loop; a GPU wants several)")
     ap.add_argument("--device", default="auto", choices=("cpu", "cuda", "auto"))
     ap.add_argument("--ablation-phi-zero", action="store_true", help="train with Phi fixed at zero (ablation)")
     ap.add_argument("--init", default="", help="continue training these weights (.safetensors) instead of a fresh model")
@@ -256,6 +298,8 @@ def main(argv: list[str]) -> int:
             raise ValueError(f"--dev-seeds and --val-seeds overlap: {sorted(set(dev_seeds) & set(val_seeds))[:5]}")
         if args.steps < 1 or args.minutes <= 0 or args.batch < 1:
             raise ValueError("--steps, --minutes and --batch must be positive")
+        if args.workers < 0:
+            raise ValueError(f"--workers: at least 0, got {args.workers}")
         if not 0.0 <= args.absent < 1.0:
             raise ValueError(f"--absent: a fraction in [0, 1), got {args.absent}")
         out_dir = Path(args.out)
@@ -307,7 +351,7 @@ def main(argv: list[str]) -> int:
     model, history = train(split, config=args.config, steps=args.steps, minutes=args.minutes, batch=args.batch,
                            lr=args.lr, weight_decay=args.weight_decay, phi_zero=args.ablation_phi_zero,
                            device=device, init=init, seed=args.seed, w_pool=args.w_pool, absent=args.absent,
-                           monitor=monitor, monitor_every=args.monitor_every)
+                           workers=args.workers, monitor=monitor, monitor_every=args.monitor_every)
     history["steps_before"] = init_steps
     history["init"] = args.init + (" (box pooling re-initialised)" if args.reset_pooling else "")
     save_weights(model, weights, {**meta, "steps": init_steps + history["steps"],
