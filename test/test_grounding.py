@@ -808,6 +808,18 @@ def test_batches_from_worker_processes(fake_splits):
         train(train_split, steps=2, minutes=-1, batch=4, spec=SMALL)
 
 
+def test_train_cli_refuses_bad_numbers_and_bounds_onednn_cache(monkeypatch, capsys):
+    import os
+    from vg_ros.cli import main as vg_main
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    for flag, value, words in (("--workers", "-1", "--workers"), ("--absent", "1.5", "--absent"),
+                               ("--minutes", "0", "must be positive")):
+        assert vg_main(["train", "grounding", flag, value]) == 2
+        assert words in capsys.readouterr().err
+    # set before the first convolution: per-shape primitives had grown a training process by 8 GB
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "0"
+
+
 def test_ground_cli_json_png_and_errors(tmp_path, capsys):
     import json
     from PIL import Image

@@ -65,11 +65,8 @@ def load_split(device: torch.device, log=print):
               for i, n, ref in zip(probe, lengths[probe], data["probe_feats"]))
     if err > 2e-2:
         raise ValueError(f"text encoder: features differ from the cached split's by {err:.3g}")
-    split = GroundingSplit(images=images, image_seed=data["image_seed"], present=data["present"],
-                           expr_image=data["expr_image"], text_index=data["text_index"],
-                           mirror_index=data["mirror_index"], boxes=data["boxes"], packed_masks=data["packed_masks"],
-                           hops=data["hops"], instance=data["instance"], other=data["other"],
-                           texts=data["texts"], text_feats=feats, text_len=lengths)
+    packed = {k: data[k] for k in GroundingSplit.__dataclass_fields__ if k in data}   # the arrays that travel as is
+    split = GroundingSplit(**packed, images=images, text_feats=feats, text_len=lengths)
     log(f"split from {data['source']}: {len(split)} expressions on {len(images)} images, {len(texts)} texts; "
         f"features within {err:.1e} of the cached ones; {time.time() - t0:.0f} s")
     return split
