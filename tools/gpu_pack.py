@@ -86,18 +86,22 @@ def pruned_text_model(texts: list[str], out: Path) -> None:
           f"{(out / 'model.safetensors').stat().st_size / 1e6:.1f} MB")
 
 
+def feature_error(feats: np.ndarray, lengths: np.ndarray, ref_feats: np.ndarray, ref_lengths: np.ndarray) -> float:
+    """Max |difference| of token features against reference ones (ValueError if the token counts differ)."""
+    if (lengths != ref_lengths).any():
+        raise ValueError("text encoder: token counts differ from the cached split's")
+    return max(float(np.abs(f[:n].astype(np.float32) - r[:n].astype(np.float32)).max())
+               for f, r, n in zip(feats, ref_feats, lengths))
+
+
 def check_text_model(folder: Path, texts: list[str], feats: np.ndarray, lengths: np.ndarray) -> float:
     """Max |feature difference| of the pruned encoder against the cached features of `texts`."""
+    from vg_ros.grounding.data import text_features
     from vg_ros.grounding.text import TextEncoder
 
     enc = TextEncoder(folder)
     assert next(enc.bert.parameters()).dtype == torch.float32, "the pruned model must load as float32"
-    f, v = enc.encode(texts)
-    assert (v.sum(1).numpy() == lengths).all(), "token counts differ"
-    err = 0.0
-    for i, n in enumerate(lengths):
-        err = max(err, float(np.abs(f[i, :n].numpy() - feats[i, :n].astype(np.float32)).max()))
-    return err
+    return feature_error(*text_features(enc, texts), feats, lengths)
 
 
 def main(argv: list[str]) -> int:

@@ -39,7 +39,8 @@ def load_split(device: torch.device, log=print):
     """The packed training split with its images decoded and every text's token features computed here."""
     import cv2
 
-    from vg_ros.grounding.data import GroundingSplit
+    from tools.gpu_pack import feature_error
+    from vg_ros.grounding.data import GroundingSplit, text_features
     from vg_ros.grounding.text import TextEncoder
 
     t0 = time.time()
@@ -50,19 +51,10 @@ def load_split(device: torch.device, log=print):
                        for end, size in zip(ends, data["webp_sizes"])])
     if images.shape[1:3] != tuple(data["size"]):
         raise ValueError(f"decoded images are {images.shape[1:3]}, the pack says {tuple(data['size'])}")
-    encoder = TextEncoder().to(device)
     texts = [str(t) for t in data["texts"]]
-    feats = np.zeros((len(texts), encoder.max_tokens, encoder.dim), np.float16)
-    lengths = np.zeros(len(texts), np.int32)
-    for start in range(0, len(texts), 1024):
-        f, v = encoder.encode(texts[start:start + 1024], device=device)
-        feats[start:start + len(f), :f.shape[1]] = f.cpu().numpy().astype(np.float16)
-        lengths[start:start + len(f)] = v.sum(1).cpu().numpy()
+    feats, lengths = text_features(TextEncoder().to(device), texts, device, chunk=1024)
     probe = data["probe"]
-    if (lengths[probe] != data["probe_len"]).any():
-        raise ValueError("text encoder: token counts differ from the cached split's")
-    err = max(float(np.abs(feats[i, :n].astype(np.float32) - ref[:n].astype(np.float32)).max())
-              for i, n, ref in zip(probe, lengths[probe], data["probe_feats"]))
+    err = feature_error(feats[probe], lengths[probe], data["probe_feats"], data["probe_len"])
     if err > 2e-2:
         raise ValueError(f"text encoder: features differ from the cached split's by {err:.3g}")
     packed = {k: data[k] for k in GroundingSplit.__dataclass_fields__ if k in data}   # the arrays that travel as is

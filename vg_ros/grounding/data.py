@@ -153,6 +153,19 @@ def _frames(seed: int, seconds: float, expressions: int, rig: str, every: int):
                                                    expressions=expressions)
 
 
+def text_features(encoder, texts: list[str], device: str | torch.device = "cpu", chunk: int = 64
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """The frozen encoder's token features of `texts`, (T, max_tokens, dim) float16 zero-padded, and their
+    token counts (T,), encoded `chunk` texts at a time on `device`."""
+    feats = np.zeros((len(texts), encoder.max_tokens, encoder.dim), np.float16)
+    lengths = np.zeros(len(texts), np.int32)
+    for start in range(0, len(texts), chunk):
+        f, v = encoder.encode(texts[start:start + chunk], device=device)
+        feats[start:start + len(f), :f.shape[1]] = f.cpu().numpy().astype(np.float16)
+        lengths[start:start + len(f)] = v.sum(1).cpu().numpy()
+    return feats, lengths
+
+
 def render_split(seeds, seconds: float, expressions: int, size: tuple[int, int] | None, encoder,
                  rig: str = "default", log=print, every: int = EVERY) -> GroundingSplit:
     """Simulate `seeds`, keep every camera image that has expressions; `size` (h, w) resizes images and
@@ -193,13 +206,7 @@ def render_split(seeds, seconds: float, expressions: int, size: tuple[int, int] 
         raise ValueError(f"seeds {list(seeds)}: the simulator produced no expressions")
     unique = sorted(set(texts_raw) | {mirror_text(t) for t in texts_raw})
     lookup = {t: i for i, t in enumerate(unique)}
-    feats = np.zeros((len(unique), encoder.max_tokens, encoder.dim), np.float16)
-    lengths = np.zeros(len(unique), np.int32)
-    for start in range(0, len(unique), 64):
-        chunk = unique[start:start + 64]
-        f, v = encoder.encode(chunk, device="cpu")
-        feats[start:start + len(chunk), :f.shape[1]] = f.numpy().astype(np.float16)
-        lengths[start:start + len(chunk)] = v.sum(1).numpy()
+    feats, lengths = text_features(encoder, unique)
     expr_image_arr = np.asarray(expr_image, np.int32)
     instance_arr = np.asarray(instance, np.int64)
     other = np.full(len(expr_image), -1, np.int32)

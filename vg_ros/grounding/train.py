@@ -94,9 +94,12 @@ class _Batches(torch.utils.data.IterableDataset):
     def __iter__(self):
         worker = torch.utils.data.get_worker_info()
         rng = np.random.default_rng([self.seed, worker.id if worker is not None else 0])
-        while True:
-            idx = rng.integers(0, len(self.split), self.batch)
-            yield make_batch(self.split, idx, rng, augment=True, absent=self.absent)
+        return _draw(self.split, self.batch, rng, self.absent)
+
+
+def _draw(split, batch: int, rng: np.random.Generator, absent: float):
+    while True:
+        yield make_batch(split, rng.integers(0, len(split), batch), rng, augment=True, absent=absent)
 
 
 def batches(split, batch: int, rng: np.random.Generator, absent: float, workers: int = 0, seed: int = 0,
@@ -104,8 +107,7 @@ def batches(split, batch: int, rng: np.random.Generator, absent: float, workers:
     """Endless augmented training batches: drawn in the training loop with `rng` (workers 0), or prepared
     ahead in `workers` background processes (forked: they share the split's memory), e.g. to keep a GPU fed."""
     if workers <= 0:
-        while True:
-            yield make_batch(split, rng.integers(0, len(split), batch), rng, augment=True, absent=absent)
+        yield from _draw(split, batch, rng, absent)
     _ = split.text_descriptors, split.text_mirror   # computed once here, not once per worker
     fork = "fork" if "fork" in multiprocessing.get_all_start_methods() else None   # no copy of the split
     loader = iter(torch.utils.data.DataLoader(_Batches(split, batch, seed, absent), batch_size=None,
