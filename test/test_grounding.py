@@ -676,6 +676,7 @@ def _fake_frames(seed, seconds, expressions, rig, every):
                 exprs.append(Expression(f"the {word} {kind} on the {side}", "CAM_FRONT", inst,
                                         np.array([x0, y0, x0 + 60, y0 + 40.0]), instance == inst, hops=int(inst > 1)))
             yield SimpleNamespace(images={"CAM_FRONT": image}, instance={"CAM_FRONT": instance},
+                                  depth={"CAM_FRONT": np.full((270, 480), 10.0, np.float32)},
                                   expressions=exprs[:expressions])
     return world, frames()
 
@@ -786,6 +787,81 @@ def test_train_loop_and_evaluation_report(fake_splits):
     found = [result["threshold_sweep"][t]["found_rate"] for t in sorted(result["threshold_sweep"])]
     assert found == sorted(found, reverse=True)   # a higher threshold never publishes more
     assert len(format_sweep(result).splitlines()) == 1 + len(result["threshold_sweep"])
+    assert "presence_sweep" not in result and result["thresholds"]["presence_threshold"] is None
+
+
+def test_presence_head_learns_absent_commands_and_leaves_the_network_alone(fake_splits):
+    from vg_ros.grounding import train as train_module
+    from vg_ros.grounding.evaluate import evaluate_split, format_sweep
+    from vg_ros.grounding.pipeline import GroundingConfig, published_found
+    train_split, full = fake_splits
+    torch.manual_seed(0)
+    plain = VGLAW(SMALL).eval()
+    grown = VGLAW.grown_from(plain, dataclasses.replace(SMALL, presence_head=True)).eval()
+    batch = train_module.make_batch(train_split, np.arange(len(train_split)), np.random.default_rng(5),
+                                    augment=False, absent=0.5)
+    with torch.no_grad():
+        assert torch.equal(plain(batch["images"], batch["feats"], batch["valid"])["mask_logits"],
+                           grown(batch["images"], batch["feats"], batch["valid"])["mask_logits"])
+    before = {k: v.clone() for k, v in grown.state_dict().items()}
+    model, history = train_module.train(train_split, steps=300, minutes=1, batch=16, init=grown, lr=3e-3,
+                                        presence_only=True, absent=0.5, log=lambda *_: None)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) == (not k.startswith("presence.")) for k in before)
+    with torch.no_grad():
+        presence = model(batch["images"], batch["feats"], batch["valid"])["presence_logits"].sigmoid()
+    present = batch["present"]
+    assert 0 < present.sum() < len(present)
+    assert presence[present].mean() > presence[~present].mean() + 0.3
+    # "found" needs both thresholds; without a head (NaN presence) only the score counts
+    config = GroundingConfig(score_threshold=0.5, presence_threshold=0.6)
+    assert published_found([0.9, 0.9, 0.4, 0.9], [0.7, 0.5, 0.9, float("nan")], config).tolist() == \
+        [True, False, False, True]
+    result = evaluate_split(model, full, controls=False, log=lambda *_: None)
+    assert "presence_sweep" in result
+    assert result["thresholds"]["presence_threshold"] == GroundingConfig().presence_threshold
+    found = [result["presence_sweep"][t]["found_rate"] for t in sorted(result["presence_sweep"])]
+    assert found == sorted(found, reverse=True)
+    assert "presence_threshold" in format_sweep(result)
+    with pytest.raises(ValueError, match="no presence head"):
+        train_module.train(train_split, steps=1, minutes=1, batch=2, init=plain, presence_only=True)
+
+
+def test_relation_negatives_rerun_the_simulator_and_are_scored(fake_splits, encoder, monkeypatch, tmp_path):
+    from vg_ros.grounding import data
+    from vg_ros.grounding.evaluate import evaluate_split, format_report, format_sweep
+    _, full = fake_splits
+    monkeypatch.setattr(data, "_frames", _fake_frames)
+    # the stand-in's commands ("the blue car on the right") hold no relation phrase: no negatives
+    same, negatives = data.relation_negatives(full, [7], 0.4, 4, encoder, every=2)
+    assert same is full and negatives.tolist() == [-1] * len(full)
+    cached, again = data.relation_negatives(full, [7], 0.4, 4, encoder, every=2, cache=tmp_path / "n.npz")
+    assert (tmp_path / "n.npz").exists() and again.tolist() == negatives.tolist()
+    assert data.relation_negatives(full, [], 0.4, 4, encoder, cache=tmp_path / "n.npz")[1].tolist() == again.tolist()
+    with pytest.raises(ValueError, match="not the split's"):
+        data.relation_negatives(full, [7], 0.8, 4, encoder, every=2)   # more frames than rendered
+    # scoring: any text ids work; here each expression's "negative" is the other object's command
+    torch.manual_seed(0)
+    result = evaluate_split(VGLAW(SMALL), full, controls=False, negatives=full.text_index[full.other],
+                            log=lambda *_: None)
+    rel = result["relation_negative"]
+    assert rel["pairs"] == len(full) and 0 <= rel["found_rate"] <= 1 and set(rel["by_hops"]) == {"0", "1"}
+    assert "relation turned around" in format_report(result) and "turned relation" in format_sweep(result)
+    assert all("relation_found_rate" in r for r in result["threshold_sweep"].values())
+    # in training batches a turned command keeps its image unflipped, with an empty mask and no box term
+    from vg_ros.grounding.train import make_batch
+    train_split, _ = fake_splits
+    turned = np.where(np.arange(len(train_split)) % 2 == 0, train_split.text_index[train_split.other], -1)
+    idx = np.arange(len(train_split))
+    batch = make_batch(train_split, idx, np.random.default_rng(2), augment=True, relation=0.99, negatives=turned)
+    swapped = ~batch["present"].numpy()
+    assert swapped.tolist() == (turned >= 0).tolist() and batch["masks"][swapped].sum() == 0
+    feats, _ = train_split.text_batch(turned[swapped])
+    assert torch.equal(batch["feats"][swapped][:, :feats.shape[1]], feats)
+    plain = make_batch(train_split, idx, np.random.default_rng(2), augment=False)
+    # unflipped: the red object stays where it was (up to the small translation)
+    red = lambda images: (images[:, 0] > 0.6).float().mean(1).argmax(1).float()
+    assert (red(batch["images"][swapped]) - red(plain["images"][swapped])).abs().max() <= 64 / 16 + 1
 
 
 def test_batches_from_worker_processes(fake_splits):
@@ -834,7 +910,8 @@ def test_ground_cli_json_png_and_errors(tmp_path, capsys):
     assert vg_main(["ground", str(image_path), "the red car left of the bus", "--json", "--png", str(png),
                     "--weights", str(weights), "--device", "cpu"]) == 0
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert set(record) == {"box", "score", "found", "mask_area", "seconds"} and len(record["box"]) == 4
+    assert set(record) == {"box", "score", "found", "mask_area", "seconds", "presence"} and len(record["box"]) == 4
+    assert record["presence"] is None   # these weights carry no presence head
     assert 0 <= record["score"] <= 1 and 0 <= record["mask_area"] <= 270 * 480
     assert np.asarray(Image.open(png)).shape == (270, 480, 3)
     assert vg_main(["ground", str(tmp_path / "missing.png"), "the car", "--weights", str(weights)]) == 2

@@ -179,6 +179,24 @@ def test_language_relations_and_mixture():
     assert mask_box(np.zeros((4, 4), bool)).tolist() == [0, 0, 0, 0]
 
 
+def test_relation_negative_turns_the_relation_only_where_nothing_fits():
+    from vg_ros.sim.language import relation_negative
+    objs = [_obj(1, "car", "red", "small", 100, 10), _obj(2, "car", "red", "small", 300, 20),
+            _obj(3, "pedestrian", "blue", "large", 200, 15), _obj(4, "cone", "orange", "small", 400, 8)]
+    rng = np.random.default_rng(0)
+    # the cone is right of the person and nearer: turned around, nothing is left of it / behind it
+    negative = relation_negative(objs, "the cone right of the person", rng)
+    assert negative.startswith("the cone ") and "left" in negative and negative.endswith(" the person")
+    assert resolve(objs, negative) == []
+    negative = relation_negative(objs, "the orange cone in front of the person", rng)
+    assert negative.startswith("the orange cone ") and negative.endswith(" the person")
+    assert any(word in negative for word in ("behind", "farther", "further")) and resolve(objs, negative) == []
+    # the red car left of the person turned around names the other red car: no negative
+    assert relation_negative(objs, "the red car to the left of the person", rng) is None
+    assert relation_negative(objs, "the red car", rng) is None                       # zero-hop
+    assert relation_negative(objs, "the cone right of the red car", rng) is None      # anchor not unique
+
+
 def test_flags_skip_work_and_arrays_repeat():
     rig = Rig.load("default")
     a = next(simulate(4, 0.1, rig, cameras=False, occupancy=False, expressions=0))

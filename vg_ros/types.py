@@ -191,7 +191,8 @@ class OdometryResult:
 @dataclass
 class GroundingResult:
     """The target a command refers to in one image. `box` (x0, y0, x1, y1) pixels; `mask` (H, W) bool.
-    `found` False means the score is under threshold: box and mask must not be used."""
+    `found` False means the score (or the presence) is under threshold: box and mask must not be used.
+    `presence`: P(the command's referent is in the image) from the weights' presence head; NaN without one."""
 
     stamp_ns: int
     command: str
@@ -201,6 +202,7 @@ class GroundingResult:
     mask: np.ndarray
     seconds: float = 0.0
     position: np.ndarray | None = None  # (3,) target centre in the LiDAR/base frame, when a cloud was given
+    presence: float = float("nan")
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """`vg-ros ground IMAGE "the red car left of the bus"`: ground one command in one image file.
 
 Prints the box (x0 y0 x1 y1 pixels), score, found, mask area (pixels) and seconds; `--json` prints one
-JSON object with keys box, score, found, mask_area, seconds; `--png OUT.png` writes an overlay (mask
-tinted, box drawn; red box = under the score threshold, i.e. "not found").
+JSON object with keys box, score, found, mask_area, seconds and presence (the presence head's P(the
+command's referent is in the image); null for weights without one); `--png OUT.png` writes an overlay
+(mask tinted, box drawn; red box = under the score or presence threshold, i.e. "not found").
 """
 from __future__ import annotations
 
@@ -57,6 +58,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--weights", default="default", help="safetensors file, or 'default'")
     ap.add_argument("--config", default="tiny", choices=("tiny", "base"))
     ap.add_argument("--score-threshold", type=float, default=None, help="override the found threshold")
+    ap.add_argument("--presence-threshold", type=float, default=None,
+                    help="override the presence head's found threshold (weights with a presence head)")
     ap.add_argument("--device", default="auto", choices=("cpu", "cuda", "auto"))
     args = ap.parse_args(argv)
 
@@ -68,8 +71,9 @@ def main(argv: list[str]) -> int:
         from vg_ros.types import CameraFrame, CameraModel
 
         cfg = GroundingConfig(model=args.config)
-        if args.score_threshold is not None:
-            cfg = cfg.replace(score_threshold=args.score_threshold)
+        for name in ("score_threshold", "presence_threshold"):
+            if getattr(args, name) is not None:
+                cfg = cfg.replace(**{name: getattr(args, name)})
         pipe = GroundingPipeline(cfg, weights=args.weights, device=args.device)
         pipe.set_command(args.command)
         H, W = image.shape[:2]
@@ -78,7 +82,8 @@ def main(argv: list[str]) -> int:
     except ValueError as exc:
         raise UserError(str(exc)) from exc
     record = {"box": [round(float(v), 1) for v in result.box], "score": round(result.score, 4),
-              "found": bool(result.found), "mask_area": int(result.mask.sum()), "seconds": round(result.seconds, 4)}
+              "found": bool(result.found), "mask_area": int(result.mask.sum()), "seconds": round(result.seconds, 4),
+              "presence": round(result.presence, 4) if np.isfinite(result.presence) else None}
     if args.png:
         from PIL import Image
         try:
@@ -89,8 +94,10 @@ def main(argv: list[str]) -> int:
         print(json.dumps(record))
     else:
         x0, y0, x1, y1 = record["box"]
-        state = "found" if result.found else "NOT FOUND (score under threshold)"
-        print(f"{state}: box {x0} {y0} {x1} {y1}  score {record['score']:.3f}  mask area {record['mask_area']} px  "
+        state = "found" if result.found else "NOT FOUND (score or presence under threshold)"
+        presence = "" if record["presence"] is None else f"  presence {record['presence']:.3f}"
+        print(f"{state}: box {x0} {y0} {x1} {y1}  score {record['score']:.3f}{presence}  "
+              f"mask area {record['mask_area']} px  "
               f"{record['seconds'] * 1000:.1f} ms" + (f"  overlay {args.png}" if args.png else ""))
     sys.stdout.flush()
     return 0

@@ -17,7 +17,7 @@ import json
 import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -153,6 +153,17 @@ def _frames(seed: int, seconds: float, expressions: int, rig: str, every: int):
                                                    expressions=expressions)
 
 
+def _camera_expressions(seed: int, seconds: float, expressions: int, rig: str, every: int):
+    """(world, frame, camera, that camera's expressions) of one seed, in the order a split stores them."""
+    world, frames = _frames(int(seed), seconds, expressions, rig, every)
+    for frame in frames:
+        by_camera: dict[str, list] = {}
+        for expr in frame.expressions:
+            by_camera.setdefault(expr.camera, []).append(expr)
+        for camera, exprs in by_camera.items():
+            yield world, frame, camera, exprs
+
+
 def text_features(encoder, texts: list[str], device: str | torch.device = "cpu", chunk: int = 64
                   ) -> tuple[np.ndarray, np.ndarray]:
     """The frozen encoder's token features of `texts`, (T, max_tokens, dim) float16 zero-padded, and their
@@ -175,31 +186,26 @@ def render_split(seeds, seconds: float, expressions: int, size: tuple[int, int] 
     expr_image, texts_raw, boxes, masks, hops, instance = [], [], [], [], [], []
     t0 = time.time()
     for seed in seeds:
-        world, frames = _frames(int(seed), seconds, expressions, rig, every)
-        for frame in frames:
-            by_camera: dict[str, list] = {}
-            for expr in frame.expressions:
-                by_camera.setdefault(expr.camera, []).append(expr)
-            for camera, exprs in by_camera.items():
-                image = np.asarray(frame.images[camera])
-                H, W = image.shape[:2]
-                if size is None:
-                    stored = image.astype(np.uint8)
-                else:
-                    stored = (resize_image(image, size).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-                image_id = len(images)
-                images.append(stored)
-                image_seed.append(int(seed))
-                present.append(present_descriptors(world, frame.instance[camera]))
-                for expr in exprs:
-                    x0, y0, x1, y1 = np.asarray(expr.box, dtype=np.float64)
-                    expr_image.append(image_id)
-                    texts_raw.append(str(expr.text))
-                    boxes.append([x0 / W, y0 / H, x1 / W, y1 / H])
-                    mask = np.asarray(expr.mask, dtype=bool)
-                    masks.append(mask if size is None else resize_mask(mask, size))
-                    hops.append(int(expr.hops))
-                    instance.append(int(expr.instance_id))
+        for world, frame, camera, exprs in _camera_expressions(seed, seconds, expressions, rig, every):
+            image = np.asarray(frame.images[camera])
+            H, W = image.shape[:2]
+            if size is None:
+                stored = image.astype(np.uint8)
+            else:
+                stored = (resize_image(image, size).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+            image_id = len(images)
+            images.append(stored)
+            image_seed.append(int(seed))
+            present.append(present_descriptors(world, frame.instance[camera]))
+            for expr in exprs:
+                x0, y0, x1, y1 = np.asarray(expr.box, dtype=np.float64)
+                expr_image.append(image_id)
+                texts_raw.append(str(expr.text))
+                boxes.append([x0 / W, y0 / H, x1 / W, y1 / H])
+                mask = np.asarray(expr.mask, dtype=bool)
+                masks.append(mask if size is None else resize_mask(mask, size))
+                hops.append(int(expr.hops))
+                instance.append(int(expr.instance_id))
         log(f"[grounding data] seed {seed}: {len(images)} images, {len(expr_image)} expressions "
             f"({time.time() - t0:.0f} s)")
     if not expr_image:
@@ -227,6 +233,49 @@ def render_split(seeds, seconds: float, expressions: int, size: tuple[int, int] 
         instance=instance_arr, other=other, texts=np.asarray(unique), text_feats=feats, text_len=lengths)
 
 
+def relation_negatives(split: GroundingSplit, seeds, seconds: float, expressions: int, encoder,
+                       rig: str = "default", every: int = EVERY, cache: Path | None = None
+                       ) -> tuple[GroundingSplit, np.ndarray]:
+    """Per expression of `split` (rendered by `render_split` with these arguments) a command whose object and
+    anchor are both in the image but not in the named relation (`sim.language.relation_negative`: "the red
+    car left of the bus" where the only red car is right of it). The simulator is re-run for `seeds` and
+    must give the split's expressions in the split's order (ValueError otherwise); `cache` (an .npz path)
+    keeps the negatives' texts and features for the next call. Returns (the split with the negatives' texts
+    and features appended, (E,) the text id of each expression's negative, -1 where the expression has no
+    relation or turning it around still names an object)."""
+    if cache is not None and Path(cache).exists():
+        with np.load(cache, allow_pickle=False) as data:
+            texts, feats, lengths, local = (data[k] for k in ("texts", "feats", "lengths", "index"))
+        if len(local) != len(split):
+            raise ValueError(f"relation_negatives: {cache} holds {len(local)} expressions, the split {len(split)}")
+    else:
+        from vg_ros.sim.language import relation_negative, visible_objects
+        rng = np.random.default_rng(0)
+        seen, negatives = [], []
+        for seed in seeds:
+            for world, frame, camera, exprs in _camera_expressions(seed, seconds, expressions, rig, every):
+                objs = visible_objects(world, frame.instance[camera], frame.depth[camera])
+                for expr in exprs:
+                    seen.append(str(expr.text))
+                    negatives.append(relation_negative(objs, str(expr.text), rng) if expr.hops else None)
+        if seen != [str(split.texts[i]) for i in split.text_index]:
+            raise ValueError("relation_negatives: the simulator's expressions are not the split's (other seeds, "
+                             "seconds or expressions than it was rendered with?)")
+        texts = np.asarray(sorted({n for n in negatives if n}), dtype=str)
+        lookup = {t: i for i, t in enumerate(texts)}
+        local = np.asarray([lookup[n] if n else -1 for n in negatives], np.int32)
+        feats, lengths = text_features(encoder, list(texts)) if len(texts) else (
+            np.zeros((0,) + split.text_feats.shape[1:], np.float16), np.zeros(0, np.int32))
+        if cache is not None:
+            np.savez(cache, texts=texts, feats=feats, lengths=lengths, index=local)
+    if not len(texts):
+        return split, local
+    merged = replace(split, texts=np.concatenate([split.texts.astype(object), texts]).astype(str),
+                     text_feats=np.concatenate([split.text_feats, feats]),
+                     text_len=np.concatenate([split.text_len, lengths]))
+    return merged, np.where(local >= 0, local + len(split.texts), -1).astype(np.int32)
+
+
 def cache_path(seeds, seconds: float, expressions: int, size: tuple[int, int] | None, rig: str, encoder) -> Path:
     key = json.dumps({"seeds": [int(s) for s in seeds], "seconds": seconds, "expressions": expressions, "every": EVERY,
                       "size": size, "rig": rig, "text": str(encoder.model_dir), "format": FORMAT})
@@ -247,6 +296,15 @@ def load_or_render(seeds, seconds: float, expressions: int, size: tuple[int, int
     split.save(path)
     log(f"[grounding data] wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return split
+
+
+def load_with_negatives(seeds, seconds: float, expressions: int, size: tuple[int, int] | None, encoder,
+                        rig: str = "default", log=print) -> tuple[GroundingSplit, np.ndarray]:
+    """`load_or_render` and the split's `relation_negatives` (cached beside it): (split, negatives)."""
+    seeds = list(seeds)
+    split = load_or_render(seeds, seconds, expressions, size, encoder, rig, log)
+    path = cache_path(seeds, seconds, expressions, size, rig, encoder).with_suffix(".relation_negatives.npz")
+    return relation_negatives(split, seeds, seconds, expressions, encoder, rig, cache=path)
 
 
 if __name__ == "__main__":  # pragma: no cover - manual pre-render: python -m vg_ros.grounding.data 0-39 2.0 8

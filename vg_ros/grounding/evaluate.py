@@ -2,7 +2,10 @@
 
 Reports Prec@0.5, mask mIoU and oIoU per hop count; how often a command whose referent is NOT in the image
 is still answered as found (`absent`: each image paired with another expression of the split whose target
-noun phrase admits nothing in it; the node should publish "not found"); and two controls:
+noun phrase admits nothing in it; the node should publish "not found"); how often a command whose object and
+anchor are both in the image, but not in the named relation, is answered as found (`relation_negative`:
+"the red car left of the bus" turned into "... right of the bus" where no red car is; `data.relation_negatives`
+re-runs the simulator for them); and two controls:
 
 * `phi_zero`: the same weights with the language-adaptive weights disabled (Phi fixed at zero, W0 only);
   the heads still see the [CLS] feature. (An inference-time ablation; `vg-ros train grounding
@@ -30,6 +33,7 @@ from vg_ros.grounding.model import VGLAW, cxcywh_to_xyxy
 
 DEFAULT_VAL_SEEDS = "1000-1011"
 SWEEP_THRESHOLDS = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)   # score_threshold candidates (--sweep)
+PRESENCE_SWEEP = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # presence_threshold candidates (--sweep)
 
 
 @torch.no_grad()
@@ -40,8 +44,8 @@ def predict(model: VGLAW, split, text_index: np.ndarray, *, batch: int = 32, dev
     with `config` (a `GroundingConfig`; None = its defaults).
 
     Returns {"boxes" (n, 4) xyxy pixels as published, "head_boxes" (n, 4) the box head's own, "masks" list of
-    (H, W) bool, "scores" (n,)} at the image size stored in the split (full-size splits give full-resolution
-    results)."""
+    (H, W) bool, "scores" (n,), "presences" (n,) (NaN without a presence head)} at the image size stored
+    in the split (full-size splits give full-resolution results)."""
     from vg_ros.grounding.data import resize_image
     from vg_ros.grounding.pipeline import GroundingConfig, mask_from_logits, published_box
 
@@ -53,7 +57,7 @@ def predict(model: VGLAW, split, text_index: np.ndarray, *, batch: int = 32, dev
     if len(text_index) != len(idx_all):
         raise ValueError(f"text_index: {len(text_index)} texts for {len(idx_all)} expressions")
     H, W = split.size
-    boxes, head_boxes, masks, scores = [], [], [], []
+    boxes, head_boxes, masks, scores, presences = [], [], [], [], []
     for start in range(0, len(idx_all), batch):
         idx = idx_all[start:start + batch]
         images = torch.stack([resize_image(split.images[i], (spec.img_h, spec.img_w))
@@ -61,6 +65,8 @@ def predict(model: VGLAW, split, text_index: np.ndarray, *, batch: int = 32, dev
         feats, valid = split.text_batch(text_index[start:start + batch])
         out = model.forward_visual(images, model.generate(feats.to(device), valid.to(device)), use_language_weights)
         head = cxcywh_to_xyxy(out["boxes"].double()).cpu().numpy() * [W, H, W, H]
+        presences.append(out["presence_logits"].sigmoid().cpu().numpy() if "presence_logits" in out
+                           else np.full(len(idx), np.nan))
         for b in range(len(idx)):
             mask, score = mask_from_logits(out["mask_logits"][b], (H, W), config.mask_threshold, config.single_region)
             masks.append(mask)
@@ -68,16 +74,18 @@ def predict(model: VGLAW, split, text_index: np.ndarray, *, batch: int = 32, dev
             boxes.append(published_box(mask, head[b], config.box_source))
         head_boxes.append(head)
     return {"boxes": np.stack(boxes), "head_boxes": np.concatenate(head_boxes), "masks": masks,
-            "scores": np.asarray(scores)}
+            "scores": np.asarray(scores), "presences": np.concatenate(presences)}
 
 
-def evaluate_split(model: VGLAW, split, *, device="cpu", batch: int = 32, score_threshold: float | None = None,
-                   controls: bool = True, absent: bool = True, log=print) -> dict:
-    """All numbers for one held-out split: {"main", "absent", "phi_zero", "mismatched", "chance", ...}
-    reports. `score_threshold` (None: the pipeline's default) decides what would be published as found."""
-    if score_threshold is None:
-        from vg_ros.grounding.pipeline import GroundingConfig
-        score_threshold = GroundingConfig().score_threshold
+def evaluate_split(model: VGLAW, split, *, device="cpu", batch: int = 32, config=None,
+                   controls: bool = True, absent: bool = True, negatives: np.ndarray | None = None,
+                   log=print) -> dict:
+    """All numbers for one held-out split: {"main", "absent", "relation_negative", "phi_zero", "mismatched",
+    "chance", ...} reports. `config` (a `GroundingConfig`; None: the pipeline's defaults) decides what would
+    be published as found (`pipeline.published_found`: its score and presence thresholds). `negatives`
+    (E,): per expression the text id of its relation-turned negative or -1 (`data.relation_negatives`)."""
+    from vg_ros.grounding.pipeline import GroundingConfig, published_found
+    config = config or GroundingConfig()
     H, W = split.size
     gt_boxes = split.boxes.astype(np.float64) * [W, H, W, H]
     gt_masks = [split.masks(i) for i in range(len(split))]
@@ -85,26 +93,51 @@ def evaluate_split(model: VGLAW, split, *, device="cpu", batch: int = 32, score_
     t0 = time.time()
     main = predict(model, split, split.text_index, batch=batch, device=device)
     correct = metrics.mask_ious(main["masks"], gt_masks) >= 0.5
-    absent_scores = None
+    absent_run = None
     if absent:
         image_ids, first = np.unique(split.expr_image, return_index=True)
         texts = split.absent_texts(image_ids, np.random.default_rng(0))
         keep = texts >= 0
-        absent_scores = predict(model, split, texts[keep], batch=batch, device=device,
-                                expr_subset=first[keep])["scores"]
+        absent_run = predict(model, split, texts[keep], batch=batch, device=device, expr_subset=first[keep])
+    relation_run, has_negative = None, np.flatnonzero(negatives >= 0) if negatives is not None else None
+    if has_negative is not None and len(has_negative):
+        relation_run = predict(model, split, negatives[has_negative], batch=batch, device=device,
+                               expr_subset=has_negative)
+    refusals = {"absent_found_rate": absent_run, "relation_found_rate": relation_run}
+    found = published_found(main["scores"], main["presences"], config)
+    # what each candidate threshold would publish, the other threshold kept at the config's
+    candidates = {"threshold_sweep": [("score_threshold", t) for t in SWEEP_THRESHOLDS]}
+    if np.isfinite(main["presences"]).all():
+        candidates["presence_sweep"] = [("presence_threshold", t) for t in PRESENCE_SWEEP]
     result = {"count": len(split), "images": int(len(split.images)),
               "main": metrics.grounding_report(main["boxes"], gt_boxes, main["masks"], gt_masks, hops),
               "box_head": metrics.grounding_report(main["head_boxes"], gt_boxes, main["masks"], gt_masks, hops),
-              "found_rate": float((main["scores"] >= score_threshold).mean()),
-              "found": metrics.found_report(main["scores"] >= score_threshold, correct),
-              "threshold_sweep": {f"{t:.2f}": metrics.found_report(main["scores"] >= t, correct)
-                                  for t in SWEEP_THRESHOLDS},
+              "found_rate": float(found.mean()), "found": metrics.found_report(found, correct),
+              "thresholds": {"score_threshold": config.score_threshold,
+                             "presence_threshold": config.presence_threshold
+                             if "presence_sweep" in candidates else None},
               "seconds_per_expression": (time.time() - t0) / len(split)}
-    if absent_scores is not None:
-        result["absent"] = {"pairs": int(len(absent_scores)), "images": int(len(split.images)),
-                            "found_rate": float((absent_scores >= score_threshold).mean())}
-        for t, report in result["threshold_sweep"].items():
-            report["absent_found_rate"] = float((absent_scores >= float(t)).mean())
+    for key, options in candidates.items():
+        result[key] = {}
+        for name, t in options:
+            cfg = config.replace(**{name: t})
+            report = metrics.found_report(published_found(main["scores"], main["presences"], cfg), correct)
+            for name, run in refusals.items():
+                if run is not None:
+                    report[name] = float(published_found(run["scores"], run["presences"], cfg).mean())
+            result[key][f"{t:.2f}"] = report
+    if absent_run is not None:
+        result["absent"] = {"pairs": int(len(absent_run["scores"])), "images": int(len(split.images)),
+                            "found_rate": float(published_found(absent_run["scores"], absent_run["presences"],
+                                                                config).mean())}
+    if relation_run is not None:
+        found_negative = published_found(relation_run["scores"], relation_run["presences"], config)
+        # a found negative usually paints the object the command names, ignoring the turned relation
+        on_target = metrics.mask_ious(relation_run["masks"], [gt_masks[i] for i in has_negative]) >= 0.5
+        result["relation_negative"] = {"pairs": int(len(has_negative)), "found_rate": float(found_negative.mean()),
+                                       "mask_on_the_original_target": float(on_target.mean()),
+                                       "by_hops": {str(h): float(found_negative[hops[has_negative] == h].mean())
+                                                   for h in np.unique(hops[has_negative])}}
     log(f"[grounding eval] main done ({time.time() - t0:.0f} s)")
     if not controls:
         return result
@@ -120,7 +153,8 @@ def evaluate_split(model: VGLAW, split, *, device="cpu", batch: int = 32, score_
         # the prediction for the other command against the other object's own ground truth
         result["mismatched_vs_own_target"] = metrics.grounding_report(
             swapped["boxes"], gt_boxes[other], swapped["masks"], [gt_masks[i] for i in other], hops[other])
-        result["mismatched_found_rate"] = float((swapped["scores"] >= score_threshold).mean())
+        result["mismatched_found_rate"] = float(published_found(swapped["scores"], swapped["presences"],
+                                                                config).mean())
         overlap = np.atleast_1d(metrics.box_iou(gt_boxes[other], gt_boxes[has_other]))
         # picking one of the image's referred objects at random hits the target with probability 1 / k
         per_image_k = {img: len(np.unique(split.instance[split.expr_image == img])) for img in np.unique(split.expr_image)}
@@ -145,12 +179,19 @@ def coverage_map_ious(gt_masks: list[np.ndarray], grid_hw: tuple[int, int]) -> n
 
 
 def format_sweep(result: dict) -> str:
-    """What each candidate `score_threshold` would publish: one line per threshold."""
-    lines = ["score_threshold  found %  correct among found %  wrong held back %  right kept %  found on absent %"]
-    for t, f in result["threshold_sweep"].items():
-        lines.append(f"{t:>15}  {100 * f['found_rate']:7.1f}  {100 * f['precision']:20.1f}  "
-                     f"{100 * f['wrong_rejected']:17.1f}  {100 * f['right_kept']:12.1f}  "
-                     f"{100 * f.get('absent_found_rate', float('nan')):17.1f}")
+    """What each candidate `score_threshold` (and `presence_threshold`, with a presence head) would
+    publish, the other threshold at its configured value: one line per candidate."""
+    lines = []
+    for key, name in (("threshold_sweep", "score_threshold"), ("presence_sweep", "presence_threshold")):
+        if key not in result:
+            continue
+        lines.append(f"{name:>20}  found %  correct among found %  wrong held back %  right kept %  found on absent %"
+                     "  found on turned relation %")
+        for t, f in result[key].items():
+            lines.append(f"{t:>20}  {100 * f['found_rate']:7.1f}  {100 * f['precision']:20.1f}  "
+                         f"{100 * f['wrong_rejected']:17.1f}  {100 * f['right_kept']:12.1f}  "
+                         f"{100 * f.get('absent_found_rate', float('nan')):17.1f}  "
+                         f"{100 * f.get('relation_found_rate', float('nan')):26.1f}")
     return "\n".join(lines)
 
 
@@ -180,6 +221,12 @@ def format_report(result: dict) -> str:
         a = result["absent"]
         lines.append(f"{'absent referent':>24}: published as found for {100 * a['found_rate']:.1f} % of {a['pairs']} "
                      "images paired with a command about something not in them (right: not found)")
+    if "relation_negative" in result:
+        r = result["relation_negative"]
+        lines.append(f"{'relation turned around':>24}: published as found for {100 * r['found_rate']:.1f} % of "
+                     f"{r['pairs']} commands whose object and anchor are in the image but not in that relation "
+                     f"(right: not found); the mask on the object the original command meant: "
+                     f"{100 * r['mask_on_the_original_target']:.1f} %")
     if "chance" in result:
         chance = result["chance"]
         lines.append(f"{'chance':>24}: the other object's own box hits the target (IoU>=0.5) in "
@@ -191,7 +238,7 @@ def format_report(result: dict) -> str:
 
 def main(argv: list[str]) -> int:
     from vg_ros.cli import UserError
-    from vg_ros.grounding.data import load_or_render, parse_seeds
+    from vg_ros.grounding.data import load_or_render, load_with_negatives, parse_seeds
     from vg_ros.grounding.pipeline import default_weights_path, load_weights, resolve_device
     from vg_ros.grounding.text import TextEncoder
 
@@ -207,6 +254,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--json", dest="json_out", default="", help="also write the numbers to this JSON file")
     ap.add_argument("--resolution-cap", action="store_true",
                     help="also print what a perfect mask map at 1/4 and 1/2 of the model input would score")
+    ap.add_argument("--no-relation-negatives", action="store_true",
+                    help="skip the commands with their relation turned around (they re-run the simulator)")
     ap.add_argument("--sweep", action="store_true",
                     help="also print what each candidate score_threshold would publish (choose it on dev seeds)")
     args = ap.parse_args(argv)
@@ -219,10 +268,14 @@ def main(argv: list[str]) -> int:
         train_seeds = set(parse_seeds(meta["train_seeds"])) if meta.get("train_seeds") else set()
         if train_seeds & set(seeds):
             raise UserError(f"seeds {sorted(train_seeds & set(seeds))[:5]} were used in training: not held out")
-        split = load_or_render(seeds, args.seconds, args.expressions, None, TextEncoder(), log=print)
+        encoder = TextEncoder()
+        if args.no_relation_negatives:
+            split, negatives = load_or_render(seeds, args.seconds, args.expressions, None, encoder, log=print), None
+        else:
+            split, negatives = load_with_negatives(seeds, args.seconds, args.expressions, None, encoder, log=print)
     except ValueError as exc:
         raise UserError(str(exc)) from exc
-    result = evaluate_split(model, split, device=device, controls=not args.no_controls)
+    result = evaluate_split(model, split, device=device, controls=not args.no_controls, negatives=negatives)
     result["weights"] = str(path)
     result["seeds"] = args.seeds
     print(format_report(result))

@@ -59,6 +59,7 @@ class VGLAWSpec:
     box_reference: bool = False  # box centre as an offset from the pooling's centre of mass (BoxHead)
     mask_skip: bool = False  # mask head also reads the conv stem's 1/8 and 1/4 feature maps (MaskHead)
     mask_refine: bool = False  # mask logits refined at 1/2 resolution from the stem's 1/2 map (MaskRefiner)
+    presence_head: bool = False  # P(the referent is in the image), for "not found" (PresenceHead; not in the paper)
 
     def __post_init__(self) -> None:
         for name in ("img_h", "img_w", "patch", "width", "depth", "heads", "text_dim", "groups",
@@ -283,20 +284,75 @@ class BoxHead(nn.Module):
             nn.init.normal_(layer.weight, std=layer.in_features ** -0.5)
             nn.init.zeros_(layer.bias)
 
-    def forward(self, visual: torch.Tensor, cls: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """visual (B, N, C), cls (B, d_l) -> boxes (B, 4), attention (B, N)."""
+    def pool(self, visual: torch.Tensor, cls: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The language-adaptive pooling: visual (B, N, C), cls (B, d_l) -> attention (B, N), pooled (B, C)."""
         keys = self.visual_key(visual)
         query = self.text_query(cls)
         attention = torch.einsum("bnk,bk->bn", keys, query).div(math.sqrt(keys.shape[-1])).softmax(dim=-1)
-        pooled = torch.einsum("bn,bnc->bc", attention, visual)
+        return attention, torch.einsum("bn,bnc->bc", attention, visual)
+
+    def forward(self, visual: torch.Tensor, cls: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """visual (B, N, C), cls (B, d_l) -> boxes (B, 4), attention (B, N)."""
+        attention, pooled = self.pool(visual, cls)
+        return self.regress(attention, pooled), attention
+
+    def regress(self, attention: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        """The box (B, 4) from the pooling's `attention` (B, N) and `pooled` feature (B, C)."""
         raw = self.mlp(pooled)
         if not self.anchored:
-            return raw.sigmoid(), attention
+            return raw.sigmoid()
         if attention.shape[1] != self.token_centres.shape[0]:
             raise ValueError(f"BoxHead: {attention.shape[1]} tokens, but the grid has {self.token_centres.shape[0]}")
         reference = attention @ self.token_centres                                   # (B, 2) in (0, 1)
         centre = (torch.logit(reference, eps=1e-4) + raw[:, :2]).sigmoid()
-        return torch.cat([centre, raw[:, 2:].sigmoid()], dim=1), attention
+        return torch.cat([centre, raw[:, 2:].sigmoid()], dim=1)
+
+
+class PresenceHead(nn.Module):
+    """P(the command's referent is in the image), from what the network already computed: not in the paper.
+
+    The mask head always paints something, and its mean probability (the pipeline's `score`) stays high for
+    a command about an object the image does not show: it paints the nearest look-alike. This head reads the
+    box head's language-adaptive pooling (where the command looks, and what it finds there), the [CLS]
+    feature, the best match of any visual token with the command (a per-token score, its max and soft max),
+    and statistics of the mask logits and the pooling attention (`presence_stats`), and is trained
+    with a binary cross-entropy on whether the referent is present (`train --presence-only`: commands about
+    absent objects and commands with their relation turned around are the negatives). Its inputs are
+    detached: it never changes the network's masks or boxes."""
+
+    STATS = 6
+
+    def __init__(self, width: int, text_dim: int, hidden: int = 64) -> None:
+        super().__init__()
+        self.text = nn.Linear(text_dim, width)
+        self.norm = nn.LayerNorm(width)
+        # every token scored against the command: is anything in the image what the command names?
+        self.token_text = nn.Linear(text_dim, width)
+        self.token_norm = nn.LayerNorm(width)
+        self.token_score = nn.Linear(width, 1)
+        self.mlp = nn.Sequential(nn.Linear(3 * width + self.STATS + 2, hidden), nn.GELU(), nn.Linear(hidden, 1))
+
+    def forward(self, pooled: torch.Tensor, cls: torch.Tensor, stats: torch.Tensor,
+                tokens: torch.Tensor) -> torch.Tensor:
+        """pooled (B, C), cls (B, d_l), stats (B, STATS), tokens (B, N, C) the final visual tokens -> logits (B,)."""
+        visual, text = self.norm(pooled), self.text(cls)
+        match = self.token_score(F.gelu(self.token_norm(tokens) * self.token_text(cls)[:, None]))[..., 0]   # (B, N)
+        best = torch.stack([match.max(1).values, torch.logsumexp(match, 1) - math.log(match.shape[1])], dim=1)
+        return self.mlp(torch.cat([visual, text, visual * text, stats, best], dim=1))[:, 0]
+
+
+def presence_stats(mask_logits: torch.Tensor, attention: torch.Tensor,
+                     threshold: float = MASK_THRESHOLD) -> torch.Tensor:
+    """(B, PresenceHead.STATS) from mask logits (B, H, W) and the pooling attention (B, N): the peak mask
+    probability, the mean probability over the pixels above `threshold`, log of their share of the image,
+    log of the mean probability (soft area), the attention's peak and its normalised entropy."""
+    prob = mask_logits.flatten(1).float().sigmoid()
+    above = (prob > threshold).float()
+    count = above.sum(1)
+    inside_mean = (prob * above).sum(1) / count.clamp(min=1)
+    entropy = -(attention * attention.clamp(min=1e-9).log()).sum(1) / math.log(attention.shape[1])
+    return torch.stack([prob.max(1).values, inside_mean, torch.log(count / prob.shape[1] + 1e-4),
+                        torch.log(prob.mean(1) + 1e-4), attention.max(1).values, entropy], dim=1)
 
 
 class MaskHead(nn.Module):
@@ -496,6 +552,7 @@ class VGLAW(nn.Module):
         skip_channels = ((self.patch_embed.channels(8), self.patch_embed.channels(4)) if spec.mask_skip else None)
         refine_channels = self.patch_embed.channels(2) if spec.mask_refine else 0
         self.mask_head = MaskHead(C, spec.text_dim, spec.mask_dim, skip_channels, refine_channels)
+        self.presence = PresenceHead(C, spec.text_dim) if spec.presence_head else None
         self.register_buffer("pixel_mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
         self.apply(self._init)
@@ -514,14 +571,17 @@ class VGLAW(nn.Module):
     @classmethod
     def grown_from(cls, model: "VGLAW", spec: VGLAWSpec) -> "VGLAW":
         """A `spec` network carrying `model`'s weights, where `spec` only adds the mask head's skip joins
-        (`mask_skip`) and/or its refiner (`mask_refine`): they start at zero, so the result computes exactly
-        what `model` did. ValueError for any other change of architecture."""
-        if (replace(model.spec, mask_skip=spec.mask_skip, mask_refine=spec.mask_refine) != spec
-                or (model.spec.mask_skip and not spec.mask_skip) or (model.spec.mask_refine and not spec.mask_refine)):
-            raise ValueError("grown_from: the specs differ in more than added mask_skip / mask_refine")
+        (`mask_skip`), its refiner (`mask_refine`) and/or the presence head (`presence_head`): the first
+        two start at zero, so the result computes exactly what `model` did; the presence head starts
+        untrained. ValueError for any other change of architecture."""
+        added = ("mask_skip", "mask_refine", "presence_head")
+        if (replace(model.spec, **{k: getattr(spec, k) for k in added}) != spec
+                or any(getattr(model.spec, k) and not getattr(spec, k) for k in added)):
+            raise ValueError("grown_from: the specs differ in more than added mask_skip / mask_refine / presence_head")
         grown = cls(spec)
         missing, unexpected = grown.load_state_dict(model.state_dict(), strict=False)
-        if unexpected or any(not k.startswith(("mask_head.skip8.", "mask_head.skip4.", "mask_head.refine."))
+        if unexpected or any(not k.startswith(("mask_head.skip8.", "mask_head.skip4.", "mask_head.refine.",
+                                               "presence."))
                              for k in missing):
             raise ValueError(f"grown_from: cannot map the weights (missing {missing[:3]}, unexpected {unexpected[:3]})")
         return grown.to(next(model.parameters()).device)
@@ -559,7 +619,8 @@ class VGLAW(nn.Module):
                        box_head: bool = True) -> dict[str, torch.Tensor]:
         """images (B, 3, H, W) float in [0, 1] at the spec's size -> {"boxes" (B, 4) cx cy w h in [0, 1],
         "mask_logits" (B, H, W), "pool" (B, N), "visual" (B, N, C) the final tokens, "fmap_hw" the token grid
-        (gh, gw)}. `use_language_weights=False` runs the plain W0 backbone (the Phi = 0 ablation); heads still
+        (gh, gw)}, and with a presence head "presence_logits" (B,) and its (detached) "presence_inputs".
+        `use_language_weights=False` runs the plain W0 backbone (the Phi = 0 ablation); heads still
         see the [CLS] feature. `box_head=False` leaves out "boxes" and "pool" (a caller that needs the box
         only sometimes runs `self.box_head(out["visual"], weights.cls)` then)."""
         spec = self.spec
@@ -592,8 +653,14 @@ class VGLAW(nn.Module):
         head = weights.head if weights.head is not None else self.mask_head.command_tensors(cls)
         mask_logits = self.mask_head(visual.view(B, gh, gw, spec.width), head, (spec.img_h, spec.img_w), skips)
         out = {"mask_logits": mask_logits, "visual": visual, "fmap_hw": (gh, gw)}
+        if box_head or self.presence is not None:
+            attention, pooled = self.box_head.pool(visual, cls)
         if box_head:
-            out["boxes"], out["pool"] = self.box_head(visual, cls)
+            out["boxes"], out["pool"] = self.box_head.regress(attention, pooled), attention
+        if self.presence is not None:
+            inputs = (pooled.detach(), cls.detach(), presence_stats(mask_logits.detach(), attention.detach()),
+                      visual.detach())
+            out["presence_inputs"], out["presence_logits"] = inputs, self.presence(*inputs)
         return out
 
     def forward(self, images, text_feats, valid, use_language_weights: bool = True):

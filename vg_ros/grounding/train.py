@@ -18,6 +18,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -30,11 +31,14 @@ DEFAULT_TRAIN_SEEDS = "0-399"
 DEFAULT_DEV_SEEDS = "900-911"   # monitoring during training: neither trained on nor the held-out test seeds
 
 
-def make_batch(split, idx: np.ndarray, rng: np.random.Generator, augment: bool, absent: float = 0.0
-               ) -> dict[str, torch.Tensor]:
+def make_batch(split, idx: np.ndarray, rng: np.random.Generator, augment: bool, absent: float = 0.0,
+               relation: float = 0.0, negatives: np.ndarray | None = None) -> dict[str, torch.Tensor]:
     """Images (B, 3, h, w) in [0, 1], text feats/valid, target boxes (B, 4) cxcywh, masks (B, h, w), and
     "present" (B,) bool. About an `absent` fraction of the expressions keep their image but get a command
-    whose referent is not in it (`GroundingSplit.absent_texts`): an empty target mask, no box target."""
+    whose referent is not in it (`GroundingSplit.absent_texts`), and about a `relation` fraction of those
+    with one get their relation-turned negative (`negatives` (E,) text ids, -1 = none;
+    `data.relation_negatives`; never flipped, as its mirrored text is not cached): an empty target mask, no
+    box target."""
     images = torch.from_numpy(split.images[split.expr_image[idx]]).permute(0, 3, 1, 2).float() / 255
     masks = torch.from_numpy(split.masks(idx)).float()
     boxes = torch.from_numpy(split.boxes[idx].astype(np.float32))
@@ -47,9 +51,16 @@ def make_batch(split, idx: np.ndarray, rng: np.random.Generator, augment: bool, 
         text_index[swap] = texts
         masks[swap] = 0
         present[swap] = False
+    keep_side = np.zeros(len(idx), bool)
+    if relation > 0 and negatives is not None:
+        turned = np.flatnonzero((rng.random(len(idx)) < relation) & present & (negatives[idx] >= 0))
+        text_index[turned] = negatives[idx[turned]]
+        masks[turned] = 0
+        present[turned] = False
+        keep_side[turned] = True
     if augment:
         B, _, h, w = images.shape
-        flip = rng.random(B) < 0.5
+        flip = (rng.random(B) < 0.5) & ~keep_side
         if flip.any():
             f = torch.from_numpy(flip)
             images[f] = images[f].flip(-1)
@@ -87,30 +98,32 @@ def make_batch(split, idx: np.ndarray, rng: np.random.Generator, augment: bool, 
 class _Batches(torch.utils.data.IterableDataset):
     """Endless training batches drawn in DataLoader worker processes (each with its own random stream)."""
 
-    def __init__(self, split, batch: int, seed: int, absent: float) -> None:
+    def __init__(self, split, batch: int, seed: int, negatives: dict) -> None:
         super().__init__()
-        self.split, self.batch, self.seed, self.absent = split, batch, seed, absent
+        self.split, self.batch, self.seed, self.negatives = split, batch, seed, negatives
 
     def __iter__(self):
         worker = torch.utils.data.get_worker_info()
         rng = np.random.default_rng([self.seed, worker.id if worker is not None else 0])
-        return _draw(self.split, self.batch, rng, self.absent)
+        return _draw(self.split, self.batch, rng, self.negatives)
 
 
-def _draw(split, batch: int, rng: np.random.Generator, absent: float):
+def _draw(split, batch: int, rng: np.random.Generator, negatives: dict):
     while True:
-        yield make_batch(split, rng.integers(0, len(split), batch), rng, augment=True, absent=absent)
+        yield make_batch(split, rng.integers(0, len(split), batch), rng, augment=True, **negatives)
 
 
 def batches(split, batch: int, rng: np.random.Generator, absent: float, workers: int = 0, seed: int = 0,
-            pin_memory: bool = False):
-    """Endless augmented training batches: drawn in the training loop with `rng` (workers 0), or prepared
-    ahead in `workers` background processes (forked: they share the split's memory), e.g. to keep a GPU fed."""
+            pin_memory: bool = False, relation: float = 0.0, negatives: np.ndarray | None = None):
+    """Endless augmented training batches (`make_batch`'s `absent`, `relation`, `negatives`): drawn in the
+    training loop with `rng` (workers 0), or prepared ahead in `workers` background processes (forked: they
+    share the split's memory), e.g. to keep a GPU fed."""
+    kinds = {"absent": absent, "relation": relation, "negatives": negatives}
     if workers <= 0:
-        yield from _draw(split, batch, rng, absent)
+        yield from _draw(split, batch, rng, kinds)
     _ = split.text_descriptors, split.text_mirror   # computed once here, not once per worker
     fork = "fork" if "fork" in multiprocessing.get_all_start_methods() else None   # no copy of the split
-    loader = iter(torch.utils.data.DataLoader(_Batches(split, batch, seed, absent), batch_size=None,
+    loader = iter(torch.utils.data.DataLoader(_Batches(split, batch, seed, kinds), batch_size=None,
                                               num_workers=workers, pin_memory=pin_memory, prefetch_factor=4,
                                               multiprocessing_context=fork))
     try:
@@ -131,11 +144,16 @@ def train(split, *, config: str = "tiny", steps: int = 3000, minutes: float = 25
           lr: float = 1e-3, weight_decay: float = 0.05, warmup: float = 0.05, seed: int = 0,
           phi_zero: bool = False, device: str | torch.device = "cpu", spec=None, init: VGLAW | None = None,
           w_pool: float = 1.0, absent: float = 0.0, workers: int = 0, monitor=None, monitor_every: int = 0,
+          presence_only: bool = False, relation: float = 0.0, negatives: np.ndarray | None = None,
           log=print) -> tuple[VGLAW, dict]:
     """Train a fresh model (`spec` overrides the named `config`), or continue `init`; returns (model,
     history {"steps", "seconds", "final_loss", "monitor"}). `absent` is the fraction of commands swapped
-    for one whose referent is not in the image (target: an empty mask, so the node can say "not found").
+    for one whose referent is not in the image (target: an empty mask, so the node can say "not found");
+    `relation` the fraction swapped for their relation-turned negative (`negatives`, from
+    `data.relation_negatives`; same target).
     `workers` > 0 prepares the batches in that many background processes (`batches`).
+    A model with a presence head trains it alongside (on detached inputs; label: the batch's "present");
+    `presence_only` trains the head alone on the frozen network (`init`, in eval mode).
     `w_pool` weighs the pooling-attention loss
     (`model.pooling_loss`); `monitor(model, step) -> dict` runs every `monitor_every` steps and at the end
     (on a dev split, never on the held-out test seeds)."""
@@ -151,8 +169,14 @@ def train(split, *, config: str = "tiny", steps: int = 3000, minutes: float = 25
         torch.backends.cuda.matmul.allow_tf32 = True   # TF32 matrix products and convolutions on the GPU
         torch.backends.cudnn.allow_tf32 = True
     model = (init if init is not None else VGLAW(spec)).to(device).train()
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or n.endswith("pos_embed")]
-    decay = [p for n, p in model.named_parameters() if not (p.ndim < 2 or n.endswith("pos_embed"))]
+    if presence_only and model.presence is None:
+        raise ValueError("presence_only: the model has no presence head")
+    named = list(model.presence.named_parameters() if presence_only else model.named_parameters())
+    if presence_only:
+        model.eval().requires_grad_(False)
+        model.presence.requires_grad_(True)
+    no_decay = [p for n, p in named if p.ndim < 2 or n.endswith("pos_embed")]
+    decay = [p for n, p in named if not (p.ndim < 2 or n.endswith("pos_embed"))]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.999))
     budget_s = minutes * 60
@@ -160,7 +184,8 @@ def train(split, *, config: str = "tiny", steps: int = 3000, minutes: float = 25
     running: dict[str, float] = {}
     curve: list[dict] = []
     step = 0
-    stream = batches(split, batch, rng, absent, workers, seed, pin_memory=device.type == "cuda")
+    stream = batches(split, batch, rng, absent, workers, seed, pin_memory=device.type == "cuda",
+                     relation=relation, negatives=negatives)
     while step < steps:
         elapsed = time.time() - t0
         progress = max(step / steps, elapsed / budget_s)
@@ -169,8 +194,14 @@ def train(split, *, config: str = "tiny", steps: int = 3000, minutes: float = 25
         for group in opt.param_groups:
             group["lr"] = lr * lr_factor(progress, warmup)
         data = {k: v.to(device, non_blocking=True) for k, v in next(stream).items()}
-        out = model(data["images"], data["feats"], data["valid"], use_language_weights=not phi_zero)
-        losses = total_loss(out, data["boxes"], data["masks"], w_pool=w_pool, present=data["present"])
+        with torch.set_grad_enabled(not presence_only):
+            out = model(data["images"], data["feats"], data["valid"], use_language_weights=not phi_zero)
+        losses = {} if presence_only else total_loss(out, data["boxes"], data["masks"], w_pool=w_pool,
+                                                       present=data["present"])
+        if model.presence is not None:
+            logits = model.presence(*out["presence_inputs"]) if presence_only else out["presence_logits"]
+            losses["presence"] = F.binary_cross_entropy_with_logits(logits, data["present"].float())
+            losses["total"] = losses.get("total", 0.0) + losses["presence"]
         opt.zero_grad(set_to_none=True)
         losses["total"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -193,9 +224,10 @@ def train(split, *, config: str = "tiny", steps: int = 3000, minutes: float = 25
 
 
 def _monitor(model: VGLAW, monitor, step: int, seconds: float, log) -> dict:
+    mode = model.training
     model.eval()
     numbers = {"step": step, "minutes": round(seconds / 60, 1), **monitor(model, step)}
-    model.train()
+    model.train(mode)
     log(f"[grounding train] dev at step {step}: " + " ".join(f"{k} {v}" for k, v in numbers.items()))
     return numbers
 
@@ -216,6 +248,9 @@ def write_card(path: Path, *, args, history: dict, result: dict | None, weights:
         f"* held-out evaluation seeds: `{args.val_seeds}` (never used in training)",
         (f"* continued from `{history['init']}` ({history['steps_before']} steps before this run)"
          if history.get("init") else None),
+        ("* THIS RUN trained only the presence head, on the frozen network of --init (its masks and boxes "
+         "are --init's, unchanged); label: the command's referent is in the image (0 for the absent and the "
+         "relation-turned commands); binary cross-entropy" if args.presence_only else None),
         f"* steps: {history['steps']} (batch {args.batch}) in {history['seconds'] / 60:.1f} min; "
         f"AdamW lr {args.lr}, wd {args.weight_decay}, warm-up + cosine; final train loss {history['final_loss']:.3f}",
         f"* losses: L1 + GIoU (1, 1), focal + Dice (4, 4)" + (f", pooling-attention loss x {args.w_pool} (training aid)"
@@ -223,6 +258,8 @@ def write_card(path: Path, *, args, history: dict, result: dict | None, weights:
         (f"* absent referents: {100 * args.absent:.0f} % of the commands swapped for one about something not in "
          "the image (target: an empty mask, no box term), so that the score can say \"not found\""
          if args.absent else None),
+        (f"* relation-turned negatives: {100 * args.relation:.0f} % of the commands with a relation swapped for it "
+         "turned around where that names nothing in the image (same target)" if args.relation else None),
         (f"* dev seeds `{args.dev_seeds}` (neither trained on nor held out), scored during training: "
          + "; ".join(f"step {m['step']}: P@0.5 {m.get('P@0.5_all')} mIoU {m.get('mIoU_all')}" for m in history["monitor"])
          if history.get("monitor") else None),
@@ -253,7 +290,7 @@ def write_card(path: Path, *, args, history: dict, result: dict | None, weights:
 
 def main(argv: list[str]) -> int:
     from vg_ros.cli import UserError
-    from vg_ros.grounding.data import load_or_render, parse_seeds
+    from vg_ros.grounding.data import load_or_render, load_with_negatives, parse_seeds
     from vg_ros.grounding.evaluate import DEFAULT_VAL_SEEDS, evaluate_split, format_report
     from vg_ros.grounding.pipeline import WEIGHTS_DIR, resolve_device, save_weights
     from vg_ros.grounding.text import TextEncoder
@@ -275,6 +312,9 @@ def main(argv: list[str]) -> int:
                     help="weight of the pooling-attention loss (a training aid; 0 = the paper's losses only)")
     ap.add_argument("--absent", type=float, default=0.2,
                     help="fraction of commands swapped for one whose referent is not in the image (empty mask)")
+    ap.add_argument("--relation", type=float, default=0.0,
+                    help="fraction of the commands with a relation swapped for it turned around (\"left of\" -> "
+                         "\"right of\") where that names nothing: empty mask (re-runs the simulator once, cached)")
     ap.add_argument("--val-seconds", type=float, default=1.5)
     ap.add_argument("--steps", type=int, default=6000, help="at most this many steps")
     ap.add_argument("--minutes", type=float, default=25.0, help="at most this much wall time for the steps")
@@ -288,6 +328,11 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--ablation-phi-zero", action="store_true", help="train with Phi fixed at zero (ablation)")
     ap.add_argument("--init", default="", help="continue training these weights (.safetensors) instead of a fresh model")
     ap.add_argument("--seed", type=int, default=0, help="torch / batch sampling seed")
+    ap.add_argument("--presence-head", action="store_true",
+                    help="give the model a presence head (P(the referent is in the image), for \"not found\"), "
+                         "trained alongside")
+    ap.add_argument("--presence-only", action="store_true",
+                    help="with --init: train only the presence head, the network frozen (its masks and boxes unchanged)")
     ap.add_argument("--reset-pooling", action="store_true",
                     help="with --init: re-initialise the box head's language-adaptive pooling projections")
     ap.add_argument("--out", default=str(WEIGHTS_DIR), help="output folder for weights + model card")
@@ -307,15 +352,18 @@ def main(argv: list[str]) -> int:
             raise ValueError("--steps, --minutes and --batch must be positive")
         if args.workers < 0:
             raise ValueError(f"--workers: at least 0, got {args.workers}")
-        if not 0.0 <= args.absent < 1.0:
-            raise ValueError(f"--absent: a fraction in [0, 1), got {args.absent}")
+        for name in ("absent", "relation"):
+            if not 0.0 <= getattr(args, name) < 1.0:
+                raise ValueError(f"--{name}: a fraction in [0, 1), got {getattr(args, name)}")
+        if args.presence_only and not args.init:
+            raise ValueError("--presence-only trains the presence head of --init's network: give --init")
         out_dir = Path(args.out)
         out_dir.mkdir(parents=True, exist_ok=True)
     except (ValueError, OSError) as exc:
         raise UserError(str(exc)) from exc
     torch.set_num_threads(max(1, args.threads))
     device = resolve_device(args.device)
-    spec = spec_by_name(args.config)
+    spec = spec_by_name(args.config, presence_head=args.presence_head or args.presence_only)
     init, init_steps = None, 0
     if args.init:
         from vg_ros.grounding.pipeline import load_weights
@@ -323,6 +371,8 @@ def main(argv: list[str]) -> int:
             init, init_meta = load_weights(args.init, device)
         except ValueError as exc:
             raise UserError(str(exc)) from exc
+        if init.spec.presence_head:
+            spec = replace(spec, presence_head=True)   # a presence head is kept (and trained on)
         if init.spec != spec:
             try:
                 init = VGLAW.grown_from(init, spec)   # the same network with the skip joins / refiner added
@@ -335,18 +385,29 @@ def main(argv: list[str]) -> int:
             torch.manual_seed(args.seed)
             init.box_head.reset_pooling()
     encoder = TextEncoder()
-    split = load_or_render(train_seeds, args.seconds, args.expressions, (spec.img_h, spec.img_w), encoder)
+    size = (spec.img_h, spec.img_w)
+    if args.relation:
+        split, negatives = load_with_negatives(train_seeds, args.seconds, args.expressions, size, encoder)
+    else:
+        split, negatives = load_or_render(train_seeds, args.seconds, args.expressions, size, encoder), None
     print(f"[grounding train] {len(split)} expressions on {len(split.images)} images; hops "
           f"{dict(zip(*np.unique(split.hops, return_counts=True)))}")
+    if negatives is not None:
+        print(f"[grounding train] {int((negatives >= 0).sum())} relation-turned negatives")
     stem = args.name or f"grounding_vglaw_{args.config}" + ("_phi0" if args.ablation_phi_zero else "")
     weights = out_dir / f"{stem}.safetensors"
-    meta = {"train_seeds": args.seeds, "phi_zero": int(args.ablation_phi_zero), "absent": args.absent}
+    meta = {"train_seeds": args.seeds, "phi_zero": int(args.ablation_phi_zero), "absent": args.absent,
+            "relation": args.relation}
+    if args.presence_only:   # the network is --init's: its own record stays, the head's is apart
+        meta.update(absent=init_meta.get("absent", ""), relation=init_meta.get("relation", ""),
+                    presence_absent=args.absent, presence_relation=args.relation)
     monitor = None
     if args.monitor_every:
-        dev = load_or_render(dev_seeds, args.val_seconds, args.expressions, None, encoder)
+        dev, dev_negatives = load_with_negatives(dev_seeds, args.val_seconds, args.expressions, None, encoder)
 
         def monitor(model, step):
-            result = evaluate_split(model, dev, device=device, controls=False, log=lambda *_: None)
+            result = evaluate_split(model, dev, device=device, controls=False, negatives=dev_negatives,
+                                    log=lambda *_: None)
             rep = result["main"]
             # a run that is stopped early still leaves its latest weights, marked partial
             save_weights(model, weights, {**meta, "steps": init_steps + step, "partial": "true"})
@@ -354,20 +415,26 @@ def main(argv: list[str]) -> int:
                        for name, key in (("P@0.5", "prec@0.5"), ("mIoU", "miou")) for hop in rep[key]}
             # at the pipeline's score threshold: found among the commands, and among the absent referents
             return {**numbers, "found": round(100 * result["found_rate"], 1),
-                    "found_on_absent": round(100 * result["absent"]["found_rate"], 1)}
+                    "right_kept": round(100 * result["found"]["right_kept"], 1),
+                    "wrong_held_back": round(100 * result["found"]["wrong_rejected"], 1),
+                    "found_on_absent": round(100 * result["absent"]["found_rate"], 1),
+                    "found_on_turned": round(100 * result["relation_negative"]["found_rate"], 1)}
     model, history = train(split, config=args.config, steps=args.steps, minutes=args.minutes, batch=args.batch,
                            lr=args.lr, weight_decay=args.weight_decay, phi_zero=args.ablation_phi_zero,
                            device=device, init=init, seed=args.seed, w_pool=args.w_pool, absent=args.absent,
-                           workers=args.workers, monitor=monitor, monitor_every=args.monitor_every)
+                           workers=args.workers, monitor=monitor, monitor_every=args.monitor_every,
+                           presence_only=args.presence_only, relation=args.relation, negatives=negatives)
     history["steps_before"] = init_steps
     history["init"] = args.init + (" (box pooling re-initialised)" if args.reset_pooling else "")
-    save_weights(model, weights, {**meta, "steps": init_steps + history["steps"],
+    steps = {"steps": init_steps, "presence_steps": history["steps"]} if args.presence_only else \
+        {"steps": init_steps + history["steps"]}
+    save_weights(model, weights, {**meta, **steps,
                                   "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="minutes")})
     print(f"[grounding train] wrote {weights} ({weights.stat().st_size / 1e6:.1f} MB)")
     result, report_text = None, "(not evaluated: --no-eval)"
     if not args.no_eval:
-        val = load_or_render(val_seeds, args.val_seconds, args.expressions, None, encoder)
-        result = evaluate_split(model, val, device=device)
+        val, val_negatives = load_with_negatives(val_seeds, args.val_seconds, args.expressions, None, encoder)
+        result = evaluate_split(model, val, device=device, negatives=val_negatives)
         if args.ablation_phi_zero:
             result.pop("phi_zero", None)  # already a Phi = 0 model
         report_text = format_report(result)

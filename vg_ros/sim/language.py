@@ -289,6 +289,27 @@ def phrase_descriptors(expression: str) -> np.ndarray:
                      for k, c, s in descriptors()], bool)
 
 
+OPPOSITE = {"left": "right", "right": "left", "front": "behind", "behind": "front"}
+
+
+def relation_negative(objs: list[VisibleObject], expression: str, rng: np.random.Generator) -> str | None:
+    """The expression with its first relation turned around ("the red car left of the bus" -> "the red car
+    right of the bus"), when that names nothing among `objs` while its anchor still names one object: a
+    command whose object and anchor are both in the image, but not in that relation. None for zero-hop
+    expressions and where the turned relation would still name something."""
+    words = expression.split()
+    _, _, _, n = _parse_np(words)
+    rest = words[n:]
+    found = _relation_at(rest)
+    if found is None:
+        return None
+    anchor = " ".join(rest[found[1]:])
+    if len(_parse_and_filter(objs, anchor)) != 1:
+        return None
+    text = " ".join(words[:n] + [str(rng.choice(RELATIONS[OPPOSITE[found[0]]]))] + rest[found[1]:])
+    return text if not _parse_and_filter(objs, text) else None
+
+
 def resolve(text_objs: list[VisibleObject], expression: str) -> list[int]:
     """Instance ids satisfying a generated expression among `text_objs` (a small parser for the templates
     above, used by tests to check uniqueness independently of the generator)."""
@@ -328,18 +349,24 @@ def _parse_np(words: list[str]) -> tuple[str, dict, str, int]:
     return best[0], attrs, sup, i + best[1]
 
 
+def _relation_at(words: list[str]) -> tuple[str, int] | None:
+    """(relation name, its word count) of the longest relation phrase `words` start with, or None."""
+    found = None
+    for name, syns in RELATIONS.items():
+        for syn in syns:
+            toks = syn.split()
+            if words[:len(toks)] == toks and (found is None or len(toks) > found[1]):
+                found = (name, len(toks))
+    return found
+
+
 def _parse_and_filter(objs: list[VisibleObject], text: str) -> list[VisibleObject]:
     words = text.split()
     kind, attrs, sup, n = _parse_np(words)
     cands = [o for o in objs if _matches(o, kind, attrs)]
     rest = words[n:]
     if rest:
-        rel = None
-        for name, syns in RELATIONS.items():
-            for syn in syns:
-                toks = syn.split()
-                if rest[:len(toks)] == toks and (rel is None or len(toks) > rel[1]):
-                    rel = (name, len(toks))
+        rel = _relation_at(rest)
         if rel is None:
             raise ValueError(f"expression: no relation at {' '.join(rest)!r}")
         anchors = _parse_and_filter(objs, " ".join(rest[rel[1]:]))
