@@ -489,6 +489,29 @@ def test_pipeline_cached_equals_uncached_and_shapes(pipeline):
     assert cached.found == (cached.score >= pipeline.config.score_threshold)
 
 
+def test_pipeline_with_a_presence_head_needs_both_thresholds(encoder, tmp_path):
+    from vg_ros.grounding.pipeline import GroundingConfig, GroundingPipeline, save_weights
+    torch.manual_seed(0)
+    weights = tmp_path / "presence.safetensors"
+    save_weights(VGLAW(spec_by_name("tiny", presence_head=True)), weights)
+    frame = CameraFrame(_camera(), np.random.default_rng(4).integers(0, 255, (270, 480, 3), dtype=np.uint8))
+    results = {}
+    for presence_threshold in (0.0, 1.0):
+        pipe = GroundingPipeline(GroundingConfig(score_threshold=0.0, presence_threshold=presence_threshold),
+                                 weights=weights, device="cpu", text_encoder=encoder)
+        pipe.set_command("the red car")
+        results[presence_threshold] = pipe.infer(frame, 1)
+        uncached = pipe.infer_uncached(frame, "the red car", 1)
+        assert uncached.presence == pytest.approx(results[presence_threshold].presence, abs=1e-4)
+    assert 0 < results[0.0].presence < 1 and results[0.0].found and not results[1.0].found
+    assert np.array_equal(results[0.0].mask, results[1.0].mask)   # the head decides "found", not the mask
+    plain = GroundingPipeline(GroundingConfig(score_threshold=0.0, presence_threshold=1.0), weights=None,
+                              device="cpu", text_encoder=encoder)
+    plain.set_command("the red car")
+    result = plain.infer(frame, 1)
+    assert np.isnan(result.presence) and result.found   # no head: only the score counts
+
+
 def test_pipeline_runs_the_box_head_only_when_its_box_is_published(pipeline):
     """box_source "mask": the mask's tight box, and the box head's box (the same one box_source "head"
     publishes) when the mask is empty, although the head then runs only after the mask is known."""
