@@ -22,7 +22,8 @@ and the [CLS] feature is linearly projected to `mask_dim` before the dot product
 Aids for training from scratch on a CPU, in `tiny` only (`base` is the paper's): a convolutional stem
 (`ConvStem`), the box centre anchored at the pooling's centre of mass, the mask head's skip joins from
 the stem's 1/8 and 1/4 maps (`mask_skip`), and a point-wise refinement of the mask logits at 1/2 resolution
-(`mask_refine`, `MaskRefiner`).
+(`mask_refine`, `MaskRefiner`). Not in the paper, optional: `PresenceHead`, P(the command's referent is in
+the image), on detached inputs, for "not found".
 """
 from __future__ import annotations
 
@@ -342,7 +343,7 @@ class PresenceHead(nn.Module):
 
 
 def presence_stats(mask_logits: torch.Tensor, attention: torch.Tensor,
-                     threshold: float = MASK_THRESHOLD) -> torch.Tensor:
+                   threshold: float = MASK_THRESHOLD) -> torch.Tensor:
     """(B, PresenceHead.STATS) from mask logits (B, H, W) and the pooling attention (B, N): the peak mask
     probability, the mean probability over the pixels above `threshold`, log of their share of the image,
     log of the mean probability (soft area), the attention's peak and its normalised entropy."""

@@ -98,19 +98,20 @@ def make_batch(split, idx: np.ndarray, rng: np.random.Generator, augment: bool, 
 class _Batches(torch.utils.data.IterableDataset):
     """Endless training batches drawn in DataLoader worker processes (each with its own random stream)."""
 
-    def __init__(self, split, batch: int, seed: int, negatives: dict) -> None:
+    def __init__(self, split, batch: int, seed: int, kinds: dict) -> None:
         super().__init__()
-        self.split, self.batch, self.seed, self.negatives = split, batch, seed, negatives
+        self.split, self.batch, self.seed, self.kinds = split, batch, seed, kinds
 
     def __iter__(self):
         worker = torch.utils.data.get_worker_info()
         rng = np.random.default_rng([self.seed, worker.id if worker is not None else 0])
-        return _draw(self.split, self.batch, rng, self.negatives)
+        return _draw(self.split, self.batch, rng, self.kinds)
 
 
-def _draw(split, batch: int, rng: np.random.Generator, negatives: dict):
+def _draw(split, batch: int, rng: np.random.Generator, kinds: dict):
+    """Endless `make_batch`es; `kinds` its negative-command arguments (absent, relation, negatives)."""
     while True:
-        yield make_batch(split, rng.integers(0, len(split), batch), rng, augment=True, **negatives)
+        yield make_batch(split, rng.integers(0, len(split), batch), rng, augment=True, **kinds)
 
 
 def batches(split, batch: int, rng: np.random.Generator, absent: float, workers: int = 0, seed: int = 0,
