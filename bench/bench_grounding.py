@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -61,8 +62,13 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
     ap.add_argument("--cases", default="tiny@320x176,tiny@224x224,tiny@448x448,base@224x224,base@448x448",
                     help="comma list of config@WxH")
+    ap.add_argument("--weights", default="",
+                    help="a .safetensors for the cases of its config and size (default: the shipped file), e.g. "
+                         "vg_ros/weights/grounding_vglaw_tiny_presence.safetensors")
     ap.add_argument("--json", dest="json_out", default="")
     args = ap.parse_args(argv)
+    if args.weights and not Path(args.weights).is_file():
+        ap.error(f"--weights {args.weights}: no such file")
     torch.set_num_threads(max(1, args.threads))
 
     from vg_ros.grounding.model import VGLAW, spec_by_name
@@ -81,10 +87,11 @@ def main(argv: list[str]) -> int:
         name, size = case.split("@")
         width, height = (int(v) for v in size.split("x"))
         spec = spec_by_name(name, img_h=height, img_w=width)
-        shipped = default_weights_path(name)
+        shipped = Path(args.weights) if args.weights else default_weights_path(name)
         pipe = GroundingPipeline(GroundingConfig(model=name), weights=shipped if shipped.exists() else None,
                                  device=args.device, text_encoder=encoder)
-        weights = "shipped"
+        weights = "given" if args.weights else "shipped"
+        spec = spec_by_name(name, img_h=height, img_w=width, presence_head=pipe.spec.presence_head)
         if not shipped.exists() or pipe.spec != spec:   # no shipped file of this shape: time an untrained one
             torch.manual_seed(0)
             pipe.model = VGLAW(spec).to(pipe.device).for_inference()
