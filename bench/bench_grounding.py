@@ -86,7 +86,6 @@ def main(argv: list[str]) -> int:
     for case in args.cases.split(","):
         name, size = case.split("@")
         width, height = (int(v) for v in size.split("x"))
-        spec = spec_by_name(name, img_h=height, img_w=width)
         shipped = Path(args.weights) if args.weights else default_weights_path(name)
         pipe = GroundingPipeline(GroundingConfig(model=name), weights=shipped if shipped.exists() else None,
                                  device=args.device, text_encoder=encoder)

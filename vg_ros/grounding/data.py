@@ -264,8 +264,7 @@ def relation_negatives(split: GroundingSplit, seeds, seconds: float, expressions
         texts = np.asarray(sorted({n for n in negatives if n}), dtype=str)
         lookup = {t: i for i, t in enumerate(texts)}
         local = np.asarray([lookup[n] if n else -1 for n in negatives], np.int32)
-        feats, lengths = text_features(encoder, list(texts)) if len(texts) else (
-            np.zeros((0,) + split.text_feats.shape[1:], np.float16), np.zeros(0, np.int32))
+        feats, lengths = text_features(encoder, list(texts))
         if cache is not None:
             np.savez(cache, texts=texts, feats=feats, lengths=lengths, index=local)
     if not len(texts):

@@ -104,7 +104,11 @@ def evaluate_split(model: VGLAW, split, *, device="cpu", batch: int = 32, config
         relation_run = predict(model, split, negatives[has_negative], batch=batch, device=device,
                                expr_subset=has_negative)
     refusals = {"absent_found_rate": absent_run, "relation_found_rate": relation_run}
-    found = published_found(main["scores"], main["presences"], config)
+
+    def published(run: dict, cfg) -> np.ndarray:
+        return published_found(run["scores"], run["presences"], cfg)
+
+    found = published(main, config)
     # what each candidate threshold would publish, the other threshold kept at the config's
     candidates = {"threshold_sweep": [("score_threshold", t) for t in SWEEP_THRESHOLDS]}
     if np.isfinite(main["presences"]).all():
@@ -119,19 +123,18 @@ def evaluate_split(model: VGLAW, split, *, device="cpu", batch: int = 32, config
               "seconds_per_expression": (time.time() - t0) / len(split)}
     for key, options in candidates.items():
         result[key] = {}
-        for name, t in options:
-            cfg = config.replace(**{name: t})
-            report = metrics.found_report(published_found(main["scores"], main["presences"], cfg), correct)
-            for name, run in refusals.items():
+        for threshold, t in options:
+            cfg = config.replace(**{threshold: t})
+            report = metrics.found_report(published(main, cfg), correct)
+            for rate, run in refusals.items():
                 if run is not None:
-                    report[name] = float(published_found(run["scores"], run["presences"], cfg).mean())
+                    report[rate] = float(published(run, cfg).mean())
             result[key][f"{t:.2f}"] = report
     if absent_run is not None:
         result["absent"] = {"pairs": int(len(absent_run["scores"])), "images": int(len(split.images)),
-                            "found_rate": float(published_found(absent_run["scores"], absent_run["presences"],
-                                                                config).mean())}
+                            "found_rate": float(published(absent_run, config).mean())}
     if relation_run is not None:
-        found_negative = published_found(relation_run["scores"], relation_run["presences"], config)
+        found_negative = published(relation_run, config)
         # a found negative usually paints the object the command names, ignoring the turned relation
         on_target = metrics.mask_ious(relation_run["masks"], [gt_masks[i] for i in has_negative]) >= 0.5
         result["relation_negative"] = {"pairs": int(len(has_negative)), "found_rate": float(found_negative.mean()),
@@ -153,8 +156,7 @@ def evaluate_split(model: VGLAW, split, *, device="cpu", batch: int = 32, config
         # the prediction for the other command against the other object's own ground truth
         result["mismatched_vs_own_target"] = metrics.grounding_report(
             swapped["boxes"], gt_boxes[other], swapped["masks"], [gt_masks[i] for i in other], hops[other])
-        result["mismatched_found_rate"] = float(published_found(swapped["scores"], swapped["presences"],
-                                                                config).mean())
+        result["mismatched_found_rate"] = float(published(swapped, config).mean())
         overlap = np.atleast_1d(metrics.box_iou(gt_boxes[other], gt_boxes[has_other]))
         # picking one of the image's referred objects at random hits the target with probability 1 / k
         per_image_k = {img: len(np.unique(split.instance[split.expr_image == img])) for img in np.unique(split.expr_image)}

@@ -402,6 +402,12 @@ def main(argv: list[str]) -> int:
     if args.presence_only:   # the network is --init's: its own record stays, the head's is apart
         meta.update(absent=init_meta.get("absent", ""), relation=init_meta.get("relation", ""),
                     presence_absent=args.absent, presence_relation=args.relation)
+
+    def step_meta(step: int) -> dict:
+        """The step counts a file written after `step` steps of this run records."""
+        if args.presence_only:
+            return {"steps": init_steps, "presence_steps": step}
+        return {"steps": init_steps + step}
     monitor = None
     if args.monitor_every:
         dev, dev_negatives = load_with_negatives(dev_seeds, args.val_seconds, args.expressions, None, encoder)
@@ -411,10 +417,11 @@ def main(argv: list[str]) -> int:
                                     log=lambda *_: None)
             rep = result["main"]
             # a run that is stopped early still leaves its latest weights, marked partial
-            save_weights(model, weights, {**meta, "steps": init_steps + step, "partial": "true"})
+            save_weights(model, weights, {**meta, **step_meta(step), "partial": "true"})
             numbers = {f"{name}_{hop}": round(100 * rep[key][hop], 1)
                        for name, key in (("P@0.5", "prec@0.5"), ("mIoU", "miou")) for hop in rep[key]}
-            # at the pipeline's score threshold: found among the commands, and among the absent referents
+            # at the pipeline's thresholds: found among the commands, among the absent referents and among
+            # the relation-turned commands
             return {**numbers, "found": round(100 * result["found_rate"], 1),
                     "right_kept": round(100 * result["found"]["right_kept"], 1),
                     "wrong_held_back": round(100 * result["found"]["wrong_rejected"], 1),
@@ -427,9 +434,7 @@ def main(argv: list[str]) -> int:
                            presence_only=args.presence_only, relation=args.relation, negatives=negatives)
     history["steps_before"] = init_steps
     history["init"] = args.init + (" (box pooling re-initialised)" if args.reset_pooling else "")
-    steps = {"steps": init_steps, "presence_steps": history["steps"]} if args.presence_only else \
-        {"steps": init_steps + history["steps"]}
-    save_weights(model, weights, {**meta, **steps,
+    save_weights(model, weights, {**meta, **step_meta(history["steps"]),
                                   "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="minutes")})
     print(f"[grounding train] wrote {weights} ({weights.stat().st_size / 1e6:.1f} MB)")
     result, report_text = None, "(not evaluated: --no-eval)"
