@@ -943,3 +943,24 @@ def test_ground_cli_json_png_and_errors(tmp_path, capsys):
     assert "command: empty" in capsys.readouterr().err
     assert vg_main(["ground", str(image_path), "the car", "--weights", str(tmp_path / "nope.safetensors")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_one_pass_render_with_negatives_matches_two_passes(encoder, monkeypatch, tmp_path):
+    """`load_with_negatives` without caches renders images and relation negatives in one run of the real
+    simulator, two seeds at a time in forked processes: the same split and negatives as `render_split`
+    then `relation_negatives`, one seed at a time; the second call reads both caches."""
+    from vg_ros.grounding import data
+    monkeypatch.setattr(data, "CACHE_DIR", tmp_path)
+    seeds, args = [3, 4], (1.0, 12, (32, 64))
+    split, negatives = data.load_with_negatives(seeds, *args, encoder, log=lambda *_: None, workers=2)
+    plain = data.render_split(seeds, *args, encoder, log=lambda *_: None)
+    again, turned = data.relation_negatives(plain, seeds, *args[:2], encoder)
+    for key in data.GroundingSplit.__dataclass_fields__:
+        assert np.array_equal(getattr(split, key), getattr(again, key)), key
+    assert negatives.tolist() == turned.tolist() and (negatives >= 0).sum() > 0
+    assert set(np.unique(split.image_seed)) == set(seeds)
+    for i in np.flatnonzero(negatives >= 0):   # the turned command keeps the object and anchor, not the relation
+        original, turned_text = str(split.texts[split.text_index[i]]), str(split.texts[negatives[i]])
+        assert original != turned_text and len(original.split()) >= 4
+    cached, cached_negatives = data.load_with_negatives(seeds, *args, encoder, log=lambda *_: None)
+    assert cached_negatives.tolist() == negatives.tolist() and len(cached.texts) == len(split.texts)

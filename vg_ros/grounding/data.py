@@ -177,102 +177,180 @@ def text_features(encoder, texts: list[str], device: str | torch.device = "cpu",
     return feats, lengths
 
 
-def render_split(seeds, seconds: float, expressions: int, size: tuple[int, int] | None, encoder,
-                 rig: str = "default", log=print, every: int = EVERY) -> GroundingSplit:
-    """Simulate `seeds`, keep every camera image that has expressions; `size` (h, w) resizes images and
-    masks (None keeps full size, for evaluation)."""
-    from vg_ros.sim.language import present_descriptors
-    images, image_seed, present = [], [], []
-    expr_image, texts_raw, boxes, masks, hops, instance = [], [], [], [], [], []
-    t0 = time.time()
-    for seed in seeds:
-        for world, frame, camera, exprs in _camera_expressions(seed, seconds, expressions, rig, every):
-            image = np.asarray(frame.images[camera])
-            H, W = image.shape[:2]
-            if size is None:
-                stored = image.astype(np.uint8)
-            else:
-                stored = (resize_image(image, size).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-            image_id = len(images)
-            images.append(stored)
-            image_seed.append(int(seed))
-            present.append(present_descriptors(world, frame.instance[camera]))
-            for expr in exprs:
-                x0, y0, x1, y1 = np.asarray(expr.box, dtype=np.float64)
-                expr_image.append(image_id)
-                texts_raw.append(str(expr.text))
-                boxes.append([x0 / W, y0 / H, x1 / W, y1 / H])
-                mask = np.asarray(expr.mask, dtype=bool)
-                masks.append(mask if size is None else resize_mask(mask, size))
-                hops.append(int(expr.hops))
-                instance.append(int(expr.instance_id))
-        log(f"[grounding data] seed {seed}: {len(images)} images, {len(expr_image)} expressions "
-            f"({time.time() - t0:.0f} s)")
-    if not expr_image:
-        raise ValueError(f"seeds {list(seeds)}: the simulator produced no expressions")
+def _render_seed(seed: int, seconds: float, expressions: int, size: tuple[int, int] | None, rig: str, every: int,
+                 images: bool = True, relation: bool = False) -> dict:
+    """One seed's camera images with expressions and their expressions' records (`render_split`'s lists);
+    `images` False keeps only the texts; `relation` adds each expression's relation-turned negative
+    (`sim.language.relation_negative`, drawn with a generator seeded by `seed`; None where there is none)."""
+    from vg_ros.sim.language import present_descriptors, relation_negative, visible_objects
+    out = {k: [] for k in ("images", "present", "expr_image", "texts", "boxes", "masks", "hops", "instance",
+                           "negatives")}
+    out["seed"] = int(seed)
+    rng = np.random.default_rng(seed)
+    for world, frame, camera, exprs in _camera_expressions(seed, seconds, expressions, rig, every):
+        image = np.asarray(frame.images[camera])
+        H, W = image.shape[:2]
+        if images:
+            out["images"].append(image.astype(np.uint8) if size is None else
+                                 (resize_image(image, size).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+            out["present"].append(present_descriptors(world, frame.instance[camera]))
+        objs = visible_objects(world, frame.instance[camera], frame.depth[camera]) if relation else None
+        for expr in exprs:
+            out["texts"].append(str(expr.text))
+            if relation:
+                out["negatives"].append(relation_negative(objs, str(expr.text), rng) if expr.hops else None)
+            if not images:
+                continue
+            x0, y0, x1, y1 = np.asarray(expr.box, dtype=np.float64)
+            mask = np.asarray(expr.mask, dtype=bool)
+            out["expr_image"].append(len(out["images"]) - 1)
+            out["boxes"].append([x0 / W, y0 / H, x1 / W, y1 / H])
+            out["masks"].append(np.packbits((mask if size is None else resize_mask(mask, size)).reshape(-1)))
+            out["hops"].append(int(expr.hops))
+            out["instance"].append(int(expr.instance_id))
+    return out
+
+
+def _one_thread() -> None:
+    """A rendering process computes on one core: `workers` of them share the machine."""
+    torch.set_num_threads(1)
+    try:
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(1)
+    except ImportError:
+        pass
+
+
+def _render_seeds(seeds, seconds: float, expressions: int, size: tuple[int, int] | None, rig: str, every: int,
+                  *, images: bool = True, relation: bool = False, workers: int = 0, log=print) -> list[dict]:
+    """`_render_seed` of each seed, in seed order; `workers` > 1 renders that many seeds at a time in
+    forked processes."""
+    job = functools.partial(_render_seed, seconds=seconds, expressions=expressions, size=size, rig=rig,
+                            every=every, images=images, relation=relation)
+    t0, count = time.time(), 0
+    records = []
+    pool = torch.multiprocessing.get_context("fork").Pool(workers, _one_thread) if workers > 1 else None
+    try:
+        for seed, record in zip(seeds, pool.imap(job, [int(s) for s in seeds]) if pool else map(job, seeds)):
+            records.append(record)
+            count += len(record["texts"])
+            log(f"[grounding data] seed {seed}: {count} expressions ({time.time() - t0:.0f} s)")
+    finally:
+        if pool is not None:
+            pool.terminate()
+    return records
+
+
+def _negative_texts(negatives: list[str | None], encoder, device: str | torch.device = "cpu"
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(distinct texts, their features, their token counts, (E,) each expression's id among them or -1)."""
+    texts = np.asarray(sorted({n for n in negatives if n}), dtype=str)
+    lookup = {t: i for i, t in enumerate(texts)}
+    return (texts, *text_features(encoder, list(texts), device, chunk=_chunk(device)),
+            np.asarray([lookup[n] if n else -1 for n in negatives], np.int32))
+
+
+def _assemble(records: list[dict], encoder, device: str | torch.device = "cpu") -> tuple[GroundingSplit, tuple | None]:
+    """The split of `_render_seeds`' records (token features encoded on `device`) and, when they hold
+    relation-turned negatives, `_negative_texts` of those (else None)."""
+    def cat(key):
+        return [x for r in records for x in r[key]]
+
+    offsets = np.cumsum([0] + [len(r["images"]) for r in records[:-1]])
+    expr_image = np.concatenate([np.asarray(r["expr_image"], np.int32) + o for r, o in zip(records, offsets)]
+                                ) if records else np.zeros(0, np.int32)
+    if not len(expr_image):
+        raise ValueError("the simulator produced no expressions for these seeds")
+    texts_raw = cat("texts")
     unique = sorted(set(texts_raw) | {mirror_text(t) for t in texts_raw})
     lookup = {t: i for i, t in enumerate(unique)}
-    feats, lengths = text_features(encoder, unique)
-    expr_image_arr = np.asarray(expr_image, np.int32)
-    instance_arr = np.asarray(instance, np.int64)
+    feats, lengths = text_features(encoder, unique, device, chunk=_chunk(device))
+    instance = np.asarray(cat("instance"), np.int64)
     other = np.full(len(expr_image), -1, np.int32)
     rng = np.random.default_rng(0)
-    for image_id in np.unique(expr_image_arr):
-        idx = np.flatnonzero(expr_image_arr == image_id)
+    starts = np.flatnonzero(np.r_[True, expr_image[1:] != expr_image[:-1]])   # an image's expressions are adjacent
+    for idx in np.split(np.arange(len(expr_image)), starts[1:]):
         for i in idx:
-            choices = idx[instance_arr[idx] != instance_arr[i]]
+            choices = idx[instance[idx] != instance[i]]
             if len(choices):
                 other[i] = rng.choice(choices)
-    packed = np.stack([np.packbits(m.reshape(-1)) for m in masks])
-    return GroundingSplit(
-        images=np.stack(images), image_seed=np.asarray(image_seed, np.int32), present=np.stack(present),
-        expr_image=expr_image_arr,
+    split = GroundingSplit(
+        images=np.stack(cat("images")), image_seed=np.repeat([r["seed"] for r in records],
+                                                             [len(r["images"]) for r in records]).astype(np.int32),
+        present=np.stack(cat("present")), expr_image=expr_image,
         text_index=np.asarray([lookup[t] for t in texts_raw], np.int32),
         mirror_index=np.asarray([lookup[mirror_text(t)] for t in texts_raw], np.int32),
-        boxes=np.asarray(boxes, np.float32), packed_masks=packed, hops=np.asarray(hops, np.int8),
-        instance=instance_arr, other=other, texts=np.asarray(unique), text_feats=feats, text_len=lengths)
+        boxes=np.asarray(cat("boxes"), np.float32), packed_masks=np.stack(cat("masks")),
+        hops=np.asarray(cat("hops"), np.int8), instance=instance, other=other, texts=np.asarray(unique),
+        text_feats=feats, text_len=lengths)
+    negatives = cat("negatives")
+    return split, (_negative_texts(negatives, encoder, device) if negatives else None)
 
 
-def relation_negatives(split: GroundingSplit, seeds, seconds: float, expressions: int, encoder,
-                       rig: str = "default", every: int = EVERY, cache: Path | None = None
-                       ) -> tuple[GroundingSplit, np.ndarray]:
-    """Per expression of `split` (rendered by `render_split` with these arguments) a command whose object and
-    anchor are both in the image but not in the named relation (`sim.language.relation_negative`: "the red
-    car left of the bus" where the only red car is right of it). The simulator is re-run for `seeds` and
-    must give the split's expressions in the split's order (ValueError otherwise); `cache` (an .npz path)
-    keeps the negatives' texts and features for the next call. Returns (the split with the negatives' texts
-    and features appended, (E,) the text id of each expression's negative, -1 where the expression has no
-    relation or turning it around still names an object)."""
-    if cache is not None and Path(cache).exists():
-        with np.load(cache, allow_pickle=False) as data:
-            texts, feats, lengths, local = (data[k] for k in ("texts", "feats", "lengths", "index"))
-        if len(local) != len(split):
-            raise ValueError(f"relation_negatives: {cache} holds {len(local)} expressions, the split {len(split)}")
-    else:
-        from vg_ros.sim.language import relation_negative, visible_objects
-        rng = np.random.default_rng(0)
-        seen, negatives = [], []
-        for seed in seeds:
-            for world, frame, camera, exprs in _camera_expressions(seed, seconds, expressions, rig, every):
-                objs = visible_objects(world, frame.instance[camera], frame.depth[camera])
-                for expr in exprs:
-                    seen.append(str(expr.text))
-                    negatives.append(relation_negative(objs, str(expr.text), rng) if expr.hops else None)
-        if seen != [str(split.texts[i]) for i in split.text_index]:
-            raise ValueError("relation_negatives: the simulator's expressions are not the split's (other seeds, "
-                             "seconds or expressions than it was rendered with?)")
-        texts = np.asarray(sorted({n for n in negatives if n}), dtype=str)
-        lookup = {t: i for i, t in enumerate(texts)}
-        local = np.asarray([lookup[n] if n else -1 for n in negatives], np.int32)
-        feats, lengths = text_features(encoder, list(texts))
-        if cache is not None:
-            np.savez(cache, texts=texts, feats=feats, lengths=lengths, index=local)
+def _chunk(device: str | torch.device) -> int:
+    return 1024 if torch.device(device).type == "cuda" else 64
+
+
+def render_split(seeds, seconds: float, expressions: int, size: tuple[int, int] | None, encoder,
+                 rig: str = "default", log=print, every: int = EVERY, workers: int = 0) -> GroundingSplit:
+    """Simulate `seeds` (`workers` > 1: that many at a time), keep every camera image that has expressions;
+    `size` (h, w) resizes images and masks (None keeps full size, for evaluation)."""
+    return _assemble(_render_seeds(seeds, seconds, expressions, size, rig, every, workers=workers, log=log),
+                     encoder)[0]
+
+
+def render_with_negatives(seeds, seconds: float, expressions: int, size: tuple[int, int] | None, encoder,
+                          rig: str = "default", log=print, workers: int = 0, device: str | torch.device = "cpu"
+                          ) -> tuple[GroundingSplit, tuple]:
+    """`render_split` and, from the same run of the simulator, the relation negatives of its expressions:
+    (split, found); `with_negatives(split, *found)` merges them, `NEGATIVE_KEYS` name found's parts for a
+    cache. Token features are encoded on `device`."""
+    return _assemble(_render_seeds(seeds, seconds, expressions, size, rig, EVERY, relation=True, workers=workers,
+                                   log=log), encoder, device)
+
+
+def with_negatives(split: GroundingSplit, texts: np.ndarray, feats: np.ndarray, lengths: np.ndarray,
+                    local: np.ndarray) -> tuple[GroundingSplit, np.ndarray]:
+    """The split with the negatives' texts and features appended and (E,) each expression's negative's
+    text id in it (-1: none)."""
+    if len(local) != len(split):
+        raise ValueError(f"relation negatives for {len(local)} expressions, the split has {len(split)}")
     if not len(texts):
         return split, local
     merged = replace(split, texts=np.concatenate([split.texts.astype(object), texts]).astype(str),
                      text_feats=np.concatenate([split.text_feats, feats]),
                      text_len=np.concatenate([split.text_len, lengths]))
     return merged, np.where(local >= 0, local + len(split.texts), -1).astype(np.int32)
+
+
+NEGATIVE_KEYS = ("texts", "feats", "lengths", "index")
+
+
+def relation_negatives(split: GroundingSplit, seeds, seconds: float, expressions: int, encoder,
+                       rig: str = "default", every: int = EVERY, cache: Path | None = None, workers: int = 0
+                       ) -> tuple[GroundingSplit, np.ndarray]:
+    """Per expression of `split` (rendered by `render_split` with these arguments) a command whose object and
+    anchor are both in the image but not in the named relation (`sim.language.relation_negative`: "the red
+    car left of the bus" where the only red car is right of it). The simulator is re-run for `seeds`
+    (`workers` at a time) and must give the split's expressions in the split's order (ValueError otherwise);
+    `cache` (an .npz path) keeps the negatives' texts and features for the next call. Returns (the split
+    with the negatives' texts and features appended, (E,) the text id of each expression's negative, -1
+    where the expression has no relation or turning it around still names an object)."""
+    if cache is not None and Path(cache).exists():
+        with np.load(cache, allow_pickle=False) as data:
+            found = tuple(data[k] for k in NEGATIVE_KEYS)
+        if len(found[-1]) != len(split):
+            raise ValueError(f"relation_negatives: {cache} holds {len(found[-1])} expressions, the split {len(split)}")
+        return with_negatives(split, *found)
+    records = _render_seeds(seeds, seconds, expressions, None, rig, every, images=False, relation=True,
+                            workers=workers, log=lambda *_: None)
+    if [t for r in records for t in r["texts"]] != [str(split.texts[i]) for i in split.text_index]:
+        raise ValueError("relation_negatives: the simulator's expressions are not the split's (other seeds, "
+                         "seconds or expressions than it was rendered with?)")
+    found = _negative_texts([n for r in records for n in r["negatives"]], encoder)
+    if cache is not None:
+        np.savez(cache, **dict(zip(NEGATIVE_KEYS, found)))
+    return with_negatives(split, *found)
 
 
 def cache_path(seeds, seconds: float, expressions: int, size: tuple[int, int] | None, rig: str, encoder) -> Path:
@@ -284,26 +362,35 @@ def cache_path(seeds, seconds: float, expressions: int, size: tuple[int, int] | 
 
 
 def load_or_render(seeds, seconds: float, expressions: int, size: tuple[int, int] | None, encoder,
-                   rig: str = "default", log=print) -> GroundingSplit:
-    """The cached split for these arguments, rendering it first when absent."""
+                   rig: str = "default", log=print, workers: int = 0) -> GroundingSplit:
+    """The cached split for these arguments, rendering it first (`workers` seeds at a time) when absent."""
     seeds = list(seeds)
     path = cache_path(seeds, seconds, expressions, size, rig, encoder)
     if path.exists():
         log(f"[grounding data] cached {path}")
         return GroundingSplit.load(path)
-    split = render_split(seeds, seconds, expressions, size, encoder, rig, log)
+    split = render_split(seeds, seconds, expressions, size, encoder, rig, log, workers=workers)
     split.save(path)
     log(f"[grounding data] wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return split
 
 
 def load_with_negatives(seeds, seconds: float, expressions: int, size: tuple[int, int] | None, encoder,
-                        rig: str = "default", log=print) -> tuple[GroundingSplit, np.ndarray]:
-    """`load_or_render` and the split's `relation_negatives` (cached beside it): (split, negatives)."""
+                        rig: str = "default", log=print, workers: int = 0) -> tuple[GroundingSplit, np.ndarray]:
+    """`load_or_render` and the split's `relation_negatives` (cached beside it): (split, negatives). With
+    neither cached, both come from one run of the simulator."""
     seeds = list(seeds)
-    split = load_or_render(seeds, seconds, expressions, size, encoder, rig, log)
-    path = cache_path(seeds, seconds, expressions, size, rig, encoder).with_suffix(".relation_negatives.npz")
-    return relation_negatives(split, seeds, seconds, expressions, encoder, rig, cache=path)
+    path = cache_path(seeds, seconds, expressions, size, rig, encoder)
+    negatives_path = path.with_suffix(".relation_negatives.npz")
+    if path.exists() or negatives_path.exists():
+        split = load_or_render(seeds, seconds, expressions, size, encoder, rig, log, workers)
+        return relation_negatives(split, seeds, seconds, expressions, encoder, rig, cache=negatives_path,
+                                  workers=workers)
+    split, found = render_with_negatives(seeds, seconds, expressions, size, encoder, rig, log, workers)
+    split.save(path)
+    np.savez(negatives_path, **dict(zip(NEGATIVE_KEYS, found)))
+    log(f"[grounding data] wrote {path} ({path.stat().st_size / 1e6:.1f} MB) and its relation negatives")
+    return with_negatives(split, *found)
 
 
 if __name__ == "__main__":  # pragma: no cover - manual pre-render: python -m vg_ros.grounding.data 0-39 2.0 8

@@ -324,7 +324,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--weight-decay", type=float, default=0.05)
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--workers", type=int, default=0,
-                    help="background processes preparing batches (0 = in the training loop; a GPU wants several)")
+                    help="background processes preparing batches (0 = in the training loop; a GPU wants several); "
+                    "an uncached training split renders that many seeds at a time")
     ap.add_argument("--device", default="auto", choices=("cpu", "cuda", "auto"))
     ap.add_argument("--ablation-phi-zero", action="store_true", help="train with Phi fixed at zero (ablation)")
     ap.add_argument("--init", default="", help="continue training these weights (.safetensors) instead of a fresh model")
@@ -388,9 +389,11 @@ def main(argv: list[str]) -> int:
     encoder = TextEncoder()
     size = (spec.img_h, spec.img_w)
     if args.relation:
-        split, negatives = load_with_negatives(train_seeds, args.seconds, args.expressions, size, encoder)
+        split, negatives = load_with_negatives(train_seeds, args.seconds, args.expressions, size, encoder,
+                                               workers=args.workers)
     else:
-        split, negatives = load_or_render(train_seeds, args.seconds, args.expressions, size, encoder), None
+        split, negatives = load_or_render(train_seeds, args.seconds, args.expressions, size, encoder,
+                                          workers=args.workers), None
     print(f"[grounding train] {len(split)} expressions on {len(split.images)} images; hops "
           f"{dict(zip(*np.unique(split.hops, return_counts=True)))}")
     if negatives is not None:
