@@ -964,3 +964,39 @@ def test_one_pass_render_with_negatives_matches_two_passes(encoder, monkeypatch,
         assert original != turned_text and len(original.split()) >= 4
     cached, cached_negatives = data.load_with_negatives(seeds, *args, encoder, log=lambda *_: None)
     assert cached_negatives.tolist() == negatives.tolist() and len(cached.texts) == len(split.texts)
+
+
+def test_average_weights_tool_means_two_runs_and_refuses_other_networks(tmp_path, capsys):
+    """tools/average_weights.py: the parameter-wise mean of two VG-LAW files loads as a VG-LAW; a file of
+    another spec or training split is refused with a clear message (exit 2), nothing written."""
+    import importlib.util
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from vg_ros.grounding.pipeline import load_weights, save_weights
+    tool = Path(__file__).resolve().parents[1] / "tools" / "average_weights.py"
+    torch.manual_seed(0)
+    a, b = VGLAW(SMALL), VGLAW(SMALL)
+    save_weights(a, tmp_path / "a.safetensors", {"train_seeds": "0-9", "phi_zero": "0"})
+    save_weights(b, tmp_path / "b.safetensors", {"train_seeds": "0-9", "phi_zero": "0"})
+    out = tmp_path / "mean.safetensors"
+    done = subprocess.run([sys.executable, str(tool), str(out), str(tmp_path / "a.safetensors"),
+                           str(tmp_path / "b.safetensors")], capture_output=True, text=True, check=True)
+    assert "mean of 2 files" in done.stdout
+    mean, meta = load_weights(out)
+    for (name, pa), pb, pm in zip(a.state_dict().items(), b.state_dict().values(), mean.state_dict().values()):
+        assert torch.allclose(pm, (pa + pb) / 2, atol=1e-6), name
+    assert meta["train_seeds"] == "0-9" and "a.safetensors" in meta["averaged_from"]
+
+    save_weights(b, tmp_path / "c.safetensors", {"train_seeds": "0-99", "phi_zero": "0"})
+    save_weights(VGLAW(dataclasses.replace(SMALL, width=48)), tmp_path / "d.safetensors",
+                 {"train_seeds": "0-9", "phi_zero": "0"})
+    spec = importlib.util.spec_from_file_location("average_weights", tool)
+    average_weights = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(average_weights)
+    for other, message in (("c", "train_seeds"), ("d", "spec")):
+        bad = tmp_path / f"bad_{other}.safetensors"
+        assert average_weights.main([str(bad), str(tmp_path / "a.safetensors"),
+                                     str(tmp_path / f"{other}.safetensors")]) == 2
+        assert message in capsys.readouterr().err and not bad.exists()

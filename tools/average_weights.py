@@ -1,0 +1,74 @@
+"""Parameter-wise mean of safetensors weight files of one network (e.g. a run and the weights it started from).
+
+    python tools/average_weights.py OUT.safetensors A.safetensors B.safetensors [...]
+
+The files must hold the same tensor names and shapes and agree on the metadata that defines the network and
+its data (`format`, `spec`, `phi_zero`, `train_seeds`); OUT keeps A's metadata with `averaged_from` (the
+input file names) and `date` set. Integer tensors (none in VG-LAW; counters elsewhere) must be equal.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+MUST_AGREE = ("format", "spec", "phi_zero", "train_seeds")
+
+
+def read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+
+
+def average(paths: list[Path]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The mean tensors and the output metadata; ValueError when the files are not one network."""
+    if len(paths) < 2:
+        raise ValueError("average needs at least two weight files")
+    first, meta = read(paths[0])
+    sums = {k: v.double() if v.is_floating_point() else v for k, v in first.items()}
+    for path in paths[1:]:
+        tensors, other = read(path)
+        if tensors.keys() != first.keys():
+            raise ValueError(f"{path}: tensor names differ from {paths[0]} "
+                             f"({sorted(tensors.keys() ^ first.keys())[:5]})")
+        for key in MUST_AGREE:
+            if meta.get(key) != other.get(key):
+                raise ValueError(f"{path}: metadata {key!r} {other.get(key)!r} != {meta.get(key)!r} in {paths[0]}")
+        for k, v in tensors.items():
+            if v.shape != first[k].shape or v.dtype != first[k].dtype:
+                raise ValueError(f"{path}: {k} is {tuple(v.shape)} {v.dtype}, "
+                                 f"{tuple(first[k].shape)} {first[k].dtype} in {paths[0]}")
+            if v.is_floating_point():
+                sums[k] += v.double()
+            elif not torch.equal(v, first[k]):
+                raise ValueError(f"{path}: integer tensor {k} differs from {paths[0]}")
+    out = {k: (v / len(paths)).to(first[k].dtype) if v.is_floating_point() else v for k, v in sums.items()}
+    meta = dict(meta, averaged_from=json.dumps([p.name for p in paths]),
+                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M+00:00"))
+    return out, meta
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out", type=Path)
+    ap.add_argument("inputs", type=Path, nargs="+")
+    args = ap.parse_args(argv)
+    try:
+        tensors, meta = average(args.inputs)
+    except (ValueError, OSError) as e:
+        print(f"average_weights: {e}", file=sys.stderr)
+        return 2
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(args.out), metadata=meta)
+    print(f"average_weights: {len(tensors)} tensors, mean of {len(args.inputs)} files -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
