@@ -3,8 +3,9 @@
     python tools/average_weights.py OUT.safetensors A.safetensors B.safetensors [...]
 
 The files must hold the same tensor names and shapes and agree on the metadata that defines the network and
-its data (`format`, `spec`, `phi_zero`, `train_seeds`); OUT keeps A's metadata with `averaged_from` (the
-input file names) and `date` set. Integer tensors (none in VG-LAW; counters elsewhere) must be equal.
+its data (`format`, `spec`: a VG-LAW spec with its defaults filled in, `phi_zero`, `train_seeds`). OUT keeps
+A's metadata with `averaged_from` (the input file names) and `date` set. Floating tensors (batch-norm running
+statistics included) are averaged; integer ones (batch-norm batch counters) take the largest.
 """
 from __future__ import annotations
 
@@ -19,6 +20,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 MUST_AGREE = ("format", "spec", "phi_zero", "train_seeds")
+
+
+def normal(meta: dict[str, str], key: str):
+    """A metadata value as compared: a VG-LAW spec with its defaults filled in (files written before a field
+    existed omit it), anything else as written."""
+    value = meta.get(key)
+    if key == "spec" and value and meta.get("format", "").startswith("vg_ros.grounding.vglaw/"):
+        from vg_ros.grounding.model import VGLAWSpec
+        return VGLAWSpec(**json.loads(value)).to_dict()
+    return value
 
 
 def read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -38,7 +49,7 @@ def average(paths: list[Path]) -> tuple[dict[str, torch.Tensor], dict[str, str]]
             raise ValueError(f"{path}: tensor names differ from {paths[0]} "
                              f"({sorted(tensors.keys() ^ first.keys())[:5]})")
         for key in MUST_AGREE:
-            if meta.get(key) != other.get(key):
+            if normal(meta, key) != normal(other, key):
                 raise ValueError(f"{path}: metadata {key!r} {other.get(key)!r} != {meta.get(key)!r} in {paths[0]}")
         for k, v in tensors.items():
             if v.shape != first[k].shape or v.dtype != first[k].dtype:
@@ -46,8 +57,8 @@ def average(paths: list[Path]) -> tuple[dict[str, torch.Tensor], dict[str, str]]
                                  f"{tuple(first[k].shape)} {first[k].dtype} in {paths[0]}")
             if v.is_floating_point():
                 sums[k] += v.double()
-            elif not torch.equal(v, first[k]):
-                raise ValueError(f"{path}: integer tensor {k} differs from {paths[0]}")
+            else:
+                sums[k] = torch.maximum(sums[k], v)
     out = {k: (v / len(paths)).to(first[k].dtype) if v.is_floating_point() else v for k, v in sums.items()}
     meta = dict(meta, averaged_from=json.dumps([p.name for p in paths]),
                 date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M+00:00"))
