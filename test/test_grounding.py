@@ -968,7 +968,7 @@ def test_one_pass_render_with_negatives_matches_two_passes(encoder, monkeypatch,
 
 def test_average_weights_tool_means_two_runs_and_refuses_other_networks(tmp_path, capsys):
     """tools/average_weights.py: the parameter-wise mean of two VG-LAW files loads as a VG-LAW; a file of
-    another spec or training split is refused with a clear message (exit 2), nothing written."""
+    another spec or training split, or a corrupt one, is refused with a clear message (exit 2), nothing written."""
     import importlib.util
     import subprocess
     import sys
@@ -995,7 +995,8 @@ def test_average_weights_tool_means_two_runs_and_refuses_other_networks(tmp_path
     spec = importlib.util.spec_from_file_location("average_weights", tool)
     average_weights = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(average_weights)
-    for other, message in (("c", "train_seeds"), ("d", "spec")):
+    (tmp_path / "e.safetensors").write_bytes(b"not a safetensors file")
+    for other, message in (("c", "train_seeds"), ("d", "spec"), ("e", "not a readable safetensors file")):
         bad = tmp_path / f"bad_{other}.safetensors"
         assert average_weights.main([str(bad), str(tmp_path / "a.safetensors"),
                                      str(tmp_path / f"{other}.safetensors")]) == 2

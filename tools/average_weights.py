@@ -1,10 +1,11 @@
-"""Parameter-wise mean of safetensors weight files of one network (e.g. a run and the weights it started from).
+"""Parameter-wise mean of VG-LAW weight files of one network (e.g. a run and the weights it started from).
 
     python tools/average_weights.py OUT.safetensors A.safetensors B.safetensors [...]
 
-The files must hold the same tensor names and shapes and agree on the metadata that defines the network and
-its data (`format`, `spec`: a VG-LAW spec with its defaults filled in, `phi_zero`, `train_seeds`). OUT keeps
-A's metadata with `averaged_from` (the input file names) and `date` set. Floating tensors (batch-norm running
+The files (written by `vg_ros.grounding.pipeline.save_weights`; read by `checkpoint.read_state`, which names a
+missing or corrupt file) must hold the same tensor names and shapes and agree on the metadata that defines the
+network and its data (`format`, `spec` with its defaults filled in, `phi_zero`, `train_seeds`). OUT keeps A's
+metadata with `averaged_from` (the input file names) and `date` set. Floating tensors (batch-norm running
 statistics included) are averaged; integer ones (batch-norm batch counters) take the largest.
 """
 from __future__ import annotations
@@ -16,35 +17,30 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
+
+from vg_ros.checkpoint import read_state
 
 MUST_AGREE = ("format", "spec", "phi_zero", "train_seeds")
 
 
 def normal(meta: dict[str, str], key: str):
-    """A metadata value as compared: a VG-LAW spec with its defaults filled in (files written before a field
+    """A metadata value as compared: the spec with its defaults filled in (files written before a field
     existed omit it), anything else as written."""
-    value = meta.get(key)
-    if key == "spec" and value and meta.get("format", "").startswith("vg_ros.grounding.vglaw/"):
+    if key == "spec":
         from vg_ros.grounding.model import VGLAWSpec
-        return VGLAWSpec(**json.loads(value)).to_dict()
-    return value
-
-
-def read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    with safe_open(str(path), "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+        return VGLAWSpec(**json.loads(meta[key])).to_dict()
+    return meta.get(key)
 
 
 def average(paths: list[Path]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The mean tensors and the output metadata; ValueError when the files are not one network."""
     if len(paths) < 2:
         raise ValueError("average needs at least two weight files")
-    first, meta = read(paths[0])
+    first, meta = read_state(paths[0], "spec", "grounding")
     sums = {k: v.double() if v.is_floating_point() else v for k, v in first.items()}
     for path in paths[1:]:
-        tensors, other = read(path)
+        tensors, other = read_state(path, "spec", "grounding")
         if tensors.keys() != first.keys():
             raise ValueError(f"{path}: tensor names differ from {paths[0]} "
                              f"({sorted(tensors.keys() ^ first.keys())[:5]})")
