@@ -968,7 +968,8 @@ def test_one_pass_render_with_negatives_matches_two_passes(encoder, monkeypatch,
 
 def test_average_weights_tool_means_two_runs_and_refuses_other_networks(tmp_path, capsys):
     """tools/average_weights.py: the parameter-wise mean of two VG-LAW files loads as a VG-LAW; a file of
-    another spec or training split, or a corrupt one, is refused with a clear message (exit 2), nothing written."""
+    another spec or training split, or a corrupt one, is refused with a clear message (exit 2), nothing written;
+    with --union-seeds other splits are taken and the output's train_seeds is their union."""
     import importlib.util
     import subprocess
     import sys
@@ -1001,3 +1002,9 @@ def test_average_weights_tool_means_two_runs_and_refuses_other_networks(tmp_path
         assert average_weights.main([str(bad), str(tmp_path / "a.safetensors"),
                                      str(tmp_path / f"{other}.safetensors")]) == 2
         assert message in capsys.readouterr().err and not bad.exists()
+    union = tmp_path / "union.safetensors"    # different training splits only when asked; the union is recorded
+    assert average_weights.main([str(union), str(tmp_path / "a.safetensors"), str(tmp_path / "c.safetensors"),
+                                 "--union-seeds"]) == 0
+    assert load_weights(union)[1]["train_seeds"] == "0-99"
+    assert average_weights.main([str(union), str(tmp_path / "a.safetensors"), str(tmp_path / "d.safetensors"),
+                                 "--union-seeds"]) == 2 and "spec" in capsys.readouterr().err

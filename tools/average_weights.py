@@ -4,8 +4,9 @@
 
 The files (written by `vg_ros.grounding.pipeline.save_weights`; read by `checkpoint.read_state`, which names a
 missing or corrupt file) must hold the same tensor names and shapes and agree on the metadata that defines the
-network and its data (`format`, `spec` with its defaults filled in, `phi_zero`, `train_seeds`). OUT keeps A's
-metadata with `averaged_from` (the input file names) and `date` set. Floating tensors (batch-norm running
+network and its data (`format`, `spec` with its defaults filled in, `phi_zero`, `train_seeds`). With
+`--union-seeds` the training splits may differ and OUT's `train_seeds` is their union (so evaluation still refuses
+every seed any input trained on). OUT keeps A's metadata with `averaged_from` (the input file names) and `date` set. Floating tensors (batch-norm running
 statistics included) are averaged; integer ones (batch-norm batch counters) take the largest.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from vg_ros.checkpoint import read_state
+from vg_ros.sim.seeds import format_seeds, parse_seeds
 
 MUST_AGREE = ("format", "spec", "phi_zero", "train_seeds")
 
@@ -33,18 +35,21 @@ def normal(meta: dict[str, str], key: str):
     return meta.get(key)
 
 
-def average(paths: list[Path]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def average(paths: list[Path], union_seeds: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The mean tensors and the output metadata; ValueError when the files are not one network."""
     if len(paths) < 2:
         raise ValueError("average needs at least two weight files")
     first, meta = read_state(paths[0], "spec", "grounding")
     sums = {k: v.double() if v.is_floating_point() else v for k, v in first.items()}
+    seeds = set(parse_seeds(meta["train_seeds"])) if meta.get("train_seeds") else set()
+    must_agree = [k for k in MUST_AGREE if not (union_seeds and k == "train_seeds")]
     for path in paths[1:]:
         tensors, other = read_state(path, "spec", "grounding")
         if tensors.keys() != first.keys():
             raise ValueError(f"{path}: tensor names differ from {paths[0]} "
                              f"({sorted(tensors.keys() ^ first.keys())[:5]})")
-        for key in MUST_AGREE:
+        seeds |= set(parse_seeds(other["train_seeds"])) if other.get("train_seeds") else set()
+        for key in must_agree:
             if normal(meta, key) != normal(other, key):
                 raise ValueError(f"{path}: metadata {key!r} {other.get(key)!r} != {meta.get(key)!r} in {paths[0]}")
         for k, v in tensors.items():
@@ -57,6 +62,7 @@ def average(paths: list[Path]) -> tuple[dict[str, torch.Tensor], dict[str, str]]
                 sums[k] = torch.maximum(sums[k], v)
     out = {k: (v / len(paths)).to(first[k].dtype) if v.is_floating_point() else v for k, v in sums.items()}
     meta = dict(meta, averaged_from=json.dumps([p.name for p in paths]),
+                train_seeds=format_seeds(sorted(seeds)) if seeds else meta.get("train_seeds", ""),
                 date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M+00:00"))
     return out, meta
 
@@ -65,9 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", type=Path)
     ap.add_argument("inputs", type=Path, nargs="+")
+    ap.add_argument("--union-seeds", action="store_true",
+                    help="allow different training splits; OUT's train_seeds is their union")
     args = ap.parse_args(argv)
     try:
-        tensors, meta = average(args.inputs)
+        tensors, meta = average(args.inputs, args.union_seeds)
     except (ValueError, OSError) as e:
         print(f"average_weights: {e}", file=sys.stderr)
         return 2
