@@ -1008,3 +1008,6 @@ def test_average_weights_tool_means_two_runs_and_refuses_other_networks(tmp_path
     assert load_weights(union)[1]["train_seeds"] == "0-99"
     assert average_weights.main([str(union), str(tmp_path / "a.safetensors"), str(tmp_path / "d.safetensors"),
                                  "--union-seeds"]) == 2 and "spec" in capsys.readouterr().err
+    save_weights(b, tmp_path / "f.safetensors", {"phi_zero": "0"})     # no split named: cannot be joined
+    assert average_weights.main([str(union), str(tmp_path / "a.safetensors"), str(tmp_path / "f.safetensors"),
+                                 "--union-seeds"]) == 2 and "no train_seeds" in capsys.readouterr().err

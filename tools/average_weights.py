@@ -5,9 +5,10 @@
 The files (written by `vg_ros.grounding.pipeline.save_weights`; read by `checkpoint.read_state`, which names a
 missing or corrupt file) must hold the same tensor names and shapes and agree on the metadata that defines the
 network and its data (`format`, `spec` with its defaults filled in, `phi_zero`, `train_seeds`). With
-`--union-seeds` the training splits may differ and OUT's `train_seeds` is their union (so evaluation still refuses
-every seed any input trained on). OUT keeps A's metadata with `averaged_from` (the input file names) and `date` set. Floating tensors (batch-norm running
-statistics included) are averaged; integer ones (batch-norm batch counters) take the largest.
+`--union-seeds` the training splits may differ (each file must name its own) and OUT's `train_seeds` is their
+union, so evaluation still refuses every seed any input trained on. OUT keeps A's metadata with `averaged_from`
+(the input file names) and `date` set. Floating tensors (batch-norm running statistics included) are averaged;
+integer ones (batch-norm batch counters) take the largest.
 """
 from __future__ import annotations
 
@@ -35,20 +36,30 @@ def normal(meta: dict[str, str], key: str):
     return meta.get(key)
 
 
+def training_seeds(path: Path, meta: dict[str, str], union_seeds: bool) -> list[int]:
+    """The seeds a file was trained on; with --union-seeds a file that does not name them is refused (its split
+    could not be joined, and evaluation would take its training seeds for held-out ones)."""
+    if not meta.get("train_seeds"):
+        if union_seeds:
+            raise ValueError(f"{path}: no train_seeds in its metadata; --union-seeds needs every file's")
+        return []
+    return parse_seeds(meta["train_seeds"])
+
+
 def average(paths: list[Path], union_seeds: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The mean tensors and the output metadata; ValueError when the files are not one network."""
     if len(paths) < 2:
         raise ValueError("average needs at least two weight files")
     first, meta = read_state(paths[0], "spec", "grounding")
     sums = {k: v.double() if v.is_floating_point() else v for k, v in first.items()}
-    seeds = set(parse_seeds(meta["train_seeds"])) if meta.get("train_seeds") else set()
+    seeds = set(training_seeds(paths[0], meta, union_seeds))
     must_agree = [k for k in MUST_AGREE if not (union_seeds and k == "train_seeds")]
     for path in paths[1:]:
         tensors, other = read_state(path, "spec", "grounding")
         if tensors.keys() != first.keys():
             raise ValueError(f"{path}: tensor names differ from {paths[0]} "
                              f"({sorted(tensors.keys() ^ first.keys())[:5]})")
-        seeds |= set(parse_seeds(other["train_seeds"])) if other.get("train_seeds") else set()
+        seeds |= set(training_seeds(path, other, union_seeds))
         for key in must_agree:
             if normal(meta, key) != normal(other, key):
                 raise ValueError(f"{path}: metadata {key!r} {other.get(key)!r} != {meta.get(key)!r} in {paths[0]}")
