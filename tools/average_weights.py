@@ -72,8 +72,9 @@ def average(paths: list[Path], union_seeds: bool = False) -> tuple[dict[str, tor
             else:
                 sums[k] = torch.maximum(sums[k], v)
     out = {k: (v / len(paths)).to(first[k].dtype) if v.is_floating_point() else v for k, v in sums.items()}
+    if union_seeds:
+        meta = dict(meta, train_seeds=format_seeds(seeds))
     meta = dict(meta, averaged_from=json.dumps([p.name for p in paths]),
-                train_seeds=format_seeds(sorted(seeds)) if seeds else meta.get("train_seeds", ""),
                 date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M+00:00"))
     return out, meta
 
