@@ -121,13 +121,20 @@ def test_bev_hypotheses_find_the_yaw_and_shift(scene):
 def test_bev_hypotheses_rescue_a_pair_the_matches_get_wrong():
     """A held-out sim pair 14 scans apart (14.9 m) that the compatibility-only pipeline gets wrong from its
     FPFH matches (RE 3.2 deg, TE 14.9 m in `vg-ros eval registration --full --set bev_candidates=0`); the
-    bird's-eye-view candidates (lidar preset) find the right pose and the clouds' overlap picks it."""
+    bird's-eye-view candidates (lidar preset) find the right pose and the clouds' overlap picks it.
+
+    Whether the matches alone fail here depends on the machine (same pinned packages: on one 2-core machine
+    of 2026-12-01 they found the pose, RE 0.15 deg, TE 0.01 m), so the rescue is asserted where they fail
+    and the candidates must never turn a right pose wrong where they do not."""
     from vg_ros.registration.train import PairSpec, sim_pairs
     pair = next(p for p in sim_pairs(9919, PairSpec()) if p.name == "sim9919_7_14")
     off = RegistrationPipeline(RegistrationConfig.preset("lidar").replace(bev_candidates=0), weights=None)
     res = off.register(pair.src, pair.dst)
-    assert rotation_error_deg(res.transform, pair.T_gt) > 5 or translation_error(res.transform, pair.T_gt) > 0.6
+    re, te = rotation_error_deg(res.transform, pair.T_gt), translation_error(res.transform, pair.T_gt)
+    matches_wrong = re > 5 or te > 0.6
     on = RegistrationPipeline(RegistrationConfig.preset("lidar"), weights=None)
     res = on.register(pair.src, pair.dst)
-    assert on.last_debug["chosen_from"] == "bev" and res.converged, res.reason
+    assert res.converged, res.reason
     assert rotation_error_deg(res.transform, pair.T_gt) < 1.0 and translation_error(res.transform, pair.T_gt) < 0.1
+    if matches_wrong:
+        assert on.last_debug["chosen_from"] == "bev"
