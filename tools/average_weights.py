@@ -36,14 +36,12 @@ def normal(meta: dict[str, str], key: str):
     return meta.get(key)
 
 
-def training_seeds(path: Path, meta: dict[str, str], union_seeds: bool) -> list[int]:
-    """The seeds a file was trained on; with --union-seeds a file that does not name them is refused (its split
+def training_seeds(path: Path, meta: dict[str, str]) -> set[int]:
+    """The seeds a file was trained on, for --union-seeds; a file that does not name them is refused (its split
     could not be joined, and evaluation would take its training seeds for held-out ones)."""
     if not meta.get("train_seeds"):
-        if union_seeds:
-            raise ValueError(f"{path}: no train_seeds in its metadata; --union-seeds needs every file's")
-        return []
-    return parse_seeds(meta["train_seeds"])
+        raise ValueError(f"{path}: no train_seeds in its metadata; --union-seeds needs every file's")
+    return set(parse_seeds(meta["train_seeds"]))
 
 
 def average(paths: list[Path], union_seeds: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -52,14 +50,14 @@ def average(paths: list[Path], union_seeds: bool = False) -> tuple[dict[str, tor
         raise ValueError("average needs at least two weight files")
     first, meta = read_state(paths[0], "spec", "grounding")
     sums = {k: v.double() if v.is_floating_point() else v for k, v in first.items()}
-    seeds = set(training_seeds(paths[0], meta, union_seeds))
+    metas = [meta]
     must_agree = [k for k in MUST_AGREE if not (union_seeds and k == "train_seeds")]
     for path in paths[1:]:
         tensors, other = read_state(path, "spec", "grounding")
         if tensors.keys() != first.keys():
             raise ValueError(f"{path}: tensor names differ from {paths[0]} "
                              f"({sorted(tensors.keys() ^ first.keys())[:5]})")
-        seeds |= set(training_seeds(path, other, union_seeds))
+        metas.append(other)
         for key in must_agree:
             if normal(meta, key) != normal(other, key):
                 raise ValueError(f"{path}: metadata {key!r} {other.get(key)!r} != {meta.get(key)!r} in {paths[0]}")
@@ -73,7 +71,7 @@ def average(paths: list[Path], union_seeds: bool = False) -> tuple[dict[str, tor
                 sums[k] = torch.maximum(sums[k], v)
     out = {k: (v / len(paths)).to(first[k].dtype) if v.is_floating_point() else v for k, v in sums.items()}
     if union_seeds:
-        meta = dict(meta, train_seeds=format_seeds(seeds))
+        meta = dict(meta, train_seeds=format_seeds(set().union(*map(training_seeds, paths, metas))))
     meta = dict(meta, averaged_from=json.dumps([p.name for p in paths]),
                 date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M+00:00"))
     return out, meta
