@@ -750,6 +750,23 @@ def test_render_split_layout(fake_splits, tmp_path):
     assert np.array_equal(again.masks(np.arange(3)), train.masks(np.arange(3)))
 
 
+def test_load_concat_shifts_ids_and_refuses_other_sizes(fake_splits, tmp_path):
+    from vg_ros.grounding.data import GroundingSplit
+    train, full = fake_splits
+    for name, split in (("a", train), ("b", train), ("full", full)):
+        split.save(tmp_path / f"{name}.npz")
+    both = GroundingSplit.load_concat([tmp_path / "a.npz", tmp_path / "b.npz"])
+    n, t = len(train), len(train.texts)
+    assert len(both) == 2 * n and len(both.images) == 2 * len(train.images) and len(both.texts) == 2 * t
+    assert np.array_equal(both.expr_image[n:], train.expr_image + len(train.images))
+    assert np.array_equal(both.texts[both.text_index[n:]], train.texts[train.text_index])
+    assert np.array_equal(both.texts[both.mirror_index[n:]], train.texts[train.mirror_index])
+    assert np.array_equal(both.other[n:], np.where(train.other >= 0, train.other + n, -1))
+    assert np.array_equal(both.masks(np.arange(n, 2 * n)), train.masks(np.arange(n)))
+    with pytest.raises(ValueError, match="images differs"):
+        GroundingSplit.load_concat([tmp_path / "a.npz", tmp_path / "full.npz"])
+
+
 def test_flip_augmentation_keeps_box_mask_and_text_consistent(fake_splits):
     from vg_ros.grounding.train import make_batch
     train, _ = fake_splits
@@ -964,6 +981,34 @@ def test_one_pass_render_with_negatives_matches_two_passes(encoder, monkeypatch,
         assert original != turned_text and len(original.split()) >= 4
     cached, cached_negatives = data.load_with_negatives(seeds, *args, encoder, log=lambda *_: None)
     assert cached_negatives.tolist() == negatives.tolist() and len(cached.texts) == len(split.texts)
+
+
+def test_seeds_in_several_runs_are_cached_run_by_run_and_joined(encoder, monkeypatch, tmp_path):
+    """`load_with_negatives` / `load_or_render` for seeds in two runs (3 and 5-6): each run is rendered and cached
+    on its own and the split joined from the caches holds the same images, masks, boxes, commands, mirrored
+    commands and relation negatives, expression by expression, as the two seeds rendered together."""
+    from vg_ros.grounding import data
+    monkeypatch.setattr(data, "CACHE_DIR", tmp_path)
+    assert data.seed_runs([3, 5, 6, 9]) == [[3], [5, 6], [9]] and data.seed_runs([]) == []
+    seeds, args = [3, 5, 6], (0.6, 12, (32, 64))
+    split, negatives = data.load_with_negatives(seeds, *args, encoder, log=lambda *_: None)
+    cached = sorted(p.name for p in tmp_path.glob("split_*.npz") if "relation" not in p.name)
+    assert cached == sorted(data.cache_path(run, *args, "default", encoder).name for run in ([3], [5, 6]))
+    together, (texts, feats, lengths, local) = data.render_with_negatives(seeds, *args, encoder, log=lambda *_: None)
+    for key in ("images", "image_seed", "present", "expr_image", "boxes", "packed_masks", "hops", "instance"):
+        assert np.array_equal(getattr(split, key), getattr(together, key)), key
+    for index in ("text_index", "mirror_index"):
+        assert split.texts[getattr(split, index)].tolist() == together.texts[getattr(together, index)].tolist()
+    assert [str(split.texts[n]) if n >= 0 else None for n in negatives] == \
+        [str(texts[n]) if n >= 0 else None for n in local] and (negatives >= 0).sum() > 0
+    has = negatives >= 0   # a negative's features and token count are its own text's
+    # (encoded in other batches: float16 rounding apart)
+    assert np.allclose(split.text_feats[negatives[has]], feats[local[has]], atol=1e-2)
+    assert np.array_equal(split.text_len[negatives[has]], lengths[local[has]])
+    assert (split.instance[split.other] != split.instance)[split.other >= 0].all()
+    assert (split.expr_image[split.other] == split.expr_image)[split.other >= 0].all()
+    plain = data.load_or_render(seeds, *args, encoder, log=lambda *_: None)   # no negatives: the same join
+    assert np.array_equal(plain.packed_masks, split.packed_masks) and len(plain.texts) < len(split.texts)
 
 
 def test_average_weights_tool_means_two_runs_and_refuses_other_networks(tmp_path, capsys):

@@ -17,6 +17,7 @@ import json
 import re
 import sys
 import time
+import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -142,6 +143,66 @@ class GroundingSplit:
         with np.load(path, allow_pickle=False) as data:
             return cls(**{k: data[k] for k in cls.__dataclass_fields__})
 
+    @classmethod
+    def load_concat(cls, paths: list[Path]) -> "GroundingSplit":
+        """The saved splits at `paths` as one split, in order (image, text and expression ids shifted). Each
+        array is allocated once at its full size and filled one file at a time, so the peak memory is the
+        result plus one file, not twice the result (two 800-seed training splits are 5.5 GB each)."""
+        paths = [Path(p) for p in paths]
+        if len(paths) == 1:
+            return cls.load(paths[0])
+        shapes = [_npz_shapes(p) for p in paths]
+        out = {}
+        for key in cls.__dataclass_fields__:
+            first_shape, dtype = shapes[0][key]
+            if key == "texts":   # unicode widths differ per file: the widest
+                dtype = np.dtype(f"<U{max(s[key][1].itemsize // 4 for s in shapes)}")
+            for s in shapes[1:]:
+                if s[key][0][1:] != first_shape[1:] or (key != "texts" and s[key][1] != dtype):
+                    raise ValueError(f"load_concat: {key} differs between the splits ({s[key]} vs "
+                                     f"{shapes[0][key]}): other sizes or cache formats")
+            out[key] = np.empty((sum(s[key][0][0] for s in shapes), *first_shape[1:]), dtype)
+        start = {key: 0 for key in out}
+        images = texts = exprs = 0
+        for path in paths:
+            part = cls.load(path)
+            shift = {"expr_image": images, "text_index": texts, "mirror_index": texts}
+            for key in out:
+                value = getattr(part, key)
+                if key in shift:
+                    value = value + shift[key]
+                elif key == "other":
+                    value = np.where(value >= 0, value + exprs, -1)
+                out[key][start[key]:start[key] + len(value)] = value
+                start[key] += len(value)
+            images, texts, exprs = images + len(part.images), texts + len(part.texts), exprs + len(part)
+            del part
+        return cls(**out)
+
+
+def _npz_shapes(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """{array name: (shape, dtype)} of an uncompressed .npz, read from the headers alone."""
+    shapes = {}
+    with zipfile.ZipFile(path) as archive:
+        for name in archive.namelist():
+            with archive.open(name) as fh:
+                read = (np.lib.format.read_array_header_1_0 if np.lib.format.read_magic(fh) == (1, 0)
+                        else np.lib.format.read_array_header_2_0)
+                shape, _, dtype = read(fh)
+            shapes[name.removesuffix(".npy")] = (tuple(shape), np.dtype(dtype))
+    return shapes
+
+
+def seed_runs(seeds) -> list[list[int]]:
+    """The seed list cut into its runs of consecutive seeds, in order: [0, 1, 2, 7, 8] -> [[0, 1, 2], [7, 8]]."""
+    runs: list[list[int]] = []
+    for seed in (int(s) for s in seeds):
+        if runs and runs[-1][-1] == seed - 1:
+            runs[-1].append(seed)
+        else:
+            runs.append([seed])
+    return runs
+
 
 def _frames(seed: int, seconds: float, expressions: int, rig: str, every: int):
     """(world, SimFrames) of one seed: cameras and expressions only (no LiDAR, no occupancy)."""
@@ -172,6 +233,7 @@ def text_features(encoder, texts: list[str], device: str | torch.device = "cpu",
     lengths = np.zeros(len(texts), np.int32)
     for start in range(0, len(texts), chunk):
         f, v = encoder.encode(texts[start:start + chunk], device=device)
+        f = f * v[..., None]   # the encoder's outputs at [PAD] tokens (masked everywhere) change with the batch
         feats[start:start + len(f), :f.shape[1]] = f.cpu().numpy().astype(np.float16)
         lengths[start:start + len(f)] = v.sum(1).cpu().numpy()
     return feats, lengths
@@ -363,8 +425,20 @@ def cache_path(seeds, seconds: float, expressions: int, size: tuple[int, int] | 
 
 def load_or_render(seeds, seconds: float, expressions: int, size: tuple[int, int] | None, encoder,
                    rig: str = "default", log=print, workers: int = 0) -> GroundingSplit:
-    """The cached split for these arguments, rendering it first (`workers` seeds at a time) when absent."""
+    """The cached split for these arguments, rendering it first (`workers` seeds at a time) when absent.
+    Seeds in several runs ("0-799,1100-1899") are cached run by run and joined (`GroundingSplit.load_concat`),
+    so a run rendered for one split serves every split that contains it."""
     seeds = list(seeds)
+    runs = seed_runs(seeds)
+    if len(runs) > 1:
+        paths = []
+        for run in runs:
+            path = cache_path(run, seconds, expressions, size, rig, encoder)
+            if not path.exists():
+                load_or_render(run, seconds, expressions, size, encoder, rig, log, workers)
+            paths.append(path)
+        log(f"[grounding data] joining {len(paths)} cached runs of seeds")
+        return GroundingSplit.load_concat(paths)
     path = cache_path(seeds, seconds, expressions, size, rig, encoder)
     if path.exists():
         log(f"[grounding data] cached {path}")
@@ -378,8 +452,25 @@ def load_or_render(seeds, seconds: float, expressions: int, size: tuple[int, int
 def load_with_negatives(seeds, seconds: float, expressions: int, size: tuple[int, int] | None, encoder,
                         rig: str = "default", log=print, workers: int = 0) -> tuple[GroundingSplit, np.ndarray]:
     """`load_or_render` and the split's `relation_negatives` (cached beside it): (split, negatives). With
-    neither cached, both come from one run of the simulator."""
+    neither cached, both come from one run of the simulator. Seeds in several runs: cached run by run and
+    joined, as in `load_or_render`."""
     seeds = list(seeds)
+    runs = seed_runs(seeds)
+    if len(runs) > 1:
+        found = []
+        for run in runs:
+            path = cache_path(run, seconds, expressions, size, rig, encoder)
+            negatives_path = path.with_suffix(".relation_negatives.npz")
+            if not (path.exists() and negatives_path.exists()):
+                load_with_negatives(run, seconds, expressions, size, encoder, rig, log, workers)
+            with np.load(negatives_path, allow_pickle=False) as data:
+                found.append(tuple(data[k] for k in NEGATIVE_KEYS))
+        split = load_or_render(seeds, seconds, expressions, size, encoder, rig, log, workers)
+        # each run's negative ids count among its own negatives' texts: shifted past the earlier runs'
+        shifts = np.cumsum([0] + [len(f[0]) for f in found[:-1]])
+        index = np.concatenate([np.where(f[3] >= 0, f[3] + k, -1) for f, k in zip(found, shifts)]).astype(np.int32)
+        return with_negatives(split, np.concatenate([f[0].astype(object) for f in found]).astype(str),
+                              *(np.concatenate([f[i] for f in found]) for i in (1, 2)), index)
     path = cache_path(seeds, seconds, expressions, size, rig, encoder)
     negatives_path = path.with_suffix(".relation_negatives.npz")
     if path.exists() or negatives_path.exists():
