@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vg_ros.sim.seeds import parse_seeds  # noqa: F401 - re-exported for the CLIs
+from vg_ros.sim.seeds import parse_seeds, seed_runs  # noqa: F401 - parse_seeds re-exported for the CLIs
 
 CACHE_DIR = Path(__file__).resolve().parent.parent.parent / ".cache" / "grounding"
 FORMAT = 3
@@ -191,17 +191,6 @@ def _npz_shapes(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
                 shape, _, dtype = read(fh)
             shapes[name.removesuffix(".npy")] = (tuple(shape), np.dtype(dtype))
     return shapes
-
-
-def seed_runs(seeds) -> list[list[int]]:
-    """The seed list cut into its runs of consecutive seeds, in order: [0, 1, 2, 7, 8] -> [[0, 1, 2], [7, 8]]."""
-    runs: list[list[int]] = []
-    for seed in (int(s) for s in seeds):
-        if runs and runs[-1][-1] == seed - 1:
-            runs[-1].append(seed)
-        else:
-            runs.append([seed])
-    return runs
 
 
 def _frames(seed: int, seconds: float, expressions: int, rig: str, every: int):

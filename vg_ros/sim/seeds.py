@@ -19,13 +19,19 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
+def seed_runs(seeds) -> list[list[int]]:
+    """The seed list cut into its runs of consecutive seeds, in order: [0, 1, 2, 7, 8] -> [[0, 1, 2], [7, 8]]."""
+    runs: list[list[int]] = []
+    for seed in (int(s) for s in seeds):
+        if runs and runs[-1][-1] == seed - 1:
+            runs[-1].append(seed)
+        else:
+            runs.append([seed])
+    return runs
+
+
 def format_seeds(seeds) -> str:
     """[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8' ('none' when empty): model cards stay readable for 96 seeds, and
     `parse_seeds` reads it back."""
-    parts: list[list[int]] = []
-    for seed in sorted(set(int(s) for s in seeds)):
-        if parts and parts[-1][1] == seed - 1:
-            parts[-1][1] = seed
-        else:
-            parts.append([seed, seed])
-    return ", ".join(f"{lo}-{hi}" if hi > lo else f"{lo}" for lo, hi in parts) or "none"
+    runs = seed_runs(sorted(set(int(s) for s in seeds)))
+    return ", ".join(f"{run[0]}-{run[-1]}" if len(run) > 1 else f"{run[0]}" for run in runs) or "none"
