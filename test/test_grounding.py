@@ -114,8 +114,52 @@ def test_mask_skip_joins_start_at_zero_and_learn():
     total_loss(out, torch.tensor([[0.3, 0.4, 0.3, 0.4]] * 2), masks)["total"].backward()
     assert grown.mask_head.skip8.weight.grad.abs().sum() > 0
     assert grown.mask_head.skip4[-1].weight.grad.abs().sum() > 0
-    with pytest.raises(ValueError, match="more than added mask_skip"):
-        VGLAW.grown_from(plain, VGLAWSpec(**{**SMALL.to_dict(), "stem": "conv", "mask_skip": True, "depth": 3}))
+    with pytest.raises(ValueError, match="more than added blocks"):
+        VGLAW.grown_from(plain, VGLAWSpec(**{**SMALL.to_dict(), "stem": "conv", "mask_skip": True, "width": 64}))
+
+
+def test_added_blocks_start_as_identity_and_learn():
+    """A network grown by two ViT blocks computes exactly what it did, through the batched forward and the
+    per-command merged path alike; the new blocks' output layers get gradient at once, and after one step
+    the new blocks and their language-adaptive weights change the output. Fewer blocks, or a different
+    width, are refused; `train.continued` keeps --init's blocks unless a larger depth is asked for."""
+    from vg_ros.grounding.model import total_loss
+    from vg_ros.grounding.train import continued
+    torch.manual_seed(5)
+    plain = VGLAW(SMALL).eval()
+    for p in plain.weight_generator.phi.parameters():   # a trained network's Phi is not zero
+        torch.nn.init.normal_(p, std=0.02)
+    grown = VGLAW.grown_from(plain, dataclasses.replace(SMALL, depth=4)).eval()
+    assert len(grown.blocks) == 4 and grown.weight_generator.layer_queries.shape[0] == 4
+    images, text = torch.rand(2, 3, 32, 64), _text(2)
+    with torch.no_grad():
+        a, b = plain(images, *text), grown(images, *text)
+        # the same numbers up to float rounding (the generator's per-layer einsum blocks differently)
+        assert torch.allclose(a["mask_logits"], b["mask_logits"], atol=1e-6)
+        assert torch.allclose(a["boxes"], b["boxes"], atol=1e-6)
+        one = tuple(t[:1] for t in text)
+        merged_plain = plain.forward_visual(images[:1], plain.merge(plain.generate(*one)))
+        merged_grown = grown.forward_visual(images[:1], grown.merge(grown.generate(*one)))
+        assert torch.allclose(merged_plain["mask_logits"], merged_grown["mask_logits"], atol=1e-5)
+    grown.train()
+    masks = torch.zeros(2, 32, 64)
+    masks[:, 8:20, 10:30] = 1
+    total_loss(grown(images, *text), torch.tensor([[0.3, 0.4, 0.3, 0.4]] * 2), masks)["total"].backward()
+    for block in grown.blocks[2:]:
+        assert block.attn.proj.weight.grad.abs().sum() > 0 and block.mlp[2].weight.grad.abs().sum() > 0
+    optimizer = torch.optim.SGD(grown.parameters(), lr=0.5)
+    optimizer.step()
+    optimizer.zero_grad()
+    total_loss(grown(images, *text), torch.tensor([[0.3, 0.4, 0.3, 0.4]] * 2), masks)["total"].backward()
+    assert grown.blocks[3].attn.qkv.weight.grad.abs().sum() > 0        # reached through the new projection
+    assert grown.weight_generator.phi[3].weight.grad.abs().sum() > 0   # the new block's Phi learns too
+    with pytest.raises(ValueError, match="more than added blocks"):
+        VGLAW.grown_from(grown, SMALL)   # removing blocks is not growing
+    assert continued(plain, SMALL) is plain
+    assert continued(grown, SMALL).spec.depth == 4   # depth 0: --init's blocks
+    assert continued(plain, SMALL, depth=3).spec.depth == 3
+    with pytest.raises(ValueError, match="2 blocks"):
+        continued(plain, dataclasses.replace(SMALL, width=64))
 
 
 def test_mask_refiner_starts_at_zero_learns_and_matches_the_dense_computation():
@@ -929,7 +973,7 @@ def test_train_cli_refuses_bad_numbers_and_bounds_onednn_cache(monkeypatch, caps
     from vg_ros.cli import main as vg_main
     monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
     for flag, value, words in (("--workers", "-1", "--workers"), ("--absent", "1.5", "--absent"),
-                               ("--minutes", "0", "must be positive")):
+                               ("--minutes", "0", "must be positive"), ("--depth", "-1", "--depth")):
         assert vg_main(["train", "grounding", flag, value]) == 2
         assert words in capsys.readouterr().err
     # set before the first convolution: per-shape primitives had grown a training process by 8 GB

@@ -571,20 +571,36 @@ class VGLAW(nn.Module):
 
     @classmethod
     def grown_from(cls, model: "VGLAW", spec: VGLAWSpec) -> "VGLAW":
-        """A `spec` network carrying `model`'s weights, where `spec` only adds the mask head's skip joins
-        (`mask_skip`), its refiner (`mask_refine`) and/or the presence head (`presence_head`): the first
-        two start at zero, so the result computes exactly what `model` did; the presence head starts
-        untrained. ValueError for any other change of architecture."""
+        """A `spec` network carrying `model`'s weights, where `spec` only adds ViT blocks (a larger `depth`),
+        the mask head's skip joins (`mask_skip`), its refiner (`mask_refine`) and/or the presence head
+        (`presence_head`). Added blocks go after the existing ones, each with its attention output projection
+        and its MLP's last layer at zero (a residual block that adds nothing) and, in the weight generator,
+        a fresh layer query and reduction with Phi at zero; the skip joins and the refiner start at zero too:
+        the result computes exactly what `model` did. The presence head starts untrained. ValueError for
+        any other change of architecture (fewer blocks included)."""
         added = ("mask_skip", "mask_refine", "presence_head")
-        if (replace(model.spec, **{k: getattr(spec, k) for k in added}) != spec
-                or any(getattr(model.spec, k) and not getattr(spec, k) for k in added)):
-            raise ValueError("grown_from: the specs differ in more than added mask_skip / mask_refine / presence_head")
+        old_depth = model.spec.depth
+        if (replace(model.spec, depth=spec.depth, **{k: getattr(spec, k) for k in added}) != spec
+                or spec.depth < old_depth or any(getattr(model.spec, k) and not getattr(spec, k) for k in added)):
+            raise ValueError("grown_from: the specs differ in more than added blocks (depth) / mask_skip / "
+                             "mask_refine / presence_head")
         grown = cls(spec)
-        missing, unexpected = grown.load_state_dict(model.state_dict(), strict=False)
+        state = dict(model.state_dict())
+        queries = grown.weight_generator.layer_queries.detach().clone()
+        queries[:old_depth] = state["weight_generator.layer_queries"]
+        state["weight_generator.layer_queries"] = queries   # the old layers' queries, the new ones as drawn
+        new_layers = tuple(f"{part}.{i}." for i in range(old_depth, spec.depth)
+                           for part in ("blocks", "weight_generator.reduce", "weight_generator.phi"))
+        missing, unexpected = grown.load_state_dict(state, strict=False)
         if unexpected or any(not k.startswith(("mask_head.skip8.", "mask_head.skip4.", "mask_head.refine.",
-                                               "presence."))
+                                               "presence.") + new_layers)
                              for k in missing):
             raise ValueError(f"grown_from: cannot map the weights (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        with torch.no_grad():
+            for block in grown.blocks[old_depth:]:
+                for layer in (block.attn.proj, block.mlp[2]):
+                    layer.weight.zero_()
+                    layer.bias.zero_()
         return grown.to(next(model.parameters()).device)
 
     # -- language side: once per command -------------------------------------------------------------

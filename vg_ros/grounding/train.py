@@ -233,9 +233,24 @@ def _monitor(model: VGLAW, monitor, step: int, seconds: float, log) -> dict:
     return numbers
 
 
-def write_card(path: Path, *, args, history: dict, result: dict | None, weights: Path, n_train: int,
+def continued(init: VGLAW, spec, depth: int = 0) -> VGLAW:
+    """The network a run continuing `init` trains: `init` itself, or `init` grown (`VGLAW.grown_from`) to
+    `spec` (the named config's) where that only adds parts. A presence head `init` has is kept; `depth` 0
+    keeps `init`'s blocks, a larger one adds blocks. ValueError for any other difference."""
+    spec = replace(spec, presence_head=spec.presence_head or init.spec.presence_head,
+                   depth=depth or init.spec.depth)
+    if init.spec == spec:
+        return init
+    try:
+        return VGLAW.grown_from(init, spec)
+    except ValueError:
+        raise ValueError(f"its architecture ({init.spec.depth} blocks) is not the config's"
+                         + (f" with --depth {depth}" if depth else "")
+                         + f", nor grows into it: {json.dumps(init.spec.to_dict())}") from None
+
+
+def write_card(path: Path, *, args, spec, history: dict, result: dict | None, weights: Path, n_train: int,
                n_images: int, report_text: str) -> None:
-    spec = spec_by_name(args.config)
     lines = [
         f"# {weights.name}: VG-LAW grounding, `{args.config}` config",
         "",
@@ -302,6 +317,9 @@ def main(argv: list[str]) -> int:
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "0")
     ap = argparse.ArgumentParser(prog="vg-ros train grounding", description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="tiny", choices=("tiny", "base"))
+    ap.add_argument("--depth", type=int, default=0,
+                    help="ViT blocks (0 = --init's, else the config's: tiny 4, base 12); more than --init has grows "
+                         "its network: the new blocks go after its own and start as blocks that add nothing")
     ap.add_argument("--seeds", default=DEFAULT_TRAIN_SEEDS, help=f"simulator seeds to train on (default {DEFAULT_TRAIN_SEEDS})")
     ap.add_argument("--seconds", type=float, default=2.5, help="simulated seconds per training seed")
     ap.add_argument("--expressions", type=int, default=12, help="expressions per simulated frame")
@@ -359,13 +377,17 @@ def main(argv: list[str]) -> int:
                 raise ValueError(f"--{name}: a fraction in [0, 1), got {getattr(args, name)}")
         if args.presence_only and not args.init:
             raise ValueError("--presence-only trains the presence head of --init's network: give --init")
+        if args.depth < 0 or (args.depth and args.presence_only):
+            raise ValueError(f"--depth {args.depth}: a positive number of blocks, and not with --presence-only "
+                             "(which keeps --init's network as it is)")
         out_dir = Path(args.out)
         out_dir.mkdir(parents=True, exist_ok=True)
     except (ValueError, OSError) as exc:
         raise UserError(str(exc)) from exc
     torch.set_num_threads(max(1, args.threads))
     device = resolve_device(args.device)
-    spec = spec_by_name(args.config, presence_head=args.presence_head or args.presence_only)
+    spec = spec_by_name(args.config, presence_head=args.presence_head or args.presence_only,
+                        **({"depth": args.depth} if args.depth else {}))
     init, init_steps = None, 0
     if args.init:
         from vg_ros.grounding.pipeline import load_weights
@@ -373,15 +395,11 @@ def main(argv: list[str]) -> int:
             init, init_meta = load_weights(args.init, device)
         except ValueError as exc:
             raise UserError(str(exc)) from exc
-        if init.spec.presence_head:
-            spec = replace(spec, presence_head=True)   # a presence head is kept (and trained on)
-        if init.spec != spec:
-            try:
-                init = VGLAW.grown_from(init, spec)   # the same network with the skip joins / refiner added
-            except ValueError:
-                pass
-        if init.spec != spec:
-            raise UserError(f"--init {args.init}: its architecture is not the {args.config} config")
+        try:
+            init = continued(init, spec, args.depth)
+        except ValueError as exc:
+            raise UserError(f"--init {args.init}: {exc}") from exc
+        spec = init.spec
         init_steps = int(init_meta.get("steps", 0))
         if args.reset_pooling:
             torch.manual_seed(args.seed)
@@ -430,7 +448,7 @@ def main(argv: list[str]) -> int:
                     "wrong_held_back": round(100 * result["found"]["wrong_rejected"], 1),
                     "found_on_absent": round(100 * result["absent"]["found_rate"], 1),
                     "found_on_turned": round(100 * result["relation_negative"]["found_rate"], 1)}
-    model, history = train(split, config=args.config, steps=args.steps, minutes=args.minutes, batch=args.batch,
+    model, history = train(split, config=args.config, spec=spec, steps=args.steps, minutes=args.minutes, batch=args.batch,
                            lr=args.lr, weight_decay=args.weight_decay, phi_zero=args.ablation_phi_zero,
                            device=device, init=init, seed=args.seed, w_pool=args.w_pool, absent=args.absent,
                            workers=args.workers, monitor=monitor, monitor_every=args.monitor_every,
@@ -450,6 +468,6 @@ def main(argv: list[str]) -> int:
         print(report_text)
         with open(out_dir / f"{stem}.eval.json", "w") as fh:
             json.dump({"history": history, **result}, fh, indent=2, default=str)
-    write_card(out_dir / f"{stem}.md", args=args, history=history, result=result, weights=weights,
-               n_train=len(split), n_images=len(split.images), report_text=report_text)
+    write_card(out_dir / f"{stem}.md", args=args, spec=model.spec, history=history, result=result,
+               weights=weights, n_train=len(split), n_images=len(split.images), report_text=report_text)
     return 0
