@@ -90,7 +90,9 @@ def main(argv: list[str]) -> int:
         pipe = GroundingPipeline(GroundingConfig(model=name), weights=shipped if shipped.exists() else None,
                                  device=args.device, text_encoder=encoder)
         weights = "given" if args.weights else "shipped"
-        spec = spec_by_name(name, img_h=height, img_w=width, presence_head=pipe.spec.presence_head)
+        # the file's own depth (a network grown by `--depth`), at this case's size
+        spec = spec_by_name(name, img_h=height, img_w=width, presence_head=pipe.spec.presence_head,
+                            depth=pipe.spec.depth)
         if not shipped.exists() or pipe.spec != spec:   # no shipped file of this shape: time an untrained one
             torch.manual_seed(0)
             pipe.model = VGLAW(spec).to(pipe.device).for_inference()
