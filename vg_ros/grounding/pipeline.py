@@ -120,7 +120,11 @@ def mask_from_logits(logits: torch.Tensor, out_hw: tuple[int, int], threshold: f
         Ry, Rx = Ry[out_r[0]:out_r[-1] + 1], Rx[out_c[0]:out_c[-1] + 1]
         used_r, used_c = np.flatnonzero(Ry.any(axis=0)), np.flatnonzero(Rx.any(axis=0))
         r0, r1, c0, c1 = used_r[0], used_r[-1] + 1, used_c[0], used_c[-1] + 1
-        resized = Ry[:, r0:r1] @ src[r0:r1, c0:c1].astype(np.float64) @ Rx[:, c0:c1].T
+        # the product in torch, on torch's threads (torch.tensor copies the cached read-only slices): numpy's
+        # runs on OpenBLAS's own pool, whose threads then spin for a while and took the cores from the next
+        # frame's network (a large mask's window made the next forward 3-4x slower on 2 cores)
+        window = torch.from_numpy(src[r0:r1, c0:c1]).double()
+        resized = (torch.tensor(Ry[:, r0:r1]) @ window @ torch.tensor(Rx[:, c0:c1]).t()).numpy()
         mask_window, score = target_region(1.0 / (1.0 + np.exp(-resized)), threshold, single_region)
         if mask_window.any():
             mask = np.zeros((H, W), dtype=bool)
