@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -1100,3 +1101,18 @@ def test_average_weights_tool_means_two_runs_and_refuses_other_networks(tmp_path
     save_weights(b, tmp_path / "f.safetensors", {"phi_zero": "0"})     # no split named: cannot be joined
     assert average_weights.main([str(union), str(tmp_path / "a.safetensors"), str(tmp_path / "f.safetensors"),
                                  "--union-seeds"]) == 2 and "no train_seeds" in capsys.readouterr().err
+
+    # --grow-to-depth: a file of fewer blocks is grown first, its new blocks drawn from --seed as a run with that
+    # --seed draws them (the run's exact start); a deeper file is taken as it is, fewer blocks are refused
+    torch.manual_seed(3)
+    deep = VGLAW.grown_from(b, dataclasses.replace(SMALL, depth=3))
+    save_weights(deep, tmp_path / "deep.safetensors", {"train_seeds": "0-9", "phi_zero": "0"})
+    grown_mean = tmp_path / "grown_mean.safetensors"
+    assert average_weights.main([str(grown_mean), str(tmp_path / "deep.safetensors"), str(tmp_path / "b.safetensors"),
+                                 "--grow-to-depth", "3", "--seed", "3"]) == 0
+    grown, meta = load_weights(grown_mean)
+    assert grown.spec.depth == 3 and json.loads(meta["spec"])["depth"] == 3
+    for name, value in grown.state_dict().items():   # the mean of a file and itself
+        assert torch.allclose(value.float(), deep.state_dict()[name].float(), atol=1e-6), name
+    assert average_weights.main([str(grown_mean), str(tmp_path / "deep.safetensors"), str(tmp_path / "b.safetensors"),
+                                 "--grow-to-depth", "2"]) == 2 and "cannot remove blocks" in capsys.readouterr().err

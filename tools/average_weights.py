@@ -6,8 +6,11 @@ The files (written by `vg_ros.grounding.pipeline.save_weights`; read by `checkpo
 missing or corrupt file) must hold the same tensor names and shapes and agree on the metadata that defines the
 network and its data (`format`, `spec` with its defaults filled in, `phi_zero`, `train_seeds`). With
 `--union-seeds` the training splits may differ (each file must name its own) and OUT's `train_seeds` is their
-union, so evaluation still refuses every seed any input trained on. OUT keeps A's metadata with `averaged_from`
-(the input file names) and `date` set. Floating tensors (batch-norm running statistics included) are averaged;
+union, so evaluation still refuses every seed any input trained on. With `--grow-to-depth N` an input of fewer ViT
+blocks is first grown to N (`VGLAW.grown_from`: the new blocks add nothing, so it computes what it did; they are
+drawn from `--seed`), e.g. to average a run grown by `vg-ros train grounding --init A --depth N --seed S` with its
+exact start (`--grow-to-depth N --seed S OUT RUN A`). OUT keeps A's metadata
+(its spec at the grown depth) with `averaged_from` (the input file names) and `date` set. Floating tensors (batch-norm running statistics included) are averaged;
 integer ones (batch-norm batch counters) take the largest.
 """
 from __future__ import annotations
@@ -44,16 +47,41 @@ def training_seeds(path: Path, meta: dict[str, str]) -> set[int]:
     return set(parse_seeds(meta["train_seeds"]))
 
 
-def average(paths: list[Path], union_seeds: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The mean tensors and the output metadata; ValueError when the files are not one network."""
+def read_weights(path: Path, depth: int = 0, seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A file's tensors and metadata; with `depth` larger than the file's, those of its network grown to `depth`
+    blocks (`VGLAW.grown_from`, the new blocks drawn from `seed`, as `vg-ros train grounding --init FILE
+    --depth N --seed S` draws them: its start exactly), the metadata's spec changed to match."""
+    tensors, meta = read_state(path, "spec", "grounding")
+    if not depth:
+        return tensors, meta
+    from dataclasses import replace
+
+    from vg_ros.grounding.model import VGLAW, VGLAWSpec
+    from vg_ros.grounding.pipeline import load_weights
+
+    spec = VGLAWSpec(**json.loads(meta["spec"]))
+    if depth < spec.depth:
+        raise ValueError(f"{path}: {spec.depth} blocks; --grow-to-depth {depth} cannot remove blocks")
+    if depth == spec.depth:
+        return tensors, meta
+    model, _ = load_weights(path)
+    torch.manual_seed(seed)
+    grown = VGLAW.grown_from(model, replace(spec, depth=depth))
+    return dict(grown.state_dict()), dict(meta, spec=json.dumps(grown.spec.to_dict()))
+
+
+def average(paths: list[Path], union_seeds: bool = False, depth: int = 0,
+            seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The mean tensors and the output metadata; ValueError when the files are not one network (after growing
+    each to `depth` blocks when it is given)."""
     if len(paths) < 2:
         raise ValueError("average needs at least two weight files")
-    first, meta = read_state(paths[0], "spec", "grounding")
+    first, meta = read_weights(paths[0], depth, seed)
     sums = {k: v.double() if v.is_floating_point() else v for k, v in first.items()}
     metas = [meta]
     must_agree = [k for k in MUST_AGREE if not (union_seeds and k == "train_seeds")]
     for path in paths[1:]:
-        tensors, other = read_state(path, "spec", "grounding")
+        tensors, other = read_weights(path, depth, seed)
         if tensors.keys() != first.keys():
             raise ValueError(f"{path}: tensor names differ from {paths[0]} "
                              f"({sorted(tensors.keys() ^ first.keys())[:5]})")
@@ -83,9 +111,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("inputs", type=Path, nargs="+")
     ap.add_argument("--union-seeds", action="store_true",
                     help="allow different training splits; OUT's train_seeds is their union")
+    ap.add_argument("--grow-to-depth", type=int, default=0, metavar="N",
+                    help="grow inputs of fewer ViT blocks to N first (their new blocks adding nothing)")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="with --grow-to-depth: draw the new blocks from this seed (a run's --seed gives its start)")
     args = ap.parse_args(argv)
+    if args.grow_to_depth < 0:
+        ap.error(f"--grow-to-depth {args.grow_to_depth}: must be positive (0: no growing)")
     try:
-        tensors, meta = average(args.inputs, args.union_seeds)
+        tensors, meta = average(args.inputs, args.union_seeds, args.grow_to_depth, args.seed)
     except (ValueError, OSError) as e:
         print(f"average_weights: {e}", file=sys.stderr)
         return 2

@@ -395,6 +395,7 @@ def main(argv: list[str]) -> int:
             init, init_meta = load_weights(args.init, device)
         except ValueError as exc:
             raise UserError(str(exc)) from exc
+        torch.manual_seed(args.seed)   # blocks added by --depth are drawn from --seed: the start is reproducible
         try:
             init = continued(init, spec, args.depth)
         except ValueError as exc:
