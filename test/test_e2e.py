@@ -6,6 +6,7 @@ publishing."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import signal
 import time
@@ -223,7 +224,14 @@ def test_killed_node_is_reported_and_the_others_keep_publishing(live):
                            "after it")
             if not after[cap]:
                 stopped.append(primary[cap])
-    assert not stopped, f"{', '.join(stopped)} stopped when grounding_node was killed; " + "; ".join(summary)
+    # whether the player still sent the stopped nodes' inputs after the kill, and what the nodes last said
+    # they received (their diagnostics): a stalled player, a stalled DDS delivery and a stuck node differ here
+    inputs = {t for cap in ("registration", "occupancy") if cap in live["caps"] for t in T[SECTIONS[cap]]["inputs"]}
+    sent = {t: sum(1 for (topic, _), w in run.player.publish_wall_ns.items() if topic == t and w > kill_ns)
+            for t in sorted(inputs)}
+    assert not stopped, (f"{', '.join(stopped)} stopped when grounding_node was killed; " + "; ".join(summary)
+                         + f"; the player sent after the kill {sent} (playback {info.get('play_wall_s', 0):.1f} s); "
+                         f"diagnostics {json.dumps(info.get('diagnostics', {}))[:1500]}")
 
 
 def test_demo_tables_and_argument_errors(tmp_path):
