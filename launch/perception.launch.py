@@ -8,8 +8,9 @@
 Launch arguments: config (params file), rig (name or YAML path), device (cpu | cuda | auto), nodes
 (comma list of occupancy, registration, grounding), use_sim_time (true | false; forced true when a
 bag is played), remappings (';'- or ','-separated FROM:=TO pairs, applied to every node), namespace,
-bag (a rosbag2 to play with `ros2 bag play --clock`), rate (its playback rate). Without a ROS install,
-`vg-ros up` runs the same nodes with the same YAML.
+bag (a rosbag2 to play with `ros2 bag play --clock`), rate (its playback rate), threads (OpenMP / MKL /
+OpenBLAS threads per node; 0: CPU cores / nodes, at least 1, so the nodes do not oversubscribe the cores).
+Without a ROS install, `vg-ros up` runs the same nodes with the same YAML (and the same threads rule).
 """
 import os
 
@@ -61,6 +62,20 @@ def parse_nodes(text):
     return chosen
 
 
+def thread_env(text, n_nodes, cpu_count=None):
+    """The `threads` argument -> environment of each node: OMP_NUM_THREADS (torch's intra-op pool, and
+    OpenBLAS's when OPENBLAS_NUM_THREADS is unset) and MKL_NUM_THREADS. '0': CPU cores / nodes, at least 1
+    (as `vg-ros up`). ValueError for anything but a whole number >= 0."""
+    try:
+        threads = int(str(text).strip())
+    except ValueError:
+        raise ValueError(f"threads: {text!r} is not a whole number") from None
+    if threads < 0:
+        raise ValueError(f"threads: {threads} must be >= 0 (0: cores / nodes)")
+    threads = threads or max(1, (cpu_count or os.cpu_count() or 1) // max(1, n_nodes))
+    return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+
+
 def _is_true(text):
     return str(text).strip().lower() in ("true", "1", "yes", "on")
 
@@ -69,7 +84,7 @@ def launch_setup(context, *args, **kwargs):
     """Builds the actions once the launch arguments are known."""
     value = {name: LaunchConfiguration(name).perform(context)
              for name in ("config", "rig", "device", "nodes", "use_sim_time", "remappings", "namespace",
-                          "bag", "rate")}
+                          "bag", "rate", "threads")}
     if value["device"] not in DEVICES:
         raise ValueError(f"device: {value['device']!r} must be one of {', '.join(DEVICES)}")
     bag = value["bag"].strip()
@@ -82,9 +97,11 @@ def launch_setup(context, *args, **kwargs):
     if not (os.environ.get("FASTRTPS_DEFAULT_PROFILES_FILE") or os.environ.get("FASTDDS_DEFAULT_PROFILES_FILE")):
         profiles = os.path.join(get_package_share_directory(PACKAGE), "config", "fastdds_profiles.xml")
         env = {"FASTRTPS_DEFAULT_PROFILES_FILE": profiles, "FASTDDS_DEFAULT_PROFILES_FILE": profiles}
+    chosen = parse_nodes(value["nodes"])
+    env.update(thread_env(value["threads"], len(chosen)))
     actions = [LogInfo(msg=f"vg_ros: nodes {value['nodes']} with {value['config']}, rig {value['rig']}, "
                            f"device {value['device']}, use_sim_time {use_sim_time}")]
-    for capability in parse_nodes(value["nodes"]):
+    for capability in chosen:
         executable = NODES[capability]
         actions.append(Node(
             package=PACKAGE,
@@ -124,5 +141,7 @@ def generate_launch_description():
         DeclareLaunchArgument("bag", default_value="",
                               description="a rosbag2 to play into the nodes (ros2 bag play --clock)"),
         DeclareLaunchArgument("rate", default_value="1.0", description="playback rate of bag"),
+        DeclareLaunchArgument("threads", default_value="0",
+                              description="OpenMP/MKL/OpenBLAS threads per node (0: CPU cores / nodes, at least 1)"),
         OpaqueFunction(function=launch_setup),
     ])

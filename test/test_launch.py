@@ -22,7 +22,8 @@ from vg_ros.up import NODES, NodeSpec, Supervisor, node_spec, parse_nodes
 
 REPO = Path(__file__).resolve().parent.parent
 LAUNCH_FILE = REPO / "launch" / "perception.launch.py"
-EXPECTED_ARGS = {"config", "rig", "device", "nodes", "use_sim_time", "remappings", "namespace", "bag", "rate"}
+EXPECTED_ARGS = {"config", "rig", "device", "nodes", "use_sim_time", "remappings", "namespace", "bag", "rate",
+                 "threads"}
 
 
 def console_scripts() -> dict[str, str]:
@@ -258,12 +259,13 @@ def test_nodes_get_the_fast_dds_profile_unless_the_user_chose_one(monkeypatch, t
     for var in ("FASTRTPS_DEFAULT_PROFILES_FILE", "FASTDDS_DEFAULT_PROFILES_FILE"):
         monkeypatch.delenv(var, raising=False)
     _, actions = launch_actions(module)
+    profile_vars = ("FASTRTPS_DEFAULT_PROFILES_FILE", "FASTDDS_DEFAULT_PROFILES_FILE")
     env = [a for a in actions if type(a).__name__ == "Node"][0].kwargs["additional_env"]
-    assert env == {var: "/opt/share/vg_ros/config/fastdds_profiles.xml"
-                   for var in ("FASTRTPS_DEFAULT_PROFILES_FILE", "FASTDDS_DEFAULT_PROFILES_FILE")}
+    assert {k: env[k] for k in profile_vars} == {var: "/opt/share/vg_ros/config/fastdds_profiles.xml"
+                                                 for var in profile_vars}
     monkeypatch.setenv("FASTDDS_DEFAULT_PROFILES_FILE", "/etc/mine.xml")
     _, actions = launch_actions(module)
-    assert [a for a in actions if type(a).__name__ == "Node"][0].kwargs["additional_env"] == {}
+    assert not set(profile_vars) & set([a for a in actions if type(a).__name__ == "Node"][0].kwargs["additional_env"])
 
     # the same rule for every node (run_node) and the demo's player (vg_ros.ros_compat.use_dds_profiles)
     environ: dict[str, str] = {}
@@ -272,3 +274,24 @@ def test_nodes_get_the_fast_dds_profile_unless_the_user_chose_one(monkeypatch, t
     assert "<heartbeatPeriod>" in ros_compat.DDS_PROFILES.read_text()
     mine = {"FASTRTPS_DEFAULT_PROFILES_FILE": "/etc/mine.xml"}
     assert ros_compat.use_dds_profiles(mine) == "/etc/mine.xml" and len(mine) == 1
+
+
+def test_launch_threads_argument_caps_each_nodes_pools_as_vg_ros_up_does(monkeypatch):
+    """threads:=N gives every node OMP_NUM_THREADS = MKL_NUM_THREADS = N (torch's pool, and OpenBLAS's through
+    the OMP fallback); 0 (the default) is CPU cores / nodes, at least 1, the rule of `vg-ros up --threads`;
+    anything else is refused with the argument's name."""
+    module = stub_launch_modules(monkeypatch)
+    assert module.thread_env("0", 3, cpu_count=8) == {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
+    assert module.thread_env("0", 3, cpu_count=2)["OMP_NUM_THREADS"] == "1"
+    assert module.thread_env(" 5 ", 3)["MKL_NUM_THREADS"] == "5"
+    for bad in ("-1", "two", "1.5"):
+        with pytest.raises(ValueError, match="threads"):
+            module.thread_env(bad, 3)
+    _, actions = launch_actions(module, threads="3", nodes="registration,grounding")
+    nodes = [a for a in actions if type(a).__name__ == "Node"]
+    assert len(nodes) == 2 and all(n.kwargs["additional_env"]["OMP_NUM_THREADS"] == "3" for n in nodes)
+    monkeypatch.setattr(module.os, "cpu_count", lambda: 4)
+    _, actions = launch_actions(module, nodes="registration,grounding")
+    assert {n.kwargs["additional_env"]["OMP_NUM_THREADS"] for n in actions if type(n).__name__ == "Node"} == {"2"}
+    with pytest.raises(ValueError, match="threads"):
+        launch_actions(module, threads="-2")
