@@ -399,3 +399,27 @@ def test_run_node_setup_failure_is_one_error_line_and_sigint_is_clean(tmp_path):
     rest, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, "".join(lines) + rest
     assert "Traceback" not in rest and "stopping:" in rest
+
+
+def test_node_processes_run_numpy_blas_on_one_thread_unless_the_user_set_it():
+    """limit_blas_threads (run_node and replay call it): OpenBLAS's pool at one thread, so a large numpy
+    product does not leave BLAS threads spinning beside torch's; an OPENBLAS_NUM_THREADS of the user's is
+    left alone; the limiter undoes itself."""
+    from threadpoolctl import threadpool_info
+
+    from vg_ros.nodes.base import limit_blas_threads
+
+    def blas_threads() -> list[int]:
+        return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+
+    before = blas_threads()
+    assert before, "numpy has no BLAS pool threadpoolctl can see"
+    assert limit_blas_threads({"OPENBLAS_NUM_THREADS": "3"}) is None and blas_threads() == before
+    limiter = limit_blas_threads({})
+    try:
+        assert set(blas_threads()) == {1}
+        a = np.random.default_rng(0).normal(size=(60000, 2))
+        assert np.allclose(a @ np.eye(2), a)   # products still work, on the calling thread
+    finally:
+        limiter.restore_original_limits()
+    assert blas_threads() == before

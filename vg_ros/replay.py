@@ -778,6 +778,8 @@ def main(argv: list[str]) -> int:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
         import torch
         torch.set_num_threads(args.threads)
+    from vg_ros.nodes.base import limit_blas_threads
+    limit_blas_threads()   # as in the nodes: numpy's BLAS pool would take the cores from torch's
     try:
         result = replay(args.bag, args.out, config=args.config, rig=args.rig, device=args.device,
                         pipelines=tuple(args.pipelines), overwrite=args.force, progress=not args.json)

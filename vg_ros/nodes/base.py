@@ -728,6 +728,22 @@ def config_fields(cfg_cls: type[PipelineConfig]) -> list[str]:
 # -------------------------------------------------------------------------------------------- main
 
 
+def limit_blas_threads(environ: dict[str, str] | None = None) -> Any:
+    """numpy's BLAS (OpenBLAS) at one thread in this process, unless OPENBLAS_NUM_THREADS is set; the
+    `threadpoolctl` limiter (its `restore_original_limits()` undoes it), or None when left alone.
+
+    Why: torch runs the networks on its own pool. A numpy product large enough for OpenBLAS to use its pool
+    (grounding's LiDAR projection into the mask, 60k points) leaves those threads spinning after it, and they
+    took the cores from the next frame's network: grounding's cached frame 11-13 ms, 27-29 ms right after such a
+    projection; 13.1-13.3 ms with one BLAS thread (2-core machine, torch on 2 threads). The registration
+    pipeline's numpy work is too thin to gain from BLAS threads (odometry 46-56 Hz either way)."""
+    environ = os.environ if environ is None else environ
+    if environ.get("OPENBLAS_NUM_THREADS"):
+        return None
+    from threadpoolctl import threadpool_limits
+    return threadpool_limits(limits=1, user_api="blas")
+
+
 def run_node(node_cls: type[PerceptionNode], args: list[str] | None = None, *, multithreaded: bool = True,
              **node_kwargs: Any) -> int:
     """Init rclpy, build, configure and activate the node, spin until SIGINT/SIGTERM, shut down.
@@ -741,6 +757,7 @@ def run_node(node_cls: type[PerceptionNode], args: list[str] | None = None, *, m
 
     rclpy_mod = ros_compat.require_rclpy(node_cls.__name__)
     ros_compat.use_dds_profiles()
+    limit_blas_threads()
     from rclpy.executors import MultiThreadedExecutor, SingleThreadedExecutor
     from rclpy.signals import SignalHandlerOptions
 
