@@ -8,8 +8,8 @@
 Launch arguments: config (params file), rig (name or YAML path), device (cpu | cuda | auto), nodes
 (comma list of occupancy, registration, grounding), use_sim_time (true | false; forced true when a
 bag is played), remappings (';'- or ','-separated FROM:=TO pairs, applied to every node), namespace,
-bag (a rosbag2 to play with `ros2 bag play --clock`), rate (its playback rate), threads (OpenMP / MKL /
-OpenBLAS threads per node; 0: CPU cores / nodes, at least 1, so the nodes do not oversubscribe the cores).
+bag (a rosbag2 to play with `ros2 bag play --clock`), rate (its playback rate), threads (OpenMP / MKL
+threads per node, torch's pool; 0: CPU cores / nodes, at least 1, so the nodes do not oversubscribe the cores).
 Without a ROS install, `vg-ros up` runs the same nodes with the same YAML (and the same threads rule).
 """
 import os
@@ -63,9 +63,10 @@ def parse_nodes(text):
 
 
 def thread_env(text, n_nodes, cpu_count=None):
-    """The `threads` argument -> environment of each node: OMP_NUM_THREADS (torch's intra-op pool, and
-    OpenBLAS's when OPENBLAS_NUM_THREADS is unset) and MKL_NUM_THREADS. '0': CPU cores / nodes, at least 1
-    (as `vg-ros up`). ValueError for anything but a whole number >= 0."""
+    """The `threads` argument -> environment of each node: OMP_NUM_THREADS (torch's intra-op pool) and
+    MKL_NUM_THREADS; '0': CPU cores / nodes, at least 1 (as `vg-ros up`). numpy's OpenBLAS runs on one thread in
+    every node regardless (`vg_ros.nodes.base.limit_blas_threads`). ValueError for anything but a whole number
+    >= 0."""
     try:
         threads = int(str(text).strip())
     except ValueError:
@@ -142,6 +143,6 @@ def generate_launch_description():
                               description="a rosbag2 to play into the nodes (ros2 bag play --clock)"),
         DeclareLaunchArgument("rate", default_value="1.0", description="playback rate of bag"),
         DeclareLaunchArgument("threads", default_value="0",
-                              description="OpenMP/MKL/OpenBLAS threads per node (0: CPU cores / nodes, at least 1)"),
+                              description="OpenMP/MKL (torch) threads per node (0: CPU cores / nodes, at least 1)"),
         OpaqueFunction(function=launch_setup),
     ])

@@ -277,8 +277,7 @@ def test_nodes_get_the_fast_dds_profile_unless_the_user_chose_one(monkeypatch, t
 
 
 def test_launch_threads_argument_caps_each_nodes_pools_as_vg_ros_up_does(monkeypatch):
-    """threads:=N gives every node OMP_NUM_THREADS = MKL_NUM_THREADS = N (torch's pool, and OpenBLAS's through
-    the OMP fallback); 0 (the default) is CPU cores / nodes, at least 1, the rule of `vg-ros up --threads`;
+    """threads:=N gives every node OMP_NUM_THREADS = MKL_NUM_THREADS = N (torch's pool); 0 (the default) is CPU cores / nodes, at least 1, the rule of `vg-ros up --threads`;
     anything else is refused with the argument's name."""
     module = stub_launch_modules(monkeypatch)
     assert module.thread_env("0", 3, cpu_count=8) == {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}

@@ -9,9 +9,9 @@ network and its data (`format`, `spec` with its defaults filled in, `phi_zero`, 
 union, so evaluation still refuses every seed any input trained on. With `--grow-to-depth N` an input of fewer ViT
 blocks is first grown to N (`VGLAW.grown_from`: the new blocks add nothing, so it computes what it did; they are
 drawn from `--seed`), e.g. to average a run grown by `vg-ros train grounding --init A --depth N --seed S` with its
-exact start (`--grow-to-depth N --seed S OUT RUN A`). OUT keeps A's metadata
-(its spec at the grown depth) with `averaged_from` (the input file names) and `date` set. Floating tensors (batch-norm running statistics included) are averaged;
-integer ones (batch-norm batch counters) take the largest.
+exact start (`--grow-to-depth N --seed S OUT RUN A`). OUT keeps A's metadata (its spec at the grown depth)
+with `averaged_from` (the input file names) and `date` set. Floating tensors (batch-norm running statistics
+included) are averaged; integer ones (batch-norm batch counters) take the largest.
 """
 from __future__ import annotations
 
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --grow-to-depth: draw the new blocks from this seed (a run's --seed gives its start)")
     args = ap.parse_args(argv)
     if args.grow_to_depth < 0:
-        ap.error(f"--grow-to-depth {args.grow_to_depth}: must be positive (0: no growing)")
+        ap.error(f"--grow-to-depth {args.grow_to_depth}: must be >= 0 (0: no growing)")
     try:
         tensors, meta = average(args.inputs, args.union_seeds, args.grow_to_depth, args.seed)
     except (ValueError, OSError) as e:
