@@ -18,7 +18,7 @@ import yaml
 
 from ros_helpers import ros_session
 from vg_ros import ros_compat
-from vg_ros.up import NODES, NodeSpec, Supervisor, node_spec, parse_nodes
+from vg_ros.up import NODES, NodeSpec, Supervisor, node_spec, parse_nodes, threads_per_node
 
 REPO = Path(__file__).resolve().parent.parent
 LAUNCH_FILE = REPO / "launch" / "perception.launch.py"
@@ -286,6 +286,13 @@ def test_launch_threads_argument_caps_each_nodes_pools_as_vg_ros_up_does(monkeyp
     for bad in ("-1", "two", "1.5"):
         with pytest.raises(ValueError, match="threads"):
             module.thread_env(bad, 3)
+    for n_nodes in (1, 2, 3):   # the rule and the variables of `vg-ros up --threads`
+        for cpus in (1, 2, 8, 16):
+            for requested in (0, 5):
+                threads = threads_per_node(requested, n_nodes, cpu_count=cpus)
+                env = module.thread_env(str(requested), n_nodes, cpu_count=cpus)
+                assert env == {k: v for k, v in node_spec("grounding", threads=threads).env.items() if k in env}
+                assert set(env) == set(node_spec("grounding", threads=threads).env)
     _, actions = launch_actions(module, threads="3", nodes="registration,grounding")
     nodes = [a for a in actions if type(a).__name__ == "Node"]
     assert len(nodes) == 2 and all(n.kwargs["additional_env"]["OMP_NUM_THREADS"] == "3" for n in nodes)

@@ -56,15 +56,16 @@ def read_weights(path: Path, depth: int = 0, seed: int = 0) -> tuple[dict[str, t
         return tensors, meta
     from dataclasses import replace
 
+    from vg_ros.checkpoint import load_into
     from vg_ros.grounding.model import VGLAW, VGLAWSpec
-    from vg_ros.grounding.pipeline import load_weights
 
     spec = VGLAWSpec(**json.loads(meta["spec"]))
     if depth < spec.depth:
         raise ValueError(f"{path}: {spec.depth} blocks; --grow-to-depth {depth} cannot remove blocks")
     if depth == spec.depth:
         return tensors, meta
-    model, _ = load_weights(path)
+    model = VGLAW(spec)
+    load_into(model, tensors, path, "grounding")   # the tensors already read, not the file again
     torch.manual_seed(seed)
     grown = VGLAW.grown_from(model, replace(spec, depth=depth))
     return dict(grown.state_dict()), dict(meta, spec=json.dumps(grown.spec.to_dict()))

@@ -69,6 +69,12 @@ def node_spec(capability: str, *, config: str | Path | None = None, rig: str | N
     return NodeSpec(name, [sys.executable, "-u", "-c", code, *ros_args], env)
 
 
+def threads_per_node(requested: int, n_nodes: int, cpu_count: int | None = None) -> int:
+    """`--threads`: the requested count, or with 0 CPU cores / nodes, at least 1 (the launch file's `threads`
+    argument follows the same rule: `thread_env` there, checked against this in test_launch.py)."""
+    return requested or max(1, (cpu_count or os.cpu_count() or 1) // max(1, n_nodes))
+
+
 class Supervisor:
     """Starts `specs` as child processes, relays their output prefixed by name, reports deaths.
 
@@ -230,7 +236,7 @@ def main(argv: list[str]) -> int:
             raise UserError(str(exc)) from None
     if args.threads < 0:
         raise UserError(f"--threads {args.threads}: must be >= 0")
-    threads = args.threads or max(1, (os.cpu_count() or 1) // len(chosen))
+    threads = threads_per_node(args.threads, len(chosen))
     specs = [node_spec(c, config=config.resolve(), rig=args.rig, device=args.device,
                        use_sim_time=True if args.use_sim_time else None, threads=threads) for c in chosen]
     stop = threading.Event()
