@@ -875,6 +875,43 @@ def test_train_loop_and_evaluation_report(fake_splits):
     assert "presence_sweep" not in result and result["thresholds"]["presence_threshold"] is None
 
 
+def test_ema_returns_the_moving_average_of_the_steps_weights_started_at_init(fake_splits, monkeypatch):
+    from vg_ros.grounding import train as train_module
+    from vg_ros.grounding.model import VGLAW
+    train_split, _ = fake_splits
+    torch.manual_seed(0)
+    start = VGLAW(SMALL)
+    init = {k: v.clone() for k, v in start.state_dict().items()}
+    seen = []   # the network after each optimiser step, read where the average reads it
+    update = train_module.WeightAverage.update
+    monkeypatch.setattr(train_module.WeightAverage, "update",
+                        lambda self, model: (seen.append({k: v.clone() for k, v in model.state_dict().items()}),
+                                             update(self, model)))
+    decay = 0.8
+    avg, history = train_module.train(train_split, steps=4, minutes=1, batch=4, init=start, lr=1e-3, ema=decay,
+                                      log=lambda *_: None)
+    raw = history.pop("raw_model")
+    assert len(seen) == 4 and raw is start and avg is not raw
+    for name, value in avg.state_dict().items():
+        if not value.is_floating_point() or name not in dict(avg.named_parameters()):
+            continue
+        expected = init[name]
+        for state in seen:
+            expected = decay * expected + (1 - decay) * state[name]
+        torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6)
+    assert not any(p.requires_grad for p in avg.parameters())
+    moved = [n for n, v in raw.state_dict().items() if v.is_floating_point() and not torch.equal(v, init[n])]
+    assert moved   # the steps changed the network, so the average is a real mix of start and steps
+    # a fresh network ramps the decay: its random start keeps 2/11 after one update, not 0.999
+    fresh = train_module.WeightAverage(VGLAW(SMALL), 0.999, ramp=True)
+    first = next(fresh.model.parameters()).clone()
+    other = VGLAW(SMALL)
+    fresh.update(other)
+    torch.testing.assert_close(next(fresh.model.parameters()), (2 / 11) * first + (9 / 11) * next(other.parameters()))
+    with pytest.raises(ValueError, match="decay"):
+        train_module.WeightAverage(start, 1.0, ramp=False)
+
+
 def test_presence_head_learns_absent_commands_and_leaves_the_network_alone(fake_splits):
     from vg_ros.grounding import train as train_module
     from vg_ros.grounding.evaluate import evaluate_split, format_sweep
@@ -974,7 +1011,8 @@ def test_train_cli_refuses_bad_numbers_and_bounds_onednn_cache(monkeypatch, caps
     from vg_ros.cli import main as vg_main
     monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
     for flag, value, words in (("--workers", "-1", "--workers"), ("--absent", "1.5", "--absent"),
-                               ("--minutes", "0", "must be positive"), ("--depth", "-1", "--depth")):
+                               ("--minutes", "0", "must be positive"), ("--depth", "-1", "--depth"),
+                               ("--ema", "1.0", "--ema")):
         assert vg_main(["train", "grounding", flag, value]) == 2
         assert words in capsys.readouterr().err
     # set before the first convolution: per-shape primitives had grown a training process by 8 GB

@@ -3,13 +3,15 @@
 The text encoder (all-MiniLM-L6-v2) is frozen and its token features are cached with the dataset, so a
 step costs only the ViT, the weight generator and the heads. Augmentation: horizontal flip (with the
 command's left/right mirrored, features precomputed), brightness/contrast jitter, small translations.
-Schedule: AdamW, linear warm-up then cosine decay over whichever ends first, `--steps` or `--minutes`.
+Schedule: AdamW, linear warm-up then cosine decay over whichever ends first, `--steps` or `--minutes`;
+`--ema D` also keeps an exponential moving average of the weights (decay D per step) and ships that.
 
     nice -n 10 vg-ros train grounding --config tiny --seeds 0-59 --minutes 25 --out vg_ros/weights
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as dt
 import json
 import math
@@ -141,18 +143,41 @@ def lr_factor(progress: float, warmup: float) -> float:
     return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * t))
 
 
+class WeightAverage:
+    """An exponential moving average of a network's parameters (decay `decay` per step), in a copy of it;
+    buffers are copied as they are. `ramp` (for a fresh network) caps the n-th update's decay at (1 + n) /
+    (10 + n) (2/11 at the first), so the random start fades at once; a continued network's start is a
+    trained one and is averaged in at the full decay."""
+
+    def __init__(self, model: torch.nn.Module, decay: float, ramp: bool) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay, self.ramp, self.updates = decay, ramp, 0
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates)) if self.ramp else self.decay
+        torch._foreach_lerp_(list(self.model.parameters()), list(model.parameters()), 1.0 - decay)
+        for mine, theirs in zip(self.model.buffers(), model.buffers()):
+            mine.copy_(theirs)
+
+
 def train(split, *, config: str = "tiny", steps: int = 3000, minutes: float = 25.0, batch: int = 32,
           lr: float = 1e-3, weight_decay: float = 0.05, warmup: float = 0.05, seed: int = 0,
           phi_zero: bool = False, device: str | torch.device = "cpu", spec=None, init: VGLAW | None = None,
           w_pool: float = 1.0, absent: float = 0.0, workers: int = 0, monitor=None, monitor_every: int = 0,
           presence_only: bool = False, relation: float = 0.0, negatives: np.ndarray | None = None,
-          log=print) -> tuple[VGLAW, dict]:
+          ema: float = 0.0, log=print) -> tuple[VGLAW, dict]:
     """Train a fresh model (`spec` overrides the named `config`), or continue `init`; returns (model,
     history {"steps", "seconds", "final_loss", "monitor"}). `absent` is the fraction of commands swapped
     for one whose referent is not in the image (target: an empty mask, so the node can say "not found");
     `relation` the fraction swapped for their relation-turned negative (`negatives`, from
     `data.relation_negatives`; same target).
-    `workers` > 0 prepares the batches in that many background processes (`batches`).
+    `workers` > 0 prepares the batches in that many background processes (`batches`). `ema` > 0 keeps an
+    exponential moving average of the weights (`WeightAverage`): the returned model is the average (also
+    what `monitor` scores), and history["raw_model"] the network as the last step left it.
     A model with a presence head trains it alongside (on detached inputs; label: the batch's "present");
     `presence_only` trains the head alone on the frozen network (`init`, in eval mode).
     `w_pool` weighs the pooling-attention loss
@@ -187,6 +212,8 @@ def train(split, *, config: str = "tiny", steps: int = 3000, minutes: float = 25
     step = 0
     stream = batches(split, batch, rng, absent, workers, seed, pin_memory=device.type == "cuda",
                      relation=relation, negatives=negatives)
+    average = WeightAverage(model, ema, ramp=init is None) if ema else None
+    scored = average.model if average is not None else model
     while step < steps:
         elapsed = time.time() - t0
         progress = max(step / steps, elapsed / budget_s)
@@ -207,6 +234,8 @@ def train(split, *, config: str = "tiny", steps: int = 3000, minutes: float = 25
         losses["total"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        if average is not None:
+            average.update(model)
         step += 1
         for k, v in losses.items():
             value = float(v.detach())
@@ -215,13 +244,16 @@ def train(split, *, config: str = "tiny", steps: int = 3000, minutes: float = 25
             log(f"[grounding train] step {step} {time.time() - t0:6.0f} s lr {opt.param_groups[0]['lr']:.2e} "
                 + " ".join(f"{k} {v:.3f}" for k, v in running.items()))
         if monitor is not None and monitor_every and step % monitor_every == 0:
-            curve.append(_monitor(model, monitor, step, time.time() - t0, log))
+            curve.append(_monitor(scored, monitor, step, time.time() - t0, log))
     stream.close()   # ends the worker processes, if any
     model.eval()
     if monitor is not None and (not curve or curve[-1]["step"] != step):
-        curve.append(_monitor(model, monitor, step, time.time() - t0, log))
-    return model, {"steps": step, "seconds": time.time() - t0, "final_loss": running.get("total", float("nan")),
-                   "monitor": curve}
+        curve.append(_monitor(scored, monitor, step, time.time() - t0, log))
+    history = {"steps": step, "seconds": time.time() - t0, "final_loss": running.get("total", float("nan")),
+               "monitor": curve}
+    if average is not None:
+        history["raw_model"] = model
+    return scored, history
 
 
 def _monitor(model: VGLAW, monitor, step: int, seconds: float, log) -> dict:
@@ -269,6 +301,9 @@ def write_card(path: Path, *, args, spec, history: dict, result: dict | None, we
          "relation-turned commands); binary cross-entropy" if args.presence_only else None),
         f"* steps: {history['steps']} (batch {args.batch}) in {history['seconds'] / 60:.1f} min; "
         f"AdamW lr {args.lr}, wd {args.weight_decay}, warm-up + cosine; final train loss {history['final_loss']:.3f}",
+        (f"* these weights are the exponential moving average of the run's weights (decay {args.ema} per step"
+         + (", started at --init's" if args.init else "") + "); the last step's network: "
+         f"`{weights.stem}_raw.safetensors`" if args.ema else None),
         f"* losses: L1 + GIoU (1, 1), focal + Dice (4, 4)" + (f", pooling-attention loss x {args.w_pool} (training aid)"
                                                              if args.w_pool else ""),
         (f"* absent referents: {100 * args.absent:.0f} % of the commands swapped for one about something not in "
@@ -340,6 +375,10 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--weight-decay", type=float, default=0.05)
+    ap.add_argument("--ema", type=float, default=0.0,
+                    help="keep an exponential moving average of the weights with this decay per step (e.g. "
+                         "0.9998) and write it as the weights; the last step's network goes beside it as "
+                         "<name>_raw.safetensors (default 0: off)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--workers", type=int, default=0,
                     help="background processes preparing batches (0 = in the training loop; a GPU wants several); "
@@ -372,6 +411,8 @@ def main(argv: list[str]) -> int:
             raise ValueError("--steps, --minutes and --batch must be positive")
         if args.workers < 0:
             raise ValueError(f"--workers: at least 0, got {args.workers}")
+        if args.ema and not 0.0 < args.ema < 1.0:
+            raise ValueError(f"--ema: a decay in (0, 1), or 0 for none, got {args.ema}")
         for name in ("absent", "relation"):
             if not 0.0 <= getattr(args, name) < 1.0:
                 raise ValueError(f"--{name}: a fraction in [0, 1), got {getattr(args, name)}")
@@ -420,7 +461,7 @@ def main(argv: list[str]) -> int:
     stem = args.name or f"grounding_vglaw_{args.config}" + ("_phi0" if args.ablation_phi_zero else "")
     weights = out_dir / f"{stem}.safetensors"
     meta = {"train_seeds": args.seeds, "phi_zero": int(args.ablation_phi_zero), "absent": args.absent,
-            "relation": args.relation}
+            "relation": args.relation, **({"ema": args.ema} if args.ema else {})}
     if args.presence_only:   # the network is --init's: its own record stays, the head's is apart
         meta.update(absent=init_meta.get("absent", ""), relation=init_meta.get("relation", ""),
                     presence_absent=args.absent, presence_relation=args.relation)
@@ -453,12 +494,18 @@ def main(argv: list[str]) -> int:
                            lr=args.lr, weight_decay=args.weight_decay, phi_zero=args.ablation_phi_zero,
                            device=device, init=init, seed=args.seed, w_pool=args.w_pool, absent=args.absent,
                            workers=args.workers, monitor=monitor, monitor_every=args.monitor_every,
-                           presence_only=args.presence_only, relation=args.relation, negatives=negatives)
+                           presence_only=args.presence_only, relation=args.relation, negatives=negatives,
+                           ema=args.ema)
     history["steps_before"] = init_steps
     history["init"] = args.init + (" (box pooling re-initialised)" if args.reset_pooling else "")
-    save_weights(model, weights, {**meta, **step_meta(history["steps"]),
-                                  "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="minutes")})
+    date = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="minutes")}
+    save_weights(model, weights, {**meta, **step_meta(history["steps"]), **date})
     print(f"[grounding train] wrote {weights} ({weights.stat().st_size / 1e6:.1f} MB)")
+    if "raw_model" in history:   # the network the last step left, beside its average
+        raw = weights.with_name(f"{stem}_raw.safetensors")
+        save_weights(history.pop("raw_model"), raw, {**meta, **step_meta(history["steps"]), **date,
+                                                     "ema": f"none (the last step of an --ema {args.ema} run)"})
+        print(f"[grounding train] wrote {raw} (the last step's weights, not averaged)")
     result, report_text = None, "(not evaluated: --no-eval)"
     if not args.no_eval:
         val, val_negatives = load_with_negatives(val_seeds, args.val_seconds, args.expressions, None, encoder)
