@@ -873,6 +873,68 @@ def test_train_loop_and_evaluation_report(fake_splits):
     assert found == sorted(found, reverse=True)   # a higher threshold never publishes more
     assert len(format_sweep(result).splitlines()) == 1 + len(result["threshold_sweep"])
     assert "presence_sweep" not in result and result["thresholds"]["presence_threshold"] is None
+    for key in ("prec@0.5", "miou"):   # the interval brackets the total it is about
+        lo, hi = result["main_interval95"][key]
+        assert 0.0 <= lo <= result["main"][key]["all"] <= hi <= 1.0
+    assert "95 % interval" in format_report(result)
+    # paired against another network: the difference of the totals, with an interval around it
+    from vg_ros.grounding.evaluate import paired_difference
+    other = evaluate_split(VGLAW(SMALL).eval(), full, controls=False, absent=False, log=lambda *_: None)
+    same = paired_difference(result, result)
+    assert all(d["difference"] == 0.0 and d["interval95"] == [0.0, 0.0] for d in same.values())
+    diff = paired_difference(result, other)
+    for key in ("prec@0.5", "miou"):
+        assert diff[key]["difference"] == pytest.approx(result["main"][key]["all"] - other["main"][key]["all"])
+        lo, hi = diff[key]["interval95"]
+        assert lo <= diff[key]["difference"] <= hi
+
+
+def test_eval_cli_against_other_weights_prints_and_writes_the_paired_difference(fake_splits, monkeypatch,
+                                                                               tmp_path, capsys):
+    from vg_ros.cli import main as vg_main
+    from vg_ros.grounding import data, text
+    from vg_ros.grounding.pipeline import save_weights
+    _, full = fake_splits
+    monkeypatch.setattr(data, "load_or_render", lambda *a, **k: full)
+    monkeypatch.setattr(text, "TextEncoder", lambda *a, **k: None)
+    torch.manual_seed(1)
+    for name in ("a", "b"):
+        save_weights(VGLAW(SMALL), tmp_path / f"{name}.safetensors", {"train_seeds": "0-1"})
+    out = tmp_path / "eval.json"
+    assert vg_main(["eval", "grounding", "--seeds", "7", "--no-controls", "--no-relation-negatives",
+                    "--weights", str(tmp_path / "a.safetensors"), "--against", str(tmp_path / "b.safetensors"),
+                    "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "against" in printed and "95 % interval" in printed
+    written = json.loads(out.read_text())
+    diff = written["against"]["difference"]["prec@0.5"]
+    assert diff["difference"] == pytest.approx(written["main"]["prec@0.5"]["all"]
+                                               - written["against"]["main"]["prec@0.5"]["all"])
+    assert len(written["per_expression"]["miou"]) == len(full)
+    # the other network is checked for held-out seeds as well
+    save_weights(VGLAW(SMALL), tmp_path / "c.safetensors", {"train_seeds": "7"})
+    assert vg_main(["eval", "grounding", "--seeds", "7", "--no-relation-negatives",
+                    "--weights", str(tmp_path / "a.safetensors"), "--against", str(tmp_path / "c.safetensors")]) == 2
+    assert "c.safetensors" in capsys.readouterr().err
+
+
+def test_bootstrap_interval_resamples_whole_images():
+    from vg_ros.grounding import metrics
+    assert metrics.bootstrap_interval([0.7] * 6, [0, 0, 1, 1, 2, 2]) == pytest.approx((0.7, 0.7))
+    rng = np.random.default_rng(3)
+    hits = rng.random(400) < 0.75
+    apart = metrics.bootstrap_interval(hits, np.arange(400))
+    # binomial: 0.75 +- 1.96 * sqrt(0.75 * 0.25 / 400) = +- 0.042 around the sample's own mean
+    assert apart[0] < hits.mean() < apart[1] and apart[1] - apart[0] == pytest.approx(0.085, abs=0.012)
+    # the same values, but each image's expressions all right or all wrong: 20 images carry less than 400
+    # independent expressions, and the interval says so
+    together = metrics.bootstrap_interval(np.repeat(hits[:20], 20), np.repeat(np.arange(20), 20))
+    assert together[1] - together[0] > 2.5 * (apart[1] - apart[0])
+    assert metrics.bootstrap_interval(hits, np.arange(400)) == apart   # deterministic
+    with pytest.raises(ValueError, match="equal"):
+        metrics.bootstrap_interval([1.0, 0.0], [0])
+    with pytest.raises(ValueError, match="level"):
+        metrics.bootstrap_interval([1.0], [0], level=1.0)
 
 
 def test_ema_returns_the_moving_average_of_the_steps_weights_started_at_init(fake_splits, monkeypatch):

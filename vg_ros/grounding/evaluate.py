@@ -92,7 +92,8 @@ def evaluate_split(model: VGLAW, split, *, device="cpu", batch: int = 32, config
     hops = split.hops.astype(int)
     t0 = time.time()
     main = predict(model, split, split.text_index, batch=batch, device=device)
-    correct = metrics.mask_ious(main["masks"], gt_masks) >= 0.5
+    main_mask_ious = metrics.mask_ious(main["masks"], gt_masks)
+    correct = main_mask_ious >= 0.5
     absent_run = None
     if absent:
         image_ids, first = np.unique(split.expr_image, return_index=True)
@@ -121,6 +122,13 @@ def evaluate_split(model: VGLAW, split, *, device="cpu", batch: int = 32, config
                              "presence_threshold": config.presence_threshold
                              if "presence_sweep" in candidates else None},
               "seconds_per_expression": (time.time() - t0) / len(split)}
+    # how far the totals could move on other scenes like these: images resampled with their expressions
+    per_expression = {"prec@0.5": metrics.box_iou(np.atleast_2d(main["boxes"]), gt_boxes) >= 0.5,
+                      "miou": main_mask_ious}
+    result["main_interval95"] = {name: list(metrics.bootstrap_interval(v, split.expr_image))
+                                 for name, v in per_expression.items()}
+    result["per_expression"] = {"image": split.expr_image.tolist(),
+                                **{name: v.astype(float).tolist() for name, v in per_expression.items()}}
     for key, options in candidates.items():
         result[key] = {}
         for threshold, t in options:
@@ -197,6 +205,22 @@ def format_sweep(result: dict) -> str:
     return "\n".join(lines)
 
 
+def paired_difference(result: dict, other: dict) -> dict:
+    """How much better `result`'s main numbers are than `other`'s on the same split (both from
+    `evaluate_split`): {metric: {"difference", "interval95"}}, the interval from resampling whole images of
+    the per-expression differences, so that what the two networks share cancels (tighter than comparing
+    two separate intervals)."""
+    a, b = result["per_expression"], other["per_expression"]
+    if a["image"] != b["image"]:
+        raise ValueError("paired_difference: the two results are not on the same expressions")
+    out = {}
+    for name in ("prec@0.5", "miou"):
+        diff = np.asarray(a[name]) - np.asarray(b[name])
+        out[name] = {"difference": float(diff.mean()),
+                     "interval95": list(metrics.bootstrap_interval(diff, np.asarray(a["image"])))}
+    return out
+
+
 def format_report(result: dict) -> str:
     """A plain-text table: rows = main / phi_zero / mismatched; columns per hop."""
     lines = [f"expressions {result['count']} in {result['images']} images; "
@@ -209,6 +233,12 @@ def format_report(result: dict) -> str:
         cells = "  ".join(f"hop {k}: P@0.5 {100 * rep['prec@0.5'][k]:5.1f}  mIoU {100 * rep['miou'][k]:5.1f}  "
                           f"oIoU {100 * rep['oiou'][k]:5.1f} (n={rep['count'][k]})" for k in keys)
         lines.append(f"{name:>24}: {cells}")
+    if "main_interval95" in result:
+        lo_hi = result["main_interval95"]
+        lines.append(f"{'main, 95 % interval':>24}: " + "  ".join(
+            f"{label} {100 * lo_hi[key][0]:5.1f} .. {100 * lo_hi[key][1]:5.1f}"
+            for label, key in (("P@0.5", "prec@0.5"), ("mIoU", "miou")))
+            + f"  (all hops; the {result['images']} images resampled with their expressions)")
     if "box_head" in result:
         rep = result["box_head"]
         keys = [k for k in rep["count"] if k != "all"] + ["all"]
@@ -258,6 +288,9 @@ def main(argv: list[str]) -> int:
                     help="also print what a perfect mask map at 1/4 and 1/2 of the model input would score")
     ap.add_argument("--no-relation-negatives", action="store_true",
                     help="skip the commands with their relation turned around (they re-run the simulator)")
+    ap.add_argument("--against", default="",
+                    help="also score these weights on the same expressions and print the difference with a 95 %% "
+                         "interval (images resampled, paired): is --weights really better?")
     ap.add_argument("--sweep", action="store_true",
                     help="also print what each candidate score_threshold would publish (choose it on dev seeds)")
     args = ap.parse_args(argv)
@@ -266,10 +299,15 @@ def main(argv: list[str]) -> int:
         torch.set_num_threads(max(1, args.threads))
         device = resolve_device(args.device)
         path = default_weights_path(args.config) if args.weights == "default" else args.weights
-        model, meta = load_weights(path, device)
-        train_seeds = set(parse_seeds(meta["train_seeds"])) if meta.get("train_seeds") else set()
-        if train_seeds & set(seeds):
-            raise UserError(f"seeds {sorted(train_seeds & set(seeds))[:5]} were used in training: not held out")
+        networks = {}
+        for name in (path, args.against) if args.against else (path,):
+            model, meta = load_weights(name, device)
+            train_seeds = set(parse_seeds(meta["train_seeds"])) if meta.get("train_seeds") else set()
+            if train_seeds & set(seeds):
+                raise UserError(f"seeds {sorted(train_seeds & set(seeds))[:5]} were used in training {name}: "
+                                "not held out")
+            networks[name] = model
+        model = networks[path]
         encoder = TextEncoder()
         if args.no_relation_negatives:
             split, negatives = load_or_render(seeds, args.seconds, args.expressions, None, encoder, log=print), None
@@ -283,6 +321,16 @@ def main(argv: list[str]) -> int:
     print(format_report(result))
     if args.sweep:
         print(format_sweep(result))
+    if args.against:
+        other = evaluate_split(networks[args.against], split, device=device, controls=False, absent=False,
+                               log=lambda *_: None)
+        result["against"] = {"weights": args.against, "main": other["main"],
+                             "difference": paired_difference(result, other)}
+        print(f"against {args.against}: " + "  ".join(
+            f"{label} {100 * other['main'][key]['all']:5.1f}, difference {100 * d['difference']:+5.1f} "
+            f"(95 % interval {100 * d['interval95'][0]:+5.1f} .. {100 * d['interval95'][1]:+5.1f})"
+            for label, key in (("P@0.5", "prec@0.5"), ("mIoU", "miou"))
+            for d in [result["against"]["difference"][key]]))
     if args.resolution_cap:
         gt_masks = [split.masks(i) for i in range(len(split))]
         result["resolution_cap"] = {}
