@@ -221,6 +221,17 @@ def paired_difference(result: dict, other: dict) -> dict:
     return out
 
 
+def format_against(against: dict) -> str:
+    """One line: the other weights' totals and the paired differences (`result["against"]`)."""
+    cells = []
+    for label, key in (("P@0.5", "prec@0.5"), ("mIoU", "miou")):
+        d = against["difference"][key]
+        lo, hi = d["interval95"]
+        cells.append(f"{label} {100 * against['main'][key]['all']:5.1f}, difference {100 * d['difference']:+5.1f} "
+                     f"(95 % interval {100 * lo:+5.1f} .. {100 * hi:+5.1f})")
+    return f"against {against['weights']}: " + "  ".join(cells)
+
+
 def format_report(result: dict) -> str:
     """A plain-text table: rows = main / phi_zero / mismatched; columns per hop."""
     lines = [f"expressions {result['count']} in {result['images']} images; "
@@ -289,8 +300,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--no-relation-negatives", action="store_true",
                     help="skip the commands with their relation turned around (they re-run the simulator)")
     ap.add_argument("--against", default="",
-                    help="also score these weights on the same expressions and print the difference with a 95 %% "
-                         "interval (images resampled, paired): is --weights really better?")
+                    help="also score these weights ('default': the shipped ones) on the same expressions and print "
+                         "the difference with a 95 %% interval (images resampled, paired): is --weights better?")
     ap.add_argument("--sweep", action="store_true",
                     help="also print what each candidate score_threshold would publish (choose it on dev seeds)")
     args = ap.parse_args(argv)
@@ -300,7 +311,8 @@ def main(argv: list[str]) -> int:
         device = resolve_device(args.device)
         path = default_weights_path(args.config) if args.weights == "default" else args.weights
         networks = {}
-        for name in (path, args.against) if args.against else (path,):
+        against = default_weights_path(args.config) if args.against == "default" else args.against
+        for name in (path, against) if against else (path,):
             model, meta = load_weights(name, device)
             train_seeds = set(parse_seeds(meta["train_seeds"])) if meta.get("train_seeds") else set()
             if train_seeds & set(seeds):
@@ -322,15 +334,11 @@ def main(argv: list[str]) -> int:
     if args.sweep:
         print(format_sweep(result))
     if args.against:
-        other = evaluate_split(networks[args.against], split, device=device, controls=False, absent=False,
+        other = evaluate_split(networks[against], split, device=device, controls=False, absent=False,
                                log=lambda *_: None)
-        result["against"] = {"weights": args.against, "main": other["main"],
+        result["against"] = {"weights": str(against), "main": other["main"],
                              "difference": paired_difference(result, other)}
-        print(f"against {args.against}: " + "  ".join(
-            f"{label} {100 * other['main'][key]['all']:5.1f}, difference {100 * d['difference']:+5.1f} "
-            f"(95 % interval {100 * d['interval95'][0]:+5.1f} .. {100 * d['interval95'][1]:+5.1f})"
-            for label, key in (("P@0.5", "prec@0.5"), ("mIoU", "miou"))
-            for d in [result["against"]["difference"][key]]))
+        print(format_against(result["against"]))
     if args.resolution_cap:
         gt_masks = [split.masks(i) for i in range(len(split))]
         result["resolution_cap"] = {}
