@@ -77,6 +77,10 @@ def predict(model: VGLAW, split, text_index: np.ndarray, *, batch: int = 32, dev
             "scores": np.asarray(scores), "presences": np.concatenate(presences)}
 
 
+# the headline totals: (printed label, report key); the ones with a 95 % interval and a paired difference
+HEADLINE = (("P@0.5", "prec@0.5"), ("mIoU", "miou"))
+
+
 def evaluate_split(model: VGLAW, split, *, device="cpu", batch: int = 32, config=None,
                    controls: bool = True, absent: bool = True, negatives: np.ndarray | None = None,
                    log=print) -> dict:
@@ -214,7 +218,7 @@ def paired_difference(result: dict, other: dict) -> dict:
     if a["image"] != b["image"]:
         raise ValueError("paired_difference: the two results are not on the same expressions")
     out = {}
-    for name in ("prec@0.5", "miou"):
+    for _, name in HEADLINE:
         diff = np.asarray(a[name]) - np.asarray(b[name])
         out[name] = {"difference": float(diff.mean()),
                      "interval95": list(metrics.bootstrap_interval(diff, np.asarray(a["image"])))}
@@ -224,7 +228,7 @@ def paired_difference(result: dict, other: dict) -> dict:
 def format_against(against: dict) -> str:
     """One line: the other weights' totals and the paired differences (`result["against"]`)."""
     cells = []
-    for label, key in (("P@0.5", "prec@0.5"), ("mIoU", "miou")):
+    for label, key in HEADLINE:
         d = against["difference"][key]
         lo, hi = d["interval95"]
         cells.append(f"{label} {100 * against['main'][key]['all']:5.1f}, difference {100 * d['difference']:+5.1f} "
@@ -248,7 +252,7 @@ def format_report(result: dict) -> str:
         lo_hi = result["main_interval95"]
         lines.append(f"{'main, 95 % interval':>24}: " + "  ".join(
             f"{label} {100 * lo_hi[key][0]:5.1f} .. {100 * lo_hi[key][1]:5.1f}"
-            for label, key in (("P@0.5", "prec@0.5"), ("mIoU", "miou")))
+            for label, key in HEADLINE)
             + f"  (all hops; the {result['images']} images resampled with their expressions)")
     if "box_head" in result:
         rep = result["box_head"]

@@ -342,7 +342,7 @@ def write_card(path: Path, *, args, spec, history: dict, result: dict | None, we
 def main(argv: list[str]) -> int:
     from vg_ros.cli import UserError
     from vg_ros.grounding.data import load_or_render, load_with_negatives, parse_seeds
-    from vg_ros.grounding.evaluate import DEFAULT_VAL_SEEDS, evaluate_split, format_report
+    from vg_ros.grounding.evaluate import DEFAULT_VAL_SEEDS, HEADLINE, evaluate_split, format_report
     from vg_ros.grounding.pipeline import WEIGHTS_DIR, resolve_device, save_weights
     from vg_ros.grounding.text import TextEncoder
 
@@ -482,7 +482,7 @@ def main(argv: list[str]) -> int:
             # a run that is stopped early still leaves its latest weights, marked partial
             save_weights(model, weights, {**meta, **step_meta(step), "partial": "true"})
             numbers = {f"{name}_{hop}": round(100 * rep[key][hop], 1)
-                       for name, key in (("P@0.5", "prec@0.5"), ("mIoU", "miou")) for hop in rep[key]}
+                       for name, key in HEADLINE for hop in rep[key]}
             # at the pipeline's thresholds: found among the commands, among the absent referents and among
             # the relation-turned commands
             return {**numbers, "found": round(100 * result["found_rate"], 1),
