@@ -479,6 +479,39 @@ def test_mask_metrics_and_hops():
                                       pred, gt, [0, 1])
     assert report["prec@0.5"] == {0: 1.0, 1: 0.0, "all": 0.5}
     assert report["count"] == {0: 1, 1: 1, "all": 2}
+    # the same report from the masks' counts, taken once
+    counts = metrics.mask_counts(pred, gt)
+    assert counts[0].tolist() == [4, 1] and counts[1].tolist() == [8, 1]
+    assert metrics.report_from_counts(np.array([[0, 0, 4, 2], [0, 0, 1, 1]]), np.array([[0, 0, 4, 2], [2, 2, 4, 4]]),
+                                      counts, [0, 1]) == report
+
+
+def test_misses_are_sorted_by_where_the_mask_went_and_targets_by_size():
+    from types import SimpleNamespace
+    from vg_ros.grounding.evaluate import miss_outcomes, size_report
+    H, W = 10, 10
+    target, other, background = (np.zeros((H, W), bool) for _ in range(3))
+    target[0:4, 0:4] = True        # 16 px, the target of expressions 0-4
+    other[6:10, 6:10] = True       # 16 px, the target of expression 5 (same image)
+    background[0:2, 6:9] = True    # 6 px on neither
+    half_on = target.copy()
+    half_on[0:4, 4:8] = True       # 32 px, 16 on the target: found, outlined badly
+    split = SimpleNamespace(expr_image=np.array([0, 0, 0, 0, 0, 0]), instance=np.array([3, 3, 3, 3, 3, 8]))
+    masks = [target, half_on, other, background, np.zeros((H, W), bool), other]
+    gt = [target] * 5 + [other]
+    hits = np.array([True, False, False, False, False, True])
+    inter = metrics.mask_counts(masks, gt)[0]
+    assert miss_outcomes(split, masks, gt, hits, inter).tolist() == [
+        "hit", "on_target", "other_object", "elsewhere", "empty", "hit"]
+    # another object only counts when a command of the same image names it
+    alone = SimpleNamespace(expr_image=np.array([0, 0, 0, 0, 0, 1]), instance=split.instance)
+    assert miss_outcomes(alone, masks, gt, hits, inter)[2] == "elsewhere"
+    share = np.array([0.001, 0.0035, 0.01, 0.5])   # a bucket's bound belongs to the next one
+    report = size_report(share, np.array([True, False, True, True]), np.array([0.8, 0.2, 0.6, 1.0]), 129600)
+    assert [report[k]["count"] for k in ("small", "medium", "large")] == [1, 2, 1]
+    assert report["medium"]["prec@0.5"] == 0.5 and report["medium"]["miou"] == pytest.approx(0.4)
+    assert report["small"]["max_pixels"] == pytest.approx(453.6)
+    assert np.isnan(size_report(share[:1], np.array([True]), np.array([1.0]), 100)["large"]["miou"])
 
 
 # -- pipeline -----------------------------------------------------------------------------------------------
@@ -877,6 +910,13 @@ def test_train_loop_and_evaluation_report(fake_splits):
         lo, hi = result["main_interval95"][key]
         assert 0.0 <= lo <= result["main"][key]["all"] <= hi <= 1.0
     assert "95 % interval" in format_report(result)
+    # every expression has one outcome and one size bucket; the hits are the P@0.5 total
+    from vg_ros.grounding.evaluate import OUTCOMES
+    assert sum(result["outcomes"].values()) == pytest.approx(1.0) and set(result["outcomes"]) == set(OUTCOMES)
+    assert result["outcomes"]["hit"] == pytest.approx(result["main"]["prec@0.5"]["all"])
+    assert sum(b["count"] for b in result["by_size"].values()) == len(full)
+    assert len(result["per_expression"]["outcome"]) == len(result["per_expression"]["target_area"]) == len(full)
+    assert "by target size" in format_report(result) and "the misses" in format_report(result)
     # paired against another network: the difference of the totals, with an interval around it
     from vg_ros.grounding.evaluate import paired_difference
     other = evaluate_split(VGLAW(SMALL).eval(), full, controls=False, absent=False, log=lambda *_: None)

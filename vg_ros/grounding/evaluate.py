@@ -1,6 +1,7 @@
 """`vg-ros eval grounding`: score VG-LAW weights on held-out simulated scenes, split by hop count.
 
-Reports Prec@0.5, mask mIoU and oIoU per hop count; how often a command whose referent is NOT in the image
+Reports Prec@0.5, mask mIoU and oIoU per hop count, by target size (`SIZE_BUCKETS`) and where the misses go
+(`OUTCOMES`: outlined badly on the target, another referred object, elsewhere, empty); how often a command whose referent is NOT in the image
 is still answered as found (`absent`: each image paired with another expression of the split whose target
 noun phrase admits nothing in it; the node should publish "not found"); how often a command whose object and
 anchor are both in the image, but not in the named relation, is answered as found (`relation_negative`:
@@ -96,7 +97,8 @@ def evaluate_split(model: VGLAW, split, *, device="cpu", batch: int = 32, config
     hops = split.hops.astype(int)
     t0 = time.time()
     main = predict(model, split, split.text_index, batch=batch, device=device)
-    main_mask_ious = metrics.mask_ious(main["masks"], gt_masks)
+    main_counts = metrics.mask_counts(main["masks"], gt_masks)   # the one walk over the main masks
+    main_mask_ious = metrics.ious_from_counts(*main_counts)
     correct = main_mask_ious >= 0.5
     absent_run = None
     if absent:
@@ -119,8 +121,8 @@ def evaluate_split(model: VGLAW, split, *, device="cpu", batch: int = 32, config
     if np.isfinite(main["presences"]).all():
         candidates["presence_sweep"] = [("presence_threshold", t) for t in PRESENCE_SWEEP]
     result = {"count": len(split), "images": int(len(split.images)),
-              "main": metrics.grounding_report(main["boxes"], gt_boxes, main["masks"], gt_masks, hops),
-              "box_head": metrics.grounding_report(main["head_boxes"], gt_boxes, main["masks"], gt_masks, hops),
+              "main": metrics.report_from_counts(main["boxes"], gt_boxes, main_counts, hops),
+              "box_head": metrics.report_from_counts(main["head_boxes"], gt_boxes, main_counts, hops),
               "found_rate": float(found.mean()), "found": metrics.found_report(found, correct),
               "thresholds": {"score_threshold": config.score_threshold,
                              "presence_threshold": config.presence_threshold
@@ -131,8 +133,14 @@ def evaluate_split(model: VGLAW, split, *, device="cpu", batch: int = 32, config
                       "miou": main_mask_ious}
     result["main_interval95"] = {name: list(metrics.bootstrap_interval(v, split.expr_image))
                                  for name, v in per_expression.items()}
+    # where the misses go and how the target's size matters
+    outcome = miss_outcomes(split, main["masks"], gt_masks, per_expression["prec@0.5"], main_counts[0])
+    target_area = np.array([m.sum() for m in gt_masks])
+    result["outcomes"] = {kind: float(np.mean(outcome == kind)) for kind in OUTCOMES}
+    result["by_size"] = size_report(target_area / (H * W), per_expression["prec@0.5"], main_mask_ious, H * W)
     result["per_expression"] = {"image": split.expr_image.tolist(),
-                                **{name: v.astype(float).tolist() for name, v in per_expression.items()}}
+                                **{name: v.astype(float).tolist() for name, v in per_expression.items()},
+                                "outcome": outcome.tolist(), "target_area": target_area.tolist()}
     for key, options in candidates.items():
         result[key] = {}
         for threshold, t in options:
@@ -176,6 +184,52 @@ def evaluate_split(model: VGLAW, split, *, device="cpu", batch: int = 32, config
         result["chance"] = {"prec@0.5_other_object_box": float((overlap >= 0.5).mean()),
                             "prec@0.5_random_referred_object": float(random_pick), "pairs": int(len(has_other))}
     return result
+
+
+# why an expression missed (box IoU < 0.5), in this order: its published mask is empty; at least half of it
+# lies on the target (found, outlined badly); at least half on another object a command about the same image
+# names (a wrong pick among the scene's referred objects); otherwise elsewhere (background, an unnamed object,
+# or spread over several)
+OUTCOMES = ("hit", "on_target", "other_object", "elsewhere", "empty")
+# target sizes: the target's mask area as a share of the image (on a 480x270 camera: < 454, < 1,944 pixels)
+SIZE_BUCKETS = (("small", 0.0035), ("medium", 0.015), ("large", float("inf")))
+
+
+def miss_outcomes(split, masks: list[np.ndarray], gt_masks: list[np.ndarray], hits: np.ndarray,
+                  inter: np.ndarray) -> np.ndarray:
+    """Per expression one of `OUTCOMES` (str array): "hit" where `hits` (box IoU >= 0.5), else why not.
+    `inter` (E,): each published mask's intersection with its own target (`metrics.mask_counts`). The
+    other objects of an image are those its other expressions refer to (their ground-truth masks)."""
+    by_image: dict[int, dict[int, int]] = {}
+    for i, (image, instance) in enumerate(zip(split.expr_image, split.instance)):
+        by_image.setdefault(int(image), {}).setdefault(int(instance), i)
+    outcome = np.full(len(masks), "hit", dtype=object)
+    for i in np.flatnonzero(~np.asarray(hits, dtype=bool)):
+        area = masks[i].sum()
+        if area == 0:
+            outcome[i] = "empty"
+        elif inter[i] >= 0.5 * area:
+            outcome[i] = "on_target"
+        elif any(np.logical_and(masks[i], gt_masks[j]).sum() >= 0.5 * area
+                 for instance, j in by_image[int(split.expr_image[i])].items() if instance != split.instance[i]):
+            outcome[i] = "other_object"
+        else:
+            outcome[i] = "elsewhere"
+    return outcome.astype(str)
+
+
+def size_report(share: np.ndarray, hits: np.ndarray, ious: np.ndarray, image_pixels: int) -> dict:
+    """{bucket: {"count", "prec@0.5", "miou", "max_share", "max_pixels"}} over `SIZE_BUCKETS` by the
+    targets' area `share` of the image; a bucket without targets reports count 0 and NaN values."""
+    report, low = {}, 0.0
+    for name, high in SIZE_BUCKETS:
+        sel = (share >= low) & (share < high)
+        report[name] = {"count": int(sel.sum()),
+                        "prec@0.5": float(hits[sel].mean()) if sel.any() else float("nan"),
+                        "miou": float(ious[sel].mean()) if sel.any() else float("nan"),
+                        "max_share": high, "max_pixels": high * image_pixels}
+        low = high
+    return report
 
 
 def coverage_map_ious(gt_masks: list[np.ndarray], grid_hw: tuple[int, int]) -> np.ndarray:
@@ -254,6 +308,19 @@ def format_report(result: dict) -> str:
             f"{label} {100 * lo_hi[key][0]:5.1f} .. {100 * lo_hi[key][1]:5.1f}"
             for label, key in HEADLINE)
             + f"  (all hops; the {result['images']} images resampled with their expressions)")
+    if "by_size" in result:
+        cells = []
+        for name, rep in result["by_size"].items():
+            bound = (f"< {100 * rep['max_share']:.2f} % of the image, < {rep['max_pixels']:,.0f} px"
+                     if np.isfinite(rep["max_share"]) else "the rest")
+            cells.append(f"{name} ({bound}): P@0.5 {100 * rep['prec@0.5']:5.1f}  mIoU {100 * rep['miou']:5.1f} "
+                         f"(n={rep['count']})")
+        lines.append(f"{'main, by target size':>24}: " + "  ".join(cells))
+    if "outcomes" in result:
+        o = result["outcomes"]
+        lines.append(f"{'main, the misses':>24}: on the target but outlined badly {100 * o['on_target']:.1f} %; on "
+                     f"another object a command of the image names {100 * o['other_object']:.1f} %; elsewhere "
+                     f"{100 * o['elsewhere']:.1f} %; empty {100 * o['empty']:.1f} % (of all expressions)")
     if "box_head" in result:
         rep = result["box_head"]
         keys = [k for k in rep["count"] if k != "all"] + ["all"]

@@ -5,6 +5,8 @@ and a helper that splits any of them by hop count.
 * `prec_at_05(pred, gt)`: fraction of pairs with box IoU >= 0.5, in [0, 1].
 * `mask_miou(pred, gt)`: mean over samples of per-sample mask IoU (a sample with both masks empty scores 1).
 * `mask_oiou(pred, gt)`: overall IoU = total intersection / total union over all samples.
+* `mask_counts(pred, gt)`: per-sample intersection and union pixel counts, the one walk over the masks the
+  mask metrics need (`ious_from_counts`, `report_from_counts` take them).
 * `split_by_hops(values, hops)`: {hop: mean of values with that hop count} plus "all".
 * `found_report(found, correct)`: how well "found" / "not found" separates right results from wrong ones.
 * `bootstrap_interval(values, groups)`: a 95 % interval of a mean, resampling whole groups (camera images).
@@ -42,7 +44,7 @@ def prec_at_05(pred_boxes: np.ndarray, gt_boxes: np.ndarray, threshold: float = 
     return float((ious >= threshold).mean())
 
 
-def _mask_pairs(pred: np.ndarray | Sequence, gt: np.ndarray | Sequence) -> tuple[np.ndarray, np.ndarray]:
+def mask_counts(pred: np.ndarray | Sequence, gt: np.ndarray | Sequence) -> tuple[np.ndarray, np.ndarray]:
     """Per-sample (intersection, union) pixel counts of paired boolean masks (N, H, W) or lists of (H, W)."""
     if len(pred) != len(gt) or len(pred) == 0:
         raise ValueError(f"masks: need the same non-zero number of predictions and truths, got {len(pred)} and {len(gt)}")
@@ -56,10 +58,14 @@ def _mask_pairs(pred: np.ndarray | Sequence, gt: np.ndarray | Sequence) -> tuple
     return inter, union
 
 
+def ious_from_counts(inter: np.ndarray, union: np.ndarray) -> np.ndarray:
+    """Per-sample IoU (N,) from `mask_counts`; both masks empty (union 0) -> 1."""
+    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+
+
 def mask_ious(pred, gt) -> np.ndarray:
     """Per-sample IoU (N,); both empty -> 1."""
-    inter, union = _mask_pairs(pred, gt)
-    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+    return ious_from_counts(*mask_counts(pred, gt))
 
 
 def mask_miou(pred, gt) -> float:
@@ -69,7 +75,7 @@ def mask_miou(pred, gt) -> float:
 
 def mask_oiou(pred, gt) -> float:
     """Cumulative intersection over cumulative union, in [0, 1] (large objects weigh more)."""
-    inter, union = _mask_pairs(pred, gt)
+    inter, union = mask_counts(pred, gt)
     return float(inter.sum() / union.sum()) if union.sum() > 0 else 1.0
 
 
@@ -86,10 +92,16 @@ def split_by_hops(values: Sequence[float] | np.ndarray, hops: Sequence[int] | np
 
 def grounding_report(pred_boxes, gt_boxes, pred_masks, gt_masks, hops) -> dict:
     """Everything at once, split by hops: {"prec@0.5", "miou", "oiou", "count"} -> {hop | "all": value}."""
+    return report_from_counts(pred_boxes, gt_boxes, mask_counts(pred_masks, gt_masks), hops)
+
+
+def report_from_counts(pred_boxes, gt_boxes, counts: tuple[np.ndarray, np.ndarray], hops) -> dict:
+    """`grounding_report` with the masks' `mask_counts` (inter, union) already taken: several reports on
+    the same masks (the published boxes, the box head's) walk them once."""
     hops = np.asarray(hops, dtype=int)
     ious = np.atleast_1d(box_iou(np.atleast_2d(pred_boxes), np.atleast_2d(gt_boxes)))
-    m_ious = mask_ious(pred_masks, gt_masks)
-    inter, union = _mask_pairs(pred_masks, gt_masks)
+    inter, union = counts
+    m_ious = ious_from_counts(inter, union)
     report = {"prec@0.5": split_by_hops(ious >= 0.5, hops), "miou": split_by_hops(m_ious, hops),
               "oiou": {}, "count": {}}
     for h in list(np.unique(hops)) + ["all"]:
