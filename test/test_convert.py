@@ -40,7 +40,7 @@ def bits_equal(a: np.ndarray, b: np.ndarray) -> bool:
 
 # ---------------------------------------------------------------------------------------------- Image
 
-ENCODINGS = ["rgb8", "bgr8", "rgba8", "bgra8", "mono8", "mono16", "16UC1", "32FC1"]
+ENCODINGS = ["rgb8", "bgr8", "rgba8", "bgra8", "mono8", "mono16", "16UC1", "32FC1", "yuv422", "bayer_grbg16"]
 
 
 @HSET
@@ -100,6 +100,52 @@ def test_image_to_rgb_converts_every_colour_encoding(flavor):
     for depth_enc, dt in (("16UC1", np.uint16), ("32FC1", np.float32)):
         with pytest.raises(ValueError, match="encoding"):
             C.image_to_rgb(C.array_to_image(np.zeros((2, 2), dt), depth_enc, flavor=flavor))
+    # 16-bit colour: the high byte, as mono16
+    rgb16 = rgb.astype(np.uint16) * 256 + 255
+    for enc, arr in {"rgb16": rgb16, "bgr16": rgb16[:, :, ::-1],
+                     "rgba16": np.concatenate([rgb16, np.full((4, 5, 1), 9, np.uint16)], 2),
+                     "bgra16": np.concatenate([rgb16[:, :, ::-1], np.full((4, 5, 1), 9, np.uint16)], 2)}.items():
+        np.testing.assert_array_equal(C.image_to_rgb(C.array_to_image(np.ascontiguousarray(arr), enc, flavor=flavor)), rgb)
+
+
+def _gradient_rgb(h: int = 8, w: int = 12) -> np.ndarray:
+    """A smooth (linear) colour image: bilinear demosaicing restores it exactly away from the border."""
+    y, x = np.mgrid[0:h, 0:w].astype(float)
+    return np.stack([100 + 8 * x, 50 + 10 * y, 200 - 5 * x - 6 * y], 2).clip(0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("pattern", ["rggb", "bggr", "gbrg", "grbg"])
+def test_bayer_mosaics_are_demosaiced_with_the_pattern_they_name(pattern):
+    rgb = _gradient_rgb()
+    mosaic = np.zeros(rgb.shape[:2], np.uint8)
+    for k, colour in enumerate(pattern):   # the 2x2 pattern from the top-left pixel, row by row
+        dy, dx = divmod(k, 2)
+        mosaic[dy::2, dx::2] = rgb[dy::2, dx::2, "rgb".index(colour)]
+    for bits, arr in ((8, mosaic), (16, mosaic.astype(np.uint16) * 256)):
+        out = C.image_to_rgb(C.array_to_image(arr, f"bayer_{pattern}{bits}"))
+        assert out.shape == rgb.shape and out.dtype == np.uint8
+        np.testing.assert_array_equal(out[2:-2, 2:-2], rgb[2:-2, 2:-2])
+    # another pattern's reading of the same bytes is far off: the mapping is not symmetric by chance
+    other = next(p for p in ("rggb", "bggr") if p != pattern)
+    wrong = C.image_to_rgb(C.array_to_image(mosaic, f"bayer_{other}8"))
+    assert np.abs(wrong[2:-2, 2:-2].astype(int) - rgb[2:-2, 2:-2]).mean() > 10
+
+
+def test_packed_yuv422_in_both_byte_orders():
+    rgb = _gradient_rgb()
+    f = rgb.astype(float)   # BT.601, studio range, chroma shared by each pixel pair
+    Y = 16 + (65.481 * f[..., 0] + 128.553 * f[..., 1] + 24.966 * f[..., 2]) / 255
+    U = 128 + (-37.797 * f[..., 0] - 74.203 * f[..., 1] + 112 * f[..., 2]) / 255
+    V = 128 + (112 * f[..., 0] - 93.786 * f[..., 1] - 18.214 * f[..., 2]) / 255
+    chroma = np.zeros(Y.shape)
+    chroma[:, 0::2] = (U[:, 0::2] + U[:, 1::2]) / 2
+    chroma[:, 1::2] = (V[:, 0::2] + V[:, 1::2]) / 2
+    for enc, order in (("yuv422", (chroma, Y)), ("yuv422_yuy2", (Y, chroma))):   # UYVY, YUYV
+        packed = np.round(np.stack(order, 2)).astype(np.uint8)
+        out = C.image_to_rgb(C.array_to_image(packed, enc))
+        assert np.abs(out.astype(int) - rgb).max() <= 6   # the pair's shared chroma on a steep gradient
+    with pytest.raises(ValueError, match="^width: 3 is odd"):
+        C.image_to_rgb(C.array_to_image(np.zeros((2, 3, 2), np.uint8), "yuv422"))
 
 
 @pytest.mark.parametrize("flavor", FLAVORS)
@@ -493,3 +539,25 @@ def test_compressed_depth_is_refused_by_name(flavor):
                 data=b"\x00" * 20)
     with pytest.raises(ValueError, match="^format: '16UC1; compressedDepth png' is a compressedDepth image"):
         C.decode_any_image(msg)
+
+
+def test_read_rgb_files_of_every_depth(tmp_path):
+    from PIL import Image
+    rgb = _gradient_rgb()
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    Image.fromarray(np.concatenate([rgb, np.full((8, 12, 1), 5, np.uint8)], 2)).save(tmp_path / "rgba.png")
+    np.testing.assert_array_equal(C.read_rgb(tmp_path / "rgb.png"), rgb)
+    np.testing.assert_array_equal(C.read_rgb(tmp_path / "rgba.png"), rgb)
+    # a 16-bit grey PNG keeps its high byte (PIL's own convert("RGB") would clip it to white)
+    grey16 = rgb[:, :, 1].astype(np.uint16) * 256 + 200
+    Image.fromarray(grey16).save(tmp_path / "grey16.png")
+    assert Image.open(tmp_path / "grey16.png").mode.startswith("I;16")
+    np.testing.assert_array_equal(C.read_rgb(tmp_path / "grey16.png"), np.stack([rgb[:, :, 1]] * 3, 2))
+    Image.fromarray(np.zeros((4, 4), np.float32)).save(tmp_path / "depth.tiff")
+    with pytest.raises(ValueError, match="float image"):
+        C.read_rgb(tmp_path / "depth.tiff")
+    (tmp_path / "junk.png").write_bytes(b"\x89PNG not really")
+    with pytest.raises(ValueError, match="not a readable image"):
+        C.read_rgb(tmp_path / "junk.png")
+    with pytest.raises(ValueError, match="no such image file"):
+        C.read_rgb(tmp_path / "missing.png")

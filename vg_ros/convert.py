@@ -114,7 +114,20 @@ def stamp_of(msg) -> int:
 IMAGE_ENCODINGS: dict[str, tuple[str, int]] = {
     "rgb8": ("u1", 3), "bgr8": ("u1", 3), "rgba8": ("u1", 4), "bgra8": ("u1", 4), "mono8": ("u1", 1),
     "rgb16": ("u2", 3), "bgr16": ("u2", 3), "rgba16": ("u2", 4), "bgra16": ("u2", 4), "mono16": ("u2", 1),
+    # packed 4:2:2 (two bytes a pixel): "yuv422" is UYVY (ROS's name), "yuv422_yuy2" YUYV
+    "yuv422": ("u1", 2), "yuv422_yuy2": ("u1", 2),
 }
+# raw sensor mosaics: the 2x2 pattern from the top-left pixel, row by row -> OpenCV's demosaicing code
+# (OpenCV names a pattern by the second row's second and third pixels: ROS rggb is OpenCV's BG)
+BAYER_CODES = {"rggb": "COLOR_BayerBG2RGB", "bggr": "COLOR_BayerRG2RGB", "gbrg": "COLOR_BayerGR2RGB",
+               "grbg": "COLOR_BayerGB2RGB"}
+YUV422_CODES = {"yuv422": "COLOR_YUV2RGB_UYVY", "yuv422_yuy2": "COLOR_YUV2RGB_YUY2"}
+for _pattern in BAYER_CODES:
+    IMAGE_ENCODINGS[f"bayer_{_pattern}8"] = ("u1", 1)
+    IMAGE_ENCODINGS[f"bayer_{_pattern}16"] = ("u2", 1)
+# what image_to_rgb converts
+COLOUR_ENCODINGS = ("rgb8", "bgr8", "rgba8", "bgra8", "mono8", "8UC3", "8UC1", "rgb16", "bgr16", "rgba16", "bgra16",
+                    "mono16", *YUV422_CODES, *(f"bayer_{p}{bits}" for p in BAYER_CODES for bits in (8, 16)))
 for _bits, _kind in ((8, "U"), (8, "S"), (16, "U"), (16, "S"), (32, "S"), (32, "F"), (64, "F")):
     for _c in (1, 2, 3, 4):
         _char = {"U": "u", "S": "i", "F": "f"}[_kind] + str(_bits // 8)
@@ -152,24 +165,32 @@ def image_to_array(msg) -> np.ndarray:
 
 
 def image_to_rgb(msg) -> np.ndarray:
-    """sensor_msgs/Image -> (H, W, 3) uint8 RGB. Converts bgr8/rgba8/bgra8/mono8/mono16 (high byte);
-    raises ValueError for depth and other non-colour encodings."""
+    """sensor_msgs/Image -> (H, W, 3) uint8 RGB, from any of `COLOUR_ENCODINGS`: rgb/bgr/rgba/bgra/mono in 8
+    or 16 bits (16 bits: the high byte), packed YUV 4:2:2 (yuv422 = UYVY, yuv422_yuy2 = YUYV; even width)
+    and raw Bayer mosaics (bayer_rggb8 ... bayer_grbg16, demosaiced bilinearly). Raises ValueError for
+    depth and other non-colour encodings."""
     enc = msg.encoding
-    if enc in DEPTH_ENCODINGS or enc not in ("rgb8", "bgr8", "rgba8", "bgra8", "mono8", "mono16", "8UC3", "8UC1"):
+    if enc not in COLOUR_ENCODINGS:
         if enc not in IMAGE_ENCODINGS:
             _encoding_info(enc)
         raise ValueError(f"encoding: {enc!r} is not a colour image encoding (depth/other); use image_to_array")
     arr = image_to_array(msg)
-    if enc in ("rgb8",):
-        return arr
-    if enc in ("bgr8", "8UC3"):
-        return np.ascontiguousarray(arr[:, :, ::-1])
-    if enc == "rgba8":
-        return np.ascontiguousarray(arr[:, :, :3])
-    if enc == "bgra8":
-        return np.ascontiguousarray(arr[:, :, 2::-1])
-    if enc == "mono16":
+    if arr.dtype == np.uint16:
         arr = (arr >> 8).astype(np.uint8)
+    if enc.startswith(("bayer_", "yuv422")):
+        import cv2
+        if enc.startswith("yuv422") and arr.shape[1] % 2:
+            raise ValueError(f"width: {arr.shape[1]} is odd; {enc!r} packs pixels in pairs")
+        code = YUV422_CODES[enc] if enc in YUV422_CODES else BAYER_CODES[enc[len("bayer_"):].rstrip("0123456789")]
+        return cv2.cvtColor(arr, getattr(cv2, code))
+    if enc in ("rgb8", "rgb16"):
+        return arr
+    if enc in ("bgr8", "bgr16", "8UC3"):
+        return np.ascontiguousarray(arr[:, :, ::-1])
+    if enc in ("rgba8", "rgba16"):
+        return np.ascontiguousarray(arr[:, :, :3])
+    if enc in ("bgra8", "bgra16"):
+        return np.ascontiguousarray(arr[:, :, 2::-1])
     return np.repeat(arr[:, :, None], 3, axis=2)
 
 
@@ -235,6 +256,27 @@ def rgb_to_compressed(rgb: np.ndarray, fmt: str = "jpeg", *, quality: int = 90, 
         raise ValueError(f"rgb: OpenCV could not encode a {rgb.shape} image as {kind}")
     return _new("sensor_msgs/msg/CompressedImage", flavor, header=make_header(stamp_ns, frame_id, flavor),
                 format=kind, data=_bytes_field(enc.tobytes(), flavor))
+
+
+def read_rgb(path) -> np.ndarray:
+    """(H, W, 3) uint8 RGB from an image file (PNG, JPEG, ...). 16-bit grey files (PIL modes I;16*) keep
+    their high byte, as mono16 messages do (PIL's own conversion would clip them to white); 32-bit integer
+    and float files are refused: their range is not a colour's. ValueError when the file cannot be read."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            if img.mode.startswith("I;16"):
+                grey = (np.asarray(img).astype(np.uint16) >> 8).astype(np.uint8)
+                return np.repeat(grey[:, :, None], 3, axis=2)
+            if img.mode in ("I", "F"):
+                raise ValueError(f"{path}: a {'32-bit integer' if img.mode == 'I' else 'float'} image "
+                                 f"(PIL mode {img.mode}), not a colour one")
+            return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    except (FileNotFoundError, IsADirectoryError) as exc:
+        raise ValueError(f"{path}: no such image file") from exc
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"{path}: not a readable image ({exc})") from exc
 
 
 def decode_any_image(msg) -> np.ndarray:

@@ -15,19 +15,6 @@ from pathlib import Path
 import numpy as np
 
 
-def read_rgb(path: str) -> np.ndarray:
-    """(H, W, 3) uint8 RGB from an image file; ValueError when it cannot be read."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"), dtype=np.uint8)
-    except (FileNotFoundError, IsADirectoryError) as exc:
-        raise ValueError(f"{path}: no such image file") from exc
-    except (UnidentifiedImageError, OSError) as exc:
-        raise ValueError(f"{path}: not a readable image ({exc})") from exc
-
-
 def overlay(image: np.ndarray, result) -> np.ndarray:
     """The image with the mask tinted green and the box drawn (green found, red not found)."""
     out = image.astype(np.float32).copy()
@@ -49,6 +36,7 @@ def overlay(image: np.ndarray, result) -> np.ndarray:
 
 def main(argv: list[str]) -> int:
     from vg_ros.cli import UserError
+    from vg_ros.convert import read_rgb
 
     ap = argparse.ArgumentParser(prog="vg-ros ground", description=__doc__.split("\n")[0])
     ap.add_argument("image", help="an image file (PNG, JPEG, ...)")

@@ -51,9 +51,8 @@ def load_calib(frame_dir: str | Path) -> dict:
 
 def load_frame_dir(frame_dir: str | Path) -> list[CameraFrame]:
     """Every camera of calib.json with its image (RGB uint8) and calibration (T_base_cam = cam2ego)."""
-    from PIL import Image
-
     from vg_ros.cli import UserError
+    from vg_ros.convert import read_rgb
     frame_dir = Path(frame_dir)
     calib = load_calib(frame_dir)
     frames = []
@@ -63,9 +62,9 @@ def load_frame_dir(frame_dir: str | Path) -> list[CameraFrame]:
             raise UserError(f"{where}: missing `img_path`")
         img_path = frame_dir / entry["img_path"]
         try:
-            image = np.asarray(Image.open(img_path).convert("RGB"))
-        except OSError as exc:
-            raise UserError(f"{where}: cannot read image {img_path} ({exc})") from None
+            image = read_rgb(img_path)
+        except ValueError as exc:
+            raise UserError(f"{where}: cannot read image ({exc})") from None
         K = _matrix(entry, "cam2img", (3, 3), where)
         T = _matrix(entry, "cam2ego", (4, 4), where)
         h, w = image.shape[:2]
