@@ -1256,3 +1256,112 @@ def test_average_weights_tool_means_two_runs_and_refuses_other_networks(tmp_path
         assert torch.allclose(value.float(), deep.state_dict()[name].float(), atol=1e-6), name
     assert average_weights.main([str(grown_mean), str(tmp_path / "deep.safetensors"), str(tmp_path / "b.safetensors"),
                                  "--grow-to-depth", "2"]) == 2 and "cannot remove blocks" in capsys.readouterr().err
+
+
+def _stop_after(steps: int):
+    """A `stop` for `train`: polled once before each step, true once `steps` steps have run."""
+    polls = []
+    return lambda: polls.append(1) or len(polls) > steps
+
+
+def test_a_stopped_run_resumed_from_its_state_ends_where_the_uninterrupted_run_ends(fake_splits, tmp_path):
+    from vg_ros.checkpoint import read_training_state
+    from vg_ros.grounding.train import train
+    train_split, _ = fake_splits
+    quiet = dict(steps=6, minutes=60, batch=4, spec=SMALL, absent=0.25, ema=0.9, seed=3, log=lambda *_: None)
+    torch.manual_seed(0)
+    whole, whole_history = train(train_split, **quiet)
+    torch.manual_seed(0)
+    state = tmp_path / "run.state.safetensors"
+    first, history = train(train_split, **quiet, state_path=state, record={"note": "mine"}, stop=_stop_after(3))
+    assert history["interrupted"] and history["steps"] == 3 and state.is_file()
+    saved = read_training_state(state)
+    assert saved["record"]["step"] == 3 and saved["record"]["caller"] == {"note": "mine"}
+    assert set(saved["modules"]) == {"model", "average"}
+    torch.manual_seed(123)   # whatever the process did in between
+    fresh = VGLAW(SMALL)
+    resumed, resumed_history = train(train_split, **quiet, init=fresh, resume=saved)
+    assert resumed_history["steps"] == 6 and not resumed_history["interrupted"]
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)   # the same numbers, bit for bit
+    for (name, a), b in zip(whole_history["raw_model"].state_dict().items(),
+                            resumed_history["raw_model"].state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    # a state saved with a weight average is not resumed without one
+    with pytest.raises(ValueError, match="weight average"):
+        train(train_split, **{**quiet, "ema": 0.0}, init=VGLAW(SMALL), resume=saved)
+
+
+def test_training_state_files_are_checked(tmp_path):
+    from vg_ros.checkpoint import read_training_state, save_training_state
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.8, 0.9))
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    path = tmp_path / "s.safetensors"
+    save_training_state(path, {"model": model}, opt, {"step": 1}, {"rng": torch.get_rng_state()})
+    state = read_training_state(path)
+    again = torch.optim.AdamW(torch.nn.Linear(3, 2).parameters(), lr=5.0)
+    again.load_state_dict(state["optimizer"])
+    assert again.param_groups[0]["lr"] == 1e-3 and again.param_groups[0]["betas"] == (0.8, 0.9)
+    torch.testing.assert_close(again.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    assert not list(tmp_path.glob("*.partial"))   # written beside, then renamed into place
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match="not a readable training state"):
+        read_training_state(path)
+    from vg_ros.grounding.pipeline import save_weights
+    save_weights(VGLAW(SMALL), tmp_path / "w.safetensors")
+    with pytest.raises(ValueError, match="not a readable training state"):
+        read_training_state(tmp_path / "w.safetensors")   # weights are not a state
+    with pytest.raises(ValueError, match="does not exist"):
+        read_training_state(tmp_path / "missing.safetensors")
+
+
+def test_stop_request_turns_sigterm_into_a_flag_and_restores_the_handlers():
+    import os
+    import signal
+    from vg_ros.grounding.train import StopRequest
+    before = signal.getsignal(signal.SIGTERM)
+    with StopRequest() as stop:
+        assert not stop()
+        os.kill(os.getpid(), signal.SIGTERM)   # the process lives on
+        assert stop() and stop.signal == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_train_cli_stopped_then_resumed_writes_what_one_run_writes(fake_splits, monkeypatch, tmp_path, capsys):
+    from vg_ros.cli import main as vg_main
+    from vg_ros.grounding import data, model as model_module, text, train as train_module
+    from vg_ros.grounding.pipeline import load_weights
+    train_split, _ = fake_splits
+    monkeypatch.setattr(data, "load_or_render", lambda *a, **k: train_split)
+    monkeypatch.setattr(text, "TextEncoder", lambda *a, **k: None)
+    monkeypatch.setitem(model_module.SPECS, "tiny", SMALL)
+    run = ["train", "grounding", "--steps", "6", "--minutes", "60", "--batch", "4", "--seed", "5", "--ema", "0.9",
+           "--monitor-every", "0", "--no-eval", "--lr", "1e-3"]
+    assert vg_main(run + ["--out", str(tmp_path / "whole")]) == 0
+    assert not (tmp_path / "whole" / "grounding_vglaw_tiny.state.safetensors").exists()   # complete: removed
+    real_train = train_module.train
+
+    def stopped_after_two(*args, **kwargs):   # the real loop, with a stop request after its second step
+        return real_train(*args, **{**kwargs, "stop": _stop_after(2)})
+    monkeypatch.setattr(train_module, "train", stopped_after_two)
+    out = tmp_path / "parts"
+    assert vg_main(run + ["--out", str(out)]) == 130
+    state = out / "grounding_vglaw_tiny.state.safetensors"
+    assert f"--resume {state}" in capsys.readouterr().out
+    assert load_weights(out / "grounding_vglaw_tiny.safetensors")[1]["partial"] == "true"
+    monkeypatch.setattr(train_module, "train", real_train)
+    assert vg_main(["train", "grounding", "--resume", str(state), "--lr", "5e-4"]) == 2   # not the run's own
+    assert "drop --lr" in capsys.readouterr().err
+    assert vg_main(["train", "grounding", "--resume", str(state), "--save-every", "1"]) == 0   # may change
+    assert not state.exists()
+    whole, meta = load_weights(tmp_path / "whole" / "grounding_vglaw_tiny.safetensors")
+    resumed, resumed_meta = load_weights(out / "grounding_vglaw_tiny.safetensors")
+    assert resumed_meta["steps"] == meta["steps"] == "6" and "partial" not in resumed_meta
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    card = (out / "grounding_vglaw_tiny.md").read_text()
+    assert "--seed 5" in card and "resumed" in card
+    assert vg_main(["train", "grounding", "--resume", str(tmp_path / "whole" / "grounding_vglaw_tiny.safetensors")]) == 2
+    assert "not a readable training state" in capsys.readouterr().err

@@ -56,3 +56,86 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path
     if missing or unexpected:
         raise ValueError(f"{kind} weights {path} do not match the model (missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]})")
+
+
+# -- resumable training state ---------------------------------------------------------------------------------
+
+TRAINING_STATE_FORMAT = "vg_ros.training_state/1"
+
+
+def save_training_state(path: str | Path, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer,
+                        record: dict, tensors: dict[str, torch.Tensor] | None = None) -> None:
+    """A resumable snapshot of a training run as one safetensors file (never pickled): each module's state
+    dict under its name ("model.<key>"), the optimizer's per-parameter tensors ("optimizer.<index>.<key>"),
+    any extra `tensors` ("extra.<key>", e.g. random generator states), and `record` (JSON: the step, the
+    elapsed time, the run's arguments) with the optimizer's hyper-parameters in the metadata. Written to a
+    temporary file and renamed into place: a run killed while saving keeps the previous snapshot."""
+    import json
+    import os
+
+    from safetensors.torch import save_file
+
+    flat = {f"{name}.{k}": v.detach().cpu().contiguous().clone()
+            for name, module in modules.items() for k, v in module.state_dict().items()}
+    opt = optimizer.state_dict()
+    scalars = {}
+    for index, values in opt["state"].items():
+        for key, value in values.items():
+            if torch.is_tensor(value):
+                flat[f"optimizer.{index}.{key}"] = value.detach().cpu().contiguous().clone()
+            else:
+                scalars[f"{index}.{key}"] = value
+    flat.update({f"extra.{k}": v.detach().cpu().contiguous().clone() for k, v in (tensors or {}).items()})
+    meta = {"format": TRAINING_STATE_FORMAT, "record": json.dumps(record), "modules": json.dumps(sorted(modules)),
+            "param_groups": json.dumps(opt["param_groups"]), "optimizer_scalars": json.dumps(scalars)}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    save_file(flat, str(partial), metadata=meta)
+    os.replace(partial, path)
+
+
+def read_training_state(path: str | Path) -> dict:
+    """{"record": dict, "modules": {name: state dict}, "optimizer": an optimizer state dict, "extra": {key:
+    tensor}} from `save_training_state`'s file; ValueError naming the file when it is missing, unreadable or
+    not a training state."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"training state {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = dict(fh.metadata() or {})
+        flat = load_file(str(path))
+        if meta.get("format") != TRAINING_STATE_FORMAT:
+            raise ValueError(f"format {meta.get('format')!r}, expected {TRAINING_STATE_FORMAT!r}")
+        names = json.loads(meta["modules"])
+        record, groups = json.loads(meta["record"]), json.loads(meta["param_groups"])
+        scalars = json.loads(meta["optimizer_scalars"])
+    except Exception as exc:  # noqa: BLE001 - safetensors and json raise their own types for corrupt files
+        raise ValueError(f"training state {path}: not a readable training state ({exc})") from exc
+    modules: dict[str, dict[str, torch.Tensor]] = {name: {} for name in names}
+    opt_state: dict[int, dict] = {}
+    extra = {}
+    for key, value in flat.items():
+        head, _, rest = key.partition(".")
+        if head == "optimizer":
+            index, _, name = rest.partition(".")
+            opt_state.setdefault(int(index), {})[name] = value
+        elif head == "extra":
+            extra[rest] = value
+        elif head in modules:
+            modules[head][rest] = value
+        else:
+            raise ValueError(f"training state {path}: unexpected tensor {key!r}")
+    for key, value in scalars.items():
+        index, _, name = key.partition(".")
+        opt_state.setdefault(int(index), {})[name] = value
+    for group in groups:   # JSON has no tuples
+        group.update({k: tuple(v) for k, v in group.items() if k != "params" and isinstance(v, list)})
+    return {"record": record, "modules": modules, "optimizer": {"state": opt_state, "param_groups": groups},
+            "extra": extra}

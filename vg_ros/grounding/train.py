@@ -18,7 +18,7 @@ import math
 import multiprocessing
 import os
 import platform
-import sys
+import signal
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -27,10 +27,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vg_ros.checkpoint import save_training_state
 from vg_ros.grounding.model import VGLAW, spec_by_name, total_loss, xyxy_to_cxcywh  # noqa: F401
 
 DEFAULT_TRAIN_SEEDS = "0-399"
 DEFAULT_DEV_SEEDS = "900-911"   # monitoring during training: neither trained on nor the held-out test seeds
+# `--resume` takes the run's arguments from its state; only these say how to run it and may change
+RESUME_MAY_CHANGE = ("resume", "threads", "workers", "device", "no_eval", "save_every")
 
 
 def make_batch(split, idx: np.ndarray, rng: np.random.Generator, augment: bool, absent: float = 0.0,
@@ -100,13 +103,13 @@ def make_batch(split, idx: np.ndarray, rng: np.random.Generator, augment: bool, 
 class _Batches(torch.utils.data.IterableDataset):
     """Endless training batches drawn in DataLoader worker processes (each with its own random stream)."""
 
-    def __init__(self, split, batch: int, seed: int, kinds: dict) -> None:
+    def __init__(self, split, batch: int, seed: tuple[int, ...], kinds: dict) -> None:
         super().__init__()
         self.split, self.batch, self.seed, self.kinds = split, batch, seed, kinds
 
     def __iter__(self):
         worker = torch.utils.data.get_worker_info()
-        rng = np.random.default_rng([self.seed, worker.id if worker is not None else 0])
+        rng = np.random.default_rng([*self.seed, worker.id if worker is not None else 0])
         return _draw(self.split, self.batch, rng, self.kinds)
 
 
@@ -116,16 +119,18 @@ def _draw(split, batch: int, rng: np.random.Generator, kinds: dict):
         yield make_batch(split, rng.integers(0, len(split), batch), rng, augment=True, **kinds)
 
 
-def batches(split, batch: int, rng: np.random.Generator, absent: float, workers: int = 0, seed: int = 0,
-            pin_memory: bool = False, relation: float = 0.0, negatives: np.ndarray | None = None):
+def batches(split, batch: int, rng: np.random.Generator, absent: float, workers: int = 0,
+            seed: int | tuple[int, ...] = 0, pin_memory: bool = False, relation: float = 0.0,
+            negatives: np.ndarray | None = None):
     """Endless augmented training batches (`make_batch`'s `absent`, `relation`, `negatives`): drawn in the
     training loop with `rng` (workers 0), or prepared ahead in `workers` background processes (forked: they
-    share the split's memory), e.g. to keep a GPU fed."""
+    share the split's memory), e.g. to keep a GPU fed; worker w draws from the stream (*seed, w)."""
     kinds = {"absent": absent, "relation": relation, "negatives": negatives}
     if workers <= 0:
         yield from _draw(split, batch, rng, kinds)
     _ = split.text_descriptors, split.text_mirror   # computed once here, not once per worker
     fork = "fork" if "fork" in multiprocessing.get_all_start_methods() else None   # no copy of the split
+    seed = tuple(seed) if isinstance(seed, tuple) else (seed,)
     loader = iter(torch.utils.data.DataLoader(_Batches(split, batch, seed, kinds), batch_size=None,
                                               num_workers=workers, pin_memory=pin_memory, prefetch_factor=4,
                                               multiprocessing_context=fork))
@@ -169,7 +174,8 @@ def train(split, *, config: str = "tiny", steps: int = 3000, minutes: float = 25
           phi_zero: bool = False, device: str | torch.device = "cpu", spec=None, init: VGLAW | None = None,
           w_pool: float = 1.0, absent: float = 0.0, workers: int = 0, monitor=None, monitor_every: int = 0,
           presence_only: bool = False, relation: float = 0.0, negatives: np.ndarray | None = None,
-          ema: float = 0.0, log=print) -> tuple[VGLAW, dict]:
+          ema: float = 0.0, resume: dict | None = None, state_path: str | Path | None = None,
+          save_every: int = 0, record: dict | None = None, stop=None, log=print) -> tuple[VGLAW, dict]:
     """Train a fresh model (`spec` overrides the named `config`), or continue `init`; returns (model,
     history {"steps", "seconds", "final_loss", "monitor"}). `absent` is the fraction of commands swapped
     for one whose referent is not in the image (target: an empty mask, so the node can say "not found");
@@ -182,7 +188,16 @@ def train(split, *, config: str = "tiny", steps: int = 3000, minutes: float = 25
     `presence_only` trains the head alone on the frozen network (`init`, in eval mode).
     `w_pool` weighs the pooling-attention loss
     (`model.pooling_loss`); `monitor(model, step) -> dict` runs every `monitor_every` steps and at the end
-    (on a dev split, never on the held-out test seeds)."""
+    (on a dev split, never on the held-out test seeds).
+
+    Resumable: with `state_path`, every `save_every` steps (and when `stop()` turns true, polled once a
+    step: history["interrupted"]) the whole run's state is written there (`checkpoint.save_training_state`:
+    the network, its average, the optimiser, the step, the elapsed time, the random streams, and `record`,
+    the caller's own description of the run). `resume` (`checkpoint.read_training_state` of such a file)
+    continues it: the same schedule (its progress counts the elapsed time before), optimiser moments,
+    average and sampling stream (workers 0; with workers the resumed part draws from (seed, step, worker))
+    as if the run had not stopped; the caller builds the network from the record and passes the rest
+    of the arguments as they were."""
     if steps < 1 or not minutes > 0:
         raise ValueError(f"steps = {steps}, minutes = {minutes}: both must be positive")
     torch.manual_seed(seed)
@@ -210,14 +225,31 @@ def train(split, *, config: str = "tiny", steps: int = 3000, minutes: float = 25
     running: dict[str, float] = {}
     curve: list[dict] = []
     step = 0
-    stream = batches(split, batch, rng, absent, workers, seed, pin_memory=device.type == "cuda",
-                     relation=relation, negatives=negatives)
     average = WeightAverage(model, ema, ramp=init is None) if ema else None
+    if resume is not None:
+        step, running, curve = _restore(resume, model, opt, average, rng)
+        t0 -= resume["record"]["elapsed_s"]
+        log(f"[grounding train] resumed at step {step} ({resume['record']['elapsed_s'] / 60:.1f} min in)")
+    stream = batches(split, batch, rng, absent, workers, (seed, step) if step else seed,
+                     pin_memory=device.type == "cuda", relation=relation, negatives=negatives)
     scored = average.model if average is not None else model
+
+    def save_state() -> None:
+        modules = {"model": model, **({"average": average.model} if average is not None else {})}
+        state = {"step": step, "elapsed_s": time.time() - t0, "running": running, "monitor": curve,
+                 "average_updates": average.updates if average is not None else 0,
+                 "average_ramp": average.ramp if average is not None else False,
+                 "numpy_rng": rng.bit_generator.state if workers <= 0 else None, "caller": record or {}}
+        save_training_state(state_path, modules, opt, state, {"torch_rng": torch.get_rng_state()})
+
+    interrupted = False
     while step < steps:
         elapsed = time.time() - t0
         progress = max(step / steps, elapsed / budget_s)
         if progress >= 1.0:
+            break
+        if stop is not None and stop():
+            interrupted = True
             break
         for group in opt.param_groups:
             group["lr"] = lr * lr_factor(progress, warmup)
@@ -245,15 +277,43 @@ def train(split, *, config: str = "tiny", steps: int = 3000, minutes: float = 25
                 + " ".join(f"{k} {v:.3f}" for k, v in running.items()))
         if monitor is not None and monitor_every and step % monitor_every == 0:
             curve.append(_monitor(scored, monitor, step, time.time() - t0, log))
+        if state_path is not None and save_every and step % save_every == 0:
+            save_state()
     stream.close()   # ends the worker processes, if any
+    if interrupted and state_path is not None:
+        save_state()
+        log(f"[grounding train] stopped at step {step}: state in {state_path}")
     model.eval()
-    if monitor is not None and (not curve or curve[-1]["step"] != step):
+    if not interrupted and monitor is not None and (not curve or curve[-1]["step"] != step):
         curve.append(_monitor(scored, monitor, step, time.time() - t0, log))
     history = {"steps": step, "seconds": time.time() - t0, "final_loss": running.get("total", float("nan")),
-               "monitor": curve}
+               "monitor": curve, "interrupted": interrupted}
     if average is not None:
         history["raw_model"] = model
     return scored, history
+
+
+def _restore(resume: dict, model: VGLAW, opt: torch.optim.Optimizer, average: WeightAverage | None,
+             rng: np.random.Generator) -> tuple[int, dict, list]:
+    """Load a `read_training_state` into the run's pieces; (step, running losses, monitor curve)."""
+    record, modules = resume["record"], resume["modules"]
+    if (average is not None) != ("average" in modules):
+        raise ValueError("resume: the state was saved " + ("without" if average is not None else "with")
+                         + " a weight average (--ema); resume it as it was run")
+    try:
+        model.load_state_dict(modules["model"])
+        if average is not None:
+            average.model.load_state_dict(modules["average"])
+        opt.load_state_dict(resume["optimizer"])
+    except (KeyError, RuntimeError, ValueError) as exc:
+        raise ValueError(f"resume: the state does not fit this network or optimiser ({exc})") from exc
+    if average is not None:
+        average.updates, average.ramp = int(record["average_updates"]), bool(record["average_ramp"])
+    if record.get("numpy_rng"):
+        rng.bit_generator.state = record["numpy_rng"]
+    if "torch_rng" in resume["extra"]:
+        torch.set_rng_state(resume["extra"]["torch_rng"])
+    return int(record["step"]), dict(record["running"]), list(record["monitor"])
 
 
 def _monitor(model: VGLAW, monitor, step: int, seconds: float, log) -> dict:
@@ -281,15 +341,57 @@ def continued(init: VGLAW, spec, depth: int = 0) -> VGLAW:
                          + f", nor grows into it: {json.dumps(init.spec.to_dict())}") from None
 
 
+class StopRequest:
+    """SIGINT / SIGTERM turned into a request the training loop polls (it then saves its state and ends
+    cleanly) instead of killing the process mid-step; `with StopRequest() as stop:` installs the handlers,
+    `stop()` says whether a signal came, leaving restores the previous handlers."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopRequest":
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+
+    def __call__(self) -> bool:
+        return self.signal is not None
+
+
+def resumed_args(args: argparse.Namespace, parser: argparse.ArgumentParser, stored: dict) -> argparse.Namespace:
+    """The arguments of a `--resume`d run: `stored` (the run's own, from its state) with the
+    `RESUME_MAY_CHANGE` ones the command line gives (their stored values otherwise). ValueError naming every other option given with a value
+    that differs from the stored one (the schedule, data and network are the run's)."""
+    clashes = [f"--{k.replace('_', '-')}" for k, v in vars(args).items()
+               if k not in RESUME_MAY_CHANGE and v != parser.get_default(k) and v != stored.get(k)]
+    if clashes:
+        raise ValueError(f"--resume continues the run with the arguments it was started with; drop "
+                         f"{', '.join(clashes)} (only {', '.join('--' + k.replace('_', '-') for k in RESUME_MAY_CHANGE[1:])}"
+                         " may change)")
+    given = {k: getattr(args, k) for k in RESUME_MAY_CHANGE if getattr(args, k) != parser.get_default(k)}
+    return argparse.Namespace(**{**vars(args), **stored, **given})
+
+
 def write_card(path: Path, *, args, spec, history: dict, result: dict | None, weights: Path, n_train: int,
-               n_images: int, report_text: str) -> None:
+               n_images: int, report_text: str, command: str) -> None:
     lines = [
         f"# {weights.name}: VG-LAW grounding, `{args.config}` config",
         "",
         f"Trained {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC} by `vg_ros/grounding/train.py` on "
         f"{platform.machine()} CPU ({torch.get_num_threads()} threads).",
         "",
-        f"* command: `{' '.join(['vg-ros', 'train', 'grounding'] + sys.argv[sys.argv.index('grounding') + 1:] if 'grounding' in sys.argv else sys.argv)}`",
+        f"* command: `{command}`" + (" (stopped and resumed with `--resume`: the same run)" if history.get("resumed")
+                                     else ""),
         f"* data: simulator (`vg_ros.sim.simulate`) referring expressions, train seeds `{args.seeds}`, "
         f"{args.seconds} s per seed, {args.expressions} expressions per frame: {n_train} expressions on "
         f"{n_images} camera images, resized to {spec.img_w}x{spec.img_h}",
@@ -397,8 +499,25 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--out", default=str(WEIGHTS_DIR), help="output folder for weights + model card")
     ap.add_argument("--name", default="", help="file stem (default grounding_vglaw_<config>[_phi0])")
     ap.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation")
+    ap.add_argument("--save-every", type=int, default=500,
+                    help="write the run's whole state (<name>.state.safetensors in --out) every this many steps, and "
+                         "on Ctrl-C / SIGTERM; removed when the run ends (0 = only on a signal)")
+    ap.add_argument("--resume", default="",
+                    help="continue a stopped run from its .state.safetensors with the arguments it was started with "
+                         "(only --threads, --workers, --device, --no-eval, --save-every may be given anew)")
     args = ap.parse_args(argv)
+    resume, command = None, " ".join(["vg-ros", "train", "grounding", *argv])
     try:
+        if args.resume:
+            from vg_ros.checkpoint import read_training_state
+            resume = read_training_state(args.resume)
+            caller = resume["record"].get("caller", {})
+            if "args" not in caller:
+                raise ValueError(f"--resume {args.resume}: not the state of a `vg-ros train grounding` run")
+            args = resumed_args(args, ap, caller["args"])
+            command = caller["command"]
+        if args.save_every < 0:
+            raise ValueError(f"--save-every: at least 0, got {args.save_every}")
         train_seeds = parse_seeds(args.seeds)
         val_seeds = parse_seeds(args.val_seeds)
         dev_seeds = parse_seeds(args.dev_seeds) if args.monitor_every else []
@@ -429,8 +548,13 @@ def main(argv: list[str]) -> int:
     device = resolve_device(args.device)
     spec = spec_by_name(args.config, presence_head=args.presence_head or args.presence_only,
                         **({"depth": args.depth} if args.depth else {}))
-    init, init_steps = None, 0
-    if args.init:
+    init, init_steps, init_meta = None, 0, {}
+    if resume is not None:   # the network as the state has it (--init was read when the run started)
+        from vg_ros.grounding.model import VGLAWSpec
+        caller = resume["record"]["caller"]
+        init = VGLAW(VGLAWSpec(**caller["spec"])).to(device)
+        spec, init_steps, init_meta = init.spec, int(caller["init_steps"]), caller["init_meta"]
+    elif args.init:
         from vg_ros.grounding.pipeline import load_weights
         try:
             init, init_meta = load_weights(args.init, device)
@@ -490,13 +614,29 @@ def main(argv: list[str]) -> int:
                     "wrong_held_back": round(100 * result["found"]["wrong_rejected"], 1),
                     "found_on_absent": round(100 * result["absent"]["found_rate"], 1),
                     "found_on_turned": round(100 * result["relation_negative"]["found_rate"], 1)}
-    model, history = train(split, config=args.config, spec=spec, steps=args.steps, minutes=args.minutes, batch=args.batch,
-                           lr=args.lr, weight_decay=args.weight_decay, phi_zero=args.ablation_phi_zero,
-                           device=device, init=init, seed=args.seed, w_pool=args.w_pool, absent=args.absent,
-                           workers=args.workers, monitor=monitor, monitor_every=args.monitor_every,
-                           presence_only=args.presence_only, relation=args.relation, negatives=negatives,
-                           ema=args.ema)
+    state_path = out_dir / f"{stem}.state.safetensors"
+    record = {"args": {k: v for k, v in vars(args).items() if k != "resume"}, "command": command,
+              "spec": spec.to_dict(), "init_steps": init_steps,
+              "init_meta": {k: init_meta.get(k, "") for k in ("absent", "relation")}}
+    with StopRequest() as stop:
+        try:
+            model, history = train(
+                split, config=args.config, spec=spec, steps=args.steps, minutes=args.minutes, batch=args.batch,
+                lr=args.lr, weight_decay=args.weight_decay, phi_zero=args.ablation_phi_zero, device=device,
+                init=init, seed=args.seed, w_pool=args.w_pool, absent=args.absent, workers=args.workers,
+                monitor=monitor, monitor_every=args.monitor_every, presence_only=args.presence_only,
+                relation=args.relation, negatives=negatives, ema=args.ema, resume=resume, state_path=state_path,
+                save_every=args.save_every, record=record, stop=stop)
+        except ValueError as exc:   # a state that does not fit the network it describes
+            raise UserError(str(exc)) from exc
+    if history["interrupted"]:
+        save_weights(model, weights,
+                     {**meta, **step_meta(history["steps"]), "partial": "true"})
+        print(f"[grounding train] stopped by signal {stop.signal} at step {history['steps']}; weights so far in "
+              f"{weights} (partial); continue with: vg-ros train grounding --resume {state_path}")
+        return 130
     history["steps_before"] = init_steps
+    history["resumed"] = bool(resume)
     history["init"] = args.init + (" (box pooling re-initialised)" if args.reset_pooling else "")
     date = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="minutes")}
     save_weights(model, weights, {**meta, **step_meta(history["steps"]), **date})
@@ -517,5 +657,7 @@ def main(argv: list[str]) -> int:
         with open(out_dir / f"{stem}.eval.json", "w") as fh:
             json.dump({"history": history, **result}, fh, indent=2, default=str)
     write_card(out_dir / f"{stem}.md", args=args, spec=model.spec, history=history, result=result,
-               weights=weights, n_train=len(split), n_images=len(split.images), report_text=report_text)
+               weights=weights, n_train=len(split), n_images=len(split.images), report_text=report_text,
+               command=command)
+    state_path.unlink(missing_ok=True)   # the run is complete: nothing left to resume
     return 0
