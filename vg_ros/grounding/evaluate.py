@@ -1,12 +1,12 @@
 """`vg-ros eval grounding`: score VG-LAW weights on held-out simulated scenes, split by hop count.
 
 Reports Prec@0.5, mask mIoU and oIoU per hop count, by target size (`SIZE_BUCKETS`) and where the misses go
-(`OUTCOMES`: outlined badly on the target, another referred object, elsewhere, empty); how often a command whose referent is NOT in the image
-is still answered as found (`absent`: each image paired with another expression of the split whose target
-noun phrase admits nothing in it; the node should publish "not found"); how often a command whose object and
-anchor are both in the image, but not in the named relation, is answered as found (`relation_negative`:
-"the red car left of the bus" turned into "... right of the bus" where no red car is; `data.relation_negatives`
-re-runs the simulator for them); and two controls:
+(`OUTCOMES`: outlined badly on the target, another referred object, elsewhere, empty); how often a command
+whose referent is NOT in the image is still answered as found (`absent`: each image paired with another
+expression of the split whose target noun phrase admits nothing in it; the node should publish "not
+found"); how often a command whose object and anchor are both in the image, but not in the named relation,
+is answered as found (`relation_negative`: "the red car left of the bus" turned into "... right of the bus"
+where no red car is; `data.relation_negatives` re-runs the simulator for them); and two controls:
 
 * `phi_zero`: the same weights with the language-adaptive weights disabled (Phi fixed at zero, W0 only);
   the heads still see the [CLS] feature. (An inference-time ablation; `vg-ros train grounding

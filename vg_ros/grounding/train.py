@@ -370,14 +370,16 @@ class StopRequest:
 
 def resumed_args(args: argparse.Namespace, parser: argparse.ArgumentParser, stored: dict) -> argparse.Namespace:
     """The arguments of a `--resume`d run: `stored` (the run's own, from its state) with the
-    `RESUME_MAY_CHANGE` ones the command line gives (their stored values otherwise). ValueError naming every other option given with a value
-    that differs from the stored one (the schedule, data and network are the run's)."""
-    clashes = [f"--{k.replace('_', '-')}" for k, v in vars(args).items()
+    `RESUME_MAY_CHANGE` ones the command line gives (their stored values otherwise). ValueError naming
+    every other option given with a value that differs from the stored one (the schedule, data and
+    network are the run's)."""
+    def flag(name: str) -> str:
+        return "--" + name.replace("_", "-")
+    clashes = [flag(k) for k, v in vars(args).items()
                if k not in RESUME_MAY_CHANGE and v != parser.get_default(k) and v != stored.get(k)]
     if clashes:
         raise ValueError(f"--resume continues the run with the arguments it was started with; drop "
-                         f"{', '.join(clashes)} (only {', '.join('--' + k.replace('_', '-') for k in RESUME_MAY_CHANGE[1:])}"
-                         " may change)")
+                         f"{', '.join(clashes)} (only {', '.join(map(flag, RESUME_MAY_CHANGE[1:]))} may change)")
     given = {k: getattr(args, k) for k in RESUME_MAY_CHANGE if getattr(args, k) != parser.get_default(k)}
     return argparse.Namespace(**{**vars(args), **stored, **given})
 
