@@ -91,8 +91,9 @@ def test_image_to_rgb_converts_every_colour_encoding(flavor):
         "bgra8": np.concatenate([rgb[:, :, ::-1], alpha], 2),
     }
     for enc, arr in cases.items():
-        np.testing.assert_array_equal(C.image_to_rgb(C.array_to_image(np.ascontiguousarray(arr), enc, flavor=flavor)), rgb)
-        np.testing.assert_array_equal(C.decode_any_image(C.array_to_image(np.ascontiguousarray(arr), enc, flavor=flavor)), rgb)
+        msg = C.array_to_image(np.ascontiguousarray(arr), enc, flavor=flavor)
+        np.testing.assert_array_equal(C.image_to_rgb(msg), rgb)
+        np.testing.assert_array_equal(C.decode_any_image(msg), rgb)
     mono = rgb[:, :, 0]
     np.testing.assert_array_equal(C.image_to_rgb(C.array_to_image(mono, "mono8", flavor=flavor)), np.stack([mono] * 3, 2))
     mono16 = mono.astype(np.uint16) * 256 + 255
@@ -105,7 +106,8 @@ def test_image_to_rgb_converts_every_colour_encoding(flavor):
     for enc, arr in {"rgb16": rgb16, "bgr16": rgb16[:, :, ::-1],
                      "rgba16": np.concatenate([rgb16, np.full((4, 5, 1), 9, np.uint16)], 2),
                      "bgra16": np.concatenate([rgb16[:, :, ::-1], np.full((4, 5, 1), 9, np.uint16)], 2)}.items():
-        np.testing.assert_array_equal(C.image_to_rgb(C.array_to_image(np.ascontiguousarray(arr), enc, flavor=flavor)), rgb)
+        msg = C.array_to_image(np.ascontiguousarray(arr), enc, flavor=flavor)
+        np.testing.assert_array_equal(C.image_to_rgb(msg), rgb)
 
 
 def _gradient_rgb(h: int = 8, w: int = 12) -> np.ndarray:

@@ -1363,5 +1363,6 @@ def test_train_cli_stopped_then_resumed_writes_what_one_run_writes(fake_splits, 
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
     card = (out / "grounding_vglaw_tiny.md").read_text()
     assert "--seed 5" in card and "resumed" in card
-    assert vg_main(["train", "grounding", "--resume", str(tmp_path / "whole" / "grounding_vglaw_tiny.safetensors")]) == 2
+    weights_not_state = tmp_path / "whole" / "grounding_vglaw_tiny.safetensors"
+    assert vg_main(["train", "grounding", "--resume", str(weights_not_state)]) == 2
     assert "not a readable training state" in capsys.readouterr().err
