@@ -941,12 +941,25 @@ def test_eval_cli_against_other_weights_prints_and_writes_the_paired_difference(
     for name in ("a", "b"):
         save_weights(VGLAW(SMALL), tmp_path / f"{name}.safetensors", {"train_seeds": "0-1"})
     out = tmp_path / "eval.json"
+    gallery = tmp_path / "gallery"
     assert vg_main(["eval", "grounding", "--seeds", "7", "--no-controls", "--no-relation-negatives",
                     "--weights", str(tmp_path / "a.safetensors"), "--against", str(tmp_path / "b.safetensors"),
-                    "--json", str(out)]) == 0
+                    "--json", str(out), "--gallery", str(gallery), "--gallery-size", "2"]) == 0
     printed = capsys.readouterr().out
     assert "against" in printed and "95 % interval" in printed
     written = json.loads(out.read_text())
+    # the gallery: up to two pictures per outcome, each the camera image under a caption band, as listed
+    from collections import Counter
+    from PIL import Image
+    index = json.loads((gallery / "index.json").read_text())
+    per_outcome = Counter(written["per_expression"]["outcome"])
+    assert Counter(e["outcome"] for e in index) == {k: min(2, n) for k, n in per_outcome.items()}
+    for entry in index:
+        assert entry["outcome"] == written["per_expression"]["outcome"][entry["expression"]]
+        assert entry["mask_iou"] == pytest.approx(written["per_expression"]["miou"][entry["expression"]])
+        picture = np.asarray(Image.open(gallery / entry["file"]))
+        assert picture.shape[1:] == (480, 3) and picture.shape[0] > 270
+        assert ((picture == [40, 255, 40]).all(-1)).any()   # the truth is drawn (the prediction may be empty)
     diff = written["against"]["difference"]["prec@0.5"]
     assert diff["difference"] == pytest.approx(written["main"]["prec@0.5"]["all"]
                                                - written["against"]["main"]["prec@0.5"]["all"])

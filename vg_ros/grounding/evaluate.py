@@ -232,6 +232,49 @@ def size_report(share: np.ndarray, hits: np.ndarray, ious: np.ndarray, image_pix
     return report
 
 
+def write_gallery(model: VGLAW, split, result: dict, out_dir, *, per_outcome: int = 12, device="cpu",
+                  seed: int = 0) -> list[dict]:
+    """Pictures of the misses, so that one can see what the numbers count: for each of `OUTCOMES` (the
+    hits too, for comparison) up to `per_outcome` expressions drawn at random (`seed`) from
+    `result["per_expression"]`, re-run through `predict` and drawn as `preview.comparison_panel` (truth
+    green, published mask and box magenta, the command, outcome, IoUs and score above) into
+    `out_dir/<outcome>_<k>.png`, listed in `out_dir/index.json`. Returns that list."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    from vg_ros.sim.preview import comparison_panel
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    outcome = np.asarray(result["per_expression"]["outcome"])
+    rng = np.random.default_rng(seed)
+    chosen = [(kind, k, int(i)) for kind in OUTCOMES
+              for k, i in enumerate(np.sort(rng.permutation(np.flatnonzero(outcome == kind))[:per_outcome]))]
+    if not chosen:
+        return []
+    idx = np.array([i for _, _, i in chosen])
+    run = predict(model, split, split.text_index[idx], device=device, expr_subset=idx)
+    H, W = split.size
+    entries = []
+    for j, (kind, k, i) in enumerate(chosen):
+        truth_box = split.boxes[i].astype(np.float64) * [W, H, W, H]
+        box_iou = float(metrics.box_iou(run["boxes"][j], truth_box))
+        mask_iou = float(metrics.mask_ious([run["masks"][j]], [split.masks(i)])[0])
+        text = split.texts[split.text_index[i]]
+        caption = (f'"{text}" - {kind}, hop {int(split.hops[i])}: box IoU {box_iou:.2f}, mask IoU {mask_iou:.2f}, '
+                   f"score {run['scores'][j]:.2f}")
+        name = f"{kind}_{k:02d}.png"
+        Image.fromarray(comparison_panel(split.images[split.expr_image[i]], split.masks(i), truth_box,
+                                         run["masks"][j], run["boxes"][j], caption)).save(out_dir / name)
+        entries.append({"file": name, "expression": i, "image": int(split.expr_image[i]), "command": text,
+                        "outcome": kind, "hops": int(split.hops[i]), "box_iou": box_iou, "mask_iou": mask_iou,
+                        "score": float(run["scores"][j]), "target_area": int(split.masks(i).sum())})
+    with open(out_dir / "index.json", "w") as fh:
+        json.dump(entries, fh, indent=1)
+    return entries
+
+
 def coverage_map_ious(gt_masks: list[np.ndarray], grid_hw: tuple[int, int]) -> np.ndarray:
     """Per-expression mask IoU that a perfect map on a coarser grid would score: each ground-truth mask
     area-averaged onto `grid_hw` (the fraction of each cell it covers), bilinearly resized back
@@ -373,11 +416,16 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--against", default="",
                     help="also score these weights ('default': the shipped ones) on the same expressions and print "
                          "the difference with a 95 %% interval (images resampled, paired): is --weights better?")
+    ap.add_argument("--gallery", default="",
+                    help="also draw misses (and hits) per outcome into this folder: truth green, prediction magenta")
+    ap.add_argument("--gallery-size", type=int, default=12, help="pictures per outcome for --gallery")
     ap.add_argument("--sweep", action="store_true",
                     help="also print what each candidate score_threshold would publish (choose it on dev seeds)")
     args = ap.parse_args(argv)
     try:
         seeds = parse_seeds(args.seeds)
+        if args.gallery_size < 1:
+            raise ValueError(f"--gallery-size: at least 1, got {args.gallery_size}")
         torch.set_num_threads(max(1, args.threads))
         device = resolve_device(args.device)
         path = default_weights_path(args.config) if args.weights == "default" else args.weights
@@ -420,6 +468,12 @@ def main(argv: list[str]) -> int:
                                                        "iou>=0.5": float((ious >= 0.5).mean())}
             print(f"a perfect mask map at 1/{stride} of the input ({grid[1]}x{grid[0]}) would score mask mIoU "
                   f"{100 * ious.mean():.1f}, IoU >= 0.5 for {100 * (ious >= 0.5).mean():.1f} % of the expressions")
+    if args.gallery:
+        try:
+            entries = write_gallery(model, split, result, args.gallery, per_outcome=args.gallery_size, device=device)
+        except OSError as exc:
+            raise UserError(f"--gallery {args.gallery}: {exc}") from exc
+        print(f"gallery: {len(entries)} pictures in {args.gallery} (index.json lists them)")
     if args.json_out:
         with open(args.json_out, "w") as fh:
             json.dump(result, fh, indent=2, default=str)

@@ -101,18 +101,49 @@ def overlay_mask(rgb: np.ndarray, mask: np.ndarray, box, text: str = "", colour=
     if m.shape != img.shape[:2]:
         raise ValueError(f"mask: shape {m.shape} does not match the image {img.shape[:2]}")
     # Dim everything but the target and outline the mask, so the target keeps its own (named) colour.
-    out = img.astype(np.float32)
-    out[~m] *= 0.5
-    out = np.ascontiguousarray(out.astype(np.uint8))
-    contours, _ = cv2.findContours(m.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    out = _dimmed_outside(img, m)
+    _outline(out, m, box, colour, (40, 255, 40))
+    return with_caption(out, text)
+
+
+def comparison_panel(rgb: np.ndarray, truth_mask: np.ndarray, truth_box, mask: np.ndarray, box,
+                     text: str = "") -> np.ndarray:
+    """A prediction against the ground truth on one image: the image dimmed outside both masks, the true
+    mask outlined and its box drawn in green, the predicted mask outlined and its box drawn in magenta,
+    `text` in a band above. Returns (H + band, W, 3) uint8."""
+    img = np.asarray(rgb)
+    if img.ndim != 3 or img.shape[2] != 3:
+        raise ValueError(f"rgb: expected (H, W, 3), got {img.shape}")
+    truth, pred = np.asarray(truth_mask, dtype=bool), np.asarray(mask, dtype=bool)
+    if truth.shape != img.shape[:2] or pred.shape != img.shape[:2]:
+        raise ValueError(f"masks: shapes {truth.shape} and {pred.shape} do not match the image {img.shape[:2]}")
+    out = _dimmed_outside(img, truth | pred)
+    for m, b, colour in ((truth, truth_box, (40, 255, 40)), (pred, box, (255, 0, 255))):
+        _outline(out, m, b, colour, colour)
+    return with_caption(out, text)
+
+
+def _dimmed_outside(rgb: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    out = rgb.astype(np.float32)
+    out[~keep] *= 0.5
+    return np.ascontiguousarray(out.astype(np.uint8))
+
+
+def _outline(out: np.ndarray, mask: np.ndarray, box, colour, box_colour) -> None:
+    """Draw `mask`'s outer contour in `colour` and `box` (x0, y0, x1, y1, exclusive ends) in `box_colour`
+    onto `out`, in place; an empty or degenerate box is not drawn."""
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
     cv2.drawContours(out, contours, -1, colour, 1)
     b = np.asarray(box, dtype=np.float64).reshape(-1)
     if b.size == 4 and b[2] > b[0] and b[3] > b[1]:
-        cv2.rectangle(out, (int(b[0]), int(b[1])), (int(np.ceil(b[2])) - 1, int(np.ceil(b[3])) - 1), (40, 255, 40), 1)
+        cv2.rectangle(out, (int(b[0]), int(b[1])), (int(np.ceil(b[2])) - 1, int(np.ceil(b[3])) - 1), box_colour, 1)
+
+
+def with_caption(image: np.ndarray, text: str) -> np.ndarray:
+    """`image` (H, W, 3) uint8 with `text` word-wrapped into a dark band above it (unchanged if empty)."""
     if not text:
-        return out
-    # word-wrap the text into a band above the image
-    W = out.shape[1]
+        return image
+    W = image.shape[1]
     lines, line = [], ""
     for word in text.split():
         trial = (line + " " + word).strip()
@@ -125,4 +156,4 @@ def overlay_mask(rgb: np.ndarray, mask: np.ndarray, box, text: str = "", colour=
     band = np.full((20 * len(lines) + 8, W, 3), 20, np.uint8)
     for k, ln in enumerate(lines):
         cv2.putText(band, ln, (6, 20 * k + 19), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1, cv2.LINE_AA)
-    return np.concatenate([band, out], 0)
+    return np.concatenate([band, image], 0)
