@@ -163,6 +163,39 @@ def test_added_blocks_start_as_identity_and_learn():
         continued(plain, dataclasses.replace(SMALL, width=64))
 
 
+def test_resized_network_resamples_only_its_position_embeddings():
+    """`VGLAW.resized_to` a finer token grid: every weight as it was but the position embeddings, resampled
+    from the old grid (a constant grid stays constant, a left-right ramp stays a ramp); the same size is the
+    same network; `train.continued` resizes --init to --input-size and otherwise keeps --init's size."""
+    from vg_ros.grounding.train import continued, parse_size
+    torch.manual_seed(7)
+    plain = VGLAW(SMALL).eval()   # 32x64: a 2x4 token grid
+    with torch.no_grad():
+        plain.pos_embed.copy_(torch.arange(4.0).repeat(2)[None, :, None].expand_as(plain.pos_embed))
+    finer = VGLAW.resized_to(plain, 64, 128)   # 4x8 tokens
+    assert finer.spec.grid == (4, 8) and finer.pos_embed.shape == (1, 32, SMALL.width)
+    ramp = finer.pos_embed[0, :, 0].reshape(4, 8)
+    assert torch.allclose(ramp[0], ramp[3]) and (ramp[:, 1:] >= ramp[:, :-1]).all()   # still a left-right ramp
+    assert ramp[0, 0] < 0.5 and ramp[0, -1] > 2.5
+    for name, value in plain.state_dict().items():
+        if name != "pos_embed":
+            assert torch.equal(value, finer.state_dict()[name]), name
+    images, text = torch.rand(1, 3, 64, 128), _text(1)
+    with torch.no_grad():
+        assert finer(images, *text)["mask_logits"].shape == (1, 64, 128)
+        same = VGLAW.resized_to(plain, 32, 64)
+        small = torch.rand(1, 3, 32, 64)
+        assert torch.equal(same(small, *text)["mask_logits"], plain(small, *text)["mask_logits"])
+    with pytest.raises(ValueError, match="must divide"):
+        VGLAW.resized_to(plain, 40, 64)
+    assert continued(plain, SMALL, size=(64, 128)).spec.grid == (4, 8)
+    assert continued(finer, SMALL).spec.grid == (4, 8)   # --init's size unless --input-size says otherwise
+    assert parse_size("272x480") == (272, 480)
+    for bad in ("272", "ax480", "0x480"):
+        with pytest.raises(ValueError, match="--input-size"):
+            parse_size(bad)
+
+
 def test_mask_refiner_starts_at_zero_learns_and_matches_the_dense_computation():
     """Grown with the refiner, a network computes exactly what it did; the refiner's kernel gets gradient at
     once. The windowed computation gives the numbers of refining every 1/2 pixel with the gate applied
@@ -1127,7 +1160,8 @@ def test_train_cli_refuses_bad_numbers_and_bounds_onednn_cache(monkeypatch, caps
     monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
     for flag, value, words in (("--workers", "-1", "--workers"), ("--absent", "1.5", "--absent"),
                                ("--minutes", "0", "must be positive"), ("--depth", "-1", "--depth"),
-                               ("--ema", "1.0", "--ema")):
+                               ("--ema", "1.0", "--ema"), ("--input-size", "100x100", "must divide"),
+                               ("--input-size", "big", "expected HxW")):
         assert vg_main(["train", "grounding", flag, value]) == 2
         assert words in capsys.readouterr().err
     # set before the first convolution: per-shape primitives had grown a training process by 8 GB

@@ -603,6 +603,22 @@ class VGLAW(nn.Module):
                     layer.bias.zero_()
         return grown.to(next(model.parameters()).device)
 
+    @classmethod
+    def resized_to(cls, model: "VGLAW", img_h: int, img_w: int) -> "VGLAW":
+        """`model` for another input size (a finer or coarser token grid over the same camera image): every
+        weight as it was, the learnt position embeddings resampled bicubically from the old token grid to
+        the new one (the one part of the network tied to the grid). ValueError when the patch does not
+        divide the new size."""
+        spec = replace(model.spec, img_h=img_h, img_w=img_w)   # checks the size against the patch
+        resized = cls(spec)
+        state = dict(model.state_dict())
+        (gh, gw), (nh, nw) = model.spec.grid, spec.grid
+        grid = state["pos_embed"].reshape(1, gh, gw, -1).permute(0, 3, 1, 2)
+        state["pos_embed"] = F.interpolate(grid, size=(nh, nw), mode="bicubic", align_corners=False
+                                           ).permute(0, 2, 3, 1).reshape(1, nh * nw, -1)
+        resized.load_state_dict(state)
+        return resized.to(next(model.parameters()).device)
+
     # -- language side: once per command -------------------------------------------------------------
     def for_inference(self) -> "VGLAW":
         """Eval mode with the inference-only speed-ups (a conv stem's BatchNorms folded); returns self."""

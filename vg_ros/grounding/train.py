@@ -325,12 +325,16 @@ def _monitor(model: VGLAW, monitor, step: int, seconds: float, log) -> dict:
     return numbers
 
 
-def continued(init: VGLAW, spec, depth: int = 0) -> VGLAW:
+def continued(init: VGLAW, spec, depth: int = 0, size: tuple[int, int] | None = None) -> VGLAW:
     """The network a run continuing `init` trains: `init` itself, or `init` grown (`VGLAW.grown_from`) to
     `spec` (the named config's) where that only adds parts. A presence head `init` has is kept; `depth` 0
-    keeps `init`'s blocks, a larger one adds blocks. ValueError for any other difference."""
+    keeps `init`'s blocks, a larger one adds blocks; the input size is `init`'s, or `size` (h, w), to which
+    `init` is first resized (`VGLAW.resized_to`: its position embeddings resampled to the new token grid).
+    ValueError for any other difference."""
+    if size is not None and size != (init.spec.img_h, init.spec.img_w):
+        init = VGLAW.resized_to(init, *size)
     spec = replace(spec, presence_head=spec.presence_head or init.spec.presence_head,
-                   depth=depth or init.spec.depth)
+                   depth=depth or init.spec.depth, img_h=init.spec.img_h, img_w=init.spec.img_w)
     if init.spec == spec:
         return init
     try:
@@ -339,6 +343,17 @@ def continued(init: VGLAW, spec, depth: int = 0) -> VGLAW:
         raise ValueError(f"its architecture ({init.spec.depth} blocks) is not the config's"
                          + (f" with --depth {depth}" if depth else "")
                          + f", nor grows into it: {json.dumps(init.spec.to_dict())}") from None
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """"272x480" -> (272, 480) (height x width, as the network's input); ValueError otherwise."""
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--input-size {text!r}: expected HxW, e.g. 272x480") from None
+    if h < 1 or w < 1:
+        raise ValueError(f"--input-size {text!r}: both sides must be positive")
+    return h, w
 
 
 class StopRequest:
@@ -459,6 +474,10 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--depth", type=int, default=0,
                     help="ViT blocks (0 = --init's, else the config's: tiny 4, base 12); more than --init has grows "
                          "its network: the new blocks go after its own and start as blocks that add nothing")
+    ap.add_argument("--input-size", default="",
+                    help="HxW network input (e.g. 272x480: a finer token grid over the same camera image; the patch "
+                         "must divide both); with --init its position embeddings are resampled to it (default: "
+                         "--init's size, else the config's)")
     ap.add_argument("--seeds", default=DEFAULT_TRAIN_SEEDS, help=f"simulator seeds to train on (default {DEFAULT_TRAIN_SEEDS})")
     ap.add_argument("--seconds", type=float, default=2.5, help="simulated seconds per training seed")
     ap.add_argument("--expressions", type=int, default=12, help="expressions per simulated frame")
@@ -520,6 +539,7 @@ def main(argv: list[str]) -> int:
             command = caller["command"]
         if args.save_every < 0:
             raise ValueError(f"--save-every: at least 0, got {args.save_every}")
+        input_size = parse_size(args.input_size) if args.input_size else None
         train_seeds = parse_seeds(args.seeds)
         val_seeds = parse_seeds(args.val_seeds)
         dev_seeds = parse_seeds(args.dev_seeds) if args.monitor_every else []
@@ -548,8 +568,12 @@ def main(argv: list[str]) -> int:
         raise UserError(str(exc)) from exc
     torch.set_num_threads(max(1, args.threads))
     device = resolve_device(args.device)
-    spec = spec_by_name(args.config, presence_head=args.presence_head or args.presence_only,
-                        **({"depth": args.depth} if args.depth else {}))
+    try:
+        spec = spec_by_name(args.config, presence_head=args.presence_head or args.presence_only,
+                            **({"depth": args.depth} if args.depth else {}),
+                            **({"img_h": input_size[0], "img_w": input_size[1]} if input_size else {}))
+    except ValueError as exc:
+        raise UserError(f"--input-size {args.input_size}: {exc}") from exc
     init, init_steps, init_meta = None, 0, {}
     if resume is not None:   # the network as the state has it (--init was read when the run started)
         from vg_ros.grounding.model import VGLAWSpec
@@ -564,7 +588,7 @@ def main(argv: list[str]) -> int:
             raise UserError(str(exc)) from exc
         torch.manual_seed(args.seed)   # blocks added by --depth are drawn from --seed: the start is reproducible
         try:
-            init = continued(init, spec, args.depth)
+            init = continued(init, spec, args.depth, input_size)
         except ValueError as exc:
             raise UserError(f"--init {args.init}: {exc}") from exc
         spec = init.spec
