@@ -543,7 +543,7 @@ def test_misses_are_sorted_by_where_the_mask_went_and_targets_by_size():
     report = size_report(share, np.array([True, False, True, True]), np.array([0.8, 0.2, 0.6, 1.0]), 129600)
     assert [report[k]["count"] for k in ("small", "medium", "large")] == [1, 2, 1]
     assert report["medium"]["prec@0.5"] == 0.5 and report["medium"]["miou"] == pytest.approx(0.4)
-    assert report["small"]["max_pixels"] == pytest.approx(453.6)
+    assert report["small"]["max_pixels"] == pytest.approx(453.6) and report["large"]["max_pixels"] is None
     assert np.isnan(size_report(share[:1], np.array([True]), np.array([1.0]), 100)["large"]["miou"])
 
 

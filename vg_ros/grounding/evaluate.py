@@ -220,14 +220,16 @@ def miss_outcomes(split, masks: list[np.ndarray], gt_masks: list[np.ndarray], hi
 
 def size_report(share: np.ndarray, hits: np.ndarray, ious: np.ndarray, image_pixels: int) -> dict:
     """{bucket: {"count", "prec@0.5", "miou", "max_share", "max_pixels"}} over `SIZE_BUCKETS` by the
-    targets' area `share` of the image; a bucket without targets reports count 0 and NaN values."""
+    targets' area `share` of the image (the last bucket's bounds None); a bucket without targets reports
+    count 0 and NaN values."""
     report, low = {}, 0.0
     for name, high in SIZE_BUCKETS:
         sel = (share >= low) & (share < high)
         report[name] = {"count": int(sel.sum()),
                         "prec@0.5": float(hits[sel].mean()) if sel.any() else float("nan"),
                         "miou": float(ious[sel].mean()) if sel.any() else float("nan"),
-                        "max_share": high, "max_pixels": high * image_pixels}
+                        "max_share": high if np.isfinite(high) else None,   # None: the last, open bucket
+                        "max_pixels": high * image_pixels if np.isfinite(high) else None}
         low = high
     return report
 
@@ -355,7 +357,7 @@ def format_report(result: dict) -> str:
         cells = []
         for name, rep in result["by_size"].items():
             bound = (f"< {100 * rep['max_share']:.2f} % of the image, < {rep['max_pixels']:,.0f} px"
-                     if np.isfinite(rep["max_share"]) else "the rest")
+                     if rep["max_share"] is not None else "the rest")
             cells.append(f"{name} ({bound}): P@0.5 {100 * rep['prec@0.5']:5.1f}  mIoU {100 * rep['miou']:5.1f} "
                          f"(n={rep['count']})")
         lines.append(f"{'main, by target size':>24}: " + "  ".join(cells))
