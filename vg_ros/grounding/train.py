@@ -346,7 +346,8 @@ def continued(init: VGLAW, spec, depth: int = 0, size: tuple[int, int] | None = 
 
 
 def parse_size(text: str) -> tuple[int, int]:
-    """"272x480" -> (272, 480) (height x width, as the network's input); ValueError otherwise."""
+    """Parse an --input-size, "272x480" -> (272, 480) (height x width, as the network's input); ValueError
+    otherwise."""
     try:
         h, w = (int(v) for v in text.lower().split("x"))
     except ValueError:
