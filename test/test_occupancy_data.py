@@ -117,3 +117,26 @@ def test_evaluation_scores_voxels_and_lidar_hits(tmp_path):
     total = [s["miou"] + s["iou"] + s["obstacle_iou"] for s in sweep]
     assert [s["shift"] for s in sweep] == [-2.0, 0.0, 2.0] and shift == sweep[int(np.argmax(total))]["shift"]
     assert model.decoder.classifier.bias[FREE_CLASS].item() == pytest.approx(bias + shift)
+
+
+def test_train_init_reads_weights_through_the_checkpoint_reader(tmp_path, monkeypatch):
+    """`vg-ros train occupancy --init`: shipped weights continue (their baked free-logit shift undone); a
+    corrupt file is one clear error naming it, not a traceback from inside safetensors."""
+    from vg_ros.occupancy import data, train
+    from vg_ros.occupancy.pipeline import default_weights_path
+    real_cache = data.build_cache
+    monkeypatch.setattr(train, "build_cache", lambda *a, **k: real_cache(*a, **{**k, "root": tmp_path}))
+
+    def args(init):
+        argv = ["--seeds", "4242", "--eval-seeds", "4243", "--seconds", "0.1", "--every", "1", "--steps", "1",
+                "--calibrate-frames", "0", "--no-eval", "--init", str(init), "--out", str(tmp_path / "out")]
+        parsed = train.build_parser().parse_args(argv)
+        parsed.argv = argv   # as `main` records it
+        return parsed
+    logged = []
+    train.train(args(default_weights_path("tiny")), log=logged.append)
+    assert any("initialised from" in line and "undone" in line for line in logged)
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(default_weights_path("tiny").read_bytes()[:1000])
+    with pytest.raises(ValueError, match="corrupt.safetensors: not a readable safetensors file"):
+        train.train(args(corrupt), log=lambda *_: None)

@@ -30,21 +30,25 @@ def save_state(model: nn.Module, path: str | Path, metadata: dict | None = None)
 def read_state(path: str | Path, required: str, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(state dict, metadata) of a checkpoint whose metadata has the key `required`; `kind` names the
     model in errors ("occupancy", "grounding", "registration")."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{kind} weights: {path} does not exist (train them: vg-ros train {kind})")
     try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = dict(fh.metadata() or {})
-        state = load_file(str(path))
+        state, meta = _read_safetensors(path)
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for corrupt files
         raise ValueError(f"{kind} weights {path}: not a readable safetensors file ({exc})") from exc
     if required not in meta:
         raise ValueError(f"{kind} weights {path}: no `{required}` metadata; not written by our train.py")
     return state, meta
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file, read through one open handle. Raises safetensors' own
+    errors for a corrupt file; the callers name the file and what it should have been."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        return {key: fh.get_tensor(key) for key in fh.keys()}, dict(fh.metadata() or {})
 
 
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path, kind: str) -> None:
@@ -101,16 +105,11 @@ def read_training_state(path: str | Path) -> dict:
     not a training state."""
     import json
 
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"training state {path} does not exist")
     try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = dict(fh.metadata() or {})
-        flat = load_file(str(path))
+        flat, meta = _read_safetensors(path)
         if meta.get("format") != TRAINING_STATE_FORMAT:
             raise ValueError(f"format {meta.get('format')!r}, expected {TRAINING_STATE_FORMAT!r}")
         names = json.loads(meta["modules"])

@@ -260,18 +260,18 @@ def write_gallery(model: VGLAW, split, result: dict, out_dir, *, per_outcome: in
     H, W = split.size
     entries = []
     for j, (kind, k, i) in enumerate(chosen):
-        truth_box = split.boxes[i].astype(np.float64) * [W, H, W, H]
+        truth, truth_box = split.masks(i), split.boxes[i].astype(np.float64) * [W, H, W, H]   # unpacked once
         box_iou = float(metrics.box_iou(run["boxes"][j], truth_box))
-        mask_iou = float(metrics.mask_ious([run["masks"][j]], [split.masks(i)])[0])
+        mask_iou = float(metrics.mask_ious([run["masks"][j]], [truth])[0])
         text = split.texts[split.text_index[i]]
         caption = (f'"{text}" - {kind}, hop {int(split.hops[i])}: box IoU {box_iou:.2f}, mask IoU {mask_iou:.2f}, '
                    f"score {run['scores'][j]:.2f}")
         name = f"{kind}_{k:02d}.png"
-        Image.fromarray(comparison_panel(split.images[split.expr_image[i]], split.masks(i), truth_box,
+        Image.fromarray(comparison_panel(split.images[split.expr_image[i]], truth, truth_box,
                                          run["masks"][j], run["boxes"][j], caption)).save(out_dir / name)
         entries.append({"file": name, "expression": i, "image": int(split.expr_image[i]), "command": text,
                         "outcome": kind, "hops": int(split.hops[i]), "box_iou": box_iou, "mask_iou": mask_iou,
-                        "score": float(run["scores"][j]), "target_area": int(split.masks(i).sum())})
+                        "score": float(run["scores"][j]), "target_area": int(truth.sum())})
     with open(out_dir / "index.json", "w") as fh:
         json.dump(entries, fh, indent=1)
     return entries

@@ -70,11 +70,9 @@ def train(args: argparse.Namespace, log=print) -> dict:
     model = TPVFormer(cfg).to(device).train()
     init_steps = 0
     if args.init:
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-        model.load_state_dict(load_file(args.init), strict=True)
-        with safe_open(args.init, framework="pt") as fh:
-            init_meta = dict(fh.metadata() or {})
+        from vg_ros.checkpoint import load_into, read_state
+        state, init_meta = read_state(args.init, "tpv_config", "occupancy")   # a corrupt file: one clear error
+        load_into(model, state, args.init, "occupancy")
         # Undo the inference-time free-logit shifts baked into the bias: training resumes on raw logits.
         baked = float(init_meta.get("free_logit_shift", 0.0)) + float(init_meta.get("free_calibration_shift", 0.0))
         with torch.no_grad():
