@@ -121,7 +121,8 @@ def test_evaluation_scores_voxels_and_lidar_hits(tmp_path):
 
 def test_train_init_reads_weights_through_the_checkpoint_reader(tmp_path, monkeypatch):
     """`vg-ros train occupancy --init`: shipped weights continue (their baked free-logit shift undone); a
-    corrupt file is one clear error naming it, not a traceback from inside safetensors."""
+    corrupt file is one clear error naming it, not a traceback from inside safetensors,
+    and it comes before the rendering."""
     from vg_ros.occupancy import data, train
     from vg_ros.occupancy.pipeline import default_weights_path
     real_cache = data.build_cache
@@ -138,5 +139,8 @@ def test_train_init_reads_weights_through_the_checkpoint_reader(tmp_path, monkey
     assert any("initialised from" in line and "undone" in line for line in logged)
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(default_weights_path("tiny").read_bytes()[:1000])
+    rendered = []   # the bad file is reported before any rendering
+    monkeypatch.setattr(train, "build_cache", lambda *a, **k: rendered.append(a) or real_cache(*a, **k))
     with pytest.raises(ValueError, match="corrupt.safetensors: not a readable safetensors file"):
         train.train(args(corrupt), log=lambda *_: None)
+    assert rendered == []

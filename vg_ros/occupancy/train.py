@@ -64,9 +64,6 @@ def train(args: argparse.Namespace, log=print) -> dict:
     eval_seeds = parse_seeds(args.eval_seeds)
     if set(seeds) & set(eval_seeds):
         raise ValueError(f"training seeds and held-out seeds overlap: {sorted(set(seeds) & set(eval_seeds))}")
-    paths = build_cache(seeds, cfg.image_size, seconds=args.seconds, every=args.every, log=log)
-    if not paths:
-        raise ValueError("no training samples")
     model = TPVFormer(cfg).to(device).train()
     init_steps = 0
     if args.init:
@@ -79,6 +76,10 @@ def train(args: argparse.Namespace, log=print) -> dict:
             model.decoder.classifier.bias[FREE_CLASS] -= baked
         init_steps = int(init_meta.get("steps", 0))
         log(f"initialised from {args.init} ({init_steps} steps; free bias shift {baked:+.3f} undone)")
+    # After --init: a bad file is reported before minutes of rendering, not after.
+    paths = build_cache(seeds, cfg.image_size, seconds=args.seconds, every=args.every, log=log)
+    if not paths:
+        raise ValueError("no training samples")
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     warmup = min(50, max(1, args.steps // 10))
     start = time.time()
