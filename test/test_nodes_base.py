@@ -82,6 +82,39 @@ def test_stamp_guard_age_check_off_without_clock_or_max_age():
         StampGuard(DropCounter(), max_age_s=-1.0)
 
 
+def test_stamp_guard_resets_when_a_source_starts_again_but_not_for_a_straggler():
+    jumps = []
+    drops = DropCounter(ListLogger())
+    guard = StampGuard(drops, jump_back_s=1.0, on_jump=lambda topic, back: jumps.append((topic, back)))
+    for t in (10_000, 10_100, 10_200):
+        assert guard.accept("/a", t * MS)
+    assert guard.accept("/b", 10_150 * MS)
+    assert not guard.accept("/a", 10_150 * MS)     # 0.05 s behind: an ordinary out-of-order stamp
+    assert not guard.accept("/a", 5_000 * MS)      # 5.2 s behind: dropped and remembered
+    assert guard.accept("/a", 10_300 * MS)         # the source goes on: it was a straggler, nothing reset
+    assert not guard.accept("/a", 4_000 * MS)      # another straggler ...
+    assert not guard.accept("/a", 3_000 * MS)      # ... and one before it: not a time base going on in order
+    assert jumps == [] and guard.last_ns == {"/a": 10_300 * MS, "/b": 10_150 * MS}
+    assert not guard.accept("/a", 1_000 * MS)      # the bag starts again: its first stamp is dropped ...
+    assert guard.accept("/a", 1_100 * MS)          # ... the second, in order after it, resets and is accepted
+    assert jumps == [("/a", pytest.approx(9.2))] and guard.jumps == 1
+    assert guard.accept("/b", 1_120 * MS)          # every topic was forgotten
+    assert not guard.accept("/a", 1_100 * MS)      # and the checks go on in the new time base
+    assert dict(drops.drops) == {"out_of_order": 1, "time_jump_back": 4, "duplicate_stamp": 1}
+    # off (the default of the class, as replay uses it): a source starting again is only ever out of order
+    off = StampGuard(DropCounter(ListLogger()))
+    assert off.accept("/a", 10_000 * MS) and not off.accept("/a", 1_000 * MS) and not off.accept("/a", 1_100 * MS)
+    assert dict(off.drops.drops) == {"out_of_order": 2}
+    # a stale stamp (by the node clock) never resets
+    stale = StampGuard(DropCounter(ListLogger()), max_age_s=0.5, jump_back_s=1.0, on_jump=lambda *a: jumps.append(a))
+    assert stale.accept("/a", 10_000 * MS, now_ns=10_100 * MS)
+    assert not stale.accept("/a", 1_000 * MS, now_ns=10_200 * MS)
+    assert not stale.accept("/a", 1_100 * MS, now_ns=10_200 * MS)
+    assert dict(stale.drops.drops) == {"out_of_order": 2} and len(jumps) == 1   # out of order first, as ever
+    with pytest.raises(ValueError, match="jump_back_s"):
+        StampGuard(DropCounter(), jump_back_s=-1.0)
+
+
 # ----------------------------------------------------------------------------------- ApproxTimeSync
 
 
@@ -163,6 +196,18 @@ def test_sync_partial_below_min_topics_is_dropped():
     time.sleep(0.15)
     sync.flush(300 * MS)
     assert out == [] and drops.drops["sync_timeout"] == 1 and sync.pending() == 0
+
+
+def test_sync_reset_forgets_queued_and_emitted_stamps():
+    sync, out, drops = make_sync(2)
+    sync.add(0, "a0", 100 * MS)
+    sync.add(1, "b0", 100 * MS)
+    sync.add(0, "a1", 200 * MS)                   # queued, waiting for its partner
+    assert out == [("a0", "b0")] and sync.pending() == 1
+    assert sync.reset() == 1 and drops.drops["sync_reset"] == 1 and sync.pending() == 0
+    sync.add(0, "a2", 50 * MS)                    # before the emitted set: `sync_late` without the reset
+    sync.add(1, "b2", 50 * MS)
+    assert out[-1] == ("a2", "b2") and drops.drops["sync_late"] == 0
 
 
 def test_sync_rejects_bad_arguments():

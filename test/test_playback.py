@@ -146,3 +146,48 @@ def test_cli_bad_arguments_are_one_line_errors(bag, tmp_path):
         play_main([str(bag), "--topics", "/nope", "--delay", "0"])
     with pytest.raises(UserError, match="exists already"):
         record_main(["/x", "--out", str(bag), "--duration", "0.1"])
+
+
+def test_a_looped_play_resets_a_sim_time_node_instead_of_starving_it(bag):
+    """`vg-ros play --loop` with a node on sim time: each new pass drops one cloud (`time_jump_back`),
+    resets the node on the next and goes on; without the reset every later pass would be `out_of_order`."""
+    from rclpy.parameter import Parameter
+    from sensor_msgs.msg import PointCloud2
+    from vg_ros.nodes.base import PerceptionNode
+
+    class Counting(PerceptionNode):
+        default_node_name = "counting_node"
+
+        def on_activate(self):
+            self.stamps_seen: list[int] = []
+            self.resets = 0
+            self.subscribe(PointCloud2, "/lidar/points", lambda m: self.stamps_seen.append(stamp_of(m)),
+                           self.sensor_qos())
+
+        def on_time_jump(self):
+            self.resets += 1
+
+    with ros_session(DOMAIN + 2) as ros:
+        node = Counting(context=ros.context, parameter_overrides=[
+            Parameter("use_sim_time", value=True), Parameter("time_jump_reset", value=0.5),
+            Parameter("diagnostics_period", value=0.0), Parameter("max_stamp_age", value=0.5)])
+        node.configure()
+        node.activate()
+        ros.add(node)
+        player = Player(ros.node("player"), bag, rate=4.0, loop=True, topics=["/lidar/points"])
+        assert player.wait_for_subscribers(["/lidar/points"], timeout_s=10.0) == []
+        ros.spin_for(0.3)
+        stop = threading.Event()
+        thread = threading.Thread(target=lambda: player.run(stop))
+        thread.start()
+        try:
+            assert ros.spin_until(lambda: node.resets >= 2 and len(node.stamps_seen) >= 3 * FRAMES - 2, timeout=20.0), \
+                node.drops.summary()
+        finally:
+            stop.set()
+            thread.join(timeout=10.0)
+    first_passes = node.stamps_seen[:3 * FRAMES - 2]
+    stamps = [T0 + k * 100_000_000 for k in range(FRAMES)]
+    assert first_passes == stamps + stamps[1:] + stamps[1:]
+    assert node.stamps.jumps == node.resets >= 2
+    assert set(node.drops.drops) == {"time_jump_back"}   # never out of order, never stale under sim time

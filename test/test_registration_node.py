@@ -93,3 +93,34 @@ def test_failed_registration_is_counted_not_published(frames):
         assert ros.spin_until(lambda: node.drops.drops["registration_failed"] == 1, timeout=10.0)
         ros.spin_for(0.3)
         assert len(odoms) == 1  # nothing published for the failed scan
+
+
+def test_a_looped_bag_restarts_the_odometry_instead_of_dropping_it_for_ever(frames):
+    """The clouds start again (`vg-ros play --loop`, a restarted bag): the first stamp far behind is
+    dropped, the second resets the node and odometry starts again at identity from it."""
+    from nav_msgs.msg import Odometry
+    from sensor_msgs.msg import PointCloud2
+    from vg_ros import convert
+
+    with ros_session(DOMAIN) as ros:
+        node = make_node(ros, time_jump_reset=0.2)
+        client = ros.node("client")
+        odoms = []
+        client.create_subscription(Odometry, "/registration/odometry", odoms.append, 20)
+        pub = client.create_publisher(PointCloud2, "/lidar/points", 20)
+        assert ros.wait_for_match(pub, timeout=5.0)
+        for k, frame in enumerate(frames + frames):
+            scan = frame.lidar
+            scan.frame_id = frame.rig.lidar.frame_id
+            pub.publish(convert.scan_to_pointcloud2(scan))
+            expected = k + 1 if k < len(frames) else k
+            assert ros.spin_until(lambda: len(odoms) >= expected and node.drops.drops["time_jump_back"] == (
+                k >= len(frames)), timeout=10.0), f"scan {k}: {node.drops.summary()}"
+        stamps = [f.stamp_ns for f in frames]
+        assert [convert.stamp_of(m) for m in odoms] == stamps + stamps[1:]
+        assert node.stamps.jumps == 1 and node.diagnostics()["time_jump_resets"] == 1
+        assert dict(node.drops.drops) == {"time_jump_back": 1}
+        second = [convert.odometry_to_matrix(m)[0] for m in odoms[len(frames):]]
+        assert np.allclose(second[0], np.eye(4))          # odom = base_link at the first scan after the reset
+        gt = invert_T(frames[1].T_odom_base) @ frames[-1].T_odom_base
+        assert np.linalg.norm(second[-1][:3, 3] - gt[:3, 3]) < 0.1

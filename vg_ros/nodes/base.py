@@ -123,17 +123,32 @@ class StampGuard:
     than `max_age_s` relative to `now_ns` (`stale_stamp`). `now_ns` comes from the node's clock, which
     follows /clock under `use_sim_time`; a zero `now_ns` (sim time not received yet) or `max_age_s`
     of 0 disables the age check.
+
+    A source that starts again (a looped or restarted bag) sends stamps far behind the last accepted
+    ones, and would otherwise be dropped as out of order for ever. With `jump_back_s` > 0, a stamp more
+    than that far behind is dropped as `time_jump_back` and remembered; when the next stamp on that topic
+    is also that far behind and after the remembered one (the new time base goes on in order), every
+    topic is forgotten, that stamp is accepted and `on_jump(topic, seconds_back)` is called (outside the
+    lock) so the owner can reset its state. A single straggler never resets: the next ordinary stamp
+    clears what was remembered.
     """
 
     # An age this large is a clock mismatch (bag stamps against wall time), not a slow pipeline.
     CLOCK_MISMATCH_S = 1e5
 
-    def __init__(self, drops: DropCounter, max_age_s: float = 0.0) -> None:
+    def __init__(self, drops: DropCounter, max_age_s: float = 0.0, *, jump_back_s: float = 0.0,
+                 on_jump: Callable[[str, float], None] | None = None) -> None:
         if not max_age_s >= 0:
             raise ValueError(f"StampGuard.max_age_s = {max_age_s}: must be >= 0 (0 disables the age check)")
+        if not jump_back_s >= 0:
+            raise ValueError(f"StampGuard.jump_back_s = {jump_back_s}: must be >= 0 (0: never reset)")
         self.drops = drops
         self.max_age_ns = int(max_age_s * 1e9)
+        self.jump_back_ns = int(jump_back_s * 1e9)
+        self.on_jump = on_jump
         self.last_ns: dict[str, int] = {}
+        self.jumps = 0
+        self._jump_seen: dict[str, int] = {}   # topic -> the first stamp of a possible new time base
         self._lock = threading.Lock()
         self._mismatch_logged = False
 
@@ -142,12 +157,27 @@ class StampGuard:
         if stamp_ns <= 0:
             self.drops.drop("zero_stamp", f"on {topic}: header.stamp is zero or negative")
             return False
+        jumped_s = None
         with self._lock:
             last = self.last_ns.get(topic)
-            if last is not None and stamp_ns <= last:
+            back_ns = 0 if last is None else last - stamp_ns
+            stale = bool(self.max_age_ns and now_ns and now_ns - stamp_ns > self.max_age_ns)
+            if self.jump_back_ns and back_ns > self.jump_back_ns and not stale:
+                seen = self._jump_seen.get(topic)
+                if seen is not None and seen < stamp_ns:
+                    jumped_s = back_ns / 1e9
+                    self.last_ns.clear()
+                    self._jump_seen.clear()
+                    self.last_ns[topic] = stamp_ns
+                    self.jumps += 1
+                else:
+                    self._jump_seen[topic] = stamp_ns
+                    verdict = ("time_jump_back", f"on {topic}: stamp {back_ns / 1e9:.3f} s before the last accepted "
+                                                 f"one; the next such stamp resets (a looped or restarted source)")
+            elif last is not None and stamp_ns <= last:
                 reason = "duplicate_stamp" if stamp_ns == last else "out_of_order"
                 verdict = (reason, f"on {topic}: stamp {stamp_ns} <= last accepted {last}")
-            elif self.max_age_ns and now_ns and now_ns - stamp_ns > self.max_age_ns:
+            elif stale:
                 age_s = (now_ns - stamp_ns) / 1e9
                 hint = ""
                 if age_s > self.CLOCK_MISMATCH_S and not self._mismatch_logged:
@@ -156,7 +186,12 @@ class StampGuard:
                 verdict = ("stale_stamp", f"on {topic}: {age_s:.3f} s old > max_stamp_age{hint}")
             else:
                 self.last_ns[topic] = stamp_ns
+                self._jump_seen.pop(topic, None)
                 return True
+        if jumped_s is not None:
+            if self.on_jump is not None:
+                self.on_jump(topic, jumped_s)
+            return True
         self.drops.drop(*verdict)
         return False
 
@@ -274,6 +309,19 @@ class ApproxTimeSync:
     def pending(self) -> int:
         with self._lock:
             return sum(len(q) for q in self.queues)
+
+    def reset(self) -> int:
+        """Forget every queued message and every emitted stamp (the sources started again, e.g. a looped
+        bag): the queued ones are dropped as `sync_reset`. Returns how many were queued."""
+        with self._lock:
+            queued = sum(len(q) for q in self.queues)
+            for queue in self.queues:
+                queue.clear()
+            self.last_emitted_ns = [None] * self.n_topics
+            self.newest_ns = None
+        if queued:
+            self.drops.drop("sync_reset", f"{queued} queued message(s) of the time base before the jump")
+        return queued
 
     # -- policy
 
@@ -511,6 +559,8 @@ COMMON_PARAMS: dict[str, tuple[Any, str]] = {
     "qos_depth": (5, "queue depth of sensor subscriptions"),
     "sensor_reliability": ("best_effort", "sensor subscriptions: best_effort (accepts any publisher) | reliable"),
     "max_stamp_age": (0.0, "drop inputs older than this many seconds by the node clock (sim time aware); 0 = off"),
+    "time_jump_reset": (1.0, "stamps jumping back more than this many seconds, twice in order on a topic (a looped "
+                             "or restarted bag), reset the node's state instead of being dropped for ever; 0 = off"),
     "diagnostics_period": (5.0, "seconds between drop/throughput reports on ~/diagnostics; 0 = off"),
 }
 
@@ -568,7 +618,9 @@ class PerceptionNode(_RosNode):  # type: ignore[misc,valid-type]
                 value = float(value)
             self.params[key] = self.declare_parameter(key, value, ParameterDescriptor(description=description)).value
         self._validate_common()
-        self.stamps = StampGuard(self.drops, float(self.params["max_stamp_age"]))
+        self.stamps = StampGuard(self.drops, float(self.params["max_stamp_age"]),
+                                 jump_back_s=float(self.params["time_jump_reset"]), on_jump=self._on_time_jump)
+        self._syncs: list[ApproxTimeSync] = []
         self.device = "cpu"
         self._extrinsics: TfOrRig | None = None
         self._diag_pub = None
@@ -588,7 +640,7 @@ class PerceptionNode(_RosNode):  # type: ignore[misc,valid-type]
                              f"must be one of {list(RELIABILITIES)}")
         if not isinstance(p["qos_depth"], int) or not 1 <= p["qos_depth"] <= 1000:
             raise ValueError(f"{self.get_name()}.qos_depth = {p['qos_depth']!r}: must be an int in [1, 1000]")
-        for key in ("max_stamp_age", "diagnostics_period"):
+        for key in ("max_stamp_age", "time_jump_reset", "diagnostics_period"):
             if not isinstance(p[key], (int, float)) or not p[key] >= 0:
                 raise ValueError(f"{self.get_name()}.{key} = {p[key]!r}: must be a number >= 0")
 
@@ -618,6 +670,17 @@ class PerceptionNode(_RosNode):  # type: ignore[misc,valid-type]
 
     def on_deactivate(self) -> None:
         """Free the model."""
+
+    def on_time_jump(self) -> None:
+        """The inputs' time went back (a looped or restarted bag): forget state built on the old time
+        (the stamp checks and the synchronisers are already reset)."""
+
+    def _on_time_jump(self, topic: str, seconds_back: float) -> None:
+        for sync in self._syncs:
+            sync.reset()
+        self.on_time_jump()
+        self.get_logger().warning(f"{topic}: stamps went back {seconds_back:.3f} s (a looped or restarted source): "
+                                  f"state reset ({self.stamps.jumps} reset(s) so far)")
 
     # -- QoS and subscriptions
 
@@ -677,6 +740,7 @@ class PerceptionNode(_RosNode):  # type: ignore[misc,valid-type]
         sync = ApproxTimeSync(len(specs), lambda *msgs: self.call_safely(callback, *msgs, where="synchronised set"),
                               slop_s=slop_s, queue_size=queue_size, partial_timeout_s=partial_timeout_s,
                               min_topics=min_topics or len(specs), drops=self.drops, names=topics)
+        self._syncs.append(sync)
         for index, (msg_type, topic) in enumerate(specs):
             self.subscribe(msg_type, topic, lambda msg, i=index: sync.add(i, msg), qos)
         if partial_timeout_s is not None:
@@ -710,7 +774,8 @@ class PerceptionNode(_RosNode):  # type: ignore[misc,valid-type]
         return self._extrinsics
 
     def diagnostics(self) -> dict:
-        return {"node": self.get_name(), "stamp_ns": self.now_ns(), **self.drops.snapshot()}
+        return {"node": self.get_name(), "stamp_ns": self.now_ns(), "time_jump_resets": self.stamps.jumps,
+                **self.drops.snapshot()}
 
     def publish_diagnostics(self) -> None:
         if self._diag_pub is None:

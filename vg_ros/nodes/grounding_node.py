@@ -84,6 +84,9 @@ class GroundingNode(PerceptionNode):
     def on_deactivate(self) -> None:
         self.pipeline = None
 
+    def on_time_jump(self) -> None:
+        self.cloud = None   # a cloud of the old time base (the command stays)
+
     # -- inputs -------------------------------------------------------------------------------------------
     def on_command(self, msg) -> None:
         text = msg.data

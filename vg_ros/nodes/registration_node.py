@@ -74,6 +74,11 @@ class RegistrationNode(PerceptionNode):
         self.odometry = None
         self._global = None
 
+    def on_time_jump(self) -> None:
+        with self._lock:   # odometry starts again at identity with the next scan
+            if self.odometry is not None:
+                self.odometry.reset()
+
     def _odometry_for(self, frame_id: str) -> LidarOdometry:
         """The odometry, built on the first scan once the LiDAR frame (hence T_base_lidar) is known."""
         if self.odometry is None:
