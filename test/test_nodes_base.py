@@ -20,7 +20,8 @@ from vg_ros import ros_compat
 from vg_ros.config import PipelineConfig, param
 from vg_ros.geometry import make_T, rpy_to_R
 from vg_ros.nodes.base import (
-    ApproxTimeSync, DropCounter, StampGuard, TfOrRig, command_qos, latched_qos, resolve_device, sensor_qos,
+    DIAG_ERROR, DIAG_OK, DIAG_WARN, ApproxTimeSync, DropCounter, StampGuard, TfOrRig, command_qos,
+    diagnostic_status, latched_qos, resolve_device, sensor_qos,
 )
 from vg_ros.types import Rig
 
@@ -55,6 +56,24 @@ def test_drop_counter_counts_every_drop_and_rate_limits_logs():
     drops.ok()
     assert drops.snapshot() == {"drops": {"stale_stamp": 11, "out_of_order": 1}, "processed": {"processed": 1}}
     assert "stale_stamp=11" in drops.summary()
+
+
+def test_diagnostic_status_levels_follow_the_period_not_the_totals():
+    start = {"drops": {"stale_stamp": 4}, "processed": {"registered": 10}}
+    level, message, values = diagnostic_status(start, None, 5.0)
+    assert level == DIAG_WARN and message == "10 processed, 4 dropped in 5.0 s: stale_stamp 4"
+    assert dict(values) == {"rate_hz": "2.00", "period_s": "5.00", "processed/registered": "10",
+                            "dropped/stale_stamp": "4"}
+    clean = {"drops": {"stale_stamp": 4}, "processed": {"registered": 60}}
+    assert diagnostic_status(clean, start, 5.0)[:2] == (DIAG_OK, "50 processed in 5.0 s (10.0 Hz)")
+    assert diagnostic_status(clean, clean, 5.0)[:2] == (DIAG_WARN, "no input in 5.0 s")
+    all_dropped = {"drops": {"stale_stamp": 9, "bad_cloud": 2}, "processed": {"registered": 60}}
+    assert diagnostic_status(all_dropped, clean, 5.0)[:2] == (DIAG_ERROR, "0 processed, 7 dropped in 5.0 s: "
+                                                                          "stale_stamp 5, bad_cloud 2")
+    raised = {"drops": {"stale_stamp": 4, "callback_error:RuntimeError": 1}, "processed": {"registered": 70}}
+    assert diagnostic_status(raised, clean, 5.0)[0] == DIAG_ERROR
+    waiting = {"drops": {"no_command": 50}, "processed": {}}
+    assert diagnostic_status(waiting, None, 5.0)[0] == DIAG_WARN   # waiting for a command is not a failure
 
 
 # ------------------------------------------------------------------------------------- StampGuard
@@ -390,6 +409,9 @@ def test_subscription_guards_stamps_and_survives_callback_errors(tmp_path, ros_c
     node.subscribe(PointStamped, "/toy/in", on_msg, node.sensor_qos())
     diag: list[str] = []
     node.create_subscription(String, "/toy_node/diagnostics", lambda m: diag.append(m.data), 10)
+    from diagnostic_msgs.msg import DiagnosticArray
+    statuses: list = []
+    node.create_subscription(DiagnosticArray, "/diagnostics", lambda m: statuses.extend(m.status), 10)
     pub = node.create_publisher(PointStamped, "/toy/in", 10)
     ex = SingleThreadedExecutor(context=ros_context)
     ex.add_node(node)
@@ -403,6 +425,13 @@ def test_subscription_guards_stamps_and_survives_callback_errors(tmp_path, ros_c
         assert node.drops.drops["duplicate_stamp"] == 1 and node.drops.drops["out_of_order"] == 1
         assert node.drops.drops["callback_error:RuntimeError"] == 1
         assert '"duplicate_stamp": 1' in diag[-1]
+        # the standard /diagnostics: the period with the raising callback is an ERROR, then no input: WARN
+        assert spin_until(ex, lambda: len(statuses) >= 2)
+        first = next(s for s in statuses if s.values and dict((v.key, v.value) for v in s.values)
+                     .get("dropped/callback_error:RuntimeError") == "1")
+        assert first.name == "vg_ros: /toy_node" and first.hardware_id == "cpu"
+        assert first.level == bytes([DIAG_ERROR]) and "callback_error:RuntimeError 1" in first.message
+        assert statuses[-1].level == bytes([DIAG_WARN]) and statuses[-1].message.startswith("no input in")
     finally:
         ex.shutdown()
         node.destroy_node()

@@ -623,11 +623,15 @@ class PerceptionNode(_RosNode):  # type: ignore[misc,valid-type]
         self._syncs: list[ApproxTimeSync] = []
         self.device = "cpu"
         self._extrinsics: TfOrRig | None = None
-        self._diag_pub = None
+        self._diag_pub = self._status_pub = None
+        self._diag_before: tuple[float, dict] = (time.monotonic(), self.drops.snapshot())
         period = float(self.params["diagnostics_period"])
         if period > 0:
+            from diagnostic_msgs.msg import DiagnosticArray
             from std_msgs.msg import String
             self._diag_pub = self.create_publisher(String, "~/diagnostics", output_qos(1))
+            # the standard aggregate topic: rqt_robot_monitor and diagnostic_aggregator read it
+            self._status_pub = self.create_publisher(DiagnosticArray, "/diagnostics", output_qos(10))
             self._diag_timer = self.create_timer(period, self.publish_diagnostics)
         self.activated = False
 
@@ -778,12 +782,58 @@ class PerceptionNode(_RosNode):  # type: ignore[misc,valid-type]
                 **self.drops.snapshot()}
 
     def publish_diagnostics(self) -> None:
+        """~/diagnostics (the JSON counts) and one DiagnosticStatus on /diagnostics for the last period."""
         if self._diag_pub is None:
             return
+        from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
         from std_msgs.msg import String
-        self._diag_pub.publish(String(data=json.dumps(self.diagnostics(), sort_keys=True)))
-        if self.drops.total:
-            self.get_logger().info(f"diagnostics: {self.drops.summary()}")
+        info = self.diagnostics()
+        self._diag_pub.publish(String(data=json.dumps(info, sort_keys=True)))
+        now = time.monotonic()
+        then, before = self._diag_before
+        self._diag_before = (now, {"drops": info["drops"], "processed": info["processed"]})
+        level, message, values = diagnostic_status(info, before, now - then)
+        status = DiagnosticStatus(level=bytes([level]), name=f"vg_ros: {self.get_fully_qualified_name()}",
+                                  message=message, hardware_id=self.device,
+                                  values=[KeyValue(key=k, value=v) for k, v in
+                                          values + [("time_jump_resets", str(self.stamps.jumps))]])
+        array = DiagnosticArray(status=[status])
+        array.header.stamp = self.get_clock().now().to_msg()
+        self._status_pub.publish(array)
+        if level != DIAG_OK:
+            self.get_logger().info(f"diagnostics: {message}; since start: {self.drops.summary()}")
+
+
+# ROS diagnostic levels (diagnostic_msgs/DiagnosticStatus)
+DIAG_OK, DIAG_WARN, DIAG_ERROR = 0, 1, 2
+# drops that mean waiting for something, not failing: never an ERROR on their own
+WAITING_REASONS = frozenset({"no_command"})
+
+
+def diagnostic_status(now: dict, before: dict | None, period_s: float) -> tuple[int, str, list[tuple[str, str]]]:
+    """(level, message, [(key, value)]) of one node over a period, from two `DropCounter.snapshot()`s
+    `period_s` apart (`before` None: since the start). OK: inputs processed, none dropped. WARN: some
+    dropped, a waiting reason (`WAITING_REASONS`), or no input at all. ERROR: a callback raised, or inputs
+    came and every one was dropped. The values are the totals since the start and the period's rate."""
+    before = before or {"drops": {}, "processed": {}}
+    done = sum(now["processed"].values()) - sum(before["processed"].values())
+    dropped = {k: v - before["drops"].get(k, 0) for k, v in now["drops"].items() if v > before["drops"].get(k, 0)}
+    period = f"{period_s:.1f} s"
+    rate = done / period_s if period_s > 0 else 0.0
+    why = ", ".join(f"{k} {v}" for k, v in sorted(dropped.items(), key=lambda kv: -kv[1]))
+    if not done and not dropped:
+        level, message = DIAG_WARN, f"no input in {period}"
+    elif not dropped:
+        level, message = DIAG_OK, f"{done} processed in {period} ({rate:.1f} Hz)"
+    else:
+        failing = any(k.startswith("callback_error") for k in dropped) or \
+            (not done and not set(dropped) <= WAITING_REASONS)
+        level = DIAG_ERROR if failing else DIAG_WARN
+        message = f"{done} processed, {sum(dropped.values())} dropped in {period}: {why}"
+    values = [("rate_hz", f"{rate:.2f}"), ("period_s", f"{period_s:.2f}")]
+    values += [(f"processed/{k}", str(v)) for k, v in sorted(now["processed"].items())]
+    values += [(f"dropped/{k}", str(v)) for k, v in sorted(now["drops"].items())]
+    return level, message, values
 
 
 def config_fields(cfg_cls: type[PipelineConfig]) -> list[str]:
