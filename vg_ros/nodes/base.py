@@ -800,7 +800,7 @@ class PerceptionNode(_RosNode):  # type: ignore[misc,valid-type]
         array = DiagnosticArray(status=[status])
         array.header.stamp = self.get_clock().now().to_msg()
         self._status_pub.publish(array)
-        if level != DIAG_OK:
+        if info["drops"] != before["drops"]:   # a period with drops; an idle node stays quiet
             self.get_logger().info(f"diagnostics: {message}; since start: {self.drops.summary()}")
 
 
