@@ -69,10 +69,11 @@ def test_node_outputs_late_command_and_position(weights_file, tmp_path):
         node = _node(ros, weights_file, tmp_path, score_threshold=0.0, mask_threshold=0.01)
         # a command must not queue behind images in the default (mutually exclusive) callback group
         assert node.command_sub.callback_group is not node.default_callback_group
-        masks, boxes, positions = [], [], []
+        masks, boxes, positions, overlays = [], [], [], []
         io.create_subscription(Image, "/grounding/mask", masks.append, 10)
         io.create_subscription(PolygonStamped, "/grounding/box", boxes.append, 10)
         io.create_subscription(PointStamped, "/grounding/position", positions.append, 10)
+        io.create_subscription(Image, "/grounding/overlay", overlays.append, 10)
         img_pub = io.create_publisher(Image, "/cameras/CAM_FRONT/image_raw", 10)
         info_pub = io.create_publisher(CameraInfo, "/cameras/CAM_FRONT/camera_info", 10)
         pts_pub = io.create_publisher(PointCloud2, "/lidar/points", 10)
@@ -89,8 +90,10 @@ def test_node_outputs_late_command_and_position(weights_file, tmp_path):
         info_pub.publish(camera_model_to_info(cam, stamp_ns=stamp))
         pts_pub.publish(_cloud(stamp, p_lidar))
         ros.spin_for(0.3)
-        img_pub.publish(_image(stamp))
-        assert ros.spin_until(lambda: masks and boxes and positions, timeout=20)
+        assert ros.spin_until(node.overlay_pub.get_subscription_count, timeout=5)   # drawn only while subscribed
+        image = _image(stamp)
+        img_pub.publish(image)
+        assert ros.spin_until(lambda: masks and boxes and positions and overlays, timeout=20)
         mask, box, pos = masks[0], boxes[0], positions[0]
         assert mask.encoding == "mono8" and (mask.height, mask.width) == (270, 480)
         assert mask.header.frame_id == "cam_front_optical" and mask.header.stamp.sec == 1
@@ -101,6 +104,21 @@ def test_node_outputs_late_command_and_position(weights_file, tmp_path):
         assert p[0].z == pytest.approx(node.last_result.score, abs=1e-6)
         assert pos.header.frame_id == "lidar_top" and pos.header.stamp == mask.header.stamp
         assert np.linalg.norm([pos.point.x - p_lidar[0], pos.point.y - p_lidar[1], pos.point.z - p_lidar[2]]) < 0.1
+        # the debug overlay: the camera's size and header, the verdict band on top, the image below it
+        shown = image_to_array(overlays[0])
+        assert overlays[0].encoding == "rgb8" and overlays[0].header == mask.header and shown.shape == (270, 480, 3)
+        band = shown[:20]
+        assert (band <= 20).mean() > 0.8 and band.max() == 255            # dark band, white letters
+        from scipy import ndimage
+        published = image_to_array(mask) == 255
+        inside = ndimage.binary_erosion(published, iterations=2)[60:]   # away from the outline and the box
+        original = image_to_array(image)
+        assert inside.mean() > 0.3 and np.array_equal(shown[60:][inside], original[60:][inside])  # the target as is
+        # not found: the whole image dimmed, nothing outlined
+        import dataclasses
+        node.publish_overlay(mask.header, original, dataclasses.replace(node.last_result, found=False))
+        assert ros.spin_until(lambda: len(overlays) == 2, timeout=5)
+        assert np.array_equal(image_to_array(overlays[1])[60:], (original[60:] * 0.5).astype(np.uint8))
 
 
 def test_node_bad_input_is_counted_and_node_stays_up(weights_file, tmp_path):

@@ -2,7 +2,8 @@
 and (with a LiDAR cloud) 3D position out.
 
 Subscribes (topic names are parameters):
-  image_topic        sensor_msgs/Image            (sensor QoS; rgb8/bgr8/rgba8/bgra8/mono8)
+  image_topic        sensor_msgs/Image            (sensor QoS; every encoding `convert.image_to_rgb` reads: rgb/bgr(a)
+                     8 and 16 bit, mono8/16, yuv422 (UYVY, YUYV), Bayer 8/16)
   camera_info_topic  sensor_msgs/CameraInfo       (sensor QoS; intrinsics for the 3D position)
   command_topic      std_msgs/String              (reliable + transient-local: a late joiner gets the last)
   points_topic       sensor_msgs/PointCloud2      (optional; "" disables the 3D position)
@@ -13,6 +14,8 @@ Publishes, each with the image's header (stamp and frame):
                      cannot publish the package's own msg/ types.
   position_topic     geometry_msgs/PointStamped   (target centre in the LiDAR frame; only when found and a
                      cloud within `max_cloud_age` of the image and the camera<-LiDAR extrinsics are known)
+  overlay_topic      sensor_msgs/Image rgb8       (debug view for RViz: the image, the published mask and box,
+                     the command and found / not found; drawn only while someone subscribes)
 
 Bad input never stops the node: an empty / over-long / unusable command, an image in a foreign encoding, an
 image before any command — each is logged and counted in `~/diagnostics` (drops), and the node goes on.
@@ -40,6 +43,8 @@ class GroundingNode(PerceptionNode):
         "mask_topic": ("/grounding/mask", "output sensor_msgs/Image mono8"),
         "box_topic": ("/grounding/box", "output geometry_msgs/PolygonStamped (empty = not found)"),
         "position_topic": ("/grounding/position", "output geometry_msgs/PointStamped in the LiDAR frame"),
+        "overlay_topic": ("/grounding/overlay", "output sensor_msgs/Image rgb8 for RViz / rqt_image_view: the image "
+                          "with the published mask, box, command and score, drawn only while subscribed ('' = off)"),
         "max_cloud_age": (0.15, "largest |image stamp - cloud stamp| (s) for a cloud used for the position"),
     }
 
@@ -65,6 +70,8 @@ class GroundingNode(PerceptionNode):
         self.mask_pub = self.create_publisher(Image, self.params["mask_topic"], self.output_qos())
         self.box_pub = self.create_publisher(PolygonStamped, self.params["box_topic"], self.output_qos())
         self.position_pub = self.create_publisher(PointStamped, self.params["position_topic"], self.output_qos())
+        self.overlay_pub = (self.create_publisher(Image, self.params["overlay_topic"], self.output_qos())
+                            if str(self.params["overlay_topic"]).strip() else None)
         # Commands get their own callback group: in the default group a command waits behind every queued
         # image (seen in the demo: a new command applied 8 frames late); here it waits for one frame at most
         # (the pipeline lock), and the next image is grounded with it.
@@ -126,6 +133,8 @@ class GroundingNode(PerceptionNode):
         self.last_result = result
         self.publish_result(msg.header, result)
         self.publish_position(msg.header, result, camera)
+        if self.overlay_pub is not None and self.overlay_pub.get_subscription_count():
+            self.publish_overlay(msg.header, rgb, result)
         self.drops.ok("found" if result.found else "not_found")
 
     # -- outputs ------------------------------------------------------------------------------------------
@@ -146,6 +155,23 @@ class GroundingNode(PerceptionNode):
             box.polygon.points = [Point32(x=x0, y=y0, z=z), Point32(x=x1, y=y0, z=z),
                                   Point32(x=x1, y=y1, z=z), Point32(x=x0, y=y1, z=z)]
         self.box_pub.publish(box)
+
+    def publish_overlay(self, header, rgb: np.ndarray, result) -> None:
+        """The debug image: dimmed outside the published mask, the mask outlined, the box drawn, the command
+        and the verdict written over the top rows (same size and header as the input image)."""
+        from vg_ros.convert import array_to_image
+        from vg_ros.sim.preview import overlay_mask, with_caption
+
+        command = result.command if len(result.command) <= 100 else result.command[:97] + "..."
+        if result.found:
+            picture = overlay_mask(rgb, result.mask, result.box)
+            verdict = f"found, score {result.score:.2f}"
+        else:
+            picture = overlay_mask(rgb, np.zeros(rgb.shape[:2], bool), ())
+            verdict = f"not found (score {result.score:.2f})"
+        out = array_to_image(with_caption(picture, f"{command} -- {verdict}", inside=True), "rgb8")
+        out.header = header
+        self.overlay_pub.publish(out)
 
     def _camera_model(self, msg, width: int, height: int):
         """Intrinsics from the latest CameraInfo of the same size, else the rig camera of that frame."""

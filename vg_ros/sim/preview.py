@@ -139,8 +139,10 @@ def _outline(out: np.ndarray, mask: np.ndarray, box, colour, box_colour) -> None
         cv2.rectangle(out, (int(b[0]), int(b[1])), (int(np.ceil(b[2])) - 1, int(np.ceil(b[3])) - 1), box_colour, 1)
 
 
-def with_caption(image: np.ndarray, text: str) -> np.ndarray:
-    """`image` (H, W, 3) uint8 with `text` word-wrapped into a dark band above it (unchanged if empty)."""
+def with_caption(image: np.ndarray, text: str, inside: bool = False) -> np.ndarray:
+    """`image` (H, W, 3) uint8 with `text` word-wrapped into a dark band above it (unchanged if empty);
+    `inside`: the band covers the image's top rows instead, so the size stays (H, W) (a debug image that
+    must keep its camera's size)."""
     if not text:
         return image
     W = image.shape[1]
@@ -156,4 +158,9 @@ def with_caption(image: np.ndarray, text: str) -> np.ndarray:
     band = np.full((20 * len(lines) + 8, W, 3), 20, np.uint8)
     for k, ln in enumerate(lines):
         cv2.putText(band, ln, (6, 20 * k + 19), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1, cv2.LINE_AA)
-    return np.concatenate([band, image], 0)
+    if not inside:
+        return np.concatenate([band, image], 0)
+    out = np.array(image, dtype=np.uint8, copy=True)
+    rows = min(len(band), len(out))
+    out[:rows] = band[:rows]
+    return out
