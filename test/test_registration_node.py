@@ -39,14 +39,16 @@ def test_node_publishes_odometry_pose_cloud_with_input_stamps(frames):
     from vg_ros import convert
 
     with ros_session(DOMAIN) as ros:
-        node = make_node(ros)
+        node = make_node(ros, map_period=0.2)
         client = ros.node("client")
-        odoms, poses, clouds = [], [], []
+        odoms, poses, clouds, maps = [], [], [], []
         client.create_subscription(Odometry, "/registration/odometry", odoms.append, 10)
         client.create_subscription(PoseStamped, "/registration/pose", poses.append, 10)
         client.create_subscription(PointCloud2, "/registration/cloud", clouds.append, 10)
+        client.create_subscription(PointCloud2, "/registration/local_map", maps.append, 10)
         pub = client.create_publisher(PointCloud2, "/lidar/points", 10)
         assert ros.wait_for_match(pub, timeout=5.0)
+        assert ros.spin_until(node.map_pub.get_subscription_count, timeout=5.0)
         for k, frame in enumerate(frames):
             scan = frame.lidar
             scan.frame_id = frame.rig.lidar.frame_id
@@ -67,6 +69,15 @@ def test_node_publishes_odometry_pose_cloud_with_input_stamps(frames):
         covs = [convert.odometry_to_matrix(m)[1] for m in odoms[1:]]
         assert not all(np.allclose(c, covs[0]) for c in covs[1:])
         assert node.drops.total == 0
+        # the local map: every map_period (0.2 s) of stamp time, in odom, the voxel means of the scans so far
+        assert [convert.stamp_of(m) for m in maps] == [f.stamp_ns for f in frames][::2]
+        from scipy.spatial import cKDTree
+        so_far = np.concatenate([convert.pointcloud2_to_scan(m).xyz for m in clouds])
+        for m in maps:
+            xyz = convert.pointcloud2_to_scan(m).xyz
+            assert m.header.frame_id == "odom" and len(xyz) > 500
+            assert np.quantile(cKDTree(so_far).query(xyz)[0], 0.99) < node.cfg.map_voxel_size
+        assert len(convert.pointcloud2_to_scan(maps[-1]).xyz) > len(convert.pointcloud2_to_scan(maps[0]).xyz)
 
 
 def test_failed_registration_is_counted_not_published(frames):

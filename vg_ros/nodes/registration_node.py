@@ -7,6 +7,8 @@ Publishes, stamped with the input cloud's stamp:
   odom_topic     nav_msgs/Odometry         (odom -> base_link, 6x6 pose covariance from the GICP Hessian)
   pose_topic     geometry_msgs/PoseStamped (frame odom)
   cloud_topic    sensor_msgs/PointCloud2   (the registered scan in odom)
+  map_topic      sensor_msgs/PointCloud2   (the local map's voxel means in odom, every `map_period`, only while
+                                            subscribed)
   TF odom -> base_link when tf2_ros imports (via ros_compat; skipped otherwise)
 
 A scan whose registration fails (too few points, low fitness, a correction far from the motion prior
@@ -32,11 +34,16 @@ class RegistrationNode(PerceptionNode):
         "odom_topic": ("/registration/odometry", "output nav_msgs/Odometry (odom -> base_link)"),
         "pose_topic": ("/registration/pose", "output geometry_msgs/PoseStamped in odom"),
         "cloud_topic": ("/registration/cloud", "output sensor_msgs/PointCloud2, the registered scan in odom ('' = off)"),
+        "map_topic": ("/registration/local_map", "output sensor_msgs/PointCloud2 in odom: the local map the scans are "
+                      "registered to (voxel means), only while subscribed ('' = off)"),
+        "map_period": (1.0, "least stamp time (s) between two local maps"),
         "odom_frame": ("odom", "frame of the published poses and cloud"),
         "publish_tf": (True, "broadcast odom -> base_link on /tf (needs tf2_ros)"),
     }
 
     def on_configure(self) -> None:
+        if not float(self.params["map_period"]) >= 0:
+            raise ValueError(f"registration_node.map_period = {self.params['map_period']}: must be >= 0")
         for key in ("points_topic", "odom_topic", "pose_topic", "odom_frame"):
             if not str(self.params[key]).strip():
                 raise ValueError(f"registration_node.{key} is empty")
@@ -61,6 +68,9 @@ class RegistrationNode(PerceptionNode):
         self.pose_pub = self.create_publisher(PoseStamped, self.params["pose_topic"], self.output_qos())
         self.cloud_pub = (self.create_publisher(PointCloud2, self.params["cloud_topic"], self.output_qos())
                           if self.params["cloud_topic"] else None)
+        self.map_pub = (self.create_publisher(PointCloud2, self.params["map_topic"], self.output_qos())
+                        if str(self.params["map_topic"]).strip() else None)
+        self._map_stamp_ns: int | None = None
         self.tf_broadcaster = None
         if self.params["publish_tf"] and ros_compat.HAVE_TF2_ROS:
             self.tf_broadcaster = ros_compat.tf2_ros.TransformBroadcaster(self)
@@ -78,6 +88,7 @@ class RegistrationNode(PerceptionNode):
         with self._lock:   # odometry starts again at identity with the next scan
             if self.odometry is not None:
                 self.odometry.reset()
+            self._map_stamp_ns = None
 
     def _odometry_for(self, frame_id: str) -> LidarOdometry:
         """The odometry, built on the first scan once the LiDAR frame (hence T_base_lidar) is known."""
@@ -108,7 +119,22 @@ class RegistrationNode(PerceptionNode):
             self.drops.drop("registration_failed", f"cloud {stamp_ns}: {result.reason}; pose not published")
             return
         self.publish(result, odometry.registered_cloud)
+        self.publish_map(result.stamp_ns, odometry)
         self.drops.ok("relocalized" if result.reason else "registered")
+
+    def publish_map(self, stamp_ns: int, odometry: LidarOdometry) -> None:
+        """The local map, at most every `map_period` of stamp time and only while someone subscribes."""
+        if self.map_pub is None or not self.map_pub.get_subscription_count():
+            return
+        last = self._map_stamp_ns
+        if last is not None and stamp_ns - last < float(self.params["map_period"]) * 1e9:
+            return
+        from vg_ros import convert
+        with self._lock:
+            points = odometry.local_map().astype(np.float32)
+        self._map_stamp_ns = stamp_ns
+        self.map_pub.publish(convert.xyz_fields_to_pointcloud2(points, stamp_ns=stamp_ns,
+                                                               frame_id=self.params["odom_frame"]))
 
     def publish(self, result, registered_cloud: np.ndarray) -> None:
         from vg_ros import convert

@@ -117,6 +117,12 @@ class LidarOdometry:
         self.poses: list[tuple[int, np.ndarray]] = []
         self.stats = {"scans": 0, "local_ok": 0, "relocalized": 0, "failed": 0}
 
+    def local_map(self) -> np.ndarray:
+        """(M, 3) float64: the means of the local map's voxels in the odom frame (empty before the first scan)."""
+        if self.voxelmap.size() == 0:
+            return np.zeros((0, 3))
+        return np.asarray(self.voxelmap.voxel_points())[:, :3]
+
     @property
     def global_registration(self):
         if self._global is None:
