@@ -4,12 +4,14 @@
     ros2 launch vg_ros perception.launch.py nodes:=registration,grounding device:=cpu
     ros2 launch vg_ros perception.launch.py bag:=drive.mcap rate:=0.5        # plays the bag with --clock
     ros2 launch vg_ros perception.launch.py remappings:=/lidar/points:=/velodyne_points
+    ros2 launch vg_ros perception.launch.py rviz:=true                        # and RViz with config/perception.rviz
 
 Launch arguments: config (params file), rig (name or YAML path), device (cpu | cuda | auto), nodes
 (comma list of occupancy, registration, grounding), use_sim_time (true | false; forced true when a
 bag is played), remappings (';'- or ','-separated FROM:=TO pairs, applied to every node), namespace,
 bag (a rosbag2 to play with `ros2 bag play --clock`), rate (its playback rate), threads (OpenMP / MKL
-threads per node, torch's pool; 0: CPU cores / nodes, at least 1, so the nodes do not oversubscribe the cores).
+threads per node, torch's pool; 0: CPU cores / nodes, at least 1, so the nodes do not oversubscribe the cores),
+rviz (true: also start rviz2 with config/perception.rviz).
 Without a ROS install, `vg-ros up` runs the same nodes with the same YAML (and the same threads rule).
 """
 import os
@@ -85,7 +87,7 @@ def launch_setup(context, *args, **kwargs):
     """Builds the actions once the launch arguments are known."""
     value = {name: LaunchConfiguration(name).perform(context)
              for name in ("config", "rig", "device", "nodes", "use_sim_time", "remappings", "namespace",
-                          "bag", "rate", "threads")}
+                          "bag", "rate", "threads", "rviz")}
     if value["device"] not in DEVICES:
         raise ValueError(f"device: {value['device']!r} must be one of {', '.join(DEVICES)}")
     bag = value["bag"].strip()
@@ -115,6 +117,10 @@ def launch_setup(context, *args, **kwargs):
             emulate_tty=True,
             additional_env=env,
         ))
+    if _is_true(value["rviz"]):
+        view = os.path.join(get_package_share_directory(PACKAGE), "config", "perception.rviz")
+        actions.append(Node(package="rviz2", executable="rviz2", name="rviz2", arguments=["-d", view],
+                            parameters=[{"use_sim_time": use_sim_time}], output="screen"))
     if bag:
         actions.append(ExecuteProcess(
             cmd=["ros2", "bag", "play", bag, "--clock", "--rate", value["rate"]],
@@ -144,5 +150,7 @@ def generate_launch_description():
         DeclareLaunchArgument("rate", default_value="1.0", description="playback rate of bag"),
         DeclareLaunchArgument("threads", default_value="0",
                               description="OpenMP/MKL (torch) threads per node (0: CPU cores / nodes, at least 1)"),
+        DeclareLaunchArgument("rviz", default_value="false", choices=["true", "false"],
+                              description="also start rviz2 with config/perception.rviz"),
         OpaqueFunction(function=launch_setup),
     ])

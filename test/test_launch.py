@@ -23,7 +23,7 @@ from vg_ros.up import NODES, NodeSpec, Supervisor, node_spec, parse_nodes, threa
 REPO = Path(__file__).resolve().parent.parent
 LAUNCH_FILE = REPO / "launch" / "perception.launch.py"
 EXPECTED_ARGS = {"config", "rig", "device", "nodes", "use_sim_time", "remappings", "namespace", "bag", "rate",
-                 "threads"}
+                 "threads", "rviz"}
 
 
 def console_scripts() -> dict[str, str]:
@@ -91,6 +91,25 @@ def test_yaml_section_matches_the_node_and_its_pipeline_config(capability):
     assert not set(cls.node_params) & set(COMMON_PARAMS), "a node redeclares a common parameter"
 
 
+def test_rviz_view_shows_what_the_nodes_publish():
+    """config/perception.rviz: valid YAML, installed by setup.py, every display's topic a default output
+    topic of a node (so a renamed topic cannot leave the view silently empty), every node shown."""
+    view = yaml.safe_load((REPO / "config" / "perception.rviz").read_text())
+    displays = view["Visualization Manager"]["Displays"]
+    shown = {d["Topic"]["Value"] for d in displays if "Topic" in d}
+    outputs = {}
+    for capability in NODES:
+        cls = node_class(capability)
+        outputs.update({default: capability for key, (default, _) in cls.node_params.items()
+                        if key.endswith("_topic") and key not in ("points_topic", "image_topic", "command_topic",
+                                                                  "camera_info_topic")})
+    assert shown <= set(outputs), sorted(shown - set(outputs))
+    assert {outputs[t] for t in shown} == set(NODES)
+    assert all(d["Class"].startswith("rviz_default_plugins/") for d in displays)
+    assert view["Visualization Manager"]["Global Options"]["Fixed Frame"] == "odom"
+    assert 'glob("config/*.rviz")' in (REPO / "setup.py").read_text()
+
+
 # ----------------------------------------------------------------------- executed against stand-ins
 
 
@@ -147,6 +166,10 @@ def test_launch_description_executed_against_stand_ins(monkeypatch):
     assert nodes[0].kwargs["parameters"] == ["/opt/share/vg_ros/config/perception.yaml",
                                              {"rig": "default", "device": "auto", "use_sim_time": False}]
     assert not [a for a in actions if type(a).__name__ == "ExecuteProcess"]
+    _, with_rviz = launch_actions(module, rviz="true", bag="/data/drive.mcap")
+    rviz = [a for a in with_rviz if type(a).__name__ == "Node" and a.kwargs["package"] == "rviz2"]
+    assert len(rviz) == 1 and rviz[0].kwargs["arguments"] == ["-d", "/opt/share/vg_ros/config/perception.rviz"]
+    assert rviz[0].kwargs["parameters"] == [{"use_sim_time": True}]   # follows the bag's /clock like the nodes
 
     _, actions = launch_actions(module, nodes="grounding_node,registration", device="cpu", bag="/data/drive.mcap",
                                 rate="0.5", remappings="/lidar/points:=/velodyne_points; /command:=/speech")
