@@ -26,6 +26,8 @@ Usage (each test gets a fresh `rclpy.Context`, its own executor and its own ROS_
 * `RosSession.spin_for(seconds)`: spin for a fixed time.
 * `RosSession.wait_for_match(publisher, timeout=5.0, count=1) -> bool`: spin until the publisher sees
   `count` subscriptions (publish only after this, or the first messages may go nowhere).
+* `RosSession.set_parameters(node_name, **values) -> [SetParametersResult]`: `ros2 param set` as a
+  service call from another participant of this session, one result per value.
 * `ros_session_fixture(domain_id)`: builds a pytest fixture, e.g. `ros = ros_session_fixture(12)` at module
   level gives tests a `ros` argument.
 
@@ -58,6 +60,18 @@ class RosSession:
         self.nodes.append(node)
         self.executor.add_node(node)
         return node
+
+    def set_parameters(self, node_name: str, **values) -> list:
+        from rcl_interfaces.srv import SetParameters
+        from rclpy.parameter import Parameter
+        client = self.node(f"param_client_{len(self.nodes)}").create_client(SetParameters,
+                                                                            f"/{node_name}/set_parameters")
+        assert self.spin_until(client.service_is_ready, timeout=10), f"/{node_name}/set_parameters never appeared"
+        request = SetParameters.Request(parameters=[Parameter(k, value=v).to_parameter_msg()
+                                                    for k, v in values.items()])
+        future = client.call_async(request)
+        assert self.spin_until(future.done, timeout=10), f"/{node_name}/set_parameters did not answer"
+        return list(future.result().results)
 
     def spin_until(self, predicate: Callable[[], object], timeout: float = 5.0, step: float = 0.02) -> bool:
         deadline = time.monotonic() + timeout

@@ -152,3 +152,22 @@ def test_node_bad_input_is_counted_and_node_stays_up(weights_file, tmp_path):
         assert len(boxes[0].polygon.points) == 0                   # empty polygon = not found
         assert image_to_array(masks[0]).max() == 0                 # all-zero mask when not found
         assert node.drops.processed["not_found"] == 1 and node.drops.processed["commands"] == 1
+
+
+def test_parameters_change_while_running_or_are_refused_with_a_reason(weights_file, tmp_path):
+    with ros_session(DOMAIN) as ros:
+        node = _node(ros, weights_file, tmp_path)
+        [ok] = ros.set_parameters("grounding_node", score_threshold=0.5)
+        assert ok.successful and node.pipeline.config.score_threshold == 0.5 == node.cfg.score_threshold
+        assert node.get_parameter("score_threshold").value == 0.5
+        [ok, ok2] = ros.set_parameters("grounding_node", max_stamp_age=0.25, max_cloud_age=0.3)
+        assert ok.successful and ok2.successful
+        assert node.stamps.max_age_ns == 250_000_000 and node.params["max_cloud_age"] == 0.3
+        # read at start: refused with the reason, the value stays (never accepted and silently ignored)
+        [refused] = ros.set_parameters("grounding_node", weights="/tmp/other.safetensors")
+        assert not refused.successful and "restart the node" in refused.reason and "score_threshold" in refused.reason
+        assert node.get_parameter("weights").value == str(weights_file)
+        [bad] = ros.set_parameters("grounding_node", box_source="middle")
+        assert not bad.successful and "box_source" in bad.reason and node.pipeline.config.box_source == "mask"
+        [negative] = ros.set_parameters("grounding_node", max_cloud_age=-1.0)
+        assert not negative.successful and node.params["max_cloud_age"] == 0.3

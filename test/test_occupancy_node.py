@@ -122,3 +122,14 @@ def test_node_publishes_grid_voxels_markers_and_degrades(weights_file, tmp_path)
         assert node.drops.drops["bad_camera:CAM_BACK_LEFT"] == 1 and node.drops.drops["bad_camera:CAM_BACK_RIGHT"] == 1
         stamps = [g.header.stamp.sec * 10**9 + g.header.stamp.nanosec for g in grids]
         assert stamps == [STAMP + k * 100_000_000 for k in range(4)]
+
+
+def test_band_and_confidence_floor_change_while_running(weights_file, tmp_path):
+    with ros_session(DOMAIN) as ros:
+        node = _node(ros, weights_file, tmp_path)
+        [ok] = ros.set_parameters("occupancy_node", min_confidence=0.4)
+        assert ok.successful and node.pipeline.cfg.min_confidence == 0.4
+        [crossed] = ros.set_parameters("occupancy_node", z_min=3.0)   # above z_max 2.0: the config's own check
+        assert not crossed.successful and "z_max" in crossed.reason and node.cfg.z_min == 0.2
+        [refused] = ros.set_parameters("occupancy_node", cameras=["CAM_FRONT"])
+        assert not refused.successful and "restart" in refused.reason

@@ -135,3 +135,15 @@ def test_a_looped_bag_restarts_the_odometry_instead_of_dropping_it_for_ever(fram
         assert np.allclose(second[0], np.eye(4))          # odom = base_link at the first scan after the reset
         gt = invert_T(frames[1].T_odom_base) @ frames[-1].T_odom_base
         assert np.linalg.norm(second[-1][:3, 3] - gt[:3, 3]) < 0.1
+
+
+def test_odometry_parameters_change_while_running(frames):
+    with ros_session(DOMAIN) as ros:
+        node = make_node(ros)
+        node._odometry_for(frames[0].rig.lidar.frame_id)
+        [ok] = ros.set_parameters("registration_node", max_range=40.0)
+        assert ok.successful and node.odometry.cfg.max_range == 40.0
+        [refused] = ros.set_parameters("registration_node", map_voxel_size=0.5)   # the map is built with it
+        assert not refused.successful and "restart" in refused.reason and node.odometry.cfg.map_voxel_size == 1.0
+        [bad] = ros.set_parameters("registration_node", min_range=-1.0)
+        assert not bad.successful and node.odometry.cfg.min_range == 1.0

@@ -581,6 +581,11 @@ class PerceptionNode(_RosNode):  # type: ignore[misc,valid-type]
     default_node_name: str = "perception_node"
     config_cls: type[PipelineConfig] | None = None
     node_params: dict[str, tuple[Any, str]] = {}
+    # What `ros2 param set` may change while the node runs (pipeline fields and node parameters the node
+    # reads per message); every other parameter is read at start, and a change is refused with a reason
+    # instead of being accepted and silently ignored.
+    live_params: frozenset[str] = frozenset()
+    COMMON_LIVE = frozenset({"max_stamp_age", "time_jump_reset"})
 
     def __init__(self, node_name: str | None = None, *, config_path: str | Path | None = None,
                  **node_kwargs: Any) -> None:
@@ -634,6 +639,7 @@ class PerceptionNode(_RosNode):  # type: ignore[misc,valid-type]
             self._status_pub = self.create_publisher(DiagnosticArray, "/diagnostics", output_qos(10))
             self._diag_timer = self.create_timer(period, self.publish_diagnostics)
         self.activated = False
+        self.add_on_set_parameters_callback(self._on_set_parameters)
 
     def _validate_common(self) -> None:
         p = self.params
@@ -674,6 +680,45 @@ class PerceptionNode(_RosNode):  # type: ignore[misc,valid-type]
 
     def on_deactivate(self) -> None:
         """Free the model."""
+
+    def on_parameters_changed(self, names: set[str]) -> None:
+        """`self.cfg` / `self.params` now hold new values for `names` (all in `live_params`): hand them to
+        the pipeline where it keeps its own copy."""
+
+    def _on_set_parameters(self, parameters: list) -> Any:
+        """Validate and apply `ros2 param set` changes: live ones through the config's own checks, the rest
+        refused with a reason (the value stays as it was). Declarations and use_sim_time pass through."""
+        from rcl_interfaces.msg import SetParametersResult
+
+        changes = {p.name: p.value for p in parameters if p.name != "use_sim_time" and self.has_parameter(p.name)}
+        if not changes:
+            return SetParametersResult(successful=True)
+        live = self.live_params | self.COMMON_LIVE
+        fixed = sorted(set(changes) - live)
+        if fixed:
+            return SetParametersResult(successful=False, reason=(
+                f"{', '.join(fixed)}: read when the node starts; restart the node to change "
+                f"{'it' if len(fixed) == 1 else 'them'} (changeable while running: {', '.join(sorted(live))})"))
+        fields = set(config_fields(self.config_cls)) if self.config_cls is not None else set()
+        try:
+            cfg = self.cfg.replace(**{k: v for k, v in changes.items() if k in fields}) if fields & set(changes) \
+                else self.cfg
+            node_values = {k: v for k, v in changes.items() if k not in fields}
+            for key, value in node_values.items():
+                default = (COMMON_PARAMS | self.node_params)[key][0]
+                if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+                    node_values[key] = value = float(value)
+                if isinstance(default, (int, float)) and not isinstance(default, bool) and not value >= 0:
+                    raise ValueError(f"{self.get_name()}.{key} = {value!r}: must be a number >= 0")
+        except (TypeError, ValueError) as exc:
+            return SetParametersResult(successful=False, reason=str(exc))
+        self.cfg = cfg
+        self.params.update(node_values)
+        self.stamps.max_age_ns = int(float(self.params["max_stamp_age"]) * 1e9)
+        self.stamps.jump_back_ns = int(float(self.params["time_jump_reset"]) * 1e9)
+        self.on_parameters_changed(set(changes))
+        self.get_logger().info("parameters changed: " + ", ".join(f"{k}={v!r}" for k, v in sorted(changes.items())))
+        return SetParametersResult(successful=True)
 
     def on_time_jump(self) -> None:
         """The inputs' time went back (a looped or restarted bag): forget state built on the old time

@@ -48,6 +48,13 @@ class GroundingNode(PerceptionNode):
         "max_cloud_age": (0.15, "largest |image stamp - cloud stamp| (s) for a cloud used for the position"),
     }
 
+    live_params = frozenset({"score_threshold", "presence_threshold", "mask_threshold", "single_region", "box_source",
+                             "min_points", "depth_window", "max_cloud_age"})
+
+    def on_parameters_changed(self, names: set[str]) -> None:
+        with self._lock:   # the next image is grounded with them
+            self.pipeline.config = self.cfg
+
     def on_configure(self) -> None:
         if not float(self.params["max_cloud_age"]) >= 0:
             raise ValueError(f"grounding_node.max_cloud_age = {self.params['max_cloud_age']}: must be >= 0")

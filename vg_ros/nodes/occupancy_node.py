@@ -44,6 +44,13 @@ class OccupancyNode(PerceptionNode):
         "missing_camera_timeout": (0.5, "seconds to wait for a late camera before going on without it"),
     }
 
+    # the BEV band (read per grid) and the confidence floor (read per frame); the rest shapes the model,
+    # the grid or the subscriptions: read at start
+    live_params = frozenset({"z_min", "z_max", "min_confidence"})
+
+    def on_parameters_changed(self, names: set[str]) -> None:
+        self.pipeline.cfg = self.cfg
+
     def on_configure(self) -> None:
         p = self.params
         names = [str(n) for n in p["cameras"]]

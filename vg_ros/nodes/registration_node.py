@@ -41,6 +41,17 @@ class RegistrationNode(PerceptionNode):
         "publish_tf": (True, "broadcast odom -> base_link on /tf (needs tf2_ros)"),
     }
 
+    # read per scan by LidarOdometry.update (the map's resolution, horizon and re-localisation target are
+    # built with the map: read at start)
+    live_params = frozenset({"min_range", "max_range", "voxel_size", "max_correspondence_distance", "max_iterations",
+                             "deskew", "min_fitness", "max_prior_deviation", "max_prior_deviation_deg", "relocalize",
+                             "num_threads", "map_period"})
+
+    def on_parameters_changed(self, names: set[str]) -> None:
+        with self._lock:
+            if self.odometry is not None:
+                self.odometry.cfg = self.cfg
+
     def on_configure(self) -> None:
         if not float(self.params["map_period"]) >= 0:
             raise ValueError(f"registration_node.map_period = {self.params['map_period']}: must be >= 0")
