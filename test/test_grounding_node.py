@@ -171,3 +171,26 @@ def test_parameters_change_while_running_or_are_refused_with_a_reason(weights_fi
         assert not bad.successful and "box_source" in bad.reason and node.pipeline.config.box_source == "mask"
         [negative] = ros.set_parameters("grounding_node", max_cloud_age=-1.0)
         assert not negative.successful and node.params["max_cloud_age"] == 0.3
+
+
+def test_commands_from_volatile_and_transient_local_publishers_each_apply_once(weights_file, tmp_path):
+    """A plain `ros2 topic pub` offers volatile durability, which the transient-local subscription never
+    matches: the node's volatile subscription takes it. A transient-local publisher's live command reaches
+    both subscriptions and is applied once."""
+    from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+    from std_msgs.msg import String
+    from vg_ros.nodes.base import command_qos
+
+    with ros_session(DOMAIN) as ros:
+        node = _node(ros, weights_file, tmp_path)
+        io = ros.node("io")
+        plain = io.create_publisher(String, "/command", QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE,
+                                                                   durability=DurabilityPolicy.VOLATILE))
+        latched = io.create_publisher(String, "/command", command_qos())
+        assert ros.wait_for_match(plain, count=1) and ros.wait_for_match(latched, count=2)
+        plain.publish(String(data="the bus"))
+        assert ros.spin_until(lambda: node.pipeline.command == "the bus", timeout=10)
+        latched.publish(String(data="the red car"))
+        assert ros.spin_until(lambda: node.pipeline.command == "the red car", timeout=10)
+        ros.spin_for(0.5)   # the second copy of the latched command, had it been applied, is counted by now
+        assert node.drops.processed["commands"] == 2 and node.drops.total == 0

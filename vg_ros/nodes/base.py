@@ -512,6 +512,14 @@ def command_qos(depth: int = 1) -> "QoSProfile":
                       durability=DurabilityPolicy.TRANSIENT_LOCAL)
 
 
+def volatile_command_qos(depth: int = 10) -> "QoSProfile":
+    """The second command subscription: reliable and volatile, the only durability a volatile publisher
+    (`ros2 topic pub` without `--qos-durability transient_local`) can reach; it receives a transient-local
+    publisher's live commands too, so a node with both subscriptions drops the second copy."""
+    return QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=int(depth), reliability=ReliabilityPolicy.RELIABLE,
+                      durability=DurabilityPolicy.VOLATILE)
+
+
 def latched_qos(depth: int = 1) -> "QoSProfile":
     """Latched outputs and /tf_static: reliable, transient-local (late subscribers get the last value)."""
     return command_qos(depth)
@@ -745,30 +753,41 @@ class PerceptionNode(_RosNode):  # type: ignore[misc,valid-type]
     def output_qos(self) -> "QoSProfile":
         return output_qos()
 
-    def subscribe(self, msg_type: type, topic: str, callback: Callable[[Any], None], qos: "QoSProfile",
-                  *, guard_stamps: bool = True, callback_group: Any = None):
+    def subscribe(self, msg_type: type, topic: str, callback: Callable[..., None], qos: "QoSProfile",
+                  *, guard_stamps: bool = True, callback_group: Any = None, with_info: bool = False,
+                  incompatible_note: str | None = None):
         """A subscription that logs what it expects, reports QoS mismatches, and (by default) passes
         only messages whose header stamp the StampGuard accepts. Exceptions in `callback` are caught,
         logged once per reason and counted as `callback_error`: the node keeps running. `callback_group`
         (None: the node's default, mutually exclusive with every other default callback) lets a cheap
-        control input run beside a long sensor callback on the multi-threaded executor."""
+        control input run beside a long sensor callback on the multi-threaded executor. `with_info`: the
+        callback also gets rclpy's message info (source timestamp, publication sequence number).
+        `incompatible_note`: an incompatible publisher is expected (another subscription serves it), so
+        it is logged at INFO with this note instead of as an ERROR."""
         from rclpy.event_handler import SubscriptionEventCallbacks
 
         type_name = f"{msg_type.__module__.split('.')[0]}/{msg_type.__name__}"
         self.get_logger().info(f"subscribing {topic} [{type_name}] QoS {describe_qos(qos)}")
 
         def on_incompatible(event: Any) -> None:
+            if incompatible_note is not None:
+                self.get_logger().info(f"{topic}: a publisher's QoS does not match {describe_qos(qos)}; "
+                                       f"{incompatible_note}")
+                return
             self.get_logger().error(
                 f"{topic}: a publisher's QoS is incompatible with this subscription ({describe_qos(qos)}); "
                 f"policy {getattr(event, 'last_policy_kind', '?')}: nothing will be received from it")
 
-        def guarded(msg: Any) -> None:
+        def guarded(msg: Any, info: Any = None) -> None:
             if guard_stamps and hasattr(msg, "header"):
                 if not self.stamps.accept(topic, header_stamp_ns(msg), self.now_ns()):
                     return
-            self.call_safely(callback, msg, where=topic)
+            self.call_safely(callback, *((msg, info) if with_info else (msg,)), where=topic)
 
-        return self.create_subscription(msg_type, topic, guarded, qos, callback_group=callback_group,
+        # rclpy passes the message info only to a callback that cannot take the message alone
+        handler = (lambda msg, info: guarded(msg, info)) if with_info else (lambda msg: guarded(msg))
+
+        return self.create_subscription(msg_type, topic, handler, qos, callback_group=callback_group,
                                         event_callbacks=SubscriptionEventCallbacks(incompatible_qos=on_incompatible))
 
     def synchronized(self, specs: Sequence[tuple[type, str]], callback: Callable[..., None], *,

@@ -5,7 +5,8 @@ Subscribes (topic names are parameters):
   image_topic        sensor_msgs/Image            (sensor QoS; every encoding `convert.image_to_rgb` reads: rgb/bgr(a)
                      8 and 16 bit, mono8/16, yuv422 (UYVY, YUYV), Bayer 8/16)
   camera_info_topic  sensor_msgs/CameraInfo       (sensor QoS; intrinsics for the 3D position)
-  command_topic      std_msgs/String              (reliable + transient-local: a late joiner gets the last)
+  command_topic      std_msgs/String              (reliable + transient-local: a late joiner gets the last; and
+                     a second, volatile subscription for volatile publishers such as a plain `ros2 topic pub`)
   points_topic       sensor_msgs/PointCloud2      (optional; "" disables the 3D position)
 Publishes, each with the image's header (stamp and frame):
   mask_topic         sensor_msgs/Image mono8      (255 = target; all zero when not found)
@@ -23,12 +24,13 @@ Non-ASCII commands are accepted (the tokenizer handles them).
 """
 from __future__ import annotations
 
+import collections
 import threading
 
 import numpy as np
 
 from vg_ros.grounding.pipeline import GroundingConfig
-from vg_ros.nodes.base import PerceptionNode, header_stamp_ns, node_main
+from vg_ros.nodes.base import PerceptionNode, header_stamp_ns, node_main, volatile_command_qos
 from vg_ros.types import stamp_to_ns
 
 
@@ -85,7 +87,14 @@ class GroundingNode(PerceptionNode):
         from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
         self.command_group = MutuallyExclusiveCallbackGroup()
         self.command_sub = self.subscribe(String, self.params["command_topic"], self.on_command, self.command_qos(),
-                                          callback_group=self.command_group)
+                                          callback_group=self.command_group, with_info=True,
+                                          incompatible_note="its commands arrive through the volatile subscription")
+        # `ros2 topic pub` offers volatile durability, which a transient-local subscription never matches: a
+        # second, volatile subscription takes its commands (the same group runs them one at a time)
+        self.command_sub_volatile = self.subscribe(String, self.params["command_topic"], self.on_command,
+                                                   volatile_command_qos(), callback_group=self.command_group,
+                                                   with_info=True)
+        self._seen_commands: collections.deque = collections.deque(maxlen=32)
         self.subscribe(Image, self.params["image_topic"], self.on_image, self.sensor_qos())
         if self.params["camera_info_topic"]:
             self.subscribe(CameraInfo, self.params["camera_info_topic"], self.on_camera_info, self.sensor_qos(),
@@ -102,7 +111,13 @@ class GroundingNode(PerceptionNode):
         self.cloud = None   # a cloud of the old time base (the command stays)
 
     # -- inputs -------------------------------------------------------------------------------------------
-    def on_command(self, msg) -> None:
+    def on_command(self, msg, info=None) -> None:
+        # a transient-local publisher's live command reaches both subscriptions: handle the sample once
+        sample = None if info is None else (info.get("source_timestamp"), info.get("publication_sequence_number"))
+        if sample is not None and sample[0]:
+            if sample in self._seen_commands:
+                return
+            self._seen_commands.append(sample)
         text = msg.data
         try:
             with self._lock:
