@@ -170,3 +170,30 @@ def test_cli_json_report_and_errors(bag, tmp_path, capsys):
         main([str(bag), "--out", str(bag)])
     with pytest.raises(UserError, match="exists already"):
         main([str(bag), "--out", str(out)])
+
+
+def test_remap_reads_a_robot_topic_as_the_pipeline_input(bag, tmp_path):
+    """A robot's bag names its LiDAR /velodyne_points: `--remap /velodyne_points:=/lidar/points` runs the
+    odometry on it exactly as on the original name; without it the stage says why it did not run."""
+    from vg_ros.replay import parse_remaps
+    robot = tmp_path / "robot.mcap"
+    with BagReader(bag) as src, BagWriter(robot) as dst:
+        for topic, msgtype, log_ns, msg in src.messages(["/lidar/points", "/gt/ego_pose", "/tf_static"]):
+            name = "/velodyne_points" if topic == "/lidar/points" else topic
+            dst.add_topic(name, msgtype, latched=topic == "/tf_static")   # once per topic; a repeat is a no-op
+            dst.write(name, log_ns, msg)
+    remapped = replay(robot, tmp_path / "a.mcap", pipelines=("registration",),
+                      remap=parse_remaps(["/velodyne_points:=/lidar/points"]))
+    original = replay(bag, tmp_path / "b.mcap", pipelines=("registration",))
+    assert remapped["odometry"]["ate_m"] == pytest.approx(original["odometry"]["ate_m"], abs=1e-9)
+    with BagReader(tmp_path / "a.mcap") as out:
+        assert out.topics[TOPICS["odometry"]["odometry"]][1] == FRAMES
+    plain = replay(robot, tmp_path / "c.mcap", pipelines=("registration",))
+    assert plain["odometry"]["available"] is False and "--remap" in plain["odometry"]["reason"]
+    with pytest.raises(ValueError, match=r"--remap: \['/nope'\] not in the bag"):
+        replay(robot, tmp_path / "d.mcap", remap={"/nope": "/lidar/points"})
+    assert not (tmp_path / "d.mcap").exists()
+    for bad, message in ((["/a=/b"], "FROM:=TO"), (["/a:=/b", "/a:=/c"], "remapped twice"),
+                         (["/a:=/c", "/b:=/c"], "two topics onto one")):
+        with pytest.raises(ValueError, match=message):
+            parse_remaps(bad)

@@ -428,11 +428,32 @@ class GroundingStage(Stage):
 # ------------------------------------------------------------------------------------------------ replay
 
 
+def parse_remaps(items: list[str] | None) -> dict[str, str]:
+    """['/velodyne_points:=/lidar/points', ...] -> {bag topic: topic the pipelines read}. ValueError for a
+    pair that is not FROM:=TO, a topic remapped twice, or two topics onto one."""
+    remap: dict[str, str] = {}
+    for item in items or []:
+        src, sep, dst = item.partition(":=")
+        src, dst = src.strip(), dst.strip()
+        if not sep or not src.startswith("/") or not dst.startswith("/"):
+            raise ValueError(f"--remap {item!r}: expected FROM:=TO with absolute topic names, e.g. "
+                             f"/velodyne_points:=/lidar/points")
+        if src in remap:
+            raise ValueError(f"--remap: {src} is remapped twice")
+        remap[src] = dst
+    targets = list(remap.values())
+    if len(set(targets)) != len(targets):
+        raise ValueError(f"--remap: two topics onto one ({sorted(t for t in targets if targets.count(t) > 1)[0]})")
+    return remap
+
+
 def replay(bag: str | Path, out: str | Path, *, config: str | Path | None = None, rig: str | None = None,
            device: str = "cpu", pipelines: tuple[str, ...] = PIPELINES, overwrite: bool = False,
-           progress: bool = False, score: bool = True) -> dict:
+           progress: bool = False, score: bool = True, remap: dict[str, str] | None = None) -> dict:
     """Run the pipelines over `bag`, write their outputs into `out`, score when `/gt/*` exists.
-    Returns the `--json` object (see the module docstring)."""
+    `remap` {bag topic: name}: the bag's topic is read as that name (a robot's /velodyne_points as the
+    pipelines' /lidar/points), as `ros2 bag play --remap`. Returns the `--json` object (see the module
+    docstring)."""
     from vg_ros.bag import BagReader, BagWriter
     from vg_ros.nodes.base import TfOrRig
     from vg_ros.types import Rig
@@ -444,8 +465,11 @@ def replay(bag: str | Path, out: str | Path, *, config: str | Path | None = None
     if out.resolve() == bag.resolve():
         raise ValueError("--out must differ from the input bag")
     reader = BagReader(bag)
+    remap = dict(remap or {})
     result: dict = {"bag": str(bag), "out": str(out)}
     try:
+        if missing := sorted(set(remap) - set(reader.topics)):   # before --out is created
+            raise ValueError(f"--remap: {missing} not in the bag (it has {sorted(reader.topics)})")
         writer = BagWriter(out, overwrite=overwrite)
         stages: dict[str, Stage] = {}
         rig_cache: dict[str, Any] = {}
@@ -470,16 +494,22 @@ def replay(bag: str | Path, out: str | Path, *, config: str | Path | None = None
                 except PipelineUnavailable as exc:
                     result[SECTIONS[name]] = {"available": False, "reason": str(exc)}
             topics = set().union(*(s.topics for s in stages.values())) if stages else set()
-            in_bag = set(reader.topics)
+            # the name each read topic goes by: remapped ones by their new name, a topic remapped onto
+            # is hidden by the one remapped onto it
+            as_read = {remap.get(t, t): t for t in reader.topics if t in remap or t not in remap.values()}
+            in_bag = set(as_read)
             wanted = sorted((topics | {"/tf_static"}) & in_bag)
             for name, stage in stages.items():
                 if not stage.topics & in_bag:
                     result[SECTIONS[name]] = {"available": False,
-                                    "reason": f"the bag has none of its input topics {sorted(stage.topics)}"}
-            total = sum(reader.topics[t][1] for t in wanted)
+                                    "reason": f"the bag has none of its input topics {sorted(stage.topics)}"
+                                              + ("" if remap else " (--remap FROM:=TO reads another topic as one)")}
+            total = sum(reader.topics[as_read[t]][1] for t in wanted)
             bar = _progress(total, "replay", progress)
             wall0 = time.perf_counter()
-            for topic, _, _, msg in reader.messages(wanted) if wanted else ():
+            renamed = {as_read[t]: t for t in wanted}
+            for bag_topic, _, _, msg in reader.messages(sorted(renamed)) if wanted else ():
+                topic = renamed[bag_topic]
                 if topic == "/tf_static":
                     for stage in stages.values():
                         extr = getattr(stage, "extrinsics", None)
@@ -771,6 +801,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--pipelines", nargs="+", default=list(PIPELINES), choices=PIPELINES)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: all cores)")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--remap", nargs="+", metavar="FROM:=TO", default=[],
+                        help="read the bag's topic FROM as TO, e.g. /velodyne_points:=/lidar/points")
     args = parser.parse_args(argv)
     if args.threads < 0:
         raise UserError(f"--threads {args.threads}: must be >= 0")
@@ -781,14 +813,17 @@ def main(argv: list[str]) -> int:
     from vg_ros.nodes.base import limit_blas_threads
     limit_blas_threads()   # as in the nodes: numpy's BLAS pool would take the cores from torch's
     try:
+        remap = parse_remaps(args.remap)
         result = replay(args.bag, args.out, config=args.config, rig=args.rig, device=args.device,
-                        pipelines=tuple(args.pipelines), overwrite=args.force, progress=not args.json)
+                        pipelines=tuple(args.pipelines), overwrite=args.force, progress=not args.json, remap=remap)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     if args.report:
         from vg_ros.report import write_report
-        index = write_report(args.report, args.bag, args.out, result, title="vg-ros replay",
-                             topics=output_topics(args.config))
+        topics = output_topics(args.config)
+        original = {dst: src for src, dst in remap.items()}   # the report draws the bag's own camera topic
+        topics["grounding"]["image"] = original.get(topics["grounding"]["image"], topics["grounding"]["image"])
+        index = write_report(args.report, args.bag, args.out, result, title="vg-ros replay", topics=topics)
         result["report"] = str(index)
     if args.json:
         print(json.dumps(public(result), sort_keys=True))
