@@ -11,7 +11,8 @@ Launch arguments: config (params file), rig (name or YAML path), device (cpu | c
 bag is played), remappings (';'- or ','-separated FROM:=TO pairs, applied to every node), namespace,
 bag (a rosbag2 to play with `ros2 bag play --clock`), rate (its playback rate), threads (OpenMP / MKL
 threads per node, torch's pool; 0: CPU cores / nodes, at least 1, so the nodes do not oversubscribe the cores),
-rviz (true: also start rviz2 with config/perception.rviz).
+rviz (true: also start rviz2 with config/perception.rviz), respawn (true: a node that dies is started
+again after 2 s, as `vg-ros up --respawn`).
 Without a ROS install, `vg-ros up` runs the same nodes with the same YAML (and the same threads rule).
 """
 import os
@@ -87,7 +88,7 @@ def launch_setup(context, *args, **kwargs):
     """Builds the actions once the launch arguments are known."""
     value = {name: LaunchConfiguration(name).perform(context)
              for name in ("config", "rig", "device", "nodes", "use_sim_time", "remappings", "namespace",
-                          "bag", "rate", "threads", "rviz")}
+                          "bag", "rate", "threads", "rviz", "respawn")}
     if value["device"] not in DEVICES:
         raise ValueError(f"device: {value['device']!r} must be one of {', '.join(DEVICES)}")
     bag = value["bag"].strip()
@@ -116,6 +117,8 @@ def launch_setup(context, *args, **kwargs):
             output="screen",
             emulate_tty=True,
             additional_env=env,
+            respawn=_is_true(value["respawn"]),
+            respawn_delay=2.0,
         ))
     if _is_true(value["rviz"]):
         view = os.path.join(get_package_share_directory(PACKAGE), "config", "perception.rviz")
@@ -152,5 +155,7 @@ def generate_launch_description():
                               description="OpenMP/MKL (torch) threads per node (0: CPU cores / nodes, at least 1)"),
         DeclareLaunchArgument("rviz", default_value="false", choices=["true", "false"],
                               description="also start rviz2 with config/perception.rviz"),
+        DeclareLaunchArgument("respawn", default_value="false", choices=["true", "false"],
+                              description="start a node that dies again after 2 s"),
         OpaqueFunction(function=launch_setup),
     ])

@@ -23,7 +23,7 @@ from vg_ros.up import NODES, NodeSpec, Supervisor, node_spec, parse_nodes, threa
 REPO = Path(__file__).resolve().parent.parent
 LAUNCH_FILE = REPO / "launch" / "perception.launch.py"
 EXPECTED_ARGS = {"config", "rig", "device", "nodes", "use_sim_time", "remappings", "namespace", "bag", "rate",
-                 "threads", "rviz"}
+                 "threads", "rviz", "respawn"}
 
 
 def console_scripts() -> dict[str, str]:
@@ -166,6 +166,10 @@ def test_launch_description_executed_against_stand_ins(monkeypatch):
     assert nodes[0].kwargs["parameters"] == ["/opt/share/vg_ros/config/perception.yaml",
                                              {"rig": "default", "device": "auto", "use_sim_time": False}]
     assert not [a for a in actions if type(a).__name__ == "ExecuteProcess"]
+    assert all(n.kwargs["respawn"] is False for n in nodes)
+    _, respawning = launch_actions(module, respawn="true")
+    assert all(n.kwargs["respawn"] is True and n.kwargs["respawn_delay"] == 2.0
+               for n in respawning if type(n).__name__ == "Node")
     _, with_rviz = launch_actions(module, rviz="true", bag="/data/drive.mcap")
     rviz = [a for a in with_rviz if type(a).__name__ == "Node" and a.kwargs["package"] == "rviz2"]
     assert len(rviz) == 1 and rviz[0].kwargs["arguments"] == ["-d", "/opt/share/vg_ros/config/perception.rviz"]
@@ -219,6 +223,8 @@ def test_up_command_lines_and_arguments(tmp_path):
         main(["--config", str(tmp_path / "missing.yaml")])
     with pytest.raises(UserError, match="unknown rig"):
         main(["--rig", "no_such_rig"])
+    with pytest.raises(UserError, match="--respawn-delay"):
+        main(["--respawn", "--respawn-delay", "-1"])
 
 
 HEARTBEAT_NODE = textwrap.dedent("""
@@ -324,3 +330,50 @@ def test_launch_threads_argument_caps_each_nodes_pools_as_vg_ros_up_does(monkeyp
     assert {n.kwargs["additional_env"]["OMP_NUM_THREADS"] for n in actions if type(n).__name__ == "Node"} == {"2"}
     with pytest.raises(ValueError, match="threads"):
         launch_actions(module, threads="-2")
+
+
+def test_supervisor_respawns_a_crashed_node_but_not_a_failed_setup_nor_past_the_limit(tmp_path):
+    from std_msgs.msg import String
+    script = tmp_path / "heartbeat.py"
+    script.write_text(HEARTBEAT_NODE)
+    broken = tmp_path / "broken.py"
+    broken.write_text("import sys\nprint('bad parameter', flush=True)\nsys.exit(2)\n")
+    lines: list[str] = []
+    sup = Supervisor([NodeSpec("alpha", [sys.executable, "-u", str(script), "alpha"]),
+                      NodeSpec("broken", [sys.executable, "-u", str(broken)])],
+                     log=lines.append, respawn=True, respawn_delay_s=0.5, max_respawns=1)
+    beats: list[float] = []
+    with ros_session(65) as ros:
+        ros.node("listener").create_subscription(String, "/hb/alpha", lambda m: beats.append(time.monotonic()), 10)
+        sup.env["ROS_DOMAIN_ID"] = "65"
+        sup.start()
+
+        def wait_for_death(name):
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:
+                died = sup.poll()
+                if died:
+                    return died
+                ros.spin_for(0.1)
+            raise AssertionError(f"{name} did not die: {lines}")
+
+        try:
+            assert wait_for_death("broken") == [("broken", 2)]              # setup failure: left dead
+            assert ros.spin_until(lambda: beats, timeout=30.0), lines
+            first_pid = sup.procs["alpha"].pid
+            sup.procs["alpha"].send_signal(signal.SIGKILL)
+            assert wait_for_death("alpha") == [("alpha", -signal.SIGKILL)]
+            assert sup.pending() == ["alpha"] and sup.alive() == []
+            killed_at = time.monotonic()
+            assert ros.spin_until(lambda: (sup.poll() or True) and beats[-1] > killed_at + 0.5, timeout=30.0), lines
+            assert sup.procs["alpha"].pid != first_pid and sup.respawns == {"alpha": 1, "broken": 0}
+            sup.procs["alpha"].send_signal(signal.SIGKILL)                 # the limit (1) is reached
+            assert wait_for_death("alpha") == [("alpha", -signal.SIGKILL)]
+            assert sup.pending() == [] and sup.alive() == []
+        finally:
+            sup.stop()
+    deaths = [line for line in lines if "DIED" in line]
+    assert "broken DIED (exit code 2)" in deaths[0] and "its setup failed" in deaths[0] and "bad parameter" in deaths[0]
+    assert "restarting in 0.5 s (respawn 1 of 1)" in deaths[1]
+    assert "not restarted: respawned 1 times already" in deaths[2]
+    assert any("started alpha" in line and "respawn 1 of 1" in line for line in lines)

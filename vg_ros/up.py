@@ -8,10 +8,13 @@ behaviour (parameters, names, logs) is the same on a robot and here. The cost is
 per node.
 
 Each node gets `--ros-args --params-file CONFIG -r __node:=NAME` plus `-p rig:=` / `device:=` /
-`use_sim_time:=` overrides; parameters are never spelled a second time here. The supervisor restarts
-nothing: when a node exits it logs which one, how (exit code or signal), after how long, and its
-last log lines, and keeps the others running. `vg-ros up` ends when every node has exited or on Ctrl-C
-(SIGINT to each node, then SIGTERM, then SIGKILL after a grace period).
+`use_sim_time:=` overrides; parameters are never spelled a second time here. When a node exits the
+supervisor logs which one, how (exit code or signal), after how long, and its last log lines, and keeps
+the others running. By default it restarts nothing; with `--respawn` (the launch file's `respawn:=true`)
+it starts a crashed node again after `--respawn-delay` seconds, at most `--max-respawns` times, but never
+one that failed its setup (exit code 2: a bad parameter or checkpoint, which a restart cannot mend).
+`vg-ros up` ends when every node has exited for good or on Ctrl-C (SIGINT to each node, then SIGTERM, then
+SIGKILL after a grace period).
 """
 from __future__ import annotations
 
@@ -75,19 +78,31 @@ def threads_per_node(requested: int, n_nodes: int, cpu_count: int | None = None)
     return requested or max(1, (cpu_count or os.cpu_count() or 1) // max(1, n_nodes))
 
 
+# A node's exit code for a setup failure (`vg_ros.nodes.base.run_node`): restarting cannot help.
+SETUP_FAILURE = 2
+
+
 class Supervisor:
     """Starts `specs` as child processes, relays their output prefixed by name, reports deaths.
 
-    `poll()` returns the nodes that exited since the last call (and logs each once); `alive()` lists
-    those running; `stop()` ends all. Nothing is ever restarted. `log` receives every line (default:
-    print to stdout); `tail[name]` keeps each node's last lines for the death report."""
+    `poll()` returns the nodes that exited since the last call (and logs each once), and starts again
+    those due for a respawn; `alive()` lists those running, `pending()` those waiting to be started again;
+    `stop()` ends all. With `respawn` a node that exits (other than with `SETUP_FAILURE`) is started again
+    `respawn_delay_s` later, at most `max_respawns` times (`respawns[name]` counts them). `log` receives
+    every line (default: print to stdout); `tail[name]` keeps each node's last lines for the death report."""
 
     def __init__(self, specs: list[NodeSpec], *, env: dict[str, str] | None = None,
                  log: Callable[[str], None] | None = None, log_dir: str | Path | None = None,
-                 tail_lines: int = 15) -> None:
+                 tail_lines: int = 15, respawn: bool = False, respawn_delay_s: float = 2.0,
+                 max_respawns: int = 5) -> None:
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
             raise ValueError(f"nodes: names repeat: {names}")
+        if not respawn_delay_s >= 0 or max_respawns < 0:
+            raise ValueError(f"respawn delay {respawn_delay_s} s and max respawns {max_respawns} must be >= 0")
+        self.respawn, self.respawn_delay_s, self.max_respawns = respawn, float(respawn_delay_s), int(max_respawns)
+        self.respawns: dict[str, int] = {n: 0 for n in names}
+        self._due: dict[str, float] = {}   # name -> monotonic time of its next start
         self.specs = {s.name: s for s in specs}
         self.env = dict(os.environ if env is None else env)
         self.log = log or (lambda line: print(line, flush=True))
@@ -104,20 +119,27 @@ class Supervisor:
     def start(self) -> None:
         if self.log_dir:
             self.log_dir.mkdir(parents=True, exist_ok=True)
-        for name, spec in self.specs.items():
-            env = {**self.env, **spec.env, "PYTHONUNBUFFERED": "1"}
-            # start_new_session: Ctrl-C in the terminal reaches only us; we stop the nodes in order.
-            proc = subprocess.Popen(spec.argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    text=True, errors="replace", start_new_session=True)
-            self.procs[name] = proc
-            self.started_at[name] = time.monotonic()
-            sink = open(self.log_dir / f"{name}.log", "w") if self.log_dir else None  # noqa: SIM115
-            if sink:
-                self._files.append(sink)
-            thread = threading.Thread(target=self._relay, args=(name, proc, sink), daemon=True)
-            thread.start()
-            self._threads.append(thread)
-            self.log(f"[up] started {name} (pid {proc.pid})")
+        for name in self.specs:
+            self._launch(name)
+
+    def _launch(self, name: str) -> None:
+        spec = self.specs[name]
+        env = {**self.env, **spec.env, "PYTHONUNBUFFERED": "1"}
+        # start_new_session: Ctrl-C in the terminal reaches only us; we stop the nodes in order.
+        proc = subprocess.Popen(spec.argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, errors="replace", start_new_session=True)
+        self.procs[name] = proc
+        self.started_at[name] = time.monotonic()
+        self._reported.discard(name)
+        mode = "a" if self.respawns[name] else "w"   # a respawned node appends to its log
+        sink = open(self.log_dir / f"{name}.log", mode) if self.log_dir else None  # noqa: SIM115
+        if sink:
+            self._files.append(sink)
+        thread = threading.Thread(target=self._relay, args=(name, proc, sink), daemon=True)
+        thread.start()
+        self._threads.append(thread)
+        again = f", respawn {self.respawns[name]} of {self.max_respawns}" if self.respawns[name] else ""
+        self.log(f"[up] started {name} (pid {proc.pid}{again})")
 
     def _relay(self, name: str, proc: subprocess.Popen, sink: TextIO | None) -> None:
         assert proc.stdout is not None
@@ -133,10 +155,19 @@ class Supervisor:
     def alive(self) -> list[str]:
         return [n for n, p in self.procs.items() if p.poll() is None]
 
+    def pending(self) -> list[str]:
+        """Nodes that died and are waiting to be started again."""
+        return sorted(self._due)
+
     def poll(self) -> list[tuple[str, int]]:
-        """(name, returncode) of nodes that exited since the last poll, each logged once."""
+        """(name, returncode) of nodes that exited since the last poll, each logged once; starts again
+        those whose respawn is due."""
+        now = time.monotonic()
+        for name in [n for n, at in self._due.items() if at <= now]:
+            del self._due[name]
+            self._launch(name)
         died = []
-        for name, proc in self.procs.items():
+        for name, proc in list(self.procs.items()):
             code = proc.poll()
             if code is None or name in self._reported:
                 continue
@@ -145,15 +176,28 @@ class Supervisor:
             died.append((name, code))
             ran = time.monotonic() - self.started_at[name]
             how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+            if not self.respawn:
+                fate = "not restarted"
+            elif code == SETUP_FAILURE:
+                fate = "not restarted: its setup failed (a restart cannot mend a bad parameter or checkpoint)"
+            elif self.respawns[name] >= self.max_respawns:
+                fate = f"not restarted: respawned {self.respawns[name]} times already (--max-respawns)"
+            else:
+                self.respawns[name] += 1
+                self._due[name] = time.monotonic() + self.respawn_delay_s
+                fate = (f"restarting in {self.respawn_delay_s:g} s (respawn {self.respawns[name]} of "
+                        f"{self.max_respawns})")
             time.sleep(0.1)  # let the relay thread catch the last lines
             last = "\n".join(f"    {line}" for line in list(self.tail[name])[-8:])
             others = ", ".join(self.alive()) or "none"
-            self.log(f"[up] {name} DIED ({how}) after {ran:.1f} s; not restarted. Still running: {others}."
+            self.log(f"[up] {name} DIED ({how}) after {ran:.1f} s; {fate}. Still running: {others}."
                      + (f" Its last lines:\n{last}" if last else ""))
         return died
 
     def stop(self, grace_s: float = 10.0) -> dict[str, int]:
         """SIGINT every node, then SIGTERM, then SIGKILL, `grace_s` apart. Returns exit codes."""
+        self._due.clear()   # no respawn while stopping
+        self.respawn = False
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
             running = [p for p in self.procs.values() if p.poll() is None]
             if not running:
@@ -212,7 +256,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="vg-ros up", description=(
         "Run the perception nodes, one process each, with one YAML of ROS parameters (what "
         "`ros2 launch vg_ros perception.launch.py` does on a ROS install). A node that dies is reported "
-        "and not restarted; the others keep running. Ctrl-C stops all."))
+        "and (unless --respawn) not restarted; the others keep running. Ctrl-C stops all."))
     parser.add_argument("--config", default=None, help="ROS 2 params file (default: config/perception.yaml)")
     parser.add_argument("--rig", default=None, help="rig name or YAML path (default: the config's, else 'default')")
     parser.add_argument("--nodes", nargs="+", help=f"which nodes (default all): {' '.join(NODES)}")
@@ -221,6 +265,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--threads", type=int, default=0,
                         help="OMP/MKL threads per node (default: cores / nodes, at least 1)")
     parser.add_argument("--log-dir", default=None, help="also write each node's output to DIR/<node>.log")
+    parser.add_argument("--respawn", action="store_true",
+                        help="start a crashed node again (never one whose setup failed: exit code 2)")
+    parser.add_argument("--respawn-delay", type=float, default=2.0, help="seconds before a respawn (default 2)")
+    parser.add_argument("--max-respawns", type=int, default=5, help="respawns per node at most (default 5)")
     args = parser.parse_args(argv)
     try:
         chosen = parse_nodes(args.nodes)
@@ -236,19 +284,22 @@ def main(argv: list[str]) -> int:
             raise UserError(str(exc)) from None
     if args.threads < 0:
         raise UserError(f"--threads {args.threads}: must be >= 0")
+    if not args.respawn_delay >= 0 or args.max_respawns < 0:
+        raise UserError(f"--respawn-delay {args.respawn_delay} and --max-respawns {args.max_respawns}: must be >= 0")
     threads = threads_per_node(args.threads, len(chosen))
     specs = [node_spec(c, config=config.resolve(), rig=args.rig, device=args.device,
                        use_sim_time=True if args.use_sim_time else None, threads=threads) for c in chosen]
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
-    sup = Supervisor(specs, log_dir=args.log_dir)
+    sup = Supervisor(specs, log_dir=args.log_dir, respawn=args.respawn, respawn_delay_s=args.respawn_delay,
+                     max_respawns=args.max_respawns)
     print(f"[up] {len(specs)} node(s) with {config}; ROS_DOMAIN_ID={os.environ.get('ROS_DOMAIN_ID', '0')}; "
           f"Ctrl-C to stop", flush=True)
     try:
         sup.start()
         while not stop.is_set():
             sup.poll()
-            if not sup.alive():
+            if not sup.alive() and not sup.pending():
                 print("[up] every node has exited", flush=True)
                 break
             stop.wait(0.5)
