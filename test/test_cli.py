@@ -35,3 +35,33 @@ def test_every_command_module_exists():
 def test_console_entry_point_runs():
     proc = subprocess.run([sys.executable, "-m", "vg_ros.cli", "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "usage: vg-ros" in proc.stdout
+
+
+def test_doctor_passes_here_and_names_a_broken_checkpoint(tmp_path):
+    """`vg-ros doctor --json` on this machine (the suite's own DDS domain): every check passes, the
+    pipelines included; a corrupt checkpoint or one without its card fails, named, with the fix."""
+    import json
+    import os
+    from pathlib import Path
+
+    from vg_ros.doctor import FAIL, OK, check_weights
+    run = subprocess.run([sys.executable, "-m", "vg_ros.cli", "doctor", "--json"], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    report = json.loads(run.stdout)
+    assert run.returncode == 0 and report["ok"], run.stdout + run.stderr
+    names = [c["name"] for c in report["checks"]]
+    assert names == ["python", "torch", "rclpy", "dds environment", "dds loopback", "optional ROS pieces",
+                     "point-cloud libraries", "parameters file", "checkpoints", "pipelines"]
+    assert all(c["status"] == OK for c in report["checks"]), report
+    shipped = Path(__file__).resolve().parent.parent / "vg_ros" / "weights" / "registration_vbreg.safetensors"
+    (tmp_path / "good.safetensors").write_bytes(shipped.read_bytes())
+    (tmp_path / "good.md").write_text("card")
+    (tmp_path / "cut.safetensors").write_bytes(shipped.read_bytes()[:500])
+    (tmp_path / "cut.md").write_text("card")
+    (tmp_path / "orphan.safetensors").write_bytes(shipped.read_bytes())
+    check = check_weights(tmp_path)
+    assert check.status == FAIL and "cut.safetensors unreadable" in check.detail
+    assert "orphan.safetensors has no model card" in check.detail and "good" not in check.detail and check.fix
+    bad = subprocess.run([sys.executable, "-m", "vg_ros.cli", "doctor", "--skip-models", "--config",
+                          str(tmp_path / "missing.yaml")], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "[FAIL] parameters file" in bad.stdout and "1 failed: parameters file" in bad.stdout

@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "up": ("vg_ros.up:main", "run the three nodes with config/perception.yaml (no ros2 launch needed)"),
     "bench": ("vg_ros.cli:bench_main", "run a benchmark in bench/: registration | occupancy | grounding | sim"),
     "demo": ("vg_ros.demo:main", "the demo: simulated drive through the live nodes, scored, with a report"),
+    "doctor": ("vg_ros.doctor:main", "check this machine for what the nodes need (DDS, libraries, weights, models)"),
 }
 
 CAPABILITIES = ("registration", "occupancy", "grounding")
