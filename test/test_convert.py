@@ -184,6 +184,7 @@ def test_compressed_png_exact_and_jpeg_close(flavor):
     assert png.format == "png" and C.stamp_of(png) == 9
     np.testing.assert_array_equal(C.compressed_to_rgb(png), noisy)
     np.testing.assert_array_equal(C.decode_any_image(png), noisy)
+    np.testing.assert_array_equal(C.image_to_rgb(png), noisy)   # what the nodes and replay call
     jpg = C.rgb_to_compressed(smooth, "jpeg", quality=95, flavor=flavor)
     out = C.decode_any_image(jpg)
     assert out.shape == smooth.shape and out.dtype == np.uint8
@@ -563,3 +564,13 @@ def test_read_rgb_files_of_every_depth(tmp_path):
         C.read_rgb(tmp_path / "junk.png")
     with pytest.raises(ValueError, match="no such image file"):
         C.read_rgb(tmp_path / "missing.png")
+
+
+def test_camera_topic_follows_image_transport_naming():
+    from vg_ros.nodes.base import camera_topic
+    assert camera_topic("/cam/image_raw", "raw") == "/cam/image_raw"
+    assert camera_topic("/cam/image_raw", "compressed") == "/cam/image_raw/compressed"
+    assert camera_topic("/cam/image_raw/compressed", "compressed") == "/cam/image_raw/compressed"
+    assert camera_topic("/cameras/{name}/image_raw", "compressed") == "/cameras/{name}/image_raw/compressed"
+    with pytest.raises(ValueError, match="image_transport = 'theora'"):
+        camera_topic("/cam/image_raw", "theora")

@@ -194,3 +194,36 @@ def test_commands_from_volatile_and_transient_local_publishers_each_apply_once(w
         assert ros.spin_until(lambda: node.pipeline.command == "the red car", timeout=10)
         ros.spin_for(0.5)   # the second copy of the latched command, had it been applied, is counted by now
         assert node.drops.processed["commands"] == 2 and node.drops.total == 0
+
+
+def test_compressed_camera_grounds_as_the_raw_one(weights_file, tmp_path):
+    """image_transport compressed: sensor_msgs/CompressedImage on image_topic/compressed; a PNG frame gives
+    the mask the raw frame gives."""
+    from sensor_msgs.msg import Image
+    from std_msgs.msg import String
+    from vg_ros.convert import image_to_array, rgb_to_compressed
+    from vg_ros.nodes.base import command_qos
+    from vg_ros.types import CameraFrame
+
+    with ros_session(DOMAIN) as ros:
+        node = _node(ros, weights_file, tmp_path, image_transport="compressed", score_threshold=0.0,
+                     mask_threshold=0.01)   # untrained weights: a mask over much of the view
+        assert node.image_input == "/cameras/CAM_FRONT/image_raw/compressed"
+        io = ros.node("io")
+        masks = []
+        io.create_subscription(Image, "/grounding/mask", masks.append, 10)
+        io.create_publisher(String, "/command", command_qos()).publish(String(data="the red car"))
+        from sensor_msgs.msg import CompressedImage
+        pub = io.create_publisher(CompressedImage, "/cameras/CAM_FRONT/image_raw/compressed", 10)
+        assert ros.wait_for_match(pub) and ros.spin_until(lambda: node.pipeline.command == "the red car", timeout=10)
+        rgb = image_to_array(_image(2_000_000_000))
+        pub.publish(rgb_to_compressed(rgb, "png", stamp_ns=2_000_000_000, frame_id="cam_front_optical"))
+        assert ros.spin_until(lambda: masks, timeout=20), node.drops.summary()
+        assert masks[0].header.stamp.sec == 2 and masks[0].header.frame_id == "cam_front_optical"
+        camera = node._camera_model(masks[0], rgb.shape[1], rgb.shape[0])
+        expected = node.pipeline.infer(CameraFrame(camera, rgb, 2_000_000_000), 2_000_000_000)
+        assert expected.found and expected.mask.any()
+        assert np.array_equal(image_to_array(masks[0]) == 255, expected.mask)
+    with pytest.raises(ValueError, match="image_transport"):
+        with ros_session(DOMAIN) as ros:
+            _node(ros, weights_file, tmp_path, image_transport="theora")

@@ -4,6 +4,7 @@ report folder, and one-line errors."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from vg_ros.types import FREE_CLASS
 SEED, SECONDS = 5, 2.0
 FRAMES = 20
 TOPICS = output_topics()  # the nodes' output topics, as configured
+TOPICS_CONFIG = Path(__file__).resolve().parent.parent / "config" / "perception.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -197,3 +199,30 @@ def test_remap_reads_a_robot_topic_as_the_pipeline_input(bag, tmp_path):
                          (["/a:=/c", "/b:=/c"], "two topics onto one")):
         with pytest.raises(ValueError, match=message):
             parse_remaps(bad)
+
+
+def test_compressed_cameras_replay_as_the_raw_ones(bag, tmp_path):
+    """A bag whose camera is recorded compressed (PNG on <topic>/compressed) with `image_transport:
+    compressed` in the YAML: grounding reads it where its node would and scores as on the raw images."""
+    import yaml
+
+    from vg_ros.convert import image_to_rgb, rgb_to_compressed
+    raw_topic = "/cameras/CAM_FRONT/image_raw"
+    packed = tmp_path / "compressed.mcap"
+    with BagReader(bag) as src, BagWriter(packed) as dst:
+        for topic, msgtype, log_ns, msg in src.messages():
+            if topic == raw_topic:
+                dst.write(raw_topic + "/compressed", log_ns, rgb_to_compressed(
+                    image_to_rgb(msg), "png", stamp_ns=stamp_of(msg), frame_id=msg.header.frame_id, flavor="rosbags"))
+            elif not topic.startswith("/cameras/") or topic.endswith("camera_info"):
+                dst.add_topic(topic, msgtype, latched=topic in ("/tf_static", "/command"))
+                dst.write(topic, log_ns, msg)
+    config = tmp_path / "compressed.yaml"
+    section = yaml.safe_load((TOPICS_CONFIG).read_text())["grounding_node"]
+    section["ros__parameters"]["image_transport"] = "compressed"
+    config.write_text(yaml.safe_dump({"grounding_node": section}))
+    packed_run = replay(packed, tmp_path / "a.mcap", pipelines=("grounding",), config=config)
+    raw_run = replay(bag, tmp_path / "b.mcap", pipelines=("grounding",))
+    assert packed_run["grounding"]["frames"] == raw_run["grounding"]["frames"] == FRAMES
+    for key in ("prec_at_05", "miou", "found_rate"):
+        assert packed_run["grounding"][key] == pytest.approx(raw_run["grounding"][key], abs=1e-9), key

@@ -167,8 +167,11 @@ def image_to_array(msg) -> np.ndarray:
 def image_to_rgb(msg) -> np.ndarray:
     """sensor_msgs/Image -> (H, W, 3) uint8 RGB, from any of `COLOUR_ENCODINGS`: rgb/bgr/rgba/bgra/mono in 8
     or 16 bits (16 bits: the high byte), packed YUV 4:2:2 (yuv422 = UYVY, yuv422_yuy2 = YUYV; even width)
-    and raw Bayer mosaics (bayer_rggb8 ... bayer_grbg16, demosaiced bilinearly). Raises ValueError for
-    depth and other non-colour encodings."""
+    and raw Bayer mosaics (bayer_rggb8 ... bayer_grbg16, demosaiced bilinearly); a sensor_msgs/CompressedImage
+    (jpeg, png: anything with a `format` and no `encoding`) through `compressed_to_rgb`. Raises ValueError
+    for depth and other non-colour encodings."""
+    if hasattr(msg, "format") and not hasattr(msg, "encoding"):
+        return compressed_to_rgb(msg)
     enc = msg.encoding
     if enc not in COLOUR_ENCODINGS:
         if enc not in IMAGE_ENCODINGS:
@@ -280,9 +283,7 @@ def read_rgb(path) -> np.ndarray:
 
 
 def decode_any_image(msg) -> np.ndarray:
-    """Image or CompressedImage (anything with a `format` field) -> (H, W, 3) uint8 RGB."""
-    if hasattr(msg, "format") and not hasattr(msg, "encoding"):
-        return compressed_to_rgb(msg)
+    """Image or CompressedImage -> (H, W, 3) uint8 RGB (`image_to_rgb` takes both)."""
     return image_to_rgb(msg)
 
 

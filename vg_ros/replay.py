@@ -116,6 +116,11 @@ def node_settings(capability: str, config_path: str | Path | None = None) -> tup
     else:
         rest = section
     params.update(rest)
+    # a compressed camera is read where its node reads it: <image topic>/compressed
+    from vg_ros.nodes.base import camera_topic
+    for key in ("image_topic", "image_topic_pattern"):
+        if key in params:
+            params[key] = camera_topic(str(params[key]), str(params.get("image_transport", "raw")))
     return cfg, params
 
 

@@ -49,6 +49,18 @@ else:  # replay and tests of the ROS-free helpers still import this module
 
 DEVICES = ("cpu", "cuda", "auto")
 RELIABILITIES = ("best_effort", "reliable")
+IMAGE_TRANSPORTS = ("raw", "compressed")
+
+
+def camera_topic(topic: str, transport: str) -> str:
+    """The topic a camera's images come on: `topic` for raw sensor_msgs/Image; for compressed
+    (sensor_msgs/CompressedImage, jpeg or png) `topic/compressed`, as image_transport names it, unless
+    `topic` already ends so. ValueError for another transport."""
+    if transport not in IMAGE_TRANSPORTS:
+        raise ValueError(f"image_transport = {transport!r}: must be one of {list(IMAGE_TRANSPORTS)}")
+    if transport == "raw" or topic.rstrip("/").endswith("/compressed"):
+        return topic
+    return topic.rstrip("/") + "/compressed"
 
 
 class NodeSetupError(Exception):

@@ -3,7 +3,8 @@ and (with a LiDAR cloud) 3D position out.
 
 Subscribes (topic names are parameters):
   image_topic        sensor_msgs/Image            (sensor QoS; every encoding `convert.image_to_rgb` reads: rgb/bgr(a)
-                     8 and 16 bit, mono8/16, yuv422 (UYVY, YUYV), Bayer 8/16)
+                     8 and 16 bit, mono8/16, yuv422 (UYVY, YUYV), Bayer 8/16); with image_transport
+                     compressed, sensor_msgs/CompressedImage (jpeg, png) on image_topic/compressed
   camera_info_topic  sensor_msgs/CameraInfo       (sensor QoS; intrinsics for the 3D position)
   command_topic      std_msgs/String              (reliable + transient-local: a late joiner gets the last; and
                      a second, volatile subscription for volatile publishers such as a plain `ros2 topic pub`)
@@ -30,7 +31,7 @@ import threading
 import numpy as np
 
 from vg_ros.grounding.pipeline import GroundingConfig
-from vg_ros.nodes.base import PerceptionNode, header_stamp_ns, node_main, volatile_command_qos
+from vg_ros.nodes.base import PerceptionNode, camera_topic, header_stamp_ns, node_main, volatile_command_qos
 from vg_ros.types import stamp_to_ns
 
 
@@ -39,6 +40,8 @@ class GroundingNode(PerceptionNode):
     config_cls = GroundingConfig
     node_params = {
         "image_topic": ("/cameras/CAM_FRONT/image_raw", "input sensor_msgs/Image"),
+        "image_transport": ("raw", "raw: sensor_msgs/Image on image_topic; compressed: sensor_msgs/CompressedImage "
+                            "(jpeg, png) on image_topic/compressed, as image_transport names it"),
         "camera_info_topic": ("/cameras/CAM_FRONT/camera_info", "input sensor_msgs/CameraInfo ('' = none)"),
         "command_topic": ("/command", "input std_msgs/String: the referring expression"),
         "points_topic": ("/lidar/points", "input sensor_msgs/PointCloud2 for the 3D position ('' = none)"),
@@ -58,6 +61,7 @@ class GroundingNode(PerceptionNode):
             self.pipeline.config = self.cfg
 
     def on_configure(self) -> None:
+        self.image_input = camera_topic(str(self.params["image_topic"]), str(self.params["image_transport"]))
         if not float(self.params["max_cloud_age"]) >= 0:
             raise ValueError(f"grounding_node.max_cloud_age = {self.params['max_cloud_age']}: must be >= 0")
         for key in ("image_topic", "command_topic", "mask_topic", "box_topic", "position_topic"):
@@ -66,7 +70,7 @@ class GroundingNode(PerceptionNode):
 
     def on_activate(self) -> None:
         from geometry_msgs.msg import PointStamped, PolygonStamped
-        from sensor_msgs.msg import CameraInfo, Image, PointCloud2
+        from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
         from std_msgs.msg import String
 
         from vg_ros.grounding.pipeline import GroundingPipeline
@@ -95,7 +99,8 @@ class GroundingNode(PerceptionNode):
                                                    volatile_command_qos(), callback_group=self.command_group,
                                                    with_info=True)
         self._seen_commands: collections.deque = collections.deque(maxlen=32)
-        self.subscribe(Image, self.params["image_topic"], self.on_image, self.sensor_qos())
+        self.subscribe(CompressedImage if self.params["image_transport"] == "compressed" else Image, self.image_input,
+                       self.on_image, self.sensor_qos())
         if self.params["camera_info_topic"]:
             self.subscribe(CameraInfo, self.params["camera_info_topic"], self.on_camera_info, self.sensor_qos(),
                            guard_stamps=False)
@@ -141,7 +146,7 @@ class GroundingNode(PerceptionNode):
 
         stamp_ns = header_stamp_ns(msg)
         if self.pipeline.command is None:
-            self.drops.drop("no_command", f"image {stamp_ns} on {self.params['image_topic']}: no command received "
+            self.drops.drop("no_command", f"image {stamp_ns} on {self.image_input}: no command received "
                             f"yet on {self.params['command_topic']}")
             return
         try:

@@ -2,7 +2,9 @@
 cloud and RViz markers out.
 
 Subscribes, per camera NAME of the `cameras` parameter (default: the rig's cameras):
-  image_topic_pattern        /cameras/NAME/image_raw     sensor_msgs/Image (sensor QoS; rgb8/bgr8/rgba8/bgra8/mono8)
+  image_topic_pattern        /cameras/NAME/image_raw     sensor_msgs/Image (sensor QoS; every colour encoding of
+                                                         `convert.image_to_rgb`); image_transport compressed:
+                                                         sensor_msgs/CompressedImage (jpeg, png) on .../compressed
   camera_info_topic_pattern  /cameras/NAME/camera_info   sensor_msgs/CameraInfo (intrinsics; the rig's when absent)
 Images are synchronised by approximate time (`sync_slop`); after `missing_camera_timeout` a set goes on
 without the cameras that did not deliver, and their sector of the grid becomes unknown (-1).
@@ -23,7 +25,7 @@ import threading
 
 import numpy as np
 
-from vg_ros.nodes.base import PerceptionNode, header_stamp_ns, node_main
+from vg_ros.nodes.base import PerceptionNode, camera_topic, header_stamp_ns, node_main
 from vg_ros.occupancy.pipeline import OccupancyConfig
 from vg_ros.types import FREE_CLASS, OCC_CLASSES, OCC_PALETTE, CameraFrame
 
@@ -35,6 +37,8 @@ class OccupancyNode(PerceptionNode):
         "cameras": (["CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_FRONT_LEFT", "CAM_BACK", "CAM_BACK_LEFT", "CAM_BACK_RIGHT"],
                     "camera names to subscribe (each must be in the rig)"),
         "image_topic_pattern": ("/cameras/{name}/image_raw", "input sensor_msgs/Image per camera"),
+        "image_transport": ("raw", "raw: sensor_msgs/Image on each image topic; compressed: sensor_msgs/"
+                            "CompressedImage (jpeg, png) on <image topic>/compressed, as image_transport names it"),
         "camera_info_topic_pattern": ("/cameras/{name}/camera_info", "input sensor_msgs/CameraInfo per camera"),
         "grid_topic": ("/occupancy/grid", "output nav_msgs/OccupancyGrid (transient-local)"),
         "voxels_topic": ("/occupancy/voxels", "output sensor_msgs/PointCloud2 with label and confidence"),
@@ -64,11 +68,12 @@ class OccupancyNode(PerceptionNode):
         for key in ("image_topic_pattern", "camera_info_topic_pattern"):
             if "{name}" not in str(p[key]):
                 raise ValueError(f"occupancy_node.{key} = {p[key]!r}: must contain '{{name}}'")
+        camera_topic("/check", str(p["image_transport"]))   # ValueError for an unknown transport
         self.camera_names = names
 
     def on_activate(self) -> None:
         from nav_msgs.msg import OccupancyGrid
-        from sensor_msgs.msg import CameraInfo, Image, PointCloud2
+        from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
         from visualization_msgs.msg import MarkerArray
 
         from vg_ros.occupancy.pipeline import OccupancyPipeline
@@ -84,12 +89,14 @@ class OccupancyNode(PerceptionNode):
         self.voxels_pub = self.create_publisher(PointCloud2, p["voxels_topic"], self.output_qos())
         self.markers_pub = (self.create_publisher(MarkerArray, p["markers_topic"], self.output_qos())
                             if p["markers_topic"] else None)
-        self.image_topics = [str(p["image_topic_pattern"]).format(name=n) for n in self.camera_names]
+        self.image_topics = [camera_topic(str(p["image_topic_pattern"]).format(name=n), str(p["image_transport"]))
+                             for n in self.camera_names]
+        image_type = CompressedImage if p["image_transport"] == "compressed" else Image
         for name in self.camera_names:
             self.subscribe(CameraInfo, str(p["camera_info_topic_pattern"]).format(name=name),
                            lambda msg, n=name: self.camera_infos.__setitem__(n, msg), self.sensor_qos(),
                            guard_stamps=False)
-        self.sync = self.synchronized([(Image, t) for t in self.image_topics], self.on_images,
+        self.sync = self.synchronized([(image_type, t) for t in self.image_topics], self.on_images,
                                       slop_s=float(p["sync_slop"]), queue_size=int(p["sync_queue"]),
                                       partial_timeout_s=float(p["missing_camera_timeout"]), min_topics=1)
         g = self.pipeline.grid
