@@ -27,14 +27,15 @@ def weights_file(tmp_path_factory):
     return path
 
 
-def _node(ros, weights, tmp_path):
+def _node(ros, weights, tmp_path, **overrides):
     from rclpy.parameter import Parameter
     from vg_ros.nodes.occupancy_node import OccupancyNode
     cfg = tmp_path / "perception.yaml"
     cfg.write_text("occupancy_node:\n  ros__parameters: {diagnostics_period: 0.0, device: cpu, num_threads: 2,"
                    " missing_camera_timeout: 0.3}\n")
     node = OccupancyNode(config_path=cfg, context=ros.context,
-                         parameter_overrides=[Parameter("weights", value=str(weights))])
+                         parameter_overrides=[Parameter("weights", value=str(weights))]
+                         + [Parameter(k, value=v) for k, v in overrides.items()])
     node.configure()
     node.activate()
     return ros.add(node)
@@ -133,3 +134,13 @@ def test_band_and_confidence_floor_change_while_running(weights_file, tmp_path):
         assert not crossed.successful and "z_max" in crossed.reason and node.cfg.z_min == 0.2
         [refused] = ros.set_parameters("occupancy_node", cameras=["CAM_FRONT"])
         assert not refused.successful and "restart" in refused.reason
+
+
+def test_compressed_cameras_are_subscribed_where_image_transport_puts_them(weights_file, tmp_path):
+    with ros_session(DOMAIN) as ros:
+        node = _node(ros, weights_file, tmp_path, image_transport="compressed")
+        assert node.image_topics == [f"/cameras/{n}/image_raw/compressed" for n in node.camera_names]
+        io = ros.node("io")
+        assert ros.spin_until(lambda: all(("sensor_msgs/msg/CompressedImage" in types) for name, types
+                                          in io.get_topic_names_and_types() if name in node.image_topics)
+                              and set(node.image_topics) <= {n for n, _ in io.get_topic_names_and_types()}, timeout=10)
