@@ -574,3 +574,21 @@ def test_camera_topic_follows_image_transport_naming():
     assert camera_topic("/cameras/{name}/image_raw", "compressed") == "/cameras/{name}/image_raw/compressed"
     with pytest.raises(ValueError, match="image_transport = 'theora'"):
         camera_topic("/cam/image_raw", "theora")
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_camera_info_keeps_the_distortion_model_and_refuses_unknown_ones(flavor):
+    K = np.array([[300.0, 0, 160], [0, 300.0, 120], [0, 0, 1]])
+    fisheye = CameraModel("f", 320, 240, K, np.eye(4), "f", np.array([0.1, -0.02, 0.003, -0.001]), "equidistant")
+    msg = C.camera_model_to_info(fisheye, 0, flavor)
+    assert msg.distortion_model == "equidistant"
+    back = C.camera_info_to_model(msg)
+    assert back.distortion_model == "equidistant" and back.distorted
+    np.testing.assert_array_equal(back.distortion, fisheye.distortion)
+    assert back.scaled(160, 120).distortion_model == "equidistant"
+    msg.distortion_model = "double_sphere"
+    with pytest.raises(ValueError, match="distortion_model 'double_sphere' is not supported"):
+        C.camera_info_to_model(msg)
+    msg.distortion_model = "rational_polynomial"
+    with pytest.raises(ValueError, match="'rational_polynomial': 4 coefficients, expected 8"):
+        C.camera_info_to_model(msg)

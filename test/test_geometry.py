@@ -80,3 +80,50 @@ def test_voxel_indices_and_centres_agree():
     np.testing.assert_array_equal(idx, picks)
     _, inside = voxel_indices(np.array([[40.01, 0, 0], [0, 0, -1.01]]), grid)
     assert not inside.any()
+
+
+DISTORTIONS = [("plumb_bob", [-0.3, 0.1, 0.001, -0.002, 0.02]), ("plumb_bob", [-0.3, 0.1, 0.001, -0.002]),
+               ("", [-0.25, 0.05, 0.0, 0.001, 0.0]),
+               ("rational_polynomial", [0.2, -0.1, 0.001, 0.002, 0.01, 0.3, -0.05, 0.02]),
+               ("equidistant", [0.1, -0.02, 0.003, -0.001])]
+
+
+@pytest.mark.parametrize("model,D", DISTORTIONS)
+def test_lens_distortion_projects_as_opencv(model, D):
+    import cv2
+    rng = np.random.default_rng(0)
+    K = np.array([[400.0, 0, 320], [0, 410.0, 240], [0, 0, 1]])
+    pts = np.c_[rng.uniform(-3, 3, (500, 2)), rng.uniform(2, 10, 500)]
+    uv, depth, valid = project_points(K, np.eye(4), pts, 640, 480, distortion=D, distortion_model=model)
+    if model == "equidistant":
+        ref, _ = cv2.fisheye.projectPoints(pts[None], np.zeros(3), np.zeros(3), K, np.array(D))
+    else:
+        ref, _ = cv2.projectPoints(pts, np.zeros(3), np.zeros(3), K, np.array(D))
+    np.testing.assert_allclose(uv, ref.reshape(-1, 2), atol=1e-9)
+    np.testing.assert_array_equal(depth, pts[:, 2])
+    assert 0 < valid.sum() < len(pts)
+
+
+def test_distortion_none_or_zero_is_the_pinhole_and_bad_models_are_named():
+    K = np.array([[400.0, 0, 320], [0, 400.0, 240], [0, 0, 1]])
+    pts = np.array([[1.0, 0.5, 4.0], [-2.0, 1.0, 5.0]])
+    plain = project_points(K, np.eye(4), pts, 640, 480)
+    for D, model in (((), ""), (np.zeros(5), "plumb_bob"), (np.zeros(8), "rational_polynomial")):
+        for a, b in zip(project_points(K, np.eye(4), pts, 640, 480, distortion=D, distortion_model=model), plain):
+            np.testing.assert_array_equal(a, b)
+    # a fisheye bends rays even with zero coefficients (r = theta, not tan theta), as OpenCV's fisheye model
+    import cv2
+    fisheye, _, _ = project_points(K, np.eye(4), pts, 640, 480, distortion=np.zeros(4), distortion_model="equidistant")
+    ref, _ = cv2.fisheye.projectPoints(pts[None], np.zeros(3), np.zeros(3), K, np.zeros(4))
+    np.testing.assert_allclose(fisheye, ref.reshape(-1, 2), atol=1e-9)
+    assert np.abs(fisheye - plain[0]).max() > 5
+    # strong barrel distortion folds a point far outside the view back into the image: it stays invalid
+    far_left = np.array([[-20.0, 0.0, 10.0]])   # x/z = -2: the polynomial maps it to x/z = +0.4
+    uv, _, valid = project_points(K, np.eye(4), far_left, 640, 480, distortion=[-0.3, 0.0, 0, 0, 0],
+                                  distortion_model="plumb_bob")
+    assert 0 <= uv[0, 0] < 640 and not valid[0]
+    from vg_ros.geometry import check_distortion
+    with pytest.raises(ValueError, match="distortion_model 'kannala' is not supported"):
+        check_distortion([0.1, 0, 0, 0], "kannala")
+    with pytest.raises(ValueError, match="'equidistant': 5 coefficients, expected 4"):
+        check_distortion(np.zeros(5), "equidistant")

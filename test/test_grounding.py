@@ -781,6 +781,28 @@ def test_locate_median_of_points_in_mask(pipeline):
     assert np.linalg.norm(pipeline.locate(half, points, np.eye(4), camera) - [0.1, 0.05, 10.0]) < 0.1
 
 
+def test_locate_follows_the_lens_distortion_of_the_camera(pipeline):
+    """A wide lens (strong barrel distortion) moves an off-centre target's pixels towards the centre: the
+    mask sits there in the raw image, and only the distorted projection finds the LiDAR points inside it."""
+    import dataclasses
+
+    from vg_ros.geometry import project_points
+    lens = dataclasses.replace(_camera(), distortion=np.array([-0.35, 0.12, 0.0, 0.0, 0.0]),
+                               distortion_model="plumb_bob")
+    rng = np.random.default_rng(2)
+    target = np.array([6.0, 1.5, 8.0]) + rng.normal(0, 0.05, (60, 3))   # far right of the view
+    (u, v), = project_points(lens.K, np.eye(4), target[:1], lens.width, lens.height,
+                             distortion=lens.distortion, distortion_model="plumb_bob")[0]
+    (u0, v0), = project_points(lens.K, np.eye(4), target[:1], lens.width, lens.height)[0]
+    assert abs(u - u0) > 30   # the lens moves it by tens of pixels
+    mask = np.zeros((lens.height, lens.width), bool)
+    mask[int(v) - 12:int(v) + 12, int(u) - 12:int(u) + 12] = True
+    result = GroundingResult(1, "x", True, 0.9, np.array([u - 12, v - 12, u + 12, v + 12]), mask)
+    pos = pipeline.locate(result, target, np.eye(4), lens)
+    assert pos is not None and np.linalg.norm(pos - [6.0, 1.5, 8.0]) < 0.1
+    assert pipeline.locate(result, target, np.eye(4), _camera()) is None   # the pinhole misses the mask
+
+
 # -- data, training loop, evaluation (a stand-in simulator: two coloured boxes per image) ---------------------
 
 _FAKE_OBJECTS = {1: ("car", "red"), 2: ("car", "blue"), 3: ("bus", "green")}

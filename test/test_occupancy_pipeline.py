@@ -160,3 +160,38 @@ def test_cli_reports_bad_folders_as_user_errors(tmp_path):
     (tmp_path / "calib.json").write_text(json.dumps({"cameras": {"CAM_FRONT": {"img_path": "x.jpg"}}}))
     with pytest.raises(UserError, match="cannot read image"):
         occupancy_cli([str(tmp_path)])
+
+
+@pytest.mark.parametrize("model,D", [("plumb_bob", [-0.3, 0.08, 0.001, -0.001, 0.0]),
+                                     ("equidistant", [0.0, 0.0, 0.0, 0.0]),   # a fisheye even without coefficients
+                                     ("equidistant", [-0.05, 0.01, 0.002, -0.001])])
+def test_a_distorted_camera_is_rectified_to_its_pinhole_before_the_network(model, D):
+    """The network projects with a pinhole: a frame from a lens with distortion is resampled so that a
+    3D point appears where the pinhole puts it (and the camera handed on has no distortion)."""
+    import cv2
+
+    from vg_ros.occupancy.pipeline import pinhole, prepare_inputs, rectified
+    from vg_ros.types import CameraFrame, CameraModel
+    K = np.array([[260.0, 0, 160], [0, 260.0, 120], [0, 0, 1]])
+    cam = CameraModel("c", 320, 240, K, np.eye(4), "c", np.array(D), model)
+    points = np.array([[1.5, 1.0, 4.0], [-1.8, -0.9, 5.0], [1.6, -1.1, 5.0], [-1.0, 1.2, 4.5]])   # off centre
+    raw = np.zeros((240, 320, 3), np.uint8)
+    seen, _, valid = project_points(K, np.eye(4), points, 320, 240, distortion=D, distortion_model=model)
+    assert valid.all()
+    for u, v in seen:
+        cv2.circle(raw, (int(round(u - 0.5)), int(round(v - 0.5))), 2, (255, 255, 255), -1)
+    out = rectified(CameraFrame(cam, raw, 7))
+    assert not out.camera.distorted and out.stamp_ns == 7 and out.image.shape == raw.shape
+    ideal, _, _ = project_points(K, np.eye(4), points, 320, 240)
+    for (u, v), (su, sv) in zip(ideal, seen):
+        assert np.hypot(u - su, v - sv) > 3                      # the lens moved it ...
+        r0, c0 = int(v) - 8, int(u) - 8
+        window = out.image[r0:r0 + 17, c0:c0 + 17, 0].astype(float)
+        rows, cols = np.nonzero(window > 60)
+        weights = window[rows, cols]
+        centre = (c0 + (cols * weights).sum() / weights.sum() + 0.5, r0 + (rows * weights).sum() / weights.sum() + 0.5)
+        assert np.hypot(centre[0] - u, centre[1] - v) < 1.0    # ... and rectification puts it back
+    plain = CameraFrame(pinhole(cam), raw)
+    assert rectified(plain) is plain
+    images, cams = prepare_inputs([CameraFrame(cam, raw)], (160, 120))
+    assert not cams[0].distorted and images.shape == (1, 3, 120, 160)

@@ -291,7 +291,9 @@ def decode_any_image(msg) -> np.ndarray:
 # sensor_msgs/CameraInfo
 
 def camera_info_to_model(msg, name: str | None = None, T_base_cam: np.ndarray | None = None) -> CameraModel:
-    """sensor_msgs/CameraInfo -> CameraModel (K (3, 3) float64, plumb-bob/rational `distortion`, size).
+    """sensor_msgs/CameraInfo -> CameraModel (K (3, 3) float64, size, `distortion` with its
+    `distortion_model`: plumb_bob, rational_polynomial or equidistant; another model or a coefficient count
+    the model does not have is a ValueError naming it).
     `name` defaults to the header frame_id; `T_base_cam` (4, 4) to identity (look it up in TF)."""
     width, height = int(msg.width), int(msg.height)
     if width <= 0 or height <= 0:
@@ -303,10 +305,12 @@ def camera_info_to_model(msg, name: str | None = None, T_base_cam: np.ndarray | 
     if not np.all(np.isfinite(K)) or K[0, 0] <= 0 or K[1, 1] <= 0:
         raise ValueError(f"k: focal lengths fx={K[0, 0]}, fy={K[1, 1]} must be finite and positive")
     frame_id = str(msg.header.frame_id)
-    dist = np.asarray(msg.d, dtype=np.float64).reshape(-1).copy()
+    from vg_ros.geometry import check_distortion
+    model = str(getattr(msg, "distortion_model", "") or "")
+    dist = check_distortion(np.asarray(msg.d, dtype=np.float64).reshape(-1).copy(), model)
     T = np.eye(4) if T_base_cam is None else np.asarray(T_base_cam, dtype=np.float64)
     return CameraModel(name=name if name is not None else frame_id, width=width, height=height, K=K.copy(),
-                       T_base_cam=T, frame_id=frame_id, distortion=dist)
+                       T_base_cam=T, frame_id=frame_id, distortion=dist, distortion_model=model)
 
 
 def camera_model_to_info(cam: CameraModel, stamp_ns: int = 0, flavor: str = "rclpy"):
@@ -315,7 +319,8 @@ def camera_model_to_info(cam: CameraModel, stamp_ns: int = 0, flavor: str = "rcl
     P = np.zeros((3, 4))
     P[:, :3] = K
     d = np.asarray(cam.distortion, dtype=np.float64).reshape(-1)
-    model = {0: "", 4: "plumb_bob", 5: "plumb_bob", 8: "rational_polynomial"}.get(d.size, "plumb_bob")
+    model = cam.distortion_model or {0: "", 4: "plumb_bob", 5: "plumb_bob", 8: "rational_polynomial"}.get(d.size,
+                                                                                                       "plumb_bob")
     roi = _new("sensor_msgs/msg/RegionOfInterest", flavor, x_offset=0, y_offset=0, height=0, width=0,
                do_rectify=False)
     return _new("sensor_msgs/msg/CameraInfo", flavor, header=make_header(stamp_ns, cam.frame_id or cam.name, flavor),

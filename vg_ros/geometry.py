@@ -92,9 +92,68 @@ def rotation_angle_deg(R: np.ndarray) -> float:
     return float(np.degrees(np.arccos(np.clip((np.trace(R) - 1.0) / 2.0, -1.0, 1.0))))
 
 
+# sensor_msgs/CameraInfo distortion models and their coefficient counts ("" = none, or plumb_bob by count)
+DISTORTION_MODELS: dict[str, tuple[int, ...]] = {"": (0, 4, 5, 8), "plumb_bob": (4, 5), "rational_polynomial": (8,),
+                                                 "equidistant": (4,)}
+
+
+def check_distortion(coefficients, model: str) -> np.ndarray:
+    """The coefficients (float64) after checking them against `model`; ValueError names what is wrong."""
+    D = np.asarray(coefficients, dtype=np.float64).reshape(-1)
+    if model not in DISTORTION_MODELS:
+        raise ValueError(f"distortion_model {model!r} is not supported (supported: "
+                         f"{', '.join(m for m in DISTORTION_MODELS if m)})")
+    if D.size not in DISTORTION_MODELS[model]:
+        raise ValueError(f"distortion_model {model or 'plumb_bob'!r}: {D.size} coefficients, expected "
+                         f"{' or '.join(map(str, DISTORTION_MODELS[model]))}")
+    if not np.all(np.isfinite(D)):
+        raise ValueError("distortion: coefficients must be finite")
+    return D
+
+
+def has_distortion(coefficients, model: str = "") -> bool:
+    """Whether the lens maps points off the pinhole: any non-zero coefficient, or the equidistant (fisheye)
+    model, which bends rays (r = theta, not tan theta) even with all coefficients zero."""
+    return model == "equidistant" or bool(np.any(np.asarray(coefficients, dtype=np.float64)))
+
+
+def distort(xy: np.ndarray, coefficients, model: str = "") -> np.ndarray:
+    """Normalised image coordinates (N, 2) (x/z, y/z) -> distorted ones, as ROS / OpenCV define them:
+    plumb_bob [k1 k2 p1 p2 (k3)], rational_polynomial [k1 k2 p1 p2 k3 k4 k5 k6], equidistant (fisheye)
+    [k1 k2 k3 k4]. Without distortion (`has_distortion` false) `xy` is returned as it is."""
+    D = check_distortion(coefficients, model)
+    xy = np.asarray(xy, dtype=np.float64)
+    if not has_distortion(D, model):
+        return xy
+    x, y = xy[:, 0], xy[:, 1]
+    r2 = x * x + y * y
+    if model == "equidistant":
+        r = np.sqrt(r2)
+        theta = np.arctan(r)
+        t2 = theta * theta
+        theta_d = theta * (1 + t2 * (D[0] + t2 * (D[1] + t2 * (D[2] + t2 * D[3]))))
+        scale = np.where(r > 1e-12, theta_d / np.maximum(r, 1e-12), 1.0)
+        return xy * scale[:, None]
+    k = np.zeros(6)
+    k[:2] = D[:2]
+    if D.size >= 5:
+        k[2] = D[4]
+    if D.size == 8:
+        k[3:] = D[5:8]
+    p1, p2 = D[2], D[3]
+    radial = (1 + r2 * (k[0] + r2 * (k[1] + r2 * k[2]))) / (1 + r2 * (k[3] + r2 * (k[4] + r2 * k[5])))
+    xd = x * radial + 2 * p1 * x * y + p2 * (r2 + 2 * x * x)
+    yd = y * radial + p1 * (r2 + 2 * y * y) + 2 * p2 * x * y
+    return np.stack([xd, yd], axis=1)
+
+
 def project_points(K: np.ndarray, T_cam_x: np.ndarray, points: np.ndarray, width: int, height: int,
-                   min_depth: float = 0.1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Project points (N, 3) given in frame x into a pinhole camera.
+                   min_depth: float = 0.1, distortion=(), distortion_model: str = ""
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Project points (N, 3) given in frame x into a camera: pinhole, then the lens `distortion`
+    (`distort`; none by default), so the pixels are those of the raw, unrectified image. With distortion
+    a point is only valid where its undistorted projection lies within half an image of the frame, so a
+    polynomial model cannot fold a point from far outside the view back into it.
 
     Returns uv (N, 2) float pixel coordinates (pixel centres at +0.5), depth (N,) along the optical
     axis, and valid (N,) bool: in front of the camera and inside the image.
@@ -102,8 +161,14 @@ def project_points(K: np.ndarray, T_cam_x: np.ndarray, points: np.ndarray, width
     cam = transform_points(T_cam_x, np.asarray(points, dtype=np.float64))
     depth = cam[:, 2]
     safe = np.where(depth > min_depth, depth, 1.0)
-    uv = (cam[:, :2] / safe[:, None]) @ K[:2, :2].T + K[:2, 2]
-    valid = (depth > min_depth) & (uv[:, 0] >= 0) & (uv[:, 0] < width) & (uv[:, 1] >= 0) & (uv[:, 1] < height)
+    normalised = cam[:, :2] / safe[:, None]
+    uv = normalised @ K[:2, :2].T + K[:2, 2]
+    valid = depth > min_depth
+    if has_distortion(check_distortion(distortion, distortion_model), distortion_model):
+        valid &= ((uv[:, 0] >= -0.5 * width) & (uv[:, 0] < 1.5 * width)
+                  & (uv[:, 1] >= -0.5 * height) & (uv[:, 1] < 1.5 * height))
+        uv = distort(normalised, distortion, distortion_model) @ K[:2, :2].T + K[:2, 2]
+    valid &= (uv[:, 0] >= 0) & (uv[:, 0] < width) & (uv[:, 1] >= 0) & (uv[:, 1] < height)
     return uv, depth, valid
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from vg_ros.geometry import R_BODY_OPTICAL, make_T, rpy_to_R
+from vg_ros.geometry import R_BODY_OPTICAL, check_distortion, make_T, rpy_to_R
 from vg_ros.types import CameraModel, LidarSpec, Rig
 
 
@@ -46,9 +46,13 @@ def parse_rig(data: dict, name: str) -> Rig:
         T_base_cam = T_base_body if "T" in c else T_base_body @ make_T(R_BODY_OPTICAL)
         K = np.array([[fx, 0.0, cx], [0.0, fy, cy], [0.0, 0.0, 1.0]])
         cam_name = str(c.get("name", f"cam{i}"))
+        model = str(c.get("distortion_model", ""))
+        try:
+            distortion = check_distortion(c.get("distortion", []), model)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
         cameras.append(CameraModel(cam_name, width, height, K, T_base_cam,
-                                   str(c.get("frame_id", cam_name.lower() + "_optical")),
-                                   np.asarray(c.get("distortion", []), dtype=np.float64)))
+                                   str(c.get("frame_id", cam_name.lower() + "_optical")), distortion, model))
     names = [c.name for c in cameras]
     if len(set(names)) != len(names):
         raise ValueError(f"rig {name!r}: camera names repeat: {names}")

@@ -53,8 +53,10 @@ class GridSpec:
 
 @dataclass
 class CameraModel:
-    """A pinhole camera. `K` (3, 3); `T_base_cam` (4, 4) maps the optical frame (x right, y down, z
-    forward, REP 103 `_optical`) into `base_link`; `distortion` plumb-bob coefficients (may be empty)."""
+    """A camera. `K` (3, 3); `T_base_cam` (4, 4) maps the optical frame (x right, y down, z forward,
+    REP 103 `_optical`) into `base_link`; `distortion` the lens coefficients of `distortion_model`
+    (CameraInfo's: "plumb_bob", "rational_polynomial", "equidistant"; "" = plumb_bob by count, or none
+    when empty), applied after the pinhole projection (`geometry.distort`)."""
 
     name: str
     width: int
@@ -63,14 +65,23 @@ class CameraModel:
     T_base_cam: np.ndarray
     frame_id: str = ""
     distortion: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    distortion_model: str = ""
 
     def scaled(self, width: int, height: int) -> "CameraModel":
-        """The same camera resized to `width` x `height`: intrinsics scale with the image."""
+        """The same camera resized to `width` x `height`: intrinsics scale with the image (the distortion,
+        in normalised coordinates, does not)."""
         sx, sy = width / self.width, height / self.height
         K = self.K.astype(np.float64).copy()
         K[0, :] *= sx
         K[1, :] *= sy
-        return CameraModel(self.name, width, height, K, self.T_base_cam.copy(), self.frame_id, self.distortion)
+        return CameraModel(self.name, width, height, K, self.T_base_cam.copy(), self.frame_id, self.distortion,
+                           self.distortion_model)
+
+    @property
+    def distorted(self) -> bool:
+        """Whether the lens maps points off the pinhole (`geometry.has_distortion`: non-zero coefficients,
+        or the equidistant fisheye model, which bends rays even with zero coefficients)."""
+        return self.distortion_model == "equidistant" or bool(np.any(np.asarray(self.distortion, dtype=np.float64)))
 
 
 @dataclass

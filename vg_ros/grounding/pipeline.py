@@ -300,7 +300,8 @@ class GroundingPipeline:
         points = points[np.isfinite(points).all(axis=1)]
         mask = np.asarray(result.mask, dtype=bool)
         mh, mw = mask.shape
-        uv, depth, valid = project_points(camera.K, T, points, camera.width, camera.height)
+        uv, depth, valid = project_points(camera.K, T, points, camera.width, camera.height,
+                                          distortion=camera.distortion, distortion_model=camera.distortion_model)
         if not valid.any():
             return None
         # the mask may be at another resolution than the camera model: scale pixel coordinates

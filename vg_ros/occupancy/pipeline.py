@@ -109,13 +109,50 @@ def check_frame(frame: CameraFrame) -> None:
                          f"calibration is for {frame.camera.width}x{frame.camera.height}")
 
 
+_RECTIFY_MAPS: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def rectified(frame: CameraFrame) -> CameraFrame:
+    """The frame resampled to the distortion-free camera with the same K (image_proc's rectification with
+    P = K), when its camera has lens distortion; else the frame itself. The network projects with a
+    pinhole, so a distorted image would put every feature it samples off by the lens's displacement. The
+    remap tables are cached per camera."""
+    cam = frame.camera
+    if not cam.distorted:
+        return frame
+    import cv2
+    check_frame(frame)
+    K = np.asarray(cam.K, dtype=np.float64)
+    D = np.asarray(cam.distortion, dtype=np.float64)
+    key = K.tobytes() + D.tobytes() + cam.distortion_model.encode() + np.array([cam.width, cam.height]).tobytes()
+    maps = _RECTIFY_MAPS.get(key)
+    if maps is None:
+        size = (cam.width, cam.height)
+        if cam.distortion_model == "equidistant":
+            maps = cv2.fisheye.initUndistortRectifyMap(K, D, np.eye(3), K, size, cv2.CV_16SC2)
+        else:
+            maps = cv2.initUndistortRectifyMap(K, D, None, K, size, cv2.CV_16SC2)
+        if len(_RECTIFY_MAPS) >= 32:
+            _RECTIFY_MAPS.clear()
+        _RECTIFY_MAPS[key] = maps
+    image = cv2.remap(frame.image, maps[0], maps[1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+    return CameraFrame(pinhole(cam), image, frame.stamp_ns)
+
+
+def pinhole(cam: CameraModel) -> CameraModel:
+    """The camera without its lens distortion (what `rectified` resamples a frame to)."""
+    return dataclasses.replace(cam, distortion=np.zeros(0), distortion_model="") if cam.distorted else cam
+
+
 def prepare_inputs(frames: list[CameraFrame], image_size: tuple[int, int]) -> tuple[np.ndarray, list[CameraModel]]:
-    """Resize every frame to `image_size` (W, H): images (N, 3, H, W) uint8 and the scaled cameras."""
+    """Rectify (`rectified`) and resize every frame to `image_size` (W, H): images (N, 3, H, W) uint8 and
+    the scaled pinhole cameras."""
     import cv2
     W, H = image_size
     images, cams = [], []
     for frame in frames:
         check_frame(frame)
+        frame = rectified(frame)
         img = frame.image
         if img.shape[:2] != (H, W):
             shrink = img.shape[1] > W
@@ -197,7 +234,7 @@ class OccupancyPipeline:
         confidence = confidence.float().cpu().numpy()
         if self.cfg.min_confidence > 0:
             semantics[(semantics != FREE_CLASS) & (confidence < self.cfg.min_confidence)] = FREE_CLASS
-        observed = self.observed([f.camera for f in frames])
+        observed = self.observed([pinhole(f.camera) for f in frames])   # the cameras the model saw
         return OccupancyResult(stamp_ns=int(stamp_ns), grid=self.grid, semantics=semantics, confidence=confidence,
                                observed=observed.copy(), seconds=time.perf_counter() - start)
 
