@@ -65,3 +65,15 @@ def test_doctor_passes_here_and_names_a_broken_checkpoint(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "vg_ros.cli", "doctor", "--skip-models", "--config",
                           str(tmp_path / "missing.yaml")], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "[FAIL] parameters file" in bad.stdout and "1 failed: parameters file" in bad.stdout
+
+
+def test_doctor_reports_a_check_that_raises_under_its_own_name(monkeypatch):
+    from vg_ros import doctor
+
+    def broken():
+        raise RuntimeError("no such interface")
+    monkeypatch.setattr(doctor, "check_dds_loopback", broken)
+    checks = doctor.run_checks(models=False)
+    loopback = next(c for c in checks if c.name == "dds loopback")
+    assert loopback.status == doctor.FAIL and "raised RuntimeError: no such interface" in loopback.detail
+    assert [c.name for c in checks][-1] == "checkpoints"

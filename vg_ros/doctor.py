@@ -90,7 +90,7 @@ def check_dds_loopback(timeout_s: float = 5.0) -> Check:
     node = None
     try:
         node = rclpy.create_node(f"vg_ros_doctor_{uuid.uuid4().hex[:8]}", context=context)
-        topic = f"/vg_ros_doctor/{uuid.uuid4().hex[:8]}"
+        topic = f"/vg_ros_doctor/t{uuid.uuid4().hex[:8]}"   # a name token may not start with a digit
         got: list[str] = []
         node.create_subscription(String, topic, lambda m: got.append(m.data), 10)
         pub = node.create_publisher(String, topic, 10)
@@ -213,18 +213,19 @@ def check_pipelines() -> Check:
 
 def run_checks(config: Path | None = None, models: bool = True,
                progress: Callable[[Check], None] | None = None) -> list[Check]:
-    steps: list[Callable[[], Check]] = [check_python, check_torch, check_rclpy, check_dds_environment,
-                                        check_dds_loopback, check_optional_ros, check_point_cloud_libraries,
-                                        lambda: check_config(config), check_weights]
+    steps: list[tuple[str, Callable[[], Check]]] = [
+        ("python", check_python), ("torch", check_torch), ("rclpy", check_rclpy),
+        ("dds environment", check_dds_environment), ("dds loopback", check_dds_loopback),
+        ("optional ROS pieces", check_optional_ros), ("point-cloud libraries", check_point_cloud_libraries),
+        ("parameters file", lambda: check_config(config)), ("checkpoints", check_weights)]
     if models:
-        steps.append(check_pipelines)
+        steps.append(("pipelines", check_pipelines))
     checks = []
-    for step in steps:
+    for name, step in steps:
         try:
             check = step()
         except Exception as exc:  # noqa: BLE001 - a check that breaks is itself a finding
-            check = Check(getattr(step, "__name__", "check").removeprefix("check_"), FAIL,
-                          f"{type(exc).__name__}: {exc}")
+            check = Check(name, FAIL, f"the check itself raised {type(exc).__name__}: {exc}")
         checks.append(check)
         if progress is not None:
             progress(check)
