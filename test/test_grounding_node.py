@@ -119,6 +119,15 @@ def test_node_outputs_late_command_and_position(weights_file, tmp_path):
         node.publish_overlay(mask.header, original, dataclasses.replace(node.last_result, found=False))
         assert ros.spin_until(lambda: len(overlays) == 2, timeout=5)
         assert np.array_equal(image_to_array(overlays[1])[60:], (original[60:] * 0.5).astype(np.uint8))
+        # a node lagging behind: a newer cloud (0.5 s on, the target moved 3 m) arrived before the next image;
+        # the image is paired with the cloud nearest its own stamp, not the newest
+        pts_pub.publish(_cloud(stamp + 500_000_000, p_lidar + [3.0, 0, 0]))
+        ros.spin_for(0.3)
+        img_pub.publish(_image(stamp + 20_000_000))
+        assert ros.spin_until(lambda: len(positions) == 2, timeout=20), node.drops.summary()
+        paired = positions[1].point
+        assert np.linalg.norm([paired.x - p_lidar[0], paired.y - p_lidar[1], paired.z - p_lidar[2]]) < 0.1
+        assert node.drops.drops["no_matching_cloud"] == 0
 
 
 def test_node_bad_input_is_counted_and_node_stays_up(weights_file, tmp_path):

@@ -134,6 +134,21 @@ def test_stamp_guard_resets_when_a_source_starts_again_but_not_for_a_straggler()
         StampGuard(DropCounter(), jump_back_s=-1.0)
 
 
+def test_stamped_buffer_gives_the_nearest_message_within_the_gap():
+    from vg_ros.nodes.base import StampedBuffer
+    buffer = StampedBuffer(3)
+    assert buffer.nearest(0, 1.0) == (None, None)
+    for k in range(5):                       # keeps the last 3: stamps 200, 300, 400 ms
+        buffer.add(k * 100 * MS, f"m{k}")
+    assert buffer.nearest(290 * MS, 0.05) == ("m3", pytest.approx(0.01))
+    assert buffer.nearest(1000 * MS, 0.15) == (None, pytest.approx(0.6))   # too far: None, and how far
+    assert buffer.nearest(0, 0.5)[0] == "m2"                                 # the oldest kept
+    buffer.clear()
+    assert buffer.nearest(300 * MS, 1.0) == (None, None)
+    with pytest.raises(ValueError, match="size"):
+        StampedBuffer(0)
+
+
 # ----------------------------------------------------------------------------------- ApproxTimeSync
 
 

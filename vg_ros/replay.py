@@ -341,7 +341,8 @@ class GroundingStage(Stage):
         self.topics = {p["image_topic"], p["command_topic"]} | ({p["points_topic"]} if p.get("points_topic") else set()) \
             | ({p["camera_info_topic"]} if p.get("camera_info_topic") else set())
         self.info = None
-        self.cloud = None
+        from vg_ros.nodes.base import StampedBuffer
+        self.clouds = StampedBuffer(20)   # as the node: the cloud nearest the image, not just the last
         writer.add_topic(p["mask_topic"], "sensor_msgs/msg/Image")
         writer.add_topic(p["box_topic"], "geometry_msgs/msg/PolygonStamped")
         writer.add_topic(p["position_topic"], "geometry_msgs/msg/PointStamped")
@@ -359,7 +360,8 @@ class GroundingStage(Stage):
             self.info = msg
             return
         if topic == p.get("points_topic") and topic != p["image_topic"]:
-            self.cloud = msg
+            from vg_ros.convert import stamp_of
+            self.clouds.add(stamp_of(msg), msg)
             return
         self._on_image(msg)
 
@@ -405,11 +407,12 @@ class GroundingStage(Stage):
             header=make_header(stamp, frame_id, "rosbags"), polygon=Polygon(points=points)))
         self.frames += 1
         self.found += int(result.found)
-        cloud = self.cloud
-        if not result.found or cloud is None:
+        if not result.found:
             return
-        if abs(stamp_of(cloud) - stamp) > float(self.params.get("max_cloud_age", 0.15)) * 1e9:
-            self.drops.drop("no_matching_cloud", f"image {stamp}")
+        cloud, gap_s = self.clouds.nearest(stamp, float(self.params.get("max_cloud_age", 0.15)))
+        if cloud is None:
+            if gap_s is not None:
+                self.drops.drop("no_matching_cloud", f"image {stamp}: nearest cloud {gap_s:.3f} s away")
             return
         try:
             T_base_cam, _ = self.extrinsics.lookup(frame_id or camera.name)

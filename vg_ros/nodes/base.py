@@ -208,6 +208,36 @@ class StampGuard:
         return False
 
 
+class StampedBuffer:
+    """The last `size` messages of one topic by stamp, for pairing with another topic's stamps: a node
+    whose processing lags behind its inputs still finds the message nearest in time, not just the newest.
+
+    `add(stamp_ns, msg)`; `nearest(stamp_ns, max_gap_s)` -> (msg or None, gap in s of the nearest or None
+    when empty): the message with the closest stamp if within `max_gap_s`; `clear()`."""
+
+    def __init__(self, size: int = 20) -> None:
+        if size < 1:
+            raise ValueError(f"StampedBuffer.size = {size}: must be >= 1")
+        self._items: collections.deque[tuple[int, Any]] = collections.deque(maxlen=int(size))
+        self._lock = threading.Lock()
+
+    def add(self, stamp_ns: int, msg: Any) -> None:
+        with self._lock:
+            self._items.append((int(stamp_ns), msg))
+
+    def nearest(self, stamp_ns: int, max_gap_s: float) -> tuple[Any, float | None]:
+        with self._lock:
+            if not self._items:
+                return None, None
+            best_ns, msg = min(self._items, key=lambda item: abs(item[0] - stamp_ns))
+        gap_s = abs(best_ns - int(stamp_ns)) / 1e9
+        return (msg if gap_s <= max_gap_s else None), gap_s
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
 def header_stamp_ns(msg: Any) -> int:
     """`msg.header.stamp` as integer ns, for rclpy and rosbags messages alike."""
     stamp = msg.header.stamp

@@ -14,8 +14,9 @@ Publishes, each with the image's header (stamp and frame):
   box_topic          geometry_msgs/PolygonStamped (corners (x0,y0) (x1,y0) (x1,y1) (x0,y1) in pixels, the score
                      in every point's z; an EMPTY polygon = not found). A standard type because pip rclpy
                      cannot publish the package's own msg/ types.
-  position_topic     geometry_msgs/PointStamped   (target centre in the LiDAR frame; only when found and a
-                     cloud within `max_cloud_age` of the image and the camera<-LiDAR extrinsics are known)
+  position_topic     geometry_msgs/PointStamped   (target centre in the LiDAR frame; only when found and one of
+                     the last 20 clouds is within `max_cloud_age` of the image (the nearest is used) and the
+                     camera<-LiDAR extrinsics are known)
   overlay_topic      sensor_msgs/Image rgb8       (debug view for RViz: the image, the published mask and box,
                      the command and found / not found; drawn only while someone subscribes)
 
@@ -31,7 +32,8 @@ import threading
 import numpy as np
 
 from vg_ros.grounding.pipeline import GroundingConfig
-from vg_ros.nodes.base import PerceptionNode, camera_topic, header_stamp_ns, node_main, volatile_command_qos
+from vg_ros.nodes.base import (PerceptionNode, StampedBuffer, camera_topic, header_stamp_ns, node_main,
+                               volatile_command_qos)
 from vg_ros.types import stamp_to_ns
 
 
@@ -78,7 +80,7 @@ class GroundingNode(PerceptionNode):
         self.pipeline = GroundingPipeline(self.cfg, weights=self.params["weights"], device=self.device)
         self._lock = threading.Lock()
         self.camera_info = None
-        self.cloud = None
+        self.clouds = StampedBuffer(20)   # ~2 s of LiDAR: a lagging image still meets its own sweep
         self.last_result = None
         self.mask_pub = self.create_publisher(Image, self.params["mask_topic"], self.output_qos())
         self.box_pub = self.create_publisher(PolygonStamped, self.params["box_topic"], self.output_qos())
@@ -113,7 +115,7 @@ class GroundingNode(PerceptionNode):
         self.pipeline = None
 
     def on_time_jump(self) -> None:
-        self.cloud = None   # a cloud of the old time base (the command stays)
+        self.clouds.clear()   # clouds of the old time base (the command stays)
 
     # -- inputs -------------------------------------------------------------------------------------------
     def on_command(self, msg, info=None) -> None:
@@ -138,7 +140,7 @@ class GroundingNode(PerceptionNode):
         self.camera_info = msg
 
     def on_points(self, msg) -> None:
-        self.cloud = msg
+        self.clouds.add(header_stamp_ns(msg), msg)
 
     def on_image(self, msg) -> None:
         from vg_ros.convert import image_to_rgb
@@ -224,13 +226,14 @@ class GroundingNode(PerceptionNode):
 
         from vg_ros.convert import pointcloud2_to_scan
 
-        cloud = self.cloud
-        if cloud is None or not result.found:
+        if not result.found:
             return
-        image_ns, cloud_ns = stamp_to_ns(header.stamp.sec, header.stamp.nanosec), header_stamp_ns(cloud)
-        if abs(image_ns - cloud_ns) > float(self.params["max_cloud_age"]) * 1e9:
-            self.drops.drop("no_matching_cloud", f"image {image_ns}: newest cloud {cloud_ns} is "
-                            f"{abs(image_ns - cloud_ns) / 1e9:.3f} s away")
+        image_ns = stamp_to_ns(header.stamp.sec, header.stamp.nanosec)
+        cloud, gap_s = self.clouds.nearest(image_ns, float(self.params["max_cloud_age"]))
+        if cloud is None:
+            if gap_s is not None:   # clouds came, none near this image
+                self.drops.drop("no_matching_cloud", f"image {image_ns}: the nearest of the recent clouds is "
+                                f"{gap_s:.3f} s away (max_cloud_age {self.params['max_cloud_age']})")
             return
         try:
             T_base_cam, _ = self.extrinsics.lookup(header.frame_id or camera.name)
