@@ -146,6 +146,10 @@ def test_cli_bad_arguments_are_one_line_errors(bag, tmp_path):
         play_main([str(bag), "--topics", "/nope", "--delay", "0"])
     with pytest.raises(UserError, match="exists already"):
         record_main(["/x", "--out", str(bag), "--duration", "0.1"])
+    with pytest.raises(UserError, match="--remap"):
+        play_main([str(bag), "--remap", "/lidar/points=/x", "--delay", "0"])
+    with pytest.raises(UserError, match=r"--remap: \['/nope'\] not in bag"):
+        play_main([str(bag), "--remap", "/nope:=/x", "--delay", "0"])
 
 
 def test_a_looped_play_resets_a_sim_time_node_instead_of_starving_it(bag):
@@ -191,3 +195,21 @@ def test_a_looped_play_resets_a_sim_time_node_instead_of_starving_it(bag):
     assert first_passes == stamps + stamps[1:] + stamps[1:]
     assert node.stamps.jumps == node.resets >= 2
     assert set(node.drops.drops) == {"time_jump_back"}   # never out of order, never stale under sim time
+
+
+def test_play_remaps_a_bag_topic_to_the_name_the_nodes_read(bag, tmp_path):
+    """`--remap /velodyne_points:=/lidar/points` as `ros2 bag play --remap`: here the bag's LiDAR is
+    published as /velodyne_points and recorded back under that name, with every message."""
+    with ros_session(DOMAIN + 3) as ros:
+        player = Player(ros.node("player"), bag, rate=4.0, topics=["/lidar/points", "/command"],
+                        remap={"/lidar/points": "/velodyne_points", "/command": "/speech"})
+        recorder = Recorder(ros.node("recorder"), tmp_path / "out.mcap", ["/velodyne_points", "/speech"])
+        assert ros.spin_until(lambda: not recorder.poll(), timeout=10.0), "recorder never saw the publishers"
+        ros.spin_for(0.3)
+        result: dict = {}
+        thread = threading.Thread(target=lambda: result.update(player.run()))
+        thread.start()
+        ros.spin_until(lambda: not thread.is_alive(), timeout=20.0)
+        ros.spin_until(lambda: recorder.counts["/velodyne_points"] >= FRAMES, timeout=3.0)
+        summary = recorder.close()
+    assert summary["counts"] == {"/velodyne_points": FRAMES, "/speech": 1}

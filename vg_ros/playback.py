@@ -65,7 +65,7 @@ class Player:
 
     def __init__(self, node: Any, bag_path: str | Path, *, rate: float = 1.0, topics: Iterable[str] | None = None,
                  loop: bool = False, clock_hz: float = 50.0, reliable_sensors: bool = False,
-                 track_stamps: bool = False) -> None:
+                 track_stamps: bool = False, remap: dict[str, str] | None = None) -> None:
         from rosgraph_msgs.msg import Clock
         from vg_ros.bag import BagReader
 
@@ -89,14 +89,18 @@ class Player:
         wanted = set(bag_topics) if topics is None else set(topics)
         if unknown := sorted(wanted - set(bag_topics)):
             raise ValueError(f"topics: {unknown} not in bag {str(self.bag_path)!r} (has {sorted(bag_topics)})")
+        self.remap = dict(remap or {})   # bag topic -> the name it is published under
+        if unknown := sorted(set(self.remap) - set(bag_topics)):
+            raise ValueError(f"--remap: {unknown} not in bag {str(self.bag_path)!r} (has {sorted(bag_topics)})")
         for topic in sorted(wanted):
             msgtype, count = bag_topics[topic]
             cls = rclpy_class(msgtype)
             if cls is None:
                 self.skipped[topic] = f"{msgtype} has no rclpy message class here (custom or not installed)"
                 continue
-            qos = playback_qos(topic, msgtype, reliable_sensors=reliable_sensors, latched_depth=count)
-            self._publishers[topic] = node.create_publisher(cls, topic, qos)
+            name = self.remap.get(topic, topic)
+            qos = playback_qos(name, msgtype, reliable_sensors=reliable_sensors, latched_depth=count)
+            self._publishers[topic] = node.create_publisher(cls, name, qos)
         self.topics = sorted(self._publishers)
         self._clock_pub = node.create_publisher(Clock, "/clock", 10)
         self._clock_cls = Clock
@@ -300,7 +304,7 @@ class _RosProcess:
 
 
 def play_main(argv: list[str]) -> int:
-    """`vg-ros play BAG [--rate R] [--loop] [--topics ...]`."""
+    """`vg-ros play BAG [--rate R] [--loop] [--topics ...] [--remap FROM:=TO ...]`."""
     from vg_ros.cli import UserError
     parser = argparse.ArgumentParser(prog="vg-ros play", description=(
         "Publish a rosbag2's messages over DDS at their recorded pace with /clock (for nodes with "
@@ -313,6 +317,8 @@ def play_main(argv: list[str]) -> int:
     parser.add_argument("--delay", type=float, default=1.0, help="seconds to wait for discovery first (default 1)")
     parser.add_argument("--reliable", action="store_true", help="offer sensor topics reliable instead of best effort")
     parser.add_argument("--clock-hz", type=float, default=50.0, help="/clock publish rate (default 50)")
+    parser.add_argument("--remap", nargs="+", metavar="FROM:=TO", default=[],
+                        help="publish the bag's topic FROM as TO, e.g. /velodyne_points:=/lidar/points")
     args = parser.parse_args(argv)
     if not args.rate > 0:
         raise UserError(f"--rate {args.rate}: must be > 0")
@@ -321,12 +327,15 @@ def play_main(argv: list[str]) -> int:
     ros = _RosProcess("vg_ros_player")
     try:
         try:
+            from vg_ros.replay import parse_remaps
             player = Player(ros.node, args.bag, rate=args.rate, topics=args.topics, loop=args.loop,
-                            clock_hz=args.clock_hz, reliable_sensors=args.reliable)
+                            clock_hz=args.clock_hz, reliable_sensors=args.reliable, remap=parse_remaps(args.remap))
         except ValueError as exc:
             raise UserError(str(exc)) from None
         for topic, why in player.skipped.items():
             print(f"[play] skipping {topic}: {why}")
+        for src, dst in player.remap.items():
+            print(f"[play] {src} published as {dst}")
         print(f"[play] {len(player.topics)} topics, {player.duration_s:.2f} s of data at {args.rate}x"
               + (" (looping)" if args.loop else ""), flush=True)
         ros.stop.wait(args.delay)
