@@ -81,7 +81,8 @@ class CameraModel:
     def distorted(self) -> bool:
         """Whether the lens maps points off the pinhole (`geometry.has_distortion`: non-zero coefficients,
         or the equidistant fisheye model, which bends rays even with zero coefficients)."""
-        return self.distortion_model == "equidistant" or bool(np.any(np.asarray(self.distortion, dtype=np.float64)))
+        from vg_ros.geometry import has_distortion   # geometry imports this module: imported on use
+        return has_distortion(self.distortion, self.distortion_model)
 
 
 @dataclass
