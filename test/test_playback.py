@@ -61,6 +61,18 @@ def bag(tmp_path_factory) -> Path:
     return write_bag(tmp_path_factory.mktemp("play") / "in.mcap")
 
 
+def play_into(ros, player: Player, recorder: Recorder, sensor_topic: str) -> tuple[dict, dict]:
+    """Play the whole bag (in a thread, this session spinning) into `recorder`, wait until it holds every
+    frame of `sensor_topic`, close it: (the player's summary, the recorder's)."""
+    ros.spin_for(0.3)  # let both sides finish matching
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(player.run()))
+    thread.start()
+    ros.spin_until(lambda: not thread.is_alive(), timeout=20.0)
+    ros.spin_until(lambda: recorder.counts[sensor_topic] >= FRAMES, timeout=3.0)
+    return result, recorder.close()
+
+
 def test_play_and_record_round_trip_with_clock_pace_and_latching(bag, tmp_path):
     from rosgraph_msgs.msg import Clock
     from std_msgs.msg import String
@@ -77,13 +89,7 @@ def test_play_and_record_round_trip_with_clock_pace_and_latching(bag, tmp_path):
                                      100)
         assert ros.spin_until(lambda: not recorder.poll(), timeout=10.0), "recorder never saw the publishers"
         assert player.wait_for_subscribers(recorder.topics, timeout_s=0) == []
-        ros.spin_for(0.3)  # let both sides finish matching
-        result: dict = {}
-        thread = threading.Thread(target=lambda: result.update(player.run()))
-        thread.start()
-        ros.spin_until(lambda: not thread.is_alive(), timeout=20.0)
-        ros.spin_until(lambda: recorder.counts["/lidar/points"] >= FRAMES, timeout=3.0)
-        summary = recorder.close()
+        result, summary = play_into(ros, player, recorder, "/lidar/points")
 
         # a subscriber that joins after the command was published still gets it (transient-local)
         late: list[str] = []
@@ -205,11 +211,5 @@ def test_play_remaps_a_bag_topic_to_the_name_the_nodes_read(bag, tmp_path):
                         remap={"/lidar/points": "/velodyne_points", "/command": "/speech"})
         recorder = Recorder(ros.node("recorder"), tmp_path / "out.mcap", ["/velodyne_points", "/speech"])
         assert ros.spin_until(lambda: not recorder.poll(), timeout=10.0), "recorder never saw the publishers"
-        ros.spin_for(0.3)
-        result: dict = {}
-        thread = threading.Thread(target=lambda: result.update(player.run()))
-        thread.start()
-        ros.spin_until(lambda: not thread.is_alive(), timeout=20.0)
-        ros.spin_until(lambda: recorder.counts["/velodyne_points"] >= FRAMES, timeout=3.0)
-        summary = recorder.close()
+        _, summary = play_into(ros, player, recorder, "/velodyne_points")
     assert summary["counts"] == {"/velodyne_points": FRAMES, "/speech": 1}
