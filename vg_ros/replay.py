@@ -342,7 +342,7 @@ class GroundingStage(Stage):
             | ({p["camera_info_topic"]} if p.get("camera_info_topic") else set())
         self.info = None
         from vg_ros.nodes.base import StampedBuffer
-        self.clouds = StampedBuffer(20)   # as the node: the cloud nearest the image, not just the last
+        self.clouds = StampedBuffer(10)   # as the node: the cloud nearest the image, not just the last
         writer.add_topic(p["mask_topic"], "sensor_msgs/msg/Image")
         writer.add_topic(p["box_topic"], "geometry_msgs/msg/PolygonStamped")
         writer.add_topic(p["position_topic"], "geometry_msgs/msg/PointStamped")

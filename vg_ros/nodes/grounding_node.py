@@ -15,7 +15,7 @@ Publishes, each with the image's header (stamp and frame):
                      in every point's z; an EMPTY polygon = not found). A standard type because pip rclpy
                      cannot publish the package's own msg/ types.
   position_topic     geometry_msgs/PointStamped   (target centre in the LiDAR frame; only when found and one of
-                     the last 20 clouds is within `max_cloud_age` of the image (the nearest is used) and the
+                     the last 10 clouds is within `max_cloud_age` of the image (the nearest is used) and the
                      camera<-LiDAR extrinsics are known)
   overlay_topic      sensor_msgs/Image rgb8       (debug view for RViz: the image, the published mask and box,
                      the command and found / not found; drawn only while someone subscribes)
@@ -80,7 +80,7 @@ class GroundingNode(PerceptionNode):
         self.pipeline = GroundingPipeline(self.cfg, weights=self.params["weights"], device=self.device)
         self._lock = threading.Lock()
         self.camera_info = None
-        self.clouds = StampedBuffer(20)   # ~2 s of LiDAR: a lagging image still meets its own sweep
+        self.clouds = StampedBuffer(10)   # ~1 s of LiDAR (sweeps are MBs): a lagging image still meets its own
         self.last_result = None
         self.mask_pub = self.create_publisher(Image, self.params["mask_topic"], self.output_qos())
         self.box_pub = self.create_publisher(PolygonStamped, self.params["box_topic"], self.output_qos())
