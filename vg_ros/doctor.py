@@ -137,18 +137,15 @@ def check_point_cloud_libraries() -> Check:
 
 
 def check_config(config: Path | None) -> Check:
-    from vg_ros.config import default_config_path, load_section, split_params
-    from vg_ros.replay import node_class
+    from vg_ros.config import default_config_path
+    from vg_ros.replay import PIPELINES, node_settings
     path = Path(config) if config else default_config_path()
     if not path.is_file():
         return Check("parameters file", FAIL, f"{path}: no such file", "pass --config FILE")
     problems = []
-    for capability in ("occupancy", "registration", "grounding"):
+    for capability in PIPELINES:
         try:
-            cls = node_class(capability)
-            values = load_section(path, cls.default_node_name)
-            if cls.config_cls is not None:
-                cls.config_cls.from_dict(split_params(values, cls.config_cls)[0])
+            node_settings(capability, path)   # resolved as the node and replay resolve them
         except Exception as exc:  # noqa: BLE001 - report any reason the section would not load
             problems.append(f"{capability}: {exc}")
     if problems:

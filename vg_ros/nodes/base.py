@@ -668,9 +668,7 @@ class PerceptionNode(_RosNode):  # type: ignore[misc,valid-type]
             if key in cfg_fields:  # e.g. `device`, `weights` in the pipeline's own config: declared once, there
                 self.params[key] = getattr(self.cfg, key)
                 continue
-            value = rest.get(key, default)
-            if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
+            value = _as_declared(default, rest.get(key, default))
             self.params[key] = self.declare_parameter(key, value, ParameterDescriptor(description=description)).value
         self._validate_common()
         self.stamps = StampGuard(self.drops, float(self.params["max_stamp_age"]),
@@ -736,8 +734,9 @@ class PerceptionNode(_RosNode):  # type: ignore[misc,valid-type]
         the pipeline where it keeps its own copy."""
 
     def _on_set_parameters(self, parameters: list) -> Any:
-        """Validate and apply `ros2 param set` changes: live ones through the config's own checks, the rest
-        refused with a reason (the value stays as it was). Declarations and use_sim_time pass through."""
+        """Validate and apply `ros2 param set` changes: live ones through the checks they met at start (the
+        pipeline config's own, `_validate_common`, the node's `on_configure`), the rest refused with a reason
+        (the value stays as it was). Declarations and use_sim_time pass through."""
         from rcl_interfaces.msg import SetParametersResult
 
         changes = {p.name: p.value for p in parameters if p.name != "use_sim_time" and self.has_parameter(p.name)}
@@ -750,20 +749,20 @@ class PerceptionNode(_RosNode):  # type: ignore[misc,valid-type]
                 f"{', '.join(fixed)}: read when the node starts; restart the node to change "
                 f"{'it' if len(fixed) == 1 else 'them'} (changeable while running: {', '.join(sorted(live))})"))
         fields = set(config_fields(self.config_cls)) if self.config_cls is not None else set()
+        specs = {**COMMON_PARAMS, **self.node_params}
+        node_values = {k: _as_declared(specs[k][0], v) for k, v in changes.items() if k not in fields}
+        # the node's values go through the checks they met at start (`_validate_common`, `on_configure`)
+        started_with = self.params
+        self.params = {**started_with, **node_values}
         try:
             cfg = self.cfg.replace(**{k: v for k, v in changes.items() if k in fields}) if fields & set(changes) \
                 else self.cfg
-            node_values = {k: v for k, v in changes.items() if k not in fields}
-            for key, value in node_values.items():
-                default = (COMMON_PARAMS | self.node_params)[key][0]
-                if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-                    node_values[key] = value = float(value)
-                if isinstance(default, (int, float)) and not isinstance(default, bool) and not value >= 0:
-                    raise ValueError(f"{self.get_name()}.{key} = {value!r}: must be a number >= 0")
+            self._validate_common()
+            self.on_configure()
         except (TypeError, ValueError) as exc:
+            self.params = started_with
             return SetParametersResult(successful=False, reason=str(exc))
         self.cfg = cfg
-        self.params.update(node_values)
         self.stamps.max_age_ns = int(float(self.params["max_stamp_age"]) * 1e9)
         self.stamps.jump_back_ns = int(float(self.params["time_jump_reset"]) * 1e9)
         self.on_parameters_changed(set(changes))
@@ -902,7 +901,7 @@ class PerceptionNode(_RosNode):  # type: ignore[misc,valid-type]
         status = DiagnosticStatus(level=bytes([level]), name=f"vg_ros: {self.get_fully_qualified_name()}",
                                   message=message, hardware_id=self.device,
                                   values=[KeyValue(key=k, value=v) for k, v in
-                                          values + [("time_jump_resets", str(self.stamps.jumps))]])
+                                          values + [("time_jump_resets", str(info["time_jump_resets"]))]])
         array = DiagnosticArray(status=[status])
         array.header.stamp = self.get_clock().now().to_msg()
         self._status_pub.publish(array)
@@ -940,6 +939,14 @@ def diagnostic_status(now: dict, before: dict | None, period_s: float) -> tuple[
     values += [(f"processed/{k}", str(v)) for k, v in sorted(now["processed"].items())]
     values += [(f"dropped/{k}", str(v)) for k, v in sorted(now["drops"].items())]
     return level, message, values
+
+
+def _as_declared(default: Any, value: Any) -> Any:
+    """`value` as the type of its parameter's `default`: an int where a float is declared (YAML's `1`, `ros2
+    param set ... 1`) becomes a float, so the parameter keeps its declared type."""
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
 
 
 def config_fields(cfg_cls: type[PipelineConfig]) -> list[str]:

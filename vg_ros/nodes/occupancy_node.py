@@ -68,8 +68,10 @@ class OccupancyNode(PerceptionNode):
         for key in ("image_topic_pattern", "camera_info_topic_pattern"):
             if "{name}" not in str(p[key]):
                 raise ValueError(f"occupancy_node.{key} = {p[key]!r}: must contain '{{name}}'")
-        camera_topic("/check", str(p["image_transport"]))   # ValueError for an unknown transport
         self.camera_names = names
+        # ValueError for an unknown transport
+        self.image_topics = [camera_topic(str(p["image_topic_pattern"]).format(name=n), str(p["image_transport"]))
+                             for n in names]
 
     def on_activate(self) -> None:
         from nav_msgs.msg import OccupancyGrid
@@ -89,8 +91,6 @@ class OccupancyNode(PerceptionNode):
         self.voxels_pub = self.create_publisher(PointCloud2, p["voxels_topic"], self.output_qos())
         self.markers_pub = (self.create_publisher(MarkerArray, p["markers_topic"], self.output_qos())
                             if p["markers_topic"] else None)
-        self.image_topics = [camera_topic(str(p["image_topic_pattern"]).format(name=n), str(p["image_transport"]))
-                             for n in self.camera_names]
         image_type = CompressedImage if p["image_transport"] == "compressed" else Image
         for name in self.camera_names:
             self.subscribe(CameraInfo, str(p["camera_info_topic_pattern"]).format(name=name),
