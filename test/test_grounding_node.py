@@ -217,7 +217,7 @@ def test_compressed_camera_grounds_as_the_raw_one(weights_file, tmp_path):
     with ros_session(DOMAIN) as ros:
         node = _node(ros, weights_file, tmp_path, image_transport="compressed", score_threshold=0.0,
                      mask_threshold=0.01)   # untrained weights: a mask over much of the view
-        assert node.image_input == "/cameras/CAM_FRONT/image_raw/compressed"
+        assert node.image_inputs == ["/cameras/CAM_FRONT/image_raw/compressed"]
         io = ros.node("io")
         masks = []
         io.create_subscription(Image, "/grounding/mask", masks.append, 10)
@@ -229,10 +229,78 @@ def test_compressed_camera_grounds_as_the_raw_one(weights_file, tmp_path):
         pub.publish(rgb_to_compressed(rgb, "png", stamp_ns=2_000_000_000, frame_id="cam_front_optical"))
         assert ros.spin_until(lambda: masks, timeout=20), node.drops.summary()
         assert masks[0].header.stamp.sec == 2 and masks[0].header.frame_id == "cam_front_optical"
-        camera = node._camera_model(masks[0], rgb.shape[1], rgb.shape[0])
+        camera = node._camera_model(masks[0], rgb.shape[1], rgb.shape[0], node.camera_infos[0])
         expected = node.pipeline.infer(CameraFrame(camera, rgb, 2_000_000_000), 2_000_000_000)
         assert expected.found and expected.mask.any()
         assert np.array_equal(image_to_array(masks[0]) == 255, expected.mask)
     with pytest.raises(ValueError, match="image_transport"):
         with ros_session(DOMAIN) as ros:
             _node(ros, weights_file, tmp_path, image_transport="theora")
+
+
+def test_several_cameras_publish_the_one_where_the_target_scores_highest(weights_file, tmp_path):
+    """extra_image_topics: each synchronised set is grounded in every camera and the best camera's mask and box
+    go out with its header; each extra camera's CameraInfo comes from its sibling topic; a camera missing from
+    a set does not hold the others back past missing_camera_timeout."""
+    from geometry_msgs.msg import PolygonStamped
+    from sensor_msgs.msg import CameraInfo, Image
+    from std_msgs.msg import String
+    from vg_ros.convert import array_to_image, camera_model_to_info, image_to_array
+    from vg_ros.grounding.pipeline import best_camera
+    from vg_ros.nodes.base import command_qos
+    from vg_ros.types import CameraFrame, Rig
+
+    cams = [Rig.load("default").camera(n) for n in ("CAM_FRONT", "CAM_BACK", "CAM_FRONT_LEFT")]
+    topics = [f"/cameras/{c.name}/image_raw" for c in cams]
+    with ros_session(DOMAIN + 4) as ros:
+        node = _node(ros, weights_file, tmp_path, extra_image_topics=topics[1:], score_threshold=0.0,
+                     mask_threshold=0.3, missing_camera_timeout=0.3)
+        assert node.image_inputs == topics
+        assert node.info_topics == [f"/cameras/{c.name}/camera_info" for c in cams]
+        io = ros.node("io")
+        masks, boxes = [], []
+        io.create_subscription(Image, "/grounding/mask", masks.append, 10)
+        io.create_subscription(PolygonStamped, "/grounding/box", boxes.append, 10)
+        io.create_publisher(String, "/command", command_qos()).publish(String(data="the red car"))
+        pubs = [io.create_publisher(Image, t, 10) for t in topics]
+        info_pub = io.create_publisher(CameraInfo, "/cameras/CAM_BACK/camera_info", 10)
+        assert all(ros.wait_for_match(p) for p in pubs + [info_pub])
+        assert ros.spin_until(lambda: node.pipeline.command == "the red car", timeout=10)
+        info_pub.publish(camera_model_to_info(cams[1].scaled(480, 270), stamp_ns=1))
+        assert ros.spin_until(lambda: node.camera_infos[1] is not None, timeout=5)
+        rng = np.random.default_rng(7)
+        images = [rng.integers(0, 255, (270, 480, 3), dtype=np.uint8) for _ in cams]
+        chosen = []
+        sets = [(1_000_000_000, (0, 1, 2)), (1_100_000_000, (0, 2)), (1_500_000_000, (0, 1, 2))]
+        for stamp, present in sets:   # the second set misses CAM_BACK: it goes on once the third is 0.4 s on
+            for i in present:
+                pubs[i].publish(array_to_image(images[i], "rgb8", stamp_ns=stamp + i * 1_000_000,
+                                               frame_id=cams[i].frame_id))
+            ros.spin_for(0.2)
+        assert ros.spin_until(lambda: len(masks) == len(boxes) == 3, timeout=30), node.drops.summary()
+        for k, (stamp, present) in enumerate(sets):
+            frames = [CameraFrame(cams[i].scaled(480, 270), images[i], stamp + i * 1_000_000) for i in present]
+            results = [node.pipeline.infer(f) for f in frames]
+            best = present[best_camera(results)]
+            assert masks[k].header.frame_id == boxes[k].header.frame_id == cams[best].frame_id
+            assert masks[k].header.stamp.nanosec == (stamp + best * 1_000_000) % 1_000_000_000
+            assert np.array_equal(image_to_array(masks[k]) == 255, results[present.index(best)].mask)
+            chosen.append(best)
+        assert set(chosen) != {0}, chosen   # (seed 7's images) the choice is not simply the first camera
+        assert node.drops.drops["sync_partial"] == 1 and node.drops.processed["found"] == 3
+    with pytest.raises(ValueError, match="extra_image_topics"):
+        with ros_session(DOMAIN + 4) as ros:
+            _node(ros, weights_file, tmp_path, extra_image_topics=["/cameras/CAM_FRONT/image_raw"])
+
+
+def test_best_camera_prefers_found_then_score():
+    import dataclasses
+    from vg_ros.grounding.pipeline import best_camera
+    from vg_ros.types import GroundingResult
+    base = GroundingResult(stamp_ns=0, command="x", found=False, score=0.0, box=np.zeros(4),
+                           mask=np.zeros((2, 2), bool), seconds=0.0)
+    r = [dataclasses.replace(base, score=s, found=f) for s, f in ((0.99, False), (0.91, True), (0.95, True))]
+    assert best_camera(r) == 2 and best_camera(r[:2]) == 1 and best_camera(r[:1]) == 0
+    assert best_camera([r[1], dataclasses.replace(r[1])]) == 0   # a tie: the earlier camera
+    with pytest.raises(ValueError):
+        best_camera([])

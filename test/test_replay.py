@@ -30,8 +30,9 @@ def bag():
     return sim_bag(SEED, SECONDS)
 
 
-def write_outputs(bag, out, *, pose_error=None, box_shift=0.0, drop_every=0, lose_class=None):
-    """An output bag built from the ground truth: perfect unless told how to degrade it."""
+def write_outputs(bag, out, *, pose_error=None, box_shift=0.0, drop_every=0, lose_class=None, frame_id=None):
+    """An output bag built from the ground truth: perfect unless told how to degrade it (`frame_id`: the
+    grounding outputs' camera frame instead of the command's)."""
     store = typestore()
     Point32, Polygon = store.types["geometry_msgs/msg/Point32"], store.types["geometry_msgs/msg/Polygon"]
     PolygonStamped = store.types["geometry_msgs/msg/PolygonStamped"]
@@ -62,7 +63,8 @@ def write_outputs(bag, out, *, pose_error=None, box_shift=0.0, drop_every=0, los
                     points = [Point32(x0 + w, y0, 0.9), Point32(x1 + w, y0, 0.9), Point32(x1 + w, y1, 0.9),
                               Point32(x0 + w, y1, 0.9)]
                     mask = expr.mask
-                dst.write(TOPICS["grounding"]["box"], stamp, PolygonStamped(header=make_header(stamp, "cam", "rosbags"),
+                dst.write(TOPICS["grounding"]["box"], stamp, PolygonStamped(header=make_header(
+                    stamp, frame_id or msg.header.frame_id, "rosbags"),
                                                                   polygon=Polygon(points=points)))
                 dst.write(TOPICS["grounding"]["mask"], stamp, array_to_image(mask.astype(np.uint8) * 255, "mono8",
                                                                    stamp_ns=stamp, flavor="rosbags"))
@@ -101,6 +103,16 @@ def test_scores_of_degraded_outputs_are_the_expected_numbers(bag, tmp_path):
     assert gro["found_rate"] == pytest.approx(0.5, abs=0.06)
     assert gro["prec_at_05"] == 0.0
     assert gro["miou"] == pytest.approx(gro["found_rate"], abs=1e-9)  # masks are exact where found
+
+
+def test_a_target_published_in_another_camera_is_a_miss(bag, tmp_path):
+    """Several cameras: the right box in the wrong camera's frame scores IoU 0 (found, but not the target)."""
+    out = write_outputs(bag, tmp_path / "wrong.mcap", frame_id="cam_back_optical")
+    gro = score_bags(bag, out, topics={**TOPICS, "grounding": {
+        **TOPICS["grounding"], "images": ["/cameras/CAM_FRONT/image_raw", "/cameras/CAM_BACK/image_raw"]}})["grounding"]
+    assert gro["cameras"] == ["CAM_FRONT", "CAM_BACK"] and gro["frames"] >= 5
+    assert gro["found_rate"] == 1.0 and gro["found_in_wrong_camera"] == gro["frames"]
+    assert gro["prec_at_05"] == 0.0 and gro["miou"] == 0.0
 
 
 def test_replay_over_a_simulated_drive(bag, tmp_path):

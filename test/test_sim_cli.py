@@ -150,3 +150,19 @@ def test_unwritable_out(tmp_path, capsys):
     (existing / "metadata.yaml").write_text("x")
     assert vg_main(["sim", "--seconds", "0.1", "--out", str(existing)]) == 2
     assert "exists" in capsys.readouterr().err
+
+
+def test_commands_about_any_camera(tmp_path):
+    """--command-camera any: each command is about an object in a camera drawn at random; its ground truth
+    is that camera's mask, in that camera's frame."""
+    from vg_ros.types import Rig
+    rig = Rig.load("default")
+    stats = write_bag(tmp_path / "any.mcap", 5, 1.2, command_every=0.1, command_camera="any", lidar_labels=False)
+    assert stats.commands == 12
+    with BagReader(stats.path) as bag:
+        gts = [convert.msg_to_expression(m) for _, _, _, m in bag.messages(["/gt/grounding"])]
+        frames = {m.camera: m.header.frame_id for _, _, _, m in bag.messages(["/gt/grounding"])}
+        commands = [m.data for _, _, _, m in bag.messages(["/command"])]
+    assert len({g.camera for g in gts}) >= 3 and len(gts) == stats.frames
+    assert all(frames[name] == rig.camera(name).frame_id for name in frames)
+    assert [g.text for g in gts] == commands and all(g.mask.any() for g in gts)

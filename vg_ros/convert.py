@@ -796,3 +796,32 @@ def msg_to_expression(msg) -> Expression:
         raise ValueError(f"box: expected 4 values, got {box.size}")
     return Expression(text=str(msg.command), camera=str(msg.camera), instance_id=int(msg.instance_id),
                       box=box.astype(np.float64), mask=mask > 0, hops=int(msg.hops), stamp_ns=stamp_of(msg))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# grounding outputs (what grounding_node publishes and `vg-ros replay` writes)
+
+def grounding_to_msgs(result: Any, stamp_ns: int, frame_id: str, flavor: str = "rclpy"):
+    """A GroundingResult -> (sensor_msgs/Image mono8 mask, geometry_msgs/PolygonStamped box), both with the
+    image's stamp and frame. Found: the mask is 255 on the target and the polygon holds the box corners
+    (x0,y0) (x1,y0) (x1,y1) (x0,y1) in pixels with the score in every z. Not found: an all-zero mask of the
+    same size and an EMPTY polygon."""
+    mask = np.asarray(result.mask, dtype=bool)
+    mask_msg = array_to_image(mask.astype(np.uint8) * 255 if result.found else np.zeros(mask.shape, np.uint8),
+                              "mono8", stamp_ns=stamp_ns, frame_id=frame_id, flavor=flavor)
+    points = []
+    if result.found:
+        x0, y0, x1, y1 = (float(v) for v in result.box)
+        z = float(result.score)
+        points = [_new("geometry_msgs/msg/Point32", flavor, x=x, y=y, z=z)
+                  for x, y in ((x0, y0), (x1, y0), (x1, y1), (x0, y1))]
+    box_msg = _new("geometry_msgs/msg/PolygonStamped", flavor, header=make_header(stamp_ns, frame_id, flavor),
+                   polygon=_new("geometry_msgs/msg/Polygon", flavor, points=points))
+    return mask_msg, box_msg
+
+
+def point_to_point_stamped(xyz, stamp_ns: int = 0, frame_id: str = "", flavor: str = "rclpy"):
+    """(3,) -> geometry_msgs/PointStamped."""
+    x, y, z = (float(v) for v in np.asarray(xyz, dtype=np.float64).reshape(3))
+    return _new("geometry_msgs/msg/PointStamped", flavor, header=make_header(stamp_ns, frame_id, flavor),
+                point=_new("geometry_msgs/msg/Point", flavor, x=x, y=y, z=z))

@@ -118,16 +118,20 @@ def node_settings(capability: str, config_path: str | Path | None = None) -> tup
     params.update(rest)
     # a compressed camera is read where its node reads it: <image topic>/compressed
     from vg_ros.nodes.base import camera_topic
+    transport = str(params.get("image_transport", "raw"))
     for key in ("image_topic", "image_topic_pattern"):
         if key in params:
-            params[key] = camera_topic(str(params[key]), str(params.get("image_transport", "raw")))
+            params[key] = camera_topic(str(params[key]), transport)
+    if params.get("extra_image_topics"):
+        params["extra_image_topics"] = [camera_topic(str(t), transport) for t in params["extra_image_topics"]]
     return cfg, params
 
 
 def output_topics(config_path: str | Path | None = None) -> dict[str, dict[str, Any]]:
     """What each node publishes (and reads), from its parameters as configured:
     {"occupancy": {"grid", "voxels", "images"}, "odometry": {"odometry", "pose", "points"},
-     "grounding": {"mask", "box", "position", "image"}}. `primary` names the output counted per frame."""
+     "grounding": {"mask", "box", "position", "image", "images"}}. `primary` names the output counted per
+    frame; grounding's `images` are its cameras' topics (image_topic, then extra_image_topics)."""
     from vg_ros.types import Rig
     p: dict[str, dict] = {}
     for cap in PIPELINES:
@@ -140,13 +144,15 @@ def output_topics(config_path: str | Path | None = None) -> dict[str, dict[str, 
         names = list(occ.get("cameras") or [c.name for c in Rig.load(str(occ.get("rig", "default"))).cameras])
     except ValueError:
         names = []
+    grounding_images = [gro["image_topic"], *(gro.get("extra_image_topics") or [])]
     return {
         "occupancy": {"grid": occ["grid_topic"], "voxels": occ["voxels_topic"], "primary": occ["voxels_topic"],
                       "inputs": [str(occ["image_topic_pattern"]).format(name=n) for n in names]},
         "odometry": {"odometry": reg["odom_topic"], "pose": reg["pose_topic"], "primary": reg["odom_topic"],
                      "inputs": [reg["points_topic"]]},
         "grounding": {"mask": gro["mask_topic"], "box": gro["box_topic"], "position": gro["position_topic"],
-                      "primary": gro["box_topic"], "inputs": [gro["image_topic"]], "image": gro["image_topic"]},
+                      "primary": gro["box_topic"], "inputs": grounding_images, "image": gro["image_topic"],
+                      "images": grounding_images},
     }
 
 
@@ -335,13 +341,22 @@ class GroundingStage(Stage):
             self.pipeline = GroundingPipeline(cfg, weights=params.get("weights", "default"), device=device)
         except (ImportError, FileNotFoundError, OSError, ValueError, RuntimeError) as exc:
             raise PipelineUnavailable(f"{type(exc).__name__}: {exc}") from None
+        from vg_ros.nodes.base import ApproxTimeSync, StampedBuffer, camera_info_sibling
         self.rig = rig
         self.extrinsics = extrinsics
         p = params
-        self.topics = {p["image_topic"], p["command_topic"]} | ({p["points_topic"]} if p.get("points_topic") else set()) \
-            | ({p["camera_info_topic"]} if p.get("camera_info_topic") else set())
-        self.info = None
-        from vg_ros.nodes.base import StampedBuffer
+        # as the node: image_topic, then the extra cameras (their CameraInfo on the sibling topic)
+        self.image_topics = [str(p["image_topic"])] + [str(t) for t in p.get("extra_image_topics") or []]
+        self.info_topics = [str(p.get("camera_info_topic") or "")] + \
+            [camera_info_sibling(t) for t in self.image_topics[1:]]
+        self.infos: list[Any] = [None] * len(self.image_topics)
+        self.topics = {p["command_topic"], *self.image_topics, *(t for t in self.info_topics if t)} \
+            | ({p["points_topic"]} if p.get("points_topic") else set())
+        self.sync = None
+        if len(self.image_topics) > 1:
+            self.sync = ApproxTimeSync(len(self.image_topics), self._on_set, slop_s=float(p.get("sync_slop", 0.05)),
+                                       partial_timeout_s=float(p.get("missing_camera_timeout", 0.5)), min_topics=1,
+                                       drops=self.drops, names=self.image_topics)
         self.clouds = StampedBuffer(10)   # as the node: the cloud nearest the image, not just the last
         writer.add_topic(p["mask_topic"], "sensor_msgs/msg/Image")
         writer.add_topic(p["box_topic"], "geometry_msgs/msg/PolygonStamped")
@@ -349,6 +364,7 @@ class GroundingStage(Stage):
         self.found = 0
 
     def feed(self, topic: str, msg: Any) -> None:
+        from vg_ros.convert import stamp_of
         p = self.params
         if topic == p["command_topic"]:
             try:
@@ -356,18 +372,28 @@ class GroundingStage(Stage):
             except ValueError as exc:
                 self.drops.drop("bad_command", str(exc))
             return
-        if topic == p.get("camera_info_topic"):
-            self.info = msg
+        if topic in self.info_topics:
+            self.infos[self.info_topics.index(topic)] = msg
             return
-        if topic == p.get("points_topic") and topic != p["image_topic"]:
-            from vg_ros.convert import stamp_of
+        if topic == p.get("points_topic") and topic not in self.image_topics:
             self.clouds.add(stamp_of(msg), msg)
             return
-        self._on_image(msg)
+        if not self.stamps.accept(topic, stamp_of(msg)):
+            return
+        index = self.image_topics.index(topic)
+        if self.sync is None:
+            self._on_set(msg)
+        else:
+            self.sync.add(index, msg, stamp_of(msg))
 
-    def _camera(self, msg: Any, width: int, height: int):
+    def finish(self) -> None:
+        if self.sync is not None:
+            self.sync.flush(2**62)
+
+    def _camera(self, index: int, msg: Any, rgb: np.ndarray):
         from vg_ros.convert import camera_info_to_model
-        info = self.info
+        height, width = rgb.shape[:2]
+        info = self.infos[index]
         if info is not None and int(info.width) == width and int(info.height) == height:
             return camera_info_to_model(info)
         for cam in self.rig.cameras:
@@ -375,59 +401,31 @@ class GroundingStage(Stage):
                 return cam.scaled(width, height)
         raise KeyError(f"no intrinsics for image frame {msg.header.frame_id!r}")
 
-    def _on_image(self, msg: Any) -> None:
-        from vg_ros.convert import array_to_image, image_to_rgb, make_header, pointcloud2_to_scan, stamp_of
-        from vg_ros.bag import typestore
-        from vg_ros.types import CameraFrame
-        stamp = stamp_of(msg)
-        if not self.stamps.accept(self.params["image_topic"], stamp):
-            return
+    def _on_set(self, *msgs: Any) -> None:
+        from vg_ros.convert import grounding_to_msgs, point_to_point_stamped, stamp_of
+        from vg_ros.grounding.messages import ground_set, target_position
         if self.pipeline.command is None:
-            self.drops.drop("no_command", f"image {stamp}")
+            self.drops.drop("no_command", f"image {stamp_of(next(m for m in msgs if m is not None))}")
             return
         try:
-            rgb = image_to_rgb(msg)
-            camera = self._camera(msg, rgb.shape[1], rgb.shape[0])
-            result = self.timed(lambda: self.pipeline.infer(CameraFrame(camera, rgb, stamp), stamp))
+            grounded = self.timed(lambda: ground_set(self.pipeline, msgs, self.image_topics, self._camera, self.drops))
         except (ValueError, KeyError) as exc:
-            self.drops.drop(f"pipeline_error:{type(exc).__name__}", f"image {stamp}: {exc}")
+            self.drops.drop(f"pipeline_error:{type(exc).__name__}", f"image set: {exc}")
             return
-        store = typestore()
-        frame_id = msg.header.frame_id
-        mask = (result.mask.astype(np.uint8) * 255) if result.found else np.zeros(result.mask.shape, np.uint8)
-        self.writer.write(self.params["mask_topic"], stamp,
-                          array_to_image(mask, "mono8", stamp_ns=stamp, frame_id=frame_id, flavor="rosbags"))
-        Point32, Polygon = store.types["geometry_msgs/msg/Point32"], store.types["geometry_msgs/msg/Polygon"]
-        points = []
-        if result.found:
-            x0, y0, x1, y1 = (float(v) for v in result.box)
-            z = float(result.score)
-            points = [Point32(x0, y0, z), Point32(x1, y0, z), Point32(x1, y1, z), Point32(x0, y1, z)]
-        self.writer.write(self.params["box_topic"], stamp, store.types["geometry_msgs/msg/PolygonStamped"](
-            header=make_header(stamp, frame_id, "rosbags"), polygon=Polygon(points=points)))
+        if grounded is None:
+            return
+        stamp, frame_id = grounded.frame.stamp_ns, grounded.msg.header.frame_id
+        for topic, out in zip((self.params["mask_topic"], self.params["box_topic"]),
+                              grounding_to_msgs(grounded.result, stamp, frame_id, flavor="rosbags")):
+            self.writer.write(topic, stamp, out)
         self.frames += 1
-        self.found += int(result.found)
-        if not result.found:
-            return
-        cloud, gap_s = self.clouds.nearest(stamp, float(self.params.get("max_cloud_age", 0.15)))
-        if cloud is None:
-            if gap_s is not None:
-                self.drops.drop("no_matching_cloud", f"image {stamp}: nearest cloud {gap_s:.3f} s away")
-            return
-        try:
-            T_base_cam, _ = self.extrinsics.lookup(frame_id or camera.name)
-            T_base_lidar, _ = self.extrinsics.lookup(cloud.header.frame_id)
-        except KeyError as exc:
-            self.drops.drop("no_extrinsics", str(exc))
-            return
-        position = self.pipeline.locate(result, pointcloud2_to_scan(cloud).xyz,
-                                        np.linalg.inv(T_base_cam) @ T_base_lidar, camera)
-        if position is None:
-            self.drops.drop("too_few_points_in_mask", f"image {stamp}")
-            return
-        Point = store.types["geometry_msgs/msg/Point"]
-        self.writer.write(self.params["position_topic"], stamp, store.types["geometry_msgs/msg/PointStamped"](
-            header=make_header(stamp, cloud.header.frame_id, "rosbags"), point=Point(*(float(v) for v in position))))
+        self.found += int(grounded.result.found)
+        located = target_position(self.pipeline, grounded, self.clouds, float(self.params.get("max_cloud_age", 0.15)),
+                                  self.extrinsics, self.drops)
+        if located is not None:
+            position, cloud = located
+            self.writer.write(self.params["position_topic"], stamp,
+                              point_to_point_stamped(position, stamp, cloud.header.frame_id, flavor="rosbags"))
 
     def summary(self) -> dict:
         return {**super().summary(), "found": self.found}
@@ -683,15 +681,16 @@ def score_bags(in_bag: str | Path, out_bag: str | Path, *, grounding_image_topic
         # grounding
         if GT_TOPICS["grounding"] in gt_topics:
             from vg_ros.grounding.metrics import box_iou, mask_ious
-            image_topic = grounding_image_topic or topics["grounding"]["image"]
-            camera = image_topic.strip("/").split("/")[1] if image_topic.startswith("/cameras/") else None
+            image_topics = [grounding_image_topic] if grounding_image_topic else \
+                list(topics["grounding"].get("images") or [topics["grounding"]["image"]])
+            cameras = [t.strip("/").split("/")[1] if t.startswith("/cameras/") else None for t in image_topics]
             boxes, masks = pred.get(topics["grounding"]["box"], {}), pred.get(topics["grounding"]["mask"], {})
             ious, m_ious, hops, found, frames = [], [], [], 0, []
             keep = every(GT_TOPICS["grounding"])
-            gt_count = other_camera = invisible = found_invisible = 0
+            gt_count = other_camera = invisible = found_invisible = wrong_camera = 0
             for _, _, _, msg in src.messages([GT_TOPICS["grounding"]]):
                 expr = msg_to_expression(msg)
-                if camera is not None and expr.camera != camera:
+                if None not in cameras and expr.camera not in cameras:
                     other_camera += 1
                     continue
                 stamp = expr.stamp_ns
@@ -703,19 +702,25 @@ def score_bags(in_bag: str | Path, out_bag: str | Path, *, grounding_image_topic
                 if stamp not in boxes:
                     continue
                 ok, box, score = _box_of_polygon(boxes[stamp])
+                found += int(ok)
+                # several cameras: a target published in another camera than the command's is a miss
+                frame_out, frame_gt = boxes[stamp].header.frame_id, msg.header.frame_id
+                if ok and frame_out and frame_gt and frame_out != frame_gt:
+                    wrong_camera += 1
+                    ok = False
                 mask = image_to_array(masks[stamp]) > 0 if stamp in masks else np.zeros_like(expr.mask)
                 if not ok:
                     mask = np.zeros_like(expr.mask)
                 if keep and len(ious) % keep == 0:
                     frames.append((stamp, expr, ok, box, score, mask))
-                found += int(ok)
                 ious.append(float(box_iou(box, expr.box)) if ok else 0.0)
                 m_ious.append(float(mask_ious([mask], [expr.mask])[0]) if mask.shape == expr.mask.shape else 0.0)
                 hops.append(expr.hops)
             section = {"frames": len(ious), "gt_frames": gt_count, "coverage": len(ious) / max(gt_count, 1),
                        "found_rate": found / max(len(ious), 1), "gt_on_other_cameras": other_camera,
                        "gt_target_not_visible": invisible, "found_when_not_visible": found_invisible,
-                       "camera": camera, "image_topic": image_topic}
+                       "found_in_wrong_camera": wrong_camera, "camera": cameras[0], "cameras": cameras,
+                       "image_topic": image_topics[0], "image_topics": image_topics}
             if ious:
                 ious_a, m_a, hops_a = np.asarray(ious), np.asarray(m_ious), np.asarray(hops)
                 section.update({

@@ -8,6 +8,7 @@ side every frame (for the benchmark).
     pipe = GroundingPipeline(GroundingConfig(), weights="default", device="auto")
     pipe.set_command("the red car left of the bus")
     res = pipe.infer(frame, stamp_ns)        # GroundingResult; res.found False under the thresholds
+    best = best_camera([pipe.infer(f) for f in frames])   # several cameras: the one to publish
     pos = pipe.locate(res, points_lidar, T_cam_lidar, camera)   # (3,) in the LiDAR frame, or None
 
 No rclpy here: the node (`vg_ros/nodes/grounding_node.py`) converts messages and calls this.
@@ -148,6 +149,14 @@ def _bilinear_weights(n_out: int, n_in: int) -> np.ndarray:
     np.add.at(weights, (np.arange(n_out), high), frac)
     weights.setflags(write=False)
     return weights
+
+
+def best_camera(results) -> int:
+    """Which of one instant's per-camera GroundingResults is published: the found one with the highest
+    score, else (nothing found) the highest score. Ties go to the earlier camera."""
+    if not results:
+        raise ValueError("best_camera: no results")
+    return max(range(len(results)), key=lambda i: (bool(results[i].found), float(results[i].score), -i))
 
 
 def published_box(mask: np.ndarray, head_box: np.ndarray, box_source: str) -> np.ndarray:

@@ -63,6 +63,15 @@ def camera_topic(topic: str, transport: str) -> str:
     return topic.rstrip("/") + "/compressed"
 
 
+def camera_info_sibling(image_topic: str) -> str:
+    """The CameraInfo topic beside an image topic, as image_transport's camera subscriber pairs them:
+    /cameras/X/image_raw (or its transport topic /cameras/X/image_raw/compressed) -> /cameras/X/camera_info."""
+    topic = str(image_topic).rstrip("/")
+    topic = topic[:-len("/compressed")] if topic.endswith("/compressed") else topic
+    head, _, _ = topic.rpartition("/")
+    return f"{head}/camera_info" if head or str(image_topic).startswith("/") else "camera_info"
+
+
 class NodeSetupError(Exception):
     """A node cannot start (bad parameter, missing checkpoint): logged as one ERROR line, exit code 2."""
 
@@ -669,6 +678,15 @@ class PerceptionNode(_RosNode):  # type: ignore[misc,valid-type]
                 self.params[key] = getattr(self.cfg, key)
                 continue
             value = _as_declared(default, rest.get(key, default))
+            if isinstance(value, list) and not value:
+                # an empty list has no ROS type of its own (rclpy would make it a byte array, refusing the
+                # strings a launch file or `-p` gives): a string array, unset until given
+                from rcl_interfaces.msg import ParameterType
+                from rclpy.parameter import Parameter
+                declared = self.declare_parameter(key, Parameter.Type.STRING_ARRAY, ParameterDescriptor(
+                    description=description, type=ParameterType.PARAMETER_STRING_ARRAY))
+                self.params[key] = list(declared.value or [])
+                continue
             self.params[key] = self.declare_parameter(key, value, ParameterDescriptor(description=description)).value
         self._validate_common()
         self.stamps = StampGuard(self.drops, float(self.params["max_stamp_age"]),

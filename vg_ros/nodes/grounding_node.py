@@ -9,7 +9,13 @@ Subscribes (topic names are parameters):
   command_topic      std_msgs/String              (reliable + transient-local: a late joiner gets the last; and
                      a second, volatile subscription for volatile publishers such as a plain `ros2 topic pub`)
   points_topic       sensor_msgs/PointCloud2      (optional; "" disables the 3D position)
-Publishes, each with the image's header (stamp and frame):
+  extra_image_topics more cameras (optional): each image set of image_topic and these, synchronised by stamp
+                     (`sync_slop`; after `missing_camera_timeout` a set goes on without a late camera), is
+                     grounded in every camera with the command's cached weights, and the camera where the target
+                     scores highest is published (found ones first). Each extra camera's CameraInfo is read from
+                     the sibling `camera_info` topic (/cameras/X/image_raw -> /cameras/X/camera_info), as
+                     image_transport's camera subscriber pairs them.
+Publishes, each with the header (stamp and frame) of the image it was found in:
   mask_topic         sensor_msgs/Image mono8      (255 = target; all zero when not found)
   box_topic          geometry_msgs/PolygonStamped (corners (x0,y0) (x1,y0) (x1,y1) (x0,y1) in pixels, the score
                      in every point's z; an EMPTY polygon = not found). A standard type because pip rclpy
@@ -31,9 +37,10 @@ import threading
 
 import numpy as np
 
+from vg_ros.convert import grounding_to_msgs, point_to_point_stamped
 from vg_ros.grounding.pipeline import GroundingConfig
-from vg_ros.nodes.base import (PerceptionNode, StampedBuffer, camera_topic, header_stamp_ns, node_main,
-                               volatile_command_qos)
+from vg_ros.nodes.base import (PerceptionNode, StampedBuffer, camera_info_sibling, camera_topic, header_stamp_ns,
+                               node_main, volatile_command_qos)
 from vg_ros.types import stamp_to_ns
 
 
@@ -53,6 +60,12 @@ class GroundingNode(PerceptionNode):
         "overlay_topic": ("/grounding/overlay", "output sensor_msgs/Image rgb8 for RViz / rqt_image_view: the image "
                           "with the published mask, box, command and score, drawn only while subscribed ('' = off)"),
         "max_cloud_age": (0.15, "largest |image stamp - cloud stamp| (s) for a cloud used for the position"),
+        "extra_image_topics": ([], "more cameras to look in (image topics; CameraInfo on each one's sibling "
+                               "camera_info): the target is grounded in image_topic and each of these, and the "
+                               "camera where it scores highest is published ([] = image_topic only)"),
+        "sync_slop": (0.05, "with extra_image_topics: largest stamp spread (s) of one image set"),
+        "missing_camera_timeout": (0.5, "with extra_image_topics: seconds to wait for a late camera before "
+                                   "grounding the set without it"),
     }
 
     live_params = frozenset({"score_threshold", "presence_threshold", "mask_threshold", "single_region", "box_source",
@@ -63,12 +76,22 @@ class GroundingNode(PerceptionNode):
             self.pipeline.config = self.cfg
 
     def on_configure(self) -> None:
-        self.image_input = camera_topic(str(self.params["image_topic"]), str(self.params["image_transport"]))
-        if not float(self.params["max_cloud_age"]) >= 0:
-            raise ValueError(f"grounding_node.max_cloud_age = {self.params['max_cloud_age']}: must be >= 0")
+        p = self.params
+        if not float(p["max_cloud_age"]) >= 0:
+            raise ValueError(f"grounding_node.max_cloud_age = {p['max_cloud_age']}: must be >= 0")
         for key in ("image_topic", "command_topic", "mask_topic", "box_topic", "position_topic"):
-            if not str(self.params[key]).strip():
+            if not str(p[key]).strip():
                 raise ValueError(f"grounding_node.{key} is empty")
+        for key in ("sync_slop", "missing_camera_timeout"):
+            if not float(p[key]) > 0:
+                raise ValueError(f"grounding_node.{key} = {p[key]}: must be > 0")
+        topics = [str(p["image_topic"])] + [str(t) for t in p["extra_image_topics"]]
+        if any(not t.strip() for t in topics) or len(set(topics)) != len(topics):
+            raise ValueError(f"grounding_node.extra_image_topics = {list(p['extra_image_topics'])}: must be distinct, "
+                             f"non-empty topics other than image_topic {p['image_topic']!r}")
+        # ValueError for an unknown transport
+        self.image_inputs = [camera_topic(t, str(p["image_transport"])) for t in topics]
+        self.info_topics = [str(p["camera_info_topic"])] + [camera_info_sibling(t) for t in topics[1:]]
 
     def on_activate(self) -> None:
         from geometry_msgs.msg import PointStamped, PolygonStamped
@@ -79,7 +102,7 @@ class GroundingNode(PerceptionNode):
 
         self.pipeline = GroundingPipeline(self.cfg, weights=self.params["weights"], device=self.device)
         self._lock = threading.Lock()
-        self.camera_info = None
+        self.camera_infos: list = [None] * len(self.image_inputs)
         self.clouds = StampedBuffer(10)   # ~1 s of LiDAR (sweeps are MBs): a lagging image still meets its own
         self.last_result = None
         self.mask_pub = self.create_publisher(Image, self.params["mask_topic"], self.output_qos())
@@ -101,15 +124,22 @@ class GroundingNode(PerceptionNode):
                                                    volatile_command_qos(), callback_group=self.command_group,
                                                    with_info=True)
         self._seen_commands: collections.deque = collections.deque(maxlen=32)
-        self.subscribe(CompressedImage if self.params["image_transport"] == "compressed" else Image, self.image_input,
-                       self.on_image, self.sensor_qos())
-        if self.params["camera_info_topic"]:
-            self.subscribe(CameraInfo, self.params["camera_info_topic"], self.on_camera_info, self.sensor_qos(),
-                           guard_stamps=False)
+        image_type = CompressedImage if self.params["image_transport"] == "compressed" else Image
+        if len(self.image_inputs) == 1:
+            self.subscribe(image_type, self.image_inputs[0], self.on_images, self.sensor_qos())
+        else:
+            self.synchronized([(image_type, topic) for topic in self.image_inputs], self.on_images,
+                              slop_s=float(self.params["sync_slop"]),
+                              partial_timeout_s=float(self.params["missing_camera_timeout"]), min_topics=1)
+        for index, topic in enumerate(self.info_topics):
+            if topic:
+                self.subscribe(CameraInfo, topic, lambda msg, i=index: self.camera_infos.__setitem__(i, msg),
+                               self.sensor_qos(), guard_stamps=False)
         if self.params["points_topic"]:
             self.subscribe(PointCloud2, self.params["points_topic"], self.on_points, self.sensor_qos())
-        self.get_logger().info(f"VG-LAW {self.pipeline.spec.img_w}x{self.pipeline.spec.img_h} "
-                               f"({self.cfg.model}) ready; waiting for a command on {self.params['command_topic']}")
+        self.get_logger().info(f"VG-LAW {self.pipeline.spec.img_w}x{self.pipeline.spec.img_h} ({self.cfg.model}) "
+                               f"ready on {len(self.image_inputs)} camera(s); waiting for a command on "
+                               f"{self.params['command_topic']}")
 
     def on_deactivate(self) -> None:
         self.pipeline = None
@@ -136,53 +166,42 @@ class GroundingNode(PerceptionNode):
         self.drops.ok("commands")
         self.get_logger().info(f"command set: {self.pipeline.command[:120]!r}")
 
-    def on_camera_info(self, msg) -> None:
-        self.camera_info = msg
-
     def on_points(self, msg) -> None:
         self.clouds.add(header_stamp_ns(msg), msg)
 
-    def on_image(self, msg) -> None:
-        from vg_ros.convert import image_to_rgb
-        from vg_ros.types import CameraFrame
+    def on_images(self, *msgs) -> None:
+        """One image, or one synchronised set (None for a camera that did not deliver): ground the command in
+        each, publish the camera where the target scores highest."""
+        from vg_ros.grounding.messages import ground_set, target_position
 
-        stamp_ns = header_stamp_ns(msg)
         if self.pipeline.command is None:
-            self.drops.drop("no_command", f"image {stamp_ns} on {self.image_input}: no command received "
+            stamp_ns = header_stamp_ns(next(m for m in msgs if m is not None))
+            self.drops.drop("no_command", f"image {stamp_ns} on {self.image_inputs[0]}: no command received "
                             f"yet on {self.params['command_topic']}")
             return
-        try:
-            rgb = image_to_rgb(msg)
-        except ValueError as exc:
-            self.drops.drop("bad_image", f"image {stamp_ns}: {exc}")
-            return
-        camera = self._camera_model(msg, rgb.shape[1], rgb.shape[0])
         with self._lock:
-            result = self.pipeline.infer(CameraFrame(camera, rgb, stamp_ns), stamp_ns)
+            grounded = ground_set(self.pipeline, msgs, self.image_inputs,
+                                  lambda i, msg, rgb: self._camera_model(msg, rgb.shape[1], rgb.shape[0],
+                                                                         self.camera_infos[i]), self.drops)
+            if grounded is None:
+                return
+            located = target_position(self.pipeline, grounded, self.clouds, float(self.params["max_cloud_age"]),
+                                      self.extrinsics, self.drops)
+        result, header = grounded.result, grounded.msg.header
         self.last_result = result
-        self.publish_result(msg.header, result)
-        self.publish_position(msg.header, result, camera)
+        self.publish_result(header, result)
+        if located is not None:
+            position, cloud = located
+            self.position_pub.publish(point_to_point_stamped(position, grounded.frame.stamp_ns,
+                                                             cloud.header.frame_id))
         if self.overlay_pub is not None and self.overlay_pub.get_subscription_count():
-            self.publish_overlay(msg.header, rgb, result)
+            self.publish_overlay(header, grounded.rgb, result)
         self.drops.ok("found" if result.found else "not_found")
 
     # -- outputs ------------------------------------------------------------------------------------------
     def publish_result(self, header, result) -> None:
-        from geometry_msgs.msg import Point32, PolygonStamped
-
-        from vg_ros.convert import array_to_image
-
-        mask = (result.mask.astype(np.uint8) * 255) if result.found else np.zeros(result.mask.shape, np.uint8)
-        mask_msg = array_to_image(mask, "mono8")
-        mask_msg.header = header
-        self.mask_pub.publish(mask_msg)
-        box = PolygonStamped()
-        box.header = header
-        if result.found:
-            x0, y0, x1, y1 = (float(v) for v in result.box)
-            z = float(result.score)
-            box.polygon.points = [Point32(x=x0, y=y0, z=z), Point32(x=x1, y=y0, z=z),
-                                  Point32(x=x1, y=y1, z=z), Point32(x=x0, y=y1, z=z)]
+        mask, box = grounding_to_msgs(result, stamp_to_ns(header.stamp.sec, header.stamp.nanosec), header.frame_id)
+        self.mask_pub.publish(mask)
         self.box_pub.publish(box)
 
     def publish_overlay(self, header, rgb: np.ndarray, result) -> None:
@@ -202,12 +221,12 @@ class GroundingNode(PerceptionNode):
         out.header = header
         self.overlay_pub.publish(out)
 
-    def _camera_model(self, msg, width: int, height: int):
-        """Intrinsics from the latest CameraInfo of the same size, else the rig camera of that frame."""
+    def _camera_model(self, msg, width: int, height: int, info):
+        """Intrinsics from the camera's latest CameraInfo `info` if of the same size, else the rig camera of
+        the image's frame."""
         from vg_ros.convert import camera_info_to_model
         from vg_ros.types import CameraModel
 
-        info = self.camera_info
         if info is not None and int(info.width) == width and int(info.height) == height:
             try:
                 return camera_info_to_model(info)
@@ -220,38 +239,6 @@ class GroundingNode(PerceptionNode):
         f = float(width)  # unknown camera: a nominal pinhole; the 2D outputs do not depend on it
         return CameraModel(frame or "camera", width, height, np.array([[f, 0, width / 2], [0, f, height / 2],
                                                                         [0, 0, 1.0]]), np.eye(4), frame)
-
-    def publish_position(self, header, result, camera) -> None:
-        from geometry_msgs.msg import PointStamped
-
-        from vg_ros.convert import pointcloud2_to_scan
-
-        if not result.found:
-            return
-        image_ns = stamp_to_ns(header.stamp.sec, header.stamp.nanosec)
-        cloud, gap_s = self.clouds.nearest(image_ns, float(self.params["max_cloud_age"]))
-        if cloud is None:
-            if gap_s is not None:   # clouds came, none near this image
-                self.drops.drop("no_matching_cloud", f"image {image_ns}: the nearest of the recent clouds is "
-                                f"{gap_s:.3f} s away (max_cloud_age {self.params['max_cloud_age']})")
-            return
-        try:
-            T_base_cam, _ = self.extrinsics.lookup(header.frame_id or camera.name)
-            T_base_lidar, _ = self.extrinsics.lookup(cloud.header.frame_id)
-        except KeyError as exc:
-            self.drops.drop("no_extrinsics", str(exc))
-            return
-        scan = pointcloud2_to_scan(cloud)
-        T_cam_lidar = np.linalg.inv(T_base_cam) @ T_base_lidar
-        position = self.pipeline.locate(result, scan.xyz, T_cam_lidar, camera)
-        if position is None:
-            self.drops.drop("too_few_points_in_mask", f"image {image_ns}: not enough LiDAR points inside the mask")
-            return
-        out = PointStamped()
-        out.header.stamp = header.stamp
-        out.header.frame_id = cloud.header.frame_id
-        out.point.x, out.point.y, out.point.z = (float(v) for v in position)
-        self.position_pub.publish(out)
 
 
 main = node_main(GroundingNode)

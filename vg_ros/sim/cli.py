@@ -14,6 +14,7 @@ import numpy as np
 from vg_ros.types import Expression, Rig
 
 ODOM_FRAME = "odom"
+ANY_CAMERA = "any"   # --command-camera any: each command about an object in a camera drawn at random
 BASE_FRAME = "base_link"
 
 
@@ -47,6 +48,8 @@ def write_bag(out: str | Path, seed: int, seconds: float, rig: Rig | None = None
               command_every: float = 3.0, command_camera: str = "CAM_FRONT", lidar_labels: bool = True,
               overwrite: bool = False, progress: bool = False) -> SimBagStats:
     """Simulate `seconds` of world `seed` into an mcap rosbag2 at `out` (see docs/sim.md for the topics).
+    `command_camera`: the camera the commands refer to, or "any": each command is about an object in a
+    camera drawn at random (for multi-camera grounding; /gt/grounding names the camera in its header).
     Raises ValueError for bad arguments (unknown camera, negative duration, existing output...)."""
     from vg_ros import convert
     from vg_ros.bag import BagWriter, typestore
@@ -58,10 +61,10 @@ def write_bag(out: str | Path, seed: int, seconds: float, rig: Rig | None = None
         raise ValueError(f"--seconds: must be a positive number, got {seconds}")
     if not (math.isfinite(command_every) and command_every > 0):
         raise ValueError(f"--command-every: must be a positive number of seconds, got {command_every}")
-    cam = rig.camera(command_camera) if command_camera in [c.name for c in rig.cameras] else None
-    if cam is None:
+    names = [c.name for c in rig.cameras]
+    if command_camera != ANY_CAMERA and command_camera not in names:
         raise ValueError(f"--command-camera: rig {rig.name!r} has no camera {command_camera!r} "
-                         f"(has {[c.name for c in rig.cameras]})")
+                         f"(has {names}, or {ANY_CAMERA!r})")
     world, _ = get_renderer(seed, rig)
     ticks_per_command = max(int(round(command_every * rig.lidar.rate_hz)), 1)
     wall0 = time.perf_counter()
@@ -86,7 +89,12 @@ def write_bag(out: str | Path, seed: int, seconds: float, rig: Rig | None = None
                 due = True
             if due:
                 rng = np.random.default_rng([int(seed), frame.tick, 11])
-                new = make_expressions(world, cam.name, frame.instance[cam.name], frame.depth[cam.name], rng, 1, S)
+                order = [command_camera] if command_camera != ANY_CAMERA else [names[i] for i in rng.permutation(len(names))]
+                new = []
+                for name in order:   # "any": the first camera, in a random order, with something to refer to
+                    new = make_expressions(world, name, frame.instance[name], frame.depth[name], rng, 1, S)
+                    if new:
+                        break
                 if new:
                     active, due = new[0], False
                     bag.write("/command", S - 1, store.types["std_msgs/msg/String"](data=active.text))
@@ -102,6 +110,7 @@ def write_bag(out: str | Path, seed: int, seconds: float, rig: Rig | None = None
             bag.write("/gt/occupancy", S, convert.voxel_grid_to_msg(frame.occupancy, frame.grid, S, BASE_FRAME,
                                                                     frame.mask_camera, frame.mask_lidar, flavor=F))
             if active is not None:
+                cam = rig.camera(active.camera)
                 mask = frame.instance[cam.name] == active.instance_id
                 target = Expression(active.text, cam.name, active.instance_id, mask_box(mask), mask, active.hops, S)
                 bag.write("/gt/grounding", S, convert.expression_to_msg(target, S, cam.frame_id, flavor=F))
@@ -117,7 +126,10 @@ def write_bag(out: str | Path, seed: int, seconds: float, rig: Rig | None = None
             frames += 1
             if progress and frames % 10 == 0:
                 print(f"  {frames} frames, {time.perf_counter() - wall0:.1f} s", flush=True)
-    paths = write_preview(preview_dir, *preview_frame, command_camera=cam.name) if preview_dir and preview_frame else []
+    paths = []
+    if preview_dir and preview_frame:
+        shown = preview_frame[1].camera if preview_frame[1] is not None else names[0]
+        paths = write_preview(preview_dir, *preview_frame, command_camera=shown)
     return SimBagStats(Path(out), frames, commands, frames / rig.lidar.rate_hz, time.perf_counter() - wall0, paths)
 
 
@@ -169,7 +181,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--rig", default="default", help="rig name (config/rig_<name>.yaml) or a YAML path")
     ap.add_argument("--preview", default=None, help="directory for preview PNGs")
     ap.add_argument("--command-every", type=float, default=3.0, help="seconds between /command messages")
-    ap.add_argument("--command-camera", default="CAM_FRONT", help="camera the commands refer to")
+    ap.add_argument("--command-camera", default="CAM_FRONT", help="camera the commands refer to, or 'any': each command picks a camera at random (for "
+                    "multi-camera grounding)")
     ap.add_argument("--no-lidar-labels", action="store_true", help="do not write /gt/lidar_labels")
     ap.add_argument("--force", action="store_true", help="replace an existing output bag")
     args = ap.parse_args(argv)

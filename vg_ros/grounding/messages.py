@@ -1,0 +1,91 @@
+"""The message-level steps of grounding that `grounding_node` and `vg-ros replay` share: one image or one
+synchronised camera set in, the camera to publish and its result out; the target's LiDAR position from the
+cloud nearest the image. Messages are duck-typed (rclpy or rosbags classes alike); no rclpy import here.
+
+Each step counts what it cannot do in the caller's DropCounter (`drops.drop(reason, detail)`) and goes on.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from vg_ros.grounding.pipeline import GroundingPipeline, best_camera
+from vg_ros.types import CameraFrame, CameraModel, GroundingResult
+
+
+@dataclass
+class Grounded:
+    """The published camera of one image set: its image message, decoded RGB, frame and result, and how many
+    cameras were grounded."""
+
+    msg: Any
+    rgb: np.ndarray
+    frame: CameraFrame
+    result: GroundingResult
+    cameras: int
+
+
+def ground_set(pipeline: GroundingPipeline, msgs: Sequence[Any], topics: Sequence[str],
+               camera_of: Callable[[int, Any, np.ndarray], CameraModel], drops: Any) -> Grounded | None:
+    """Ground the pipeline's command in each image of `msgs` (one per camera, None for a camera missing from
+    the set; `topics` names them in the drop lines) and return the camera to publish (`best_camera`). An
+    image in a foreign encoding (`bad_image`) or without intrinsics (`no_intrinsics`, a KeyError from
+    `camera_of(index, msg, rgb)`) is left out; None when no image is left."""
+    from vg_ros.convert import image_to_rgb, stamp_of
+
+    frames = []
+    for index, msg in enumerate(msgs):
+        if msg is None:
+            continue
+        stamp = stamp_of(msg)
+        try:
+            rgb = image_to_rgb(msg)
+            camera = camera_of(index, msg, rgb)
+        except ValueError as exc:
+            drops.drop("bad_image", f"image {stamp} on {topics[index]}: {exc}")
+            continue
+        except KeyError as exc:
+            drops.drop("no_intrinsics", f"image {stamp} on {topics[index]}: {exc}")
+            continue
+        frames.append((msg, rgb, CameraFrame(camera, rgb, stamp)))
+    if not frames:
+        return None
+    results = [pipeline.infer(frame) for _, _, frame in frames]
+    best = best_camera(results)
+    msg, rgb, frame = frames[best]
+    return Grounded(msg, rgb, frame, results[best], len(frames))
+
+
+def target_position(pipeline: GroundingPipeline, grounded: Grounded, clouds: Any, max_cloud_age: float,
+                    extrinsics: Any, drops: Any) -> tuple[np.ndarray, Any] | None:
+    """(the target's position (3,) in the LiDAR frame, the cloud message it came from) for a found result:
+    from the cloud of `clouds` (a StampedBuffer) nearest the image within `max_cloud_age` s, the camera and
+    LiDAR extrinsics (`extrinsics.lookup(frame)`, a TfOrRig) and the points inside the mask. None, counted
+    (`no_matching_cloud`, `no_extrinsics`, `too_few_points_in_mask`), when one of them is missing; also None,
+    uncounted, when not found or before any cloud came."""
+    from vg_ros.convert import pointcloud2_to_scan
+
+    result, camera = grounded.result, grounded.frame.camera
+    if not result.found:
+        return None
+    stamp = grounded.frame.stamp_ns
+    cloud, gap_s = clouds.nearest(stamp, float(max_cloud_age))
+    if cloud is None:
+        if gap_s is not None:   # clouds came, none near this image
+            drops.drop("no_matching_cloud", f"image {stamp}: the nearest of the recent clouds is {gap_s:.3f} s "
+                       f"away (max_cloud_age {max_cloud_age})")
+        return None
+    try:
+        T_base_cam, _ = extrinsics.lookup(grounded.msg.header.frame_id or camera.name)
+        T_base_lidar, _ = extrinsics.lookup(cloud.header.frame_id)
+    except KeyError as exc:
+        drops.drop("no_extrinsics", str(exc))
+        return None
+    position = pipeline.locate(result, pointcloud2_to_scan(cloud).xyz, np.linalg.inv(T_base_cam) @ T_base_lidar,
+                               camera)
+    if position is None:
+        drops.drop("too_few_points_in_mask", f"image {stamp}: not enough LiDAR points inside the mask")
+        return None
+    return position, cloud
