@@ -9,7 +9,11 @@ regions) does: a case at a shipped file's own size runs the shipped weights, the
 of their shape with a non-zero Phi. Each path is timed in three blocks of back-to-back calls, the blocks of
 the three paths interleaved (`time_calls`): steady state per path, and load changes shared by all.
 
-    vg-ros bench grounding [--threads 2] [--frames 10] [--json out.json]
+Several cameras (`--cameras N`, default 6; the node's `extra_image_topics`): the shipped tiny network on the
+N camera images of one simulated instant, as one batch (`infer_many`, what the node runs) vs one call per
+camera, timed the same way.
+
+    vg-ros bench grounding [--threads 2] [--frames 10] [--cameras 6] [--json out.json]
 """
 from __future__ import annotations
 
@@ -55,6 +59,18 @@ def simulated_frame(seed: int = 1000) -> tuple:
     raise RuntimeError(f"simulator seed {seed}: no camera image with two commands of different lengths in 4 s")
 
 
+def camera_set(seed: int = 1000, cameras: int = 6) -> list:
+    """The first `cameras` camera images of the first simulated instant of `seed`, as CameraFrames."""
+    from vg_ros.sim import simulate
+    from vg_ros.types import CameraFrame, Rig
+
+    rig = Rig.load("default")
+    if not 1 <= cameras <= len(rig.cameras):
+        raise ValueError(f"--cameras {cameras}: the default rig has {len(rig.cameras)} cameras")
+    sim_frame = next(iter(simulate(seed, 0.1, rig, lidar=False, occupancy=False, expressions=0)))
+    return [CameraFrame(c, sim_frame.images[c.name], sim_frame.stamp_ns) for c in rig.cameras[:cameras]]
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="vg-ros bench grounding", description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: stable on a shared machine)")
@@ -65,8 +81,11 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--weights", default="",
                     help="a .safetensors for the cases of its config and size (default: the shipped file), e.g. "
                          "vg_ros/weights/grounding_vglaw_tiny_presence.safetensors")
+    ap.add_argument("--cameras", type=int, default=6, help="cameras of one instant for the batch row (0: none)")
     ap.add_argument("--json", dest="json_out", default="")
     args = ap.parse_args(argv)
+    if not 0 <= args.cameras <= 6:
+        ap.error(f"--cameras {args.cameras}: must be in [0, 6] (the default rig's cameras)")
     if args.weights and not Path(args.weights).is_file():
         ap.error(f"--weights {args.weights}: no such file")
     torch.set_num_threads(max(1, args.threads))
@@ -116,6 +135,18 @@ def main(argv: list[str]) -> int:
         pipe.set_command(long)
     print(f"set_command (text encoder + weight generation + merge, {rows[-1]['case']}): "
           f"{(time.perf_counter() - t0) / 5 * 1e3:.1f} ms")
+    if args.cameras:
+        pipe = GroundingPipeline(GroundingConfig(model="tiny"), weights="default", device=args.device,
+                                 text_encoder=encoder)
+        pipe.set_command(short)
+        frames = camera_set(cameras=args.cameras)
+        batched, one_by_one = time_calls([lambda: pipe.infer_many(frames),
+                                          lambda: [pipe.infer(f) for f in frames]], args.frames, 3)
+        rows.append({"case": f"tiny@{pipe.spec.img_w}x{pipe.spec.img_h} x{len(frames)} cameras",
+                     "batched_ms": batched * 1e3, "one_by_one_ms": one_by_one * 1e3,
+                     "speedup": one_by_one / batched})
+        print(f"{len(frames)} cameras of one instant (shipped tiny): one batch {batched * 1e3:.1f} ms, one by one "
+              f"{one_by_one * 1e3:.1f} ms ({one_by_one / batched:.2f}x)")
     if args.json_out:
         with open(args.json_out, "w") as fh:
             json.dump(rows, fh, indent=2)

@@ -600,6 +600,39 @@ def test_pipeline_cached_equals_uncached_and_shapes(pipeline):
     assert cached.found == (cached.score >= pipeline.config.score_threshold)
 
 
+def test_infer_many_is_infer_on_each_frame_in_one_batch(encoder, tmp_path):
+    """Several cameras' frames (different sizes) as one batch: each result as `infer` gives it alone (to float
+    rounding), the box head's box where the mask is empty, the presence per frame."""
+    from vg_ros.grounding.pipeline import GroundingConfig, GroundingPipeline, save_weights
+    torch.manual_seed(1)
+    weights = tmp_path / "presence.safetensors"
+    save_weights(VGLAW(spec_by_name("tiny", presence_head=True)), weights)
+    pipe = GroundingPipeline(GroundingConfig(score_threshold=0.0, mask_threshold=0.45), weights=weights,
+                             device="cpu", text_encoder=encoder)
+    with pytest.raises(RuntimeError, match="no command"):
+        pipe.infer_many([])
+    pipe.set_command("the red car left of the bus")
+    rng = np.random.default_rng(5)
+    frames = [CameraFrame(_camera(w, h), rng.integers(0, 255, (h, w, 3), dtype=np.uint8), stamp_ns=10 + i)
+              for i, (w, h) in enumerate(((480, 270), (640, 360), (480, 270)))]
+    frames[2] = CameraFrame(frames[2].camera, np.zeros((270, 480, 3), np.uint8), 12)   # an empty view
+    batch = pipe.infer_many(frames)
+    assert pipe.infer_many(frames[:0]) == []
+    for frame, got in zip(frames, batch):
+        alone = pipe.infer(frame)
+        assert got.stamp_ns == frame.stamp_ns and got.mask.shape == frame.image.shape[:2]
+        assert (got.mask != alone.mask).mean() < 1e-3 and got.score == pytest.approx(alone.score, abs=1e-4)
+        assert np.allclose(got.box, alone.box, atol=0.5) and got.presence == pytest.approx(alone.presence, abs=1e-4)
+        assert got.found == alone.found and got.seconds == batch[0].seconds > 0
+    assert len({r.presence for r in batch}) == 3 and not np.array_equal(batch[0].box, batch[1].box)
+    pipe.config = GroundingConfig(score_threshold=0.0, mask_threshold=0.99)   # empty masks: the head's boxes
+    heads = pipe.infer_many(frames)
+    assert not any(r.mask.any() for r in heads)
+    for frame, got in zip(frames, heads):
+        assert np.allclose(got.box, pipe.infer(frame).box, atol=0.5)
+    assert not np.allclose(heads[0].box, heads[2].box)
+
+
 def test_pipeline_with_a_presence_head_needs_both_thresholds(encoder, tmp_path):
     from vg_ros.grounding.pipeline import GroundingConfig, GroundingPipeline, save_weights
     torch.manual_seed(0)
@@ -1435,3 +1468,36 @@ def test_train_cli_stopped_then_resumed_writes_what_one_run_writes(fake_splits, 
     weights_not_state = tmp_path / "whole" / "grounding_vglaw_tiny.safetensors"
     assert vg_main(["train", "grounding", "--resume", str(weights_not_state)]) == 2
     assert "not a readable training state" in capsys.readouterr().err
+
+
+def test_camera_choice_tool_scores_each_rule_on_a_bag_about_any_camera(tmp_path, capsys):
+    """tools/camera_choice.py: on a `--command-camera any` drive, each frame grounded in all six cameras; the
+    node's rule (`best_camera`) is one of the rules it scores, and scores what best_camera picks."""
+    import importlib.util
+    from pathlib import Path
+
+    from vg_ros.grounding.pipeline import best_camera, save_weights
+    from vg_ros.sim.cli import write_bag
+    from vg_ros.types import GroundingResult
+    spec = importlib.util.spec_from_file_location(
+        "camera_choice", Path(__file__).resolve().parents[1] / "tools" / "camera_choice.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    torch.manual_seed(0)
+    weights = tmp_path / "presence.safetensors"
+    save_weights(VGLAW(spec_by_name("tiny", presence_head=True)), weights)
+    bag = write_bag(tmp_path / "any.mcap", 6, 0.4, command_every=0.1, command_camera="any", lidar_labels=False).path
+    rows = tool.choices(str(bag), str(weights), every=1)
+    assert len(rows) >= 3 and all(len(r["score"]) == len(r["presence"]) == 6 for r in rows)
+    assert len({r["camera"] for r in rows}) >= 2
+    keys = tool.rule_keys(rows)
+    assert set(keys) == {"score", "found, score", "presence", "score x presence", "found, score x presence"}
+    for row, key in zip(rows, keys["found, score x presence"]):
+        results = [GroundingResult(0, "c", found=f, score=s, box=np.zeros(4), mask=np.zeros((1, 1), bool),
+                                   presence=p) for f, s, p in zip(row["found"], row["score"], row["presence"])]
+        assert best_camera(results) == int(np.argmax(key))
+    assert tool.main([str(bag), "--weights", str(weights), "--every", "1", "--json", str(tmp_path / "c.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "found, score x presence" in printed and "own camera" in printed
+    report = json.loads((tmp_path / "c.json").read_text())[str(weights)]
+    assert report["frames"] == len(rows) and 0 <= report["rules"]["score"]["right_camera"] <= 1

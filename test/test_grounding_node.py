@@ -280,7 +280,7 @@ def test_several_cameras_publish_the_one_where_the_target_scores_highest(weights
         assert ros.spin_until(lambda: len(masks) == len(boxes) == 3, timeout=30), node.drops.summary()
         for k, (stamp, present) in enumerate(sets):
             frames = [CameraFrame(cams[i].scaled(480, 270), images[i], stamp + i * 1_000_000) for i in present]
-            results = [node.pipeline.infer(f) for f in frames]
+            results = node.pipeline.infer_many(frames)
             best = present[best_camera(results)]
             assert masks[k].header.frame_id == boxes[k].header.frame_id == cams[best].frame_id
             assert masks[k].header.stamp.nanosec == (stamp + best * 1_000_000) % 1_000_000_000
@@ -302,5 +302,8 @@ def test_best_camera_prefers_found_then_score():
     r = [dataclasses.replace(base, score=s, found=f) for s, f in ((0.99, False), (0.91, True), (0.95, True))]
     assert best_camera(r) == 2 and best_camera(r[:2]) == 1 and best_camera(r[:1]) == 0
     assert best_camera([r[1], dataclasses.replace(r[1])]) == 0   # a tie: the earlier camera
+    # with a presence head: score x presence (the probability that the referent is in that image)
+    p = [dataclasses.replace(r[2], presence=0.5), dataclasses.replace(r[1], presence=0.9)]
+    assert best_camera(p) == 1 and best_camera([dataclasses.replace(p[1], found=False), p[0]]) == 1
     with pytest.raises(ValueError):
         best_camera([])

@@ -764,6 +764,8 @@ def summary_rows(result: dict) -> list[tuple[str, str, str, str]]:
             m = sec.get("miou")
             score = (f"Prec@0.5 {_fmt(None if p is None else 100 * p, '.1f')} %  "
                      f"mIoU {_fmt(None if m is None else 100 * m, '.1f')} %")
+            if len(sec.get("cameras") or []) > 1:
+                score += f"  ({len(sec['cameras'])} cameras; in the wrong one {sec.get('found_in_wrong_camera', 0)})"
         lat = sec.get("latency_ms") or {}
         latency = f"{_fmt(lat.get('p50'), '.0f')}/{_fmt(lat.get('p90'), '.0f')}/{_fmt(lat.get('p99'), '.0f')} ms"
         frames = f"{sec.get('frames', 0)}/{sec.get('gt_frames', '?')}"

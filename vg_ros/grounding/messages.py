@@ -52,7 +52,7 @@ def ground_set(pipeline: GroundingPipeline, msgs: Sequence[Any], topics: Sequenc
         frames.append((msg, rgb, CameraFrame(camera, rgb, stamp)))
     if not frames:
         return None
-    results = [pipeline.infer(frame) for _, _, frame in frames]
+    results = pipeline.infer_many([frame for _, _, frame in frames])   # one batch through the network
     best = best_camera(results)
     msg, rgb, frame = frames[best]
     return Grounded(msg, rgb, frame, results[best], len(frames))

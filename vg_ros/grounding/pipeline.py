@@ -21,6 +21,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -152,11 +153,18 @@ def _bilinear_weights(n_out: int, n_in: int) -> np.ndarray:
 
 
 def best_camera(results) -> int:
-    """Which of one instant's per-camera GroundingResults is published: the found one with the highest
-    score, else (nothing found) the highest score. Ties go to the earlier camera."""
+    """Which of one instant's per-camera GroundingResults is published: found ones first, then the highest
+    score, times the presence where the weights carry a presence head (the probability that the referent is
+    in that image: the question a choice between cameras asks). Ties go to the earlier camera."""
     if not results:
         raise ValueError("best_camera: no results")
-    return max(range(len(results)), key=lambda i: (bool(results[i].found), float(results[i].score), -i))
+
+    def rank(i: int) -> tuple:
+        r = results[i]
+        weight = float(r.presence) if math.isfinite(r.presence) else 1.0
+        return bool(r.found), float(r.score) * weight, -i
+
+    return max(range(len(results)), key=rank)
 
 
 def published_box(mask: np.ndarray, head_box: np.ndarray, box_source: str) -> np.ndarray:
@@ -255,39 +263,56 @@ class GroundingPipeline:
         return resized.float() / 255 if resized.dtype == torch.uint8 else resized
 
     @torch.inference_mode()
-    def _run(self, frame: CameraFrame, stamp_ns: int, weights: LanguageWeights, command: str,
-             t_start: float) -> GroundingResult:
-        image = frame.image
-        height, width = image.shape[:2] if isinstance(image, np.ndarray) and image.ndim == 3 else (0, 0)
+    def _run(self, frames: Sequence[CameraFrame], stamps: Sequence[int], weights: LanguageWeights, command: str,
+             t_start: float) -> list[GroundingResult]:
+        """The frames through the ViT as one batch (resized to the network's input), each result from its
+        own slice; `seconds` of each is the batch's time (what every frame of it waited)."""
+        sizes = [image.shape[:2] if isinstance(image, np.ndarray) and image.ndim == 3 else (0, 0)
+                 for image in (frame.image for frame in frames)]
+        batch = torch.cat([self.preprocess(frame.image) for frame in frames])
         # the box head runs only when its box is published: box_source "head", or an empty mask
         head_first = self.config.box_source == "head"
-        out = self.model.forward_visual(self.preprocess(image), weights, box_head=head_first)
-        mask, score = mask_from_logits(out["mask_logits"][0], (height, width), self.config.mask_threshold,
-                                       self.config.single_region)
-        if head_first or not mask.any():
-            boxes = out["boxes"] if head_first else self.model.box_head(out["visual"], weights.cls)[0]
-            head_box = cxcywh_to_xyxy(boxes[0].double()).cpu().numpy() * [width, height, width, height]
-        else:
-            head_box = np.zeros(4)  # not used: the mask's own box is published
-        box = np.clip(published_box(mask, head_box, self.config.box_source), 0, [width, height, width, height])
-        presence = float(out["presence_logits"][0].sigmoid()) if "presence_logits" in out else float("nan")
-        found = bool(published_found(score, presence, self.config))
-        return GroundingResult(stamp_ns=int(stamp_ns), command=command, found=found, score=score,
-                               box=box.astype(np.float64), mask=mask, seconds=time.perf_counter() - t_start,
-                               presence=presence)
+        out = self.model.forward_visual(batch, weights, box_head=head_first)
+        head_boxes = out["boxes"] if head_first else None
+        results = []
+        for i, (height, width) in enumerate(sizes):
+            mask, score = mask_from_logits(out["mask_logits"][i], (height, width), self.config.mask_threshold,
+                                           self.config.single_region)
+            if head_first or not mask.any():
+                if head_boxes is None:
+                    head_boxes = self.model.box_head(out["visual"], weights.cls.expand(len(frames), -1))[0]
+                head_box = cxcywh_to_xyxy(head_boxes[i].double()).cpu().numpy() * [width, height, width, height]
+            else:
+                head_box = np.zeros(4)  # not used: the mask's own box is published
+            box = np.clip(published_box(mask, head_box, self.config.box_source), 0, [width, height, width, height])
+            presence = float(out["presence_logits"][i].sigmoid()) if "presence_logits" in out else float("nan")
+            results.append(GroundingResult(stamp_ns=int(stamps[i]), command=command,
+                                           found=bool(published_found(score, presence, self.config)), score=score,
+                                           box=box.astype(np.float64), mask=mask, presence=presence))
+        seconds = time.perf_counter() - t_start
+        return [dataclasses.replace(r, seconds=seconds) for r in results]
 
     def infer(self, frame: CameraFrame, stamp_ns: int | None = None) -> GroundingResult:
         """Ground the cached command in one frame (the cached weights; RuntimeError if no command yet)."""
+        return self.infer_many([frame], None if stamp_ns is None else [stamp_ns])[0]
+
+    def infer_many(self, frames: Sequence[CameraFrame], stamps: Sequence[int] | None = None) -> list[GroundingResult]:
+        """Ground the cached command in several frames (e.g. one instant's cameras) as one batch: the same
+        results as `infer` on each, in one forward pass. Stamps default to the frames' own."""
         if self._weights is None or self.command is None:
             raise RuntimeError("grounding: no command set (call set_command first)")
+        if not frames:
+            return []
         t_start = time.perf_counter()
-        return self._run(frame, frame.stamp_ns if stamp_ns is None else stamp_ns, self._weights, self.command, t_start)
+        stamps = [frame.stamp_ns for frame in frames] if stamps is None else list(stamps)
+        return self._run(frames, stamps, self._weights, self.command, t_start)
 
     def infer_uncached(self, frame: CameraFrame, text: str, stamp_ns: int | None = None) -> GroundingResult:
         """Re-run the text encoder and weight generation for this frame (the no-cache baseline)."""
         t_start = time.perf_counter()
         weights = self.language_weights(text, merge=False)
-        return self._run(frame, frame.stamp_ns if stamp_ns is None else stamp_ns, weights, check_command(text), t_start)
+        return self._run([frame], [frame.stamp_ns if stamp_ns is None else stamp_ns], weights, check_command(text),
+                         t_start)[0]
 
     # -- 3D ---------------------------------------------------------------------------------------------
     def locate(self, result: GroundingResult, points_lidar: np.ndarray, T_cam_lidar: np.ndarray,

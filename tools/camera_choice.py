@@ -1,0 +1,110 @@
+"""How well a grounding network picks the camera a command is about, from a `vg-ros sim --command-camera any` bag.
+
+    python tools/camera_choice.py BAG [--weights W ...] [--every 4] [--json OUT.json]
+
+For every `--every`-th frame whose target is in view (by /gt/grounding), the command is grounded in each of
+the rig's cameras (`GroundingPipeline.infer_many`, as the node with `extra_image_topics` does) and printed:
+P@0.5 in the command's own camera (what a node told the camera gets), and for each rule of choosing a camera
+the share of frames where it picks the command's camera, and where it picks it with box IoU >= 0.5.
+Rules: `score`; `found, score` (found ones first); `presence`, `score x presence` (weights with a presence
+head); `found, score x presence` (the node's `best_camera`). W: "default" or a .safetensors path (several:
+each in turn, on the same frames).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+
+
+def choices(bag: str, weights: str, every: int) -> list[dict]:
+    """Per scored frame: the command's camera index, each camera's score, presence and found, and the box IoU
+    of each camera's result with the true box (0 in the other cameras: the target is not there)."""
+    from vg_ros.bag import BagReader
+    from vg_ros.convert import image_to_rgb, msg_to_expression, stamp_of
+    from vg_ros.grounding.metrics import box_iou
+    from vg_ros.grounding.pipeline import GroundingConfig, GroundingPipeline
+    from vg_ros.types import CameraFrame, Rig
+
+    rig = Rig.load("default")
+    names = [c.name for c in rig.cameras]
+    pipe = GroundingPipeline(GroundingConfig(), weights=weights, device="cpu")
+    rows: list[dict] = []
+    images: dict[str, object] = {}
+    seen = 0
+    with BagReader(bag) as src:
+        for topic, _, _, msg in src.messages(["/command", "/gt/grounding"] + [f"/cameras/{n}/image_raw" for n in names]):
+            if topic == "/command":
+                pipe.set_command(msg.data)
+            elif topic.startswith("/cameras/"):
+                images[topic.split("/")[2]] = msg
+            else:
+                expr = msg_to_expression(msg)
+                if not expr.mask.any() or expr.camera not in names:
+                    continue
+                seen += 1
+                if seen % every:
+                    continue
+                frames = []
+                for name in names:
+                    rgb = image_to_rgb(images[name])
+                    frames.append(CameraFrame(rig.camera(name).scaled(rgb.shape[1], rgb.shape[0]), rgb,
+                                              stamp_of(images[name])))
+                results = pipe.infer_many(frames)
+                true = names.index(expr.camera)
+                rows.append({"camera": true, "score": [r.score for r in results],
+                             "presence": [r.presence for r in results], "found": [r.found for r in results],
+                             "iou": [float(box_iou(r.box, expr.box)) if i == true and r.found else 0.0
+                                     for i, r in enumerate(results)]})
+    return rows
+
+
+def rule_keys(rows: list[dict]) -> dict[str, np.ndarray]:
+    """{rule: (frames, cameras) ranking key} for the rules these results support."""
+    score = np.array([r["score"] for r in rows], dtype=np.float64)
+    presence = np.array([r["presence"] for r in rows], dtype=np.float64)
+    found = np.array([r["found"] for r in rows], dtype=np.float64)
+    keys = {"score": score, "found, score": found * 10 + score}
+    if np.isfinite(presence).all():
+        keys.update({"presence": presence, "score x presence": score * presence,
+                     "found, score x presence": found * 10 + score * presence})
+    return keys
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("bag")
+    ap.add_argument("--weights", nargs="+", default=["default"])
+    ap.add_argument("--every", type=int, default=4, help="score every N-th frame whose target is in view")
+    ap.add_argument("--json", dest="json_out", default="")
+    args = ap.parse_args(argv)
+    if args.every < 1:
+        ap.error(f"--every {args.every}: must be >= 1")
+    report = {}
+    for weights in args.weights:
+        rows = choices(args.bag, weights, args.every)
+        if not rows:
+            print(f"{args.bag}: no frame with a target in view (a `vg-ros sim --command-camera any` bag?)",
+                  file=sys.stderr)
+            return 1
+        true = np.array([r["camera"] for r in rows])
+        iou = np.array([r["iou"] for r in rows])
+        own = iou[np.arange(len(rows)), true]
+        report[weights] = {"frames": len(rows), "own_camera_prec_at_05": float((own >= 0.5).mean()), "rules": {}}
+        print(f"{weights}: {len(rows)} frames; P@0.5 in the command's own camera {100 * (own >= 0.5).mean():.1f} %")
+        for rule, key in rule_keys(rows).items():
+            pick = np.argmax(key, axis=1)
+            right = pick == true
+            hit = right & (own >= 0.5)
+            report[weights]["rules"][rule] = {"right_camera": float(right.mean()), "prec_at_05": float(hit.mean())}
+            print(f"  {rule:>24}: the command's camera {100 * right.mean():5.1f} %, and P@0.5 {100 * hit.mean():5.1f} %")
+    if args.json_out:
+        with open(args.json_out, "w") as fh:
+            json.dump(report, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
