@@ -307,3 +307,52 @@ def test_best_camera_prefers_found_then_score():
     assert best_camera(p) == 1 and best_camera([dataclasses.replace(p[1], found=False), p[0]]) == 1
     with pytest.raises(ValueError):
         best_camera([])
+
+
+def test_the_position_follows_the_vehicle_between_the_sweep_and_the_image(weights_file, tmp_path):
+    """A cloud swept 0.1 s before the image, the vehicle 1 m further on by then (odometry): the target's
+    position is where the camera saw it, 1 m closer, not where the LiDAR did."""
+    from geometry_msgs.msg import PointStamped
+    from nav_msgs.msg import Odometry
+    from sensor_msgs.msg import Image, PointCloud2
+    from std_msgs.msg import String
+    from vg_ros.convert import matrix_to_odometry
+    from vg_ros.geometry import make_T
+    from vg_ros.nodes.base import command_qos
+    from vg_ros.types import Rig
+
+    rig = Rig.load("default")
+    T_base_lidar = rig.lidar.T_base_lidar
+    p_base = rig.camera("CAM_FRONT").T_base_cam @ np.array([0.3, 0.2, 10.0, 1.0])
+    p_lidar = (np.linalg.inv(T_base_lidar) @ p_base)[:3]
+    expected = (np.linalg.inv(T_base_lidar) @ (p_base - [1.0, 0, 0, 0]))[:3]   # static target, 1 m closer
+    with ros_session(DOMAIN + 5) as ros:
+        node = _node(ros, weights_file, tmp_path, score_threshold=0.0, mask_threshold=0.01)
+        io = ros.node("io")
+        positions = []
+        io.create_subscription(PointStamped, "/grounding/position", positions.append, 10)
+        io.create_publisher(String, "/command", command_qos()).publish(String(data="the red car"))
+        img_pub = io.create_publisher(Image, "/cameras/CAM_FRONT/image_raw", 10)
+        pts_pub = io.create_publisher(PointCloud2, "/lidar/points", 10)
+        odom_pub = io.create_publisher(Odometry, "/registration/odometry", 10)
+        assert all(ros.wait_for_match(p) for p in (img_pub, pts_pub, odom_pub))
+        assert ros.spin_until(lambda: node.pipeline.command == "the red car", timeout=10)
+        t0, t1 = 1_000_000_000, 1_100_000_000
+        for k, stamp in enumerate((t0, t1)):   # 10 m/s along the base x axis
+            odom_pub.publish(matrix_to_odometry(make_T(None, [1.0 * k, 0, 0]), np.eye(6), stamp_ns=stamp))
+        pts_pub.publish(_cloud(t0, p_lidar))
+        ros.spin_for(0.3)
+        img_pub.publish(_image(t1))
+        assert ros.spin_until(lambda: positions, timeout=20), node.drops.summary()
+        got = positions[0]
+        assert got.header.stamp.nanosec == 100_000_000 and got.header.frame_id == "lidar_top"
+        assert np.linalg.norm([got.point.x - expected[0], got.point.y - expected[1], got.point.z - expected[2]]) < 0.1
+        assert node.drops.processed["position_motion_compensated"] == 1
+        # odometry that stops before the image (beyond the 0.2 s extrapolation): the sweep as it is, counted
+        pts_pub.publish(_cloud(t1 + 400_000_000, p_lidar))
+        ros.spin_for(0.3)
+        img_pub.publish(_image(t1 + 500_000_000))
+        assert ros.spin_until(lambda: len(positions) == 2, timeout=20), node.drops.summary()
+        got = positions[1].point
+        assert np.linalg.norm([got.x - p_lidar[0], got.y - p_lidar[1], got.z - p_lidar[2]]) < 0.1
+        assert node.drops.processed["position_not_compensated"] == 1

@@ -149,6 +149,33 @@ def test_stamped_buffer_gives_the_nearest_message_within_the_gap():
         StampedBuffer(0)
 
 
+def test_pose_buffer_interpolates_extrapolates_briefly_and_gives_the_motion_between_stamps():
+    from scipy.spatial.transform import Rotation
+
+    from vg_ros.geometry import make_T
+    from vg_ros.nodes.base import PoseBuffer
+    buffer = PoseBuffer(size=4, max_gap_s=0.5, max_extrapolation_s=0.2)
+    assert buffer.at(0) is None and buffer.motion(0, 1) is None
+    yaw = lambda deg: Rotation.from_euler("z", deg, degrees=True).as_matrix()   # noqa: E731
+    for k in range(3):   # 10 m/s along x, turning 10 deg per 100 ms
+        buffer.add(k * 100 * MS, make_T(yaw(10 * k), [1.0 * k, 0, 0]))
+    buffer.add(100 * MS, np.eye(4))   # not newer: ignored
+    assert np.allclose(buffer.at(100 * MS), make_T(yaw(10), [1.0, 0, 0]))
+    assert np.allclose(buffer.at(150 * MS), make_T(yaw(15), [1.5, 0, 0]))      # between: lerp + slerp
+    assert np.allclose(buffer.at(350 * MS), make_T(yaw(35), [3.5, 0, 0]))      # after: the last velocity
+    assert buffer.at(450 * MS) is None and buffer.at(-1) is None               # too far on / before
+    moved = buffer.motion(0, 100 * MS)   # a world point seen at 0 ms, seen from the vehicle at 100 ms
+    assert np.allclose(moved, np.linalg.inv(make_T(yaw(10), [1.0, 0, 0])))
+    buffer.add(900 * MS, np.eye(4))      # odometry lost for 0.7 s: nothing in between
+    assert buffer.at(500 * MS) is None and np.allclose(buffer.at(900 * MS), np.eye(4))
+    with pytest.raises(ValueError, match="finite"):
+        buffer.add(1000 * MS, np.full((4, 4), np.nan))
+    buffer.clear()
+    assert buffer.at(900 * MS) is None
+    with pytest.raises(ValueError, match="size"):
+        PoseBuffer(1)
+
+
 # ----------------------------------------------------------------------------------- ApproxTimeSync
 
 

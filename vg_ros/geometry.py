@@ -87,6 +87,20 @@ def R_to_quat(R: np.ndarray) -> np.ndarray:
     return q if q[3] >= 0 else -q
 
 
+def interpolate_T(T0: np.ndarray, T1: np.ndarray, alpha: float) -> np.ndarray:
+    """The pose a fraction `alpha` of the way from T0 to T1 (4, 4): positions linearly, the rotation along
+    the shortest arc (slerp); alpha outside [0, 1] continues at the same velocity (constant-velocity
+    extrapolation)."""
+    from scipy.spatial.transform import Rotation
+
+    T0, T1 = np.asarray(T0, dtype=np.float64), np.asarray(T1, dtype=np.float64)
+    R_rel = T0[:3, :3].T @ T1[:3, :3]
+    out = np.eye(4)
+    out[:3, :3] = T0[:3, :3] @ Rotation.from_rotvec(Rotation.from_matrix(R_rel).as_rotvec() * alpha).as_matrix()
+    out[:3, 3] = T0[:3, 3] + alpha * (T1[:3, 3] - T0[:3, 3])
+    return out
+
+
 def rotation_angle_deg(R: np.ndarray) -> float:
     """Angle of a rotation matrix in degrees (the RE of registration benchmarks when R = R_est^T R_gt)."""
     return float(np.degrees(np.arccos(np.clip((np.trace(R) - 1.0) / 2.0, -1.0, 1.0))))

@@ -341,7 +341,7 @@ class GroundingStage(Stage):
             self.pipeline = GroundingPipeline(cfg, weights=params.get("weights", "default"), device=device)
         except (ImportError, FileNotFoundError, OSError, ValueError, RuntimeError) as exc:
             raise PipelineUnavailable(f"{type(exc).__name__}: {exc}") from None
-        from vg_ros.nodes.base import ApproxTimeSync, StampedBuffer, camera_info_sibling
+        from vg_ros.nodes.base import ApproxTimeSync, PoseBuffer, StampedBuffer, camera_info_sibling
         self.rig = rig
         self.extrinsics = extrinsics
         p = params
@@ -358,6 +358,10 @@ class GroundingStage(Stage):
                                        partial_timeout_s=float(p.get("missing_camera_timeout", 0.5)), min_topics=1,
                                        drops=self.drops, names=self.image_topics)
         self.clouds = StampedBuffer(10)   # as the node: the cloud nearest the image, not just the last
+        self.odom_topic = str(p.get("odom_topic") or "")
+        self.motion = PoseBuffer() if self.odom_topic else None   # used when the bag holds that odometry
+        if self.odom_topic:
+            self.topics.add(self.odom_topic)
         writer.add_topic(p["mask_topic"], "sensor_msgs/msg/Image")
         writer.add_topic(p["box_topic"], "geometry_msgs/msg/PolygonStamped")
         writer.add_topic(p["position_topic"], "geometry_msgs/msg/PointStamped")
@@ -374,6 +378,13 @@ class GroundingStage(Stage):
             return
         if topic in self.info_topics:
             self.infos[self.info_topics.index(topic)] = msg
+            return
+        if topic == self.odom_topic:
+            from vg_ros.convert import odometry_to_matrix
+            try:
+                self.motion.add(stamp_of(msg), odometry_to_matrix(msg)[0])
+            except ValueError as exc:
+                self.drops.drop("bad_odometry", str(exc))
             return
         if topic == p.get("points_topic") and topic not in self.image_topics:
             self.clouds.add(stamp_of(msg), msg)
@@ -421,7 +432,7 @@ class GroundingStage(Stage):
         self.frames += 1
         self.found += int(grounded.result.found)
         located = target_position(self.pipeline, grounded, self.clouds, float(self.params.get("max_cloud_age", 0.15)),
-                                  self.extrinsics, self.drops)
+                                  self.extrinsics, self.drops, self.motion)
         if located is not None:
             position, cloud = located
             self.writer.write(self.params["position_topic"], stamp,

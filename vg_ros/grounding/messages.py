@@ -59,13 +59,19 @@ def ground_set(pipeline: GroundingPipeline, msgs: Sequence[Any], topics: Sequenc
 
 
 def target_position(pipeline: GroundingPipeline, grounded: Grounded, clouds: Any, max_cloud_age: float,
-                    extrinsics: Any, drops: Any) -> tuple[np.ndarray, Any] | None:
-    """(the target's position (3,) in the LiDAR frame, the cloud message it came from) for a found result:
-    from the cloud of `clouds` (a StampedBuffer) nearest the image within `max_cloud_age` s, the camera and
-    LiDAR extrinsics (`extrinsics.lookup(frame)`, a TfOrRig) and the points inside the mask. None, counted
-    (`no_matching_cloud`, `no_extrinsics`, `too_few_points_in_mask`), when one of them is missing; also None,
-    uncounted, when not found or before any cloud came."""
-    from vg_ros.convert import pointcloud2_to_scan
+                    extrinsics: Any, drops: Any, motion: Any = None) -> tuple[np.ndarray, Any] | None:
+    """(the target's position (3,) in the LiDAR frame at the image's stamp, the cloud message it came from)
+    for a found result: from the cloud of `clouds` (a StampedBuffer) nearest the image within `max_cloud_age`
+    s, the camera and LiDAR extrinsics (`extrinsics.lookup(frame)`, a TfOrRig) and the points inside the mask.
+
+    `motion` (a PoseBuffer of the vehicle's odometry, or None): a cloud swept at another instant than the
+    image is first moved by the vehicle's motion between the two stamps, so a target is looked up where the
+    camera saw it, not where the LiDAR did (at 10 m/s, 0.05 s apart: half a metre). Counted in `drops`'
+    processed as `position_motion_compensated`, or `position_not_compensated` when the odometry does not
+    cover both stamps. None, counted (`no_matching_cloud`, `no_extrinsics`, `too_few_points_in_mask`), when
+    one of the inputs is missing; also None, uncounted, when not found or before any cloud came."""
+    from vg_ros.convert import pointcloud2_to_scan, stamp_of
+    from vg_ros.geometry import transform_points
 
     result, camera = grounded.result, grounded.frame.camera
     if not result.found:
@@ -83,8 +89,16 @@ def target_position(pipeline: GroundingPipeline, grounded: Grounded, clouds: Any
     except KeyError as exc:
         drops.drop("no_extrinsics", str(exc))
         return None
-    position = pipeline.locate(result, pointcloud2_to_scan(cloud).xyz, np.linalg.inv(T_base_cam) @ T_base_lidar,
-                               camera)
+    xyz = pointcloud2_to_scan(cloud).xyz
+    cloud_stamp = stamp_of(cloud)
+    if motion is not None and cloud_stamp != stamp:
+        T_img_cloud = motion.motion(cloud_stamp, stamp)   # base at the image <- base at the sweep
+        if T_img_cloud is None:
+            drops.ok("position_not_compensated")
+        else:
+            xyz = transform_points(np.linalg.inv(T_base_lidar) @ T_img_cloud @ T_base_lidar, xyz)
+            drops.ok("position_motion_compensated")
+    position = pipeline.locate(result, xyz, np.linalg.inv(T_base_cam) @ T_base_lidar, camera)
     if position is None:
         drops.drop("too_few_points_in_mask", f"image {stamp}: not enough LiDAR points inside the mask")
         return None

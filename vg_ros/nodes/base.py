@@ -21,6 +21,7 @@ Times are integer nanoseconds throughout.
 """
 from __future__ import annotations
 
+import bisect
 import collections
 import dataclasses
 import itertools
@@ -245,6 +246,65 @@ class StampedBuffer:
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
+
+
+class PoseBuffer:
+    """The recent poses of an odometry source (T_odom_base by stamp), to move data from one stamp to another:
+    `motion(from_ns, to_ns)` is T_base(to)<-base(from), the vehicle's own motion between the two stamps.
+
+    A pose between two buffered ones is interpolated (`geometry.interpolate_T`); one after the newest is
+    extrapolated at the last velocity for at most `max_extrapolation_s` (the odometry of a sweep often lands
+    after the image it is paired with); before the oldest, or between poses more than `max_gap_s` apart
+    (odometry lost), there is none (None)."""
+
+    def __init__(self, size: int = 100, *, max_gap_s: float = 0.5, max_extrapolation_s: float = 0.2) -> None:
+        if size < 2:
+            raise ValueError(f"PoseBuffer.size = {size}: must be >= 2")
+        self._poses: collections.deque[tuple[int, np.ndarray]] = collections.deque(maxlen=int(size))
+        self.max_gap_ns = int(max_gap_s * 1e9)
+        self.max_extrapolation_ns = int(max_extrapolation_s * 1e9)
+        self._lock = threading.Lock()
+
+    def add(self, stamp_ns: int, T_odom_base: np.ndarray) -> None:
+        T = np.asarray(T_odom_base, dtype=np.float64)
+        if T.shape != (4, 4) or not np.isfinite(T).all():
+            raise ValueError(f"PoseBuffer.add: expected a finite (4, 4) pose, got shape {T.shape}")
+        with self._lock:
+            if self._poses and int(stamp_ns) <= self._poses[-1][0]:
+                return   # not newer than the last: odometry is published in order; a repeat adds nothing
+            self._poses.append((int(stamp_ns), T))
+
+    def at(self, stamp_ns: int) -> np.ndarray | None:
+        from vg_ros.geometry import interpolate_T
+
+        with self._lock:
+            poses = list(self._poses)
+        if not poses or stamp_ns < poses[0][0]:
+            return None
+        stamps = [s for s, _ in poses]
+        k = bisect.bisect_left(stamps, stamp_ns)
+        if k < len(poses) and stamps[k] == stamp_ns:
+            return poses[k][1]
+        if k == len(poses):   # after the newest: the last velocity, briefly
+            if len(poses) < 2 or stamp_ns - stamps[-1] > self.max_extrapolation_ns:
+                return None
+            k -= 1
+        (s0, T0), (s1, T1) = poses[k - 1], poses[k]
+        if s1 - s0 > self.max_gap_ns:
+            return None
+        return interpolate_T(T0, T1, (stamp_ns - s0) / (s1 - s0))
+
+    def motion(self, from_ns: int, to_ns: int) -> np.ndarray | None:
+        """T_base(to)<-base(from): a point fixed in the world, seen from the vehicle at `from_ns`, as seen
+        from the vehicle at `to_ns`. None when either pose is unknown."""
+        T_from, T_to = self.at(from_ns), self.at(to_ns)
+        if T_from is None or T_to is None:
+            return None
+        return invert_T(T_to) @ T_from
+
+    def clear(self) -> None:
+        with self._lock:
+            self._poses.clear()
 
 
 def header_stamp_ns(msg: Any) -> int:

@@ -9,6 +9,9 @@ Subscribes (topic names are parameters):
   command_topic      std_msgs/String              (reliable + transient-local: a late joiner gets the last; and
                      a second, volatile subscription for volatile publishers such as a plain `ros2 topic pub`)
   points_topic       sensor_msgs/PointCloud2      (optional; "" disables the 3D position)
+  odom_topic         nav_msgs/Odometry            (optional, default /registration/odometry; "" = off): the
+                     vehicle's motion between a cloud's and an image's stamps moves the cloud to the image's
+                     instant before the position is looked up
   extra_image_topics more cameras (optional): each image set of image_topic and these, synchronised by stamp
                      (`sync_slop`; after `missing_camera_timeout` a set goes on without a late camera), is
                      grounded in every camera with the command's cached weights, and the camera where the target
@@ -39,8 +42,8 @@ import numpy as np
 
 from vg_ros.convert import grounding_to_msgs, point_to_point_stamped
 from vg_ros.grounding.pipeline import GroundingConfig
-from vg_ros.nodes.base import (PerceptionNode, StampedBuffer, camera_info_sibling, camera_topic, header_stamp_ns,
-                               node_main, volatile_command_qos)
+from vg_ros.nodes.base import (PerceptionNode, PoseBuffer, StampedBuffer, camera_info_sibling, camera_topic,
+                               header_stamp_ns, node_main, volatile_command_qos)
 from vg_ros.types import stamp_to_ns
 
 
@@ -60,6 +63,9 @@ class GroundingNode(PerceptionNode):
         "overlay_topic": ("/grounding/overlay", "output sensor_msgs/Image rgb8 for RViz / rqt_image_view: the image "
                           "with the published mask, box, command and score, drawn only while subscribed ('' = off)"),
         "max_cloud_age": (0.15, "largest |image stamp - cloud stamp| (s) for a cloud used for the position"),
+        "odom_topic": ("/registration/odometry", "input nav_msgs/Odometry (odom -> base_link): a cloud swept at "
+                       "another instant than the image is moved by the vehicle's motion between the two before "
+                       "the position is looked up ('' = off)"),
         "extra_image_topics": ([], "more cameras to look in (image topics; CameraInfo on each one's sibling "
                                "camera_info): the target is grounded in image_topic and each of these, and the "
                                "camera where it scores highest is published ([] = image_topic only)"),
@@ -104,6 +110,7 @@ class GroundingNode(PerceptionNode):
         self._lock = threading.Lock()
         self.camera_infos: list = [None] * len(self.image_inputs)
         self.clouds = StampedBuffer(10)   # ~1 s of LiDAR (sweeps are MBs): a lagging image still meets its own
+        self.motion = PoseBuffer() if str(self.params["odom_topic"]).strip() else None
         self.last_result = None
         self.mask_pub = self.create_publisher(Image, self.params["mask_topic"], self.output_qos())
         self.box_pub = self.create_publisher(PolygonStamped, self.params["box_topic"], self.output_qos())
@@ -137,6 +144,9 @@ class GroundingNode(PerceptionNode):
                                self.sensor_qos(), guard_stamps=False)
         if self.params["points_topic"]:
             self.subscribe(PointCloud2, self.params["points_topic"], self.on_points, self.sensor_qos())
+        if self.motion is not None:
+            from nav_msgs.msg import Odometry
+            self.subscribe(Odometry, str(self.params["odom_topic"]), self.on_odometry, self.sensor_qos())
         self.get_logger().info(f"VG-LAW {self.pipeline.spec.img_w}x{self.pipeline.spec.img_h} ({self.cfg.model}) "
                                f"ready on {len(self.image_inputs)} camera(s); waiting for a command on "
                                f"{self.params['command_topic']}")
@@ -145,7 +155,9 @@ class GroundingNode(PerceptionNode):
         self.pipeline = None
 
     def on_time_jump(self) -> None:
-        self.clouds.clear()   # clouds of the old time base (the command stays)
+        self.clouds.clear()   # clouds and poses of the old time base (the command stays)
+        if self.motion is not None:
+            self.motion.clear()
 
     # -- inputs -------------------------------------------------------------------------------------------
     def on_command(self, msg, info=None) -> None:
@@ -169,6 +181,14 @@ class GroundingNode(PerceptionNode):
     def on_points(self, msg) -> None:
         self.clouds.add(header_stamp_ns(msg), msg)
 
+    def on_odometry(self, msg) -> None:
+        from vg_ros.convert import odometry_to_matrix
+        try:
+            T_odom_base, _ = odometry_to_matrix(msg)
+            self.motion.add(header_stamp_ns(msg), T_odom_base)
+        except ValueError as exc:
+            self.drops.drop("bad_odometry", f"on {self.params['odom_topic']}: {exc}")
+
     def on_images(self, *msgs) -> None:
         """One image, or one synchronised set (None for a camera that did not deliver): ground the command in
         each, publish the camera where the target scores highest."""
@@ -186,7 +206,7 @@ class GroundingNode(PerceptionNode):
             if grounded is None:
                 return
             located = target_position(self.pipeline, grounded, self.clouds, float(self.params["max_cloud_age"]),
-                                      self.extrinsics, self.drops)
+                                      self.extrinsics, self.drops, self.motion)
         result, header = grounded.result, grounded.msg.header
         self.last_result = result
         self.publish_result(header, result)
