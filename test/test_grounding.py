@@ -1491,7 +1491,8 @@ def test_camera_choice_tool_scores_each_rule_on_a_bag_about_any_camera(tmp_path,
     assert len(rows) >= 3 and all(len(r["score"]) == len(r["presence"]) == 6 for r in rows)
     assert len({r["camera"] for r in rows}) >= 2
     keys = tool.rule_keys(rows)
-    assert set(keys) == {"score", "found, score", "presence", "score x presence", "found, score x presence"}
+    assert set(keys) == {"score", "found, score", "presence", "score x presence", "found, score x presence",
+                         "score x presence, over the command", "score, over the command"}
     for row, key in zip(rows, keys["found, score x presence"]):
         results = [GroundingResult(0, "c", found=f, score=s, box=np.zeros(4), mask=np.zeros((1, 1), bool),
                                    presence=p) for f, s, p in zip(row["found"], row["score"], row["presence"])]

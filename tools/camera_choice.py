@@ -7,7 +7,8 @@ the rig's cameras (`GroundingPipeline.infer_many`, as the node with `extra_image
 P@0.5 in the command's own camera (what a node told the camera gets), and for each rule of choosing a camera
 the share of frames where it picks the command's camera, and where it picks it with box IoU >= 0.5.
 Rules: `score`; `found, score` (found ones first); `presence`, `score x presence` (weights with a presence
-head); `found, score x presence` (the node's `best_camera`). W: "default" or a .safetensors path (several:
+head); `found, score x presence` (the node's `best_camera`); `..., over the command`: the key summed over the
+command's frames so far, each earlier one weighted 0.5 per frame (evidence that builds up; use --every 1). W: "default" or a .safetensors path (several:
 each in turn, on the same frames).
 """
 from __future__ import annotations
@@ -33,11 +34,12 @@ def choices(bag: str, weights: str, every: int) -> list[dict]:
     pipe = GroundingPipeline(GroundingConfig(), weights=weights, device="cpu")
     rows: list[dict] = []
     images: dict[str, object] = {}
-    seen = 0
+    seen = command = 0
     with BagReader(bag) as src:
         for topic, _, _, msg in src.messages(["/command", "/gt/grounding"] + [f"/cameras/{n}/image_raw" for n in names]):
             if topic == "/command":
                 pipe.set_command(msg.data)
+                command += 1
             elif topic.startswith("/cameras/"):
                 images[topic.split("/")[2]] = msg
             else:
@@ -54,11 +56,21 @@ def choices(bag: str, weights: str, every: int) -> list[dict]:
                                               stamp_of(images[name])))
                 results = pipe.infer_many(frames)
                 true = names.index(expr.camera)
-                rows.append({"camera": true, "score": [r.score for r in results],
+                rows.append({"command": command, "camera": true, "score": [r.score for r in results],
                              "presence": [r.presence for r in results], "found": [r.found for r in results],
                              "iou": [float(box_iou(r.box, expr.box)) if i == true and r.found else 0.0
                                      for i, r in enumerate(results)]})
     return rows
+
+
+def smoothed(rows: list[dict], key: np.ndarray, decay: float = 0.5) -> np.ndarray:
+    """`key` (frames, cameras) summed over the frames of the same command so far, each earlier frame weighted
+    by `decay` per frame: the evidence for each camera builds up over a command instead of frame by frame."""
+    out = np.zeros_like(key)
+    for k, row in enumerate(rows):
+        same = k > 0 and rows[k - 1]["command"] == row["command"]
+        out[k] = key[k] + (decay * out[k - 1] if same else 0.0)
+    return out
 
 
 def rule_keys(rows: list[dict]) -> dict[str, np.ndarray]:
@@ -69,7 +81,9 @@ def rule_keys(rows: list[dict]) -> dict[str, np.ndarray]:
     keys = {"score": score, "found, score": found * 10 + score}
     if np.isfinite(presence).all():
         keys.update({"presence": presence, "score x presence": score * presence,
-                     "found, score x presence": found * 10 + score * presence})
+                     "found, score x presence": found * 10 + score * presence,
+                     "score x presence, over the command": smoothed(rows, score * presence)})
+    keys["score, over the command"] = smoothed(rows, score)
     return keys
 
 

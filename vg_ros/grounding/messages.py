@@ -17,14 +17,12 @@ from vg_ros.types import CameraFrame, CameraModel, GroundingResult
 
 @dataclass
 class Grounded:
-    """The published camera of one image set: its image message, decoded RGB, frame and result, and how many
-    cameras were grounded."""
+    """The published camera of one image set: its image message, decoded RGB, frame and result."""
 
     msg: Any
     rgb: np.ndarray
     frame: CameraFrame
     result: GroundingResult
-    cameras: int
 
 
 def ground_set(pipeline: GroundingPipeline, msgs: Sequence[Any], topics: Sequence[str],
@@ -55,7 +53,7 @@ def ground_set(pipeline: GroundingPipeline, msgs: Sequence[Any], topics: Sequenc
     results = pipeline.infer_many([frame for _, _, frame in frames])   # one batch through the network
     best = best_camera(results)
     msg, rgb, frame = frames[best]
-    return Grounded(msg, rgb, frame, results[best], len(frames))
+    return Grounded(msg, rgb, frame, results[best])
 
 
 def target_position(pipeline: GroundingPipeline, grounded: Grounded, clouds: Any, max_cloud_age: float,

@@ -8,7 +8,7 @@ side every frame (for the benchmark).
     pipe = GroundingPipeline(GroundingConfig(), weights="default", device="auto")
     pipe.set_command("the red car left of the bus")
     res = pipe.infer(frame, stamp_ns)        # GroundingResult; res.found False under the thresholds
-    best = best_camera([pipe.infer(f) for f in frames])   # several cameras: the one to publish
+    best = best_camera(pipe.infer_many(frames))   # several cameras as one batch: the one to publish
     pos = pipe.locate(res, points_lidar, T_cam_lidar, camera)   # (3,) in the LiDAR frame, or None
 
 No rclpy here: the node (`vg_ros/nodes/grounding_node.py`) converts messages and calls this.
