@@ -258,9 +258,10 @@ def test_several_cameras_publish_the_one_where_the_target_scores_highest(weights
         assert node.image_inputs == topics
         assert node.info_topics == [f"/cameras/{c.name}/camera_info" for c in cams]
         io = ros.node("io")
-        masks, boxes = [], []
+        masks, boxes, overlays = [], [], []
         io.create_subscription(Image, "/grounding/mask", masks.append, 10)
         io.create_subscription(PolygonStamped, "/grounding/box", boxes.append, 10)
+        io.create_subscription(Image, "/grounding/overlay", overlays.append, 10)
         io.create_publisher(String, "/command", command_qos()).publish(String(data="the red car"))
         pubs = [io.create_publisher(Image, t, 10) for t in topics]
         info_pub = io.create_publisher(CameraInfo, "/cameras/CAM_BACK/camera_info", 10)
@@ -271,13 +272,15 @@ def test_several_cameras_publish_the_one_where_the_target_scores_highest(weights
         rng = np.random.default_rng(7)
         images = [rng.integers(0, 255, (270, 480, 3), dtype=np.uint8) for _ in cams]
         chosen = []
+        assert ros.spin_until(node.overlay_pub.get_subscription_count, timeout=5)
         sets = [(1_000_000_000, (0, 1, 2)), (1_100_000_000, (0, 2)), (1_500_000_000, (0, 1, 2))]
         for stamp, present in sets:   # the second set misses CAM_BACK: it goes on once the third is 0.4 s on
             for i in present:
                 pubs[i].publish(array_to_image(images[i], "rgb8", stamp_ns=stamp + i * 1_000_000,
                                                frame_id=cams[i].frame_id))
             ros.spin_for(0.2)
-        assert ros.spin_until(lambda: len(masks) == len(boxes) == 3, timeout=30), node.drops.summary()
+        assert ros.spin_until(lambda: len(masks) == len(boxes) == len(overlays) == 3, timeout=30), node.drops.summary()
+        assert [o.header.frame_id for o in overlays] == [m.header.frame_id for m in masks]   # the chosen camera
         for k, (stamp, present) in enumerate(sets):
             frames = [CameraFrame(cams[i].scaled(480, 270), images[i], stamp + i * 1_000_000) for i in present]
             results = node.pipeline.infer_many(frames)

@@ -226,11 +226,14 @@ class GroundingNode(PerceptionNode):
 
     def publish_overlay(self, header, rgb: np.ndarray, result) -> None:
         """The debug image: dimmed outside the published mask, the mask outlined, the box drawn, the command
-        and the verdict written over the top rows (same size and header as the input image)."""
+        (with several cameras, after the shown camera's frame) and the verdict written over the top rows (same
+        size and header as the input image)."""
         from vg_ros.convert import array_to_image
         from vg_ros.sim.preview import overlay_mask, with_caption
 
         command = result.command if len(result.command) <= 100 else result.command[:97] + "..."
+        if len(self.image_inputs) > 1:   # the overlay shows whichever camera won: name it
+            command = f"[{header.frame_id}] {command}"
         if result.found:
             picture = overlay_mask(rgb, result.mask, result.box)
             verdict = f"found, score {result.score:.2f}"
