@@ -1502,3 +1502,36 @@ def test_camera_choice_tool_scores_each_rule_on_a_bag_about_any_camera(tmp_path,
     assert "found, score x presence" in printed and "own camera" in printed
     report = json.loads((tmp_path / "c.json").read_text())[str(weights)]
     assert report["frames"] == len(rows) and 0 <= report["rules"]["score"]["right_camera"] <= 1
+
+
+def test_ground_set_leaves_out_unusable_cameras_and_publishes_the_best(pipeline):
+    """grounding.messages.ground_set (node and replay): a missing camera (None), a foreign encoding and a
+    camera without intrinsics are left out, counted; the rest are grounded as one batch and the best returned;
+    nothing usable: None."""
+    from vg_ros.convert import array_to_image
+    from vg_ros.grounding.messages import ground_set
+    from vg_ros.grounding.pipeline import best_camera
+    from vg_ros.nodes.base import DropCounter
+    rng = np.random.default_rng(2)
+    rgb = [rng.integers(0, 255, (270, 480, 3), dtype=np.uint8) for _ in range(2)]
+    msgs = [array_to_image(rgb[0], "rgb8", stamp_ns=5, frame_id="a", flavor="rosbags"), None,
+            array_to_image(rng.random((270, 480), dtype=np.float32), "32FC1", stamp_ns=5, frame_id="b",
+                           flavor="rosbags"),
+            array_to_image(rgb[1], "rgb8", stamp_ns=6, frame_id="c", flavor="rosbags"),
+            array_to_image(rgb[1], "rgb8", stamp_ns=6, frame_id="unknown", flavor="rosbags")]
+
+    def camera_of(index, msg, image):
+        if msg.header.frame_id == "unknown":
+            raise KeyError("no intrinsics for image frame 'unknown'")
+        return _camera(image.shape[1], image.shape[0])
+
+    pipeline.set_command("the red car")
+    drops = DropCounter()
+    got = ground_set(pipeline, msgs, [f"/cam{i}" for i in range(5)], camera_of, drops)
+    assert dict(drops.drops) == {"bad_image": 1, "no_intrinsics": 1}
+    results = pipeline.infer_many([CameraFrame(_camera(), rgb[0], 5), CameraFrame(_camera(), rgb[1], 6)])
+    best = best_camera(results)
+    assert got.msg is msgs[(0, 3)[best]] and got.frame.stamp_ns == (5, 6)[best]
+    assert np.array_equal(got.result.mask, results[best].mask) and got.rgb.shape == (270, 480, 3)
+    assert ground_set(pipeline, [None, msgs[2]], ["/a", "/b"], camera_of, drops) is None
+    assert drops.drops["bad_image"] == 2
