@@ -53,6 +53,20 @@ def _cloud(stamp_ns, centre_lidar):
     return xyz_fields_to_pointcloud2(pts.astype(np.float32), stamp_ns=stamp_ns, frame_id="lidar_top")
 
 
+def _position_after(ros, node, pts_pub, img_pub, positions, cloud_ns, image_ns, centre_lidar):
+    """Publish a cloud around `centre_lidar`, then an image; the next /grounding/position's point."""
+    count = len(positions)
+    pts_pub.publish(_cloud(cloud_ns, centre_lidar))
+    ros.spin_for(0.3)
+    img_pub.publish(_image(image_ns))
+    assert ros.spin_until(lambda: len(positions) > count, timeout=20), node.drops.summary()
+    return positions[count].point
+
+
+def _distance(point, xyz) -> float:
+    return float(np.linalg.norm([point.x - xyz[0], point.y - xyz[1], point.z - xyz[2]]))
+
+
 def test_node_outputs_late_command_and_position(weights_file, tmp_path):
     from geometry_msgs.msg import PointStamped, PolygonStamped
     from sensor_msgs.msg import CameraInfo, Image, PointCloud2
@@ -121,12 +135,9 @@ def test_node_outputs_late_command_and_position(weights_file, tmp_path):
         assert np.array_equal(image_to_array(overlays[1])[60:], (original[60:] * 0.5).astype(np.uint8))
         # a node lagging behind: a newer cloud (0.5 s on, the target moved 3 m) arrived before the next image;
         # the image is paired with the cloud nearest its own stamp, not the newest
-        pts_pub.publish(_cloud(stamp + 500_000_000, p_lidar + [3.0, 0, 0]))
-        ros.spin_for(0.3)
-        img_pub.publish(_image(stamp + 20_000_000))
-        assert ros.spin_until(lambda: len(positions) == 2, timeout=20), node.drops.summary()
-        paired = positions[1].point
-        assert np.linalg.norm([paired.x - p_lidar[0], paired.y - p_lidar[1], paired.z - p_lidar[2]]) < 0.1
+        paired = _position_after(ros, node, pts_pub, img_pub, positions, stamp + 500_000_000, stamp + 20_000_000,
+                                 p_lidar + [3.0, 0, 0])
+        assert _distance(paired, p_lidar) < 0.1
         assert node.drops.drops["no_matching_cloud"] == 0
 
 
@@ -343,19 +354,11 @@ def test_the_position_follows_the_vehicle_between_the_sweep_and_the_image(weight
         t0, t1 = 1_000_000_000, 1_100_000_000
         for k, stamp in enumerate((t0, t1)):   # 10 m/s along the base x axis
             odom_pub.publish(matrix_to_odometry(make_T(None, [1.0 * k, 0, 0]), np.eye(6), stamp_ns=stamp))
-        pts_pub.publish(_cloud(t0, p_lidar))
-        ros.spin_for(0.3)
-        img_pub.publish(_image(t1))
-        assert ros.spin_until(lambda: positions, timeout=20), node.drops.summary()
-        got = positions[0]
-        assert got.header.stamp.nanosec == 100_000_000 and got.header.frame_id == "lidar_top"
-        assert np.linalg.norm([got.point.x - expected[0], got.point.y - expected[1], got.point.z - expected[2]]) < 0.1
+        got = _position_after(ros, node, pts_pub, img_pub, positions, t0, t1, p_lidar)
+        assert positions[0].header.stamp.nanosec == 100_000_000 and positions[0].header.frame_id == "lidar_top"
+        assert _distance(got, expected) < 0.1
         assert node.drops.processed["position_motion_compensated"] == 1
         # odometry that stops before the image (beyond the 0.2 s extrapolation): the sweep as it is, counted
-        pts_pub.publish(_cloud(t1 + 400_000_000, p_lidar))
-        ros.spin_for(0.3)
-        img_pub.publish(_image(t1 + 500_000_000))
-        assert ros.spin_until(lambda: len(positions) == 2, timeout=20), node.drops.summary()
-        got = positions[1].point
-        assert np.linalg.norm([got.x - p_lidar[0], got.y - p_lidar[1], got.z - p_lidar[2]]) < 0.1
+        got = _position_after(ros, node, pts_pub, img_pub, positions, t1 + 400_000_000, t1 + 500_000_000, p_lidar)
+        assert _distance(got, p_lidar) < 0.1
         assert node.drops.processed["position_not_compensated"] == 1
