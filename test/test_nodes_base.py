@@ -176,6 +176,25 @@ def test_pose_buffer_interpolates_extrapolates_briefly_and_gives_the_motion_betw
         PoseBuffer(1)
 
 
+def test_odometry_of_another_vehicle_frame_becomes_the_base_pose():
+    """grounding.messages.odometry_base_pose: odometry of the LiDAR frame (a LiDAR odometry's usual child)
+    gives the same base pose as odometry of base_link; an unknown child frame is a KeyError."""
+    from vg_ros.convert import matrix_to_odometry
+    from vg_ros.geometry import make_T, rpy_to_R
+    from vg_ros.grounding.messages import odometry_base_pose
+    from vg_ros.nodes.base import TfOrRig
+    extrinsics = TfOrRig("default")
+    T_odom_base = make_T(rpy_to_R(0.0, 0.0, 0.4), [5.0, -2.0, 0.1])
+    T_base_lidar, _ = extrinsics.lookup("lidar_top")
+    as_base = matrix_to_odometry(T_odom_base, stamp_ns=1, child_frame_id="base_link", flavor="rosbags")
+    as_lidar = matrix_to_odometry(T_odom_base @ T_base_lidar, stamp_ns=1, child_frame_id="lidar_top",
+                                  flavor="rosbags")
+    assert np.allclose(odometry_base_pose(as_base, extrinsics), T_odom_base)
+    assert np.allclose(odometry_base_pose(as_lidar, extrinsics), T_odom_base)
+    with pytest.raises(KeyError):
+        odometry_base_pose(matrix_to_odometry(T_odom_base, child_frame_id="mast", flavor="rosbags"), extrinsics)
+
+
 # ----------------------------------------------------------------------------------- ApproxTimeSync
 
 

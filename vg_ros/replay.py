@@ -380,10 +380,10 @@ class GroundingStage(Stage):
             self.infos[self.info_topics.index(topic)] = msg
             return
         if topic == self.odom_topic:
-            from vg_ros.convert import odometry_to_matrix
+            from vg_ros.grounding.messages import odometry_base_pose
             try:
-                self.motion.add(stamp_of(msg), odometry_to_matrix(msg)[0])
-            except ValueError as exc:
+                self.motion.add(stamp_of(msg), odometry_base_pose(msg, self.extrinsics))
+            except (ValueError, KeyError) as exc:
                 self.drops.drop("bad_odometry", str(exc))
             return
         if topic == p.get("points_topic") and topic not in self.image_topics:

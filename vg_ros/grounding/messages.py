@@ -56,6 +56,22 @@ def ground_set(pipeline: GroundingPipeline, msgs: Sequence[Any], topics: Sequenc
     return Grounded(msg, rgb, frame, results[best])
 
 
+def odometry_base_pose(msg: Any, extrinsics: Any) -> np.ndarray:
+    """T_odom_base (4, 4) from a nav_msgs/Odometry whose child frame may be another frame fixed on the vehicle
+    (base_footprint, a sensor): T_odom_child T_child_base, the latter from `extrinsics` (a TfOrRig; identity
+    for the base frame itself). KeyError for a child frame the extrinsics do not know, ValueError for a
+    malformed pose."""
+    from vg_ros.convert import odometry_to_matrix
+    from vg_ros.geometry import invert_T
+
+    T_odom_child, _ = odometry_to_matrix(msg)
+    child = str(msg.child_frame_id or "")
+    if not child:
+        return T_odom_child
+    T_base_child, _ = extrinsics.lookup(child)
+    return T_odom_child @ invert_T(T_base_child)
+
+
 def target_position(pipeline: GroundingPipeline, grounded: Grounded, clouds: Any, max_cloud_age: float,
                     extrinsics: Any, drops: Any, motion: Any = None) -> tuple[np.ndarray, Any] | None:
     """(the target's position (3,) in the LiDAR frame at the image's stamp, the cloud message it came from)

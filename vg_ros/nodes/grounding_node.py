@@ -182,11 +182,10 @@ class GroundingNode(PerceptionNode):
         self.clouds.add(header_stamp_ns(msg), msg)
 
     def on_odometry(self, msg) -> None:
-        from vg_ros.convert import odometry_to_matrix
+        from vg_ros.grounding.messages import odometry_base_pose
         try:
-            T_odom_base, _ = odometry_to_matrix(msg)
-            self.motion.add(header_stamp_ns(msg), T_odom_base)
-        except ValueError as exc:
+            self.motion.add(header_stamp_ns(msg), odometry_base_pose(msg, self.extrinsics))
+        except (ValueError, KeyError) as exc:
             self.drops.drop("bad_odometry", f"on {self.params['odom_topic']}: {exc}")
 
     def on_images(self, *msgs) -> None:
