@@ -49,7 +49,8 @@ def write_bag(out: str | Path, seed: int, seconds: float, rig: Rig | None = None
               overwrite: bool = False, progress: bool = False) -> SimBagStats:
     """Simulate `seconds` of world `seed` into an mcap rosbag2 at `out` (see docs/sim.md for the topics).
     `command_camera`: the camera the commands refer to, or "any": each command is about an object in a
-    camera drawn at random (for multi-camera grounding; /gt/grounding names the camera in its header).
+    camera drawn at random and names nothing in the other cameras at that instant (for multi-camera
+    grounding; /gt/grounding names the camera in its header).
     Raises ValueError for bad arguments (unknown camera, negative duration, existing output...)."""
     from vg_ros import convert
     from vg_ros.bag import BagWriter, typestore
@@ -89,12 +90,11 @@ def write_bag(out: str | Path, seed: int, seconds: float, rig: Rig | None = None
                 due = True
             if due:
                 rng = np.random.default_rng([int(seed), frame.tick, 11])
-                order = [command_camera] if command_camera != ANY_CAMERA else [names[i] for i in rng.permutation(len(names))]
-                new = []
-                for name in order:   # "any": the first camera, in a random order, with something to refer to
-                    new = make_expressions(world, name, frame.instance[name], frame.depth[name], rng, 1, S)
-                    if new:
-                        break
+                if command_camera != ANY_CAMERA:
+                    new = make_expressions(world, command_camera, frame.instance[command_camera],
+                                           frame.depth[command_camera], rng, 1, S)
+                else:
+                    new = _command_about_any_camera(world, frame, names, rng, S)
                 if new:
                     active, due = new[0], False
                     bag.write("/command", S - 1, store.types["std_msgs/msg/String"](data=active.text))
@@ -131,6 +131,22 @@ def write_bag(out: str | Path, seed: int, seconds: float, rig: Rig | None = None
         shown = preview_frame[1].camera if preview_frame[1] is not None else names[0]
         paths = write_preview(preview_dir, *preview_frame, command_camera=shown)
     return SimBagStats(Path(out), frames, commands, frames / rig.lidar.rate_hz, time.perf_counter() - wall0, paths)
+
+
+def _command_about_any_camera(world, frame, names: list[str], rng: np.random.Generator, stamp_ns: int) -> list:
+    """[an Expression] about an object in one of the cameras, tried in a random order, that names nothing in
+    the other cameras at this instant (the target itself seen by a second camera included, down to 40 pixels):
+    for a multi-camera node the command has one right answer. [] when no camera offers one."""
+    from vg_ros.sim.language import make_expressions, resolve, visible_objects
+
+    seen = {name: visible_objects(world, frame.instance[name], frame.depth[name], min_pixels=40, min_box=6)
+            for name in names}
+    for k in rng.permutation(len(names)):
+        name = names[int(k)]
+        for expr in make_expressions(world, name, frame.instance[name], frame.depth[name], rng, 3, stamp_ns):
+            if not any(resolve(seen[other], expr.text) for other in names if other != name):
+                return [expr]
+    return []
 
 
 def write_preview(out_dir: str | Path, frame, expression: Expression | None, command_camera: str = "CAM_FRONT") -> list[Path]:
