@@ -8,8 +8,8 @@ P@0.5 in the command's own camera (what a node told the camera gets), and for ea
 the share of frames where it picks the command's camera, and where it picks it with box IoU >= 0.5.
 Rules: `score`; `found, score` (found ones first); `presence`, `score x presence` (weights with a presence
 head); `found, score x presence` (the node's `best_camera`); `..., over the command`: the key summed over the
-command's frames so far, each earlier one weighted 0.5 per frame (evidence that builds up; use --every 1). W: "default" or a .safetensors path (several:
-each in turn, on the same frames).
+command's frames so far, each earlier one weighted 0.5 per frame (evidence that builds up; use --every 1).
+W: "default" or a .safetensors path (several: each in turn, on the same frames).
 """
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ def choices(bag: str, weights: str, every: int) -> list[dict]:
     images: dict[str, object] = {}
     seen = command = 0
     with BagReader(bag) as src:
-        for topic, _, _, msg in src.messages(["/command", "/gt/grounding"] + [f"/cameras/{n}/image_raw" for n in names]):
+        topics = ["/command", "/gt/grounding"] + [f"/cameras/{n}/image_raw" for n in names]
+        for topic, _, _, msg in src.messages(topics):
             if topic == "/command":
                 pipe.set_command(msg.data)
                 command += 1
@@ -113,7 +114,8 @@ def main(argv: list[str]) -> int:
             right = pick == true
             hit = right & (own >= 0.5)
             report[weights]["rules"][rule] = {"right_camera": float(right.mean()), "prec_at_05": float(hit.mean())}
-            print(f"  {rule:>24}: the command's camera {100 * right.mean():5.1f} %, and P@0.5 {100 * hit.mean():5.1f} %")
+            print(f"  {rule:>24}: the command's camera {100 * right.mean():5.1f} %, "
+                  f"and P@0.5 {100 * hit.mean():5.1f} %")
     if args.json_out:
         with open(args.json_out, "w") as fh:
             json.dump(report, fh, indent=2)

@@ -197,8 +197,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--rig", default="default", help="rig name (config/rig_<name>.yaml) or a YAML path")
     ap.add_argument("--preview", default=None, help="directory for preview PNGs")
     ap.add_argument("--command-every", type=float, default=3.0, help="seconds between /command messages")
-    ap.add_argument("--command-camera", default="CAM_FRONT", help="camera the commands refer to, or 'any': each command picks a camera at random (for "
-                    "multi-camera grounding)")
+    ap.add_argument("--command-camera", default="CAM_FRONT",
+                    help="camera the commands refer to, or 'any': each command about an object in a camera drawn at "
+                         "random, naming nothing in the others (for multi-camera grounding)")
     ap.add_argument("--no-lidar-labels", action="store_true", help="do not write /gt/lidar_labels")
     ap.add_argument("--force", action="store_true", help="replace an existing output bag")
     args = ap.parse_args(argv)
