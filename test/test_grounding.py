@@ -1505,11 +1505,12 @@ def test_camera_choice_tool_scores_each_rule_on_a_bag_about_any_camera(tmp_path,
 
 
 def test_ground_set_leaves_out_unusable_cameras_and_publishes_the_best(pipeline):
-    """grounding.messages.ground_set (node and replay): a missing camera (None), a foreign encoding and a
-    camera without intrinsics are left out, counted; the rest are grounded as one batch and the best returned;
-    nothing usable: None."""
+    """grounding.messages.ground_set (node and replay): a missing camera (None) and a foreign encoding are
+    left out, counted; the rest are grounded as one batch and the best returned; nothing usable: None. A
+    camera without intrinsics is grounded (the 2D outputs do not need them) but marked uncalibrated, and
+    `target_position` then refuses a position from it (counted `no_intrinsics`) instead of guessing one."""
     from vg_ros.convert import array_to_image
-    from vg_ros.grounding.messages import ground_set
+    from vg_ros.grounding.messages import ground_set, target_position
     from vg_ros.grounding.pipeline import best_camera
     from vg_ros.nodes.base import DropCounter
     rng = np.random.default_rng(2)
@@ -1521,17 +1522,49 @@ def test_ground_set_leaves_out_unusable_cameras_and_publishes_the_best(pipeline)
             array_to_image(rgb[1], "rgb8", stamp_ns=6, frame_id="unknown", flavor="rosbags")]
 
     def camera_of(index, msg, image):
-        if msg.header.frame_id == "unknown":
-            raise KeyError("no intrinsics for image frame 'unknown'")
-        return _camera(image.shape[1], image.shape[0])
+        return None if msg.header.frame_id == "unknown" else _camera(image.shape[1], image.shape[0])
 
     pipeline.set_command("the red car")
     drops = DropCounter()
-    got = ground_set(pipeline, msgs, [f"/cam{i}" for i in range(5)], camera_of, drops)
-    assert dict(drops.drops) == {"bad_image": 1, "no_intrinsics": 1}
+    got = ground_set(pipeline, msgs[:4], [f"/cam{i}" for i in range(4)], camera_of, drops)
+    assert dict(drops.drops) == {"bad_image": 1}
     results = pipeline.infer_many([CameraFrame(_camera(), rgb[0], 5), CameraFrame(_camera(), rgb[1], 6)])
     best = best_camera(results)
-    assert got.msg is msgs[(0, 3)[best]] and got.frame.stamp_ns == (5, 6)[best]
+    assert got.msg is msgs[(0, 3)[best]] and got.frame.stamp_ns == (5, 6)[best] and got.calibrated
     assert np.array_equal(got.result.mask, results[best].mask) and got.rgb.shape == (270, 480, 3)
     assert ground_set(pipeline, [None, msgs[2]], ["/a", "/b"], camera_of, drops) is None
     assert drops.drops["bad_image"] == 2
+
+    alone = ground_set(pipeline, [msgs[4]], ["/cam4"], camera_of, drops)
+    assert not alone.calibrated and np.array_equal(alone.result.mask, results[1].mask)
+    alone.result.found = True
+
+    class Clouds:   # a cloud exactly at the image's stamp
+        def nearest(self, stamp, age):
+            return object(), 0.0
+    assert target_position(pipeline, alone, Clouds(), 0.1, None, drops) is None
+    assert drops.drops["no_intrinsics"] == 1
+
+
+def test_image_camera_prefers_a_sound_camera_info_then_the_rig():
+    """grounding.messages.image_camera (node and replay): CameraInfo of the image's size; a malformed one is
+    counted and the rig camera of the frame used; a CameraInfo of another size is ignored; an unknown frame
+    has no intrinsics (None)."""
+    from vg_ros.convert import array_to_image, camera_model_to_info
+    from vg_ros.grounding.messages import image_camera
+    from vg_ros.nodes.base import DropCounter
+    from vg_ros.rig import load_rig
+    rig = load_rig()
+    cam = rig.cameras[0]
+    msg = array_to_image(np.zeros((cam.height // 2, cam.width // 2, 3), np.uint8), "rgb8", frame_id=cam.frame_id)
+    w, h = cam.width // 2, cam.height // 2
+    drops = DropCounter()
+    info = camera_model_to_info(cam.scaled(w, h))
+    info.k = [400.0, 0, w / 2, 0, 400.0, h / 2, 0, 0, 1]
+    assert image_camera(msg, w, h, info, rig, drops).K[0, 0] == 400.0
+    assert np.allclose(image_camera(msg, w, h, camera_model_to_info(cam), rig, drops).K, cam.scaled(w, h).K)
+    info.k = [0.0] * 9
+    assert np.allclose(image_camera(msg, w, h, info, rig, drops).K, cam.scaled(w, h).K)
+    assert dict(drops.drops) == {"bad_camera_info": 1}
+    msg.header.frame_id = "somewhere_else"
+    assert image_camera(msg, w, h, None, rig, drops) is None

@@ -222,6 +222,7 @@ def test_compressed_camera_grounds_as_the_raw_one(weights_file, tmp_path):
     from sensor_msgs.msg import Image
     from std_msgs.msg import String
     from vg_ros.convert import image_to_array, rgb_to_compressed
+    from vg_ros.grounding.messages import image_camera
     from vg_ros.nodes.base import command_qos
     from vg_ros.types import CameraFrame
 
@@ -240,7 +241,8 @@ def test_compressed_camera_grounds_as_the_raw_one(weights_file, tmp_path):
         pub.publish(rgb_to_compressed(rgb, "png", stamp_ns=2_000_000_000, frame_id="cam_front_optical"))
         assert ros.spin_until(lambda: masks, timeout=20), node.drops.summary()
         assert masks[0].header.stamp.sec == 2 and masks[0].header.frame_id == "cam_front_optical"
-        camera = node._camera_model(masks[0], rgb.shape[1], rgb.shape[0], node.camera_infos[0])
+        camera = image_camera(masks[0], rgb.shape[1], rgb.shape[0], node.camera_infos[0], node.extrinsics.rig,
+                              node.drops)
         expected = node.pipeline.infer(CameraFrame(camera, rgb, 2_000_000_000), 2_000_000_000)
         assert expected.found and expected.mask.any()
         assert np.array_equal(image_to_array(masks[0]) == 255, expected.mask)

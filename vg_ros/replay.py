@@ -402,15 +402,8 @@ class GroundingStage(Stage):
             self.sync.flush(2**62)
 
     def _camera(self, index: int, msg: Any, rgb: np.ndarray):
-        from vg_ros.convert import camera_info_to_model
-        height, width = rgb.shape[:2]
-        info = self.infos[index]
-        if info is not None and int(info.width) == width and int(info.height) == height:
-            return camera_info_to_model(info)
-        for cam in self.rig.cameras:
-            if msg.header.frame_id in (cam.frame_id, cam.name):
-                return cam.scaled(width, height)
-        raise KeyError(f"no intrinsics for image frame {msg.header.frame_id!r}")
+        from vg_ros.grounding.messages import image_camera
+        return image_camera(msg, rgb.shape[1], rgb.shape[0], self.infos[index], self.rig, self.drops)
 
     def _on_set(self, *msgs: Any) -> None:
         from vg_ros.convert import grounding_to_msgs, point_to_point_stamped, stamp_of

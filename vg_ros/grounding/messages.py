@@ -17,20 +17,50 @@ from vg_ros.types import CameraFrame, CameraModel, GroundingResult
 
 @dataclass
 class Grounded:
-    """The published camera of one image set: its image message, decoded RGB, frame and result."""
+    """The published camera of one image set: its image message, decoded RGB, frame and result.
+    `calibrated` False: no intrinsics were known for the camera, so the 2D outputs stand but no 3D position
+    is computed from them."""
 
     msg: Any
     rgb: np.ndarray
     frame: CameraFrame
     result: GroundingResult
+    calibrated: bool = True
+
+
+def image_camera(msg: Any, width: int, height: int, info: Any, rig: Any, drops: Any) -> CameraModel | None:
+    """The intrinsics of an image `msg` of `width` x `height`: its camera's latest CameraInfo `info` when of
+    the image's size (a malformed one is counted, `bad_camera_info`, and passed over), else the rig camera
+    named by the image's frame, scaled to the image; None when neither knows the camera."""
+    from vg_ros.convert import camera_info_to_model
+
+    if info is not None and int(info.width) == width and int(info.height) == height:
+        try:
+            return camera_info_to_model(info)
+        except ValueError as exc:
+            drops.drop("bad_camera_info", f"{msg.header.frame_id!r}: {exc}")
+    frame = msg.header.frame_id
+    for cam in rig.cameras:
+        if frame in (cam.frame_id, cam.name):
+            return cam.scaled(width, height)
+    return None
+
+
+def _nominal_camera(frame: str, width: int, height: int) -> CameraModel:
+    """A pinhole stand-in for a camera without intrinsics: the network's 2D outputs do not depend on it."""
+    f = float(width)
+    return CameraModel(frame or "camera", width, height, np.array([[f, 0, width / 2], [0, f, height / 2],
+                                                                    [0, 0, 1.0]]), np.eye(4), frame)
 
 
 def ground_set(pipeline: GroundingPipeline, msgs: Sequence[Any], topics: Sequence[str],
-               camera_of: Callable[[int, Any, np.ndarray], CameraModel], drops: Any) -> Grounded | None:
+               camera_of: Callable[[int, Any, np.ndarray], CameraModel | None], drops: Any) -> Grounded | None:
     """Ground the pipeline's command in each image of `msgs` (one per camera, None for a camera missing from
     the set; `topics` names them in the drop lines) and return the camera to publish (`best_camera`). An
-    image in a foreign encoding (`bad_image`) or without intrinsics (`no_intrinsics`, a KeyError from
-    `camera_of(index, msg, rgb)`) is left out; None when no image is left."""
+    image in a foreign encoding (`bad_image`, a ValueError) is left out; one whose camera has no intrinsics
+    (`camera_of(index, msg, rgb)` None, e.g. `image_camera`'s) is grounded through a nominal pinhole and
+    marked uncalibrated (`target_position` then computes no position from it). None when no image is
+    left."""
     from vg_ros.convert import image_to_rgb, stamp_of
 
     frames = []
@@ -44,16 +74,16 @@ def ground_set(pipeline: GroundingPipeline, msgs: Sequence[Any], topics: Sequenc
         except ValueError as exc:
             drops.drop("bad_image", f"image {stamp} on {topics[index]}: {exc}")
             continue
-        except KeyError as exc:
-            drops.drop("no_intrinsics", f"image {stamp} on {topics[index]}: {exc}")
-            continue
-        frames.append((msg, rgb, CameraFrame(camera, rgb, stamp)))
+        calibrated = camera is not None
+        if not calibrated:
+            camera = _nominal_camera(msg.header.frame_id, rgb.shape[1], rgb.shape[0])
+        frames.append((msg, rgb, CameraFrame(camera, rgb, stamp), calibrated))
     if not frames:
         return None
-    results = pipeline.infer_many([frame for _, _, frame in frames])   # one batch through the network
+    results = pipeline.infer_many([frame for _, _, frame, _ in frames])   # one batch through the network
     best = best_camera(results)
-    msg, rgb, frame = frames[best]
-    return Grounded(msg, rgb, frame, results[best])
+    msg, rgb, frame, calibrated = frames[best]
+    return Grounded(msg, rgb, frame, results[best], calibrated)
 
 
 def odometry_base_pose(msg: Any, extrinsics: Any) -> np.ndarray:
@@ -82,8 +112,9 @@ def target_position(pipeline: GroundingPipeline, grounded: Grounded, clouds: Any
     image is first moved by the vehicle's motion between the two stamps, so a target is looked up where the
     camera saw it, not where the LiDAR did (at 10 m/s, 0.05 s apart: half a metre). Counted in `drops`'
     processed as `position_motion_compensated`, or `position_not_compensated` when the odometry does not
-    cover both stamps. None, counted (`no_matching_cloud`, `no_extrinsics`, `too_few_points_in_mask`), when
-    one of the inputs is missing; also None, uncounted, when not found or before any cloud came."""
+    cover both stamps. None, counted (`no_matching_cloud`, `no_intrinsics`, `no_extrinsics`,
+    `too_few_points_in_mask`), when one of the inputs is missing; also None, uncounted, when not found or
+    before any cloud came."""
     from vg_ros.convert import pointcloud2_to_scan, stamp_of
     from vg_ros.geometry import transform_points
 
@@ -96,6 +127,10 @@ def target_position(pipeline: GroundingPipeline, grounded: Grounded, clouds: Any
         if gap_s is not None:   # clouds came, none near this image
             drops.drop("no_matching_cloud", f"image {stamp}: the nearest of the recent clouds is {gap_s:.3f} s "
                        f"away (max_cloud_age {max_cloud_age})")
+        return None
+    if not grounded.calibrated:
+        drops.drop("no_intrinsics", f"image {stamp}: no CameraInfo or rig camera for frame "
+                   f"{grounded.msg.header.frame_id!r}, so no position")
         return None
     try:
         T_base_cam, _ = extrinsics.lookup(grounded.msg.header.frame_id or camera.name)

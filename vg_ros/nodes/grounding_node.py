@@ -191,7 +191,7 @@ class GroundingNode(PerceptionNode):
     def on_images(self, *msgs) -> None:
         """One image, or one synchronised set (None for a camera that did not deliver): ground the command in
         each, publish the camera where the target scores highest."""
-        from vg_ros.grounding.messages import ground_set, target_position
+        from vg_ros.grounding.messages import ground_set, image_camera, target_position
 
         if self.pipeline.command is None:
             stamp_ns = header_stamp_ns(next(m for m in msgs if m is not None))
@@ -200,8 +200,9 @@ class GroundingNode(PerceptionNode):
             return
         with self._lock:
             grounded = ground_set(self.pipeline, msgs, self.image_inputs,
-                                  lambda i, msg, rgb: self._camera_model(msg, rgb.shape[1], rgb.shape[0],
-                                                                         self.camera_infos[i]), self.drops)
+                                  lambda i, msg, rgb: image_camera(msg, rgb.shape[1], rgb.shape[0],
+                                                                   self.camera_infos[i], self.extrinsics.rig,
+                                                                   self.drops), self.drops)
             if grounded is None:
                 return
             located = target_position(self.pipeline, grounded, self.clouds, float(self.params["max_cloud_age"]),
@@ -242,25 +243,6 @@ class GroundingNode(PerceptionNode):
         out = array_to_image(with_caption(picture, f"{command} -- {verdict}", inside=True), "rgb8")
         out.header = header
         self.overlay_pub.publish(out)
-
-    def _camera_model(self, msg, width: int, height: int, info):
-        """Intrinsics from the camera's latest CameraInfo `info` if of the same size, else the rig camera of
-        the image's frame."""
-        from vg_ros.convert import camera_info_to_model
-        from vg_ros.types import CameraModel
-
-        if info is not None and int(info.width) == width and int(info.height) == height:
-            try:
-                return camera_info_to_model(info)
-            except ValueError as exc:
-                self.drops.drop("bad_camera_info", str(exc))
-        frame = msg.header.frame_id
-        for cam in self.extrinsics.rig.cameras:
-            if frame in (cam.frame_id, cam.name):
-                return cam.scaled(width, height)
-        f = float(width)  # unknown camera: a nominal pinhole; the 2D outputs do not depend on it
-        return CameraModel(frame or "camera", width, height, np.array([[f, 0, width / 2], [0, f, height / 2],
-                                                                        [0, 0, 1.0]]), np.eye(4), frame)
 
 
 main = node_main(GroundingNode)
