@@ -1568,3 +1568,32 @@ def test_image_camera_prefers_a_sound_camera_info_then_the_rig():
     assert dict(drops.drops) == {"bad_camera_info": 1}
     msg.header.frame_id = "somewhere_else"
     assert image_camera(msg, w, h, None, rig, drops) is None
+
+
+def test_camera_choice_sums_the_evidence_over_the_command():
+    """grounding.messages.CameraChoice (node and replay): each camera's score x presence summed over the
+    command's sets, earlier sets decayed; a new command starts again; a camera missing from a set keeps its
+    decayed sum; decay 0 is best_camera (found first); a decay outside [0, 1) is refused."""
+    from vg_ros.grounding.messages import CameraChoice
+    from vg_ros.grounding.pipeline import best_camera
+    from vg_ros.types import GroundingResult
+
+    def results(*scores, presence=float("nan"), found=None):
+        return [GroundingResult(0, "c", found=bool(found[i]) if found else s > 0.5, score=s, box=np.zeros(4),
+                                mask=np.zeros((1, 1), bool), presence=presence) for i, s in enumerate(scores)]
+
+    choice = CameraChoice(0.5)
+    assert choice.choose("a", ["L", "R"], results(0.9, 0.2)) == 0
+    assert choice.choose("a", ["L", "R"], results(0.3, 0.6)) == 0       # L 0.75 against R 0.7: one frame is not enough
+    assert np.allclose([choice.sums["L"], choice.sums["R"]], [0.75, 0.7])
+    assert choice.choose("a", ["L", "R"], results(0.3, 0.6)) == 1       # L 0.675, R 0.95
+    assert choice.choose("b", ["L", "R"], results(0.5, 0.4)) == 0       # a new command: sums start again
+    assert choice.sums == {"L": 0.5, "R": 0.4}
+    assert choice.choose("b", ["R"], results(0.1)) == 0 and np.allclose(choice.sums["L"], 0.25)
+    assert choice.choose("b", ["L", "R"], results(0.2, 0.2, presence=0.5)) == 1   # x presence: L 0.225, R 0.25
+    assert np.allclose([choice.sums["L"], choice.sums["R"]], [0.225, 0.25])
+    with_found = results(0.4, 0.45, found=[True, False])
+    assert CameraChoice(0.0).choose("c", ["L", "R"], with_found) == best_camera(with_found) == 0
+    for bad in (-0.1, 1.0, float("nan")):
+        with pytest.raises(ValueError, match="decay"):
+            CameraChoice(bad)

@@ -7,8 +7,9 @@ the rig's cameras (`GroundingPipeline.infer_many`, as the node with `extra_image
 P@0.5 in the command's own camera (what a node told the camera gets), and for each rule of choosing a camera
 the share of frames where it picks the command's camera, and where it picks it with box IoU >= 0.5.
 Rules: `score`; `found, score` (found ones first); `presence`, `score x presence` (weights with a presence
-head); `found, score x presence` (the node's `best_camera`); `..., over the command`: the key summed over the
-command's frames so far, each earlier one weighted 0.5 per frame (evidence that builds up; use --every 1).
+head); `found, score x presence` (`best_camera`, the node's rule with camera_evidence_decay 0); `..., over
+the command`: the key summed over the command's frames so far, each earlier one weighted 0.5 per frame
+(the node's default rule, `CameraChoice`; use --every 1).
 W: "default" or a .safetensors path (several: each in turn, on the same frames).
 """
 from __future__ import annotations
@@ -64,14 +65,21 @@ def choices(bag: str, weights: str, every: int) -> list[dict]:
     return rows
 
 
-def smoothed(rows: list[dict], key: np.ndarray, decay: float = 0.5) -> np.ndarray:
-    """`key` (frames, cameras) summed over the frames of the same command so far, each earlier frame weighted
-    by `decay` per frame: the evidence for each camera builds up over a command instead of frame by frame."""
-    out = np.zeros_like(key)
-    for k, row in enumerate(rows):
-        same = k > 0 and rows[k - 1]["command"] == row["command"]
-        out[k] = key[k] + (decay * out[k - 1] if same else 0.0)
-    return out
+def over_the_command(rows: list[dict], presence: bool) -> np.ndarray:
+    """(frames, cameras): each camera's evidence summed over the command's frames so far, as the node's
+    `CameraChoice` (decay 0.5 per frame) sums it; `presence` False: the score alone."""
+    from vg_ros.grounding.messages import CameraChoice
+    from vg_ros.types import GroundingResult
+
+    choice, out = CameraChoice(0.5), []
+    for row in rows:
+        cameras = [str(i) for i in range(len(row["score"]))]
+        results = [GroundingResult(0, "", found=f, score=s, box=np.zeros(4), mask=np.zeros((1, 1), bool),
+                                   presence=p if presence else float("nan"))
+                   for f, s, p in zip(row["found"], row["score"], row["presence"])]
+        choice.choose(row["command"], cameras, results)
+        out.append([choice.sums[c] for c in cameras])
+    return np.array(out, dtype=np.float64)
 
 
 def rule_keys(rows: list[dict]) -> dict[str, np.ndarray]:
@@ -83,8 +91,8 @@ def rule_keys(rows: list[dict]) -> dict[str, np.ndarray]:
     if np.isfinite(presence).all():
         keys.update({"presence": presence, "score x presence": score * presence,
                      "found, score x presence": found * 10 + score * presence,
-                     "score x presence, over the command": smoothed(rows, score * presence)})
-    keys["score, over the command"] = smoothed(rows, score)
+                     "score x presence, over the command": over_the_command(rows, presence=True)})
+    keys["score, over the command"] = over_the_command(rows, presence=False)
     return keys
 
 

@@ -357,6 +357,8 @@ class GroundingStage(Stage):
             self.sync = ApproxTimeSync(len(self.image_topics), self._on_set, slop_s=float(p.get("sync_slop", 0.05)),
                                        partial_timeout_s=float(p.get("missing_camera_timeout", 0.5)), min_topics=1,
                                        drops=self.drops, names=self.image_topics)
+        from vg_ros.grounding.messages import CameraChoice
+        self.camera_choice = CameraChoice(float(p.get("camera_evidence_decay", 0.5)))
         self.clouds = StampedBuffer(10)   # as the node: the cloud nearest the image, not just the last
         self.odom_topic = str(p.get("odom_topic") or "")
         self.motion = PoseBuffer() if self.odom_topic else None   # used when the bag holds that odometry
@@ -412,7 +414,8 @@ class GroundingStage(Stage):
             self.drops.drop("no_command", f"image {stamp_of(next(m for m in msgs if m is not None))}")
             return
         try:
-            grounded = self.timed(lambda: ground_set(self.pipeline, msgs, self.image_topics, self._camera, self.drops))
+            grounded = self.timed(lambda: ground_set(self.pipeline, msgs, self.image_topics, self._camera, self.drops,
+                                                    self.camera_choice))
         except (ValueError, KeyError) as exc:
             self.drops.drop(f"pipeline_error:{type(exc).__name__}", f"image set: {exc}")
             return

@@ -152,19 +152,20 @@ def _bilinear_weights(n_out: int, n_in: int) -> np.ndarray:
     return weights
 
 
+def camera_evidence(result) -> float:
+    """How strongly one camera's GroundingResult says the target is in its image: the score, times the
+    presence where the weights carry a presence head (the probability that the referent is in that image:
+    the question a choice between cameras asks)."""
+    weight = float(result.presence) if math.isfinite(result.presence) else 1.0
+    return float(result.score) * weight
+
+
 def best_camera(results) -> int:
     """Which of one instant's per-camera GroundingResults is published: found ones first, then the highest
-    score, times the presence where the weights carry a presence head (the probability that the referent is
-    in that image: the question a choice between cameras asks). Ties go to the earlier camera."""
+    `camera_evidence`. Ties go to the earlier camera."""
     if not results:
         raise ValueError("best_camera: no results")
-
-    def rank(i: int) -> tuple:
-        r = results[i]
-        weight = float(r.presence) if math.isfinite(r.presence) else 1.0
-        return bool(r.found), float(r.score) * weight, -i
-
-    return max(range(len(results)), key=rank)
+    return max(range(len(results)), key=lambda i: (bool(results[i].found), camera_evidence(results[i]), -i))
 
 
 def published_box(mask: np.ndarray, head_box: np.ndarray, box_source: str) -> np.ndarray:

@@ -72,14 +72,20 @@ class GroundingNode(PerceptionNode):
         "sync_slop": (0.05, "with extra_image_topics: largest stamp spread (s) of one image set"),
         "missing_camera_timeout": (0.5, "with extra_image_topics: seconds to wait for a late camera before "
                                    "grounding the set without it"),
+        "camera_evidence_decay": (0.5, "with extra_image_topics: the published camera is the one with the most "
+                                  "evidence (score x presence) summed over the command's sets, an earlier set "
+                                  "weighted by this per set; 0 = each set on its own, found results first"),
     }
 
     live_params = frozenset({"score_threshold", "presence_threshold", "mask_threshold", "single_region", "box_source",
-                             "min_points", "depth_window", "max_cloud_age"})
+                             "min_points", "depth_window", "max_cloud_age", "camera_evidence_decay"})
 
     def on_parameters_changed(self, names: set[str]) -> None:
+        from vg_ros.grounding.messages import CameraChoice
         with self._lock:   # the next image is grounded with them
             self.pipeline.config = self.cfg
+            if "camera_evidence_decay" in names:   # validated by on_configure; the sums start again
+                self.camera_choice = CameraChoice(float(self.params["camera_evidence_decay"]))
 
     def on_configure(self) -> None:
         p = self.params
@@ -91,6 +97,8 @@ class GroundingNode(PerceptionNode):
         for key in ("sync_slop", "missing_camera_timeout"):
             if not float(p[key]) > 0:
                 raise ValueError(f"grounding_node.{key} = {p[key]}: must be > 0")
+        if not 0 <= float(p["camera_evidence_decay"]) < 1:
+            raise ValueError(f"grounding_node.camera_evidence_decay = {p['camera_evidence_decay']}: must be in [0, 1)")
         topics = [str(p["image_topic"])] + [str(t) for t in p["extra_image_topics"]]
         if any(not t.strip() for t in topics) or len(set(topics)) != len(topics):
             raise ValueError(f"grounding_node.extra_image_topics = {list(p['extra_image_topics'])}: must be distinct, "
@@ -104,9 +112,11 @@ class GroundingNode(PerceptionNode):
         from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
         from std_msgs.msg import String
 
+        from vg_ros.grounding.messages import CameraChoice
         from vg_ros.grounding.pipeline import GroundingPipeline
 
         self.pipeline = GroundingPipeline(self.cfg, weights=self.params["weights"], device=self.device)
+        self.camera_choice = CameraChoice(float(self.params["camera_evidence_decay"]))
         self._lock = threading.Lock()
         self.camera_infos: list = [None] * len(self.image_inputs)
         self.clouds = StampedBuffer(10)   # ~1 s of LiDAR (sweeps are MBs): a lagging image still meets its own
@@ -202,7 +212,7 @@ class GroundingNode(PerceptionNode):
             grounded = ground_set(self.pipeline, msgs, self.image_inputs,
                                   lambda i, msg, rgb: image_camera(msg, rgb.shape[1], rgb.shape[0],
                                                                    self.camera_infos[i], self.extrinsics.rig,
-                                                                   self.drops), self.drops)
+                                                                   self.drops), self.drops, self.camera_choice)
             if grounded is None:
                 return
             located = target_position(self.pipeline, grounded, self.clouds, float(self.params["max_cloud_age"]),
