@@ -14,8 +14,9 @@ Subscribes (topic names are parameters):
                      instant before the position is looked up
   extra_image_topics more cameras (optional): each image set of image_topic and these, synchronised by stamp
                      (`sync_slop`; after `missing_camera_timeout` a set goes on without a late camera), is
-                     grounded in every camera with the command's cached weights, and the camera where the target
-                     scores highest is published (found ones first). Each extra camera's CameraInfo is read from
+                     grounded in every camera with the command's cached weights, and the camera with the most
+                     evidence for the target over the command's sets is published (`camera_evidence_decay`,
+                     `grounding.messages.CameraChoice`). Each extra camera's CameraInfo is read from
                      the sibling `camera_info` topic (/cameras/X/image_raw -> /cameras/X/camera_info), as
                      image_transport's camera subscriber pairs them.
 Publishes, each with the header (stamp and frame) of the image it was found in:
@@ -68,7 +69,7 @@ class GroundingNode(PerceptionNode):
                        "the position is looked up ('' = off)"),
         "extra_image_topics": ([], "more cameras to look in (image topics; CameraInfo on each one's sibling "
                                "camera_info): the target is grounded in image_topic and each of these, and the "
-                               "camera where it scores highest is published ([] = image_topic only)"),
+                               "camera with the most evidence is published ([] = image_topic only)"),
         "sync_slop": (0.05, "with extra_image_topics: largest stamp spread (s) of one image set"),
         "missing_camera_timeout": (0.5, "with extra_image_topics: seconds to wait for a late camera before "
                                    "grounding the set without it"),
@@ -200,7 +201,7 @@ class GroundingNode(PerceptionNode):
 
     def on_images(self, *msgs) -> None:
         """One image, or one synchronised set (None for a camera that did not deliver): ground the command in
-        each, publish the camera where the target scores highest."""
+        each, publish the camera with the most evidence for the target (`self.camera_choice`)."""
         from vg_ros.grounding.messages import ground_set, image_camera, target_position
 
         if self.pipeline.command is None:
