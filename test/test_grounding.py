@@ -1597,3 +1597,26 @@ def test_camera_choice_sums_the_evidence_over_the_command():
     for bad in (-0.1, 1.0, float("nan")):
         with pytest.raises(ValueError, match="decay"):
             CameraChoice(bad)
+
+
+def test_add_odometry_counts_what_it_cannot_use():
+    """grounding.messages.add_odometry (node and replay): a pose of a known child frame goes into the
+    PoseBuffer as T_odom_base; an unknown child frame or a non-finite pose is counted `bad_odometry`."""
+    from vg_ros.convert import matrix_to_odometry
+    from vg_ros.grounding.messages import add_odometry
+    from vg_ros.nodes.base import DropCounter, PoseBuffer, TfOrRig
+    from vg_ros.rig import load_rig
+
+    extrinsics = TfOrRig(load_rig(), "base_link")
+    motion, drops = PoseBuffer(), DropCounter()
+    T = np.eye(4)
+    T[0, 3] = 2.0
+    add_odometry(motion, matrix_to_odometry(T, stamp_ns=10, child_frame_id="base_link", flavor="rosbags"),
+                 extrinsics, drops, "/odom")
+    assert np.allclose(motion.at(10), T)
+    add_odometry(motion, matrix_to_odometry(T, stamp_ns=20, child_frame_id="nowhere", flavor="rosbags"),
+                 extrinsics, drops, "/odom")
+    broken = matrix_to_odometry(T, stamp_ns=30, child_frame_id="base_link", flavor="rosbags")
+    broken.pose.pose.position.y = float("nan")
+    add_odometry(motion, broken, extrinsics, drops, "/odom")
+    assert drops.drops["bad_odometry"] == 2 and motion.at(30) is None

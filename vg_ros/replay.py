@@ -382,11 +382,8 @@ class GroundingStage(Stage):
             self.infos[self.info_topics.index(topic)] = msg
             return
         if topic == self.odom_topic:
-            from vg_ros.grounding.messages import odometry_base_pose
-            try:
-                self.motion.add(stamp_of(msg), odometry_base_pose(msg, self.extrinsics))
-            except (ValueError, KeyError) as exc:
-                self.drops.drop("bad_odometry", str(exc))
+            from vg_ros.grounding.messages import add_odometry
+            add_odometry(self.motion, msg, self.extrinsics, self.drops, topic)
             return
         if topic == p.get("points_topic") and topic not in self.image_topics:
             self.clouds.add(stamp_of(msg), msg)

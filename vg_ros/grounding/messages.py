@@ -135,6 +135,16 @@ def odometry_base_pose(msg: Any, extrinsics: Any) -> np.ndarray:
     return T_odom_child @ invert_T(T_base_child)
 
 
+def add_odometry(motion: Any, msg: Any, extrinsics: Any, drops: Any, topic: str) -> None:
+    """Add a nav_msgs/Odometry from `topic` to `motion` (a PoseBuffer) as T_odom_base
+    (`odometry_base_pose`); a malformed pose or an unknown child frame is counted (`bad_odometry`)."""
+    from vg_ros.convert import stamp_of
+    try:
+        motion.add(stamp_of(msg), odometry_base_pose(msg, extrinsics))
+    except (ValueError, KeyError) as exc:
+        drops.drop("bad_odometry", f"on {topic}: {exc}")
+
+
 def target_position(pipeline: GroundingPipeline, grounded: Grounded, clouds: Any, max_cloud_age: float,
                     extrinsics: Any, drops: Any, motion: Any = None) -> tuple[np.ndarray, Any] | None:
     """(the target's position (3,) in the LiDAR frame at the image's stamp, the cloud message it came from)

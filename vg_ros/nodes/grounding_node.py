@@ -193,11 +193,8 @@ class GroundingNode(PerceptionNode):
         self.clouds.add(header_stamp_ns(msg), msg)
 
     def on_odometry(self, msg) -> None:
-        from vg_ros.grounding.messages import odometry_base_pose
-        try:
-            self.motion.add(header_stamp_ns(msg), odometry_base_pose(msg, self.extrinsics))
-        except (ValueError, KeyError) as exc:
-            self.drops.drop("bad_odometry", f"on {self.params['odom_topic']}: {exc}")
+        from vg_ros.grounding.messages import add_odometry
+        add_odometry(self.motion, msg, self.extrinsics, self.drops, str(self.params["odom_topic"]))
 
     def on_images(self, *msgs) -> None:
         """One image, or one synchronised set (None for a camera that did not deliver): ground the command in

@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from vg_ros.config import PipelineConfig, param
-from vg_ros.geometry import invert_T, make_T
+from vg_ros.geometry import interpolate_T, invert_T, make_T
 from vg_ros.types import LidarScan, OdometryResult
 
 UNTRUSTED_VARIANCE = 1e4  # per-axis variance given to poses that must not be trusted
@@ -214,10 +214,7 @@ class LidarOdometry:
         gap_ns = stamp - self.last_stamp_ns
         if period_ns <= 0 or abs(gap_ns - period_ns) < 0.1 * period_ns:
             return self.velocity
-        from scipy.spatial.transform import Rotation
-        frac = gap_ns / period_ns
-        R = Rotation.from_rotvec(Rotation.from_matrix(self.velocity[:3, :3]).as_rotvec() * frac).as_matrix()
-        return make_T(R, self.velocity[:3, 3] * frac)
+        return interpolate_T(np.eye(4), self.velocity, gap_ns / period_ns)   # the motion of `gap_ns`
 
     def _relocalize(self, points: np.ndarray, source, predicted: np.ndarray):
         """VBReg of the scan against the local map (in the predicted LiDAR frame), then GICP from there."""
@@ -249,10 +246,7 @@ class LidarOdometry:
             if self.poses and len(self.poses) >= 2:
                 period = self.poses[-1][0] - self.poses[-2][0]
                 if period > 0 and gap > 0 and abs(gap - period) > 0.1 * period:
-                    from scipy.spatial.transform import Rotation
-                    frac = period / gap
-                    R = Rotation.from_rotvec(Rotation.from_matrix(self.velocity[:3, :3]).as_rotvec() * frac).as_matrix()
-                    self.velocity = make_T(R, self.velocity[:3, 3] * frac)
+                    self.velocity = interpolate_T(np.eye(4), self.velocity, period / gap)   # per period
         self.T_odom_lidar = T_odom_lidar
         self.last_stamp_ns = stamp
         self.poses.append((stamp, T_odom_lidar @ self.T_lidar_base))
