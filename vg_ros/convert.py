@@ -98,8 +98,8 @@ def make_header(stamp_ns: int = 0, frame_id: str = "", flavor: str = "rclpy"):
 
 
 def time_to_ns(t) -> int:
-    """builtin_interfaces/Time -> ns."""
-    return stamp_to_ns(t.sec, t.nanosec)
+    """builtin_interfaces/Time -> ns (rclpy and rosbags messages alike)."""
+    return stamp_to_ns(t.sec, getattr(t, "nanosec", getattr(t, "nsec", 0)))
 
 
 def stamp_of(msg) -> int:

@@ -135,8 +135,11 @@ def distort(xy: np.ndarray, coefficients, model: str = "") -> np.ndarray:
     """Normalised image coordinates (N, 2) (x/z, y/z) -> distorted ones, as ROS / OpenCV define them:
     plumb_bob [k1 k2 p1 p2 (k3)], rational_polynomial [k1 k2 p1 p2 k3 k4 k5 k6], equidistant (fisheye)
     [k1 k2 k3 k4]. Without distortion (`has_distortion` false) `xy` is returned as it is."""
-    D = check_distortion(coefficients, model)
-    xy = np.asarray(xy, dtype=np.float64)
+    return _distort_checked(np.asarray(xy, dtype=np.float64), check_distortion(coefficients, model), model)
+
+
+def _distort_checked(xy: np.ndarray, D: np.ndarray, model: str) -> np.ndarray:
+    """`distort` with the coefficients `D` already checked (`check_distortion`)."""
     if not has_distortion(D, model):
         return xy
     x, y = xy[:, 0], xy[:, 1]
@@ -178,10 +181,11 @@ def project_points(K: np.ndarray, T_cam_x: np.ndarray, points: np.ndarray, width
     normalised = cam[:, :2] / safe[:, None]
     uv = normalised @ K[:2, :2].T + K[:2, 2]
     valid = depth > min_depth
-    if has_distortion(check_distortion(distortion, distortion_model), distortion_model):
+    D = check_distortion(distortion, distortion_model)
+    if has_distortion(D, distortion_model):
         valid &= ((uv[:, 0] >= -0.5 * width) & (uv[:, 0] < 1.5 * width)
                   & (uv[:, 1] >= -0.5 * height) & (uv[:, 1] < 1.5 * height))
-        uv = distort(normalised, distortion, distortion_model) @ K[:2, :2].T + K[:2, 2]
+        uv = _distort_checked(normalised, D, distortion_model) @ K[:2, :2].T + K[:2, 2]
     valid &= (uv[:, 0] >= 0) & (uv[:, 0] < width) & (uv[:, 1] >= 0) & (uv[:, 1] < height)
     return uv, depth, valid
 

@@ -38,8 +38,9 @@ import numpy as np
 
 from vg_ros import ros_compat
 from vg_ros.config import PipelineConfig, declare_ros_parameters, default_config_path, load_section, split_params
+from vg_ros.convert import stamp_of
 from vg_ros.geometry import invert_T, make_T, quat_to_R
-from vg_ros.types import Rig, stamp_to_ns
+from vg_ros.types import Rig
 
 if ros_compat.HAVE_RCLPY:
     import rclpy
@@ -307,12 +308,6 @@ class PoseBuffer:
             self._poses.clear()
 
 
-def header_stamp_ns(msg: Any) -> int:
-    """`msg.header.stamp` as integer ns, for rclpy and rosbags messages alike."""
-    stamp = msg.header.stamp
-    return stamp_to_ns(stamp.sec, getattr(stamp, "nanosec", getattr(stamp, "nsec", 0)))
-
-
 # ------------------------------------------------------------------------------------------- sync
 
 
@@ -370,7 +365,7 @@ class ApproxTimeSync:
     def add(self, index: int, msg: Any, stamp_ns: int | None = None) -> None:
         if not 0 <= index < self.n_topics:
             raise ValueError(f"ApproxTimeSync.add: topic index {index} not in [0, {self.n_topics})")
-        stamp_ns = header_stamp_ns(msg) if stamp_ns is None else int(stamp_ns)
+        stamp_ns = stamp_of(msg) if stamp_ns is None else int(stamp_ns)
         ready: list[tuple[Any, ...]] = []
         with self._lock:
             self._last_add = time.monotonic()
@@ -899,7 +894,7 @@ class PerceptionNode(_RosNode):  # type: ignore[misc,valid-type]
 
         def guarded(msg: Any, info: Any = None) -> None:
             if guard_stamps and hasattr(msg, "header"):
-                if not self.stamps.accept(topic, header_stamp_ns(msg), self.now_ns()):
+                if not self.stamps.accept(topic, stamp_of(msg), self.now_ns()):
                     return
             self.call_safely(callback, *((msg, info) if with_info else (msg,)), where=topic)
 
@@ -944,7 +939,7 @@ class PerceptionNode(_RosNode):  # type: ignore[misc,valid-type]
             stamp = ""
             first = next((a for a in args if a is not None and hasattr(a, "header")), None)
             if first is not None:
-                stamp = f" stamp {header_stamp_ns(first)}"
+                stamp = f" stamp {stamp_of(first)}"
             self.drops.drop(f"callback_error:{reason}", f"in {where}{stamp}: {exc}")
 
     # -- time, extrinsics, diagnostics

@@ -41,11 +41,10 @@ import threading
 
 import numpy as np
 
-from vg_ros.convert import grounding_to_msgs, point_to_point_stamped
+from vg_ros.convert import grounding_to_msgs, point_to_point_stamped, stamp_of, time_to_ns
 from vg_ros.grounding.pipeline import GroundingConfig
 from vg_ros.nodes.base import (PerceptionNode, PoseBuffer, StampedBuffer, camera_info_sibling, camera_topic,
-                               header_stamp_ns, node_main, volatile_command_qos)
-from vg_ros.types import stamp_to_ns
+                               node_main, volatile_command_qos)
 
 
 class GroundingNode(PerceptionNode):
@@ -190,7 +189,7 @@ class GroundingNode(PerceptionNode):
         self.get_logger().info(f"command set: {self.pipeline.command[:120]!r}")
 
     def on_points(self, msg) -> None:
-        self.clouds.add(header_stamp_ns(msg), msg)
+        self.clouds.add(stamp_of(msg), msg)
 
     def on_odometry(self, msg) -> None:
         from vg_ros.grounding.messages import add_odometry
@@ -202,7 +201,7 @@ class GroundingNode(PerceptionNode):
         from vg_ros.grounding.messages import ground_set, image_camera, target_position
 
         if self.pipeline.command is None:
-            stamp_ns = header_stamp_ns(next(m for m in msgs if m is not None))
+            stamp_ns = stamp_of(next(m for m in msgs if m is not None))
             self.drops.drop("no_command", f"image {stamp_ns} on {self.image_inputs[0]}: no command received "
                             f"yet on {self.params['command_topic']}")
             return
@@ -228,7 +227,7 @@ class GroundingNode(PerceptionNode):
 
     # -- outputs ------------------------------------------------------------------------------------------
     def publish_result(self, header, result) -> None:
-        mask, box = grounding_to_msgs(result, stamp_to_ns(header.stamp.sec, header.stamp.nanosec), header.frame_id)
+        mask, box = grounding_to_msgs(result, time_to_ns(header.stamp), header.frame_id)
         self.mask_pub.publish(mask)
         self.box_pub.publish(box)
 

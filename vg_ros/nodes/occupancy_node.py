@@ -25,7 +25,8 @@ import threading
 
 import numpy as np
 
-from vg_ros.nodes.base import PerceptionNode, camera_topic, header_stamp_ns, node_main
+from vg_ros.convert import stamp_of
+from vg_ros.nodes.base import PerceptionNode, camera_topic, node_main
 from vg_ros.occupancy.pipeline import OccupancyConfig
 from vg_ros.types import FREE_CLASS, OCC_CLASSES, OCC_PALETTE, CameraFrame
 
@@ -118,7 +119,7 @@ class OccupancyNode(PerceptionNode):
             camera = camera_info_to_model(info, name=name, T_base_cam=T_base_cam)
         else:
             camera = dataclasses.replace(self.extrinsics.rig.camera(name), T_base_cam=T_base_cam)
-        frame = CameraFrame(camera, image_to_rgb(image_msg), header_stamp_ns(image_msg))
+        frame = CameraFrame(camera, image_to_rgb(image_msg), stamp_of(image_msg))
         check_frame(frame)
         return frame
 
@@ -128,7 +129,7 @@ class OccupancyNode(PerceptionNode):
         present = [(name, msg) for name, msg in zip(self.camera_names, images) if msg is not None]
         if not present:
             return
-        stamp = header_stamp_ns(present[0][1])
+        stamp = stamp_of(present[0][1])
         missing = [n for n, m in zip(self.camera_names, images) if m is None]
         if missing:
             self.drops.drop("camera_missing", f"set {stamp}: no image from {missing}; their sector is unknown")
@@ -138,7 +139,7 @@ class OccupancyNode(PerceptionNode):
                 frames.append(self.camera_frame(name, msg))
             except (ValueError, KeyError) as exc:
                 self.drops.drop(f"bad_camera:{name}", f"{self.image_topics[self.camera_names.index(name)]} stamp "
-                                                      f"{header_stamp_ns(msg)}: {exc}")
+                                                      f"{stamp_of(msg)}: {exc}")
         if not frames:
             self.drops.drop("no_usable_camera", f"set {stamp}: every camera was rejected")
             return

@@ -22,7 +22,8 @@ import threading
 import numpy as np
 
 from vg_ros import ros_compat
-from vg_ros.nodes.base import PerceptionNode, header_stamp_ns, node_main
+from vg_ros.convert import stamp_of
+from vg_ros.nodes.base import PerceptionNode, node_main
 from vg_ros.registration.odometry import LidarOdometry, OdometryConfig
 
 
@@ -116,7 +117,7 @@ class RegistrationNode(PerceptionNode):
     def on_points(self, msg) -> None:
         from vg_ros.convert import pointcloud2_to_scan
 
-        stamp_ns = header_stamp_ns(msg)
+        stamp_ns = stamp_of(msg)
         try:
             scan = pointcloud2_to_scan(msg)
             odometry = self._odometry_for(msg.header.frame_id or "lidar")
