@@ -1572,8 +1572,9 @@ def test_image_camera_prefers_a_sound_camera_info_then_the_rig():
 
 def test_camera_choice_sums_the_evidence_over_the_command():
     """grounding.messages.CameraChoice (node and replay): each camera's score x presence summed over the
-    command's sets, earlier sets decayed; a new command starts again; a camera missing from a set keeps its
-    decayed sum; decay 0 is best_camera (found first); a decay outside [0, 1) is refused."""
+    command's sets, an earlier set's halved per half-life of stamp (by time, not per set: a gap lets it fade,
+    an out-of-order set decays nothing); a new command starts again; a camera missing from a set keeps its
+    decayed sum; half-life 0 is best_camera (found first); one outside [0, 60] s is refused."""
     from vg_ros.grounding.messages import CameraChoice
     from vg_ros.grounding.pipeline import best_camera
     from vg_ros.types import GroundingResult
@@ -1582,20 +1583,31 @@ def test_camera_choice_sums_the_evidence_over_the_command():
         return [GroundingResult(0, "c", found=bool(found[i]) if found else s > 0.5, score=s, box=np.zeros(4),
                                 mask=np.zeros((1, 1), bool), presence=presence) for i, s in enumerate(scores)]
 
-    choice = CameraChoice(0.5)
-    assert choice.choose("a", ["L", "R"], results(0.9, 0.2)) == 0
-    assert choice.choose("a", ["L", "R"], results(0.3, 0.6)) == 0       # L 0.75 against R 0.7: one frame is not enough
+    ms = 1_000_000
+    choice = CameraChoice(0.1)   # sets 0.1 s apart: half per set
+    assert choice.choose("a", ["L", "R"], results(0.9, 0.2), 0) == 0
+    assert choice.choose("a", ["L", "R"], results(0.3, 0.6), 100 * ms) == 0   # L 0.75 against R 0.7: not enough
     assert np.allclose([choice.sums["L"], choice.sums["R"]], [0.75, 0.7])
-    assert choice.choose("a", ["L", "R"], results(0.3, 0.6)) == 1       # L 0.675, R 0.95
-    assert choice.choose("b", ["L", "R"], results(0.5, 0.4)) == 0       # a new command: sums start again
+    assert choice.choose("a", ["L", "R"], results(0.3, 0.6), 200 * ms) == 1   # L 0.675, R 0.95
+    assert choice.choose("b", ["L", "R"], results(0.5, 0.4), 300 * ms) == 0   # a new command: sums start again
     assert choice.sums == {"L": 0.5, "R": 0.4}
-    assert choice.choose("b", ["R"], results(0.1)) == 0 and np.allclose(choice.sums["L"], 0.25)
-    assert choice.choose("b", ["L", "R"], results(0.2, 0.2, presence=0.5)) == 1   # x presence: L 0.225, R 0.25
+    assert choice.choose("b", ["R"], results(0.1), 400 * ms) == 0 and np.allclose(choice.sums["L"], 0.25)
+    assert choice.choose("b", ["L", "R"], results(0.2, 0.2, presence=0.5), 500 * ms) == 1   # L 0.225, R 0.25
     assert np.allclose([choice.sums["L"], choice.sums["R"]], [0.225, 0.25])
+    # an out-of-order set decays nothing; after a second without images the old evidence is all but gone
+    assert choice.choose("b", ["L", "R"], results(0.1, 0.0), 450 * ms) == 0   # L 0.325, R 0.25
+    assert np.allclose([choice.sums["L"], choice.sums["R"]], [0.325, 0.25]) and choice.stamp_ns == 500 * ms
+    assert choice.choose("b", ["L", "R"], results(0.3, 0.31), 1500 * ms) == 1
+    assert np.allclose([choice.sums["L"], choice.sums["R"]], [0.3 + 0.325 / 1024, 0.31 + 0.25 / 1024])
+    # a camera twice as fast with twice the half-life in sets: the same memory in seconds
+    fast = CameraChoice(0.1)
+    for k in range(3):
+        fast.choose("a", ["L"], results(0.4), k * 50 * ms)
+    assert np.allclose(fast.sums["L"], 0.4 * (0.5 + 0.5 ** 0.5 + 1))
     with_found = results(0.4, 0.45, found=[True, False])
-    assert CameraChoice(0.0).choose("c", ["L", "R"], with_found) == best_camera(with_found) == 0
-    for bad in (-0.1, 1.0, float("nan")):
-        with pytest.raises(ValueError, match="decay"):
+    assert CameraChoice(0.0).choose("c", ["L", "R"], with_found, 0) == best_camera(with_found) == 0
+    for bad in (-0.1, 61.0, float("nan")):
+        with pytest.raises(ValueError, match="half-life"):
             CameraChoice(bad)
 
 

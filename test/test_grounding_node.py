@@ -191,10 +191,11 @@ def test_parameters_change_while_running_or_are_refused_with_a_reason(weights_fi
         assert not bad.successful and "box_source" in bad.reason and node.pipeline.config.box_source == "mask"
         [negative] = ros.set_parameters("grounding_node", max_cloud_age=-1.0)
         assert not negative.successful and node.params["max_cloud_age"] == 0.3
-        [per_set] = ros.set_parameters("grounding_node", camera_evidence_decay=0.0)
-        assert per_set.successful and node.camera_choice.decay == 0.0
-        [too_big] = ros.set_parameters("grounding_node", camera_evidence_decay=1.0)
-        assert not too_big.successful and "camera_evidence_decay" in too_big.reason and node.camera_choice.decay == 0.0
+        [per_set] = ros.set_parameters("grounding_node", camera_evidence_half_life=0.0)
+        assert per_set.successful and node.camera_choice.half_life == 0.0
+        [too_big] = ros.set_parameters("grounding_node", camera_evidence_half_life=-1.0)
+        assert (not too_big.successful and "camera_evidence_half_life" in too_big.reason
+                and node.camera_choice.half_life == 0.0)
 
 
 def test_commands_from_volatile_and_transient_local_publishers_each_apply_once(weights_file, tmp_path):
@@ -289,7 +290,7 @@ def test_several_cameras_publish_the_one_where_the_target_scores_highest(weights
         assert ros.spin_until(lambda: node.camera_infos[1] is not None, timeout=5)
         rng = np.random.default_rng(7)
         images = [rng.integers(0, 255, (270, 480, 3), dtype=np.uint8) for _ in cams]
-        chosen, choice = [], CameraChoice(0.5)
+        chosen, choice = [], CameraChoice(0.1)
         assert ros.spin_until(node.overlay_pub.get_subscription_count, timeout=5)
         sets = [(1_000_000_000, (0, 1, 2)), (1_100_000_000, (0, 2)), (1_500_000_000, (0, 1, 2))]
         for stamp, present in sets:   # the second set misses CAM_BACK: it goes on once the third is 0.4 s on
@@ -302,7 +303,7 @@ def test_several_cameras_publish_the_one_where_the_target_scores_highest(weights
         for k, (stamp, present) in enumerate(sets):
             frames = [CameraFrame(cams[i].scaled(480, 270), images[i], stamp + i * 1_000_000) for i in present]
             results = node.pipeline.infer_many(frames)
-            best = present[choice.choose("the red car", [topics[i] for i in present], results)]
+            best = present[choice.choose("the red car", [topics[i] for i in present], results, stamp)]
             assert masks[k].header.frame_id == boxes[k].header.frame_id == cams[best].frame_id
             assert masks[k].header.stamp.nanosec == (stamp + best * 1_000_000) % 1_000_000_000
             assert np.array_equal(image_to_array(masks[k]) == 255, results[present.index(best)].mask)

@@ -7,8 +7,8 @@ the rig's cameras (`GroundingPipeline.infer_many`, as the node with `extra_image
 P@0.5 in the command's own camera (what a node told the camera gets), and for each rule of choosing a camera
 the share of frames where it picks the command's camera, and where it picks it with box IoU >= 0.5.
 Rules: `score`; `found, score` (found ones first); `presence`, `score x presence` (weights with a presence
-head); `found, score x presence` (`best_camera`, the node's rule with camera_evidence_decay 0); `..., over
-the command`: the key summed over the command's frames so far, each earlier one weighted 0.5 per frame
+head); `found, score x presence` (`best_camera`, the node's rule with camera_evidence_half_life 0); `..., over
+the command`: the key summed over the command's frames so far, each earlier one's halved per 0.1 s of stamp
 (the node's default rule, `CameraChoice`; use --every 1).
 W: "default" or a .safetensors path (several: each in turn, on the same frames).
 """
@@ -58,7 +58,7 @@ def choices(bag: str, weights: str, every: int) -> list[dict]:
                                               stamp_of(images[name])))
                 results = pipe.infer_many(frames)
                 true = names.index(expr.camera)
-                rows.append({"command": command, "camera": true, "score": [r.score for r in results],
+                rows.append({"command": command, "camera": true, "stamp": expr.stamp_ns, "score": [r.score for r in results],
                              "presence": [r.presence for r in results], "found": [r.found for r in results],
                              "iou": [float(box_iou(r.box, expr.box)) if i == true and r.found else 0.0
                                      for i, r in enumerate(results)]})
@@ -67,17 +67,17 @@ def choices(bag: str, weights: str, every: int) -> list[dict]:
 
 def over_the_command(rows: list[dict], presence: bool) -> np.ndarray:
     """(frames, cameras): each camera's evidence summed over the command's frames so far, as the node's
-    `CameraChoice` (decay 0.5 per frame) sums it; `presence` False: the score alone."""
+    `CameraChoice` (half-life 0.1 s) sums it; `presence` False: the score alone."""
     from vg_ros.grounding.messages import CameraChoice
     from vg_ros.types import GroundingResult
 
-    choice, out = CameraChoice(0.5), []
+    choice, out = CameraChoice(0.1), []
     for row in rows:
         cameras = [str(i) for i in range(len(row["score"]))]
         results = [GroundingResult(0, "", found=f, score=s, box=np.zeros(4), mask=np.zeros((1, 1), bool),
                                    presence=p if presence else float("nan"))
                    for f, s, p in zip(row["found"], row["score"], row["presence"])]
-        choice.choose(row["command"], cameras, results)
+        choice.choose(row["command"], cameras, results, row["stamp"])
         out.append([choice.sums[c] for c in cameras])
     return np.array(out, dtype=np.float64)
 

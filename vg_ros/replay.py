@@ -358,7 +358,7 @@ class GroundingStage(Stage):
                                        partial_timeout_s=float(p.get("missing_camera_timeout", 0.5)), min_topics=1,
                                        drops=self.drops, names=self.image_topics)
         from vg_ros.grounding.messages import CameraChoice
-        self.camera_choice = CameraChoice(float(p.get("camera_evidence_decay", 0.5)))
+        self.camera_choice = CameraChoice(float(p.get("camera_evidence_half_life", 0.1)))
         self.clouds = StampedBuffer(10)   # as the node: the cloud nearest the image, not just the last
         self.odom_topic = str(p.get("odom_topic") or "")
         self.motion = PoseBuffer() if self.odom_topic else None   # used when the bag holds that odometry

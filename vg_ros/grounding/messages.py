@@ -55,30 +55,39 @@ def _nominal_camera(frame: str, width: int, height: int) -> CameraModel:
 
 class CameraChoice:
     """Which camera of a set to publish, from the evidence of the command's sets so far: each camera's
-    `camera_evidence` summed over the sets since the command came, an earlier set weighted by `decay` per
-    set (0.5: the last three sets carry seven eighths). One set alone is easily fooled (for a frame, something
-    like the target scores a little higher in another camera); a few frames together less so: in
-    `vg-ros replay` of two drives of commands about any camera (docs/grounding.md) the summed evidence gave
-    Prec@0.5 30.9 / 31.5 % with the default weights and 38.3 / 34.2 % with a presence head, one set alone
-    (`best_camera`) 26.8 / 29.3 % and 34.6 / 31.5 %. The sums start again with each new command; a camera
-    missing from a set keeps its sum, decayed. `decay` 0: each set on its own (`best_camera`, found results
-    first)."""
+    `camera_evidence` summed over the sets since the command came, an earlier set's weighed down by half per
+    `half_life` seconds of stamp between them (0.1 s: at the default rig's 10 Hz, half per set, the last three
+    sets carrying seven eighths; a gap in the images lets the old evidence fade as the time passes, and a
+    faster camera does not shorten the memory). One set alone is easily fooled (for a frame, something like
+    the target scores a little higher in another camera); a few frames together less so: in `vg-ros replay`
+    of two drives of commands about any camera (docs/grounding.md) the summed evidence gave Prec@0.5 30.9 /
+    31.5 % with the default weights and 38.3 / 34.2 % with a presence head, one set alone (`best_camera`)
+    26.8 / 29.3 % and 34.6 / 31.5 %. The sums start again with each new command; a camera missing from a set
+    keeps its sum, decayed. `half_life` 0: each set on its own (`best_camera`, found results first)."""
 
-    def __init__(self, decay: float = 0.5) -> None:
-        self.decay = float(decay)
-        if not 0.0 <= self.decay < 1.0:
-            raise ValueError(f"camera evidence decay {decay}: must be in [0, 1)")
+    MAX_HALF_LIFE = 60.0
+
+    def __init__(self, half_life: float = 0.1) -> None:
+        self.half_life = float(half_life)
+        if not 0.0 <= self.half_life <= self.MAX_HALF_LIFE:
+            raise ValueError(f"camera evidence half-life {half_life} s: must be in [0, {self.MAX_HALF_LIFE:g}]")
         self.command: str | None = None
         self.sums: dict[str, float] = {}
+        self.stamp_ns: int | None = None
 
-    def choose(self, command: str | None, cameras: Sequence[str], results: Sequence[GroundingResult]) -> int:
-        """The index into `results` (one per camera of the set, named by `cameras`) to publish."""
-        if self.decay == 0.0:
+    def choose(self, command: str | None, cameras: Sequence[str], results: Sequence[GroundingResult],
+               stamp_ns: int) -> int:
+        """The index into `results` (one per camera of the set stamped `stamp_ns`, named by `cameras`) to
+        publish. A set stamped before the last one (out of order) decays nothing."""
+        if self.half_life == 0.0:
             return best_camera(results)
         if command != self.command:
-            self.command, self.sums = command, {}
-        for camera in self.sums:
-            self.sums[camera] *= self.decay
+            self.command, self.sums, self.stamp_ns = command, {}, None
+        if self.stamp_ns is not None:
+            weight = 0.5 ** (max(int(stamp_ns) - self.stamp_ns, 0) * 1e-9 / self.half_life)
+            for camera in self.sums:
+                self.sums[camera] *= weight
+        self.stamp_ns = int(stamp_ns) if self.stamp_ns is None else max(self.stamp_ns, int(stamp_ns))
         for camera, result in zip(cameras, results):
             self.sums[camera] = self.sums.get(camera, 0.0) + camera_evidence(result)
         return max(range(len(results)), key=lambda i: (self.sums[cameras[i]], -i))
@@ -113,8 +122,8 @@ def ground_set(pipeline: GroundingPipeline, msgs: Sequence[Any], topics: Sequenc
     if not frames:
         return None
     results = pipeline.infer_many([f[3] for f in frames])   # one batch through the network
-    best = best_camera(results) if choice is None else choice.choose(pipeline.command, [f[0] for f in frames],
-                                                                     results)
+    best = (best_camera(results) if choice is None
+            else choice.choose(pipeline.command, [f[0] for f in frames], results, frames[0][3].stamp_ns))
     _, msg, rgb, frame, calibrated = frames[best]
     return Grounded(msg, rgb, frame, results[best], calibrated)
 

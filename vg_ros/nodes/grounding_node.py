@@ -15,7 +15,7 @@ Subscribes (topic names are parameters):
   extra_image_topics more cameras (optional): each image set of image_topic and these, synchronised by stamp
                      (`sync_slop`; after `missing_camera_timeout` a set goes on without a late camera), is
                      grounded in every camera with the command's cached weights, and the camera with the most
-                     evidence for the target over the command's sets is published (`camera_evidence_decay`,
+                     evidence for the target over the command's sets is published (`camera_evidence_half_life`,
                      `grounding.messages.CameraChoice`). Each extra camera's CameraInfo is read from
                      the sibling `camera_info` topic (/cameras/X/image_raw -> /cameras/X/camera_info), as
                      image_transport's camera subscriber pairs them.
@@ -72,22 +72,24 @@ class GroundingNode(PerceptionNode):
         "sync_slop": (0.05, "with extra_image_topics: largest stamp spread (s) of one image set"),
         "missing_camera_timeout": (0.5, "with extra_image_topics: seconds to wait for a late camera before "
                                    "grounding the set without it"),
-        "camera_evidence_decay": (0.5, "with extra_image_topics: the published camera is the one with the most "
-                                  "evidence (score x presence) summed over the command's sets, an earlier set "
-                                  "weighted by this per set; 0 = each set on its own, found results first"),
+        "camera_evidence_half_life": (0.1, "with extra_image_topics: the published camera is the one with the "
+                                      "most evidence (score x presence) summed over the command's sets, an "
+                                      "earlier set's halved per this many seconds of stamp (0.1: half per set at "
+                                      "10 Hz); 0 = each set on its own, found results first"),
     }
 
     live_params = frozenset({"score_threshold", "presence_threshold", "mask_threshold", "single_region", "box_source",
-                             "min_points", "depth_window", "max_cloud_age", "camera_evidence_decay"})
+                             "min_points", "depth_window", "max_cloud_age", "camera_evidence_half_life"})
 
     def on_parameters_changed(self, names: set[str]) -> None:
         from vg_ros.grounding.messages import CameraChoice
         with self._lock:   # the next image is grounded with them
             self.pipeline.config = self.cfg
-            if "camera_evidence_decay" in names:   # validated by on_configure; the sums start again
-                self.camera_choice = CameraChoice(float(self.params["camera_evidence_decay"]))
+            if "camera_evidence_half_life" in names:   # validated by on_configure; the sums start again
+                self.camera_choice = CameraChoice(float(self.params["camera_evidence_half_life"]))
 
     def on_configure(self) -> None:
+        from vg_ros.grounding.messages import CameraChoice
         p = self.params
         if not float(p["max_cloud_age"]) >= 0:
             raise ValueError(f"grounding_node.max_cloud_age = {p['max_cloud_age']}: must be >= 0")
@@ -97,8 +99,10 @@ class GroundingNode(PerceptionNode):
         for key in ("sync_slop", "missing_camera_timeout"):
             if not float(p[key]) > 0:
                 raise ValueError(f"grounding_node.{key} = {p[key]}: must be > 0")
-        if not 0 <= float(p["camera_evidence_decay"]) < 1:
-            raise ValueError(f"grounding_node.camera_evidence_decay = {p['camera_evidence_decay']}: must be in [0, 1)")
+        try:
+            CameraChoice(float(p["camera_evidence_half_life"]))
+        except ValueError as exc:
+            raise ValueError(f"grounding_node.camera_evidence_half_life: {exc}") from None
         topics = [str(p["image_topic"])] + [str(t) for t in p["extra_image_topics"]]
         if any(not t.strip() for t in topics) or len(set(topics)) != len(topics):
             raise ValueError(f"grounding_node.extra_image_topics = {list(p['extra_image_topics'])}: must be distinct, "
@@ -116,7 +120,7 @@ class GroundingNode(PerceptionNode):
         from vg_ros.grounding.pipeline import GroundingPipeline
 
         self.pipeline = GroundingPipeline(self.cfg, weights=self.params["weights"], device=self.device)
-        self.camera_choice = CameraChoice(float(self.params["camera_evidence_decay"]))
+        self.camera_choice = CameraChoice(float(self.params["camera_evidence_half_life"]))
         self._lock = threading.Lock()
         self.camera_infos: list = [None] * len(self.image_inputs)
         self.clouds = StampedBuffer(10)   # ~1 s of LiDAR (sweeps are MBs): a lagging image still meets its own
