@@ -1470,6 +1470,27 @@ def test_train_cli_stopped_then_resumed_writes_what_one_run_writes(fake_splits, 
     assert "not a readable training state" in capsys.readouterr().err
 
 
+def test_train_cli_presence_only_records_the_heads_steps_across_runs(fake_splits, monkeypatch, tmp_path):
+    """`--presence-only --init W`: the network's step count stays W's; a head trained on (W has one) adds
+    this run's steps to W's `presence_steps`."""
+    from vg_ros.cli import main as vg_main
+    from vg_ros.grounding import data, model as model_module, text
+    from vg_ros.grounding.pipeline import load_weights
+    train_split, _ = fake_splits
+    monkeypatch.setattr(data, "load_or_render", lambda *a, **k: train_split)
+    monkeypatch.setattr(text, "TextEncoder", lambda *a, **k: None)
+    monkeypatch.setitem(model_module.SPECS, "tiny", SMALL)
+    common = ["--minutes", "60", "--batch", "4", "--monitor-every", "0", "--no-eval"]
+    assert vg_main(["train", "grounding", "--steps", "2", *common, "--out", str(tmp_path / "net")]) == 0
+    previous = tmp_path / "net" / "grounding_vglaw_tiny.safetensors"
+    for run, steps, total in (("head1", 3, "3"), ("head2", 2, "5")):
+        assert vg_main(["train", "grounding", "--init", str(previous), "--presence-only", "--absent", "0.5",
+                        "--steps", str(steps), *common, "--out", str(tmp_path / run)]) == 0
+        previous = tmp_path / run / "grounding_vglaw_tiny.safetensors"
+        model, meta = load_weights(previous)
+        assert model.presence is not None and meta["steps"] == "2" and meta["presence_steps"] == total
+
+
 def test_camera_choice_tool_scores_each_rule_on_a_bag_about_any_camera(tmp_path, capsys):
     """tools/camera_choice.py: on a `--command-camera any` drive, each frame grounded in all six cameras; the
     node's rule (`best_camera`) is one of the rules it scores, and scores what best_camera picks."""

@@ -84,7 +84,7 @@ class CameraChoice:
         if command != self.command:
             self.command, self.sums, self.stamp_ns = command, {}, None
         if self.stamp_ns is not None:
-            weight = 0.5 ** (max(int(stamp_ns) - self.stamp_ns, 0) * 1e-9 / self.half_life)
+            weight = 0.5 ** (max(int(stamp_ns) - self.stamp_ns, 0) / (self.half_life * 1e9))
             for camera in self.sums:
                 self.sums[camera] *= weight
         self.stamp_ns = int(stamp_ns) if self.stamp_ns is None else max(self.stamp_ns, int(stamp_ns))

@@ -619,8 +619,8 @@ def main(argv: list[str]) -> int:
 
     def step_meta(step: int) -> dict:
         """The step counts a file written after `step` steps of this run records."""
-        if args.presence_only:
-            return {"steps": init_steps, "presence_steps": step}
+        if args.presence_only:   # a head trained on (--init has one) counts its earlier steps too
+            return {"steps": init_steps, "presence_steps": int(init_meta.get("presence_steps") or 0) + step}
         return {"steps": init_steps + step}
     monitor = None
     if args.monitor_every:
