@@ -1523,6 +1523,10 @@ def test_camera_choice_tool_scores_each_rule_on_a_bag_about_any_camera(tmp_path,
     assert "found, score x presence" in printed and "own camera" in printed
     report = json.loads((tmp_path / "c.json").read_text())[str(weights)]
     assert report["frames"] == len(rows) and 0 <= report["rules"]["score"]["right_camera"] <= 1
+    # the command's camera always shows the target; another may too (/gt/grounding_views): a pick there is right
+    assert all(r["shows"][r["camera"]] for r in rows)
+    assert all(rule["command_camera"] <= rule["right_camera"] for rule in report["rules"].values())
+    assert all(iou == 0.0 for r in rows for iou, shown in zip(r["iou"], r["shows"]) if not shown)
 
 
 def test_ground_set_leaves_out_unusable_cameras_and_publishes_the_best(pipeline):

@@ -30,10 +30,16 @@ def bag():
     return sim_bag(SEED, SECONDS)
 
 
-def write_outputs(bag, out, *, pose_error=None, box_shift=0.0, drop_every=0, lose_class=None, frame_id=None):
+def write_outputs(bag, out, *, pose_error=None, box_shift=0.0, drop_every=0, lose_class=None, frame_id=None,
+                  other_views=False):
     """An output bag built from the ground truth: perfect unless told how to degrade it (`frame_id`: the
-    grounding outputs' camera frame instead of the command's)."""
+    grounding outputs' camera frame instead of the command's; `other_views`: where another camera sees the
+    target (/gt/grounding_views), the target as that camera sees it, in its frame)."""
     store = typestore()
+    views = {}
+    if other_views:
+        with BagReader(bag) as src:
+            views = {stamp_of(m): m for _, _, _, m in src.messages(["/gt/grounding_views"])}
     Point32, Polygon = store.types["geometry_msgs/msg/Point32"], store.types["geometry_msgs/msg/Polygon"]
     PolygonStamped = store.types["geometry_msgs/msg/PolygonStamped"]
     with BagReader(bag) as src, BagWriter(out, overwrite=True) as dst:
@@ -53,6 +59,7 @@ def write_outputs(bag, out, *, pose_error=None, box_shift=0.0, drop_every=0, los
                     T = T @ make_T(None, pose_error(stamp))
                 dst.write(TOPICS["odometry"]["odometry"], stamp, matrix_to_odometry(T, np.eye(6), stamp_ns=stamp, flavor="rosbags"))
             else:
+                msg = views.get(stamp, msg)
                 expr = msg_to_expression(msg)
                 k = (stamp - src.start_ns) // 100_000_000
                 if (drop_every and k % drop_every == 0) or not expr.mask.any():
@@ -113,6 +120,37 @@ def test_a_target_published_in_another_camera_is_a_miss(bag, tmp_path):
     assert gro["cameras"] == ["CAM_FRONT", "CAM_BACK"] and gro["frames"] >= 5
     assert gro["found_rate"] == 1.0 and gro["found_in_wrong_camera"] == gro["frames"]
     assert gro["prec_at_05"] == 0.0 and gro["miou"] == 0.0
+
+
+def test_a_target_published_in_a_camera_that_shows_it_is_scored_against_that_view(bag, tmp_path):
+    """Several cameras: where the simulator saw the command's target in another camera too
+    (/gt/grounding_views), a result there is scored against that camera's view of it (found_in_other_view),
+    not as a miss; a camera the node does not ground is no excuse (found_in_wrong_camera)."""
+    with BagReader(bag) as src:
+        gt = {stamp_of(m): msg_to_expression(m) for _, _, _, m in src.messages(["/gt/grounding"])}
+        views = [msg_to_expression(m) for _, _, _, m in src.messages(["/gt/grounding_views"])]
+    assert views, "the drive should show its target in a second camera at least once"
+    for view in views:   # the same target, another camera, seen
+        assert view.camera != gt[view.stamp_ns].camera and view.mask.any() and view.text == gt[view.stamp_ns].text
+        assert view.instance_id == gt[view.stamp_ns].instance_id
+    shown = {v.camera for v in views}
+    cams = ["CAM_FRONT", *sorted(shown)]
+    out = write_outputs(bag, tmp_path / "views.mcap", other_views=True)
+    grounded = {**TOPICS["grounding"], "images": [f"/cameras/{c}/image_raw" for c in cams]}
+    gro = score_bags(bag, out, topics={**TOPICS, "grounding": grounded})["grounding"]
+    visible = {s for s, e in gt.items() if e.mask.any()} | {v.stamp_ns for v in views}
+    assert gro["frames"] == len(visible) and gro["gt_target_not_visible"] == len(gt) - len(visible)
+    assert gro["found_in_other_view"] == len({v.stamp_ns for v in views}) and gro["found_in_wrong_camera"] == 0
+    assert gro["prec_at_05"] == 1.0 and gro["miou"] == 1.0
+    # the same outputs for a node grounding in CAM_FRONT and CAM_BACK only: those results are in a camera it
+    # does not ground, so misses; one camera alone scores as before (the views do not count)
+    grounded["images"] = ["/cameras/CAM_FRONT/image_raw", "/cameras/CAM_BACK/image_raw"]
+    two = score_bags(bag, out, topics={**TOPICS, "grounding": grounded})["grounding"]
+    assert two["found_in_other_view"] == 0 and two["found_in_wrong_camera"] == gro["found_in_other_view"]
+    assert two["prec_at_05"] < 1.0
+    one = score_bags(bag, write_outputs(bag, tmp_path / "front.mcap"),
+                     grounding_image_topic="/cameras/CAM_FRONT/image_raw")["grounding"]
+    assert one["frames"] == sum(e.mask.any() for e in gt.values()) and one["found_in_other_view"] == 0
 
 
 def test_replay_over_a_simulated_drive(bag, tmp_path):

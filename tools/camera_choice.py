@@ -5,7 +5,9 @@
 For every `--every`-th frame whose target is in view (by /gt/grounding), the command is grounded in each of
 the rig's cameras (`GroundingPipeline.infer_many`, as the node with `extra_image_topics` does) and printed:
 P@0.5 in the command's own camera (what a node told the camera gets), and for each rule of choosing a camera
-the share of frames where it picks the command's camera, and where it picks it with box IoU >= 0.5.
+the share of frames where it picks the command's camera, where it picks a camera that shows the target (the
+command's, or another where /gt/grounding_views has it: the target passed into it, or the cameras overlap),
+and where its pick's box has IoU >= 0.5 with the target as that camera sees it.
 Rules: `score`; `found, score` (found ones first); `presence`, `score x presence` (weights with a presence
 head); `found, score x presence` (`best_camera`, the node's rule with camera_evidence_half_life 0); `..., over
 the command`: the key summed over the command's frames so far, each earlier one's halved per 0.1 s of stamp
@@ -22,8 +24,9 @@ import numpy as np
 
 
 def choices(bag: str, weights: str, every: int) -> list[dict]:
-    """Per scored frame: the command's camera index, each camera's score, presence and found, and the box IoU
-    of each camera's result with the true box (0 in the other cameras: the target is not there)."""
+    """Per scored frame: the command's camera index, each camera's score, presence and found, whether each
+    camera shows the target (the command's does; another where /gt/grounding_views has it), and the box IoU of
+    each camera's result with the target's box there (0 where the camera does not show it)."""
     from vg_ros.bag import BagReader
     from vg_ros.convert import image_to_rgb, msg_to_expression, stamp_of
     from vg_ros.grounding.metrics import box_iou
@@ -36,6 +39,11 @@ def choices(bag: str, weights: str, every: int) -> list[dict]:
     rows: list[dict] = []
     images: dict[str, object] = {}
     seen = command = 0
+    views: dict[int, dict[str, object]] = {}   # stamp -> {camera: the target as that camera sees it}
+    with BagReader(bag) as src:
+        for _, _, _, msg in src.messages(["/gt/grounding_views"]):
+            view = msg_to_expression(msg)
+            views.setdefault(view.stamp_ns, {})[view.camera] = view
     with BagReader(bag) as src:
         topics = ["/command", "/gt/grounding"] + [f"/cameras/{n}/image_raw" for n in names]
         for topic, _, _, msg in src.messages(topics):
@@ -58,10 +66,12 @@ def choices(bag: str, weights: str, every: int) -> list[dict]:
                                               stamp_of(images[name])))
                 results = pipe.infer_many(frames)
                 true = names.index(expr.camera)
-                rows.append({"command": command, "camera": true, "stamp": expr.stamp_ns, "score": [r.score for r in results],
-                             "presence": [r.presence for r in results], "found": [r.found for r in results],
-                             "iou": [float(box_iou(r.box, expr.box)) if i == true and r.found else 0.0
-                                     for i, r in enumerate(results)]})
+                target = {**views.get(expr.stamp_ns, {}), expr.camera: expr}
+                rows.append({"command": command, "camera": true, "stamp": expr.stamp_ns,
+                             "score": [r.score for r in results], "presence": [r.presence for r in results],
+                             "found": [r.found for r in results], "shows": [n in target for n in names],
+                             "iou": [float(box_iou(r.box, target[n].box)) if n in target and r.found else 0.0
+                                     for n, r in zip(names, results)]})
     return rows
 
 
@@ -117,13 +127,16 @@ def main(argv: list[str]) -> int:
         own = iou[np.arange(len(rows)), true]
         report[weights] = {"frames": len(rows), "own_camera_prec_at_05": float((own >= 0.5).mean()), "rules": {}}
         print(f"{weights}: {len(rows)} frames; P@0.5 in the command's own camera {100 * (own >= 0.5).mean():.1f} %")
+        shows = np.array([r["shows"] for r in rows])
         for rule, key in rule_keys(rows).items():
             pick = np.argmax(key, axis=1)
-            right = pick == true
-            hit = right & (own >= 0.5)
-            report[weights]["rules"][rule] = {"right_camera": float(right.mean()), "prec_at_05": float(hit.mean())}
-            print(f"  {rule:>24}: the command's camera {100 * right.mean():5.1f} %, "
-                  f"and P@0.5 {100 * hit.mean():5.1f} %")
+            frame = np.arange(len(rows))
+            command_camera, right = pick == true, shows[frame, pick]
+            hit = iou[frame, pick] >= 0.5
+            report[weights]["rules"][rule] = {"command_camera": float(command_camera.mean()),
+                                              "right_camera": float(right.mean()), "prec_at_05": float(hit.mean())}
+            print(f"  {rule:>24}: the command's camera {100 * command_camera.mean():5.1f} %, one showing the "
+                  f"target {100 * right.mean():5.1f} %, and P@0.5 {100 * hit.mean():5.1f} %")
     if args.json_out:
         with open(args.json_out, "w") as fh:
             json.dump(report, fh, indent=2)

@@ -21,7 +21,10 @@ nodes — against the input's `/gt/*` topics, matching by header stamp: occupanc
 mask), odometry ATE (aligned) and drift %, grounding Prec@0.5 and mask mIoU. Scores are over the frames
 that have an output; `coverage` says how many of the ground-truth frames that is. Grounding ground truth
 whose target is out of view (empty mask) is not scored but counted (`gt_target_not_visible`, and how
-often the node still claimed a target: `found_when_not_visible`). A pipeline that cannot
+often the node still claimed a target: `found_when_not_visible`). Grounding in several cameras, the target
+as the other cameras see it (`/gt/grounding_views`) counts too: a frame is scored while any grounded camera
+shows the target, and a target published in one that shows it is scored against that view
+(`found_in_other_view`), in one that does not it is a miss (`found_in_wrong_camera`). A pipeline that cannot
 run (weights missing, module absent) gets `{"available": false, "reason": ...}` and the others still run.
 """
 from __future__ import annotations
@@ -64,6 +67,9 @@ CONFIG_CLASSES = {"occupancy": ("vg_ros.occupancy.pipeline", "OccupancyConfig"),
                   "registration": ("vg_ros.registration.odometry", "OdometryConfig"),
                   "grounding": ("vg_ros.grounding.pipeline", "GroundingConfig")}
 GT_TOPICS = {"occupancy": "/gt/occupancy", "odometry": "/gt/ego_pose", "grounding": "/gt/grounding"}
+# the command's target as the cameras other than the command's see it (`vg-ros sim` writes one message per
+# such camera and frame): a node grounding in several cameras is right to publish it in any of them
+GT_GROUNDING_VIEWS = "/gt/grounding_views"
 
 
 class PipelineUnavailable(Exception):
@@ -691,14 +697,23 @@ def score_bags(in_bag: str | Path, out_bag: str | Path, *, grounding_image_topic
             boxes, masks = pred.get(topics["grounding"]["box"], {}), pred.get(topics["grounding"]["mask"], {})
             ious, m_ious, hops, found, frames = [], [], [], 0, []
             keep = every(GT_TOPICS["grounding"])
-            gt_count = other_camera = invisible = found_invisible = wrong_camera = 0
+            # several named cameras: where else each frame's target is seen, {stamp: {frame_id: Expression}}
+            views: dict[int, dict[str, Any]] = collections.defaultdict(dict)
+            if GT_GROUNDING_VIEWS in gt_topics and None not in cameras and len(cameras) > 1:
+                for _, _, _, msg in src.messages([GT_GROUNDING_VIEWS]):
+                    view = msg_to_expression(msg)
+                    if view.camera in cameras and view.mask.any():
+                        views[view.stamp_ns][msg.header.frame_id] = view
+            gt_count = other_camera = invisible = found_invisible = wrong_camera = other_view = 0
             for _, _, _, msg in src.messages([GT_TOPICS["grounding"]]):
                 expr = msg_to_expression(msg)
                 if None not in cameras and expr.camera not in cameras:
                     other_camera += 1
                     continue
                 stamp = expr.stamp_ns
-                if not expr.mask.any():  # the target left the view while its command is active: not scored
+                seen_elsewhere = views.get(stamp, {})
+                if not expr.mask.any() and not seen_elsewhere:
+                    # the target left the view of every grounded camera while its command is active: not scored
                     invisible += 1
                     found_invisible += int(stamp in boxes and _box_of_polygon(boxes[stamp])[0])
                     continue
@@ -707,11 +722,16 @@ def score_bags(in_bag: str | Path, out_bag: str | Path, *, grounding_image_topic
                     continue
                 ok, box, score = _box_of_polygon(boxes[stamp])
                 found += int(ok)
-                # several cameras: a target published in another camera than the command's is a miss
+                # several cameras: a target published in a camera that does not show it is a miss; one that
+                # does (the target passed into it, or cameras overlap) is scored against that camera's view
                 frame_out, frame_gt = boxes[stamp].header.frame_id, msg.header.frame_id
                 if ok and frame_out and frame_gt and frame_out != frame_gt:
-                    wrong_camera += 1
-                    ok = False
+                    if frame_out in seen_elsewhere:
+                        expr = seen_elsewhere[frame_out]
+                        other_view += 1
+                    else:
+                        wrong_camera += 1
+                        ok = False
                 mask = image_to_array(masks[stamp]) > 0 if stamp in masks else np.zeros_like(expr.mask)
                 if not ok:
                     mask = np.zeros_like(expr.mask)
@@ -723,7 +743,8 @@ def score_bags(in_bag: str | Path, out_bag: str | Path, *, grounding_image_topic
             section = {"frames": len(ious), "gt_frames": gt_count, "coverage": len(ious) / max(gt_count, 1),
                        "found_rate": found / max(len(ious), 1), "gt_on_other_cameras": other_camera,
                        "gt_target_not_visible": invisible, "found_when_not_visible": found_invisible,
-                       "found_in_wrong_camera": wrong_camera, "camera": cameras[0], "cameras": cameras,
+                       "found_in_wrong_camera": wrong_camera, "found_in_other_view": other_view,
+                       "camera": cameras[0], "cameras": cameras,
                        "image_topic": image_topics[0], "image_topics": image_topics}
             if ious:
                 ious_a, m_a, hops_a = np.asarray(ious), np.asarray(m_ious), np.asarray(hops)

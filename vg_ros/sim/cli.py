@@ -6,7 +6,7 @@ import argparse
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +38,8 @@ def _topics(rig: Rig, lidar_labels: bool) -> list[tuple[str, str, bool]]:
     t += [("/lidar/points", "sensor_msgs/msg/PointCloud2", False),
           ("/gt/ego_pose", "geometry_msgs/msg/PoseStamped", False),
           ("/gt/occupancy", "vg_ros/msg/SemanticVoxelGrid", False),
-          ("/gt/grounding", "vg_ros/msg/GroundingTarget", False)]
+          ("/gt/grounding", "vg_ros/msg/GroundingTarget", False),
+          ("/gt/grounding_views", "vg_ros/msg/GroundingTarget", False)]
     if lidar_labels:
         t.append(("/gt/lidar_labels", "sensor_msgs/msg/PointCloud2", False))
     return t
@@ -114,6 +115,12 @@ def write_bag(out: str | Path, seed: int, seconds: float, rig: Rig | None = None
                 mask = frame.instance[cam.name] == active.instance_id
                 target = Expression(active.text, cam.name, active.instance_id, mask_box(mask), mask, active.hops, S)
                 bag.write("/gt/grounding", S, convert.expression_to_msg(target, S, cam.frame_id, flavor=F))
+                for other in rig.cameras:   # the same target wherever else it is seen (multi-camera scoring)
+                    view = frame.instance[other.name] == active.instance_id
+                    if other.name != cam.name and view.any():
+                        bag.write("/gt/grounding_views", S, convert.expression_to_msg(
+                            replace(target, camera=other.name, box=mask_box(view), mask=view), S,
+                            other.frame_id, flavor=F))
             if lidar_labels:
                 bag.write("/gt/lidar_labels", S, convert.xyz_fields_to_pointcloud2(
                     frame.lidar.xyz, {"label": frame.lidar_labels.astype(np.uint8),
