@@ -57,9 +57,12 @@ def live(tmp_path_factory):
         if "grounding_node" in sup.procs and not killed and published >= KILL_AT * total:
             # not before its first answer: on a loaded 2-core machine the node's first frame can take longer
             # than the first 60 % of the drive (the player waits; the queues are lossless)
-            deadline = time.monotonic() + 120.0
+            deadline = time.monotonic() + 60.0
             while not run.recorder.counts[T["grounding"]["box"]] and time.monotonic() < deadline:
                 time.sleep(0.1)
+            # every thread's stack into its log (SIGUSR1; the node runs on): shows where it is if it is stuck
+            sup.procs["grounding_node"].send_signal(signal.SIGUSR1)
+            time.sleep(0.5)
             killed["wall_ns"] = time.monotonic_ns()
             sup.procs["grounding_node"].send_signal(signal.SIGKILL)
 
@@ -214,6 +217,8 @@ def test_killed_node_is_reported_and_the_others_keep_publishing(live):
     run, kill_ns = live["run"], live["killed"]["wall_ns"]
     info = live["info"]
     assert info["died"].get("grounding_node") == -signal.SIGKILL, f"died: {info['died']}"
+    # before the kill it was asked for its stacks (SIGUSR1) and wrote them without stopping
+    assert "most recent call first" in live["lines"]["grounding_node"] and "run_node" in live["lines"]["grounding_node"]
     primary = {cap: T[SECTIONS[cap]]["primary"] for cap in PIPELINES}
     after = {cap: [w for (t, _), w in run.recorder.receive_wall_ns.items() if t == topic and w > kill_ns + 1e9]
              for cap, topic in primary.items()}

@@ -1064,6 +1064,9 @@ def run_node(node_cls: type[PerceptionNode], args: list[str] | None = None, *, m
 
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    if hasattr(signal, "SIGUSR1"):   # `kill -USR1 <pid>`: every thread's stack to stderr, the node runs on
+        import faulthandler
+        faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
     rclpy_mod.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
     node = None
     stage = "construct"
