@@ -60,9 +60,9 @@ class CameraChoice:
     sets carrying seven eighths; a gap in the images lets the old evidence fade as the time passes, and a
     faster camera does not shorten the memory). One set alone is easily fooled (for a frame, something like
     the target scores a little higher in another camera); a few frames together less so: in `vg-ros replay`
-    of two drives of commands about any camera (docs/grounding.md) the summed evidence gave Prec@0.5 30.9 /
-    31.5 % with the default weights and 38.3 / 34.2 % with a presence head, one set alone (`best_camera`)
-    26.8 / 29.3 % and 34.6 / 31.5 %. The sums start again with each new command; a camera missing from a set
+    of two drives of commands about any camera (docs/grounding.md; scored then against the command's camera
+    alone) the summed evidence gave Prec@0.5 30.9 / 31.5 % with the default weights and 38.3 / 34.2 % with
+    the first presence head, one set alone (`best_camera`) 26.8 / 29.3 % and 34.6 / 31.5 %. The sums start again with each new command; a camera missing from a set
     keeps its sum, decayed. `half_life` 0: each set on its own (`best_camera`, found results first)."""
 
     MAX_HALF_LIFE = 60.0
