@@ -81,7 +81,7 @@ def over_the_command(rows: list[dict], presence: bool) -> np.ndarray:
     from vg_ros.grounding.messages import CameraChoice
     from vg_ros.types import GroundingResult
 
-    choice, out = CameraChoice(0.1), []
+    choice, out = CameraChoice(), []   # the node's default half-life
     for row in rows:
         cameras = [str(i) for i in range(len(row["score"]))]
         results = [GroundingResult(0, "", found=f, score=s, box=np.zeros(4), mask=np.zeros((1, 1), bool),

@@ -62,8 +62,9 @@ class CameraChoice:
     the target scores a little higher in another camera); a few frames together less so: in `vg-ros replay`
     of two drives of commands about any camera (docs/grounding.md; scored then against the command's camera
     alone) the summed evidence gave Prec@0.5 30.9 / 31.5 % with the default weights and 38.3 / 34.2 % with
-    the first presence head, one set alone (`best_camera`) 26.8 / 29.3 % and 34.6 / 31.5 %. The sums start again with each new command; a camera missing from a set
-    keeps its sum, decayed. `half_life` 0: each set on its own (`best_camera`, found results first)."""
+    the first presence head, one set alone (`best_camera`) 26.8 / 29.3 % and 34.6 / 31.5 %. The sums start
+    again with each new command; a camera missing from a set keeps its sum, decayed. `half_life` 0: each set
+    on its own (`best_camera`, found results first)."""
 
     MAX_HALF_LIFE = 60.0
 

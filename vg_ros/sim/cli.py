@@ -116,8 +116,10 @@ def write_bag(out: str | Path, seed: int, seconds: float, rig: Rig | None = None
                 target = Expression(active.text, cam.name, active.instance_id, mask_box(mask), mask, active.hops, S)
                 bag.write("/gt/grounding", S, convert.expression_to_msg(target, S, cam.frame_id, flavor=F))
                 for other in rig.cameras:   # the same target wherever else it is seen (multi-camera scoring)
+                    if other.name == cam.name:
+                        continue
                     view = frame.instance[other.name] == active.instance_id
-                    if other.name != cam.name and view.any():
+                    if view.any():
                         bag.write("/gt/grounding_views", S, convert.expression_to_msg(
                             replace(target, camera=other.name, box=mask_box(view), mask=view), S,
                             other.frame_id, flavor=F))
