@@ -74,6 +74,9 @@ def test_diagnostic_status_levels_follow_the_period_not_the_totals():
     assert diagnostic_status(raised, clean, 5.0)[0] == DIAG_ERROR
     waiting = {"drops": {"no_command": 50}, "processed": {}}
     assert diagnostic_status(waiting, None, 5.0)[0] == DIAG_WARN   # waiting for a command is not a failure
+    # what reached each subscription is reported beside (a node's diagnostics() carries it)
+    deaf = {"drops": {}, "processed": {}, "received": {"/cam/image_raw": 1, "/clock": 0}}
+    assert ("received/%s" % "/cam/image_raw", "1") in diagnostic_status(deaf, None, 5.0)[2]
 
 
 # ------------------------------------------------------------------------------------- StampGuard

@@ -131,6 +131,8 @@ def test_a_looped_bag_restarts_the_odometry_instead_of_dropping_it_for_ever(fram
         assert [convert.stamp_of(m) for m in odoms] == stamps + stamps[1:]
         assert node.stamps.jumps == 1 and node.diagnostics()["time_jump_resets"] == 1
         assert dict(node.drops.drops) == {"time_jump_back": 1}
+        # every scan reached the subscription, the dropped one too: received counts before any check
+        assert node.diagnostics()["received"] == {"/lidar/points": 2 * len(frames)}
         second = [convert.odometry_to_matrix(m)[0] for m in odoms[len(frames):]]
         assert np.allclose(second[0], np.eye(4))          # odom = base_link at the first scan after the reset
         gt = invert_T(frames[1].T_odom_base) @ frames[-1].T_odom_base
@@ -147,3 +149,33 @@ def test_odometry_parameters_change_while_running(frames):
         assert not refused.successful and "restart" in refused.reason and node.odometry.cfg.map_voxel_size == 1.0
         [bad] = ros.set_parameters("registration_node", min_range=-1.0)
         assert not bad.successful and node.odometry.cfg.min_range == 1.0
+
+
+def test_a_sensor_that_stops_is_named_in_the_diagnostics(frames):
+    """A matched publisher that sends nothing for `input_silence_warn` s makes the status a WARN naming
+    the topic (a hung driver, a transport that stopped delivering); a message clears it; no publisher,
+    no warning."""
+    from rclpy.parameter import Parameter
+    from sensor_msgs.msg import PointCloud2
+    from vg_ros import convert
+    from vg_ros.nodes.base import DIAG_WARN, diagnostic_status
+
+    with ros_session(DOMAIN) as ros:
+        node = make_node(ros, input_silence_warn=0.5)
+        ros.spin_for(0.6)
+        assert node.silent_inputs() == {}                    # nobody publishes: nothing to wait for
+        client = ros.node("client")
+        pub = client.create_publisher(PointCloud2, "/lidar/points", 10)
+        assert ros.wait_for_match(pub, timeout=5.0)
+        silent = node.silent_inputs()
+        assert list(silent) == ["/lidar/points"] and silent["/lidar/points"]["publishers"] == 1
+        level, message, _ = diagnostic_status(node.diagnostics(), None, 5.0)
+        assert level == DIAG_WARN and "silent: /lidar/points (nothing for" in message and "1 publisher)" in message
+        scan = frames[0].lidar
+        scan.frame_id = frames[0].rig.lidar.frame_id
+        pub.publish(convert.scan_to_pointcloud2(scan))
+        assert ros.spin_until(lambda: node.received["/lidar/points"] == 1, timeout=10.0)
+        assert node.silent_inputs() == {}
+        assert ros.spin_until(lambda: node.silent_inputs(), timeout=5.0)   # and again once it stops
+        node.set_parameters([Parameter("input_silence_warn", value=0.0)])
+        assert node.silent_inputs() == {}                    # 0 = off, changeable while running

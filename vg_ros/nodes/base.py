@@ -676,6 +676,8 @@ COMMON_PARAMS: dict[str, tuple[Any, str]] = {
     "time_jump_reset": (1.0, "stamps jumping back more than this many seconds, twice in order on a topic (a looped "
                              "or restarted bag), reset the node's state instead of being dropped for ever; 0 = off"),
     "diagnostics_period": (5.0, "seconds between drop/throughput reports on ~/diagnostics; 0 = off"),
+    "input_silence_warn": (10.0, "a sensor input with a matched publisher but no message for this many seconds "
+                                 "(wall time) makes the diagnostics a WARN naming it; 0 = off"),
 }
 
 
@@ -699,7 +701,7 @@ class PerceptionNode(_RosNode):  # type: ignore[misc,valid-type]
     # reads per message); every other parameter is read at start, and a change is refused with a reason
     # instead of being accepted and silently ignored.
     live_params: frozenset[str] = frozenset()
-    COMMON_LIVE = frozenset({"max_stamp_age", "time_jump_reset"})
+    COMMON_LIVE = frozenset({"max_stamp_age", "time_jump_reset", "input_silence_warn"})
 
     def __init__(self, node_name: str | None = None, *, config_path: str | Path | None = None,
                  **node_kwargs: Any) -> None:
@@ -747,6 +749,12 @@ class PerceptionNode(_RosNode):  # type: ignore[misc,valid-type]
         self.stamps = StampGuard(self.drops, float(self.params["max_stamp_age"]),
                                  jump_back_s=float(self.params["time_jump_reset"]), on_jump=self._on_time_jump)
         self._syncs: list[ApproxTimeSync] = []
+        # messages that reached each subscription, before any check: an input that stops arriving (a
+        # publisher gone, a DDS transport that stopped delivering) shows here, not as a drop
+        self.received: collections.Counter[str] = collections.Counter()
+        self._received_lock = threading.Lock()
+        # watched inputs: topic -> (subscriptions, wall time of the last message or of the subscribing)
+        self._watched: dict[str, tuple[list, float]] = {}
         self.device = "cpu"
         self._extrinsics: TfOrRig | None = None
         self._diag_pub = self._status_pub = None
@@ -758,7 +766,10 @@ class PerceptionNode(_RosNode):  # type: ignore[misc,valid-type]
             self._diag_pub = self.create_publisher(String, "~/diagnostics", output_qos(1))
             # the standard aggregate topic: rqt_robot_monitor and diagnostic_aggregator read it
             self._status_pub = self.create_publisher(DiagnosticArray, "/diagnostics", output_qos(10))
-            self._diag_timer = self.create_timer(period, self.publish_diagnostics)
+            # wall time, not the node clock: under use_sim_time a stopped /clock must not silence the report
+            from rclpy.clock import Clock, ClockType
+            self._diag_timer = self.create_timer(period, self.publish_diagnostics,
+                                                 clock=Clock(clock_type=ClockType.STEADY_TIME))
         self.activated = False
         self.add_on_set_parameters_callback(self._on_set_parameters)
 
@@ -771,7 +782,7 @@ class PerceptionNode(_RosNode):  # type: ignore[misc,valid-type]
                              f"must be one of {list(RELIABILITIES)}")
         if not isinstance(p["qos_depth"], int) or not 1 <= p["qos_depth"] <= 1000:
             raise ValueError(f"{self.get_name()}.qos_depth = {p['qos_depth']!r}: must be an int in [1, 1000]")
-        for key in ("max_stamp_age", "time_jump_reset", "diagnostics_period"):
+        for key in ("max_stamp_age", "time_jump_reset", "diagnostics_period", "input_silence_warn"):
             if not isinstance(p[key], (int, float)) or not p[key] >= 0:
                 raise ValueError(f"{self.get_name()}.{key} = {p[key]!r}: must be a number >= 0")
 
@@ -791,7 +802,9 @@ class PerceptionNode(_RosNode):  # type: ignore[misc,valid-type]
         if self.activated:
             self.on_deactivate()
             self.activated = False
-        self.get_logger().info(f"stopping: {self.drops.summary()}")
+        with self._received_lock:
+            received = " ".join(f"{t}={n}" for t, n in sorted(self.received.items())) or "nothing"
+        self.get_logger().info(f"stopping: {self.drops.summary()}; received: {received}")
 
     def on_configure(self) -> None:
         """Read parameters into attributes; raise ValueError for a bad one. No model loading here."""
@@ -869,7 +882,7 @@ class PerceptionNode(_RosNode):  # type: ignore[misc,valid-type]
 
     def subscribe(self, msg_type: type, topic: str, callback: Callable[..., None], qos: "QoSProfile",
                   *, guard_stamps: bool = True, callback_group: Any = None, with_info: bool = False,
-                  incompatible_note: str | None = None):
+                  incompatible_note: str | None = None, watch: bool = True):
         """A subscription that logs what it expects, reports QoS mismatches, and (by default) passes
         only messages whose header stamp the StampGuard accepts. Exceptions in `callback` are caught,
         logged once per reason and counted as `callback_error`: the node keeps running. `callback_group`
@@ -877,7 +890,9 @@ class PerceptionNode(_RosNode):  # type: ignore[misc,valid-type]
         control input run beside a long sensor callback on the multi-threaded executor. `with_info`: the
         callback also gets rclpy's message info (source timestamp, publication sequence number).
         `incompatible_note`: an incompatible publisher is expected (another subscription serves it), so
-        it is logged at INFO with this note instead of as an ERROR."""
+        it is logged at INFO with this note instead of as an ERROR. Every message that arrives is counted
+        (`received`); `watch` (sensor streams; not a command sent once) also reports the topic in the
+        diagnostics when a publisher is matched but nothing came for `input_silence_warn` seconds."""
         from rclpy.event_handler import SubscriptionEventCallbacks
 
         type_name = f"{msg_type.__module__.split('.')[0]}/{msg_type.__name__}"
@@ -893,6 +908,10 @@ class PerceptionNode(_RosNode):  # type: ignore[misc,valid-type]
                 f"policy {getattr(event, 'last_policy_kind', '?')}: nothing will be received from it")
 
         def guarded(msg: Any, info: Any = None) -> None:
+            with self._received_lock:
+                self.received[topic] += 1
+                if topic in self._watched:
+                    self._watched[topic] = (self._watched[topic][0], time.monotonic())
             if guard_stamps and hasattr(msg, "header"):
                 if not self.stamps.accept(topic, stamp_of(msg), self.now_ns()):
                     return
@@ -901,8 +920,30 @@ class PerceptionNode(_RosNode):  # type: ignore[misc,valid-type]
         # rclpy passes the message info only to a callback that cannot take the message alone
         handler = (lambda msg, info: guarded(msg, info)) if with_info else (lambda msg: guarded(msg))
 
-        return self.create_subscription(msg_type, topic, handler, qos, callback_group=callback_group,
-                                        event_callbacks=SubscriptionEventCallbacks(incompatible_qos=on_incompatible))
+        sub = self.create_subscription(msg_type, topic, handler, qos, callback_group=callback_group,
+                                       event_callbacks=SubscriptionEventCallbacks(incompatible_qos=on_incompatible))
+        if watch:
+            with self._received_lock:
+                subs, since = self._watched.get(topic, ([], time.monotonic()))
+                self._watched[topic] = (subs + [sub], since)
+        return sub
+
+    def silent_inputs(self, now: float | None = None) -> dict[str, dict]:
+        """{topic: {"seconds", "publishers"}} of the watched inputs with at least one matched publisher and
+        no message for `input_silence_warn` s of wall time (since the subscription when none came yet): a
+        sensor that stopped, or a transport that stopped delivering (docs/bringup.md)."""
+        limit = float(self.params["input_silence_warn"])
+        if limit <= 0:
+            return {}
+        now = time.monotonic() if now is None else now
+        with self._received_lock:
+            watched = dict(self._watched)
+        silent = {}
+        for topic, (subs, last) in watched.items():
+            publishers = max(sub.get_publisher_count() for sub in subs)
+            if publishers and now - last >= limit:
+                silent[topic] = {"seconds": round(now - last, 1), "publishers": publishers}
+        return silent
 
     def synchronized(self, specs: Sequence[tuple[type, str]], callback: Callable[..., None], *,
                      slop_s: float = 0.05, queue_size: int = 10, qos: "QoSProfile | None" = None,
@@ -956,8 +997,10 @@ class PerceptionNode(_RosNode):  # type: ignore[misc,valid-type]
         return self._extrinsics
 
     def diagnostics(self) -> dict:
+        with self._received_lock:
+            received = dict(self.received)
         return {"node": self.get_name(), "stamp_ns": self.now_ns(), "time_jump_resets": self.stamps.jumps,
-                **self.drops.snapshot()}
+                "received": received, "silent": self.silent_inputs(), **self.drops.snapshot()}
 
     def publish_diagnostics(self) -> None:
         """~/diagnostics (the JSON counts) and one DiagnosticStatus on /diagnostics for the last period."""
@@ -991,8 +1034,9 @@ WAITING_REASONS = frozenset({"no_command"})
 def diagnostic_status(now: dict, before: dict | None, period_s: float) -> tuple[int, str, list[tuple[str, str]]]:
     """(level, message, [(key, value)]) of one node over a period, from two `DropCounter.snapshot()`s
     `period_s` apart (`before` None: since the start). OK: inputs processed, none dropped. WARN: some
-    dropped, a waiting reason (`WAITING_REASONS`), or no input at all. ERROR: a callback raised, or inputs
-    came and every one was dropped. The values are the totals since the start and the period's rate."""
+    dropped, a waiting reason (`WAITING_REASONS`), no input at all, or a silent input (`now["silent"]`:
+    matched publisher, no message; named in the message). ERROR: a callback raised, or inputs came and every
+    one was dropped. The values are the totals since the start and the period's rate."""
     before = before or {"drops": {}, "processed": {}}
     done = sum(now["processed"].values()) - sum(before["processed"].values())
     dropped = {k: v - before["drops"].get(k, 0) for k, v in now["drops"].items() if v > before["drops"].get(k, 0)}
@@ -1008,9 +1052,15 @@ def diagnostic_status(now: dict, before: dict | None, period_s: float) -> tuple[
             (not done and not set(dropped) <= WAITING_REASONS)
         level = DIAG_ERROR if failing else DIAG_WARN
         message = f"{done} processed, {sum(dropped.values())} dropped in {period}: {why}"
+    silent = now.get("silent") or {}
+    if silent:
+        level = max(level, DIAG_WARN)
+        message += "; silent: " + ", ".join(f"{t} (nothing for {v['seconds']:.0f} s, {v['publishers']} publisher"
+                                           f"{'s' if v['publishers'] != 1 else ''})" for t, v in sorted(silent.items()))
     values = [("rate_hz", f"{rate:.2f}"), ("period_s", f"{period_s:.2f}")]
     values += [(f"processed/{k}", str(v)) for k, v in sorted(now["processed"].items())]
     values += [(f"dropped/{k}", str(v)) for k, v in sorted(now["drops"].items())]
+    values += [(f"received/{k}", str(v)) for k, v in sorted(now.get("received", {}).items())]
     return level, message, values
 
 

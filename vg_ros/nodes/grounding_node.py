@@ -137,13 +137,13 @@ class GroundingNode(PerceptionNode):
         from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
         self.command_group = MutuallyExclusiveCallbackGroup()
         self.command_sub = self.subscribe(String, self.params["command_topic"], self.on_command, self.command_qos(),
-                                          callback_group=self.command_group, with_info=True,
+                                          callback_group=self.command_group, with_info=True, watch=False,
                                           incompatible_note="its commands arrive through the volatile subscription")
         # `ros2 topic pub` offers volatile durability, which a transient-local subscription never matches: a
         # second, volatile subscription takes its commands (the same group runs them one at a time)
         self.command_sub_volatile = self.subscribe(String, self.params["command_topic"], self.on_command,
                                                    volatile_command_qos(), callback_group=self.command_group,
-                                                   with_info=True)
+                                                   with_info=True, watch=False)
         self._seen_commands: collections.deque = collections.deque(maxlen=32)
         image_type = CompressedImage if self.params["image_transport"] == "compressed" else Image
         if len(self.image_inputs) == 1:
