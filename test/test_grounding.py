@@ -1527,6 +1527,19 @@ def test_camera_choice_tool_scores_each_rule_on_a_bag_about_any_camera(tmp_path,
     assert all(r["shows"][r["camera"]] for r in rows)
     assert all(rule["command_camera"] <= rule["right_camera"] for rule in report["rules"].values())
     assert all(iou == 0.0 for r in rows for iou, shown in zip(r["iou"], r["shows"]) if not shown)
+    # --refusal: every frame of the commands (the target may be in another camera or in none) and the
+    # published camera's result refused under a mean-evidence threshold
+    every = tool.choices(str(bag), str(weights), every=1, all_frames=True)
+    assert [r for r in every if r["visible"]] == rows and len(every) >= len(rows)
+    refusal = tool.refusal_report(every, thresholds=(0.0, 1.01))
+    assert refusal["frames_present"] + refusal["frames_absent"] == len(every)
+    assert refusal["by_threshold"]["1.01"]["prec_at_05_present"] == 0.0   # nothing published
+    assert refusal["by_threshold"]["0.00"]["prec_at_05_present"] >= 0.0
+    assert tool.main([str(bag), "--weights", str(weights), "--every", "1", "--refusal",
+                      "--json", str(tmp_path / "r.json")]) == 0
+    assert "refusal under a mean evidence" in capsys.readouterr().out
+    assert set(json.loads((tmp_path / "r.json").read_text())[str(weights)]["refusal"]["by_threshold"]) == \
+        {f"{t:.2f}" for t in tool.REFUSAL_THRESHOLDS}
 
 
 def test_ground_set_leaves_out_unusable_cameras_and_publishes_the_best(pipeline):
@@ -1611,8 +1624,11 @@ def test_camera_choice_sums_the_evidence_over_the_command():
     ms = 1_000_000
     choice = CameraChoice(0.1)   # sets 0.1 s apart: half per set
     assert choice.choose("a", ["L", "R"], results(0.9, 0.2), 0) == 0
+    assert choice.mean_evidence("L") == pytest.approx(0.9) and choice.mean_evidence("X") == 0.0
     assert choice.choose("a", ["L", "R"], results(0.3, 0.6), 100 * ms) == 0   # L 0.75 against R 0.7: not enough
     assert np.allclose([choice.sums["L"], choice.sums["R"]], [0.75, 0.7])
+    # the mean: the sum over the sets' decayed count (0.5 + 1)
+    assert np.allclose([choice.mean_evidence("L"), choice.mean_evidence("R")], [0.5, 0.7 / 1.5])
     assert choice.choose("a", ["L", "R"], results(0.3, 0.6), 200 * ms) == 1   # L 0.675, R 0.95
     assert choice.choose("b", ["L", "R"], results(0.5, 0.4), 300 * ms) == 0   # a new command: sums start again
     assert choice.sums == {"L": 0.5, "R": 0.4}

@@ -74,24 +74,34 @@ class CameraChoice:
             raise ValueError(f"camera evidence half-life {half_life} s: must be in [0, {self.MAX_HALF_LIFE:g}]")
         self.command: str | None = None
         self.sums: dict[str, float] = {}
+        self.weight = 0.0   # the sets' decayed count: sums / weight is each camera's weighted mean evidence
         self.stamp_ns: int | None = None
 
     def choose(self, command: str | None, cameras: Sequence[str], results: Sequence[GroundingResult],
                stamp_ns: int) -> int:
         """The index into `results` (one per camera of the set stamped `stamp_ns`, named by `cameras`) to
         publish. A set stamped before the last one (out of order) decays nothing."""
-        if self.half_life == 0.0:
+        if self.half_life == 0.0:   # this set alone
+            self.command, self.weight = command, 1.0
+            self.sums = {camera: camera_evidence(result) for camera, result in zip(cameras, results)}
             return best_camera(results)
         if command != self.command:
-            self.command, self.sums, self.stamp_ns = command, {}, None
+            self.command, self.sums, self.weight, self.stamp_ns = command, {}, 0.0, None
         if self.stamp_ns is not None:
             weight = 0.5 ** (max(int(stamp_ns) - self.stamp_ns, 0) / (self.half_life * 1e9))
             for camera in self.sums:
                 self.sums[camera] *= weight
+            self.weight *= weight
         self.stamp_ns = int(stamp_ns) if self.stamp_ns is None else max(self.stamp_ns, int(stamp_ns))
         for camera, result in zip(cameras, results):
             self.sums[camera] = self.sums.get(camera, 0.0) + camera_evidence(result)
+        self.weight += 1.0
         return max(range(len(results)), key=lambda i: (self.sums[cameras[i]], -i))
+
+    def mean_evidence(self, camera: str) -> float:
+        """`camera`'s evidence over the command's sets so far as a weighted mean (the sum over the sets'
+        decayed count), in [0, 1] as `camera_evidence`; 0 for a camera not seen yet."""
+        return self.sums.get(camera, 0.0) / self.weight if self.weight > 0 else 0.0
 
 
 def ground_set(pipeline: GroundingPipeline, msgs: Sequence[Any], topics: Sequence[str],
