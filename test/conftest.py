@@ -14,6 +14,11 @@ os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
 os.environ.setdefault("ROS_DOMAIN_ID", "42")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+# The shipped Fast DDS profile (100 ms reliable heartbeats) for every participant of this process, as the
+# nodes, `vg-ros play` and the demo use it: Fast DDS reads it once, at the first participant
+from vg_ros.ros_compat import use_dds_profiles  # noqa: E402
+
+use_dds_profiles()
 
 
 @pytest.fixture(scope="session")

@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from vg_ros.ros_compat import use_dds_profiles
+
 SENSOR_TYPES = frozenset({
     "sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage", "sensor_msgs/msg/CameraInfo",
     "sensor_msgs/msg/PointCloud2", "sensor_msgs/msg/Imu", "sensor_msgs/msg/LaserScan", "sensor_msgs/msg/NavSatFix",
@@ -269,6 +271,10 @@ class _RosProcess:
         from rclpy.parameter import Parameter
         from rclpy.signals import SignalHandlerOptions
 
+        # Fast DDS reads its profiles once per process, at the first participant: without ours a reliable
+        # sample lost on the way (the bag's one /command, in the burst of the first camera set) waited for
+        # the default 3 s heartbeat, twice seen back to back: a command 6 s late (docs/bringup.md)
+        use_dds_profiles()
         self.stop = threading.Event()
         self._previous = {s: signal.signal(s, lambda *_: self.stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
         self.context = rclpy.Context()
