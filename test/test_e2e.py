@@ -73,7 +73,6 @@ def live(tmp_path_factory):
         sup.procs["grounding_node"].send_signal(signal.SIGUSR1)
         time.sleep(0.5)
         killed["wall_ns"] = time.monotonic_ns()
-        killed["published"] = published
         sup.procs["grounding_node"].send_signal(signal.SIGKILL)
 
     run = LiveRun(bag, out, rate=RATE, device="cpu", nodes=caps, config=None, startup_timeout_s=150.0,
