@@ -287,6 +287,25 @@ def test_killed_node_is_reported_and_the_others_keep_publishing(live):
                          f"diagnostics {json.dumps(info.get('diagnostics', {}))[:1500]}")
 
 
+def test_lost_in_transport_reads_the_nodes_exit_counts():
+    """What the kill test excuses as lost between the processes, from a node's exit line as PerceptionNode
+    writes it: inputs received < sent, or the primary output recorded < published; nothing without the
+    line."""
+    from vg_ros.nodes.base import DropCounter
+    lidar, odom = T["odometry"]["inputs"][0], T["odometry"]["primary"]
+    drops = DropCounter()
+    for _ in range(16):
+        drops.ok("registered")
+    drops.drop("stale_stamp")
+    line = f"[INFO] [1.0] [registration_node]: stopping: {drops.summary()}; received: {lidar}=16"
+    live = {"lines": {"registration_node": line}, "info": {"published": {lidar: 20}, "received": {odom: 12}}}
+    assert lost_in_transport(live, "registration") == {lidar: (16, 20), odom: (12, 16)}
+    live["info"] = {"published": {lidar: 16}, "received": {odom: 16}}
+    assert lost_in_transport(live, "registration") == {}
+    live["lines"]["registration_node"] = "[INFO] [1.0] [registration_node]: active on cpu"
+    assert lost_in_transport(live, "registration") == {}
+
+
 def test_demo_tables_and_argument_errors(tmp_path):
     from vg_ros.cli import UserError
     from vg_ros.demo import comparison_table, main
