@@ -1,6 +1,7 @@
 """The `vg-ros` dispatcher: help, unknown commands, and one-line errors instead of tracebacks."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -65,6 +66,22 @@ def test_doctor_passes_here_and_names_a_broken_checkpoint(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "vg_ros.cli", "doctor", "--skip-models", "--config",
                           str(tmp_path / "missing.yaml")], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "[FAIL] parameters file" in bad.stdout and "1 failed: parameters file" in bad.stdout
+
+
+def test_doctor_says_which_dds_transport_settings_apply(monkeypatch):
+    """Under LOCALHOST discovery rmw_fastrtps builds its transports itself (measured: a UDP-only profile
+    still maps shared memory), so the check says a profile's transports do not apply; with SUBNET they do."""
+    from vg_ros import doctor, ros_compat
+    monkeypatch.delenv("RMW_IMPLEMENTATION", raising=False)
+    monkeypatch.setenv("ROS_DOMAIN_ID", "7")
+    monkeypatch.setenv("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    local = doctor.check_dds_environment()
+    assert local.status == doctor.OK and "discovery LOCALHOST" in local.detail and "do not apply" in local.detail
+    assert (ros_compat.use_dds_profiles(dict(os.environ)) or "none") in local.detail
+    monkeypatch.setenv("ROS_AUTOMATIC_DISCOVERY_RANGE", "SUBNET")
+    assert "do not apply" not in doctor.check_dds_environment().detail
+    monkeypatch.setenv("RMW_IMPLEMENTATION", "rmw_cyclonedds_cpp")
+    assert "Fast DDS" not in doctor.check_dds_environment().detail
 
 
 def test_doctor_reports_a_check_that_raises_under_its_own_name(monkeypatch):

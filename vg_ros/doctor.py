@@ -63,11 +63,28 @@ def check_rclpy() -> Check:
     return Check("rclpy", OK, f"imports; RMW {rmw}")
 
 
+def discovery_scope() -> str:
+    """ROS_AUTOMATIC_DISCOVERY_RANGE as the rmw reads it (LOCALHOST for the older ROS_LOCALHOST_ONLY=1)."""
+    return os.environ.get("ROS_AUTOMATIC_DISCOVERY_RANGE") or ("LOCALHOST" if os.environ.get("ROS_LOCALHOST_ONLY")
+                                                              == "1" else "SUBNET (default)")
+
+
+def fast_dds() -> bool:
+    return os.environ.get("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp") == "rmw_fastrtps_cpp"
+
+
 def check_dds_environment() -> Check:
+    from vg_ros import ros_compat
     domain = os.environ.get("ROS_DOMAIN_ID")
-    scope = os.environ.get("ROS_AUTOMATIC_DISCOVERY_RANGE") or ("LOCALHOST" if os.environ.get("ROS_LOCALHOST_ONLY")
-                                                               == "1" else "SUBNET (default)")
+    scope = discovery_scope()
     detail = f"ROS_DOMAIN_ID={domain if domain is not None else 'unset (0)'}, discovery {scope}"
+    if fast_dds():
+        profile = ros_compat.use_dds_profiles(dict(os.environ))   # what a vg_ros process loads (not set here)
+        detail += f"; Fast DDS profile {profile or 'none'}"
+        if scope == "LOCALHOST":
+            # measured with rmw_fastrtps_cpp 8.4 (docs/bringup.md): it builds these transports itself here
+            detail += ("; transports shared memory + UDP, chosen by the rmw: a profile's transports and "
+                       "FASTDDS_BUILTIN_TRANSPORTS do not apply")
     if domain is None:
         return Check("dds environment", WARN, detail, "export ROS_DOMAIN_ID=<your robot's id>: domain 0 is "
                      "everybody's default, so other machines' nodes on the network mix with these")
@@ -108,9 +125,11 @@ def check_dds_loopback(timeout_s: float = 5.0) -> Check:
             node.destroy_node()
         rclpy.try_shutdown(context=context)
     if not got:
+        transport = ("in a container give it shared memory (--ipc=host, or a larger --shm-size): under LOCALHOST "
+                     "discovery the rmw always uses it" if discovery_scope() == "LOCALHOST" else
+                     "in a container allow shared memory or use FASTDDS_BUILTIN_TRANSPORTS=UDPv4")
         return Check("dds loopback", FAIL, f"a message to this process did not arrive in {timeout_s:g} s",
-                     "check that the loopback interface is up (ip link set lo up); in a container allow shared "
-                     "memory or use FASTDDS_BUILTIN_TRANSPORTS=UDPv4")
+                     f"check that the loopback interface is up (ip link set lo up); {transport}")
     return Check("dds loopback", OK, f"a message to this process arrived after {seconds * 1000:.0f} ms")
 
 
