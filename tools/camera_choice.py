@@ -81,38 +81,30 @@ def choices(bag: str, weights: str, every: int, all_frames: bool = False) -> lis
     return rows
 
 
-def over_the_command(rows: list[dict], presence: bool) -> np.ndarray:
-    """(frames, cameras): each camera's evidence summed over the command's frames so far, as the node's
-    `CameraChoice` (half-life 0.1 s) sums it; `presence` False: the score alone."""
+def node_choice(rows: list[dict], presence: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The node's `CameraChoice` (default half-life) run over the rows in order: per frame each camera's
+    evidence summed over the command so far (frames, cameras), the camera it publishes, and that camera's
+    weighted mean evidence (`CameraChoice.mean_evidence`). `presence` False: the score alone."""
     from vg_ros.grounding.messages import CameraChoice
     from vg_ros.types import GroundingResult
 
-    choice, out = CameraChoice(), []   # the node's default half-life
+    choice, sums, picks, means = CameraChoice(), [], [], []
     for row in rows:
         cameras = [str(i) for i in range(len(row["score"]))]
         results = [GroundingResult(0, "", found=f, score=s, box=np.zeros(4), mask=np.zeros((1, 1), bool),
                                    presence=p if presence else float("nan"))
                    for f, s, p in zip(row["found"], row["score"], row["presence"])]
-        choice.choose(row["command"], cameras, results, row["stamp"])
-        out.append([choice.sums[c] for c in cameras])
-    return np.array(out, dtype=np.float64)
-
-
-def mean_evidence_of_pick(rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-    """(pick, mean): per frame the camera the node's rule publishes (`CameraChoice`, score x presence over
-    the command) and that camera's weighted mean evidence so far (`CameraChoice.mean_evidence`)."""
-    from vg_ros.grounding.messages import CameraChoice
-    from vg_ros.types import GroundingResult
-
-    choice, picks, means = CameraChoice(), [], []
-    for row in rows:
-        cameras = [str(i) for i in range(len(row["score"]))]
-        results = [GroundingResult(0, "", found=f, score=s, box=np.zeros(4), mask=np.zeros((1, 1), bool),
-                                   presence=p) for f, s, p in zip(row["found"], row["score"], row["presence"])]
         pick = choice.choose(row["command"], cameras, results, row["stamp"])
+        sums.append([choice.sums[c] for c in cameras])
         picks.append(pick)
         means.append(choice.mean_evidence(cameras[pick]))
-    return np.array(picks), np.array(means)
+    return np.array(sums, dtype=np.float64), np.array(picks), np.array(means)
+
+
+def over_the_command(rows: list[dict], presence: bool) -> np.ndarray:
+    """(frames, cameras): each camera's evidence summed over the command's frames so far, as the node's
+    `CameraChoice` (half-life 0.1 s) sums it; `presence` False: the score alone."""
+    return node_choice(rows, presence)[0]
 
 
 REFUSAL_THRESHOLDS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
@@ -123,7 +115,7 @@ def refusal_report(rows: list[dict], thresholds=REFUSAL_THRESHOLDS) -> dict:
     evidence is under t. Over the frames whose target some camera shows: P@0.5 of what is published
     (found, in a camera showing it, box IoU >= 0.5); over the frames whose target no camera shows: the share
     still published as found (right: none)."""
-    pick, mean = mean_evidence_of_pick(rows)
+    _, pick, mean = node_choice(rows, presence=True)
     frame = np.arange(len(rows))
     found = np.array([r["found"] for r in rows], dtype=bool)[frame, pick]
     shows = np.array([r["shows"] for r in rows], dtype=bool)
