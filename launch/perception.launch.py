@@ -8,7 +8,8 @@
 
 Launch arguments: config (params file), rig (name or YAML path), device (cpu | cuda | auto), nodes
 (comma list of occupancy, registration, grounding), use_sim_time (true | false; forced true when a
-bag is played), remappings (';'- or ','-separated FROM:=TO pairs, applied to every node), namespace,
+bag is played), remappings (';'- or ','-separated FROM:=TO pairs, applied to every node), namespace (the nodes
+and their data topics: /robot1/lidar/points, ...; /tf and /diagnostics stay global),
 bag (a rosbag2 to play with `ros2 bag play --clock`), rate (its playback rate), threads (OpenMP / MKL
 threads per node, torch's pool; 0: CPU cores / nodes, at least 1, so the nodes do not oversubscribe the cores),
 rviz (true: also start rviz2 with config/perception.rviz), respawn (true: a node that dies is started
@@ -80,6 +81,33 @@ def thread_env(text, n_nodes, cpu_count=None):
     return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
 
+def namespace_of(text):
+    """The namespace argument -> '/robot1' ('' or '/' -> '/'); ValueError for a name ROS would refuse."""
+    tokens = [t for t in str(text).strip().split("/") if t]
+    for token in tokens:
+        if not (token[0].isalpha() or token[0] == "_") or not token.isascii() \
+                or not all(c.isalnum() or c == "_" for c in token):
+            raise ValueError(f"namespace: {text!r}: {token!r} is not a valid ROS name token")
+    return "/" + "/".join(tokens)
+
+
+def namespaced_view(view, namespace):
+    """A copy of the RViz config `view` whose display topics (absolute, as the nodes publish them without a
+    namespace) are moved under `namespace`; the frames and /tf stay. Returns the copy's path."""
+    import tempfile
+    lines = open(view).read().splitlines(keepends=True)
+    out = []
+    for i, line in enumerate(lines):
+        stripped = line.lstrip()
+        if stripped.startswith("Value: /") and i and lines[i - 1].strip() == "Topic:":
+            line = line.replace("Value: /", f"Value: {namespace}/", 1)
+        out.append(line)
+    handle, path = tempfile.mkstemp(prefix="vg_ros_", suffix=".rviz")   # one small file per launch, in /tmp
+    with os.fdopen(handle, "w") as f:
+        f.writelines(out)
+    return path
+
+
 def _is_true(text):
     return str(text).strip().lower() in ("true", "1", "yes", "on")
 
@@ -103,6 +131,10 @@ def launch_setup(context, *args, **kwargs):
         env = {"FASTRTPS_DEFAULT_PROFILES_FILE": profiles, "FASTDDS_DEFAULT_PROFILES_FILE": profiles}
     chosen = parse_nodes(value["nodes"])
     env.update(thread_env(value["threads"], len(chosen)))
+    # each node also reads its own section of the file (as under `vg-ros up`): rcl applies a params file's
+    # plain `occupancy_node:` keys to /occupancy_node only, so in a namespace the file would not apply otherwise
+    env["VG_ROS_CONFIG"] = value["config"]
+    namespace = namespace_of(value["namespace"])
     actions = [LogInfo(msg=f"vg_ros: nodes {value['nodes']} with {value['config']}, rig {value['rig']}, "
                            f"device {value['device']}, use_sim_time {use_sim_time}")]
     for capability in chosen:
@@ -111,7 +143,7 @@ def launch_setup(context, *args, **kwargs):
             package=PACKAGE,
             executable=executable,
             name=executable,
-            namespace=value["namespace"],
+            namespace=namespace,
             parameters=[value["config"], overrides],
             remappings=remappings,
             output="screen",
@@ -122,8 +154,14 @@ def launch_setup(context, *args, **kwargs):
         ))
     if _is_true(value["rviz"]):
         view = os.path.join(get_package_share_directory(PACKAGE), "config", "perception.rviz")
+        if namespace != "/":
+            view = namespaced_view(view, namespace)
         actions.append(Node(package="rviz2", executable="rviz2", name="rviz2", arguments=["-d", view],
                             parameters=[{"use_sim_time": use_sim_time}], output="screen"))
+    if bag and namespace != "/":
+        actions.append(LogInfo(msg=f"vg_ros: the nodes read their topics under {namespace}; ros2 bag play publishes "
+                                   "the bag's topics as recorded (remap them, or play with `vg-ros play "
+                                   f"--namespace {namespace}`)"))
     if bag:
         actions.append(ExecuteProcess(
             cmd=["ros2", "bag", "play", bag, "--clock", "--rate", value["rate"]],
@@ -147,7 +185,8 @@ def generate_launch_description():
                               description="follow /clock (forced true when bag is given)"),
         DeclareLaunchArgument("remappings", default_value="",
                               description="topic remappings FROM:=TO, ';'-separated, applied to every node"),
-        DeclareLaunchArgument("namespace", default_value="", description="namespace for the nodes"),
+        DeclareLaunchArgument("namespace", default_value="",
+                              description="namespace for the nodes and their data topics (robot1: /robot1/lidar/points)"),
         DeclareLaunchArgument("bag", default_value="",
                               description="a rosbag2 to play into the nodes (ros2 bag play --clock)"),
         DeclareLaunchArgument("rate", default_value="1.0", description="playback rate of bag"),

@@ -44,8 +44,8 @@ def test_launch_file_structure_by_ast():
     tree = ast.parse(LAUNCH_FILE.read_text())
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    assert imported <= {"os", "ament_index_python.packages", "launch", "launch.actions", "launch.substitutions",
-                        "launch_ros.actions"}, imported
+    assert imported <= {"os", "tempfile", "ament_index_python.packages", "launch", "launch.actions",
+                        "launch.substitutions", "launch_ros.actions"}, imported
     declared = {c.args[0].value for c in ast.walk(tree) if isinstance(c, ast.Call)
                 and getattr(c.func, "id", None) == "DeclareLaunchArgument"}
     assert declared == EXPECTED_ARGS
@@ -94,13 +94,14 @@ def test_yaml_section_matches_the_node_and_its_pipeline_config(capability):
 def test_rviz_view_shows_what_the_nodes_publish():
     """config/perception.rviz: valid YAML, installed by setup.py, every display's topic a default output
     topic of a node (so a renamed topic cannot leave the view silently empty), every node shown."""
+    from vg_ros.nodes.base import global_topic
     view = yaml.safe_load((REPO / "config" / "perception.rviz").read_text())
     displays = view["Visualization Manager"]["Displays"]
     shown = {d["Topic"]["Value"] for d in displays if "Topic" in d}
     outputs = {}
     for capability in NODES:
         cls = node_class(capability)
-        outputs.update({default: capability for key, (default, _) in cls.node_params.items()
+        outputs.update({global_topic(default): capability for key, (default, _) in cls.node_params.items()
                         if key.endswith("_topic") and key not in ("points_topic", "image_topic", "command_topic",
                                                                   "camera_info_topic")})
     assert shown <= set(outputs), sorted(shown - set(outputs))
@@ -184,12 +185,49 @@ def test_launch_description_executed_against_stand_ins(monkeypatch):
     play = [a for a in actions if type(a).__name__ == "ExecuteProcess"]
     assert play[0].kwargs["cmd"] == ["ros2", "bag", "play", "/data/drive.mcap", "--clock", "--rate", "0.5"]
 
+    assert all(n.kwargs["namespace"] == "/" and n.kwargs["additional_env"]["VG_ROS_CONFIG"] ==
+               "/opt/share/vg_ros/config/perception.yaml" for n in nodes)
+
     with pytest.raises(ValueError, match="nodes: unknown node 'lidar'"):
         launch_actions(module, nodes="lidar")
     with pytest.raises(ValueError, match="device"):
         launch_actions(module, device="gpu")
     with pytest.raises(ValueError, match="FROM:=TO"):
         launch_actions(module, remappings="/a=/b")
+
+
+def test_launch_namespace_moves_nodes_topics_and_the_rviz_view(monkeypatch, tmp_path):
+    """namespace:=robot1: every node in /robot1 (its relative data topics follow), each node told where
+    its YAML is (rcl would not apply plain `occupancy_node:` keys in a namespace), RViz shown a copy of the
+    view with /robot1/... topics, a note that `ros2 bag play` keeps the bag's names; the launch file's
+    namespace rule is `normalize_namespace`'s."""
+    from vg_ros.nodes.base import normalize_namespace
+    module = stub_launch_modules(monkeypatch)
+    view = tmp_path / "config" / "perception.rviz"   # the installed share directory
+    view.parent.mkdir()
+    view.write_text((REPO / "config" / "perception.rviz").read_text())
+    monkeypatch.setattr(module, "get_package_share_directory", lambda pkg: str(tmp_path))
+    _, actions = launch_actions(module, namespace="robot1/", rviz="true", bag="/data/drive.mcap")
+    nodes = [a for a in actions if type(a).__name__ == "Node"]
+    ours = [n for n in nodes if n.kwargs["package"] == "vg_ros"]
+    assert len(ours) == 3 and all(n.kwargs["namespace"] == "/robot1" for n in ours)
+    assert all(n.kwargs["additional_env"]["VG_ROS_CONFIG"] == n.kwargs["parameters"][0] for n in ours)
+    rviz_view = Path(next(n for n in nodes if n.kwargs["package"] == "rviz2").kwargs["arguments"][1])
+    original = yaml.safe_load(view.read_text())["Visualization Manager"]
+    moved = yaml.safe_load(rviz_view.read_text())["Visualization Manager"]
+    assert [d["Topic"]["Value"] for d in moved["Displays"] if "Topic" in d] == \
+        ["/robot1" + d["Topic"]["Value"] for d in original["Displays"] if "Topic" in d]
+    assert moved["Global Options"] == original["Global Options"]   # frames (and /tf) stay
+    rviz_view.unlink()
+    notes = [a.kwargs["msg"] for a in actions if type(a).__name__ == "LogInfo"]
+    assert any("vg-ros play --namespace /robot1" in n for n in notes)
+    for text in ("", "/", "robot1", "/fleet/robot_1/", "_r"):
+        assert module.namespace_of(text) == normalize_namespace(text)
+    for bad in ("robot-1", "1robot", "/a//b c", "rob\u00f6t"):
+        with pytest.raises(ValueError, match="not a valid ROS name token"):
+            module.namespace_of(bad)
+        with pytest.raises(ValueError, match="not a valid ROS name token"):
+            normalize_namespace(bad)
 
 
 @pytest.mark.skipif(not (ros_compat.HAVE_LAUNCH and ros_compat.HAVE_LAUNCH_ROS),
@@ -215,6 +253,10 @@ def test_up_command_lines_and_arguments(tmp_path):
     assert ros_args == ["--ros-args", "-r", "__node:=registration_node", "--params-file", str(tmp_path / "p.yaml"),
                         "-p", "rig:=default", "-p", "device:=cpu", "-p", "use_sim_time:=true"]
     assert spec.env["VG_ROS_CONFIG"] == str(tmp_path / "p.yaml") and spec.env["OMP_NUM_THREADS"] == "1"
+    spaced = node_spec("grounding", config=tmp_path / "p.yaml", namespace="fleet/robot1").argv
+    assert spaced[spaced.index("--ros-args"):][:5] == ["--ros-args", "-r", "__node:=grounding_node", "-r",
+                                                       "__ns:=/fleet/robot1"]
+    assert "__ns:=/" not in " ".join(node_spec("grounding", namespace="/").argv)
     assert parse_nodes(["occupancy,grounding_node"]) == ["occupancy", "grounding"]
     assert parse_nodes(None) == list(NODES)
     with pytest.raises(UserError, match="unknown node 'radar'"):
@@ -225,6 +267,8 @@ def test_up_command_lines_and_arguments(tmp_path):
         main(["--rig", "no_such_rig"])
     with pytest.raises(UserError, match="--respawn-delay"):
         main(["--respawn", "--respawn-delay", "-1"])
+    with pytest.raises(UserError, match="--namespace"):
+        main(["--namespace", "robot-1"])
 
 
 HEARTBEAT_NODE = textwrap.dedent("""

@@ -213,3 +213,23 @@ def test_play_remaps_a_bag_topic_to_the_name_the_nodes_read(bag, tmp_path):
         assert ros.spin_until(lambda: not recorder.poll(), timeout=10.0), "recorder never saw the publishers"
         _, summary = play_into(ros, player, recorder, "/velodyne_points")
     assert summary["counts"] == {"/velodyne_points": FRAMES, "/speech": 1}
+
+
+def test_play_namespace_publishes_the_data_topics_where_namespaced_nodes_read_them(bag, tmp_path):
+    """`vg-ros play --namespace robot1` (after any --remap): the bag's data topics under /robot1, the
+    command still latched there, /clock global; a bad namespace is refused."""
+    from rclpy.qos import DurabilityPolicy
+
+    with ros_session(DOMAIN + 5) as ros:   # DOMAIN + 4 is test_e2e's
+        player = Player(ros.node("player"), bag, rate=4.0, topics=["/lidar/points", "/command"],
+                        remap={"/lidar/points": "/velodyne_points"}, namespace="robot1")
+        assert player.remap == {"/lidar/points": "/robot1/velodyne_points", "/command": "/robot1/command"}
+        assert player._publishers["/command"].qos_profile.durability == DurabilityPolicy.TRANSIENT_LOCAL
+        assert player._clock_pub.topic_name == "/clock"
+        recorder = Recorder(ros.node("recorder"), tmp_path / "out.mcap",
+                            ["/robot1/velodyne_points", "/robot1/command"])
+        assert ros.spin_until(lambda: not recorder.poll(), timeout=10.0), "recorder never saw the publishers"
+        _, summary = play_into(ros, player, recorder, "/robot1/velodyne_points")
+        assert summary["counts"] == {"/robot1/velodyne_points": FRAMES, "/robot1/command": 1}
+        with pytest.raises(ValueError, match="not a valid ROS name token"):
+            Player(ros.node("bad"), bag, namespace="robot-1")

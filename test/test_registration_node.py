@@ -179,3 +179,39 @@ def test_a_sensor_that_stops_is_named_in_the_diagnostics(frames):
         assert ros.spin_until(lambda: node.silent_inputs(), timeout=5.0)   # and again once it stops
         node.set_parameters([Parameter("input_silence_warn", value=0.0)])
         assert node.silent_inputs() == {}                    # 0 = off, changeable while running
+
+
+def test_a_node_in_a_namespace_reads_and_publishes_its_data_topics_there(frames):
+    """The data topics are relative names: a node started in /robot1 (launch `namespace:=robot1`, `vg-ros
+    up --namespace robot1`) reads /robot1/lidar/points and publishes /robot1/registration/odometry; a scan
+    on the root /lidar/points does not reach it; its counts name the resolved topic."""
+    from nav_msgs.msg import Odometry
+    from rclpy.parameter import Parameter
+    from sensor_msgs.msg import PointCloud2
+    from vg_ros import convert
+    from vg_ros.nodes.registration_node import RegistrationNode
+
+    with ros_session(DOMAIN) as ros:
+        node = RegistrationNode(context=ros.context, namespace="robot1", parameter_overrides=[
+            Parameter("weights", value="none"), Parameter("diagnostics_period", value=0.0)])
+        node.configure()
+        node.activate()
+        ros.add(node)
+        assert node.get_fully_qualified_name() == "/robot1/registration_node"
+        client = ros.node("client")
+        odoms, root_odoms = [], []
+        client.create_subscription(Odometry, "/robot1/registration/odometry", odoms.append, 10)
+        client.create_subscription(Odometry, "/registration/odometry", root_odoms.append, 10)
+        pub = client.create_publisher(PointCloud2, "/robot1/lidar/points", 10)
+        root_pub = client.create_publisher(PointCloud2, "/lidar/points", 10)
+        assert ros.wait_for_match(pub, timeout=5.0)
+        assert root_pub.get_subscription_count() == 0
+        for k, frame in enumerate(frames[:2]):
+            scan = frame.lidar
+            scan.frame_id = frame.rig.lidar.frame_id
+            root_pub.publish(convert.scan_to_pointcloud2(scan))
+            pub.publish(convert.scan_to_pointcloud2(scan))
+            assert ros.spin_until(lambda: len(odoms) > k, timeout=10.0), node.drops.summary()
+        ros.spin_for(0.2)
+        assert [convert.stamp_of(m) for m in odoms] == [f.stamp_ns for f in frames[:2]] and not root_odoms
+        assert node.diagnostics()["received"] == {"/robot1/lidar/points": 2}

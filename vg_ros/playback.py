@@ -67,9 +67,10 @@ class Player:
 
     def __init__(self, node: Any, bag_path: str | Path, *, rate: float = 1.0, topics: Iterable[str] | None = None,
                  loop: bool = False, clock_hz: float = 50.0, reliable_sensors: bool = False,
-                 track_stamps: bool = False, remap: dict[str, str] | None = None) -> None:
+                 track_stamps: bool = False, remap: dict[str, str] | None = None, namespace: str = "/") -> None:
         from rosgraph_msgs.msg import Clock
         from vg_ros.bag import BagReader
+        from vg_ros.nodes.base import GLOBAL_TOPICS, global_topic, normalize_namespace
 
         if not rate > 0:
             raise ValueError(f"rate = {rate}: must be > 0")
@@ -94,6 +95,10 @@ class Player:
         self.remap = dict(remap or {})   # bag topic -> the name it is published under
         if unknown := sorted(set(self.remap) - set(bag_topics)):
             raise ValueError(f"--remap: {unknown} not in bag {str(self.bag_path)!r} (has {sorted(bag_topics)})")
+        namespace = normalize_namespace(namespace)
+        if namespace != "/":   # every data topic under it, as nodes started in that namespace read them
+            for topic in wanted - GLOBAL_TOPICS:
+                self.remap[topic] = global_topic(self.remap.get(topic, topic).lstrip("/"), namespace)
         for topic in sorted(wanted):
             msgtype, count = bag_topics[topic]
             cls = rclpy_class(msgtype)
@@ -101,7 +106,9 @@ class Player:
                 self.skipped[topic] = f"{msgtype} has no rclpy message class here (custom or not installed)"
                 continue
             name = self.remap.get(topic, topic)
-            qos = playback_qos(name, msgtype, reliable_sensors=reliable_sensors, latched_depth=count)
+            # a command (or static TF) stays latched under its new name: /command published as /robot1/command
+            qos = playback_qos(topic if topic in LATCHED_TOPICS else name, msgtype,
+                               reliable_sensors=reliable_sensors, latched_depth=count)
             self._publishers[topic] = node.create_publisher(cls, name, qos)
         self.topics = sorted(self._publishers)
         self._clock_pub = node.create_publisher(Clock, "/clock", 10)
@@ -310,7 +317,7 @@ class _RosProcess:
 
 
 def play_main(argv: list[str]) -> int:
-    """`vg-ros play BAG [--rate R] [--loop] [--topics ...] [--remap FROM:=TO ...]`."""
+    """`vg-ros play BAG [--rate R] [--loop] [--topics ...] [--remap FROM:=TO ...] [--namespace NS]`."""
     from vg_ros.cli import UserError
     parser = argparse.ArgumentParser(prog="vg-ros play", description=(
         "Publish a rosbag2's messages over DDS at their recorded pace with /clock (for nodes with "
@@ -325,6 +332,9 @@ def play_main(argv: list[str]) -> int:
     parser.add_argument("--clock-hz", type=float, default=50.0, help="/clock publish rate (default 50)")
     parser.add_argument("--remap", nargs="+", metavar="FROM:=TO", default=[],
                         help="publish the bag's topic FROM as TO, e.g. /velodyne_points:=/lidar/points")
+    parser.add_argument("--namespace", default="/",
+                        help="publish the data topics under /NS (as `vg-ros up --namespace NS` or the launch file's "
+                             "namespace:= reads them; after --remap); /clock, /tf, /tf_static stay global")
     args = parser.parse_args(argv)
     if not args.rate > 0:
         raise UserError(f"--rate {args.rate}: must be > 0")
@@ -335,7 +345,8 @@ def play_main(argv: list[str]) -> int:
         try:
             from vg_ros.replay import parse_remaps
             player = Player(ros.node, args.bag, rate=args.rate, topics=args.topics, loop=args.loop,
-                            clock_hz=args.clock_hz, reliable_sensors=args.reliable, remap=parse_remaps(args.remap))
+                            clock_hz=args.clock_hz, reliable_sensors=args.reliable, remap=parse_remaps(args.remap),
+                            namespace=args.namespace)
         except ValueError as exc:
             raise UserError(str(exc)) from None
         for topic, why in player.skipped.items():

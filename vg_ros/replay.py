@@ -95,8 +95,9 @@ def node_class(capability: str):
 
 def node_settings(capability: str, config_path: str | Path | None = None) -> tuple[Any, dict]:
     """(pipeline config, node parameters) for `capability`, resolved as the node resolves them:
-    node defaults, then its section of the YAML. While the node module is absent, its pipeline's config
-    class and STAGE_DEFAULTS stand in. Raises PipelineUnavailable when the pipeline does not import."""
+    node defaults, then its section of the YAML; topic names fully qualified as in the root namespace.
+    While the node module is absent, its pipeline's config class and STAGE_DEFAULTS stand in. Raises
+    PipelineUnavailable when the pipeline does not import."""
     from vg_ros.config import load_section, split_params
     from vg_ros.nodes.base import COMMON_PARAMS
     from vg_ros.up import NODES
@@ -122,8 +123,10 @@ def node_settings(capability: str, config_path: str | Path | None = None) -> tup
     else:
         rest = section
     params.update(rest)
-    # a compressed camera is read where its node reads it: <image topic>/compressed
-    from vg_ros.nodes.base import camera_topic
+    # topics as a node without a namespace resolves them (bags name them absolutely), and a compressed
+    # camera read where its node reads it: <image topic>/compressed
+    from vg_ros.nodes.base import camera_topic, global_topics
+    params = global_topics(params)
     transport = str(params.get("image_transport", "raw"))
     for key in ("image_topic", "image_topic_pattern"):
         if key in params:

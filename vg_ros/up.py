@@ -7,10 +7,12 @@ parallel instead of sharing one GIL and one torch thread pool; and it is what `r
 behaviour (parameters, names, logs) is the same on a robot and here. The cost is importing torch once
 per node.
 
-Each node gets `--ros-args --params-file CONFIG -r __node:=NAME` plus `-p rig:=` / `device:=` /
-`use_sim_time:=` overrides; parameters are never spelled a second time here. When a node exits the
-supervisor logs which one, how (exit code or signal), after how long, and its last log lines, and keeps
-the others running. By default it restarts nothing; with `--respawn` (the launch file's `respawn:=true`)
+Each node gets `--ros-args --params-file CONFIG -r __node:=NAME` (and `-r __ns:=/NS` with `--namespace`) plus
+`-p rig:=` / `device:=` / `use_sim_time:=` overrides; parameters are never spelled a second time here. The
+node reads its section of CONFIG itself too (`VG_ROS_CONFIG`), keyed by its name, so the file applies in a
+namespace as well, where rcl would match its plain `occupancy_node:` keys to /occupancy_node only.
+When a node exits the supervisor logs which one, how (exit code or signal), after how long, and its last
+log lines, and keeps the others running. By default it restarts nothing; with `--respawn` (the launch file's `respawn:=true`)
 it starts a crashed node again after `--respawn-delay` seconds, at most `--max-respawns` times, but never
 one that failed its setup (exit code 2: a bad parameter or checkpoint, which a restart cannot mend).
 `vg-ros up` ends when every node has exited for good or on Ctrl-C (SIGINT to each node, then SIGTERM, then
@@ -49,12 +51,16 @@ class NodeSpec:
 
 def node_spec(capability: str, *, config: str | Path | None = None, rig: str | None = None,
               device: str | None = None, use_sim_time: bool | None = None, threads: int | None = None,
-              extra_ros_args: list[str] | None = None) -> NodeSpec:
-    """The command line that runs `capability`'s node the way `ros2 run vg_ros <node>` would."""
+              namespace: str | None = None, extra_ros_args: list[str] | None = None) -> NodeSpec:
+    """The command line that runs `capability`'s node the way `ros2 run vg_ros <node>` would; `namespace`
+    puts the node and its (relative) data topics under it."""
+    from vg_ros.nodes.base import normalize_namespace
     if capability not in NODES:
         raise ValueError(f"nodes: unknown node {capability!r}; choose from {sorted(NODES)}")
     name, module = NODES[capability]
     ros_args = ["--ros-args", "-r", f"__node:={name}"]
+    if namespace is not None and normalize_namespace(namespace) != "/":
+        ros_args += ["-r", f"__ns:={normalize_namespace(namespace)}"]
     env: dict[str, str] = {}
     if config is not None:
         ros_args += ["--params-file", str(config)]
@@ -251,6 +257,7 @@ def main(argv: list[str]) -> int:
     """`vg-ros up [--config config/perception.yaml] [--rig NAME] [--nodes ...] [--device D]`."""
     from vg_ros.cli import UserError
     from vg_ros.config import default_config_path
+    from vg_ros.nodes.base import normalize_namespace
     from vg_ros.types import Rig
 
     parser = argparse.ArgumentParser(prog="vg-ros up", description=(
@@ -262,6 +269,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--nodes", nargs="+", help=f"which nodes (default all): {' '.join(NODES)}")
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), help="compute device for every node")
     parser.add_argument("--use-sim-time", action="store_true", help="nodes follow /clock (e.g. from vg-ros play)")
+    parser.add_argument("--namespace", default=None,
+                        help="put the nodes and their data topics under this namespace (/NS/lidar/points, ...; "
+                             "`vg-ros play --namespace NS` plays a bag into it)")
     parser.add_argument("--threads", type=int, default=0,
                         help="OMP/MKL threads per node (default: cores / nodes, at least 1)")
     parser.add_argument("--log-dir", default=None, help="also write each node's output to DIR/<node>.log")
@@ -284,11 +294,17 @@ def main(argv: list[str]) -> int:
             raise UserError(str(exc)) from None
     if args.threads < 0:
         raise UserError(f"--threads {args.threads}: must be >= 0")
+    if args.namespace is not None:
+        try:
+            normalize_namespace(args.namespace)
+        except ValueError as exc:
+            raise UserError(f"--namespace: {exc}") from None
     if not args.respawn_delay >= 0 or args.max_respawns < 0:
         raise UserError(f"--respawn-delay {args.respawn_delay} and --max-respawns {args.max_respawns}: must be >= 0")
     threads = threads_per_node(args.threads, len(chosen))
     specs = [node_spec(c, config=config.resolve(), rig=args.rig, device=args.device,
-                       use_sim_time=True if args.use_sim_time else None, threads=threads) for c in chosen]
+                       use_sim_time=True if args.use_sim_time else None, threads=threads,
+                       namespace=args.namespace) for c in chosen]
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
     sup = Supervisor(specs, log_dir=args.log_dir, respawn=args.respawn, respawn_delay_s=args.respawn_delay,

@@ -7,7 +7,7 @@ overrides `on_configure` / `on_activate`:
     class RegistrationNode(PerceptionNode):
         default_node_name = "registration_node"
         config_cls = OdometryConfig
-        node_params = {"points_topic": ("/lidar/points", "input PointCloud2")}
+        node_params = {"points_topic": ("lidar/points", "input PointCloud2")}
 
         def on_activate(self):           # load the model; raise to fail with a clear ERROR log
             self.odometry = LidarOdometry(self.cfg)
@@ -63,6 +63,48 @@ def camera_topic(topic: str, transport: str) -> str:
     if transport == "raw" or topic.rstrip("/").endswith("/compressed"):
         return topic
     return topic.rstrip("/") + "/compressed"
+
+
+TOPIC_LIST_PARAMS = ("extra_image_topics",)
+# topics that stay global whatever the namespace (the player, `vg-ros play --namespace`, leaves them alone)
+GLOBAL_TOPICS = frozenset({"/clock", "/tf", "/tf_static", "/diagnostics", "/rosout", "/parameter_events"})
+
+
+def normalize_namespace(namespace: str) -> str:
+    """'robot1', '/robot1/' or '/fleet/robot1' -> '/robot1', '/fleet/robot1'; '' or '/' -> '/'. ValueError
+    for a name ROS would refuse (tokens of letters, digits and '_', not starting with a digit)."""
+    tokens = [t for t in str(namespace).strip().split("/") if t]
+    for token in tokens:
+        if not (token[0].isalpha() or token[0] == "_") or not all(c.isalnum() or c == "_" for c in token) \
+                or not token.isascii():
+            raise ValueError(f"namespace {namespace!r}: {token!r} is not a valid ROS name token "
+                             "(letters, digits and '_', not starting with a digit)")
+    return "/" + "/".join(tokens)
+
+
+def global_topic(topic: str, namespace: str = "/") -> str:
+    """The fully qualified name of a data topic as a node in `namespace` resolves it: an absolute name
+    stays, a relative one (the defaults: `lidar/points`) goes under the namespace, so `namespace:=robot1`
+    moves a node's inputs and outputs to /robot1/...; '' (an output turned off) stays ''. Replay and the
+    recorder read bags with absolute names: they resolve the parameters with this, namespace "/"."""
+    topic = str(topic)
+    if not topic or topic.startswith("/"):
+        return topic
+    if topic.startswith("~"):
+        raise ValueError(f"topic {topic!r}: a data topic cannot be private to a node (~); use a relative name")
+    return namespace.rstrip("/") + "/" + topic
+
+
+def global_topics(params: dict[str, Any], namespace: str = "/") -> dict[str, Any]:
+    """`params` with every topic parameter (`*_topic`, `*_topic_pattern`, `extra_image_topics`) resolved by
+    `global_topic`."""
+    out = dict(params)
+    for key, value in params.items():
+        if key.endswith(("_topic", "_topic_pattern")) and isinstance(value, str):
+            out[key] = global_topic(value, namespace)
+        elif key in TOPIC_LIST_PARAMS and value:
+            out[key] = [global_topic(str(t), namespace) for t in value]
+    return out
 
 
 def camera_info_sibling(image_topic: str) -> str:
@@ -896,6 +938,8 @@ class PerceptionNode(_RosNode):  # type: ignore[misc,valid-type]
         from rclpy.event_handler import SubscriptionEventCallbacks
 
         type_name = f"{msg_type.__module__.split('.')[0]}/{msg_type.__name__}"
+        # counted, watched and logged under the name it resolves to (namespace and remapping applied)
+        topic = self.resolve_topic_name(topic)
         self.get_logger().info(f"subscribing {topic} [{type_name}] QoS {describe_qos(qos)}")
 
         def on_incompatible(event: Any) -> None:
@@ -952,7 +996,7 @@ class PerceptionNode(_RosNode):  # type: ignore[misc,valid-type]
         synchronised sets. message_filters is used when it imports and no partial sets are asked for;
         otherwise ApproxTimeSync (same policy, plus partial sets with None after `partial_timeout_s`)."""
         qos = qos or self.sensor_qos()
-        topics = [topic for _, topic in specs]
+        topics = [self.resolve_topic_name(topic) for _, topic in specs]   # as the drops and logs name them
         if ros_compat.HAVE_MESSAGE_FILTERS and partial_timeout_s is None:
             mf = ros_compat.message_filters
             subs = [mf.Subscriber(self, msg_type, topic, qos_profile=qos) for msg_type, topic in specs]

@@ -51,19 +51,19 @@ class GroundingNode(PerceptionNode):
     default_node_name = "grounding_node"
     config_cls = GroundingConfig
     node_params = {
-        "image_topic": ("/cameras/CAM_FRONT/image_raw", "input sensor_msgs/Image"),
+        "image_topic": ("cameras/CAM_FRONT/image_raw", "input sensor_msgs/Image"),
         "image_transport": ("raw", "raw: sensor_msgs/Image on image_topic; compressed: sensor_msgs/CompressedImage "
                             "(jpeg, png) on image_topic/compressed, as image_transport names it"),
-        "camera_info_topic": ("/cameras/CAM_FRONT/camera_info", "input sensor_msgs/CameraInfo ('' = none)"),
-        "command_topic": ("/command", "input std_msgs/String: the referring expression"),
-        "points_topic": ("/lidar/points", "input sensor_msgs/PointCloud2 for the 3D position ('' = none)"),
-        "mask_topic": ("/grounding/mask", "output sensor_msgs/Image mono8"),
-        "box_topic": ("/grounding/box", "output geometry_msgs/PolygonStamped (empty = not found)"),
-        "position_topic": ("/grounding/position", "output geometry_msgs/PointStamped in the LiDAR frame"),
-        "overlay_topic": ("/grounding/overlay", "output sensor_msgs/Image rgb8 for RViz / rqt_image_view: the image "
+        "camera_info_topic": ("cameras/CAM_FRONT/camera_info", "input sensor_msgs/CameraInfo ('' = none)"),
+        "command_topic": ("command", "input std_msgs/String: the referring expression"),
+        "points_topic": ("lidar/points", "input sensor_msgs/PointCloud2 for the 3D position ('' = none)"),
+        "mask_topic": ("grounding/mask", "output sensor_msgs/Image mono8"),
+        "box_topic": ("grounding/box", "output geometry_msgs/PolygonStamped (empty = not found)"),
+        "position_topic": ("grounding/position", "output geometry_msgs/PointStamped in the LiDAR frame"),
+        "overlay_topic": ("grounding/overlay", "output sensor_msgs/Image rgb8 for RViz / rqt_image_view: the image "
                           "with the published mask, box, command and score, drawn only while subscribed ('' = off)"),
         "max_cloud_age": (0.15, "largest |image stamp - cloud stamp| (s) for a cloud used for the position"),
-        "odom_topic": ("/registration/odometry", "input nav_msgs/Odometry (odom -> base_link): a cloud swept at "
+        "odom_topic": ("registration/odometry", "input nav_msgs/Odometry (odom -> base_link): a cloud swept at "
                        "another instant than the image is moved by the vehicle's motion between the two before "
                        "the position is looked up ('' = off)"),
         "extra_image_topics": ([], "more cameras to look in (image topics; CameraInfo on each one's sibling "
@@ -104,12 +104,13 @@ class GroundingNode(PerceptionNode):
         except ValueError as exc:
             raise ValueError(f"grounding_node.camera_evidence_half_life: {exc}") from None
         topics = [str(p["image_topic"])] + [str(t) for t in p["extra_image_topics"]]
-        if any(not t.strip() for t in topics) or len(set(topics)) != len(topics):
+        if any(not t.strip() for t in topics) or len({self.resolve_topic_name(t) for t in topics}) != len(topics):
             raise ValueError(f"grounding_node.extra_image_topics = {list(p['extra_image_topics'])}: must be distinct, "
                              f"non-empty topics other than image_topic {p['image_topic']!r}")
-        # ValueError for an unknown transport
-        self.image_inputs = [camera_topic(t, str(p["image_transport"])) for t in topics]
-        self.info_topics = [str(p["camera_info_topic"])] + [camera_info_sibling(t) for t in topics[1:]]
+        # resolved names (namespace, remapping), as the subscriptions have them; ValueError for an unknown transport
+        self.image_inputs = [self.resolve_topic_name(camera_topic(t, str(p["image_transport"]))) for t in topics]
+        self.info_topics = [self.resolve_topic_name(t) if t else "" for t in
+                            [str(p["camera_info_topic"])] + [camera_info_sibling(t) for t in topics[1:]]]
 
     def on_activate(self) -> None:
         from geometry_msgs.msg import PointStamped, PolygonStamped

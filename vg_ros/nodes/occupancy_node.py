@@ -37,13 +37,13 @@ class OccupancyNode(PerceptionNode):
     node_params = {
         "cameras": (["CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_FRONT_LEFT", "CAM_BACK", "CAM_BACK_LEFT", "CAM_BACK_RIGHT"],
                     "camera names to subscribe (each must be in the rig)"),
-        "image_topic_pattern": ("/cameras/{name}/image_raw", "input sensor_msgs/Image per camera"),
+        "image_topic_pattern": ("cameras/{name}/image_raw", "input sensor_msgs/Image per camera"),
         "image_transport": ("raw", "raw: sensor_msgs/Image on each image topic; compressed: sensor_msgs/"
                             "CompressedImage (jpeg, png) on <image topic>/compressed, as image_transport names it"),
-        "camera_info_topic_pattern": ("/cameras/{name}/camera_info", "input sensor_msgs/CameraInfo per camera"),
-        "grid_topic": ("/occupancy/grid", "output nav_msgs/OccupancyGrid (transient-local)"),
-        "voxels_topic": ("/occupancy/voxels", "output sensor_msgs/PointCloud2 with label and confidence"),
-        "markers_topic": ("/occupancy/markers", "output visualization_msgs/MarkerArray ('' = off)"),
+        "camera_info_topic_pattern": ("cameras/{name}/camera_info", "input sensor_msgs/CameraInfo per camera"),
+        "grid_topic": ("occupancy/grid", "output nav_msgs/OccupancyGrid (transient-local)"),
+        "voxels_topic": ("occupancy/voxels", "output sensor_msgs/PointCloud2 with label and confidence"),
+        "markers_topic": ("occupancy/markers", "output visualization_msgs/MarkerArray ('' = off)"),
         "sync_slop": (0.05, "largest stamp spread (s) of one synchronised image set"),
         "sync_queue": (10, "images queued per camera for synchronisation"),
         "missing_camera_timeout": (0.5, "seconds to wait for a late camera before going on without it"),
@@ -70,9 +70,9 @@ class OccupancyNode(PerceptionNode):
             if "{name}" not in str(p[key]):
                 raise ValueError(f"occupancy_node.{key} = {p[key]!r}: must contain '{{name}}'")
         self.camera_names = names
-        # ValueError for an unknown transport
-        self.image_topics = [camera_topic(str(p["image_topic_pattern"]).format(name=n), str(p["image_transport"]))
-                             for n in names]
+        # resolved names (namespace, remapping), as the subscriptions have them; ValueError for an unknown transport
+        self.image_topics = [self.resolve_topic_name(camera_topic(str(p["image_topic_pattern"]).format(name=n),
+                                                                  str(p["image_transport"]))) for n in names]
 
     def on_activate(self) -> None:
         from nav_msgs.msg import OccupancyGrid

@@ -31,11 +31,11 @@ class RegistrationNode(PerceptionNode):
     default_node_name = "registration_node"
     config_cls = OdometryConfig
     node_params = {
-        "points_topic": ("/lidar/points", "input sensor_msgs/PointCloud2"),
-        "odom_topic": ("/registration/odometry", "output nav_msgs/Odometry (odom -> base_link)"),
-        "pose_topic": ("/registration/pose", "output geometry_msgs/PoseStamped in odom"),
-        "cloud_topic": ("/registration/cloud", "output sensor_msgs/PointCloud2, the registered scan in odom ('' = off)"),
-        "map_topic": ("/registration/local_map", "output sensor_msgs/PointCloud2 in odom: the local map the scans are "
+        "points_topic": ("lidar/points", "input sensor_msgs/PointCloud2"),
+        "odom_topic": ("registration/odometry", "output nav_msgs/Odometry (odom -> base_link)"),
+        "pose_topic": ("registration/pose", "output geometry_msgs/PoseStamped in odom"),
+        "cloud_topic": ("registration/cloud", "output sensor_msgs/PointCloud2, the registered scan in odom ('' = off)"),
+        "map_topic": ("registration/local_map", "output sensor_msgs/PointCloud2 in odom: the local map the scans are "
                       "registered to (voxel means), only while subscribed ('' = off)"),
         "map_period": (1.0, "least stamp time (s) between two local maps"),
         "odom_frame": ("odom", "frame of the published poses and cloud"),
@@ -87,7 +87,8 @@ class RegistrationNode(PerceptionNode):
         if self.params["publish_tf"] and ros_compat.HAVE_TF2_ROS:
             self.tf_broadcaster = ros_compat.tf2_ros.TransformBroadcaster(self)
         self.subscribe(PointCloud2, self.params["points_topic"], self.on_points, self.sensor_qos())
-        self.get_logger().info(f"odometry ready: {self.params['points_topic']} -> {self.params['odom_topic']}, "
+        self.get_logger().info(f"odometry ready: {self.resolve_topic_name(self.params['points_topic'])} -> "
+                               f"{self.odom_pub.topic_name}, "
                                f"TF {'on' if self.tf_broadcaster else 'off (tf2_ros missing or publish_tf false)'}")
 
     def on_deactivate(self) -> None:
