@@ -352,7 +352,8 @@ def play_main(argv: list[str]) -> int:
         for topic, why in player.skipped.items():
             print(f"[play] skipping {topic}: {why}")
         for src, dst in player.remap.items():
-            print(f"[play] {src} published as {dst}")
+            if src in player.topics:
+                print(f"[play] {src} published as {dst}")
         print(f"[play] {len(player.topics)} topics, {player.duration_s:.2f} s of data at {args.rate}x"
               + (" (looping)" if args.loop else ""), flush=True)
         ros.stop.wait(args.delay)
