@@ -226,7 +226,7 @@ def lost_in_transport(live, cap: str) -> dict[str, tuple[int, int]]:
     it received fewer of than the player sent, and its primary output when the recorder got fewer than it
     published. Empty when nothing was lost, or when the node never said (one that hung is not excused)."""
     name = NODES[cap][0]
-    said = re.findall(r"stopping: (.*?); drops: .*; received: (.*)", live["lines"][name])
+    said = re.findall(r"stopping: (.*?); drops: .*; received: ([^;]*)", live["lines"][name])
     if not said:
         return {}
     processed, received_text = said[-1]
@@ -297,7 +297,8 @@ def test_lost_in_transport_reads_the_nodes_exit_counts():
     for _ in range(16):
         drops.ok("registered")
     drops.drop("stale_stamp")
-    line = f"[INFO] [1.0] [registration_node]: stopping: {drops.summary()}; received: {lidar}=16"
+    line = (f"[INFO] [1.0] [registration_node]: stopping: {drops.summary()}; received: {lidar}=16; "
+            f"missed (never reached the callback): {lidar}=4")
     live = {"lines": {"registration_node": line}, "info": {"published": {lidar: 20}, "received": {odom: 12}}}
     assert lost_in_transport(live, "registration") == {lidar: (16, 20), odom: (12, 16)}
     live["info"] = {"published": {lidar: 16}, "received": {odom: 16}}

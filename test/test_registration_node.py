@@ -3,6 +3,8 @@ out with the input stamps and a real covariance; a scan that cannot be registere
 published."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -215,3 +217,42 @@ def test_a_node_in_a_namespace_reads_and_publishes_its_data_topics_there(frames)
         ros.spin_for(0.2)
         assert [convert.stamp_of(m) for m in odoms] == [f.stamp_ns for f in frames[:2]] and not root_odoms
         assert node.diagnostics()["received"] == {"/robot1/lidar/points": 2}
+
+
+def test_scans_that_never_reach_the_callback_are_counted_as_missed(frames):
+    """A burst while the node's keep-last queue holds one scan: the newest is processed, the others are
+    counted as missed (from the lone publisher's sequence numbers) in the diagnostics and the exit line,
+    not silently lost; with two publishers matched (numbers would interleave) nothing is guessed."""
+    from sensor_msgs.msg import PointCloud2
+    from vg_ros import convert
+    from vg_ros.nodes.base import diagnostic_status
+
+    def scan_msg(frame):
+        scan = frame.lidar
+        scan.frame_id = frame.rig.lidar.frame_id
+        return convert.scan_to_pointcloud2(scan)
+
+    topic = "/lidar/points"
+    with ros_session(DOMAIN) as ros:
+        node = make_node(ros, qos_depth=1)
+        client = ros.node("client")
+        pub = client.create_publisher(PointCloud2, topic, 10)
+        assert ros.wait_for_match(pub, timeout=5.0)
+        pub.publish(scan_msg(frames[0]))
+        assert ros.spin_until(lambda: node.received[topic] == 1, timeout=10.0)
+        burst = frames[1:]
+        for frame in burst:          # nobody spins meanwhile: the queue keeps the newest only
+            pub.publish(scan_msg(frame))
+        time.sleep(0.5)              # let DDS deliver the burst into the queue before anything is taken
+        assert ros.spin_until(lambda: node.received[topic] >= 2, timeout=10.0)
+        ros.spin_for(0.5)
+        assert node.received[topic] == 2 and node.missed[topic] == len(burst) - 1
+        assert node.received[topic] + node.missed[topic] == len(frames)
+        values = dict(diagnostic_status(node.diagnostics(), None, 5.0)[2])
+        assert values[f"missed/{topic}"] == str(len(burst) - 1)
+        second = ros.node("second").create_publisher(PointCloud2, topic, 10)
+        assert ros.spin_until(lambda: node.count_publishers(topic) == 2, timeout=5.0)
+        for frame in frames[:3]:
+            second.publish(scan_msg(frame))
+        ros.spin_for(0.5)
+        assert node.missed[topic] == len(burst) - 1

@@ -794,6 +794,11 @@ class PerceptionNode(_RosNode):  # type: ignore[misc,valid-type]
         # messages that reached each subscription, before any check: an input that stops arriving (a
         # publisher gone, a DDS transport that stopped delivering) shows here, not as a drop
         self.received: collections.Counter[str] = collections.Counter()
+        # messages a lone publisher sent that never reached the callback, from the gaps in its publication
+        # sequence numbers: the subscription's queue overflowed while the node was busy (keep-last depth), or
+        # the transport lost them; a count, not a drop of ours, and no fault when the node is slower than a
+        # sensor (it then works on the newest message)
+        self.missed: collections.Counter[str] = collections.Counter()
         self._received_lock = threading.Lock()
         # watched inputs: topic -> (subscriptions, wall time of the last message or of the subscribing)
         self._watched: dict[str, tuple[list, float]] = {}
@@ -846,7 +851,9 @@ class PerceptionNode(_RosNode):  # type: ignore[misc,valid-type]
             self.activated = False
         with self._received_lock:
             received = " ".join(f"{t}={n}" for t, n in sorted(self.received.items())) or "nothing"
-        self.get_logger().info(f"stopping: {self.drops.summary()}; received: {received}")
+            missed = " ".join(f"{t}={n}" for t, n in sorted(self.missed.items()))
+        self.get_logger().info(f"stopping: {self.drops.summary()}; received: {received}"
+                               + (f"; missed (never reached the callback): {missed}" if missed else ""))
 
     def on_configure(self) -> None:
         """Read parameters into attributes; raise ValueError for a bad one. No model loading here."""
@@ -951,26 +958,44 @@ class PerceptionNode(_RosNode):  # type: ignore[misc,valid-type]
                 f"{topic}: a publisher's QoS is incompatible with this subscription ({describe_qos(qos)}); "
                 f"policy {getattr(event, 'last_policy_kind', '?')}: nothing will be received from it")
 
-        def guarded(msg: Any, info: Any = None) -> None:
+        sequence = {"last": None}   # the lone publisher's last publication sequence number seen here
+        created: list = []
+
+        def guarded(msg: Any, info: Any) -> None:
             with self._received_lock:
                 self.received[topic] += 1
                 if topic in self._watched:
                     self._watched[topic] = (self._watched[topic][0], time.monotonic())
+                self._count_missed(topic, info, sequence, created)
             if guard_stamps and hasattr(msg, "header"):
                 if not self.stamps.accept(topic, stamp_of(msg), self.now_ns()):
                     return
             self.call_safely(callback, *((msg, info) if with_info else (msg,)), where=topic)
 
-        # rclpy passes the message info only to a callback that cannot take the message alone
-        handler = (lambda msg, info: guarded(msg, info)) if with_info else (lambda msg: guarded(msg))
-
-        sub = self.create_subscription(msg_type, topic, handler, qos, callback_group=callback_group,
+        # rclpy passes the message info (sequence numbers) to a callback that cannot take the message alone
+        sub = self.create_subscription(msg_type, topic, lambda msg, info: guarded(msg, info), qos,
+                                       callback_group=callback_group,
                                        event_callbacks=SubscriptionEventCallbacks(incompatible_qos=on_incompatible))
+        created.append(sub)
         if watch:
             with self._received_lock:
                 subs, since = self._watched.get(topic, ([], time.monotonic()))
                 self._watched[topic] = (subs + [sub], since)
         return sub
+
+    def _count_missed(self, topic: str, info: Any, sequence: dict, created: list) -> None:
+        """Add the gap between this message's publication sequence number and the last one seen on the
+        subscription to `missed[topic]`, while exactly one publisher is matched (rclpy's message info carries
+        no publisher id, so two publishers' numbers would interleave). The first message after a change of
+        publishers sets the baseline; a number that goes back (a publisher started again) too."""
+        number = (info or {}).get("publication_sequence_number") if isinstance(info, dict) else None
+        if number is None or not created or created[0].get_publisher_count() != 1:
+            sequence["last"] = None
+            return
+        last = sequence["last"]
+        if last is not None and number > last + 1:
+            self.missed[topic] += number - last - 1
+        sequence["last"] = number
 
     def silent_inputs(self, now: float | None = None) -> dict[str, dict]:
         """{topic: {"seconds", "publishers"}} of the watched inputs with at least one matched publisher and
@@ -1042,9 +1067,9 @@ class PerceptionNode(_RosNode):  # type: ignore[misc,valid-type]
 
     def diagnostics(self) -> dict:
         with self._received_lock:
-            received = dict(self.received)
+            received, missed = dict(self.received), dict(self.missed)
         return {"node": self.get_name(), "stamp_ns": self.now_ns(), "time_jump_resets": self.stamps.jumps,
-                "received": received, "silent": self.silent_inputs(), **self.drops.snapshot()}
+                "received": received, "missed": missed, "silent": self.silent_inputs(), **self.drops.snapshot()}
 
     def publish_diagnostics(self) -> None:
         """~/diagnostics (the JSON counts) and one DiagnosticStatus on /diagnostics for the last period."""
@@ -1105,6 +1130,7 @@ def diagnostic_status(now: dict, before: dict | None, period_s: float) -> tuple[
     values += [(f"processed/{k}", str(v)) for k, v in sorted(now["processed"].items())]
     values += [(f"dropped/{k}", str(v)) for k, v in sorted(now["drops"].items())]
     values += [(f"received/{k}", str(v)) for k, v in sorted(now.get("received", {}).items())]
+    values += [(f"missed/{k}", str(v)) for k, v in sorted(now.get("missed", {}).items())]
     return level, message, values
 
 
