@@ -318,6 +318,14 @@ def test_demo_tables_and_argument_errors(tmp_path):
     assert "occupancy mIoU %          20.000      20.500  -0.500" in table
     assert "occupancy obstacle IoU %  25.000      24.000  +1.000" in table
     assert "grounding Prec@0.5 %      50.000      -       -" in table
+    from vg_ros.demo import drops_table
+    info = {"received": {"/registration/odometry": 58}, "diagnostics": {
+        "registration_node": {"drops": {}, "missed": {"/lidar/points": 2}},
+        "grounding_node": {"drops": {"no_command": 1}, "missed": {"/cameras/CAM_FRONT/image_raw": 0}}}}
+    drops = drops_table(info, {"odometry": 60}, {"odometry": {"primary": "/registration/odometry"}})
+    assert "odometry     58 / 60   (/registration/odometry)" in drops
+    assert "registration_node: drops none; missed (never reached the callback" in drops
+    assert "/lidar/points=2" in drops and "grounding_node: drops no_command=1\n" in drops + "\n"
     with pytest.raises(UserError, match="--seconds"):
         main(["--seconds", "0"])
     with pytest.raises(UserError, match="--rate"):

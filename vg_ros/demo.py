@@ -279,7 +279,7 @@ def comparison_table(live: dict, offline: dict | None) -> str:
 
 
 def drops_table(live_info: dict, expected: dict[str, int], topics: dict) -> str:
-    lines = ["frames answered (live) / expected, and drops counted by each node:"]
+    lines = ["frames answered (live) / expected, and drops (and missed inputs) counted by each node:"]
     for section, sec in topics.items():
         if section not in expected or section not in live_info.get("sections", topics):
             continue
@@ -289,7 +289,9 @@ def drops_table(live_info: dict, expected: dict[str, int], topics: dict) -> str:
     for node, diag in sorted(live_info.get("diagnostics", {}).items()):
         drops = diag.get("drops") or {}
         text = ", ".join(f"{k}={v}" for k, v in sorted(drops.items())) or "none"
-        lines.append(f"  {node}: drops {text}")
+        missed = ", ".join(f"{k}={v}" for k, v in sorted((diag.get("missed") or {}).items()) if v)
+        lines.append(f"  {node}: drops {text}" + (f"; missed (never reached the callback: queue full while busy, "
+                                                  f"or lost in transport) {missed}" if missed else ""))
     for name, code in (live_info.get("died") or {}).items():
         lines.append(f"  {name} DIED with exit code {code}; see its log")
     lat = live_info.get("latency_ms") or {}
