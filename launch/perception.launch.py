@@ -10,7 +10,8 @@ Launch arguments: config (params file), rig (name or YAML path), device (cpu | c
 (comma list of occupancy, registration, grounding), use_sim_time (true | false; forced true when a
 bag is played), remappings (';'- or ','-separated FROM:=TO pairs, applied to every node), namespace (the nodes
 and their data topics: /robot1/lidar/points, ...; /tf and /diagnostics stay global),
-bag (a rosbag2 to play with `ros2 bag play --clock`), rate (its playback rate), threads (OpenMP / MKL
+bag (a rosbag2 to play with `ros2 bag play --clock`; with a namespace, with `vg-ros play --namespace`, which
+publishes its data topics under it), rate (its playback rate), threads (OpenMP / MKL
 threads per node, torch's pool; 0: CPU cores / nodes, at least 1, so the nodes do not oversubscribe the cores),
 rviz (true: also start rviz2 with config/perception.rviz), respawn (true: a node that dies is started
 again after 2 s, as `vg-ros up --respawn`).
@@ -159,10 +160,14 @@ def launch_setup(context, *args, **kwargs):
         actions.append(Node(package="rviz2", executable="rviz2", name="rviz2", arguments=["-d", view],
                             parameters=[{"use_sim_time": use_sim_time}], output="screen"))
     if bag and namespace != "/":
-        actions.append(LogInfo(msg=f"vg_ros: the nodes read their topics under {namespace}; ros2 bag play publishes "
-                                   "the bag's topics as recorded (remap them, or play with `vg-ros play "
-                                   f"--namespace {namespace}`)"))
-    if bag:
+        # ros2 bag play keeps the bag's recorded names; vg-ros play publishes every topic but /clock, /tf and
+        # /tf_static under the namespace, where the nodes read them (and /clock itself)
+        actions.append(ExecuteProcess(
+            cmd=["ros2", "run", PACKAGE, "vg-ros", "play", bag, "--rate", value["rate"], "--namespace", namespace],
+            output="screen",
+            additional_env=env,
+        ))
+    elif bag:
         actions.append(ExecuteProcess(
             cmd=["ros2", "bag", "play", bag, "--clock", "--rate", value["rate"]],
             output="screen",

@@ -199,8 +199,8 @@ def test_launch_description_executed_against_stand_ins(monkeypatch):
 def test_launch_namespace_moves_nodes_topics_and_the_rviz_view(monkeypatch, tmp_path):
     """namespace:=robot1: every node in /robot1 (its relative data topics follow), each node told where
     its YAML is (rcl would not apply plain `occupancy_node:` keys in a namespace), RViz shown a copy of the
-    view with /robot1/... topics, a note that `ros2 bag play` keeps the bag's names; the launch file's
-    namespace rule is `normalize_namespace`'s."""
+    view with /robot1/... topics, the bag played by `vg-ros play --namespace` (`ros2 bag play` would keep
+    the bag's names); the launch file's namespace rule is `normalize_namespace`'s."""
     from vg_ros.nodes.base import normalize_namespace
     module = stub_launch_modules(monkeypatch)
     view = tmp_path / "config" / "perception.rviz"   # the installed share directory
@@ -219,8 +219,9 @@ def test_launch_namespace_moves_nodes_topics_and_the_rviz_view(monkeypatch, tmp_
         ["/robot1" + d["Topic"]["Value"] for d in original["Displays"] if "Topic" in d]
     assert moved["Global Options"] == original["Global Options"]   # frames (and /tf) stay
     rviz_view.unlink()
-    notes = [a.kwargs["msg"] for a in actions if type(a).__name__ == "LogInfo"]
-    assert any("vg-ros play --namespace /robot1" in n for n in notes)
+    play = [a for a in actions if type(a).__name__ == "ExecuteProcess"]
+    assert [p.kwargs["cmd"] for p in play] == [["ros2", "run", "vg_ros", "vg-ros", "play", "/data/drive.mcap",
+                                                "--rate", "1.0", "--namespace", "/robot1"]]
     for text in ("", "/", "robot1", "/fleet/robot_1/", "_r"):
         assert module.namespace_of(text) == normalize_namespace(text)
     for bad in ("robot-1", "1robot", "/a//b c", "rob\u00f6t"):
