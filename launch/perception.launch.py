@@ -11,7 +11,8 @@ Launch arguments: config (params file), rig (name or YAML path), device (cpu | c
 bag is played), remappings (';'- or ','-separated FROM:=TO pairs, applied to every node), namespace (the nodes
 and their data topics: /robot1/lidar/points, ...; /tf and /diagnostics stay global),
 bag (a rosbag2 to play with `ros2 bag play --clock`; with a namespace, with `vg-ros play --namespace`, which
-publishes its data topics under it), rate (its playback rate), threads (OpenMP / MKL
+publishes its data topics under it), rate (its playback rate), bag_delay (seconds before it plays, default
+15: the nodes load their models and subscribe first, else the bag's first seconds play to nobody), threads (OpenMP / MKL
 threads per node, torch's pool; 0: CPU cores / nodes, at least 1, so the nodes do not oversubscribe the cores),
 rviz (true: also start rviz2 with config/perception.rviz), respawn (true: a node that dies is started
 again after 2 s, as `vg-ros up --respawn`).
@@ -109,6 +110,19 @@ def namespaced_view(view, namespace):
     return path
 
 
+def bag_delay(text):
+    """The bag_delay argument (seconds before the bag plays, so the nodes have loaded their models and
+    subscribed: a bag started with them would play its first seconds to nobody) -> its text; ValueError for
+    anything but a number >= 0."""
+    try:
+        seconds = float(str(text).strip())
+    except ValueError:
+        raise ValueError(f"bag_delay: {text!r} is not a number of seconds") from None
+    if not seconds >= 0:
+        raise ValueError(f"bag_delay: {seconds} must be >= 0")
+    return str(seconds)
+
+
 def _is_true(text):
     return str(text).strip().lower() in ("true", "1", "yes", "on")
 
@@ -117,7 +131,7 @@ def launch_setup(context, *args, **kwargs):
     """Builds the actions once the launch arguments are known."""
     value = {name: LaunchConfiguration(name).perform(context)
              for name in ("config", "rig", "device", "nodes", "use_sim_time", "remappings", "namespace",
-                          "bag", "rate", "threads", "rviz", "respawn")}
+                          "bag", "rate", "bag_delay", "threads", "rviz", "respawn")}
     if value["device"] not in DEVICES:
         raise ValueError(f"device: {value['device']!r} must be one of {', '.join(DEVICES)}")
     bag = value["bag"].strip()
@@ -159,17 +173,20 @@ def launch_setup(context, *args, **kwargs):
             view = namespaced_view(view, namespace)
         actions.append(Node(package="rviz2", executable="rviz2", name="rviz2", arguments=["-d", view],
                             parameters=[{"use_sim_time": use_sim_time}], output="screen"))
+    # ros2 bag play refuses --delay 0 (it wants a positive number); vg-ros play then waits its 1 s for discovery
+    delay = ["--delay", bag_delay(value["bag_delay"])] if bag and float(bag_delay(value["bag_delay"])) > 0 else []
     if bag and namespace != "/":
         # ros2 bag play keeps the bag's recorded names; vg-ros play publishes every topic but /clock, /tf and
         # /tf_static under the namespace, where the nodes read them (and /clock itself)
         actions.append(ExecuteProcess(
-            cmd=["ros2", "run", PACKAGE, "vg-ros", "play", bag, "--rate", value["rate"], "--namespace", namespace],
+            cmd=["ros2", "run", PACKAGE, "vg-ros", "play", bag, "--rate", value["rate"], "--namespace", namespace,
+                 *delay],
             output="screen",
             additional_env=env,
         ))
     elif bag:
         actions.append(ExecuteProcess(
-            cmd=["ros2", "bag", "play", bag, "--clock", "--rate", value["rate"]],
+            cmd=["ros2", "bag", "play", bag, "--clock", "--rate", value["rate"], *delay],
             output="screen",
         ))
     return actions
@@ -195,6 +212,8 @@ def generate_launch_description():
         DeclareLaunchArgument("bag", default_value="",
                               description="a rosbag2 to play into the nodes (ros2 bag play --clock)"),
         DeclareLaunchArgument("rate", default_value="1.0", description="playback rate of bag"),
+        DeclareLaunchArgument("bag_delay", default_value="15.0",
+                              description="seconds before the bag plays: the nodes load their models first"),
         DeclareLaunchArgument("threads", default_value="0",
                               description="OpenMP/MKL (torch) threads per node (0: CPU cores / nodes, at least 1)"),
         DeclareLaunchArgument("rviz", default_value="false", choices=["true", "false"],

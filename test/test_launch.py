@@ -23,7 +23,7 @@ from vg_ros.up import NODES, NodeSpec, Supervisor, node_spec, parse_nodes, threa
 REPO = Path(__file__).resolve().parent.parent
 LAUNCH_FILE = REPO / "launch" / "perception.launch.py"
 EXPECTED_ARGS = {"config", "rig", "device", "nodes", "use_sim_time", "remappings", "namespace", "bag", "rate",
-                 "threads", "rviz", "respawn"}
+                 "bag_delay", "threads", "rviz", "respawn"}
 
 
 def console_scripts() -> dict[str, str]:
@@ -183,7 +183,8 @@ def test_launch_description_executed_against_stand_ins(monkeypatch):
     assert nodes[0].kwargs["parameters"][1] == {"rig": "default", "device": "cpu", "use_sim_time": True}
     assert nodes[0].kwargs["remappings"] == [("/lidar/points", "/velodyne_points"), ("/command", "/speech")]
     play = [a for a in actions if type(a).__name__ == "ExecuteProcess"]
-    assert play[0].kwargs["cmd"] == ["ros2", "bag", "play", "/data/drive.mcap", "--clock", "--rate", "0.5"]
+    assert play[0].kwargs["cmd"] == ["ros2", "bag", "play", "/data/drive.mcap", "--clock", "--rate", "0.5",
+                                     "--delay", "15.0"]
 
     assert all(n.kwargs["namespace"] == "/" and n.kwargs["additional_env"]["VG_ROS_CONFIG"] ==
                "/opt/share/vg_ros/config/perception.yaml" for n in nodes)
@@ -194,6 +195,10 @@ def test_launch_description_executed_against_stand_ins(monkeypatch):
         launch_actions(module, device="gpu")
     with pytest.raises(ValueError, match="FROM:=TO"):
         launch_actions(module, remappings="/a=/b")
+    with pytest.raises(ValueError, match="bag_delay"):
+        launch_actions(module, bag="/data/drive.mcap", bag_delay="-1")
+    _, prompt = launch_actions(module, bag="/data/drive.mcap", bag_delay="0")
+    assert "--delay" not in [a for a in prompt if type(a).__name__ == "ExecuteProcess"][0].kwargs["cmd"]
 
 
 def test_launch_namespace_moves_nodes_topics_and_the_rviz_view(monkeypatch, tmp_path):
@@ -221,7 +226,7 @@ def test_launch_namespace_moves_nodes_topics_and_the_rviz_view(monkeypatch, tmp_
     rviz_view.unlink()
     play = [a for a in actions if type(a).__name__ == "ExecuteProcess"]
     assert [p.kwargs["cmd"] for p in play] == [["ros2", "run", "vg_ros", "vg-ros", "play", "/data/drive.mcap",
-                                                "--rate", "1.0", "--namespace", "/robot1"]]
+                                                "--rate", "1.0", "--namespace", "/robot1", "--delay", "15.0"]]
     for text in ("", "/", "robot1", "/fleet/robot_1/", "_r"):
         assert module.namespace_of(text) == normalize_namespace(text)
     for bad in ("robot-1", "1robot", "/a//b c", "rob\u00f6t"):
