@@ -51,8 +51,8 @@ def test_doctor_passes_here_and_names_a_broken_checkpoint(tmp_path):
     report = json.loads(run.stdout)
     assert run.returncode == 0 and report["ok"], run.stdout + run.stderr
     names = [c["name"] for c in report["checks"]]
-    assert names == ["python", "torch", "rclpy", "dds environment", "dds loopback", "optional ROS pieces",
-                     "point-cloud libraries", "parameters file", "checkpoints", "pipelines"]
+    assert names == ["python", "torch", "rclpy", "dds environment", "dds loopback", "shared memory",
+                     "optional ROS pieces", "point-cloud libraries", "parameters file", "checkpoints", "pipelines"]
     assert all(c["status"] == OK for c in report["checks"]), report
     shipped = Path(__file__).resolve().parent.parent / "vg_ros" / "weights" / "registration_vbreg.safetensors"
     (tmp_path / "good.safetensors").write_bytes(shipped.read_bytes())
@@ -68,18 +68,27 @@ def test_doctor_passes_here_and_names_a_broken_checkpoint(tmp_path):
     assert bad.returncode == 1 and "[FAIL] parameters file" in bad.stdout and "1 failed: parameters file" in bad.stdout
 
 
-def test_doctor_says_which_dds_transport_settings_apply(monkeypatch):
-    """Under LOCALHOST discovery rmw_fastrtps builds its transports itself (measured: a UDP-only profile
-    still maps shared memory), so the check says a profile's transports do not apply; with SUBNET they do."""
+def test_doctor_says_which_dds_transport_settings_apply(monkeypatch, tmp_path):
+    """Under LOCALHOST discovery rmw_fastrtps adds its own transports (measured: a UDP-only profile still
+    maps shared memory; the shipped one maps its 8 MB segment beside the rmw's), so the check says a
+    profile's transports go beside the rmw's; with SUBNET it says nothing of it. The shared-memory check
+    warns where /dev/shm has no room for the segments."""
     from vg_ros import doctor, ros_compat
     monkeypatch.delenv("RMW_IMPLEMENTATION", raising=False)
     monkeypatch.setenv("ROS_DOMAIN_ID", "7")
     monkeypatch.setenv("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     local = doctor.check_dds_environment()
-    assert local.status == doctor.OK and "discovery LOCALHOST" in local.detail and "do not apply" in local.detail
+    assert local.status == doctor.OK and "discovery LOCALHOST" in local.detail and "go beside" in local.detail
     assert (ros_compat.use_dds_profiles(dict(os.environ)) or "none") in local.detail
     monkeypatch.setenv("ROS_AUTOMATIC_DISCOVERY_RANGE", "SUBNET")
-    assert "do not apply" not in doctor.check_dds_environment().detail
+    assert "go beside" not in doctor.check_dds_environment().detail
+    assert doctor.check_shared_memory().status == doctor.OK            # this machine's /dev/shm has room
+    statvfs = os.statvfs
+    monkeypatch.setattr(doctor.os, "statvfs", lambda path: type("S", (), {"f_bavail": 16, "f_frsize": 2**20})())
+    small = doctor.check_shared_memory()
+    assert small.status == doctor.WARN and "16 MB free" in small.detail and "--shm-size" in small.fix
+    monkeypatch.setattr(doctor.os, "statvfs", statvfs)
+    assert doctor.check_shared_memory(str(tmp_path / "none")).status == doctor.WARN
     monkeypatch.setenv("RMW_IMPLEMENTATION", "rmw_cyclonedds_cpp")
     assert "Fast DDS" not in doctor.check_dds_environment().detail
 

@@ -82,13 +82,37 @@ def check_dds_environment() -> Check:
         profile = ros_compat.use_dds_profiles(dict(os.environ))   # what a vg_ros process loads (not set here)
         detail += f"; Fast DDS profile {profile or 'none'}"
         if scope == "LOCALHOST":
-            # measured with rmw_fastrtps_cpp 8.4 (docs/bringup.md): it builds these transports itself here
-            detail += ("; transports shared memory + UDP, chosen by the rmw: a profile's transports and "
-                       "FASTDDS_BUILTIN_TRANSPORTS do not apply")
+            # measured with rmw_fastrtps_cpp 8.4 (docs/bringup.md): it adds its own transports here
+            detail += ("; the rmw adds its shared memory (512 KB segment) + UDP, a profile's transports go beside "
+                       "them, FASTDDS_BUILTIN_TRANSPORTS does not apply")
     if domain is None:
         return Check("dds environment", WARN, detail, "export ROS_DOMAIN_ID=<your robot's id>: domain 0 is "
                      "everybody's default, so other machines' nodes on the network mix with these")
     return Check("dds environment", OK, detail)
+
+
+# the shipped profile's shared-memory segment (config/fastdds_profiles.xml); every ROS process maps one
+SHM_SEGMENT_MB = 8
+SHM_PROCESSES = 8   # three nodes, a player, a recorder, drivers: room for this many segments, else WARN
+
+
+def check_shared_memory(path: str = "/dev/shm") -> Check:
+    """Room in /dev/shm for the Fast DDS segments: each ROS process maps `SHM_SEGMENT_MB` there (the
+    shipped profile, which large best-effort clouds need); a container's default 64 MB holds a few."""
+    if not fast_dds():
+        return Check("shared memory", OK, "not Fast DDS: no vg_ros segment settings")
+    try:
+        stat = os.statvfs(path)
+    except OSError as exc:
+        return Check("shared memory", WARN, f"{path}: {exc}: Fast DDS falls back to UDP, large best-effort "
+                     "messages may not arrive", "run with a /dev/shm (docker: --ipc=host or --shm-size=512m)")
+    free_mb = stat.f_bavail * stat.f_frsize / 2**20
+    detail = (f"{path} {free_mb:.0f} MB free; each ROS process with the vg_ros profile maps a {SHM_SEGMENT_MB} MB "
+              "segment (clouds and camera bursts larger than Fast DDS's default 512 KB need it)")
+    if free_mb < SHM_SEGMENT_MB * SHM_PROCESSES:
+        return Check("shared memory", WARN, detail, f"give it at least {SHM_SEGMENT_MB * SHM_PROCESSES} MB "
+                     "(docker: --shm-size=512m or --ipc=host)")
+    return Check("shared memory", OK, detail)
 
 
 def check_dds_loopback(timeout_s: float = 5.0) -> Check:
@@ -232,6 +256,7 @@ def run_checks(config: Path | None = None, models: bool = True,
     steps: list[tuple[str, Callable[[], Check]]] = [
         ("python", check_python), ("torch", check_torch), ("rclpy", check_rclpy),
         ("dds environment", check_dds_environment), ("dds loopback", check_dds_loopback),
+        ("shared memory", check_shared_memory),
         ("optional ROS pieces", check_optional_ros), ("point-cloud libraries", check_point_cloud_libraries),
         ("parameters file", lambda: check_config(config)), ("checkpoints", check_weights)]
     if models:
