@@ -97,7 +97,8 @@ def namespaced_view(view, namespace):
     """A copy of the RViz config `view` whose display topics (absolute, as the nodes publish them without a
     namespace) are moved under `namespace`; the frames and /tf stay. Returns the copy's path."""
     import tempfile
-    lines = open(view).read().splitlines(keepends=True)
+    with open(view) as f:
+        lines = f.read().splitlines(keepends=True)
     out = []
     for i, line in enumerate(lines):
         stripped = line.lstrip()
@@ -112,15 +113,15 @@ def namespaced_view(view, namespace):
 
 def bag_delay(text):
     """The bag_delay argument (seconds before the bag plays, so the nodes have loaded their models and
-    subscribed: a bag started with them would play its first seconds to nobody) -> its text; ValueError for
-    anything but a number >= 0."""
+    subscribed: a bag started with them would play its first seconds to nobody) -> the seconds; ValueError
+    for anything but a number >= 0."""
     try:
         seconds = float(str(text).strip())
     except ValueError:
         raise ValueError(f"bag_delay: {text!r} is not a number of seconds") from None
     if not seconds >= 0:
         raise ValueError(f"bag_delay: {seconds} must be >= 0")
-    return str(seconds)
+    return seconds
 
 
 def _is_true(text):
@@ -174,7 +175,8 @@ def launch_setup(context, *args, **kwargs):
         actions.append(Node(package="rviz2", executable="rviz2", name="rviz2", arguments=["-d", view],
                             parameters=[{"use_sim_time": use_sim_time}], output="screen"))
     # ros2 bag play refuses --delay 0 (it wants a positive number); vg-ros play then waits its 1 s for discovery
-    delay = ["--delay", bag_delay(value["bag_delay"])] if bag and float(bag_delay(value["bag_delay"])) > 0 else []
+    seconds = bag_delay(value["bag_delay"]) if bag else 0.0
+    delay = ["--delay", str(seconds)] if seconds > 0 else []
     if bag and namespace != "/":
         # ros2 bag play keeps the bag's recorded names; vg-ros play publishes every topic but /clock, /tf and
         # /tf_static under the namespace, where the nodes read them (and /clock itself)

@@ -988,7 +988,7 @@ class PerceptionNode(_RosNode):  # type: ignore[misc,valid-type]
         subscription to `missed[topic]`, while exactly one publisher is matched (rclpy's message info carries
         no publisher id, so two publishers' numbers would interleave). The first message after a change of
         publishers sets the baseline; a number that goes back (a publisher started again) too."""
-        number = (info or {}).get("publication_sequence_number") if isinstance(info, dict) else None
+        number = info.get("publication_sequence_number") if isinstance(info, dict) else None
         if number is None or not created or created[0].get_publisher_count() != 1:
             sequence["last"] = None
             return
