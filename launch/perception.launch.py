@@ -5,6 +5,7 @@
     ros2 launch vg_ros perception.launch.py bag:=drive.mcap rate:=0.5        # plays the bag with --clock
     ros2 launch vg_ros perception.launch.py remappings:=/lidar/points:=/velodyne_points
     ros2 launch vg_ros perception.launch.py rviz:=true                        # and RViz with config/perception.rviz
+    ros2 launch vg_ros perception.launch.py namespace:=robot1                 # nodes and topics under /robot1
 
 Launch arguments: config (params file), rig (name or YAML path), device (cpu | cuda | auto), nodes
 (comma list of occupancy, registration, grounding), use_sim_time (true | false; forced true when a
