@@ -332,7 +332,7 @@ def play_main(argv: list[str]) -> int:
     parser.add_argument("--clock-hz", type=float, default=50.0, help="/clock publish rate (default 50)")
     parser.add_argument("--remap", nargs="+", metavar="FROM:=TO", default=[],
                         help="publish the bag's topic FROM as TO, e.g. /velodyne_points:=/lidar/points")
-    parser.add_argument("--namespace", default="/",
+    parser.add_argument("--namespace", default="/", metavar="NS",
                         help="publish the data topics under /NS (as `vg-ros up --namespace NS` or the launch file's "
                              "namespace:= reads them; after --remap); /clock, /tf, /tf_static stay global")
     args = parser.parse_args(argv)

@@ -269,7 +269,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--nodes", nargs="+", help=f"which nodes (default all): {' '.join(NODES)}")
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), help="compute device for every node")
     parser.add_argument("--use-sim-time", action="store_true", help="nodes follow /clock (e.g. from vg-ros play)")
-    parser.add_argument("--namespace", default=None,
+    parser.add_argument("--namespace", default=None, metavar="NS",
                         help="put the nodes and their data topics under this namespace (/NS/lidar/points, ...; "
                              "`vg-ros play --namespace NS` plays a bag into it)")
     parser.add_argument("--threads", type=int, default=0,
