@@ -70,7 +70,7 @@ def test_doctor_passes_here_and_names_a_broken_checkpoint(tmp_path):
 
 def test_doctor_says_which_dds_transport_settings_apply(monkeypatch, tmp_path):
     """Under LOCALHOST discovery rmw_fastrtps adds its own transports (measured: a UDP-only profile still
-    maps shared memory; the shipped one maps its 8 MB segment beside the rmw's), so the check says a
+    maps shared memory; the shipped one maps its 4 MB segment beside the rmw's), so the check says a
     profile's transports go beside the rmw's; with SUBNET it says nothing of it. The shared-memory check
     warns where /dev/shm has no room for the segments."""
     from vg_ros import doctor, ros_compat

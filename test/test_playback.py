@@ -144,7 +144,7 @@ def test_cli_play_into_cli_record_in_separate_processes(bag, tmp_path):
 
 def test_best_effort_clouds_larger_than_fast_dds_default_segment_reach_another_process(tmp_path):
     """A LiDAR sweep is larger than Fast DDS's default shared-memory segment (512 KB): best effort, such
-    clouds did not reach another process (1 of 20 measured); the shipped profile's 8 MB segment carries
+    clouds did not reach another process (1 of 20 measured); the shipped profile's 4 MB segment carries
     them. `vg-ros play` (best effort, as a driver) into `vg-ros record` (which takes the offered QoS)."""
     with BagWriter(tmp_path / "big.mcap") as bag:
         rng = np.random.default_rng(1)

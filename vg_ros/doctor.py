@@ -92,7 +92,7 @@ def check_dds_environment() -> Check:
 
 
 # the shipped profile's shared-memory segment (config/fastdds_profiles.xml); every ROS process maps one
-SHM_SEGMENT_MB = 8
+SHM_SEGMENT_MB = 4
 SHM_PROCESSES = 8   # three nodes, a player, a recorder, drivers: room for this many segments, else WARN
 
 
