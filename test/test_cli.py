@@ -83,6 +83,8 @@ def test_doctor_says_which_dds_transport_settings_apply(monkeypatch, tmp_path):
     monkeypatch.setenv("ROS_AUTOMATIC_DISCOVERY_RANGE", "SUBNET")
     assert "go beside" not in doctor.check_dds_environment().detail
     assert doctor.check_shared_memory().status == doctor.OK            # this machine's /dev/shm has room
+    assert doctor.profile_segment_mb(str(ros_compat.DDS_PROFILES)) == 4.0   # read from the shipped profile
+    assert doctor.profile_segment_mb(str(tmp_path / "none.xml")) == doctor.SHM_DEFAULT_MB
     statvfs = os.statvfs
     monkeypatch.setattr(doctor.os, "statvfs", lambda path: type("S", (), {"f_bavail": 16, "f_frsize": 2**20})())
     small = doctor.check_shared_memory()

@@ -91,26 +91,39 @@ def check_dds_environment() -> Check:
     return Check("dds environment", OK, detail)
 
 
-# the shipped profile's shared-memory segment (config/fastdds_profiles.xml); every ROS process maps one
-SHM_SEGMENT_MB = 4
-SHM_PROCESSES = 8   # three nodes, a player, a recorder, drivers: room for this many segments, else WARN
+SHM_DEFAULT_MB = 0.5   # Fast DDS's own segment, when a profile sets none
+SHM_PROCESSES = 8      # three nodes, a player, a recorder, drivers: room for this many segments, else WARN
+
+
+def profile_segment_mb(profile: str | None) -> float:
+    """The largest shared-memory `segment_size` (MB) a Fast DDS profile file sets (the shipped
+    config/fastdds_profiles.xml: 4), else Fast DDS's default."""
+    import xml.etree.ElementTree as ET
+    try:
+        sizes = [int(e.text) for e in ET.parse(profile).iter() if e.tag.rsplit("}", 1)[-1] == "segment_size"]
+    except (OSError, TypeError, ValueError, ET.ParseError):
+        sizes = []
+    return max(sizes) / 2**20 if sizes else SHM_DEFAULT_MB
 
 
 def check_shared_memory(path: str = "/dev/shm") -> Check:
-    """Room in /dev/shm for the Fast DDS segments: each ROS process maps `SHM_SEGMENT_MB` there (the
-    shipped profile, which large best-effort clouds need); a container's default 64 MB holds a few."""
+    """Room in /dev/shm for the Fast DDS segments: each ROS process maps one there, of the size the profile a
+    vg_ros process loads sets (the shipped one's, which large best-effort clouds need); a container's default
+    64 MB holds a few."""
+    from vg_ros import ros_compat
     if not fast_dds():
         return Check("shared memory", OK, "not Fast DDS: no vg_ros segment settings")
+    segment_mb = profile_segment_mb(ros_compat.use_dds_profiles(dict(os.environ)))
     try:
         stat = os.statvfs(path)
     except OSError as exc:
         return Check("shared memory", WARN, f"{path}: {exc}: Fast DDS falls back to UDP, large best-effort "
                      "messages may not arrive", "run with a /dev/shm (docker: --ipc=host or --shm-size=512m)")
     free_mb = stat.f_bavail * stat.f_frsize / 2**20
-    detail = (f"{path} {free_mb:.0f} MB free; each ROS process with the vg_ros profile maps a {SHM_SEGMENT_MB} MB "
+    detail = (f"{path} {free_mb:.0f} MB free; each ROS process with the vg_ros profile maps a {segment_mb:g} MB "
               "segment (clouds and camera bursts larger than Fast DDS's default 512 KB need it)")
-    if free_mb < SHM_SEGMENT_MB * SHM_PROCESSES:
-        return Check("shared memory", WARN, detail, f"give it at least {SHM_SEGMENT_MB * SHM_PROCESSES} MB "
+    if free_mb < segment_mb * SHM_PROCESSES:
+        return Check("shared memory", WARN, detail, f"give it at least {segment_mb * SHM_PROCESSES:g} MB "
                      "(docker: --shm-size=512m or --ipc=host)")
     return Check("shared memory", OK, detail)
 

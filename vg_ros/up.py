@@ -12,9 +12,9 @@ Each node gets `--ros-args --params-file CONFIG -r __node:=NAME` (and `-r __ns:=
 node reads its section of CONFIG itself too (`VG_ROS_CONFIG`), keyed by its name, so the file applies in a
 namespace as well, where rcl would match its plain `occupancy_node:` keys to /occupancy_node only.
 When a node exits the supervisor logs which one, how (exit code or signal), after how long, and its last
-log lines, and keeps the others running. By default it restarts nothing; with `--respawn` (the launch file's `respawn:=true`)
-it starts a crashed node again after `--respawn-delay` seconds, at most `--max-respawns` times, but never
-one that failed its setup (exit code 2: a bad parameter or checkpoint, which a restart cannot mend).
+log lines, and keeps the others running. By default it restarts nothing; with `--respawn` (the launch
+file's `respawn:=true`) it starts a crashed node again after `--respawn-delay` seconds, at most
+`--max-respawns` times, but never one that failed its setup (exit code 2: a bad parameter or checkpoint, which a restart cannot mend).
 `vg-ros up` ends when every node has exited for good or on Ctrl-C (SIGINT to each node, then SIGTERM, then
 SIGKILL after a grace period).
 """
@@ -59,8 +59,9 @@ def node_spec(capability: str, *, config: str | Path | None = None, rig: str | N
         raise ValueError(f"nodes: unknown node {capability!r}; choose from {sorted(NODES)}")
     name, module = NODES[capability]
     ros_args = ["--ros-args", "-r", f"__node:={name}"]
-    if namespace is not None and normalize_namespace(namespace) != "/":
-        ros_args += ["-r", f"__ns:={normalize_namespace(namespace)}"]
+    namespace = normalize_namespace(namespace) if namespace is not None else "/"
+    if namespace != "/":
+        ros_args += ["-r", f"__ns:={namespace}"]
     env: dict[str, str] = {}
     if config is not None:
         ros_args += ["--params-file", str(config)]

@@ -104,11 +104,12 @@ class GroundingNode(PerceptionNode):
         except ValueError as exc:
             raise ValueError(f"grounding_node.camera_evidence_half_life: {exc}") from None
         topics = [str(p["image_topic"])] + [str(t) for t in p["extra_image_topics"]]
-        if any(not t.strip() for t in topics) or len({self.resolve_topic_name(t) for t in topics}) != len(topics):
+        # resolved names (namespace, remapping), as the subscriptions have them; ValueError for an unknown transport
+        self.image_inputs = [self.resolve_topic_name(camera_topic(t, str(p["image_transport"])))
+                             for t in topics if t.strip()]
+        if len(set(self.image_inputs)) != len(topics):
             raise ValueError(f"grounding_node.extra_image_topics = {list(p['extra_image_topics'])}: must be distinct, "
                              f"non-empty topics other than image_topic {p['image_topic']!r}")
-        # resolved names (namespace, remapping), as the subscriptions have them; ValueError for an unknown transport
-        self.image_inputs = [self.resolve_topic_name(camera_topic(t, str(p["image_transport"]))) for t in topics]
         self.info_topics = [self.resolve_topic_name(t) if t else "" for t in
                             [str(p["camera_info_topic"])] + [camera_info_sibling(t) for t in topics[1:]]]
 
