@@ -16,7 +16,8 @@ publishes its data topics under it), rate (its playback rate), bag_delay (second
 15: the nodes load their models and subscribe first, else the bag's first seconds play to nobody), threads (OpenMP / MKL
 threads per node, torch's pool; 0: CPU cores / nodes, at least 1, so the nodes do not oversubscribe the cores),
 rviz (true: also start rviz2 with config/perception.rviz), respawn (true: a node that dies is started
-again after 2 s, as `vg-ros up --respawn`).
+again after 2 s, as `vg-ros up --respawn`), autostart (false: the nodes wait unconfigured for a lifecycle
+manager, e.g. Nav2's lifecycle_manager with their names in node_names, or `ros2 lifecycle set`).
 Without a ROS install, `vg-ros up` runs the same nodes with the same YAML (and the same threads rule).
 """
 import os
@@ -133,12 +134,13 @@ def launch_setup(context, *args, **kwargs):
     """Builds the actions once the launch arguments are known."""
     value = {name: LaunchConfiguration(name).perform(context)
              for name in ("config", "rig", "device", "nodes", "use_sim_time", "remappings", "namespace",
-                          "bag", "rate", "bag_delay", "threads", "rviz", "respawn")}
+                          "bag", "rate", "bag_delay", "threads", "rviz", "respawn", "autostart")}
     if value["device"] not in DEVICES:
         raise ValueError(f"device: {value['device']!r} must be one of {', '.join(DEVICES)}")
     bag = value["bag"].strip()
     use_sim_time = _is_true(value["use_sim_time"]) or bool(bag)
-    overrides = {"rig": value["rig"], "device": value["device"], "use_sim_time": use_sim_time}
+    overrides = {"rig": value["rig"], "device": value["device"], "use_sim_time": use_sim_time,
+                 "autostart": _is_true(value["autostart"])}
     remappings = parse_remappings(value["remappings"])
     # Fast DDS profile with 100 ms reliable heartbeats (config/fastdds_profiles.xml says why), unless the
     # user chose a profiles file
@@ -223,5 +225,8 @@ def generate_launch_description():
                               description="also start rviz2 with config/perception.rviz"),
         DeclareLaunchArgument("respawn", default_value="false", choices=["true", "false"],
                               description="start a node that dies again after 2 s"),
+        DeclareLaunchArgument("autostart", default_value="true", choices=["true", "false"],
+                              description="configure and activate the (lifecycle) nodes at start; false: a "
+                                          "lifecycle manager does"),
         OpaqueFunction(function=launch_setup),
     ])

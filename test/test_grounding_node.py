@@ -185,7 +185,7 @@ def test_parameters_change_while_running_or_are_refused_with_a_reason(weights_fi
         assert node.stamps.max_age_ns == 250_000_000 and node.params["max_cloud_age"] == 0.3
         # read at start: refused with the reason, the value stays (never accepted and silently ignored)
         [refused] = ros.set_parameters("grounding_node", weights="/tmp/other.safetensors")
-        assert not refused.successful and "restart the node" in refused.reason and "score_threshold" in refused.reason
+        assert not refused.successful and "cleanup" in refused.reason and "restart it" in refused.reason and "score_threshold" in refused.reason
         assert node.get_parameter("weights").value == str(weights_file)
         [bad] = ros.set_parameters("grounding_node", box_source="middle")
         assert not bad.successful and "box_source" in bad.reason and node.pipeline.config.box_source == "mask"

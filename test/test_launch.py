@@ -23,7 +23,7 @@ from vg_ros.up import NODES, NodeSpec, Supervisor, node_spec, parse_nodes, threa
 REPO = Path(__file__).resolve().parent.parent
 LAUNCH_FILE = REPO / "launch" / "perception.launch.py"
 EXPECTED_ARGS = {"config", "rig", "device", "nodes", "use_sim_time", "remappings", "namespace", "bag", "rate",
-                 "bag_delay", "threads", "rviz", "respawn"}
+                 "bag_delay", "threads", "rviz", "respawn", "autostart"}
 
 
 def console_scripts() -> dict[str, str]:
@@ -165,12 +165,15 @@ def test_launch_description_executed_against_stand_ins(monkeypatch):
     assert [n.kwargs["executable"] for n in nodes] == ["occupancy_node", "registration_node", "grounding_node"]
     assert all(n.kwargs["name"] == n.kwargs["executable"] and n.kwargs["package"] == "vg_ros" for n in nodes)
     assert nodes[0].kwargs["parameters"] == ["/opt/share/vg_ros/config/perception.yaml",
-                                             {"rig": "default", "device": "auto", "use_sim_time": False}]
+                                             {"rig": "default", "device": "auto", "use_sim_time": False,
+                                              "autostart": True}]
     assert not [a for a in actions if type(a).__name__ == "ExecuteProcess"]
     assert all(n.kwargs["respawn"] is False for n in nodes)
     _, respawning = launch_actions(module, respawn="true")
     assert all(n.kwargs["respawn"] is True and n.kwargs["respawn_delay"] == 2.0
                for n in respawning if type(n).__name__ == "Node")
+    _, managed = launch_actions(module, autostart="false")
+    assert all(n.kwargs["parameters"][1]["autostart"] is False for n in managed if type(n).__name__ == "Node")
     _, with_rviz = launch_actions(module, rviz="true", bag="/data/drive.mcap")
     rviz = [a for a in with_rviz if type(a).__name__ == "Node" and a.kwargs["package"] == "rviz2"]
     assert len(rviz) == 1 and rviz[0].kwargs["arguments"] == ["-d", "/opt/share/vg_ros/config/perception.rviz"]
@@ -180,7 +183,8 @@ def test_launch_description_executed_against_stand_ins(monkeypatch):
                                 rate="0.5", remappings="/lidar/points:=/velodyne_points; /command:=/speech")
     nodes = [a for a in actions if type(a).__name__ == "Node"]
     assert [n.kwargs["executable"] for n in nodes] == ["grounding_node", "registration_node"]
-    assert nodes[0].kwargs["parameters"][1] == {"rig": "default", "device": "cpu", "use_sim_time": True}
+    assert nodes[0].kwargs["parameters"][1] == {"rig": "default", "device": "cpu", "use_sim_time": True,
+                                                "autostart": True}
     assert nodes[0].kwargs["remappings"] == [("/lidar/points", "/velodyne_points"), ("/command", "/speech")]
     play = [a for a in actions if type(a).__name__ == "ExecuteProcess"]
     assert play[0].kwargs["cmd"] == ["ros2", "bag", "play", "/data/drive.mcap", "--clock", "--rate", "0.5",
@@ -284,7 +288,7 @@ HEARTBEAT_NODE = textwrap.dedent("""
 
     class Heartbeat(PerceptionNode):
         default_node_name = sys.argv[1]
-        def on_activate(self):
+        def start(self):
             self.pub = self.create_publisher(String, "/hb/" + self.get_name(), 10)
             self.create_timer(0.05, lambda: self.pub.publish(String(data=self.get_name())))
 

@@ -463,6 +463,8 @@ def test_subscription_guards_stamps_and_survives_callback_errors(tmp_path, ros_c
     cfg_file.write_text("toy_node:\n  ros__parameters: {diagnostics_period: 0.2}\n")
     ToyNode = toy_node_class()
     node = ToyNode(config_path=cfg_file, context=ros_context)
+    node.configure()
+    node.activate()
     received: list[int] = []
 
     def on_msg(msg):
@@ -507,7 +509,7 @@ NODE_SCRIPT = textwrap.dedent("""
 
     class Broken(PerceptionNode):
         default_node_name = "broken_node"
-        def on_activate(self):
+        def load(self):
             if sys.argv[1] == "missing":
                 raise FileNotFoundError("checkpoint /nope/model.safetensors does not exist")
             self.get_logger().info("READY")
@@ -523,7 +525,7 @@ def test_run_node_setup_failure_is_one_error_line_and_sigint_is_clean(tmp_path):
     proc = subprocess.run([sys.executable, str(script), "missing"], capture_output=True, text=True,
                           timeout=60, env=env)
     assert proc.returncode == 2
-    assert "activate failed: FileNotFoundError: checkpoint /nope/model.safetensors" in proc.stderr + proc.stdout
+    assert "configure failed: FileNotFoundError: checkpoint /nope/model.safetensors" in proc.stderr + proc.stdout
     assert "Traceback" not in proc.stderr + proc.stdout
 
     proc = subprocess.Popen([sys.executable, str(script), "ok"], stdout=subprocess.PIPE,

@@ -202,7 +202,7 @@ def test_a_looped_play_resets_a_sim_time_node_instead_of_starving_it(bag):
     class Counting(PerceptionNode):
         default_node_name = "counting_node"
 
-        def on_activate(self):
+        def start(self):
             self.stamps_seen: list[int] = []
             self.resets = 0
             self.subscribe(PointCloud2, "/lidar/points", lambda m: self.stamps_seen.append(stamp_of(m)),

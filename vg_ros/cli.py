@@ -23,6 +23,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "play": ("vg_ros.playback:play_main", "publish a bag's messages over DDS with /clock"),
     "record": ("vg_ros.playback:record_main", "record DDS topics into an mcap bag"),
     "up": ("vg_ros.up:main", "run the three nodes with config/perception.yaml (no ros2 launch needed)"),
+    "lifecycle": ("vg_ros.lifecycle:main", "get or change running nodes' lifecycle state: startup, configure, "
+                  "activate, deactivate, cleanup, shutdown"),
     "bench": ("vg_ros.cli:bench_main", "run a benchmark in bench/: registration | occupancy | grounding | sim"),
     "demo": ("vg_ros.demo:main", "the demo: simulated drive through the live nodes, scored, with a report"),
     "doctor": ("vg_ros.doctor:main", "check this machine for what the nodes need (DDS, libraries, weights, models)"),

@@ -15,6 +15,8 @@ When a node exits the supervisor logs which one, how (exit code or signal), afte
 log lines, and keeps the others running. By default it restarts nothing; with `--respawn` (the launch
 file's `respawn:=true`) it starts a crashed node again after `--respawn-delay` seconds, at most
 `--max-respawns` times, but never one that failed its setup (exit code 2: a bad parameter or checkpoint, which a restart cannot mend).
+With `--no-autostart` the nodes wait unconfigured for `vg-ros lifecycle startup NODE` (or any lifecycle
+manager); a node taken through the shutdown transition exits with code 0.
 `vg-ros up` ends when every node has exited for good or on Ctrl-C (SIGINT to each node, then SIGTERM, then
 SIGKILL after a grace period).
 """
@@ -275,6 +277,8 @@ def main(argv: list[str]) -> int:
                              "`vg-ros play --namespace NS` plays a bag into it)")
     parser.add_argument("--threads", type=int, default=0,
                         help="OMP/MKL threads per node (default: cores / nodes, at least 1)")
+    parser.add_argument("--no-autostart", action="store_true",
+                        help="leave the nodes unconfigured for a lifecycle manager (`vg-ros lifecycle startup NODE`)")
     parser.add_argument("--log-dir", default=None, help="also write each node's output to DIR/<node>.log")
     parser.add_argument("--respawn", action="store_true",
                         help="start a crashed node again (never one whose setup failed: exit code 2)")
@@ -305,7 +309,8 @@ def main(argv: list[str]) -> int:
     threads = threads_per_node(args.threads, len(chosen))
     specs = [node_spec(c, config=config.resolve(), rig=args.rig, device=args.device,
                        use_sim_time=True if args.use_sim_time else None, threads=threads,
-                       namespace=args.namespace) for c in chosen]
+                       namespace=args.namespace,
+                       extra_ros_args=["-p", "autostart:=false"] if args.no_autostart else None) for c in chosen]
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
     sup = Supervisor(specs, log_dir=args.log_dir, respawn=args.respawn, respawn_delay_s=args.respawn_delay,

@@ -2,15 +2,18 @@
 stamp checks, approximate-time sync, extrinsics from TF or the rig, and a clean `main`.
 
 A node subclasses `PerceptionNode`, names its pipeline config dataclass and its own parameters, and
-overrides `on_configure` / `on_activate`:
+overrides the hooks of the ROS 2 managed-node lifecycle it runs through (`check_parameters` and `load` on
+configure, `start` on activate, `stop` on deactivate, `unload` on cleanup):
 
     class RegistrationNode(PerceptionNode):
         default_node_name = "registration_node"
         config_cls = OdometryConfig
         node_params = {"points_topic": ("lidar/points", "input PointCloud2")}
 
-        def on_activate(self):           # load the model; raise to fail with a clear ERROR log
+        def load(self):                  # load the model; raise to fail with a clear ERROR log
             self.odometry = LidarOdometry(self.cfg)
+
+        def start(self):                 # what it creates here is destroyed again on deactivate
             self.subscribe(PointCloud2, self.params["points_topic"], self.on_points, self.sensor_qos())
 
     def main(args=None):
@@ -44,7 +47,8 @@ from vg_ros.types import Rig
 
 if ros_compat.HAVE_RCLPY:
     import rclpy
-    from rclpy.node import Node as _RosNode
+    from rclpy.lifecycle import LifecycleNode as _RosNode
+    from rclpy.lifecycle import TransitionCallbackReturn
     from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 else:  # replay and tests of the ROS-free helpers still import this module
     _RosNode = object  # type: ignore[assignment,misc]
@@ -718,17 +722,27 @@ COMMON_PARAMS: dict[str, tuple[Any, str]] = {
     "time_jump_reset": (1.0, "stamps jumping back more than this many seconds, twice in order on a topic (a looped "
                              "or restarted bag), reset the node's state instead of being dropped for ever; 0 = off"),
     "diagnostics_period": (5.0, "seconds between drop/throughput reports on ~/diagnostics; 0 = off"),
+    "autostart": (True, "configure and activate at start; false: stay unconfigured until a lifecycle manager "
+                        "(or `ros2 lifecycle set`) drives the node through configure / activate"),
     "input_silence_warn": (10.0, "a sensor input with a matched publisher but no message for this many seconds "
                                  "(wall time) makes the diagnostics a WARN naming it; 0 = off"),
 }
+
+
+class TransitionFailed(RuntimeError):
+    """A lifecycle transition failed; the message is the ERROR line the node already logged."""
 
 
 class PerceptionNode(_RosNode):  # type: ignore[misc,valid-type]
     """Base of the perception nodes: parameters, QoS, drops, stamp checks, sync, extrinsics.
 
     Subclasses set `default_node_name`, `config_cls` (a PipelineConfig dataclass or None) and
-    `node_params` ({name: (default, description)}), then override `on_configure` (read parameters,
-    no heavy work) and `on_activate` (load the model, create subscriptions and publishers).
+    `node_params` ({name: (default, description)}), then override the hooks of the managed-node lifecycle
+    (an rclpy LifecycleNode: `~/change_state`, `~/get_state`, ... as `ros2 lifecycle` and Nav2's
+    lifecycle_manager use them): `check_parameters` (read parameters, no heavy work; also run on every
+    `ros2 param set`) and `load` (the model) on configure, `start` (publishers, subscriptions, timers)
+    on activate, `stop` on deactivate (what `start` created is destroyed by the base), `unload` on cleanup.
+    With `autostart` (default) `run_node` configures and activates the node itself.
 
     Parameter values, lowest to highest priority: the dataclass / `node_params` defaults, this node's
     section of `config/perception.yaml` (`config_path`, else $VG_ROS_CONFIG), then ROS overrides (`--params-file`, `-p`,
@@ -744,6 +758,8 @@ class PerceptionNode(_RosNode):  # type: ignore[misc,valid-type]
     # instead of being accepted and silently ignored.
     live_params: frozenset[str] = frozenset()
     COMMON_LIVE = frozenset({"max_stamp_age", "time_jump_reset", "input_silence_warn"})
+    # read while the node is built: not even an unconfigured node takes a new value
+    CONSTRUCTION_PARAMS = frozenset({"diagnostics_period", "autostart"})
 
     def __init__(self, node_name: str | None = None, *, config_path: str | Path | None = None,
                  **node_kwargs: Any) -> None:
@@ -818,6 +834,10 @@ class PerceptionNode(_RosNode):  # type: ignore[misc,valid-type]
             self._diag_timer = self.create_timer(period, self.publish_diagnostics,
                                                  clock=Clock(clock_type=ClockType.STEADY_TIME))
         self.activated = False
+        self.loaded = False
+        self.transition_error: str | None = None   # the last failed transition's one-line reason
+        self._transition_exc: Exception | None = None
+        self._started: dict[str, list] = {}          # what `start` created: destroyed on deactivate
         self.add_on_set_parameters_callback(self._on_set_parameters)
 
     def _validate_common(self) -> None:
@@ -833,74 +853,195 @@ class PerceptionNode(_RosNode):  # type: ignore[misc,valid-type]
             if not isinstance(p[key], (int, float)) or not p[key] >= 0:
                 raise ValueError(f"{self.get_name()}.{key} = {p[key]!r}: must be a number >= 0")
 
-    # -- lifecycle
+    # -- lifecycle: a ROS 2 managed node (unconfigured -configure-> inactive -activate-> active, and back
+    # with deactivate / cleanup; shutdown from any of them to finalized)
+
+    def lifecycle_state(self) -> str:
+        """'unconfigured', 'inactive', 'active' or 'finalized' (or a transition's label while one runs)."""
+        return str(self._state_machine.current_state[1])
 
     def configure(self) -> None:
-        self.device = resolve_device(self.params["device"])
-        self.on_configure()
+        """The configure transition (as `ros2 lifecycle set <node> configure`); TransitionFailed if it fails."""
+        self._trigger(self.trigger_configure)
 
     def activate(self) -> None:
-        self.on_activate()
-        self.activated = True
-        self.get_logger().info(f"active on {self.device}; optional ROS pieces missing here: "
-                               f"{', '.join(ros_compat.missing()) or 'none'}")
+        self._trigger(self.trigger_activate)
 
     def deactivate(self) -> None:
-        if self.activated:
-            self.on_deactivate()
-            self.activated = False
+        self._trigger(self.trigger_deactivate)
+
+    def cleanup(self) -> None:
+        self._trigger(self.trigger_cleanup)
+
+    def _trigger(self, transition: Callable[[], Any]) -> None:
+        """Run a transition here; raise what failed it (already logged as `transition_error`)."""
+        if transition() != TransitionCallbackReturn.SUCCESS:
+            exc, self._transition_exc = self._transition_exc, None
+            raise exc if exc is not None else TransitionFailed(
+                self.transition_error or f"{self.get_name()}: transition refused in state {self.lifecycle_state()}")
+
+    def finish(self) -> None:
+        """End of the process: shut down from whatever state the node is in (deactivating and unloading
+        on the way) and log the drop and receive summary."""
+        if self.lifecycle_state() != "finalized":
+            self.trigger_shutdown()
         with self._received_lock:
             received = " ".join(f"{t}={n}" for t, n in sorted(self.received.items())) or "nothing"
             missed = " ".join(f"{t}={n}" for t, n in sorted(self.missed.items()))
         self.get_logger().info(f"stopping: {self.drops.summary()}; received: {received}"
                                + (f"; missed (never reached the callback): {missed}" if missed else ""))
 
-    def on_configure(self) -> None:
-        """Read parameters into attributes; raise ValueError for a bad one. No model loading here."""
+    def _transition(self, name: str, work: Callable[[], None]) -> "TransitionCallbackReturn":
+        """Run one transition's work: SUCCESS, or FAILURE (the state machine goes back to where it was)
+        with one ERROR line naming the reason, kept in `transition_error`."""
+        try:
+            work()
+        except Exception as exc:  # noqa: BLE001 - a failed transition is reported, the node stays up
+            self.transition_error = f"{self.get_name()}: {name} failed: {type(exc).__name__}: {exc}"
+            self._transition_exc = exc
+            self.get_logger().error(self.transition_error)
+            return TransitionCallbackReturn.FAILURE
+        self.transition_error = self._transition_exc = None
+        return TransitionCallbackReturn.SUCCESS
 
-    def on_activate(self) -> None:
-        """Load the model and create subscriptions/publishers. Raise to fail with a clear ERROR log."""
+    # rclpy's transition callbacks (LifecycleNode): each runs the hooks below through `_transition`
 
-    def on_deactivate(self) -> None:
-        """Free the model."""
+    def on_configure(self, state: Any) -> "TransitionCallbackReturn":
+        def work() -> None:
+            self.device = resolve_device(self.params["device"])
+            self.check_parameters()
+            self.load()
+            self.loaded = True
+        return self._transition("configure", work)
+
+    def on_activate(self, state: Any) -> "TransitionCallbackReturn":
+        def work() -> None:
+            before = self._entities()
+            had_extrinsics = self._extrinsics is not None
+            try:
+                self.start()
+            except Exception:
+                self._destroy_new(before, had_extrinsics)
+                raise
+            self._started = {"before": before, "had_extrinsics": had_extrinsics}
+            self.activated = True
+            self.get_logger().info(f"active on {self.device}; optional ROS pieces missing here: "
+                                   f"{', '.join(ros_compat.missing()) or 'none'}")
+        return self._transition("activate", work)
+
+    def on_deactivate(self, state: Any) -> "TransitionCallbackReturn":
+        return self._transition("deactivate", self._deactivate)
+
+    def on_cleanup(self, state: Any) -> "TransitionCallbackReturn":
+        return self._transition("cleanup", self._unload)
+
+    def on_shutdown(self, state: Any) -> "TransitionCallbackReturn":
+        def work() -> None:
+            if self.activated:
+                self._deactivate()
+            if self.loaded:
+                self._unload()
+        return self._transition("shutdown", work)
+
+    def on_error(self, state: Any) -> "TransitionCallbackReturn":
+        """Only reached if a transition raised past `_transition` (it does not): free everything, unconfigured."""
+        return self.on_shutdown(state)
+
+    def _deactivate(self) -> None:
+        self.activated = False
+        self._destroy_new(self._started.get("before", self._entities()), self._started.get("had_extrinsics", True))
+        self._started = {}
+        self.stop()
+        self.get_logger().info(f"deactivated: {self.drops.summary()}")
+
+    def _unload(self) -> None:
+        self.loaded = False
+        self.unload()
+
+    def _entities(self) -> dict[str, list]:
+        return {"subscriptions": list(self.subscriptions), "publishers": list(self.publishers),
+                "timers": list(self.timers), "syncs": list(self._syncs), "watched": list(self._watched)}
+
+    def _destroy_new(self, before: dict[str, list], had_extrinsics: bool) -> None:
+        """Destroy the subscriptions, publishers and timers created since `before` (what `start` made),
+        so a node activated again creates them once, and an inactive node neither takes nor sends anything."""
+        def new(kind: str) -> list:
+            old = {id(x) for x in before[kind]}
+            return [x for x in getattr(self, kind) if id(x) not in old]
+        for sub in new("subscriptions"):
+            self.destroy_subscription(sub)
+        for pub in new("publishers"):
+            self.destroy_publisher(pub)
+        for timer in new("timers"):
+            self.destroy_timer(timer)
+        self._syncs[:] = [s for s in self._syncs if any(s is o for o in before["syncs"])]
+        with self._received_lock:
+            for topic in set(self._watched) - set(before["watched"]):
+                del self._watched[topic]
+        if not had_extrinsics:   # its TF subscriptions went with the rest: built again on first use
+            self._extrinsics = None
+
+    # hooks for the nodes
+
+    def check_parameters(self) -> None:
+        """Read parameters into attributes; raise ValueError for a bad one. No model loading here (it also
+        validates every `ros2 param set`)."""
+
+    def load(self) -> None:
+        """Load the model (configure). Raise to fail the transition with a clear ERROR line."""
+
+    def start(self) -> None:
+        """Create publishers, subscriptions and timers (activate). Raise to fail with a clear ERROR line."""
+
+    def stop(self) -> None:
+        """Deactivate: the subscriptions, publishers and timers `start` created are already destroyed."""
+
+    def unload(self) -> None:
+        """Free the model (cleanup, shutdown)."""
 
     def on_parameters_changed(self, names: set[str]) -> None:
         """`self.cfg` / `self.params` now hold new values for `names` (all in `live_params`): hand them to
         the pipeline where it keeps its own copy."""
 
     def _on_set_parameters(self, parameters: list) -> Any:
-        """Validate and apply `ros2 param set` changes: live ones through the checks they met at start (the
-        pipeline config's own, `_validate_common`, the node's `on_configure`), the rest refused with a reason
-        (the value stays as it was). Declarations and use_sim_time pass through."""
+        """Validate and apply `ros2 param set` changes through the checks they met at start (the pipeline
+        config's own, `_validate_common`, the node's `check_parameters`). An unconfigured node takes any
+        parameter but those read while it is built (the next configure reads them); a configured one only
+        its `live_params`, the rest refused with a reason (the value stays as it was). Declarations and
+        use_sim_time pass through."""
         from rcl_interfaces.msg import SetParametersResult
 
         changes = {p.name: p.value for p in parameters if p.name != "use_sim_time" and self.has_parameter(p.name)}
         if not changes:
             return SetParametersResult(successful=True)
         live = self.live_params | self.COMMON_LIVE
-        fixed = sorted(set(changes) - live)
+        unconfigured = self.lifecycle_state() == "unconfigured"
+        fixed = sorted(set(changes) & self.CONSTRUCTION_PARAMS) if unconfigured else sorted(set(changes) - live)
         if fixed:
+            when = "the node is built; restart it" if unconfigured else \
+                "the node is configured; clean it up (`ros2 lifecycle set <node> cleanup`) or restart it"
             return SetParametersResult(successful=False, reason=(
-                f"{', '.join(fixed)}: read when the node starts; restart the node to change "
-                f"{'it' if len(fixed) == 1 else 'them'} (changeable while running: {', '.join(sorted(live))})"))
+                f"{', '.join(fixed)}: read when {when} to change {'it' if len(fixed) == 1 else 'them'} "
+                f"(changeable while configured: {', '.join(sorted(live))})"))
         fields = set(config_fields(self.config_cls)) if self.config_cls is not None else set()
         specs = {**COMMON_PARAMS, **self.node_params}
         node_values = {k: _as_declared(specs[k][0], v) for k, v in changes.items() if k not in fields}
-        # the node's values go through the checks they met at start (`_validate_common`, `on_configure`)
+        # the node's values go through the checks they met at start (`_validate_common`, `check_parameters`)
         started_with = self.params
         self.params = {**started_with, **node_values}
         try:
             cfg = self.cfg.replace(**{k: v for k, v in changes.items() if k in fields}) if fields & set(changes) \
                 else self.cfg
             self._validate_common()
-            self.on_configure()
+            self.check_parameters()
         except (TypeError, ValueError) as exc:
             self.params = started_with
             return SetParametersResult(successful=False, reason=str(exc))
         self.cfg = cfg
         self.stamps.max_age_ns = int(float(self.params["max_stamp_age"]) * 1e9)
         self.stamps.jump_back_ns = int(float(self.params["time_jump_reset"]) * 1e9)
-        self.on_parameters_changed(set(changes))
+        if self.loaded:   # an unconfigured node reads them when it is configured
+            self.on_parameters_changed(set(changes))
         self.get_logger().info("parameters changed: " + ", ".join(f"{k}={v!r}" for k, v in sorted(changes.items())))
         return SetParametersResult(successful=True)
 
@@ -1068,8 +1209,9 @@ class PerceptionNode(_RosNode):  # type: ignore[misc,valid-type]
     def diagnostics(self) -> dict:
         with self._received_lock:
             received, missed = dict(self.received), dict(self.missed)
-        return {"node": self.get_name(), "stamp_ns": self.now_ns(), "time_jump_resets": self.stamps.jumps,
-                "received": received, "missed": missed, "silent": self.silent_inputs(), **self.drops.snapshot()}
+        return {"node": self.get_name(), "state": self.lifecycle_state(), "stamp_ns": self.now_ns(),
+                "time_jump_resets": self.stamps.jumps, "received": received, "missed": missed,
+                "silent": self.silent_inputs(), **self.drops.snapshot()}
 
     def publish_diagnostics(self) -> None:
         """~/diagnostics (the JSON counts) and one DiagnosticStatus on /diagnostics for the last period."""
@@ -1083,10 +1225,13 @@ class PerceptionNode(_RosNode):  # type: ignore[misc,valid-type]
         then, before = self._diag_before
         self._diag_before = (now, {"drops": info["drops"], "processed": info["processed"]})
         level, message, values = diagnostic_status(info, before, now - then)
+        if info["state"] != "active":   # a managed node held inactive or unconfigured: waiting, not failing
+            level, message = DIAG_OK, f"{info['state']} (lifecycle): not processing inputs"
         status = DiagnosticStatus(level=bytes([level]), name=f"vg_ros: {self.get_fully_qualified_name()}",
                                   message=message, hardware_id=self.device,
                                   values=[KeyValue(key=k, value=v) for k, v in
-                                          values + [("time_jump_resets", str(info["time_jump_resets"]))]])
+                                          values + [("time_jump_resets", str(info["time_jump_resets"])),
+                                                    ("lifecycle_state", info["state"])]])
         array = DiagnosticArray(status=[status])
         array.header.stamp = self.get_clock().now().to_msg()
         self._status_pub.publish(array)
@@ -1167,10 +1312,12 @@ def limit_blas_threads(environ: dict[str, str] | None = None) -> Any:
 
 def run_node(node_cls: type[PerceptionNode], args: list[str] | None = None, *, multithreaded: bool = True,
              **node_kwargs: Any) -> int:
-    """Init rclpy, build, configure and activate the node, spin until SIGINT/SIGTERM, shut down.
+    """Init rclpy, build the node, configure and activate it (`autostart`; else a lifecycle manager does),
+    spin until SIGINT/SIGTERM or the shutdown transition, shut down.
 
     A setup failure (bad parameter, missing or corrupt checkpoint, CUDA asked for but absent) is one
-    ERROR log line and exit code 2, never a traceback. SIGINT/SIGTERM only set a flag (our handlers,
+    ERROR log line and exit code 2, never a traceback; under a lifecycle manager the failed transition is
+    that line and the node stays up in its previous state. SIGINT/SIGTERM only set a flag (our handlers,
     not rclpy's), so the node deactivates and logs its drop summary while its context is still valid,
     whenever the signal arrives. `args` are ROS arguments (None: sys.argv).
     """
@@ -1189,17 +1336,21 @@ def run_node(node_cls: type[PerceptionNode], args: list[str] | None = None, *, m
         faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
     rclpy_mod.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
     node = None
-    stage = "construct"
     try:
         try:
             node = node_cls(**node_kwargs)
-            stage = "configure"
-            node.configure()
-            stage = "activate"
-            node.activate()
+            if node.params["autostart"]:
+                node.configure()
+                node.activate()
+            else:
+                node.get_logger().info(
+                    "autostart false: unconfigured, waiting for a lifecycle manager or `ros2 lifecycle set "
+                    f"{node.get_fully_qualified_name()} configure` (then activate)")
         except Exception as exc:  # noqa: BLE001 - setup failures end the process with one clear line
+            if node is not None and node.transition_error:   # a failed transition: the node logged its line
+                return 2
             name = node.get_name() if node is not None else node_cls.default_node_name
-            msg = f"{name}: {stage} failed: {type(exc).__name__}: {exc}"
+            msg = f"{name}: construct failed: {type(exc).__name__}: {exc}"
             if node is not None:
                 node.get_logger().error(msg)
             else:
@@ -1208,10 +1359,11 @@ def run_node(node_cls: type[PerceptionNode], args: list[str] | None = None, *, m
         executor = MultiThreadedExecutor(num_threads=4) if multithreaded else SingleThreadedExecutor()
         executor.add_node(node)
         try:
-            while not stop.is_set() and rclpy_mod.ok():
+            # a `shutdown` transition (lifecycle manager) ends the process as SIGINT does
+            while not stop.is_set() and rclpy_mod.ok() and node.lifecycle_state() != "finalized":
                 executor.spin_once(timeout_sec=0.1)
         finally:
-            node.deactivate()
+            node.finish()
             if not executor.shutdown(timeout_sec=1.0):
                 # a callback is still running: say where, so a hang is never silent (the supervisor's
                 # SIGKILL follows if it never returns)

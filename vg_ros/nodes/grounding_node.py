@@ -85,10 +85,10 @@ class GroundingNode(PerceptionNode):
         from vg_ros.grounding.messages import CameraChoice
         with self._lock:   # the next image is grounded with them
             self.pipeline.config = self.cfg
-            if "camera_evidence_half_life" in names:   # validated by on_configure; the sums start again
+            if "camera_evidence_half_life" in names:   # validated by check_parameters; the sums start again
                 self.camera_choice = CameraChoice(float(self.params["camera_evidence_half_life"]))
 
-    def on_configure(self) -> None:
+    def check_parameters(self) -> None:
         from vg_ros.grounding.messages import CameraChoice
         p = self.params
         if not float(p["max_cloud_age"]) >= 0:
@@ -113,17 +113,19 @@ class GroundingNode(PerceptionNode):
         self.info_topics = [self.resolve_topic_name(t) if t else "" for t in
                             [str(p["camera_info_topic"])] + [camera_info_sibling(t) for t in topics[1:]]]
 
-    def on_activate(self) -> None:
-        from geometry_msgs.msg import PointStamped, PolygonStamped
-        from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
-        from std_msgs.msg import String
-
+    def load(self) -> None:
         from vg_ros.grounding.messages import CameraChoice
         from vg_ros.grounding.pipeline import GroundingPipeline
 
         self.pipeline = GroundingPipeline(self.cfg, weights=self.params["weights"], device=self.device)
         self.camera_choice = CameraChoice(float(self.params["camera_evidence_half_life"]))
         self._lock = threading.Lock()
+
+    def start(self) -> None:
+        from geometry_msgs.msg import PointStamped, PolygonStamped
+        from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
+        from std_msgs.msg import String
+
         self.camera_infos: list = [None] * len(self.image_inputs)
         self.clouds = StampedBuffer(10)   # ~1 s of LiDAR (sweeps are MBs): a lagging image still meets its own
         self.motion = PoseBuffer() if str(self.params["odom_topic"]).strip() else None
@@ -167,7 +169,7 @@ class GroundingNode(PerceptionNode):
                                f"ready on {len(self.image_inputs)} camera(s); waiting for a command on "
                                f"{self.params['command_topic']}")
 
-    def on_deactivate(self) -> None:
+    def unload(self) -> None:
         self.pipeline = None
 
     def on_time_jump(self) -> None:

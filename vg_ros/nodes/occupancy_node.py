@@ -56,7 +56,7 @@ class OccupancyNode(PerceptionNode):
     def on_parameters_changed(self, names: set[str]) -> None:
         self.pipeline.cfg = self.cfg
 
-    def on_configure(self) -> None:
+    def check_parameters(self) -> None:
         p = self.params
         names = [str(n) for n in p["cameras"]]
         if not names or len(set(names)) != len(names):
@@ -74,19 +74,21 @@ class OccupancyNode(PerceptionNode):
         self.image_topics = [self.resolve_topic_name(camera_topic(str(p["image_topic_pattern"]).format(name=n),
                                                                   str(p["image_transport"]))) for n in names]
 
-    def on_activate(self) -> None:
+    def load(self) -> None:
+        from vg_ros.occupancy.pipeline import OccupancyPipeline
+
+        for name in self.camera_names:
+            self.extrinsics.rig.camera(name)  # KeyError naming the rig's cameras: an ERROR at configuration
+        self.pipeline = OccupancyPipeline(self.cfg, weights=self.params["weights"], device=self.device)
+        self._busy = threading.Lock()
+        self.results = 0
+
+    def start(self) -> None:
         from nav_msgs.msg import OccupancyGrid
         from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
         from visualization_msgs.msg import MarkerArray
 
-        from vg_ros.occupancy.pipeline import OccupancyPipeline
-
-        for name in self.camera_names:
-            self.extrinsics.rig.camera(name)  # KeyError naming the rig's cameras: an ERROR at activation
-        self.pipeline = OccupancyPipeline(self.cfg, weights=self.params["weights"], device=self.device)
-        self._busy = threading.Lock()
         self.camera_infos: dict[str, object] = {}
-        self.results = 0
         p = self.params
         self.grid_pub = self.create_publisher(OccupancyGrid, p["grid_topic"], self.latched_qos())
         self.voxels_pub = self.create_publisher(PointCloud2, p["voxels_topic"], self.output_qos())
@@ -104,7 +106,7 @@ class OccupancyNode(PerceptionNode):
         self.get_logger().info(f"TPVFormer {self.cfg.model} ({self.pipeline.metadata.get('steps', '?')} training "
                                f"steps) on {self.device}; grid {g.shape} at {g.voxel_size} m; cameras {self.camera_names}")
 
-    def on_deactivate(self) -> None:
+    def unload(self) -> None:
         self.pipeline = None
 
     # -- inputs

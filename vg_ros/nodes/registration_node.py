@@ -53,21 +53,17 @@ class RegistrationNode(PerceptionNode):
             if self.odometry is not None:
                 self.odometry.cfg = self.cfg
 
-    def on_configure(self) -> None:
+    def check_parameters(self) -> None:
         if not float(self.params["map_period"]) >= 0:
             raise ValueError(f"registration_node.map_period = {self.params['map_period']}: must be >= 0")
         for key in ("points_topic", "odom_topic", "pose_topic", "odom_frame"):
             if not str(self.params[key]).strip():
                 raise ValueError(f"registration_node.{key} is empty")
 
-    def on_activate(self) -> None:
-        from geometry_msgs.msg import PoseStamped
-        from nav_msgs.msg import Odometry
-        from sensor_msgs.msg import PointCloud2
-
+    def load(self) -> None:
         weights = self.params["weights"]
         self._weights = None if str(weights).lower() in ("", "none") else weights
-        if self.cfg.relocalize:  # load the checkpoint now: a bad one fails activation with one clear line
+        if self.cfg.relocalize:  # load the checkpoint now: a bad one fails configuration with one clear line
             from vg_ros.registration.pipeline import RegistrationConfig, RegistrationPipeline
             self._global = RegistrationPipeline(RegistrationConfig.preset(self.cfg.global_preset),
                                                 weights=self._weights, device=self.device)
@@ -76,6 +72,12 @@ class RegistrationNode(PerceptionNode):
         self.odometry: LidarOdometry | None = None
         self.lidar_frame: str | None = None
         self._lock = threading.Lock()
+
+    def start(self) -> None:
+        from geometry_msgs.msg import PoseStamped
+        from nav_msgs.msg import Odometry
+        from sensor_msgs.msg import PointCloud2
+
         self.odom_pub = self.create_publisher(Odometry, self.params["odom_topic"], self.output_qos())
         self.pose_pub = self.create_publisher(PoseStamped, self.params["pose_topic"], self.output_qos())
         self.cloud_pub = (self.create_publisher(PointCloud2, self.params["cloud_topic"], self.output_qos())
@@ -91,10 +93,15 @@ class RegistrationNode(PerceptionNode):
                                f"{self.odom_pub.topic_name}, "
                                f"TF {'on' if self.tf_broadcaster else 'off (tf2_ros missing or publish_tf false)'}")
 
-    def on_deactivate(self) -> None:
-        if self.odometry is not None:
-            self.get_logger().info(f"odometry stats: {self.odometry.stats}")
-        self.odometry = None
+    def stop(self) -> None:
+        """Scans missed while inactive break the motion prior: activated again, odometry starts afresh."""
+        with self._lock:
+            if self.odometry is not None:
+                self.get_logger().info(f"odometry stats: {self.odometry.stats}")
+            self.odometry = None
+            self.lidar_frame = None
+
+    def unload(self) -> None:
         self._global = None
 
     def on_time_jump(self) -> None:

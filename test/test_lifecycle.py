@@ -1,0 +1,191 @@
+"""The perception nodes as ROS 2 managed (lifecycle) nodes, driven over DDS the way `ros2 lifecycle set` and
+Nav2's lifecycle_manager drive them: a registration_node process started with autostart:=false waits
+unconfigured, fails a configure with a bad checkpoint and stays up, takes a parameter while unconfigured,
+configures, activates (odometry flows), deactivates (its topics are gone, nothing comes out), activates
+again (one subscription, not two), cleans up, and exits on the shutdown transition."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("rclpy", reason="lifecycle nodes need rclpy (ros-jazzy wheels)")
+
+from ros_helpers import ros_session  # noqa: E402
+
+DOMAIN = 71
+NODE = "/registration_node"
+
+
+@pytest.fixture(scope="module")
+def frames():
+    from vg_ros.sim import simulate
+    return list(simulate(4343, 0.8, cameras=False, occupancy=False, expressions=0))
+
+
+class Lifecycle:
+    """`ros2 lifecycle get / set` for one node, through its services."""
+
+    def __init__(self, ros, node_name: str):
+        from lifecycle_msgs.srv import ChangeState, GetState
+        self.ros = ros
+        client = ros.node("lifecycle_client")
+        self.change = client.create_client(ChangeState, f"{node_name}/change_state")
+        self.get = client.create_client(GetState, f"{node_name}/get_state")
+        assert ros.spin_until(lambda: self.change.service_is_ready() and self.get.service_is_ready(), timeout=30.0)
+
+    def _call(self, client, request):
+        future = client.call_async(request)
+        assert self.ros.spin_until(future.done, timeout=60.0), "no answer from the lifecycle service"
+        return future.result()
+
+    def state(self) -> str:
+        from lifecycle_msgs.srv import GetState
+        return self._call(self.get, GetState.Request()).current_state.label
+
+    def set(self, label: str) -> bool:
+        from lifecycle_msgs.msg import Transition
+        from lifecycle_msgs.srv import ChangeState
+        return self._call(self.change, ChangeState.Request(transition=Transition(label=label))).success
+
+
+def test_registration_node_through_the_managed_lifecycle_over_dds(tmp_path, frames):
+    from nav_msgs.msg import Odometry
+    from sensor_msgs.msg import PointCloud2
+    from std_msgs.msg import String
+    from vg_ros import convert
+
+    env = {**os.environ, "ROS_DOMAIN_ID": str(DOMAIN), "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST",
+           "PYTHONUNBUFFERED": "1"}
+    log = open(tmp_path / "node.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "vg_ros.nodes.registration_node", "--ros-args",
+                             "-p", "autostart:=false", "-p", "weights:=/nope/vbreg.safetensors",
+                             "-p", "diagnostics_period:=0.2"], stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        with ros_session(DOMAIN) as ros:
+            life = Lifecycle(ros, NODE)
+            client = ros.node("client")
+            odoms: list = []
+            client.create_subscription(Odometry, "/registration/odometry", odoms.append, 20)
+            diag: list = []
+            client.create_subscription(String, f"{NODE}/diagnostics", lambda m: diag.append(json.loads(m.data)), 10)
+            pub = client.create_publisher(PointCloud2, "/lidar/points", 20)
+
+            def scan(k: int):
+                s = frames[k].lidar
+                s.frame_id = frames[k].rig.lidar.frame_id
+                return convert.scan_to_pointcloud2(s)
+
+            def topics_present() -> tuple[int, int]:
+                return (client.count_subscribers("/lidar/points"), client.count_publishers("/registration/odometry"))
+
+            # unconfigured: no topics, and it says so in its diagnostics
+            assert life.state() == "unconfigured"
+            assert ros.spin_until(lambda: diag, timeout=10.0) and diag[-1]["state"] == "unconfigured"
+            ros.spin_for(0.5)
+            assert topics_present() == (0, 0)
+
+            # a configure that fails (missing checkpoint) is refused; the node stays up, unconfigured
+            assert not life.set("configure")
+            assert life.state() == "unconfigured" and proc.poll() is None
+            # unconfigured, it takes what a configured node refuses (read at configure)
+            [ok] = ros.set_parameters("registration_node", weights="none")
+            assert ok.successful, ok.reason
+            [ok] = ros.set_parameters("registration_node", odom_frame="odom_a")
+            assert ok.successful, ok.reason
+            assert life.set("configure") and life.state() == "inactive"
+            [refused] = ros.set_parameters("registration_node", odom_frame="odom_b")
+            assert not refused.successful and "cleanup" in refused.reason
+            [live] = ros.set_parameters("registration_node", max_range=90.0)
+            assert live.successful
+            ros.spin_for(0.5)
+            assert topics_present() == (0, 0)   # inactive: the model is loaded, nothing subscribed yet
+
+            # active: odometry flows, in the frame set while unconfigured
+            assert life.set("activate") and life.state() == "active"
+            assert ros.spin_until(lambda: topics_present() == (1, 1), timeout=10.0)
+            assert ros.wait_for_match(pub, timeout=10.0)
+            for k in range(3):
+                pub.publish(scan(k))
+                assert ros.spin_until(lambda: len(odoms) > k, timeout=20.0), f"no odometry for scan {k}"
+            assert {m.header.frame_id for m in odoms} == {"odom_a"}
+
+            # inactive again: its topics are gone and a scan produces nothing
+            assert life.set("deactivate") and life.state() == "inactive"
+            assert ros.spin_until(lambda: topics_present() == (0, 0), timeout=10.0)
+            pub.publish(scan(3))
+            ros.spin_for(1.0)
+            assert len(odoms) == 3
+            assert ros.spin_until(lambda: diag[-1]["state"] == "inactive", timeout=5.0)
+
+            # activated once more: one subscription and one publisher, not two; odometry starts afresh
+            assert life.set("activate")
+            assert ros.spin_until(lambda: topics_present() == (1, 1), timeout=10.0)
+            ros.spin_for(0.5)
+            assert topics_present() == (1, 1)
+            assert ros.wait_for_match(pub, timeout=10.0)
+            pub.publish(scan(4))
+            assert ros.spin_until(lambda: len(odoms) == 4, timeout=20.0)
+            ros.spin_for(0.3)
+            assert len(odoms) == 4   # once, not once per subscription
+            T, _ = convert.odometry_to_matrix(odoms[-1])
+            assert abs(T[0, 3]) < 1e-6   # the first scan after a gap is the new origin
+
+            # a transition the state machine does not have from here is refused, the node stays
+            assert not life.set("configure") and life.state() == "active"
+            assert life.set("deactivate") and life.set("cleanup") and life.state() == "unconfigured"
+            # shutdown ends the process cleanly, with its summary
+            assert life.set("shutdown")
+            assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.seek(0)
+        output = log.read()
+        log.close()
+    assert "autostart false: unconfigured" in output
+    assert "configure failed:" in output and "/nope/vbreg.safetensors" in output
+    assert "Traceback" not in output
+    assert "stopping:" in output and "received: /lidar/points=4" in output
+
+
+def vg_ros(*args: str, env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vg_ros.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+def test_vg_ros_up_no_autostart_then_vg_ros_lifecycle_starts_and_shuts_the_node_down(tmp_path):
+    env = {**os.environ, "ROS_DOMAIN_ID": str(DOMAIN + 1), "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST",
+           "PYTHONUNBUFFERED": "1"}
+    up = subprocess.Popen([sys.executable, "-m", "vg_ros.cli", "up", "--nodes", "registration", "--no-autostart",
+                           "--device", "cpu", "--namespace", "robot1"],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        got = vg_ros("lifecycle", "get", "/robot1/registration_node", "--timeout", "60", env=env)
+        assert (got.returncode, got.stdout) == (0, "/robot1/registration_node: unconfigured\n"), got.stderr
+        started = vg_ros("lifecycle", "startup", "/robot1/registration_node", env=env)
+        assert started.returncode == 0, started.stdout + started.stderr
+        assert started.stdout.splitlines() == ["/robot1/registration_node: configure: unconfigured -> inactive",
+                                               "/robot1/registration_node: activate: inactive -> active"]
+        again = vg_ros("lifecycle", "startup", "/robot1/registration_node", env=env)
+        assert (again.returncode, again.stdout) == (0, "/robot1/registration_node: already active\n")
+        wrong = vg_ros("lifecycle", "cleanup", "/robot1/registration_node", env=env)
+        assert wrong.returncode == 1
+        assert wrong.stdout.startswith("/robot1/registration_node: cleanup is not a transition from active "
+                                       "(available: deactivate, shutdown")
+        missing = vg_ros("lifecycle", "get", "registration_node", "--timeout", "1", env=env)
+        assert missing.returncode == 2 and "no lifecycle node /registration_node answered within 1 s" in missing.stderr
+        down = vg_ros("lifecycle", "shutdown", "/robot1/registration_node", env=env)
+        assert (down.returncode, down.stdout) == (0, "/robot1/registration_node: shutdown: active -> finalized\n")
+        output, _ = up.communicate(timeout=60)   # the node exits, and with it `vg-ros up`
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.communicate()
+    assert up.returncode == 0, output
+    assert "autostart false: unconfigured" in output and "every node has exited" in output
+    assert "registration_node=0" in output
