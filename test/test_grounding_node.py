@@ -315,6 +315,59 @@ def test_several_cameras_publish_the_one_where_the_target_scores_highest(weights
             _node(ros, weights_file, tmp_path, extra_image_topics=["/cameras/CAM_FRONT/image_raw"])
 
 
+def test_deactivated_node_takes_and_sends_nothing_and_activates_again_with_its_command(weights_file, tmp_path):
+    """The lifecycle with two synchronised cameras (subscriptions, the sync's flush timer, the command's own
+    callback group): deactivate removes every one of them and publishes nothing; activated again, the node
+    has each once and grounds with the command it kept (the latched command arrives once more)."""
+    from sensor_msgs.msg import Image
+    from std_msgs.msg import String
+    from vg_ros.nodes.base import command_qos
+
+    topics = ["/cameras/CAM_FRONT/image_raw", "/cameras/CAM_BACK/image_raw"]
+    with ros_session(DOMAIN + 6) as ros:
+        node = _node(ros, weights_file, tmp_path, extra_image_topics=topics[1:], score_threshold=0.0,
+                     missing_camera_timeout=0.3)
+        counts = (len(list(node.subscriptions)), len(list(node.publishers)), len(list(node.timers)))
+        io = ros.node("io")
+        masks: list = []
+        io.create_subscription(Image, "/grounding/mask", masks.append, 10)
+        io.create_publisher(String, "/command", command_qos()).publish(String(data="the blue truck"))
+        pubs = [io.create_publisher(Image, t, 10) for t in topics]
+
+        def ground(stamp: int) -> None:
+            for k, pub in enumerate(pubs):
+                pub.publish(_image(stamp + k * 1_000_000))
+
+        assert all(ros.wait_for_match(p) for p in pubs)
+        assert ros.spin_until(lambda: node.pipeline.command == "the blue truck", timeout=10)
+        ground(1_000_000_000)
+        assert ros.spin_until(lambda: len(masks) == 1, timeout=20), node.drops.summary()
+
+        node.deactivate()
+        assert node.lifecycle_state() == "inactive" and node.pipeline is not None   # the model stays loaded
+        assert ros.spin_until(lambda: io.count_subscribers(topics[0]) == 0 and io.count_subscribers("/command") == 0
+                              and io.count_publishers("/grounding/mask") == 0, timeout=5)
+        assert node._syncs == [] and node.silent_inputs() == {}
+        ground(1_200_000_000)
+        ros.spin_for(1.0)
+        assert len(masks) == 1
+
+        node.activate()
+        assert (len(list(node.subscriptions)), len(list(node.publishers)), len(list(node.timers))) == counts
+        assert all(ros.wait_for_match(p) for p in pubs)
+        assert ros.spin_until(lambda: io.count_publishers("/grounding/mask") == 1, timeout=5)
+        ground(1_400_000_000)
+        assert ros.spin_until(lambda: len(masks) == 2, timeout=20), node.drops.summary()
+        ros.spin_for(0.5)
+        assert len(masks) == 2 and node.pipeline.command == "the blue truck"
+        assert node.drops.processed["commands"] == 2   # the latched command, delivered again on activation
+        assert not any(k.startswith("callback_error") for k in node.drops.drops), node.drops.summary()
+
+        node.deactivate()
+        node.cleanup()
+        assert node.lifecycle_state() == "unconfigured" and node.pipeline is None
+
+
 def test_best_camera_prefers_found_then_score():
     import dataclasses
     from vg_ros.grounding.pipeline import best_camera
