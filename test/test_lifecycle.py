@@ -162,7 +162,7 @@ def test_vg_ros_up_no_autostart_then_vg_ros_lifecycle_starts_and_shuts_the_node_
     env = {**os.environ, "ROS_DOMAIN_ID": str(DOMAIN + 1), "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST",
            "PYTHONUNBUFFERED": "1"}
     up = subprocess.Popen([sys.executable, "-m", "vg_ros.cli", "up", "--nodes", "registration", "--no-autostart",
-                           "--device", "cpu", "--namespace", "robot1"],
+                           "--device", "cpu", "--namespace", "robot1", "--respawn"],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         got = vg_ros("lifecycle", "get", "/robot1/registration_node", "--timeout", "60", env=env)
@@ -189,3 +189,6 @@ def test_vg_ros_up_no_autostart_then_vg_ros_lifecycle_starts_and_shuts_the_node_
     assert up.returncode == 0, output
     assert "autostart false: unconfigured" in output and "every node has exited" in output
     assert "registration_node=0" in output
+    # a node that shut down is not a crash: not respawned, though --respawn is on
+    assert "registration_node exited (exit code 0)" in output and "it shut down cleanly" in output
+    assert "restarting" not in output

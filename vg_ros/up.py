@@ -185,7 +185,9 @@ class Supervisor:
             died.append((name, code))
             ran = time.monotonic() - self.started_at[name]
             how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
-            if not self.respawn:
+            if code == 0:   # it ended on its own: a lifecycle shutdown, not a crash
+                fate = "not restarted: it shut down cleanly"
+            elif not self.respawn:
                 fate = "not restarted"
             elif code == SETUP_FAILURE:
                 fate = "not restarted: its setup failed (a restart cannot mend a bad parameter or checkpoint)"
@@ -199,7 +201,8 @@ class Supervisor:
             time.sleep(0.1)  # let the relay thread catch the last lines
             last = "\n".join(f"    {line}" for line in list(self.tail[name])[-8:])
             others = ", ".join(self.alive()) or "none"
-            self.log(f"[up] {name} DIED ({how}) after {ran:.1f} s; {fate}. Still running: {others}."
+            self.log(f"[up] {name} {'exited' if code == 0 else 'DIED'} ({how}) after {ran:.1f} s; {fate}. "
+                     f"Still running: {others}."
                      + (f" Its last lines:\n{last}" if last else ""))
         return died
 
