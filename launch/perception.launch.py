@@ -17,7 +17,8 @@ publishes its data topics under it), rate (its playback rate), bag_delay (second
 threads per node, torch's pool; 0: CPU cores / nodes, at least 1, so the nodes do not oversubscribe the cores),
 rviz (true: also start rviz2 with config/perception.rviz), respawn (true: a node that dies is started
 again after 2 s, as `vg-ros up --respawn`), autostart (false: the nodes wait unconfigured for a lifecycle
-manager, e.g. Nav2's lifecycle_manager with their names in node_names, or `ros2 lifecycle set`).
+manager, e.g. Nav2's lifecycle_manager with their names in node_names and bond_timeout 0.0, or
+`ros2 lifecycle set`).
 Without a ROS install, `vg-ros up` runs the same nodes with the same YAML (and the same threads rule).
 """
 import os
