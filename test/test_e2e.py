@@ -291,7 +291,7 @@ def test_lost_in_transport_reads_the_nodes_exit_counts():
     """What the kill test excuses as lost between the processes, from a node's exit line as PerceptionNode
     writes it: inputs received < sent, or the primary output recorded < published; nothing without the
     line."""
-    from vg_ros.nodes.base import DropCounter
+    from vg_ros.nodes.inputs import DropCounter
     lidar, odom = T["odometry"]["inputs"][0], T["odometry"]["primary"]
     drops = DropCounter()
     for _ in range(16):

@@ -1550,7 +1550,7 @@ def test_ground_set_leaves_out_unusable_cameras_and_publishes_the_best(pipeline)
     from vg_ros.convert import array_to_image
     from vg_ros.grounding.messages import ground_set, target_position
     from vg_ros.grounding.pipeline import best_camera
-    from vg_ros.nodes.base import DropCounter
+    from vg_ros.nodes.inputs import DropCounter
     rng = np.random.default_rng(2)
     rgb = [rng.integers(0, 255, (270, 480, 3), dtype=np.uint8) for _ in range(2)]
     msgs = [array_to_image(rgb[0], "rgb8", stamp_ns=5, frame_id="a", flavor="rosbags"), None,
@@ -1590,7 +1590,7 @@ def test_image_camera_prefers_a_sound_camera_info_then_the_rig():
     has no intrinsics (None)."""
     from vg_ros.convert import array_to_image, camera_model_to_info
     from vg_ros.grounding.messages import image_camera
-    from vg_ros.nodes.base import DropCounter
+    from vg_ros.nodes.inputs import DropCounter
     from vg_ros.rig import load_rig
     rig = load_rig()
     cam = rig.cameras[0]
@@ -1657,7 +1657,8 @@ def test_add_odometry_counts_what_it_cannot_use():
     PoseBuffer as T_odom_base; an unknown child frame or a non-finite pose is counted `bad_odometry`."""
     from vg_ros.convert import matrix_to_odometry
     from vg_ros.grounding.messages import add_odometry
-    from vg_ros.nodes.base import DropCounter, PoseBuffer, TfOrRig
+    from vg_ros.nodes.base import TfOrRig
+    from vg_ros.nodes.inputs import DropCounter, PoseBuffer
     from vg_ros.rig import load_rig
 
     extrinsics = TfOrRig(load_rig(), "base_link")

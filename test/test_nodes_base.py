@@ -20,9 +20,9 @@ from vg_ros import ros_compat
 from vg_ros.config import PipelineConfig, param
 from vg_ros.geometry import make_T, rpy_to_R
 from vg_ros.nodes.base import (
-    DIAG_ERROR, DIAG_OK, DIAG_WARN, ApproxTimeSync, DropCounter, StampGuard, TfOrRig, command_qos,
-    diagnostic_status, latched_qos, resolve_device, sensor_qos,
+    DIAG_ERROR, DIAG_OK, DIAG_WARN, TfOrRig, command_qos, diagnostic_status, latched_qos, resolve_device, sensor_qos,
 )
+from vg_ros.nodes.inputs import ApproxTimeSync, DropCounter, StampGuard
 from vg_ros.types import Rig
 
 MS = 1_000_000
@@ -138,7 +138,7 @@ def test_stamp_guard_resets_when_a_source_starts_again_but_not_for_a_straggler()
 
 
 def test_stamped_buffer_gives_the_nearest_message_within_the_gap():
-    from vg_ros.nodes.base import StampedBuffer
+    from vg_ros.nodes.inputs import StampedBuffer
     buffer = StampedBuffer(3)
     assert buffer.nearest(0, 1.0) == (None, None)
     for k in range(5):                       # keeps the last 3: stamps 200, 300, 400 ms
@@ -156,7 +156,7 @@ def test_pose_buffer_interpolates_extrapolates_briefly_and_gives_the_motion_betw
     from scipy.spatial.transform import Rotation
 
     from vg_ros.geometry import make_T
-    from vg_ros.nodes.base import PoseBuffer
+    from vg_ros.nodes.inputs import PoseBuffer
     buffer = PoseBuffer(size=4, max_gap_s=0.5, max_extrapolation_s=0.2)
     assert buffer.at(0) is None and buffer.motion(0, 1) is None
     yaw = lambda deg: Rotation.from_euler("z", deg, degrees=True).as_matrix()   # noqa: E731

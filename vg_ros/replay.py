@@ -186,7 +186,7 @@ class Stage:
         self.writer = writer
         self.seconds: list[float] = []
         self.frames = 0
-        from vg_ros.nodes.base import DropCounter, StampGuard
+        from vg_ros.nodes.inputs import DropCounter, StampGuard
         import logging
         self.drops = DropCounter(logging.getLogger(f"vg_ros.replay.{self.name}"), log_period_s=30.0)
         self.stamps = StampGuard(self.drops)
@@ -220,7 +220,7 @@ class OccupancyStage(Stage):
             self.pipeline = OccupancyPipeline(cfg, weights=params.get("weights", "default"), device=device)
         except (ImportError, FileNotFoundError, OSError, ValueError, RuntimeError) as exc:
             raise PipelineUnavailable(f"{type(exc).__name__}: {exc}") from None
-        from vg_ros.nodes.base import ApproxTimeSync
+        from vg_ros.nodes.inputs import ApproxTimeSync
         self.cfg = cfg
         self.bev = bev_occupancy
         self.extrinsics = extrinsics
@@ -350,7 +350,8 @@ class GroundingStage(Stage):
             self.pipeline = GroundingPipeline(cfg, weights=params.get("weights", "default"), device=device)
         except (ImportError, FileNotFoundError, OSError, ValueError, RuntimeError) as exc:
             raise PipelineUnavailable(f"{type(exc).__name__}: {exc}") from None
-        from vg_ros.nodes.base import ApproxTimeSync, PoseBuffer, StampedBuffer, camera_info_sibling
+        from vg_ros.nodes.base import camera_info_sibling
+        from vg_ros.nodes.inputs import ApproxTimeSync, PoseBuffer, StampedBuffer
         self.rig = rig
         self.extrinsics = extrinsics
         p = params

@@ -424,7 +424,7 @@ def write_card(path: Path, *, args, spec, history: dict, result: dict | None, we
         (f"* these weights are the exponential moving average of the run's weights (decay {args.ema} per step"
          + (", started at --init's" if args.init else "") + "); the last step's network: "
          f"`{weights.stem}_raw.safetensors`" if args.ema else None),
-        f"* losses: L1 + GIoU (1, 1), focal + Dice (4, 4)" + (f", pooling-attention loss x {args.w_pool} (training aid)"
+        "* losses: L1 + GIoU (1, 1), focal + Dice (4, 4)" + (f", pooling-attention loss x {args.w_pool} (training aid)"
                                                              if args.w_pool else ""),
         (f"* absent referents: {100 * args.absent:.0f} % of the commands swapped for one about something not in "
          "the image (target: an empty mask, no box term), so that the score can say \"not found\""
@@ -626,7 +626,7 @@ def main(argv: list[str]) -> int:
     if args.monitor_every:
         dev, dev_negatives = load_with_negatives(dev_seeds, args.val_seconds, args.expressions, None, encoder)
 
-        def monitor(model, step):
+        def score_dev(model, step):
             result = evaluate_split(model, dev, device=device, controls=False, negatives=dev_negatives,
                                     log=lambda *_: None)
             rep = result["main"]
@@ -641,6 +641,7 @@ def main(argv: list[str]) -> int:
                     "wrong_held_back": round(100 * result["found"]["wrong_rejected"], 1),
                     "found_on_absent": round(100 * result["absent"]["found_rate"], 1),
                     "found_on_turned": round(100 * result["relation_negative"]["found_rate"], 1)}
+        monitor = score_dev
     state_path = out_dir / f"{stem}.state.safetensors"
     record = {"args": {k: v for k, v in vars(args).items() if k != "resume"}, "command": command,
               "spec": spec.to_dict(), "init_steps": init_steps,

@@ -43,8 +43,8 @@ import numpy as np
 
 from vg_ros.convert import grounding_to_msgs, point_to_point_stamped, stamp_of, time_to_ns
 from vg_ros.grounding.pipeline import GroundingConfig
-from vg_ros.nodes.base import (PerceptionNode, PoseBuffer, StampedBuffer, camera_info_sibling, camera_topic,
-                               node_main, volatile_command_qos)
+from vg_ros.nodes.base import PerceptionNode, camera_info_sibling, camera_topic, node_main, volatile_command_qos
+from vg_ros.nodes.inputs import PoseBuffer, StampedBuffer
 
 
 class GroundingNode(PerceptionNode):

@@ -22,7 +22,7 @@ default: [-40, -40, -1]..[40, 40, 5.4] m, 0.4 m). Plane `xy` is stored (B, C, X,
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
