@@ -153,6 +153,66 @@ def test_registration_node_through_the_managed_lifecycle_over_dds(tmp_path, fram
     assert "stopping:" in output and "received: /lidar/points=4" in output
 
 
+SLOW_NODE = """
+import sys, time
+from vg_ros.nodes.base import PerceptionNode, run_node
+
+class Slow(PerceptionNode):
+    default_node_name = "slow_node"
+    def load(self):
+        self.get_logger().info("LOADING")
+        time.sleep(2.0)
+        self.model = "loaded"
+        self.get_logger().info("LOADED")
+    def unload(self):
+        assert self.model == "loaded"
+        self.model = None
+        self.get_logger().info("UNLOADED")
+
+sys.exit(run_node(Slow, args=["--ros-args", "-p", "autostart:=false"]))
+"""
+
+
+def test_a_transition_by_id_the_state_lacks_is_refused_and_sigint_waits_for_a_running_configure(tmp_path):
+    """Nav2's lifecycle_manager sends transition ids: one the current state has no edge for is answered
+    success=False and the node stays up (rclpy alone raises in the service callback and the process dies).
+    SIGINT while a configure asked over DDS is loading the model: the configure finishes, then the shutdown
+    transition unloads it; exit 0, no traceback."""
+    import signal
+
+    from lifecycle_msgs.msg import Transition
+    from lifecycle_msgs.srv import ChangeState
+
+    script = tmp_path / "slow_node.py"
+    script.write_text(SLOW_NODE)
+    env = {**os.environ, "ROS_DOMAIN_ID": str(DOMAIN + 2), "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST",
+           "PYTHONUNBUFFERED": "1"}
+    log = open(tmp_path / "node.log", "w+")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        with ros_session(DOMAIN + 2) as ros:
+            life = Lifecycle(ros, "/slow_node")
+            by_id = ChangeState.Request(transition=Transition(id=Transition.TRANSITION_ACTIVATE))
+            assert not life._call(life.change, by_id).success   # unconfigured has no activate edge
+            assert life.state() == "unconfigured" and proc.poll() is None
+            configure = life.change.call_async(ChangeState.Request(
+                transition=Transition(id=Transition.TRANSITION_CONFIGURE)))
+            assert ros.spin_until(lambda: "LOADING" in (tmp_path / "node.log").read_text(), timeout=30.0)
+            proc.send_signal(signal.SIGINT)
+            assert ros.spin_until(configure.done, timeout=30.0) and configure.result().success
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.seek(0)
+        output = log.read()
+        log.close()
+    assert "transition id 3 refused in state unconfigured" in output
+    assert output.index("LOADED") < output.index("UNLOADED") < output.index("stopping:")
+    assert "Traceback" not in output and "still running" not in output
+
+
 def vg_ros(*args: str, env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "vg_ros.cli", *args], capture_output=True, text=True,
                           env=env, timeout=timeout)

@@ -308,3 +308,30 @@ def test_node_processes_run_numpy_blas_on_one_thread_unless_the_user_set_it():
     finally:
         limiter.restore_original_limits()
     assert blas_threads() == before
+
+
+
+def test_rig_and_base_frame_set_while_unconfigured_are_read_at_the_next_configure(ros_context):
+    from rclpy.parameter import Parameter
+
+    from vg_ros.nodes.base import TransitionFailed
+    node = toy_node_class()(context=ros_context)
+    try:
+        node.configure()
+        first = node.extrinsics
+        assert first.base_frame == "base_link"
+        # no configure edge from inactive: a clear refusal, the node stays as it was
+        with pytest.raises(TransitionFailed, match="configure not possible in state inactive"):
+            node.configure()
+        assert node.lifecycle_state() == "inactive"
+        node.cleanup()
+        [result] = node.set_parameters([Parameter("base_frame", value="chassis")])
+        assert result.successful, result.reason
+        node.configure()
+        second = node.extrinsics
+        assert second is not first and second.base_frame == "chassis"
+        node.cleanup()
+        node.configure()   # unchanged parameters: the same extrinsics (and their TF listener) are kept
+        assert node.extrinsics is second
+    finally:
+        node.destroy_node()

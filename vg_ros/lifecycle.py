@@ -84,6 +84,7 @@ def run(action: str, targets: list[str], timeout_s: float, out=print) -> int:
     from rclpy.executors import SingleThreadedExecutor
 
     from vg_ros import ros_compat
+    from vg_ros.cli import UserError
     ros_compat.use_dds_profiles()
     context = rclpy.Context()
     rclpy.init(context=context)
@@ -95,7 +96,6 @@ def run(action: str, targets: list[str], timeout_s: float, out=print) -> int:
         for target in targets:
             client = LifecycleClient(node, executor, target, timeout_s)
             if not client.wait():
-                from vg_ros.cli import UserError
                 raise UserError(f"no lifecycle node {target} answered within {timeout_s:g} s (is it running, on "
                                 f"ROS_DOMAIN_ID={os.environ.get('ROS_DOMAIN_ID', '0')}, in that namespace?)")
             if action == "get":
@@ -115,6 +115,8 @@ def run(action: str, targets: list[str], timeout_s: float, out=print) -> int:
                 if not ok:
                     failed = True
                     break
+    except TimeoutError as exc:   # the node went away or hangs in a transition
+        raise UserError(f"{exc} within {max(timeout_s, 120.0):g} s") from None
     finally:
         executor.shutdown(timeout_sec=1.0)
         node.destroy_node()

@@ -5,7 +5,7 @@ distribution (apt / colcon), not with the `ros-jazzy-*` wheels this package's vi
 elsewhere never tries these imports itself: it reads a `HAVE_*` flag here and takes the tested path
 without the piece when the flag is False:
 
-    HAVE_MESSAGE_FILTERS  False -> vg_ros.nodes.base.ApproxTimeSync's own policy (same semantics)
+    HAVE_MESSAGE_FILTERS  False -> vg_ros.nodes.inputs.ApproxTimeSync's own policy (same semantics)
     HAVE_TF2_ROS          False -> extrinsics from /tf_static (if HAVE_TF2_MSGS) else the rig YAML
     HAVE_TF2_MSGS         False -> no live /tf or /tf_static publishing or subscribing; rig YAML only
     HAVE_CV_BRIDGE        False -> vg_ros.convert.array_to_image / image_to_rgb (always used here)
@@ -58,7 +58,7 @@ FALLBACKS: dict[str, str] = {
     "rclpy": "no live nodes, play or record; replay and the CLI still work",
     "launch": "use `vg-ros up` instead of `ros2 launch`",
     "launch_ros": "use `vg-ros up` instead of `ros2 launch`",
-    "message_filters": "approximate-time sync by vg_ros.nodes.base.ApproxTimeSync",
+    "message_filters": "approximate-time sync by vg_ros.nodes.inputs.ApproxTimeSync",
     "tf2_ros": "extrinsics from /tf_static when tf2_msgs exists, else from the rig YAML",
     "tf2_msgs": "no /tf or /tf_static over DDS; extrinsics from the rig YAML",
     "cv_bridge": "images converted by vg_ros.convert",

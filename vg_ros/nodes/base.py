@@ -46,6 +46,7 @@ from vg_ros.types import Rig
 if ros_compat.HAVE_RCLPY:
     import rclpy
     from rclpy.lifecycle import LifecycleNode as _RosNode
+    from rclpy.impl.implementation_singleton import rclpy_implementation as _rclpy
     from rclpy.lifecycle import TransitionCallbackReturn
     from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 else:  # replay and tests of the ROS-free helpers still import this module
@@ -141,17 +142,28 @@ class TfOrRig:
 
     def __init__(self, rig: Rig | str = "default", base_frame: str = "base_link", node: Any = None) -> None:
         self.rig = rig if isinstance(rig, Rig) else Rig.load(rig)
+        self.source = (rig if isinstance(rig, str) else rig.name, base_frame)   # the parameters it was built from
         self.base_frame = base_frame
         self.static: dict[str, tuple[str, np.ndarray]] = {}  # child -> (parent, T_parent_child)
         self.tf_buffer = None
+        self._tf_listener = self._tf_sub = None
+        self._node = node
         self._lock = threading.Lock()
         if node is not None and ros_compat.HAVE_TF2_ROS:
             tf2_ros = ros_compat.tf2_ros
             self.tf_buffer = tf2_ros.Buffer()
             self._tf_listener = tf2_ros.TransformListener(self.tf_buffer, node)
         elif node is not None and ros_compat.HAVE_TF2_MSGS:
-            node.create_subscription(ros_compat.TFMessage, "/tf_static", lambda m: self.add_transforms(m.transforms),
-                                     latched_qos())
+            self._tf_sub = node.create_subscription(ros_compat.TFMessage, "/tf_static",
+                                                    lambda m: self.add_transforms(m.transforms), latched_qos())
+
+    def close(self) -> None:
+        """Stop listening to TF (the node's subscriptions for it are destroyed)."""
+        if self._tf_listener is not None:
+            self._tf_listener.unregister()
+        if self._tf_sub is not None and self._node is not None:
+            self._node.destroy_subscription(self._tf_sub)
+        self._tf_listener = self._tf_sub = None
 
     def add_transforms(self, transforms: Sequence[Any]) -> int:
         """Remember static TransformStamped messages (duck-typed); returns how many were usable."""
@@ -413,6 +425,25 @@ class PerceptionNode(_RosNode):  # type: ignore[misc,valid-type]
         self._transition_exc: Exception | None = None
         self._started: dict[str, list] = {}          # what `start` created: destroyed on deactivate
         self.add_on_set_parameters_callback(self._on_set_parameters)
+        service = getattr(self, "_service_change_state", None)
+        if service is not None:
+            service.callback = self._refuse_impossible(service.callback)
+
+    def _refuse_impossible(self, handle: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+        """The ChangeState service, answering success=False with a WARN line for a transition the current
+        state has no edge for. rclpy answers that for a label, but a transition given by id (Nav2's
+        lifecycle_manager sends ids) raises inside the service callback, which ends the process."""
+        def change_state(request: Any, response: Any) -> Any:
+            state = self.lifecycle_state()
+            try:
+                return handle(request, response)
+            except _rclpy.RCLError as exc:
+                transition = request.transition.label or f"id {request.transition.id}"
+                self.get_logger().warning(f"lifecycle: transition {transition} refused in state {state}: "
+                                          f"{str(exc).splitlines()[0] if str(exc) else 'no such edge'}")
+                response.success = False
+                return response
+        return change_state
 
     def _validate_common(self) -> None:
         p = self.params
@@ -448,8 +479,15 @@ class PerceptionNode(_RosNode):  # type: ignore[misc,valid-type]
         self._trigger(self.trigger_cleanup)
 
     def _trigger(self, transition: Callable[[], Any]) -> None:
-        """Run a transition here; raise what failed it (already logged as `transition_error`)."""
-        if transition() != TransitionCallbackReturn.SUCCESS:
+        """Run a transition here; raise what failed it (already logged as `transition_error`), or
+        TransitionFailed when the current state has no such transition."""
+        state = self.lifecycle_state()
+        try:
+            result = transition()
+        except _rclpy.RCLError as exc:
+            raise TransitionFailed(f"{self.get_name()}: {transition.__name__.removeprefix('trigger_')} "
+                                   f"not possible in state {state}") from exc
+        if result != TransitionCallbackReturn.SUCCESS:
             exc, self._transition_exc = self._transition_exc, None
             raise exc if exc is not None else TransitionFailed(
                 self.transition_error or f"{self.get_name()}: transition refused in state {self.lifecycle_state()}")
@@ -457,8 +495,12 @@ class PerceptionNode(_RosNode):  # type: ignore[misc,valid-type]
     def finish(self) -> None:
         """End of the process: shut down from whatever state the node is in (deactivating and unloading
         on the way) and log the drop and receive summary."""
-        if self.lifecycle_state() != "finalized":
-            self.trigger_shutdown()
+        state = self.lifecycle_state()
+        if state != "finalized":
+            try:
+                self.trigger_shutdown()
+            except _rclpy.RCLError:   # still in a transition (one that never returned): free nothing under it
+                self.get_logger().warning(f"shutdown not possible while {state}: leaving the node as it is")
         with self._received_lock:
             received = " ".join(f"{t}={n}" for t, n in sorted(self.received.items())) or "nothing"
             missed = " ".join(f"{t}={n}" for t, n in sorted(self.missed.items()))
@@ -482,6 +524,10 @@ class PerceptionNode(_RosNode):  # type: ignore[misc,valid-type]
 
     def on_configure(self, state: Any) -> "TransitionCallbackReturn":
         def work() -> None:
+            if self._extrinsics is not None and \
+                    self._extrinsics.source != (str(self.params["rig"]), str(self.params["base_frame"])):
+                self._extrinsics.close()   # `rig` / `base_frame` changed while unconfigured: built again on use
+                self._extrinsics = None
             self.device = resolve_device(self.params["device"])
             self.check_parameters()
             self.load()
@@ -522,15 +568,15 @@ class PerceptionNode(_RosNode):  # type: ignore[misc,valid-type]
         return self.on_shutdown(state)
 
     def _deactivate(self) -> None:
-        self.activated = False
         self._destroy_new(self._started.get("before", self._entities()), self._started.get("had_extrinsics", True))
-        self._started = {}
         self.stop()
+        self._started = {}
+        self.activated = False   # after `stop`: a failed deactivate leaves the node active, as it says
         self.get_logger().info(f"deactivated: {self.drops.summary()}")
 
     def _unload(self) -> None:
-        self.loaded = False
         self.unload()
+        self.loaded = False
 
     def _entities(self) -> dict[str, list]:
         return {"subscriptions": list(self.subscriptions), "publishers": list(self.publishers),
@@ -704,7 +750,11 @@ class PerceptionNode(_RosNode):  # type: ignore[misc,valid-type]
         no publisher id, so two publishers' numbers would interleave). The first message after a change of
         publishers sets the baseline; a number that goes back (a publisher started again) too."""
         number = info.get("publication_sequence_number") if isinstance(info, dict) else None
-        if number is None or not created or created[0].get_publisher_count() != 1:
+        try:
+            publishers = created[0].get_publisher_count() if created else 0
+        except Exception:  # noqa: BLE001 - destroyed by a deactivate while this message was in flight
+            publishers = 0
+        if number is None or publishers != 1:
             sequence["last"] = None
             return
         last = sequence["last"]
@@ -884,6 +934,21 @@ def limit_blas_threads(environ: dict[str, str] | None = None) -> Any:
     return threadpool_limits(limits=1, user_api="blas")
 
 
+SHUTDOWN_WAIT_S = 5.0   # for running callbacks at a stop; `vg-ros up` sends SIGKILL 20 s after SIGINT
+
+
+def wait_for_callbacks(executor: Any, timeout_s: float) -> bool:
+    """True once no callback the executor handed to its worker threads is running (at once for a
+    single-threaded executor: its callbacks ran inside `spin_once`); False after `timeout_s`. rclpy's own
+    `Executor.shutdown(timeout_sec)` returns without waiting for them (rclpy 7.x)."""
+    deadline = time.monotonic() + timeout_s
+    while any(not task.done() for task in list(getattr(executor, "_futures", ()))):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 def run_node(node_cls: type[PerceptionNode], args: list[str] | None = None, *, multithreaded: bool = True,
              **node_kwargs: Any) -> int:
     """Init rclpy, build the node, configure and activate it (`autostart`; else a lifecycle manager does),
@@ -937,13 +1002,16 @@ def run_node(node_cls: type[PerceptionNode], args: list[str] | None = None, *, m
             while not stop.is_set() and rclpy_mod.ok() and node.lifecycle_state() != "finalized":
                 executor.spin_once(timeout_sec=0.1)
         finally:
-            node.finish()
-            if not executor.shutdown(timeout_sec=1.0):
-                # a callback is still running: say where, so a hang is never silent (the supervisor's
-                # SIGKILL follows if it never returns)
+            # no new callback starts now; the running ones (an inference, a transition a lifecycle manager
+            # asked for) finish before the shutdown transition frees what they use
+            if not wait_for_callbacks(executor, SHUTDOWN_WAIT_S):
+                # say where, so a hang is never silent (the supervisor's SIGKILL follows if it never returns)
                 import faulthandler
-                node.get_logger().error("callbacks still running at shutdown; every thread's stack follows")
+                node.get_logger().error(f"callbacks still running {SHUTDOWN_WAIT_S:g} s after the stop; "
+                                        "every thread's stack follows")
                 faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+            node.finish()
+            executor.shutdown(timeout_sec=0)
         return 0
     finally:
         if node is not None:

@@ -170,7 +170,8 @@ class GroundingNode(PerceptionNode):
                                f"{self.params['command_topic']}")
 
     def unload(self) -> None:
-        self.pipeline = None
+        with self._lock:   # not under a command or an image callback in another callback group
+            self.pipeline = None
 
     def on_time_jump(self) -> None:
         self.clouds.clear()   # clouds and poses of the old time base (the command stays)
@@ -188,6 +189,8 @@ class GroundingNode(PerceptionNode):
         text = msg.data
         try:
             with self._lock:
+                if self.pipeline is None:   # cleaned up meanwhile: the latched command comes again on activate
+                    return
                 self.pipeline.set_command(text)
         except ValueError as exc:
             self.drops.drop("bad_command", f"on {self.params['command_topic']}: {exc}; "
@@ -208,6 +211,8 @@ class GroundingNode(PerceptionNode):
         each, publish the camera with the most evidence for the target (`self.camera_choice`)."""
         from vg_ros.grounding.messages import ground_set, image_camera, target_position
 
+        if self.pipeline is None:   # cleaned up while this set waited
+            return
         if self.pipeline.command is None:
             stamp_ns = stamp_of(next(m for m in msgs if m is not None))
             self.drops.drop("no_command", f"image {stamp_ns} on {self.image_inputs[0]}: no command received "
