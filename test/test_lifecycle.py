@@ -5,6 +5,7 @@ configures, activates (odometry flows), deactivates (its topics are gone, nothin
 again (one subscription, not two), cleans up, and exits on the shutdown transition."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -26,30 +27,32 @@ def frames():
     return list(simulate(4343, 0.8, cameras=False, occupancy=False, expressions=0))
 
 
-class Lifecycle:
-    """`ros2 lifecycle get / set` for one node, through its services."""
+@contextlib.contextmanager
+def node_process(argv: list[str], domain: int, log_path):
+    """A node process on `domain` with its output in `log_path`; yields (process, {"output": ...}), the
+    output filled in once the process is gone (killed if still running)."""
+    env = {**os.environ, "ROS_DOMAIN_ID": str(domain), "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST",
+           "PYTHONUNBUFFERED": "1"}
+    result: dict = {}
+    with open(log_path, "w+") as log:
+        proc = subprocess.Popen([sys.executable, *argv], stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            yield proc, result
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            log.seek(0)
+            result["output"] = log.read()
+            print(f"--- {' '.join(argv)} (exit {proc.returncode}):\n{result['output']}")   # shown on a failure
 
-    def __init__(self, ros, node_name: str):
-        from lifecycle_msgs.srv import ChangeState, GetState
-        self.ros = ros
-        client = ros.node("lifecycle_client")
-        self.change = client.create_client(ChangeState, f"{node_name}/change_state")
-        self.get = client.create_client(GetState, f"{node_name}/get_state")
-        assert ros.spin_until(lambda: self.change.service_is_ready() and self.get.service_is_ready(), timeout=30.0)
 
-    def _call(self, client, request):
-        future = client.call_async(request)
-        assert self.ros.spin_until(future.done, timeout=60.0), "no answer from the lifecycle service"
-        return future.result()
-
-    def state(self) -> str:
-        from lifecycle_msgs.srv import GetState
-        return self._call(self.get, GetState.Request()).current_state.label
-
-    def set(self, label: str) -> bool:
-        from lifecycle_msgs.msg import Transition
-        from lifecycle_msgs.srv import ChangeState
-        return self._call(self.change, ChangeState.Request(transition=Transition(label=label))).success
+def lifecycle(ros, node_name: str):
+    """`ros2 lifecycle get / set` for one node, through its services (vg-ros lifecycle's client)."""
+    from vg_ros.lifecycle import LifecycleClient
+    life = LifecycleClient(ros.node("lifecycle_client"), ros.executor, node_name, timeout_s=30.0)
+    assert life.wait(), f"{node_name}: no lifecycle services"
+    return life
 
 
 def test_registration_node_through_the_managed_lifecycle_over_dds(tmp_path, frames):
@@ -58,15 +61,11 @@ def test_registration_node_through_the_managed_lifecycle_over_dds(tmp_path, fram
     from std_msgs.msg import String
     from vg_ros import convert
 
-    env = {**os.environ, "ROS_DOMAIN_ID": str(DOMAIN), "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST",
-           "PYTHONUNBUFFERED": "1"}
-    log = open(tmp_path / "node.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "vg_ros.nodes.registration_node", "--ros-args",
-                             "-p", "autostart:=false", "-p", "weights:=/nope/vbreg.safetensors",
-                             "-p", "diagnostics_period:=0.2"], stdout=log, stderr=subprocess.STDOUT, env=env)
-    try:
+    argv = ["-m", "vg_ros.nodes.registration_node", "--ros-args", "-p", "autostart:=false",
+            "-p", "weights:=/nope/vbreg.safetensors", "-p", "diagnostics_period:=0.2"]
+    with node_process(argv, DOMAIN, tmp_path / "node.log") as (proc, result):
         with ros_session(DOMAIN) as ros:
-            life = Lifecycle(ros, NODE)
+            life = lifecycle(ros, NODE)
             client = ros.node("client")
             odoms: list = []
             client.create_subscription(Odometry, "/registration/odometry", odoms.append, 20)
@@ -89,14 +88,14 @@ def test_registration_node_through_the_managed_lifecycle_over_dds(tmp_path, fram
             assert topics_present() == (0, 0)
 
             # a configure that fails (missing checkpoint) is refused; the node stays up, unconfigured
-            assert not life.set("configure")
+            assert not life.change("configure")
             assert life.state() == "unconfigured" and proc.poll() is None
             # unconfigured, it takes what a configured node refuses (read at configure)
             [ok] = ros.set_parameters("registration_node", weights="none")
             assert ok.successful, ok.reason
             [ok] = ros.set_parameters("registration_node", odom_frame="odom_a")
             assert ok.successful, ok.reason
-            assert life.set("configure") and life.state() == "inactive"
+            assert life.change("configure") and life.state() == "inactive"
             [refused] = ros.set_parameters("registration_node", odom_frame="odom_b")
             assert not refused.successful and "cleanup" in refused.reason
             [live] = ros.set_parameters("registration_node", max_range=90.0)
@@ -105,7 +104,7 @@ def test_registration_node_through_the_managed_lifecycle_over_dds(tmp_path, fram
             assert topics_present() == (0, 0)   # inactive: the model is loaded, nothing subscribed yet
 
             # active: odometry flows, in the frame set while unconfigured
-            assert life.set("activate") and life.state() == "active"
+            assert life.change("activate") and life.state() == "active"
             assert ros.spin_until(lambda: topics_present() == (1, 1), timeout=10.0)
             assert ros.wait_for_match(pub, timeout=10.0)
             for k in range(3):
@@ -114,7 +113,7 @@ def test_registration_node_through_the_managed_lifecycle_over_dds(tmp_path, fram
             assert {m.header.frame_id for m in odoms} == {"odom_a"}
 
             # inactive again: its topics are gone and a scan produces nothing
-            assert life.set("deactivate") and life.state() == "inactive"
+            assert life.change("deactivate") and life.state() == "inactive"
             assert ros.spin_until(lambda: topics_present() == (0, 0), timeout=10.0)
             pub.publish(scan(3))
             ros.spin_for(1.0)
@@ -122,7 +121,7 @@ def test_registration_node_through_the_managed_lifecycle_over_dds(tmp_path, fram
             assert ros.spin_until(lambda: diag[-1]["state"] == "inactive", timeout=5.0)
 
             # activated once more: one subscription and one publisher, not two; odometry starts afresh
-            assert life.set("activate")
+            assert life.change("activate")
             assert ros.spin_until(lambda: topics_present() == (1, 1), timeout=10.0)
             ros.spin_for(0.5)
             assert topics_present() == (1, 1)
@@ -135,18 +134,12 @@ def test_registration_node_through_the_managed_lifecycle_over_dds(tmp_path, fram
             assert abs(T[0, 3]) < 1e-6   # the first scan after a gap is the new origin
 
             # a transition the state machine does not have from here is refused, the node stays
-            assert not life.set("configure") and life.state() == "active"
-            assert life.set("deactivate") and life.set("cleanup") and life.state() == "unconfigured"
+            assert not life.change("configure") and life.state() == "active"
+            assert life.change("deactivate") and life.change("cleanup") and life.state() == "unconfigured"
             # shutdown ends the process cleanly, with its summary
-            assert life.set("shutdown")
+            assert life.change("shutdown")
             assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        log.seek(0)
-        output = log.read()
-        log.close()
+    output = result["output"]
     assert "autostart false: unconfigured" in output
     assert "configure failed:" in output and "/nope/vbreg.safetensors" in output
     assert "Traceback" not in output
@@ -185,29 +178,18 @@ def test_a_transition_by_id_the_state_lacks_is_refused_and_sigint_waits_for_a_ru
 
     script = tmp_path / "slow_node.py"
     script.write_text(SLOW_NODE)
-    env = {**os.environ, "ROS_DOMAIN_ID": str(DOMAIN + 2), "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST",
-           "PYTHONUNBUFFERED": "1"}
-    log = open(tmp_path / "node.log", "w+")
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=log, stderr=subprocess.STDOUT, env=env)
-    try:
+    with node_process([str(script)], DOMAIN + 2, tmp_path / "node.log") as (proc, result):
         with ros_session(DOMAIN + 2) as ros:
-            life = Lifecycle(ros, "/slow_node")
-            by_id = ChangeState.Request(transition=Transition(id=Transition.TRANSITION_ACTIVATE))
-            assert not life._call(life.change, by_id).success   # unconfigured has no activate edge
+            life = lifecycle(ros, "/slow_node")
+            assert not life.change(Transition.TRANSITION_ACTIVATE)   # unconfigured has no activate edge
             assert life.state() == "unconfigured" and proc.poll() is None
-            configure = life.change.call_async(ChangeState.Request(
+            configure = life._change.call_async(ChangeState.Request(
                 transition=Transition(id=Transition.TRANSITION_CONFIGURE)))
             assert ros.spin_until(lambda: "LOADING" in (tmp_path / "node.log").read_text(), timeout=30.0)
             proc.send_signal(signal.SIGINT)
             assert ros.spin_until(configure.done, timeout=30.0) and configure.result().success
         assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        log.seek(0)
-        output = log.read()
-        log.close()
+    output = result["output"]
     assert "transition id 3 refused in state unconfigured" in output
     assert output.index("LOADED") < output.index("UNLOADED") < output.index("stopping:")
     assert "Traceback" not in output and "still running" not in output

@@ -40,29 +40,53 @@ class LifecycleClient:
         self._available = node.create_client(GetAvailableTransitions, f"{target}/get_available_transitions")
 
     def wait(self) -> bool:
-        return all(c.wait_for_service(timeout_sec=self.timeout_s) for c in (self._get, self._change, self._available))
+        """The services are there and answer. A service can be discovered a moment before its reply can
+        reach this caller (the reply is then lost), so each is first asked something harmless until it
+        answers: the state, the transitions, and a transition label no node has (answered success=false)."""
+        from lifecycle_msgs.msg import Transition
+        from lifecycle_msgs.srv import ChangeState, GetAvailableTransitions, GetState
+        if not all(c.wait_for_service(timeout_sec=self.timeout_s) for c in (self._get, self._change, self._available)):
+            return False
+        try:
+            for client, request in ((self._get, GetState.Request()), (self._available, GetAvailableTransitions.Request()),
+                                    (self._change, ChangeState.Request(transition=Transition(label="vg_ros_probe")))):
+                self._call(client, request, resend_s=1.0, timeout_s=self.timeout_s)
+        except TimeoutError:
+            return False
+        return True
 
-    def _call(self, client, request):
-        future = client.call_async(request)
-        # a transition loads a model (configure) or runs behind a long sensor callback: a generous wait
-        self.executor.spin_until_future_complete(future, timeout_sec=max(self.timeout_s, 120.0))
-        if not future.done():
-            raise TimeoutError(f"{self.target} did not answer {client.srv_name}")
-        return future.result()
+    def _call(self, client, request, *, resend_s: float | None = None, timeout_s: float | None = None):
+        """The reply to `request`. `resend_s`: ask again each `resend_s` without a reply (idempotent
+        requests only). A transition loads a model (configure) or waits behind a long sensor callback, so
+        the default wait is generous."""
+        import time
+        deadline = time.monotonic() + (timeout_s or max(self.timeout_s, 120.0))
+        while True:
+            future = client.call_async(request)
+            wait_s = deadline - time.monotonic() if resend_s is None else min(resend_s, deadline - time.monotonic())
+            self.executor.spin_until_future_complete(future, timeout_sec=max(wait_s, 0.0))
+            if future.done():
+                return future.result()
+            client.remove_pending_request(future)
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"{self.target} did not answer {client.srv_name}")
 
     def state(self) -> str:
         from lifecycle_msgs.srv import GetState
-        return self._call(self._get, GetState.Request()).current_state.label
+        return self._call(self._get, GetState.Request(), resend_s=2.0).current_state.label
 
     def available(self) -> list[str]:
         from lifecycle_msgs.srv import GetAvailableTransitions
-        reply = self._call(self._available, GetAvailableTransitions.Request())
+        reply = self._call(self._available, GetAvailableTransitions.Request(), resend_s=2.0)
         return [t.transition.label for t in reply.available_transitions]
 
-    def change(self, label: str) -> bool:
+    def change(self, transition: str | int) -> bool:
+        """Ask for a transition by label ('configure') or by id (`lifecycle_msgs.msg.Transition`'s numbers,
+        as Nav2's lifecycle_manager sends them); True when it succeeded."""
         from lifecycle_msgs.msg import Transition
         from lifecycle_msgs.srv import ChangeState
-        return bool(self._call(self._change, ChangeState.Request(transition=Transition(label=label))).success)
+        asked = Transition(id=transition) if isinstance(transition, int) else Transition(label=transition)
+        return bool(self._call(self._change, ChangeState.Request(transition=asked)).success)
 
 
 def transition_line(client: LifecycleClient, label: str) -> tuple[bool, str]:
