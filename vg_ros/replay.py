@@ -10,11 +10,11 @@ command camera. Each stage writes the messages its node publishes (same topics �
 parameters —, same types, the input's header stamp) into OUT.mcap; with the stage defaults:
 
     /occupancy/grid      nav_msgs/OccupancyGrid       /occupancy/voxels  sensor_msgs/PointCloud2 (x,y,z,label,confidence)
-    /odometry            nav_msgs/Odometry            /lidar/pose        geometry_msgs/PoseStamped
+    /registration/odometry  nav_msgs/Odometry         /registration/pose geometry_msgs/PoseStamped
     /grounding/mask      sensor_msgs/Image mono8      /grounding/box     geometry_msgs/PolygonStamped (score in z)
     /grounding/position  geometry_msgs/PointStamped
 
-(`/occupancy/markers` and `/lidar/registered` are visualisation only and not written.)
+(`/occupancy/markers`, `/registration/cloud` and `/registration/local_map` are visualisation only and not written.)
 
 `score_bags(input, output)` then scores an output bag — this one, or one the demo recorded from the live
 nodes — against the input's `/gt/*` topics, matching by header stamp: occupancy mIoU / IoU (Occ3D, camera
@@ -56,7 +56,8 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "cameras": [], "grid_topic": "/occupancy/grid", "voxels_topic": "/occupancy/voxels",
         "sync_slop": 0.05, "sync_queue": 10, "missing_camera_timeout": 0.5,
     },
-    "registration": {"points_topic": "/lidar/points", "odom_topic": "/odometry", "pose_topic": "/lidar/pose",
+    "registration": {"points_topic": "/lidar/points", "odom_topic": "/registration/odometry",
+                     "pose_topic": "/registration/pose",
                      "odom_frame": "odom"},
     "grounding": {"image_topic": "/cameras/CAM_FRONT/image_raw", "camera_info_topic": "/cameras/CAM_FRONT/camera_info",
                   "command_topic": "/command", "points_topic": "/lidar/points", "mask_topic": "/grounding/mask",

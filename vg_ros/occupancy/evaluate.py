@@ -191,7 +191,7 @@ package's own `vg_ros/occupancy/train.py` on {info['date']}.
 ## Held-out evaluation
 
 Seeds `{info['eval_seeds']}` (never used in training), {m['frames']} frames, Occ3D metrics on camera-visible
-voxels (`vg-ros eval occupancy --weights {Path(info['weights']).name} --eval-seeds {info['eval_seeds']}`):
+voxels (`vg-ros eval occupancy --weights vg_ros/weights/{Path(info['weights']).name} --eval-seeds {info['eval_seeds']}`):
 
 {metrics_table(dict(m, name=info['config']))}
 
