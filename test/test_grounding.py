@@ -1572,6 +1572,10 @@ def test_ground_set_leaves_out_unusable_cameras_and_publishes_the_best(pipeline)
     assert np.array_equal(got.result.mask, results[best].mask) and got.rgb.shape == (270, 480, 3)
     assert ground_set(pipeline, [None, msgs[2]], ["/a", "/b"], camera_of, drops) is None
     assert drops.drops["bad_image"] == 2
+    # an image too small for the network is left out of its set, not the whole set lost
+    tiny = array_to_image(rgb[0][:4, :4], "rgb8", stamp_ns=5, frame_id="t", flavor="rosbags")
+    kept = ground_set(pipeline, [tiny, msgs[0]], ["/t", "/a"], camera_of, drops)
+    assert kept.msg is msgs[0] and drops.drops["bad_image"] == 3
 
     alone = ground_set(pipeline, [msgs[4]], ["/cam4"], camera_of, drops)
     assert not alone.calibrated and np.array_equal(alone.result.mask, results[1].mask)
@@ -1582,6 +1586,26 @@ def test_ground_set_leaves_out_unusable_cameras_and_publishes_the_best(pipeline)
             return object(), 0.0
     assert target_position(pipeline, alone, Clouds(), 0.1, None, drops) is None
     assert drops.drops["no_intrinsics"] == 1
+
+
+def test_clouds_are_parsed_on_arrival_and_a_malformed_one_never_stands_in_for_a_good_one():
+    """grounding.messages.add_cloud (node and replay): a cloud without a z field is counted `bad_cloud` and
+    left out of the buffer, so the image nearest it in time still meets the good cloud beside it."""
+    from vg_ros.convert import scan_to_pointcloud2
+    from vg_ros.grounding.messages import CloudPoints, add_cloud
+    from vg_ros.nodes.inputs import DropCounter, StampedBuffer
+    from vg_ros.types import LidarScan
+    xyz = np.array([[1.0, 2.0, 3.0], [np.nan, 0.0, 0.0], [4.0, 5.0, 6.0]], np.float32)
+    good = scan_to_pointcloud2(LidarScan(xyz=xyz, stamp_ns=100, frame_id="lidar"), flavor="rosbags")
+    bad = scan_to_pointcloud2(LidarScan(xyz=xyz, stamp_ns=150, frame_id="lidar"), flavor="rosbags")
+    bad.fields = [f for f in bad.fields if f.name != "z"]
+    clouds, drops = StampedBuffer(4), DropCounter()
+    add_cloud(clouds, bad, drops, "/lidar/points")
+    add_cloud(clouds, good, drops, "/lidar/points")
+    assert dict(drops.drops) == {"bad_cloud": 1}
+    cloud, gap = clouds.nearest(150, 0.1)
+    assert isinstance(cloud, CloudPoints) and gap == pytest.approx(50e-9)
+    assert cloud.header.frame_id == "lidar" and np.array_equal(cloud.xyz, xyz[[0, 2]])   # finite points only
 
 
 def test_image_camera_prefers_a_sound_camera_info_then_the_rig():

@@ -335,3 +335,34 @@ def test_rig_and_base_frame_set_while_unconfigured_are_read_at_the_next_configur
         assert node.extrinsics is second
     finally:
         node.destroy_node()
+
+
+def test_an_infinite_or_nan_time_parameter_is_refused_not_fatal(ros_context):
+    """`ros2 param set /node max_stamp_age inf` used to pass the `>= 0` check and then end the process
+    (OverflowError converting it to ns, outside any handler): now refused with the range."""
+    from rclpy.parameter import Parameter
+    node = toy_node_class()(context=ros_context)
+    try:
+        node.configure()
+        for key in ("max_stamp_age", "time_jump_reset", "input_silence_warn"):
+            for value in (float("inf"), float("nan"), 1e300):
+                [result] = node.set_parameters([Parameter(key, value=value)])
+                assert not result.successful and "must be a number in [0, 1e9]" in result.reason, (key, value)
+        [ok] = node.set_parameters([Parameter("max_stamp_age", value=2.5)])
+        assert ok.successful and node.stamps.max_age_ns == 2_500_000_000
+    finally:
+        node.destroy_node()
+
+
+@pytest.mark.parametrize("module", ["registration_node", "occupancy_node", "grounding_node"])
+def test_each_node_module_runs_with_python_dash_m(module):
+    """`python -m vg_ros.nodes.X` is the node (as `ros2 run` and `vg-ros up` start it): a missing checkpoint
+    is its one ERROR line and exit code 2, not a silent exit 0."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, "-m", f"vg_ros.nodes.{module}", "--ros-args",
+                           "-p", "weights:=/nope/model.safetensors", "-p", "diagnostics_period:=0.0"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2, output
+    assert f"{module}: configure failed:" in output and "/nope/model.safetensors" in output
+    assert "Traceback" not in output

@@ -64,6 +64,32 @@ def test_stamp_guard_age_check_off_without_clock_or_max_age():
         StampGuard(DropCounter(), max_age_s=-1.0)
 
 
+def test_stamp_guard_drops_a_stamp_far_ahead_but_follows_a_real_gap():
+    """One message stamped far in the future must not become the topic's last stamp (every good one after it
+    would be dropped, and then the state reset as if the source had restarted); a source that really goes on
+    after a gap loses only its first message, without a reset; a slow sensor's period is never a jump."""
+    jumps = []
+    drops = DropCounter(ListLogger())
+    guard = StampGuard(drops, jump_back_s=1.0, on_jump=lambda *a: jumps.append(a))
+    for t in (10_000, 10_100, 10_200):
+        assert guard.accept("/lidar", t * MS)
+    year = 365 * 86_400_000
+    assert not guard.accept("/lidar", (10_300 + year) * MS)   # a clock glitch: dropped
+    assert guard.accept("/lidar", 10_300 * MS)                 # the next good scan goes through
+    assert guard.accept("/lidar", 10_400 * MS) and guard.last_ns["/lidar"] == 10_400 * MS
+    assert not guard.accept("/lidar", 13_400 * MS)             # a 3 s dropout: its first scan dropped ...
+    assert guard.accept("/lidar", 13_500 * MS)                 # ... the source goes on: accepted, no reset
+    assert guard.accept("/lidar", 13_600 * MS)
+    assert jumps == [] and guard.jumps == 0
+    assert dict(drops.drops) == {"time_jump_forward": 2}
+    # a camera at 0.5 Hz: 2 s apart is its period, not a jump (after its first interval)
+    slow = StampGuard(DropCounter(ListLogger()), jump_back_s=1.0)
+    assert all(slow.accept("/cam", t * MS) for t in range(1_000, 21_000, 2_000))
+    # off with time_jump_reset 0, as the back-jump check
+    off = StampGuard(DropCounter(ListLogger()))
+    assert off.accept("/a", 1_000 * MS) and off.accept("/a", 1_100 * MS) and off.accept("/a", (1_200 + year) * MS)
+
+
 def test_stamp_guard_resets_when_a_source_starts_again_but_not_for_a_straggler():
     jumps = []
     drops = DropCounter(ListLogger())

@@ -82,6 +82,25 @@ def test_bad_scans(drive):
     assert odo.stats["failed"] == 2
 
 
+def test_a_scan_with_non_finite_point_times_is_registered_without_deskew(drive):
+    """deskew on, a sweep whose per-point time column is all NaN (a driver bug): registered as it is and
+    counted, never turned into NaN points and a misleading 'fitness 0' failure."""
+    import dataclasses
+    poses = []
+    for last_times in (None, "nan"):
+        odo = LidarOdometry(OdometryConfig(deskew=True), weights=None)
+        for k in range(3):
+            scan = drive[k].lidar
+            if k == 2:
+                scan = dataclasses.replace(scan, time=None if last_times is None else
+                                           np.full(len(scan.xyz), np.nan, np.float32))
+            res = odo.update(scan)
+            assert res.converged, res.reason
+        poses.append(res.pose)
+        assert odo.stats["deskew_skipped"] == (0 if last_times is None else 1)
+    assert np.all(np.isfinite(poses[1])) and np.allclose(poses[1], poses[0], atol=1e-6)
+
+
 def test_deskew_and_orthonormalize():
     delta = make_T(rpy_to_R(0, 0, 0.1), [1.0, 0, 0])
     pts = np.array([[10.0, 0, 0], [10.0, 0, 0]])

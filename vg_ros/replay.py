@@ -397,7 +397,8 @@ class GroundingStage(Stage):
             add_odometry(self.motion, msg, self.extrinsics, self.drops, topic)
             return
         if topic == p.get("points_topic") and topic not in self.image_topics:
-            self.clouds.add(stamp_of(msg), msg)
+            from vg_ros.grounding.messages import add_cloud
+            add_cloud(self.clouds, msg, self.drops, topic)
             return
         if not self.stamps.accept(topic, stamp_of(msg)):
             return

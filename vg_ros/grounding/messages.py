@@ -11,7 +11,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from vg_ros.grounding.pipeline import GroundingPipeline, best_camera, camera_evidence
+from vg_ros.grounding.pipeline import GroundingPipeline, best_camera, camera_evidence, check_image
 from vg_ros.types import CameraFrame, CameraModel, GroundingResult
 
 
@@ -26,6 +26,34 @@ class Grounded:
     frame: CameraFrame
     result: GroundingResult
     calibrated: bool = True
+
+
+@dataclass
+class CloudPoints:
+    """A LiDAR cloud as the position lookup needs it: the PointCloud2's header (stamp, frame_id) and its
+    finite points (N, 3) in that frame, parsed once when it arrives."""
+
+    header: Any
+    xyz: np.ndarray
+
+
+def parse_cloud(msg: Any) -> CloudPoints:
+    """CloudPoints of a sensor_msgs/PointCloud2; ValueError for a malformed one (no x/y/z field, a
+    point_step or data that does not fit its fields and size)."""
+    from vg_ros.convert import pointcloud2_to_scan
+    return CloudPoints(msg.header, pointcloud2_to_scan(msg).xyz)
+
+
+def add_cloud(clouds: Any, msg: Any, drops: Any, topic: str) -> None:
+    """Parse a cloud into `clouds` (a StampedBuffer); a malformed one is counted (`bad_cloud`) and left out,
+    so it never stands in for a good cloud near an image."""
+    from vg_ros.convert import stamp_of
+    try:
+        cloud = parse_cloud(msg)
+    except ValueError as exc:
+        drops.drop("bad_cloud", f"cloud {stamp_of(msg)} on {topic}: {exc}")
+        return
+    clouds.add(stamp_of(msg), cloud)
 
 
 def image_camera(msg: Any, width: int, height: int, info: Any, rig: Any, drops: Any) -> CameraModel | None:
@@ -122,6 +150,7 @@ def ground_set(pipeline: GroundingPipeline, msgs: Sequence[Any], topics: Sequenc
         stamp = stamp_of(msg)
         try:
             rgb = image_to_rgb(msg)
+            check_image(rgb)   # one image too small for the network must not lose the others of the set
             camera = camera_of(index, msg, rgb)
         except ValueError as exc:
             drops.drop("bad_image", f"image {stamp} on {topics[index]}: {exc}")
@@ -167,9 +196,9 @@ def add_odometry(motion: Any, msg: Any, extrinsics: Any, drops: Any, topic: str)
 
 def target_position(pipeline: GroundingPipeline, grounded: Grounded, clouds: Any, max_cloud_age: float,
                     extrinsics: Any, drops: Any, motion: Any = None) -> tuple[np.ndarray, Any] | None:
-    """(the target's position (3,) in the LiDAR frame at the image's stamp, the cloud message it came from)
-    for a found result: from the cloud of `clouds` (a StampedBuffer) nearest the image within `max_cloud_age`
-    s, the camera and LiDAR extrinsics (`extrinsics.lookup(frame)`, a TfOrRig) and the points inside the mask.
+    """(the target's position (3,) in the LiDAR frame at the image's stamp, the CloudPoints it came from)
+    for a found result: from the cloud of `clouds` (a StampedBuffer of `add_cloud`'s CloudPoints) nearest the
+    image within `max_cloud_age` s, the camera and LiDAR extrinsics (`extrinsics.lookup(frame)`, a TfOrRig) and the points inside the mask.
 
     `motion` (a PoseBuffer of the vehicle's odometry, or None): a cloud swept at another instant than the
     image is first moved by the vehicle's motion between the two stamps, so a target is looked up where the
@@ -178,7 +207,7 @@ def target_position(pipeline: GroundingPipeline, grounded: Grounded, clouds: Any
     cover both stamps. None, counted (`no_matching_cloud`, `no_intrinsics`, `no_extrinsics`,
     `too_few_points_in_mask`), when one of the inputs is missing; also None, uncounted, when not found or
     before any cloud came."""
-    from vg_ros.convert import pointcloud2_to_scan, stamp_of
+    from vg_ros.convert import stamp_of
     from vg_ros.geometry import transform_points
 
     result, camera = grounded.result, grounded.frame.camera
@@ -201,7 +230,7 @@ def target_position(pipeline: GroundingPipeline, grounded: Grounded, clouds: Any
     except KeyError as exc:
         drops.drop("no_extrinsics", str(exc))
         return None
-    xyz = pointcloud2_to_scan(cloud).xyz
+    xyz = cloud.xyz
     cloud_stamp = stamp_of(cloud)
     if motion is not None and cloud_stamp != stamp:
         T_img_cloud = motion.motion(cloud_stamp, stamp)   # base at the image <- base at the sweep

@@ -21,7 +21,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -200,6 +200,16 @@ def load_weights(path: str | Path, device: torch.device | str = "cpu") -> tuple[
     return model.to(device).eval(), meta
 
 
+def check_image(image: Any) -> None:
+    """ValueError unless `image` is an (H, W, 3) uint8 RGB array of at least 8x8 pixels."""
+    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        shape = getattr(image, "shape", None)
+        dtype = getattr(image, "dtype", None)
+        raise ValueError(f"image: expected (H, W, 3) uint8 RGB, got shape {shape} dtype {dtype}")
+    if image.shape[0] < 8 or image.shape[1] < 8:
+        raise ValueError(f"image: {image.shape[1]}x{image.shape[0]} is too small")
+
+
 class GroundingPipeline:
     """VG-LAW inference with per-command weight caching. Not thread-safe (one caller at a time)."""
 
@@ -245,12 +255,7 @@ class GroundingPipeline:
     # -- visual side ------------------------------------------------------------------------------------
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
         """(H, W, 3) uint8 RGB -> (1, 3, img_h, img_w) float in [0, 1] on the device."""
-        if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            shape = getattr(image, "shape", None)
-            dtype = getattr(image, "dtype", None)
-            raise ValueError(f"image: expected (H, W, 3) uint8 RGB, got shape {shape} dtype {dtype}")
-        if image.shape[0] < 8 or image.shape[1] < 8:
-            raise ValueError(f"image: {image.shape[1]}x{image.shape[0]} is too small")
+        check_image(image)
         size = (self.spec.img_h, self.spec.img_w)
         # torch wants a writable array: a read-only image (a ROS message's buffer, a decoded file) is copied
         # (13 us at 480x270), rather than silencing torch's warning through the process-wide, thread-unsafe

@@ -306,7 +306,8 @@ COMMON_PARAMS: dict[str, tuple[Any, str]] = {
     "sensor_reliability": ("best_effort", "sensor subscriptions: best_effort (accepts any publisher) | reliable"),
     "max_stamp_age": (0.0, "drop inputs older than this many seconds by the node clock (sim time aware); 0 = off"),
     "time_jump_reset": (1.0, "stamps jumping back more than this many seconds, twice in order on a topic (a looped "
-                             "or restarted bag), reset the node's state instead of being dropped for ever; 0 = off"),
+                             "or restarted bag), reset the node's state instead of being dropped for ever; a lone "
+                             "stamp this far ahead is dropped; 0 = off"),
     "diagnostics_period": (5.0, "seconds between drop/throughput reports on ~/diagnostics; 0 = off"),
     "autostart": (True, "configure and activate at start; false: stay unconfigured until a lifecycle manager "
                         "(or `ros2 lifecycle set`) drives the node through configure / activate"),
@@ -455,8 +456,8 @@ class PerceptionNode(_RosNode):  # type: ignore[misc,valid-type]
         if not isinstance(p["qos_depth"], int) or not 1 <= p["qos_depth"] <= 1000:
             raise ValueError(f"{self.get_name()}.qos_depth = {p['qos_depth']!r}: must be an int in [1, 1000]")
         for key in ("max_stamp_age", "time_jump_reset", "diagnostics_period", "input_silence_warn"):
-            if not isinstance(p[key], (int, float)) or not p[key] >= 0:
-                raise ValueError(f"{self.get_name()}.{key} = {p[key]!r}: must be a number >= 0")
+            if not isinstance(p[key], (int, float)) or not 0 <= p[key] <= 1e9:   # inf, NaN: refused
+                raise ValueError(f"{self.get_name()}.{key} = {p[key]!r}: must be a number in [0, 1e9] (0 = off)")
 
     # -- lifecycle: a ROS 2 managed node (unconfigured -configure-> inactive -activate-> active, and back
     # with deactivate / cleanup; shutdown from any of them to finalized)

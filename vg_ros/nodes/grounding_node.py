@@ -91,14 +91,14 @@ class GroundingNode(PerceptionNode):
     def check_parameters(self) -> None:
         from vg_ros.grounding.messages import CameraChoice
         p = self.params
-        if not float(p["max_cloud_age"]) >= 0:
-            raise ValueError(f"grounding_node.max_cloud_age = {p['max_cloud_age']}: must be >= 0")
+        if not 0 <= float(p["max_cloud_age"]) <= 1e9:
+            raise ValueError(f"grounding_node.max_cloud_age = {p['max_cloud_age']}: must be in [0, 1e9]")
         for key in ("image_topic", "command_topic", "mask_topic", "box_topic", "position_topic"):
             if not str(p[key]).strip():
                 raise ValueError(f"grounding_node.{key} is empty")
         for key in ("sync_slop", "missing_camera_timeout"):
-            if not float(p[key]) > 0:
-                raise ValueError(f"grounding_node.{key} = {p[key]}: must be > 0")
+            if not 0 < float(p[key]) <= 1e6:
+                raise ValueError(f"grounding_node.{key} = {p[key]}: must be in (0, 1e6]")
         try:
             CameraChoice(float(p["camera_evidence_half_life"]))
         except ValueError as exc:
@@ -200,7 +200,8 @@ class GroundingNode(PerceptionNode):
         self.get_logger().info(f"command set: {self.pipeline.command[:120]!r}")
 
     def on_points(self, msg) -> None:
-        self.clouds.add(stamp_of(msg), msg)
+        from vg_ros.grounding.messages import add_cloud
+        add_cloud(self.clouds, msg, self.drops, str(self.params["points_topic"]))
 
     def on_odometry(self, msg) -> None:
         from vg_ros.grounding.messages import add_odometry
@@ -225,11 +226,17 @@ class GroundingNode(PerceptionNode):
                                                                    self.drops), self.drops, self.camera_choice)
             if grounded is None:
                 return
-            located = target_position(self.pipeline, grounded, self.clouds, float(self.params["max_cloud_age"]),
-                                      self.extrinsics, self.drops, self.motion)
         result, header = grounded.result, grounded.msg.header
         self.last_result = result
-        self.publish_result(header, result)
+        self.publish_result(header, result)   # the 2D outputs stand whatever the position lookup meets
+        try:
+            with self._lock:
+                located = None if self.pipeline is None else target_position(
+                    self.pipeline, grounded, self.clouds, float(self.params["max_cloud_age"]), self.extrinsics,
+                    self.drops, self.motion)
+        except Exception as exc:  # noqa: BLE001 - counted; the mask and box are already out
+            located = None
+            self.drops.drop(f"position_error:{type(exc).__name__}", f"image {grounded.frame.stamp_ns}: {exc}")
         if located is not None:
             position, cloud = located
             self.position_pub.publish(point_to_point_stamped(position, grounded.frame.stamp_ns,
@@ -266,3 +273,6 @@ class GroundingNode(PerceptionNode):
 
 
 main = node_main(GroundingNode)
+
+if __name__ == "__main__":
+    main()

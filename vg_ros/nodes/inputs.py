@@ -95,6 +95,12 @@ class StampGuard:
     topic is forgotten, that stamp is accepted and `on_jump(topic, seconds_back)` is called (outside the
     lock) so the owner can reset its state. A single straggler never resets: the next ordinary stamp
     clears what was remembered.
+
+    A stamp far ahead (more than `jump_back_s`, and more than ten of the topic's last interval between
+    accepted stamps, so a slow sensor's normal period never counts) is dropped as `time_jump_forward`: one
+    message stamped a year ahead must not become the topic's last stamp, which would then drop every good
+    one. When the next stamp is also that far ahead and after it (the source really went on after a gap),
+    it is accepted without a reset: a gap costs its first message. Off with `jump_back_s` 0.
     """
 
     # An age this large is a clock mismatch (bag stamps against wall time), not a slow pipeline.
@@ -113,6 +119,8 @@ class StampGuard:
         self.last_ns: dict[str, int] = {}
         self.jumps = 0
         self._jump_seen: dict[str, int] = {}   # topic -> the first stamp of a possible new time base
+        self._ahead_seen: dict[str, int] = {}  # topic -> a stamp far ahead of the last accepted one
+        self._period_ns: dict[str, int] = {}   # topic -> the last interval between two accepted stamps
         self._lock = threading.Lock()
         self._mismatch_logged = False
 
@@ -125,19 +133,31 @@ class StampGuard:
         with self._lock:
             last = self.last_ns.get(topic)
             back_ns = 0 if last is None else last - stamp_ns
+            period = self._period_ns.get(topic)
+            ahead_limit = max(self.jump_back_ns, 10 * period) if period else None
             stale = bool(self.max_age_ns and now_ns and now_ns - stamp_ns > self.max_age_ns)
             if self.jump_back_ns and back_ns > self.jump_back_ns and not stale:
                 seen = self._jump_seen.get(topic)
                 if seen is not None and seen < stamp_ns:
                     jumped_s = back_ns / 1e9
-                    self.last_ns.clear()
-                    self._jump_seen.clear()
+                    for memory in (self.last_ns, self._jump_seen, self._ahead_seen, self._period_ns):
+                        memory.clear()
                     self.last_ns[topic] = stamp_ns
                     self.jumps += 1
                 else:
                     self._jump_seen[topic] = stamp_ns
                     verdict = ("time_jump_back", f"on {topic}: stamp {back_ns / 1e9:.3f} s before the last accepted "
                                                  f"one; the next such stamp resets (a looped or restarted source)")
+            elif self.jump_back_ns and ahead_limit and -back_ns > ahead_limit:
+                seen = self._ahead_seen.get(topic)
+                if seen is not None and seen < stamp_ns:   # the source goes on after a gap: its new interval
+                    self.last_ns[topic] = stamp_ns
+                    self._period_ns[topic] = stamp_ns - seen
+                    self._ahead_seen.pop(topic, None)
+                    return True
+                self._ahead_seen[topic] = stamp_ns
+                verdict = ("time_jump_forward", f"on {topic}: stamp {-back_ns / 1e9:.3f} s after the last accepted "
+                                                f"one; accepted only if the next stamp goes on from it (a gap)")
             elif last is not None and stamp_ns <= last:
                 reason = "duplicate_stamp" if stamp_ns == last else "out_of_order"
                 verdict = (reason, f"on {topic}: stamp {stamp_ns} <= last accepted {last}")
@@ -149,8 +169,11 @@ class StampGuard:
                     hint = " (clock mismatch? playing a bag needs use_sim_time:=true)"
                 verdict = ("stale_stamp", f"on {topic}: {age_s:.3f} s old > max_stamp_age{hint}")
             else:
+                if last is not None:
+                    self._period_ns[topic] = stamp_ns - last
                 self.last_ns[topic] = stamp_ns
                 self._jump_seen.pop(topic, None)
+                self._ahead_seen.pop(topic, None)
                 return True
         if jumped_s is not None:
             if self.on_jump is not None:

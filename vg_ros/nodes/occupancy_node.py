@@ -62,8 +62,8 @@ class OccupancyNode(PerceptionNode):
         if not names or len(set(names)) != len(names):
             raise ValueError(f"occupancy_node.cameras = {names}: must be a non-empty list of distinct names")
         for key in ("sync_slop", "missing_camera_timeout"):
-            if not float(p[key]) > 0:
-                raise ValueError(f"occupancy_node.{key} = {p[key]}: must be > 0")
+            if not 0 < float(p[key]) <= 1e6:
+                raise ValueError(f"occupancy_node.{key} = {p[key]}: must be in (0, 1e6]")
         if not 1 <= int(p["sync_queue"]) <= 1000:
             raise ValueError(f"occupancy_node.sync_queue = {p['sync_queue']}: must be in [1, 1000]")
         for key in ("image_topic_pattern", "camera_info_topic_pattern"):

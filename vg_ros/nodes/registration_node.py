@@ -54,8 +54,8 @@ class RegistrationNode(PerceptionNode):
                 self.odometry.cfg = self.cfg
 
     def check_parameters(self) -> None:
-        if not float(self.params["map_period"]) >= 0:
-            raise ValueError(f"registration_node.map_period = {self.params['map_period']}: must be >= 0")
+        if not 0 <= float(self.params["map_period"]) <= 1e9:
+            raise ValueError(f"registration_node.map_period = {self.params['map_period']}: must be in [0, 1e9]")
         for key in ("points_topic", "odom_topic", "pose_topic", "odom_frame"):
             if not str(self.params[key]).strip():
                 raise ValueError(f"registration_node.{key} is empty")
@@ -134,7 +134,10 @@ class RegistrationNode(PerceptionNode):
             return
         scan.stamp_ns = stamp_ns
         with self._lock:
+            skipped = odometry.stats["deskew_skipped"]
             result = odometry.update(scan)
+            if odometry.stats["deskew_skipped"] > skipped:
+                self.drops.ok("not_deskewed:non_finite_point_time")
         if not result.converged:
             self.drops.drop("registration_failed", f"cloud {stamp_ns}: {result.reason}; pose not published")
             return

@@ -115,7 +115,8 @@ class LidarOdometry:
         self.registered_cloud = np.zeros((0, 3))
         self.recent_clouds: collections.deque = collections.deque(maxlen=self.cfg.relocalize_scans)
         self.poses: list[tuple[int, np.ndarray]] = []
-        self.stats = {"scans": 0, "local_ok": 0, "relocalized": 0, "failed": 0}
+        # deskew_skipped: scans registered as they are because a per-point time was NaN or infinite
+        self.stats = {"scans": 0, "local_ok": 0, "relocalized": 0, "failed": 0, "deskew_skipped": 0}
 
     def local_map(self) -> np.ndarray:
         """(M, 3) float64: the means of the local map's voxels in the odom frame (empty before the first scan)."""
@@ -171,8 +172,11 @@ class LidarOdometry:
         if len(points) < 10:
             return self._fail(stamp, predicted, f"only {len(points)} usable points in the scan", start)
         if cfg.deskew and scan.time is not None and self.T_odom_lidar is not None:
-            period = self._period(stamp)
-            points = deskew(points, np.asarray(scan.time)[keep], self._velocity_for(stamp), period)
+            times = np.asarray(scan.time)[keep]
+            if np.isfinite(times).all():
+                points = deskew(points, times, self._velocity_for(stamp), self._period(stamp))
+            else:   # a NaN time would move its point to NaN: the sweep is registered undistorted instead
+                self.stats["deskew_skipped"] += 1
         source, _ = self._sg.preprocess_points(points, downsampling_resolution=cfg.voxel_size, num_neighbors=10,
                                                num_threads=cfg.num_threads)
         if source.size() < 10:
