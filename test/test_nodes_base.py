@@ -366,3 +366,37 @@ def test_each_node_module_runs_with_python_dash_m(module):
     assert proc.returncode == 2, output
     assert f"{module}: configure failed:" in output and "/nope/model.safetensors" in output
     assert "Traceback" not in output
+
+
+def test_use_sim_time_set_while_active_survives_a_deactivate_and_activate(ros_context):
+    """rclpy makes its /clock subscription when use_sim_time is set; one set while the node is active must
+    not be taken for one `start` made and destroyed on deactivate (the node clock would stop for good)."""
+    import rclpy
+    from builtin_interfaces.msg import Time
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.parameter import Parameter
+    from rosgraph_msgs.msg import Clock
+
+    node = toy_node_class()(context=ros_context)
+    clock_node = rclpy.create_node("clock_pub", context=ros_context)
+    ex = SingleThreadedExecutor(context=ros_context)
+    ex.add_node(node)
+    ex.add_node(clock_node)
+    try:
+        node.configure()
+        node.activate()
+        [ok] = node.set_parameters([Parameter("use_sim_time", value=True)])
+        assert ok.successful
+        pub = clock_node.create_publisher(Clock, "/clock", 10)
+
+        def clock_reads(sec: int) -> bool:
+            pub.publish(Clock(clock=Time(sec=sec)))
+            return spin_until(ex, lambda: node.now_ns() == sec * 10**9, timeout_s=0.3)
+        assert any(clock_reads(100) for _ in range(20))
+        node.deactivate()
+        node.activate()
+        assert any(clock_reads(200) for _ in range(20)), f"node clock stuck at {node.now_ns()}"
+    finally:
+        ex.shutdown()
+        clock_node.destroy_node()
+        node.destroy_node()

@@ -588,7 +588,10 @@ class PerceptionNode(_RosNode):  # type: ignore[misc,valid-type]
         so a node activated again creates them once, and an inactive node neither takes nor sends anything."""
         def new(kind: str) -> list:
             old = {id(x) for x in before[kind]}
-            return [x for x in getattr(self, kind) if id(x) not in old]
+            # not rclpy's own /clock subscription, made when use_sim_time is set while active: destroyed,
+            # its TimeSource would keep the dead one and the node clock would stop
+            return [x for x in getattr(self, kind) if id(x) not in old and
+                    not (kind == "subscriptions" and getattr(x, "topic_name", "") == "/clock")]
         for sub in new("subscriptions"):
             self.destroy_subscription(sub)
         for pub in new("publishers"):

@@ -139,6 +139,9 @@ class GroundingNode(PerceptionNode):
         # image (seen in the demo: a new command applied 8 frames late); here it waits for one frame at most
         # (the pipeline lock), and the next image is grounded with it.
         from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+        # before the subscriptions: a latched command can reach `on_command` (another executor thread) the
+        # moment the first one exists
+        self._seen_commands: collections.deque = collections.deque(maxlen=32)
         self.command_group = MutuallyExclusiveCallbackGroup()
         self.command_sub = self.subscribe(String, self.params["command_topic"], self.on_command, self.command_qos(),
                                           callback_group=self.command_group, with_info=True, watch=False,
@@ -148,7 +151,6 @@ class GroundingNode(PerceptionNode):
         self.command_sub_volatile = self.subscribe(String, self.params["command_topic"], self.on_command,
                                                    volatile_command_qos(), callback_group=self.command_group,
                                                    with_info=True, watch=False)
-        self._seen_commands: collections.deque = collections.deque(maxlen=32)
         image_type = CompressedImage if self.params["image_transport"] == "compressed" else Image
         if len(self.image_inputs) == 1:
             self.subscribe(image_type, self.image_inputs[0], self.on_images, self.sensor_qos())
@@ -187,17 +189,18 @@ class GroundingNode(PerceptionNode):
                 return
             self._seen_commands.append(sample)
         text = msg.data
-        try:
-            with self._lock:
-                if self.pipeline is None:   # cleaned up meanwhile: the latched command comes again on activate
-                    return
+        with self._lock:   # a cleanup in the default group may free the pipeline once this lock is released
+            if self.pipeline is None:   # cleaned up meanwhile: the latched command comes again on activate
+                return
+            try:
                 self.pipeline.set_command(text)
-        except ValueError as exc:
-            self.drops.drop("bad_command", f"on {self.params['command_topic']}: {exc}; "
-                            f"keeping {self.pipeline.command!r}")
-            return
+            except ValueError as exc:
+                kept = self.pipeline.command
+                self.drops.drop("bad_command", f"on {self.params['command_topic']}: {exc}; keeping {kept!r}")
+                return
+            command = self.pipeline.command
         self.drops.ok("commands")
-        self.get_logger().info(f"command set: {self.pipeline.command[:120]!r}")
+        self.get_logger().info(f"command set: {command[:120]!r}")
 
     def on_points(self, msg) -> None:
         from vg_ros.grounding.messages import add_cloud
