@@ -50,6 +50,19 @@ def test_missing_file_and_foreign_metadata(tmp_path):
         read_state(tmp_path / "w.safetensors", "spec", "toy")
 
 
+def test_non_finite_weights_and_a_folder_are_refused(tmp_path):
+    """A diverged run's NaN weights would give NaN boxes and poses (and JSON no parser reads): refused, naming
+    the tensor; a folder given as the file is named as such."""
+    model = _model()
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+    save_state(model, tmp_path / "nan.safetensors", {"spec": "{}"})
+    with pytest.raises(ValueError, match=r"nan.safetensors: tensor 0.weight holds NaN or inf"):
+        read_state(tmp_path / "nan.safetensors", "spec", "toy")
+    with pytest.raises(ValueError, match="is a directory"):
+        read_state(tmp_path, "spec", "toy")
+
+
 def test_another_architecture_is_refused(tmp_path):
     save_state(_model(width=4), tmp_path / "w.safetensors", {"spec": "{}"})
     state, _ = read_state(tmp_path / "w.safetensors", "spec", "toy")

@@ -1247,6 +1247,12 @@ def test_ground_cli_json_png_and_errors(tmp_path, capsys):
     assert "command: empty" in capsys.readouterr().err
     assert vg_main(["ground", str(image_path), "the car", "--weights", str(tmp_path / "nope.safetensors")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    # an overlay path PIL cannot write is refused before any work, not a traceback after it
+    for bad, needle in ((tmp_path / "o.xyz", "unknown image extension '.xyz'"), (tmp_path, "is a folder"),
+                        (image_path / "o.png", "is a file, not a folder")):
+        assert vg_main(["ground", str(image_path), "the car", "--png", str(bad), "--weights", str(weights)]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err, err
 
 
 def test_one_pass_render_with_negatives_matches_two_passes(encoder, monkeypatch, tmp_path):

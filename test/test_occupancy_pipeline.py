@@ -3,6 +3,7 @@ and the real nuScenes sample end to end (calibration checked by projecting its L
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -160,6 +161,29 @@ def test_cli_reports_bad_folders_as_user_errors(tmp_path):
     (tmp_path / "calib.json").write_text(json.dumps({"cameras": {"CAM_FRONT": {"img_path": "x.jpg"}}}))
     with pytest.raises(UserError, match="cannot read image"):
         occupancy_cli([str(tmp_path)])
+    for entry, needle in ((5, "must be a mapping"), ({"img_path": 5}, "missing `img_path`")):
+        (tmp_path / "calib.json").write_text(json.dumps({"cameras": {"CAM_FRONT": entry}}))
+        with pytest.raises(UserError, match=needle):
+            occupancy_cli([str(tmp_path)])
+    with pytest.raises(UserError, match="unknown image extension"):
+        occupancy_cli([str(tmp_path), "--png", str(tmp_path / "bev.xyz")])
+
+
+def test_cli_refuses_a_calibration_made_for_another_image_size(nuscenes, tmp_path):
+    """Images rescaled without their K (and no width/height in calib.json): the principal point falls outside
+    the image; refused with the reason instead of an occupancy grid from wrong rays."""
+    from PIL import Image
+    from vg_ros.cli import UserError
+    calib = json.loads((nuscenes / "calib.json").read_text())
+    for name, entry in calib["cameras"].items():
+        image = Image.open(nuscenes / entry["img_path"])
+        image.resize((image.width // 2, image.height // 2)).save(tmp_path / Path(entry["img_path"]).name)
+        entry["img_path"] = Path(entry["img_path"]).name
+        entry.pop("width", None)
+        entry.pop("height", None)
+    (tmp_path / "calib.json").write_text(json.dumps(calib))
+    with pytest.raises(UserError, match="principal point .* lies outside the 800x450 image"):
+        occupancy_cli([str(tmp_path), "--weights", "random"])
 
 
 @pytest.mark.parametrize("model,D", [("plumb_bob", [-0.3, 0.08, 0.001, -0.001, 0.0]),

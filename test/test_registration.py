@@ -155,6 +155,31 @@ def test_bad_inputs_give_converged_false(indoor):
     assert not res.converged  # coincident points: degenerate
 
 
+def test_clouds_in_map_coordinates_register_as_well_as_near_the_origin(shared_data, indoor):
+    """A pair given in UTM-like coordinates (millions of metres; float32 would keep half-metres there), the
+    target only or both shifted: registered about each cloud's centre and composed back, as accurate as the
+    pair at the origin; covariance still positive definite. Coordinates no voxel grid can index: a reason."""
+    _, _, src, dst, gt = real_pairs(shared_data)[0]
+    base = indoor.register(src, dst)
+    offset = np.array([5.0e6, 4.2e6, 120.0])
+    shift = make_T(np.eye(3), offset)
+
+    def point_error(T, T_true, points):   # mean distance of the source's points mapped by T and by T_true
+        return float(np.linalg.norm((points @ T[:3, :3].T + T[:3, 3]) - (points @ T_true[:3, :3].T + T_true[:3, 3]),
+                                    axis=1).mean())
+    at_origin = point_error(base.transform, gt, src)
+    for moved_src in (False, True):
+        given = src + offset if moved_src else src
+        res = indoor.register(given, dst + offset)
+        expected = shift @ gt @ (np.linalg.inv(shift) if moved_src else np.eye(4))
+        assert res.converged, res.reason
+        assert rotation_error_deg(res.transform, expected) < 0.2 + rotation_error_deg(base.transform, gt)
+        assert point_error(res.transform, expected, given) < 0.02 + at_origin
+        assert np.all(np.linalg.eigvalsh(res.covariance) > 0)
+    far = indoor.register(src * 1e30, dst)
+    assert not far.converged and "not a metric point cloud" in far.reason
+
+
 def test_identical_clouds_give_identity(indoor):
     src, _, _ = synthetic_pair(3)
     res = indoor.register(src, src)

@@ -50,6 +50,9 @@ def test_register_rejects_non_point_clouds(tmp_path, capsys):
     assert vg_main(["register", str(tmp_path / "bad.npy"), str(tmp_path / "bad.npy")]) == 2
     (tmp_path / "odd.bin").write_bytes(b"\x00" * 18)
     assert vg_main(["register", str(tmp_path / "odd.bin"), str(tmp_path / "odd.bin")]) == 2
+    np.save(tmp_path / "empty.npy", np.zeros((0, 3)))   # as an empty .bin: a bad file, exit 2
+    assert vg_main(["register", str(tmp_path / "empty.npy"), str(tmp_path / "empty.npy")]) == 2
+    assert "no points" in capsys.readouterr().err
 
 
 def test_bin_layouts_detected(tmp_path):
@@ -92,7 +95,9 @@ def test_short_training_reduces_loss_and_round_trips(tmp_path):
     net, summary = train(sets, cfg, steps=40, batch=2, size=128, lr=3e-3, log_every=0)
     assert summary["steps"] == 40 and summary["final_prior_nll"] < 0.6
     path = tmp_path / "w.safetensors"
-    save_weights(net, path, {"preset": "lidar"})
+    save_weights(net, path, {"preset": "lidar", "train_seeds": "3-5,9"})
+    from vg_ros.registration.evaluate import trained_seeds
+    assert trained_seeds(str(path)) == {3, 4, 5, 9} and trained_seeds("none") == set()
     loaded = load_network(path, RegistrationConfig.preset("lidar"), torch.device("cpu"))
     assert loaded.dims.num_layers == 2 and loaded.dims.feature_dim == 16  # dims come from the file
     from vg_ros.registration.model import spatial_compatibility
@@ -168,6 +173,15 @@ def test_odometry_cli_on_simulated_bag_with_ground_truth(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert code == 0 and out["scans"] == 15 and out["converged"] == 15 and out["gt_matched"] == 15
     assert out["ate_m"] < 0.05 and out["drift_percent"] < 1.0 and out["hz"] > 1.0
+    # a topic of another type, a ground-truth topic asked for by name that is absent, a scan limit under 1:
+    # one line, exit 2; the default ground truth absent: scored nothing, said so
+    assert vg_main(["odometry", str(bag), "--topic", "/cameras/CAM_BACK/image_raw"]) == 2
+    assert "is sensor_msgs/msg/Image, not sensor_msgs/PointCloud2 (clouds in this bag: ['/gt/lidar_labels', '/lidar/points'])" \
+        in capsys.readouterr().err
+    assert vg_main(["odometry", str(bag), "--topic", "/lidar/points", "--gt-topic", "/gt/typo"]) == 2
+    assert "ground-truth topic '/gt/typo' not in bag" in capsys.readouterr().err
+    assert vg_main(["odometry", str(bag), "--topic", "/lidar/points", "--max-scans", "0"]) == 2
+    assert "--max-scans 0: must be >= 1" in capsys.readouterr().err
 
 
 def test_eval_full_scores_and_flags_wrong_but_converged():
@@ -193,6 +207,13 @@ def test_eval_full_scores_and_flags_wrong_but_converged():
               "overrides": {"bev_candidates": 0}, "trained": out, "compatibility_only": out}
     text = format_report(report)
     assert "bev_candidates=0" in text and "wrong_but_converged" in text
+
+
+def test_eval_refuses_the_seeds_the_weights_were_trained_on(capsys):
+    """As eval occupancy and eval grounding: a training seed is no held-out score. The shipped file predates
+    the `train_seeds` key and was trained on the default seeds."""
+    assert vg_main(["eval", "registration", "--seeds", "0", "9500"]) == 2
+    assert "--seeds [0]: the weights were trained on it" in capsys.readouterr().err
 
 
 def test_eval_set_option_is_checked(capsys):

@@ -117,6 +117,7 @@ def test_preview_functions():
 @pytest.mark.parametrize("args, needle", [
     (["--rig", "nope"], "unknown rig"),
     (["--seconds", "-1"], "--seconds"),
+    (["--seconds", "0.01"], "shorter than one sensor period"),
     (["--command-camera", "CAM_TOP"], "--command-camera"),
 ])
 def test_bad_arguments_give_one_line(tmp_path, capsys, args, needle):

@@ -31,6 +31,8 @@ def read_state(path: str | Path, required: str, kind: str) -> tuple[dict[str, to
     """(state dict, metadata) of a checkpoint whose metadata has the key `required`; `kind` names the
     model in errors ("occupancy", "grounding", "registration")."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{kind} weights: {path} is a directory, not a .safetensors file")
     if not path.is_file():
         raise ValueError(f"{kind} weights: {path} does not exist (train them: vg-ros train {kind})")
     try:
@@ -39,6 +41,10 @@ def read_state(path: str | Path, required: str, kind: str) -> tuple[dict[str, to
         raise ValueError(f"{kind} weights {path}: not a readable safetensors file ({exc})") from exc
     if required not in meta:
         raise ValueError(f"{kind} weights {path}: no `{required}` metadata; not written by our train.py")
+    for key, tensor in state.items():   # a diverged or corrupted file would give NaN boxes and poses
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{kind} weights {path}: tensor {key} holds NaN or inf (a diverged training run or "
+                             "a corrupt file)")
     return state, meta
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from pathlib import Path
 
 # command -> ("module:function", one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -35,6 +36,26 @@ CAPABILITIES = ("registration", "occupancy", "grounding")
 
 class UserError(Exception):
     """An expected failure the user can fix: printed as one line, exit code 2."""
+
+
+def image_output_path(path: str, flag: str = "--png", *, make_folder: bool = False) -> Path:
+    """`path` checked before any work is done for it: an image extension PIL can write and a folder to put
+    it in (created with `make_folder`). UserError naming `flag` otherwise."""
+    from PIL import Image
+    out = Path(path)
+    writable = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE}
+    if out.is_dir():
+        raise UserError(f"{flag} {path}: is a folder; give a file name such as {out / 'out.png'}")
+    if out.suffix.lower() not in writable:
+        raise UserError(f"{flag} {path}: unknown image extension {out.suffix or '(none)'!r}; use .png or .jpg")
+    parent = out.resolve().parent
+    if parent.exists() and not parent.is_dir():
+        raise UserError(f"{flag} {path}: {parent} is a file, not a folder")
+    if not parent.exists():
+        if not make_folder:
+            raise UserError(f"{flag} {path}: folder {parent} does not exist")
+        parent.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def _call(target: str, argv: list[str]) -> int:

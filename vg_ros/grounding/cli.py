@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 
@@ -35,7 +34,7 @@ def overlay(image: np.ndarray, result) -> np.ndarray:
 
 
 def main(argv: list[str]) -> int:
-    from vg_ros.cli import UserError
+    from vg_ros.cli import UserError, image_output_path
     from vg_ros.convert import read_rgb
 
     ap = argparse.ArgumentParser(prog="vg-ros ground", description=__doc__.split("\n")[0])
@@ -51,10 +50,10 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--device", default="auto", choices=("cpu", "cuda", "auto"))
     args = ap.parse_args(argv)
 
+    if args.png:
+        image_output_path(args.png)
     try:
         image = read_rgb(args.image)
-        if args.png and not Path(args.png).resolve().parent.is_dir():
-            raise ValueError(f"--png {args.png}: folder does not exist")
         from vg_ros.grounding.pipeline import GroundingConfig, GroundingPipeline
         from vg_ros.types import CameraFrame, CameraModel
 
@@ -76,10 +75,10 @@ def main(argv: list[str]) -> int:
         from PIL import Image
         try:
             Image.fromarray(overlay(image, result)).save(args.png)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             raise UserError(f"--png {args.png}: {exc}") from exc
     if args.json:
-        print(json.dumps(record))
+        print(json.dumps(record, allow_nan=False))
     else:
         x0, y0, x1, y1 = record["box"]
         state = "found" if result.found else "NOT FOUND (score or presence under threshold)"

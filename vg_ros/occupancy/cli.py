@@ -27,8 +27,10 @@ def _matrix(entry: dict, key: str, shape: tuple[int, int], where: str) -> np.nda
         raise UserError(f"{where}: missing `{key}`") from None
     except (TypeError, ValueError):
         raise UserError(f"{where}.{key}: not a numeric matrix") from None
-    if m.shape != shape or not np.all(np.isfinite(m)):
-        raise UserError(f"{where}.{key}: must be a finite {shape[0]}x{shape[1]} matrix, got shape {m.shape}")
+    if m.shape != shape:
+        raise UserError(f"{where}.{key}: must be a {shape[0]}x{shape[1]} matrix, got shape {m.shape}")
+    if not np.all(np.isfinite(m)):
+        raise UserError(f"{where}.{key}: holds NaN or inf")
     return m
 
 
@@ -58,8 +60,10 @@ def load_frame_dir(frame_dir: str | Path) -> list[CameraFrame]:
     frames = []
     for name, entry in calib["cameras"].items():
         where = f"calib.json cameras.{name}"
-        if "img_path" not in entry:
-            raise UserError(f"{where}: missing `img_path`")
+        if not isinstance(entry, dict):
+            raise UserError(f"{where}: must be a mapping (img_path, cam2img, cam2ego), got {type(entry).__name__}")
+        if not isinstance(entry.get("img_path"), str) or not entry["img_path"]:
+            raise UserError(f"{where}: missing `img_path` (a file name)")
         img_path = frame_dir / entry["img_path"]
         try:
             image = read_rgb(img_path)
@@ -72,6 +76,11 @@ def load_frame_dir(frame_dir: str | Path) -> list[CameraFrame]:
             raise UserError(f"{where}: image {img_path.name} is {w}x{h}, calib says {entry['width']}x{entry['height']}")
         if K[0, 0] <= 0 or K[1, 1] <= 0:
             raise UserError(f"{where}.cam2img: focal length must be positive")
+        if not (0 <= K[0, 2] <= w and 0 <= K[1, 2] <= h):
+            # a K for another image size (images rescaled, calib not): every ray would be wrong
+            raise UserError(f"{where}.cam2img: principal point ({K[0, 2]:g}, {K[1, 2]:g}) lies outside the "
+                            f"{w}x{h} image {img_path.name}; K belongs to another size (rescale cam2img, or give "
+                            "width/height)")
         frames.append(CameraFrame(CameraModel(name, w, h, K, T, frame_id=name.lower()), image))
     return frames
 
@@ -132,6 +141,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--weights", default="default", help="'default', a .safetensors path, or 'random'")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
     args = parser.parse_args(argv)
+    if args.png:
+        from vg_ros.cli import image_output_path
+        image_output_path(args.png, make_folder=True)
     frames = load_frame_dir(args.frame_dir)
     try:
         pipe = OccupancyPipeline(OccupancyConfig(model=args.model), weights=args.weights, device=args.device)
@@ -141,8 +153,10 @@ def main(argv: list[str]) -> int:
     info = summary(result, frames)
     if args.png:
         from PIL import Image
-        Path(args.png).parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(bev_image(result)).save(args.png)
+        try:
+            Image.fromarray(bev_image(result)).save(args.png)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"--png {args.png}: {exc}") from None
         info["png"] = str(args.png)
     if args.json:
         json.dump(info, sys.stdout, indent=2)

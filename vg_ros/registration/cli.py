@@ -64,8 +64,9 @@ def _pose_from_msg(msg) -> np.ndarray:
 
 
 def run_bag_odometry(bag: str | Path, topic: str, gt_topic: str | None, cfg=None, T_base_lidar=None,
-                     weights: str | None = "default", max_scans: int | None = None) -> dict:
-    """Odometry over a bag's PointCloud2 topic. Returns stats; ATE / drift when `gt_topic` has poses."""
+                     weights: str | None = "default", max_scans: int | None = None, require_gt: bool = False) -> dict:
+    """Odometry over a bag's PointCloud2 topic. Returns stats; ATE / drift when `gt_topic` has poses
+    (`gt_topic` absent from the bag: ValueError with `require_gt`, else `gt_topic` None in the report)."""
     from vg_ros import convert
     from vg_ros.bag import BagReader
     from vg_ros.registration.metrics import ate, path_lengths, rpe_drift_percent
@@ -79,7 +80,16 @@ def run_bag_odometry(bag: str | Path, topic: str, gt_topic: str | None, cfg=None
     with BagReader(bag) as reader:
         if topic not in reader.topics:
             raise ValueError(f"topic {topic!r} not in bag (has {sorted(reader.topics)})")
-        topics = [topic] + ([gt_topic] if gt_topic and gt_topic in reader.topics else [])
+        msgtype = reader.topics[topic][0]
+        if msgtype.replace("/msg/", "/") != "sensor_msgs/PointCloud2":
+            clouds = sorted(t for t, (m, _) in reader.topics.items() if m.replace("/msg/", "/") == "sensor_msgs/PointCloud2")
+            raise ValueError(f"topic {topic!r} is {msgtype}, not sensor_msgs/PointCloud2 (clouds in this bag: "
+                             f"{clouds or 'none'})")
+        if gt_topic and gt_topic not in reader.topics:
+            if require_gt:
+                raise ValueError(f"ground-truth topic {gt_topic!r} not in bag (has {sorted(reader.topics)})")
+            gt_topic = None
+        topics = [topic] + ([gt_topic] if gt_topic else [])
         for name, _, _, msg in reader.messages(topics):
             if name == topic:
                 scan = convert.pointcloud2_to_scan(msg)
@@ -99,7 +109,7 @@ def run_bag_odometry(bag: str | Path, topic: str, gt_topic: str | None, cfg=None
             else:
                 gt[convert.stamp_of(msg)] = _pose_from_msg(msg)
     scans = odo.stats["scans"]
-    report = {"scans": scans, "converged": len(est), "relocalized": odo.stats["relocalized"],
+    report = {"scans": scans, "converged": len(est), "relocalized": odo.stats["relocalized"], "gt_topic": gt_topic,
               "failed": odo.stats["failed"], "hz": scans / wall if wall > 0 else 0.0,
               "seconds": wall, "first_failures": failures[:5]}
     stamps = sorted(est)
@@ -126,19 +136,25 @@ def odometry_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="vg-ros odometry", description="LiDAR odometry over a bag's PointCloud2 topic.")
     parser.add_argument("bag")
     parser.add_argument("--topic", required=True, help="sensor_msgs/PointCloud2 topic")
-    parser.add_argument("--gt-topic", default="/gt/ego_pose", help="ground-truth pose topic (scored when present)")
+    parser.add_argument("--gt-topic", default=None,
+                        help="ground-truth pose topic (default /gt/ego_pose, scored when the bag has it; one given "
+                             "here must be in the bag)")
     parser.add_argument("--rig", default=None, help="rig (name or path) for T_base_lidar; default: identity")
     parser.add_argument("--weights", default="default", help="VBReg weights for re-localisation ('none': compat-only)")
     parser.add_argument("--deskew", action="store_true", help="undistort sweeps with per-point time")
     parser.add_argument("--max-scans", type=int, default=None)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    if args.max_scans is not None and args.max_scans < 1:
+        raise UserError(f"--max-scans {args.max_scans}: must be >= 1 (leave it out for every scan)")
     from vg_ros.registration.odometry import OdometryConfig
     from vg_ros.types import Rig
     try:
         T_base_lidar = Rig.load(args.rig).lidar.T_base_lidar if args.rig else None
-        report = run_bag_odometry(args.bag, args.topic, args.gt_topic, OdometryConfig(deskew=args.deskew), T_base_lidar,
-                                  None if args.weights == "none" else args.weights, args.max_scans)
+        report = run_bag_odometry(args.bag, args.topic, args.gt_topic or "/gt/ego_pose",
+                                  OdometryConfig(deskew=args.deskew), T_base_lidar,
+                                  None if args.weights == "none" else args.weights, args.max_scans,
+                                  require_gt=args.gt_topic is not None)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     if args.json:
@@ -149,8 +165,12 @@ def odometry_main(argv: list[str]) -> int:
         if "path_length_m" in report:
             print(f"path length {report['path_length_m']:.1f} m")
         if "ate_m" in report:
-            print(f"vs {args.gt_topic} ({report['gt_matched']} poses): ATE {report['ate_m']:.3f} m  "
+            print(f"vs {report['gt_topic']} ({report['gt_matched']} poses): ATE {report['ate_m']:.3f} m  "
                   f"drift {report['drift_percent']:.2f} %")
+        elif report["gt_topic"] is None:
+            print("no ground truth in the bag (/gt/ego_pose): not scored; --gt-topic names another")
+        else:
+            print(f"{report['gt_topic']}: fewer than two poses within 5 ms of a registered scan: not scored")
         for reason in report["first_failures"]:
             print(f"  failure: {reason}")
     return 0

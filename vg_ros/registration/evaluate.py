@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -125,6 +126,25 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def trained_seeds(weights: str) -> set[int]:
+    """The simulator seeds `weights` were trained on: its `train_seeds` metadata; the training default
+    (TRAIN_SEEDS, which the shipped file was trained on) for a file written before that key; none for
+    'none' or a file that cannot be read (loading it reports that)."""
+    from vg_ros.registration.pipeline import DEFAULT_WEIGHTS
+    from vg_ros.registration.train import TRAIN_SEEDS
+    from vg_ros.sim.seeds import parse_seeds
+    if str(weights) == "none":
+        return set()
+    path = DEFAULT_WEIGHTS if str(weights) == "default" else Path(weights)
+    try:
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt") as fh:
+            meta = dict(fh.metadata() or {})
+    except Exception:  # noqa: BLE001 - unreadable: the network load names the problem
+        return set()
+    return set(parse_seeds(meta["train_seeds"])) if "train_seeds" in meta else set(TRAIN_SEEDS)
+
+
 def main(argv: list[str]) -> int:
     from vg_ros.cli import UserError
     parser = argparse.ArgumentParser(prog="vg-ros eval registration", description=__doc__.split("\n\n")[0])
@@ -138,6 +158,11 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if not args.seeds:
         raise UserError("--seeds: give at least one seed")
+    used = trained_seeds(args.weights) & set(args.seeds)
+    if used:
+        raise UserError(f"--seeds {sorted(used)[:10]}{' ...' if len(used) > 10 else ''}: the weights were trained "
+                        f"on {'them' if len(used) > 1 else 'it'}; held-out seeds only (default {HELDOUT_SEEDS[0]}-"
+                        f"{HELDOUT_SEEDS[-1]})")
     import torch
     import yaml
     torch.set_num_threads(1)

@@ -34,11 +34,19 @@ def voxel_downsample(points: np.ndarray, voxel_size: float) -> np.ndarray:
         raise ValueError(f"voxel_size = {voxel_size}: must be > 0")
     if len(points) == 0:
         return points.reshape(0, 3)
-    keys = np.floor(points / voxel_size).astype(np.int64)
+    cells = np.floor(points / voxel_size)
+    if not np.abs(cells).max() < 2.0 ** 62:
+        raise ValueError(f"coordinates up to {np.abs(points).max():.3g} m are beyond what a {voxel_size} m voxel "
+                         "grid can index: not a metric point cloud")
+    keys = cells.astype(np.int64)
     keys -= keys.min(axis=0)
     dims = keys.max(axis=0) + 1
-    flat = (keys[:, 0] * dims[1] + keys[:, 1]) * dims[2] + keys[:, 2]
-    uniq, inverse, counts = np.unique(flat, return_inverse=True, return_counts=True)
+    if float(dims[0]) * float(dims[1]) * float(dims[2]) < 2.0 ** 62:
+        flat = (keys[:, 0] * dims[1] + keys[:, 1]) * dims[2] + keys[:, 2]
+        uniq, inverse, counts = np.unique(flat, return_inverse=True, return_counts=True)
+    else:   # a cloud so wide that one integer per voxel would overflow: the voxel rows themselves
+        uniq, inverse, counts = np.unique(keys, axis=0, return_inverse=True, return_counts=True)
+        inverse = inverse.reshape(-1)
     sums = np.zeros((len(uniq), 3))
     np.add.at(sums, inverse, points)
     return sums / counts[:, None]
@@ -51,14 +59,16 @@ def to_o3d(points: np.ndarray):
     return pcd
 
 
-def estimate_normals(points: np.ndarray, radius: float, max_nn: int = 30) -> np.ndarray:
+def estimate_normals(points: np.ndarray, radius: float, max_nn: int = 30,
+                     viewpoint: np.ndarray | None = None) -> np.ndarray:
     """Unit normals (N, 3) from the covariance of neighbours within `radius` (Open3D hybrid search),
-    oriented towards the origin (the sensor for a single scan)."""
+    oriented towards `viewpoint` (default the origin: the sensor for a single scan)."""
     import open3d as o3d
     pcd = to_o3d(points)
     pcd.estimate_normals(o3d.geometry.KDTreeSearchParamHybrid(radius=radius, max_nn=max_nn))
     normals = np.asarray(pcd.normals).copy()
-    flip = np.einsum("ij,ij->i", normals, points) > 0
+    towards = points if viewpoint is None else points - np.asarray(viewpoint, dtype=np.float64)
+    flip = np.einsum("ij,ij->i", normals, towards) > 0
     normals[flip] *= -1.0
     return normals
 

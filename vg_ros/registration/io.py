@@ -64,6 +64,8 @@ def read_cloud(path: str | Path, bin_fields: int | None = None) -> np.ndarray:
             raise ValueError(f"{path}: not a readable .npy array ({type(exc).__name__})") from None
         if arr.ndim != 2 or arr.shape[1] < 3 or not np.issubdtype(arr.dtype, np.number):
             raise ValueError(f"{path}: expected a numeric (N, 3+) array, got {arr.dtype} {arr.shape}")
+        if arr.shape[0] == 0:
+            raise ValueError(f"{path}: no points")
         return np.asarray(arr[:, :3], dtype=np.float64)
     if suffix == ".bin":
         num_bytes = path.stat().st_size

@@ -117,6 +117,32 @@ def load_network(weights: str | Path, cfg: RegistrationConfig, device: torch.dev
     return net.to(device).eval()
 
 
+FAR_FROM_ORIGIN_M = 1e4   # a cloud whose median point is farther than this is registered about its centre
+
+
+def recentre(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(points - centre, centre): the median point when it is over FAR_FROM_ORIGIN_M from the origin, else
+    (points, 0): a sensor-frame scan keeps its origin (the normals face the sensor there)."""
+    centre = np.median(points, axis=0)
+    if np.abs(centre).max() <= FAR_FROM_ORIGIN_M:
+        return points, np.zeros(3)
+    return points - centre, centre
+
+
+def uncentre(res: RegistrationResult, src_centre: np.ndarray, dst_centre: np.ndarray) -> RegistrationResult:
+    """A result found between recentred clouds as one between the original ones: T = D T' S^-1 (S, D the
+    translations by the source's and the target's centre); the covariance, a left perturbation in the
+    target frame, moves with D's adjoint."""
+    T = res.transform.copy()
+    T[:3, 3] = T[:3, :3] @ (-src_centre) + T[:3, 3] + dst_centre
+    res.transform = T
+    cx, cy, cz = dst_centre
+    adjoint = np.eye(6)
+    adjoint[:3, 3:] = np.array([[0, -cz, cy], [cz, 0, -cx], [-cy, cx, 0]])
+    res.covariance = adjoint @ res.covariance @ adjoint.T
+    return res
+
+
 def rigid_covariance(points: np.ndarray, residual_vec: np.ndarray, normals: np.ndarray | None = None) -> np.ndarray:
     """6x6 covariance over (x, y, z, roll, pitch, yaw) of a registration, from its inlier geometry.
 
@@ -177,9 +203,9 @@ class RegistrationPipeline:
         down = features.voxel_downsample(clean, self.cfg.voxel_size)
         return features.stride_cap(down, self.cfg.max_keypoints)
 
-    def describe(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """points (M, 3) -> normals (M, 3), FPFH (M, 33)."""
-        normals = features.estimate_normals(points, self.cfg.normal_radius)
+    def describe(self, points: np.ndarray, viewpoint: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """points (M, 3) -> normals (M, 3) facing `viewpoint` (default the origin), FPFH (M, 33)."""
+        normals = features.estimate_normals(points, self.cfg.normal_radius, viewpoint=viewpoint)
         return normals, features.fpfh(points, normals, self.cfg.fpfh_radius, self.cfg.fpfh_max_nn)
 
     def structure_masks(self, src_normals: np.ndarray, dst_normals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -362,10 +388,18 @@ class RegistrationPipeline:
             if len(pts) < 3:
                 return _failure(f"{name} has {len(pts)} usable points after removing NaN/inf and "
                                 f"voxelising at {cfg.voxel_size} m (need >= 3)", start)
-        src_normals, src_desc = self.describe(src_pts)
-        dst_normals, dst_desc = self.describe(dst_pts)
+        # a cloud in map coordinates (UTM: millions of metres) is registered about its own centre, where
+        # float32 neighbour searches and the voxel grid keep millimetres; composed back below
+        src_pts, src_centre = recentre(src_pts)
+        dst_pts, dst_centre = recentre(dst_pts)
+        # normals still face the original origin, so the descriptors are those of the clouds as given
+        src_normals, src_desc = self.describe(src_pts, -src_centre)
+        dst_normals, dst_desc = self.describe(dst_pts, -dst_centre)
         pairs = self.match(src_pts, src_normals, src_desc, dst_pts, dst_normals, dst_desc)
-        return self.register_matches(src_pts, src_normals, dst_pts, dst_normals, pairs, start)
+        res = self.register_matches(src_pts, src_normals, dst_pts, dst_normals, pairs, start)
+        if src_centre.any() or dst_centre.any():
+            res = uncentre(res, src_centre, dst_centre)
+        return res
 
     def register_matches(self, src_pts: np.ndarray, src_normals: np.ndarray, dst_pts: np.ndarray,
                          dst_normals: np.ndarray, pairs: np.ndarray, start: float | None = None) -> RegistrationResult:

@@ -296,6 +296,9 @@ def main(argv: list[str]) -> int:
     out = Path(args.out)
     weights_path = out / "registration_vbreg.safetensors"
     meta = {"preset": args.preset, "steps": summary["steps"], "tau": cfg.tau}
+    if args.seeds:   # `vg-ros eval registration` refuses to score these
+        from vg_ros.sim.seeds import format_seeds
+        meta["train_seeds"] = format_seeds(args.seeds)
     save_weights(net, weights_path, meta)
     card = {
         "data": "; ".join(sources) + f"; {len(sets)} correspondence sets, mean inlier ratio {inlier_ratio:.3f}",

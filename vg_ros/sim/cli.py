@@ -61,6 +61,9 @@ def write_bag(out: str | Path, seed: int, seconds: float, rig: Rig | None = None
     rig = rig if rig is not None else Rig.load("default")
     if not (isinstance(seconds, (int, float)) and math.isfinite(seconds) and seconds > 0):
         raise ValueError(f"--seconds: must be a positive number, got {seconds}")
+    if math.floor(seconds * rig.lidar.rate_hz + 1e-9) < 1:   # as `simulate` counts its ticks
+        raise ValueError(f"--seconds {seconds}: shorter than one sensor period of rig {rig.name!r} "
+                         f"({1 / rig.lidar.rate_hz:g} s): the bag would hold no frame")
     if not (math.isfinite(command_every) and command_every > 0):
         raise ValueError(f"--command-every: must be a positive number of seconds, got {command_every}")
     names = [c.name for c in rig.cameras]
