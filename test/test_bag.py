@@ -191,11 +191,23 @@ def test_writer_round_trip_both_flavors(tmp_path):
         assert bag.message_count == 4
 
 
+def test_an_unfinished_mcap_names_the_repair(tmp_path):
+    """A recorder killed before it closed its file leaves an mcap without its end magic: the error says so
+    and names the repair, as one line."""
+    with B.BagWriter(tmp_path / "drive.mcap") as out:
+        out.write("/lidar/points", 150, C.xyz_fields_to_pointcloud2(np.zeros((50, 3), np.float32), {}, stamp_ns=150,
+                                                                    flavor="rosbags"))
+    whole = next((tmp_path / "drive.mcap").glob("*.mcap")).read_bytes()
+    (tmp_path / "cut.mcap").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ValueError, match=r"cut.mcap' is not a readable rosbag2: .*magic.*mcap recover"):
+        B.BagReader(tmp_path / "cut.mcap")
+
+
 def test_writer_refuses_to_overwrite(tmp_path):
     path = tmp_path / "out"
     with B.BagWriter(path) as out:
         out.write("/h", 1, C.make_header(1, "a", "rosbags"))
-    with pytest.raises(ValueError, match="exists already; pass overwrite=True"):
+    with pytest.raises(ValueError, match=r"exists already; --force \(overwrite=True\) replaces it"):
         B.BagWriter(path)
     with B.BagWriter(path, overwrite=True) as out:
         out.write("/h", 2, C.make_header(2, "b", "rosbags"))

@@ -242,6 +242,9 @@ def test_remap_reads_a_robot_topic_as_the_pipeline_input(bag, tmp_path):
         assert out.topics[TOPICS["odometry"]["odometry"]][1] == FRAMES
     plain = replay(robot, tmp_path / "c.mcap", pipelines=("registration",))
     assert plain["odometry"]["available"] is False and "--remap" in plain["odometry"]["reason"]
+    from vg_ros.cli import UserError
+    with pytest.raises(UserError, match=r"nothing replayed .*registration: the bag has none of its input topics"):
+        main([str(robot), "--out", str(tmp_path / "e.mcap"), "--pipelines", "registration"])   # not exit 0
     with pytest.raises(ValueError, match=r"--remap: \['/nope'\] not in the bag"):
         replay(robot, tmp_path / "d.mcap", remap={"/nope": "/lidar/points"})
     assert not (tmp_path / "d.mcap").exists()

@@ -77,7 +77,10 @@ class BagReader:
             self._reader = Reader(self.path)
             self._reader.open()
         except Exception as exc:  # noqa: BLE001 - rosbags raises several types for "not a bag"
-            raise ValueError(f"{str(self.path)!r} is not a readable rosbag2: {exc}") from None
+            hint = ""
+            if "magic" in str(exc).lower() and self.storage == "mcap":   # a recorder that never closed its file
+                hint = " (an unfinished recording? `mcap recover IN -o OUT` from the mcap CLI repairs one)"
+            raise ValueError(f"{str(self.path)!r} is not a readable rosbag2: {exc}{hint}") from None
         self._store = typestore()
 
     def __enter__(self) -> "BagReader":
@@ -182,8 +185,8 @@ class BagWriter:
         self.path = Path(path)
         if self.path.exists() or self.path.is_symlink():
             if not overwrite:
-                raise ValueError(f"output {str(self.path)!r} exists already; pass overwrite=True (--force) "
-                                 f"to replace it")
+                raise ValueError(f"output {str(self.path)!r} exists already; --force (overwrite=True) "
+                                 f"replaces it")
             if self.path.is_dir():
                 if not (self.path / "metadata.yaml").exists() and any(self.path.iterdir()):
                     raise ValueError(f"output {str(self.path)!r} is a non-empty directory that is not a rosbag2; "

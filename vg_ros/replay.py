@@ -864,6 +864,10 @@ def main(argv: list[str]) -> int:
                         pipelines=tuple(args.pipelines), overwrite=args.force, progress=not args.json, remap=remap)
     except ValueError as exc:
         raise UserError(str(exc)) from None
+    sections = [result.get(SECTIONS[name], {}) for name in args.pipelines]
+    if sections and all(section.get("available") is False for section in sections):
+        reasons = "; ".join(f"{name}: {section.get('reason')}" for name, section in zip(args.pipelines, sections))
+        raise UserError(f"nothing replayed ({args.out} holds no output): {reasons}")
     if args.report:
         from vg_ros.report import write_report
         topics = output_topics(args.config)
