@@ -20,13 +20,24 @@ def drive():
 def test_odometry_tracks_a_simulated_drive(drive):
     T_bl = drive[0].rig.lidar.T_base_lidar
     odo = LidarOdometry(OdometryConfig(), T_base_lidar=T_bl, weights=None)
-    est, gt = [], []
+    est, gt, twists = [], [], []
     for frame in drive:
         res = odo.update(frame.lidar)
         assert res.converged, res.reason
         assert res.stamp_ns == frame.lidar.stamp_ns
         est.append(res.pose)
         gt.append(invert_T(drive[0].T_odom_base) @ frame.T_odom_base)
+        twists.append(res.twist)
+    # the twist: unknown at the first scan, then base_link's velocity in base_link, as ground truth has it
+    assert twists[0] is None and res.twist_covariance.shape == (6, 6)
+    assert np.all(np.linalg.eigvalsh(res.twist_covariance) > 0)
+    for k in range(1, len(drive)):
+        dt = (drive[k].lidar.stamp_ns - drive[k - 1].lidar.stamp_ns) / 1e9
+        step = invert_T(gt[k - 1]) @ gt[k]
+        v_true = gt[k][:3, :3].T @ (gt[k][:3, 3] - gt[k - 1][:3, 3]) / dt
+        assert np.linalg.norm(twists[k][:3] - v_true) < 0.3, k          # m/s, at ~10 m/s
+        yaw_rate = np.arctan2(step[1, 0], step[0, 0]) / dt
+        assert abs(twists[k][5] - yaw_rate) < 0.05, k
     est, gt = np.stack(est), np.stack(gt)
     assert np.allclose(est[0], np.eye(4))  # odom = base_link at the first scan
     assert ate(est, gt) < 0.05
@@ -39,6 +50,26 @@ def test_odometry_tracks_a_simulated_drive(drive):
     assert np.allclose(odo.registered_cloud[:5], expected, atol=1e-3)
     cov = res.covariance
     assert np.allclose(cov, cov.T) and np.all(np.linalg.eigvalsh(cov) > 0) and np.sqrt(cov[0, 0]) < 0.05
+
+
+def test_pose_covariance_is_base_links_position_in_odom_not_about_the_odom_origin():
+    """nav_msgs/Odometry's pose covariance: base_link's (x, y, z) in odom and rotations about odom's axes. The
+    same registration far from the odom origin gives the same position covariance (the adjoint about the
+    origin made it grow with the distance driven), and a LiDAR mounted ahead of base_link adds the lever
+    arm of its rotation uncertainty."""
+    from types import SimpleNamespace
+
+    from vg_ros.registration.odometry import gicp_covariance
+    rng = np.random.default_rng(0)
+    A = rng.normal(size=(6, 6))
+    result = SimpleNamespace(H=A @ A.T + 6 * np.eye(6), num_inliers=500, error=2.0)
+    here = gicp_covariance(result, 1000, make_T(rpy_to_R(0, 0, 0.3), [1.0, 2.0, 0.0]))
+    far = gicp_covariance(result, 1000, make_T(rpy_to_R(0, 0, 0.3), [800.0, -650.0, 12.0]))
+    assert np.allclose(here, far, rtol=1e-9, atol=1e-15)
+    lever = gicp_covariance(result, 1000, make_T(rpy_to_R(0, 0, 0.3), [1.0, 2.0, 0.0]),
+                            T_lidar_base=make_T(np.eye(3), [-1.5, 0.0, -1.8]))
+    assert np.allclose(lever[3:, 3:], here[3:, 3:]) and not np.allclose(lever[:3, :3], here[:3, :3])
+    assert np.all(np.linalg.eigvalsh(lever) > 0)
 
 
 def test_relocalisation_recovers_a_jump(drive):

@@ -334,8 +334,11 @@ class RegistrationStage(Stage):
             return
         odom = str(self.params.get("odom_frame", "odom"))
         base = str(self.params.get("base_frame", "base_link"))
+        from vg_ros.registration.odometry import odometry_twist
+        twist, twist_cov = odometry_twist(result)
         self.writer.write(self.params["odom_topic"], stamp, matrix_to_odometry(
-            result.pose, result.covariance, stamp_ns=stamp, frame_id=odom, child_frame_id=base, flavor="rosbags"))
+            result.pose, result.covariance, stamp_ns=stamp, frame_id=odom, child_frame_id=base, flavor="rosbags",
+            twist=twist, twist_cov=twist_cov))
         self.writer.write(self.params["pose_topic"], stamp, matrix_to_pose_stamped(
             result.pose, stamp_ns=stamp, frame_id=odom, flavor="rosbags"))
         self.frames += 1

@@ -190,7 +190,10 @@ class RegistrationResult:
 
 @dataclass
 class OdometryResult:
-    """`pose` (4, 4) is T_odom_base at `stamp_ns`; `covariance` (6, 6) as in RegistrationResult."""
+    """`pose` (4, 4) is T_odom_base at `stamp_ns`; `covariance` (6, 6) over base_link's (x, y, z) in odom and
+    rotations about odom's axes (nav_msgs/Odometry's pose covariance). `twist` (6,) vx vy vz wx wy wz of
+    base_link in base_link since the previous scan, with `twist_covariance` (6, 6); None when unknown (the
+    first scan, a re-localisation, a failure)."""
 
     stamp_ns: int
     pose: np.ndarray
@@ -198,6 +201,8 @@ class OdometryResult:
     converged: bool
     seconds: float = 0.0
     reason: str = ""
+    twist: np.ndarray | None = None
+    twist_covariance: np.ndarray | None = None
 
 
 @dataclass

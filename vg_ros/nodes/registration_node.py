@@ -163,7 +163,10 @@ class RegistrationNode(PerceptionNode):
         from vg_ros import convert
 
         frame, child = self.params["odom_frame"], self.params["base_frame"]
-        self.odom_pub.publish(convert.matrix_to_odometry(result.pose, result.covariance, result.stamp_ns, frame, child))
+        from vg_ros.registration.odometry import odometry_twist
+        twist, twist_cov = odometry_twist(result)
+        self.odom_pub.publish(convert.matrix_to_odometry(result.pose, result.covariance, result.stamp_ns, frame, child,
+                                                         twist=twist, twist_cov=twist_cov))
         self.pose_pub.publish(convert.matrix_to_pose_stamped(result.pose, result.stamp_ns, frame))
         if self.cloud_pub is not None:
             self.cloud_pub.publish(convert.xyz_fields_to_pointcloud2(registered_cloud.astype(np.float32),

@@ -69,12 +69,15 @@ def deskew(points: np.ndarray, times: np.ndarray, delta: np.ndarray, period: flo
     return np.einsum("nij,nj->ni", R, points) + frac * delta[:3, 3]
 
 
-def gicp_covariance(result, num_points: int, T_odom_lidar: np.ndarray) -> np.ndarray:
-    """6x6 (x, y, z, roll, pitch, yaw) covariance in odom from small_gicp's Gauss-Newton Hessian.
+def gicp_covariance(result, num_points: int, T_odom_lidar: np.ndarray,
+                    T_lidar_base: np.ndarray | None = None) -> np.ndarray:
+    """6x6 covariance of base_link's pose in odom from small_gicp's Gauss-Newton Hessian, as nav_msgs/Odometry
+    means it: (x, y, z) of base_link's origin in odom, then rotations about odom's axes.
 
     small_gicp's H is over a right (sensor-frame) perturbation ordered (rotation, translation) and is
-    whitened by the point covariances; scaling by the residual variance (2 e / dof) makes it metric.
-    The adjoint of T_odom_lidar maps it to a left perturbation in odom, which base_link shares."""
+    whitened by the point covariances; scaling by the residual variance (2 e / dof) makes it metric. A
+    sensor-frame perturbation (v, w) moves base_link's origin by R (v - [t] w) (t: base_link's origin in
+    the LiDAR frame, R: the LiDAR's rotation in odom) and turns it by R w about odom's axes."""
     H = np.array(result.H, dtype=np.float64, copy=True)
     if not np.isfinite(H).all() or num_points < 7:
         return np.eye(6) * UNTRUSTED_VARIANCE
@@ -84,12 +87,37 @@ def gicp_covariance(result, num_points: int, T_odom_lidar: np.ndarray) -> np.nda
     cov_rt = sigma2 * np.linalg.inv(H + reg * np.eye(6))
     perm = np.r_[3, 4, 5, 0, 1, 2]  # -> (translation, rotation)
     cov_tr = cov_rt[np.ix_(perm, perm)]
-    R, t = T_odom_lidar[:3, :3], T_odom_lidar[:3, 3]
+    R = T_odom_lidar[:3, :3]
+    t = np.zeros(3) if T_lidar_base is None else T_lidar_base[:3, 3]
     skew_t = np.array([[0, -t[2], t[1]], [t[2], 0, -t[0]], [-t[1], t[0], 0]])
-    adjoint = np.zeros((6, 6))
-    adjoint[:3, :3], adjoint[:3, 3:], adjoint[3:, 3:] = R, skew_t @ R, R
-    cov = adjoint @ cov_tr @ adjoint.T
+    J = np.zeros((6, 6))
+    J[:3, :3], J[:3, 3:], J[3:, 3:] = R, -R @ skew_t, R
+    cov = J @ cov_tr @ J.T
     return 0.5 * (cov + cov.T)
+
+
+def odometry_twist(result: OdometryResult) -> tuple[np.ndarray, np.ndarray]:
+    """(twist, covariance) to publish for `result`: its own, or zero with UNTRUSTED_VARIANCE on the diagonal
+    when unknown (not a zero covariance, which a filter would read as "standing still, for certain")."""
+    if result.twist is None or result.twist_covariance is None:
+        return np.zeros(6), np.eye(6) * UNTRUSTED_VARIANCE
+    return result.twist, result.twist_covariance
+
+
+def twist_between(T_prev: np.ndarray, T_cur: np.ndarray, dt_s: float, cov_cur: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(twist (6,) vx vy vz wx wy wz in the current base frame, its covariance (6, 6)) of the motion from pose
+    T_prev to T_cur (T_odom_base) over `dt_s`: the relative translation and rotation vector divided by dt.
+    Covariance: both poses as uncertain as the current one (its odom-frame covariance turned into the base
+    frame), the difference of the two over dt^2."""
+    from scipy.spatial.transform import Rotation
+    delta = invert_T(T_prev) @ T_cur
+    rotvec = Rotation.from_matrix(delta[:3, :3]).as_rotvec()
+    twist = np.r_[T_cur[:3, :3].T @ (T_cur[:3, 3] - T_prev[:3, 3]), rotvec] / dt_s
+    R = T_cur[:3, :3].T   # odom axes -> base axes
+    turn = np.zeros((6, 6))
+    turn[:3, :3], turn[3:, 3:] = R, R
+    cov = 2.0 * (turn @ cov_cur @ turn.T) / dt_s ** 2
+    return twist, 0.5 * (cov + cov.T)
 
 
 class LidarOdometry:
@@ -199,11 +227,17 @@ class LidarOdometry:
         if reason:
             return self._fail(stamp, predicted, reason, start)
         T = orthonormalize(np.array(result.T_target_source, dtype=np.float64, copy=True))
-        cov = gicp_covariance(result, source.size(), T)
+        cov = gicp_covariance(result, source.size(), T, self.T_lidar_base)
+        previous = self.poses[-1] if self.poses else None
         self._accept(stamp, T, source, points, keep_velocity=how != "local")
         self.stats["local_ok" if how == "local" else "relocalized"] += 1
-        return OdometryResult(stamp, T @ self.T_lidar_base, cov, True, time.perf_counter() - start,
-                              reason="" if how == "local" else "re-localised by VBReg")
+        pose = T @ self.T_lidar_base
+        twist = twist_cov = None
+        if how == "local" and previous is not None and stamp > previous[0]:   # a re-localisation is no motion
+            twist, twist_cov = twist_between(previous[1], pose, (stamp - previous[0]) / 1e9, cov)
+        return OdometryResult(stamp, pose, cov, True, time.perf_counter() - start,
+                              reason="" if how == "local" else "re-localised by VBReg", twist=twist,
+                              twist_covariance=twist_cov)
 
     def _period(self, stamp: int) -> float:
         if self.last_stamp_ns is None or len(self.poses) < 2:
