@@ -68,6 +68,22 @@ def test_doctor_passes_here_and_names_a_broken_checkpoint(tmp_path):
     assert bad.returncode == 1 and "[FAIL] parameters file" in bad.stdout and "1 failed: parameters file" in bad.stdout
 
 
+def test_a_misspelt_node_section_is_named_by_doctor(tmp_path):
+    """`registraton_node:` in a params file leaves the registration node on its defaults without a word
+    from the node (it reads its own section only): doctor fails the file, naming the section; `vg-ros up`
+    warns (the same `unknown_sections`); sections under a namespace and `/**` are known."""
+    from vg_ros.config import default_config_path, unknown_sections
+    from vg_ros.doctor import FAIL, OK, check_config
+    text = default_config_path().read_text()
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(text.replace("registration_node:", "registraton_node:", 1))
+    check = check_config(typo)
+    assert check.status == FAIL and "['registraton_node'] match no node" in check.detail
+    spaced = tmp_path / "spaced.yaml"
+    spaced.write_text(text + "\n/robot1/grounding_node:\n  ros__parameters: {}\n/**:\n  ros__parameters: {}\n")
+    assert unknown_sections(spaced) == [] and check_config(spaced).status == OK
+
+
 def test_doctor_says_which_dds_transport_settings_apply(monkeypatch, tmp_path):
     """Under LOCALHOST discovery rmw_fastrtps adds its own transports (measured: a UDP-only profile still
     maps shared memory; the shipped one maps its 4 MB segment beside the rmw's), so the check says a

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -234,3 +235,52 @@ def test_vg_ros_up_no_autostart_then_vg_ros_lifecycle_starts_and_shuts_the_node_
     # a node that shut down is not a crash: not respawned, though --respawn is on
     assert "registration_node exited (exit code 0)" in output and "it shut down cleanly" in output
     assert "restarting" not in output
+
+
+def _pid_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        try:   # our child when the test started it; reaped by whoever is its parent otherwise
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return True
+        except ChildProcessError:
+            pass
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.parametrize("signal_name", ["SIGHUP", "SIGKILL"])
+def test_vg_ros_up_never_leaves_a_node_running_when_it_goes_away(signal_name):
+    """The nodes run in their own sessions (Ctrl-C reaches the supervisor only), so a closed terminal
+    (SIGHUP to `vg-ros up`) or a killed supervisor (SIGKILL) used to leave them running orphaned. SIGHUP
+    now stops them as Ctrl-C does; on SIGKILL each node gets SIGTERM from the kernel (PR_SET_PDEATHSIG)."""
+    import re
+    import signal
+    env = {**os.environ, "ROS_DOMAIN_ID": str(DOMAIN + 3), "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST",
+           "PYTHONUNBUFFERED": "1"}
+    up = subprocess.Popen([sys.executable, "-m", "vg_ros.cli", "up", "--nodes", "registration", "--device", "cpu"],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    node_pid, lines = None, []
+    try:
+        for line in up.stdout:
+            lines.append(line)
+            if match := re.search(r"started registration_node \(pid (\d+)", line):
+                node_pid = int(match.group(1))
+            if "active on" in line:
+                break
+        assert node_pid is not None, "".join(lines)
+        up.send_signal(getattr(signal, signal_name))
+        assert _pid_gone(node_pid, 30.0), f"registration_node (pid {node_pid}) still runs after {signal_name} to up"
+        rest, _ = up.communicate(timeout=30)
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.communicate()
+        if node_pid is not None and not _pid_gone(node_pid, 0.1):
+            os.kill(node_pid, signal.SIGKILL)
+    if signal_name == "SIGHUP":   # stopped as by Ctrl-C: the node's clean summary, exit 0
+        assert up.returncode == 0 and "stopping:" in rest and "registration_node=0" in rest, rest

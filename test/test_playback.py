@@ -190,6 +190,27 @@ def test_cli_bad_arguments_are_one_line_errors(bag, tmp_path):
         play_main([str(bag), "--remap", "/lidar/points=/x", "--delay", "0"])
     with pytest.raises(UserError, match=r"--remap: \['/nope'\] not in bag"):
         play_main([str(bag), "--remap", "/nope:=/x", "--delay", "0"])
+    # non-finite numbers, remap targets that are no topic name or are taken, only unplayable topics (with
+    # --loop that spun on an empty pass for ever), names a recorder cannot subscribe: one line each
+    for argv, needle in ((["--rate", "inf"], "--rate inf: must be a finite"),
+                         (["--delay", "nan"], "--delay nan: must be a finite"),
+                         (["--remap", "/lidar/points:=/1bad"], "/1bad: not a valid topic name"),
+                         (["--remap", "/command:=/clock"], "/clock is already published"),
+                         (["--remap", "/lidar/points:=/command"], "/lidar/points:=/command: /command is already published"),
+                         (["--topics", "/gt/occupancy", "--loop"], "none of the topics to play")):
+        with pytest.raises(UserError, match=needle):
+            play_main([str(bag), "--delay", "0", *argv])
+    with pytest.raises(UserError, match="--duration nan: must be a finite"):
+        record_main(["/x", "--out", str(tmp_path / "r.mcap"), "--duration", "nan"])
+    with pytest.raises(UserError, match="'/1bad': not a valid topic name"):
+        record_main(["/1bad", "--out", str(tmp_path / "r.mcap"), "--duration", "0.1"])
+
+
+def test_recorder_takes_a_relative_name_as_the_graph_names_it(tmp_path):
+    with ros_session(DOMAIN + 7) as ros:
+        recorder = Recorder(ros.node("recorder"), tmp_path / "out.mcap", ["lidar/points", "/command"])
+        assert recorder.topics == ["/lidar/points", "/command"]
+        recorder.close()
 
 
 def test_a_looped_play_resets_a_sim_time_node_instead_of_starving_it(bag):

@@ -113,6 +113,20 @@ def load_section(path: str | Path | None, node_name: str) -> dict:
     return params
 
 
+NODE_NAMES = ("occupancy_node", "registration_node", "grounding_node")
+
+
+def unknown_sections(path: str | Path) -> list[str]:
+    """Top-level keys of a params file that no vg_ros node reads: not `/**`, not a node name (bare, or under a
+    namespace: `/robot1/grounding_node`). A typo there (`registraton_node:`) would leave that node on its
+    defaults without a word."""
+    with open(path) as fh:
+        data = yaml.safe_load(fh) or {}
+    if not isinstance(data, dict):
+        return []
+    return [str(key) for key in data if key != "/**" and str(key).rstrip("/").split("/")[-1] not in NODE_NAMES]
+
+
 def split_params(params: dict, cls: type[PipelineConfig]) -> tuple[dict, dict]:
     """(values for `cls`, the rest) — nodes keep topic names and QoS beside the pipeline config."""
     names = {f.name for f in dataclasses.fields(cls)}

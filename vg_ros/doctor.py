@@ -198,7 +198,13 @@ def check_config(config: Path | None) -> Check:
     path = Path(config) if config else default_config_path()
     if not path.is_file():
         return Check("parameters file", FAIL, f"{path}: no such file", "pass --config FILE")
+    from vg_ros.config import NODE_NAMES, unknown_sections
     problems = []
+    try:
+        if stray := unknown_sections(path):
+            problems.append(f"section(s) {stray} match no node ({', '.join(NODE_NAMES)} or /**; misspelt?)")
+    except Exception as exc:  # noqa: BLE001 - not YAML: node_settings below names it too
+        problems.append(f"not a readable parameters file ({exc})")
     for capability in PIPELINES:
         try:
             node_settings(capability, path)   # resolved as the node and replay resolve them

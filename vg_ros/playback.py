@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import collections
 import importlib
+import math
 import threading
 import time
 from pathlib import Path
@@ -72,10 +73,10 @@ class Player:
         from vg_ros.bag import BagReader
         from vg_ros.nodes.base import GLOBAL_TOPICS, global_topic, normalize_namespace
 
-        if not rate > 0:
-            raise ValueError(f"rate = {rate}: must be > 0")
-        if not clock_hz > 0:
-            raise ValueError(f"clock_hz = {clock_hz}: must be > 0")
+        if not 0 < rate < math.inf:
+            raise ValueError(f"rate = {rate}: must be a finite number > 0")
+        if not 0 < clock_hz < math.inf:
+            raise ValueError(f"clock_hz = {clock_hz}: must be a finite number > 0")
         self.node = node
         self.bag_path = Path(bag_path)
         self.rate = float(rate)
@@ -99,18 +100,31 @@ class Player:
         if namespace != "/":   # every data topic under it, as nodes started in that namespace read them
             for topic in wanted - GLOBAL_TOPICS:
                 self.remap[topic] = global_topic(self.remap.get(topic, topic).lstrip("/"), namespace)
+        from rclpy.validate_full_topic_name import validate_full_topic_name
+        names = {topic: self.remap.get(topic, topic) for topic in wanted}
+        for topic, name in sorted(names.items(), key=lambda item: (item[0] == item[1], item)):   # remapped first
+            try:
+                validate_full_topic_name(name)
+            except Exception as exc:  # noqa: BLE001 - rclpy's InvalidTopicNameException and kin
+                raise ValueError(f"--remap {topic}:={name}: not a valid topic name ({exc})".splitlines()[0]) from None
+            if name == "/clock" or list(names.values()).count(name) > 1:
+                raise ValueError(f"--remap {topic}:={name}: {name} is already published by this player "
+                                 "(/clock, or another topic of the bag)")
         for topic in sorted(wanted):
             msgtype, count = bag_topics[topic]
             cls = rclpy_class(msgtype)
             if cls is None:
                 self.skipped[topic] = f"{msgtype} has no rclpy message class here (custom or not installed)"
                 continue
-            name = self.remap.get(topic, topic)
+            name = names[topic]
             # a command (or static TF) stays latched under its new name: /command published as /robot1/command
             qos = playback_qos(topic if topic in LATCHED_TOPICS else name, msgtype,
                                reliable_sensors=reliable_sensors, latched_depth=count)
             self._publishers[topic] = node.create_publisher(cls, name, qos)
         self.topics = sorted(self._publishers)
+        if not self.topics:   # nothing to publish: `messages([])` would read every topic (and loop for ever)
+            raise ValueError(f"none of the topics to play has a message class here: "
+                             f"{'; '.join(f'{t}: {why}' for t, why in sorted(self.skipped.items()))}")
         self._clock_pub = node.create_publisher(Clock, "/clock", 10)
         self._clock_cls = Clock
         self.last_clock_ns = 0
@@ -192,9 +206,16 @@ class Recorder:
         from vg_ros.bag import BagWriter
         self.node = node
         self.out = Path(out)
-        self.topics = list(dict.fromkeys(topics))
+        from rclpy.validate_full_topic_name import validate_full_topic_name
+        # as the graph names them: `lidar/points` is /lidar/points for a recorder in the root namespace
+        self.topics = list(dict.fromkeys("/" + t.lstrip("/") if t.strip() else t for t in topics))
         if not self.topics:
             raise ValueError("topics: name at least one topic to record")
+        for topic in self.topics:
+            try:
+                validate_full_topic_name(topic)
+            except Exception as exc:  # noqa: BLE001 - rclpy's InvalidTopicNameException and kin
+                raise ValueError(f"topic {topic!r}: not a valid topic name ({str(exc).splitlines()[0]})") from None
         self.writer = BagWriter(self.out, overwrite=overwrite)
         self.track_stamps = track_stamps
         self.counts: collections.Counter[str] = collections.Counter()
@@ -336,10 +357,10 @@ def play_main(argv: list[str]) -> int:
                         help="publish the data topics under /NS (as `vg-ros up --namespace NS` or the launch file's "
                              "namespace:= reads them; after --remap); /clock, /tf, /tf_static stay global")
     args = parser.parse_args(argv)
-    if not args.rate > 0:
-        raise UserError(f"--rate {args.rate}: must be > 0")
-    if args.delay < 0:
-        raise UserError(f"--delay {args.delay}: must be >= 0")
+    if not 0 < args.rate < math.inf:
+        raise UserError(f"--rate {args.rate}: must be a finite number > 0")
+    if not 0 <= args.delay < math.inf:
+        raise UserError(f"--delay {args.delay}: must be a finite number >= 0")
     ros = _RosProcess("vg_ros_player")
     try:
         try:
@@ -380,8 +401,8 @@ def record_main(argv: list[str]) -> int:
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
     parser.add_argument("--use-sim-time", action="store_true", help="log times from /clock instead of wall time")
     args = parser.parse_args(argv)
-    if args.duration < 0:
-        raise UserError(f"--duration {args.duration}: must be >= 0")
+    if not 0 <= args.duration < math.inf:
+        raise UserError(f"--duration {args.duration}: must be a finite number >= 0 (0: until Ctrl-C)")
     ros = _RosProcess("vg_ros_recorder", use_sim_time=args.use_sim_time)
     recorder = None
     try:
@@ -397,7 +418,7 @@ def record_main(argv: list[str]) -> int:
             for topic in set(recorder.subscribed) - announced:
                 print(f"[record] {topic} [{recorder.subscribed[topic]}]", flush=True)
                 announced.add(topic)
-            ros.stop.wait(0.2)
+            ros.stop.wait(0.05)   # a publisher's first messages go out as soon as it matches: subscribe quickly
     finally:
         summary = recorder.close() if recorder is not None else None
         ros.close()

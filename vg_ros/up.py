@@ -133,11 +133,13 @@ class Supervisor:
 
     def _launch(self, name: str) -> None:
         spec = self.specs[name]
-        env = {**self.env, **spec.env, "PYTHONUNBUFFERED": "1"}
+        # VG_ROS_PARENT_PID: the node stops (SIGTERM) when we die, even by SIGKILL (run_node: PR_SET_PDEATHSIG)
+        env = {**self.env, **spec.env, "PYTHONUNBUFFERED": "1", "VG_ROS_PARENT_PID": str(os.getpid())}
         # start_new_session: Ctrl-C in the terminal reaches only us; we stop the nodes in order.
         proc = subprocess.Popen(spec.argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, errors="replace", start_new_session=True)
         self.procs[name] = proc
+        self.tail[name].clear()   # a respawned node's death report shows its own last lines
         self.started_at[name] = time.monotonic()
         self._reported.discard(name)
         mode = "a" if self.respawns[name] else "w"   # a respawned node appends to its log
@@ -256,6 +258,8 @@ def parse_nodes(values: list[str] | None) -> list[str]:
                 raise ValueError(f"--nodes: unknown node {item!r}; choose from {', '.join(NODES)}")
             if item not in chosen:
                 chosen.append(item)
+    if not chosen:
+        raise ValueError(f"--nodes {' '.join(values)!r}: choose at least one of {', '.join(NODES)}")
     return chosen
 
 
@@ -295,6 +299,10 @@ def main(argv: list[str]) -> int:
     config = Path(args.config) if args.config else default_config_path()
     if not config.is_file():
         raise UserError(f"--config {config}: no such file")
+    from vg_ros.config import NODE_NAMES, unknown_sections
+    if stray := unknown_sections(config):
+        print(f"[up] WARNING: {config}: section(s) {stray} match no node ({', '.join(NODE_NAMES)} or /**): "
+              "a misspelt node name leaves that node on its defaults", flush=True)
     if args.rig is not None:
         try:
             Rig.load(args.rig)
@@ -315,7 +323,8 @@ def main(argv: list[str]) -> int:
                        namespace=args.namespace,
                        extra_ros_args=["-p", "autostart:=false"] if args.no_autostart else None) for c in chosen]
     stop = threading.Event()
-    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+    # SIGHUP: the terminal or the ssh session went away; the nodes (own sessions) would not hear it
+    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     sup = Supervisor(specs, log_dir=args.log_dir, respawn=args.respawn, respawn_delay_s=args.respawn_delay,
                      max_respawns=args.max_respawns)
     print(f"[up] {len(specs)} node(s) with {config}; ROS_DOMAIN_ID={os.environ.get('ROS_DOMAIN_ID', '0')}; "

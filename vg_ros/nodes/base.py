@@ -953,6 +953,22 @@ def wait_for_callbacks(executor: Any, timeout_s: float) -> bool:
     return True
 
 
+def die_with_parent(parent_pid: str | None) -> None:
+    """Under `vg-ros up` (which passes its pid): SIGTERM this process when the supervisor dies, however it
+    dies (SIGKILL included), so no node runs on orphaned; at once if it is already gone. Linux only."""
+    if not parent_pid or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(parent_pid):   # the supervisor died before the request was in place
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def run_node(node_cls: type[PerceptionNode], args: list[str] | None = None, *, multithreaded: bool = True,
              **node_kwargs: Any) -> int:
     """Init rclpy, build the node, configure and activate it (`autostart`; else a lifecycle manager does),
@@ -974,6 +990,7 @@ def run_node(node_cls: type[PerceptionNode], args: list[str] | None = None, *, m
 
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    die_with_parent(os.environ.get("VG_ROS_PARENT_PID"))
     if hasattr(signal, "SIGUSR1"):   # `kill -USR1 <pid>`: every thread's stack to stderr, the node runs on
         import faulthandler
         faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
