@@ -206,6 +206,19 @@ def test_cli_bad_arguments_are_one_line_errors(bag, tmp_path):
         record_main(["/1bad", "--out", str(tmp_path / "r.mcap"), "--duration", "0.1"])
 
 
+def test_a_looped_selection_of_topics_keeps_the_bags_pace(bag):
+    """`--topics /command --loop`: each pass lasts the bag's span (its /clock running to the end), not up to
+    the selection's last message (which replayed the one command hundreds of times a second)."""
+    with ros_session(DOMAIN + 7) as ros:
+        player = Player(ros.node("player"), bag, rate=4.0, topics=["/command"], loop=True)
+        stop = threading.Event()
+        timer = threading.Timer(1.5, stop.set)
+        timer.start()
+        summary = player.run(stop)
+    pass_s = player.duration_s / 4.0
+    assert summary["passes"] <= 1.5 / pass_s + 1 and summary["published"]["/command"] == summary["passes"]
+
+
 def test_recorder_takes_a_relative_name_as_the_graph_names_it(tmp_path):
     with ros_session(DOMAIN + 7) as ros:
         recorder = Recorder(ros.node("recorder"), tmp_path / "out.mcap", ["lidar/points", "/command"])

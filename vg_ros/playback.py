@@ -187,6 +187,11 @@ class Player:
                             self.publish_wall_ns[(topic, stamp)] = time.monotonic_ns()
                     if progress is not None:
                         progress(1)
+                if self.loop:   # a pass spans the whole bag, whichever topics were chosen, its /clock running on
+                    end = pass_wall0 + (bag.end_ns - t0) / 1e9 / self.rate
+                    while not stop.is_set() and (now := time.monotonic()) < end:
+                        self.publish_clock(t0 + int((now - pass_wall0) * self.rate * 1e9))
+                        time.sleep(min(end - now, self.clock_period_s))
             if not self.loop:
                 break
         wall = time.monotonic() - wall_start
