@@ -506,7 +506,9 @@ def structured_to_pointcloud2(arr: np.ndarray, *, stamp_ns: int = 0, frame_id: s
 def xyz_fields_to_pointcloud2(xyz: np.ndarray, extra: dict[str, np.ndarray] | None = None, stamp_ns: int = 0,
                               frame_id: str = "", flavor: str = "rclpy"):
     """xyz (N, 3) -> PointCloud2 with float32 x, y, z plus one field per `extra` entry ((N,) arrays keep
-    their dtype, e.g. label uint8, confidence float32). Fields packed in order, no padding."""
+    their dtype, e.g. label uint8, confidence float32). Fields in order, each at an offset aligned to its
+    size as in a C struct (x y z label _ _ _ confidence: 20 bytes), so PCL and GPU consumers can read them in
+    place."""
     xyz = np.asarray(xyz)
     if xyz.ndim != 2 or xyz.shape[1] != 3:
         raise ValueError(f"xyz: expected shape (N, 3), got {xyz.shape}")
@@ -520,7 +522,7 @@ def xyz_fields_to_pointcloud2(xyz: np.ndarray, extra: dict[str, np.ndarray] | No
         if values.shape != (n,):
             raise ValueError(f"extra[{name!r}]: expected shape ({n},), got {values.shape}")
         descr.append((name, values.dtype.newbyteorder("<")))
-    arr = np.empty(n, dtype=np.dtype(descr))
+    arr = np.zeros(n, dtype=np.dtype(descr, align=True))   # zeros: no stray bytes in the padding
     arr["x"], arr["y"], arr["z"] = xyz[:, 0], xyz[:, 1], xyz[:, 2]
     for name, values in extra.items():
         arr[name] = values
