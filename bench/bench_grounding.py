@@ -13,7 +13,7 @@ Several cameras (`--cameras N`, default 6; the node's `extra_image_topics`): the
 N camera images of one simulated instant, as one batch (`infer_many`, what the node runs) vs one call per
 camera, timed the same way.
 
-    vg-ros bench grounding [--threads 2] [--frames 10] [--cameras 6] [--json out.json]
+    vg-ros bench grounding [--threads 1] [--frames 10] [--cameras 6] [--json out.json]
 """
 from __future__ import annotations
 
