@@ -53,14 +53,27 @@ def test_missing_file_and_foreign_metadata(tmp_path):
 def test_non_finite_weights_and_a_folder_are_refused(tmp_path):
     """A diverged run's NaN weights would give NaN boxes and poses (and JSON no parser reads): refused, naming
     the tensor; a folder given as the file is named as such."""
-    model = _model()
-    with torch.no_grad():
-        model[0].weight[0, 0] = float("nan")
-    save_state(model, tmp_path / "nan.safetensors", {"spec": "{}"})
+    from safetensors.torch import save_file
+    state = {k: v.clone() for k, v in _model().state_dict().items()}
+    state["0.weight"][0, 0] = float("nan")
+    save_file(state, str(tmp_path / "nan.safetensors"), metadata={"spec": "{}"})   # not through save_state
     with pytest.raises(ValueError, match=r"nan.safetensors: tensor 0.weight holds NaN or inf"):
         read_state(tmp_path / "nan.safetensors", "spec", "toy")
     with pytest.raises(ValueError, match="is a directory"):
         read_state(tmp_path, "spec", "toy")
+
+
+def test_a_diverged_network_is_never_written(tmp_path):
+    """save_state refuses NaN weights, so a training run at a runaway learning rate cannot overwrite good
+    (perhaps the shipped) weights with unusable ones."""
+    save_state(_model(), tmp_path / "w.safetensors", {"spec": "{}"})
+    before = (tmp_path / "w.safetensors").read_bytes()
+    model = _model()
+    with torch.no_grad():
+        model[0].bias.fill_(float("inf"))
+    with pytest.raises(ValueError, match=r"not writing .*w.safetensors: tensor 0.bias holds NaN or inf"):
+        save_state(model, tmp_path / "w.safetensors", {"spec": "{}"})
+    assert (tmp_path / "w.safetensors").read_bytes() == before
 
 
 def test_another_architecture_is_refused(tmp_path):

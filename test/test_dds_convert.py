@@ -52,7 +52,9 @@ def test_pointcloud2_over_dds_is_intact():
     np.testing.assert_array_equal(np.stack([cloud["x"], cloud["y"], cloud["z"]], 1), xyz)
     np.testing.assert_array_equal(cloud["label"], label)
     np.testing.assert_array_equal(cloud["confidence"], conf)
-    assert out.point_step == 17 and out.header.frame_id == "base_link"
+    # C-struct layout: confidence at 16 after 3 bytes of padding, not at 13
+    assert out.point_step == 20 and [f.offset for f in out.fields] == [0, 4, 8, 12, 16]
+    assert out.header.frame_id == "base_link"
 
 
 def test_occupancy_grid_over_dds_is_intact():

@@ -1487,14 +1487,17 @@ def test_train_cli_presence_only_records_the_heads_steps_across_runs(fake_splits
     monkeypatch.setattr(text, "TextEncoder", lambda *a, **k: None)
     monkeypatch.setitem(model_module.SPECS, "tiny", SMALL)
     common = ["--minutes", "60", "--batch", "4", "--monitor-every", "0", "--no-eval"]
-    assert vg_main(["train", "grounding", "--steps", "2", *common, "--out", str(tmp_path / "net")]) == 0
+    assert vg_main(["train", "grounding", "--steps", "2", "--seeds", "3-4", *common,
+                    "--out", str(tmp_path / "net")]) == 0
     previous = tmp_path / "net" / "grounding_vglaw_tiny.safetensors"
-    for run, steps, total in (("head1", 3, "3"), ("head2", 2, "5")):
+    for run, seed, steps, total, seeds in (("head1", "7", 3, "3", "3-4, 7"), ("head2", "8", 2, "5", "3-4, 7-8")):
         assert vg_main(["train", "grounding", "--init", str(previous), "--presence-only", "--absent", "0.5",
-                        "--steps", str(steps), *common, "--out", str(tmp_path / run)]) == 0
+                        "--seeds", seed, "--steps", str(steps), *common, "--out", str(tmp_path / run)]) == 0
         previous = tmp_path / run / "grounding_vglaw_tiny.safetensors"
         model, meta = load_weights(previous)
         assert model.presence is not None and meta["steps"] == "2" and meta["presence_steps"] == total
+        # every seed the network has seen, --init's included: eval refuses them all
+        assert meta["train_seeds"] == seeds
 
 
 def test_camera_choice_tool_scores_each_rule_on_a_bag_about_any_camera(tmp_path, capsys):

@@ -135,8 +135,13 @@ def test_train_init_reads_weights_through_the_checkpoint_reader(tmp_path, monkey
         parsed.argv = argv   # as `main` records it
         return parsed
     logged = []
-    train.train(args(default_weights_path("tiny")), log=logged.append)
+    info = train.train(args(default_weights_path("tiny")), log=logged.append)
     assert any("initialised from" in line and "undone" in line for line in logged)
+    # the shipped network's training seeds stay on record beside this run's: eval refuses all of them
+    from vg_ros.checkpoint import read_state
+    from vg_ros.sim.seeds import parse_seeds
+    _, shipped = read_state(default_weights_path("tiny"), "tpv_config", "occupancy")
+    assert set(parse_seeds(info["train_seeds"])) == set(parse_seeds(shipped["train_seeds"])) | {4242}
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(default_weights_path("tiny").read_bytes()[:1000])
     rendered = []   # the bad file is reported before any rendering

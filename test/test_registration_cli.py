@@ -112,6 +112,28 @@ def test_short_training_reduces_loss_and_round_trips(tmp_path):
     assert probs[labels].mean() > probs[~labels].mean() + 0.3
 
 
+def test_train_cli_end_to_end_writes_weights_that_eval_refuses_to_score_on_their_seeds(tmp_path, monkeypatch,
+                                                                                       capsys):
+    """`vg-ros train registration` through its command line (a local import once broke every run of it):
+    weights with `train_seeds` and a card; eval then refuses those seeds. Bad numbers, held-out seeds and an
+    --out that is a file are refused before any work."""
+    from vg_ros.registration import train as reg_train
+    monkeypatch.setattr(reg_train, "CACHE_DIR", tmp_path / "cache")
+    out = tmp_path / "run"
+    assert vg_main(["train", "registration", "--seeds", "0", "--steps", "3", "--out", str(out)]) == 0
+    weights = out / "registration_vbreg.safetensors"
+    assert weights.is_file() and (out / "registration_vbreg.md").is_file()
+    capsys.readouterr()
+    assert vg_main(["eval", "registration", "--weights", str(weights), "--seeds", "0"]) == 2
+    assert "trained on it" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    for argv, needle in ((["--lr", "nan"], "--lr nan"), (["--lr", "0"], "--lr 0.0"), (["--batch", "0"], "--batch 0"),
+                         (["--size", "0"], "--size 0"), (["--seeds", "9500"], "held-out evaluation seeds"),
+                         (["--out", str(tmp_path / "file")], "a file, not a folder")):
+        assert vg_main(["train", "registration", "--steps", "3", "--out", str(out), *argv]) == 2, argv
+        assert needle in capsys.readouterr().err, argv
+
+
 def test_model_card_seed_ranges():
     from vg_ros.sim.seeds import format_seeds, parse_seeds
     assert format_seeds(range(96)) == "0-95"

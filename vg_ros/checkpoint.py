@@ -22,6 +22,10 @@ def save_state(model: nn.Module, path: str | Path, metadata: dict | None = None)
 
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    for key, tensor in state.items():   # a diverged run: nothing written, the previous file (shipped?) stays
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"not writing {path}: tensor {key} holds NaN or inf (the training diverged; a lower "
+                             "--lr?)")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(path), metadata=meta)

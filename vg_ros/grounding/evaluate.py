@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 
 import numpy as np
@@ -477,6 +478,19 @@ def main(argv: list[str]) -> int:
             raise UserError(f"--gallery {args.gallery}: {exc}") from exc
         print(f"gallery: {len(entries)} pictures in {args.gallery} (index.json lists them)")
     if args.json_out:
-        with open(args.json_out, "w") as fh:
-            json.dump(result, fh, indent=2, default=str)
+        with open(args.json_out, "w") as fh:   # strict JSON: an undefined rate (nothing found) is null, not NaN
+            json.dump(without_nan(result), fh, indent=2, default=str, allow_nan=False)
     return 0
+
+
+def without_nan(value):
+    """`value` with every float NaN or inf inside dicts, lists and tuples replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: without_nan(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [without_nan(v) for v in value]
+    if isinstance(value, np.floating):
+        return without_nan(float(value))
+    return value

@@ -462,6 +462,7 @@ def write_card(path: Path, *, args, spec, history: dict, result: dict | None, we
 def main(argv: list[str]) -> int:
     from vg_ros.cli import UserError
     from vg_ros.grounding.data import load_or_render, load_with_negatives, parse_seeds
+    from vg_ros.sim.seeds import format_seeds
     from vg_ros.grounding.evaluate import DEFAULT_VAL_SEEDS, HEADLINE, evaluate_split, format_report
     from vg_ros.grounding.pipeline import WEIGHTS_DIR, resolve_device, save_weights
     from vg_ros.grounding.text import TextEncoder
@@ -549,8 +550,10 @@ def main(argv: list[str]) -> int:
                 raise ValueError(f"--seeds and {name} overlap: {sorted(set(train_seeds) & set(other))[:5]}")
         if set(dev_seeds) & set(val_seeds):
             raise ValueError(f"--dev-seeds and --val-seeds overlap: {sorted(set(dev_seeds) & set(val_seeds))[:5]}")
-        if args.steps < 1 or args.minutes <= 0 or args.batch < 1:
-            raise ValueError("--steps, --minutes and --batch must be positive")
+        if args.steps < 1 or not 0 < args.minutes < math.inf or args.batch < 1:
+            raise ValueError("--steps, --minutes and --batch must be positive (and finite)")
+        if not 0 < args.lr < math.inf:
+            raise ValueError(f"--lr {args.lr}: must be a finite number > 0")
         if args.workers < 0:
             raise ValueError(f"--workers: at least 0, got {args.workers}")
         if args.ema and not 0.0 < args.ema < 1.0:
@@ -594,6 +597,11 @@ def main(argv: list[str]) -> int:
             raise UserError(f"--init {args.init}: {exc}") from exc
         spec = init.spec
         init_steps = int(init_meta.get("steps", 0))
+        trained = set(parse_seeds(init_meta["train_seeds"])) if init_meta.get("train_seeds") else set()
+        for name, other in (("--val-seeds", val_seeds), ("--dev-seeds", dev_seeds)):
+            if trained & set(other):
+                raise UserError(f"--init {args.init} was trained on {name} {sorted(trained & set(other))[:5]}: "
+                                "they could not score this run")
         if args.reset_pooling:
             torch.manual_seed(args.seed)
             init.box_head.reset_pooling()
@@ -611,7 +619,9 @@ def main(argv: list[str]) -> int:
         print(f"[grounding train] {int((negatives >= 0).sum())} relation-turned negatives")
     stem = args.name or f"grounding_vglaw_{args.config}" + ("_phi0" if args.ablation_phi_zero else "")
     weights = out_dir / f"{stem}.safetensors"
-    meta = {"train_seeds": args.seeds, "phi_zero": int(args.ablation_phi_zero), "absent": args.absent,
+    # the seeds of --init's training too: `vg-ros eval grounding` refuses every seed the network has seen
+    seen = set(train_seeds) | (set(parse_seeds(init_meta["train_seeds"])) if init_meta.get("train_seeds") else set())
+    meta = {"train_seeds": format_seeds(sorted(seen)), "phi_zero": int(args.ablation_phi_zero), "absent": args.absent,
             "relation": args.relation, **({"ema": args.ema} if args.ema else {})}
     if args.presence_only:   # the network is --init's: its own record stays, the head's is apart
         meta.update(absent=init_meta.get("absent", ""), relation=init_meta.get("relation", ""),
@@ -645,7 +655,7 @@ def main(argv: list[str]) -> int:
     state_path = out_dir / f"{stem}.state.safetensors"
     record = {"args": {k: v for k, v in vars(args).items() if k != "resume"}, "command": command,
               "spec": spec.to_dict(), "init_steps": init_steps,
-              "init_meta": {k: init_meta.get(k, "") for k in ("absent", "relation")}}
+              "init_meta": {k: init_meta.get(k, "") for k in ("absent", "relation", "train_seeds")}}
     with StopRequest() as stop:
         try:
             model, history = train(
@@ -660,6 +670,8 @@ def main(argv: list[str]) -> int:
     if history["interrupted"]:
         save_weights(model, weights,
                      {**meta, **step_meta(history["steps"]), "partial": "true"})
+        for stale in (out_dir / f"{stem}.md", out_dir / f"{stem}.eval.json"):   # they describe earlier weights
+            stale.unlink(missing_ok=True)
         print(f"[grounding train] stopped by signal {stop.signal} at step {history['steps']}; weights so far in "
               f"{weights} (partial); continue with: vg-ros train grounding --resume {state_path}")
         return 130
@@ -667,7 +679,10 @@ def main(argv: list[str]) -> int:
     history["resumed"] = bool(resume)
     history["init"] = args.init + (" (box pooling re-initialised)" if args.reset_pooling else "")
     date = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="minutes")}
-    save_weights(model, weights, {**meta, **step_meta(history["steps"]), **date})
+    try:
+        save_weights(model, weights, {**meta, **step_meta(history["steps"]), **date})
+    except ValueError as exc:   # diverged: nothing written
+        raise UserError(str(exc)) from None
     print(f"[grounding train] wrote {weights} ({weights.stat().st_size / 1e6:.1f} MB)")
     if "raw_model" in history:   # the network the last step left, beside its average
         raw = weights.with_name(f"{stem}_raw.safetensors")

@@ -169,6 +169,15 @@ def sampling_text(info: dict) -> str:
            f"{info['free_per_ray']} free points along each ray."
 
 
+def shown_path(path: str) -> str:
+    """`path` as a card shows it: relative to the checkout when inside it (the shipped cards), else as given."""
+    repo = Path(__file__).resolve().parents[2]
+    try:
+        return str(Path(path).resolve().relative_to(repo))
+    except ValueError:
+        return str(path)
+
+
 def write_card(path: Path, info: dict) -> None:
     """The model card beside the weights: data, seeds, steps, command, metrics, date."""
     m = info["metrics"]
@@ -191,7 +200,7 @@ package's own `vg_ros/occupancy/train.py` on {info['date']}.
 ## Held-out evaluation
 
 Seeds `{info['eval_seeds']}` (never used in training), {m['frames']} frames, Occ3D metrics on camera-visible
-voxels (`vg-ros eval occupancy --weights vg_ros/weights/{Path(info['weights']).name} --eval-seeds {info['eval_seeds']}`):
+voxels (`vg-ros eval occupancy --weights {shown_path(info['weights'])} --eval-seeds {info['eval_seeds']}`):
 
 {metrics_table(dict(m, name=info['config']))}
 

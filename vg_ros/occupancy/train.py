@@ -27,6 +27,7 @@ from vg_ros.occupancy.data import (SUPERVISION_DEFAULTS, build_cache, class_stat
                                    supervision_points)
 from vg_ros.occupancy.model import MODEL_CONFIGS, TPVFormer, model_config, occupancy_loss
 from vg_ros.occupancy.pipeline import WEIGHTS_DIR, resolve_device, save_checkpoint
+from vg_ros.sim.seeds import format_seeds
 from vg_ros.types import FREE_CLASS
 
 DEFAULT_TRAIN_SEEDS = "0-47"
@@ -75,9 +76,15 @@ def train(args: argparse.Namespace, log=print) -> dict:
         with torch.no_grad():
             model.decoder.classifier.bias[FREE_CLASS] -= baked
         init_steps = int(init_meta.get("steps", 0))
+        if init_meta.get("train_seeds"):   # what --init has seen is seen by this network too
+            init_seeds = set(parse_seeds(init_meta["train_seeds"]))
+            if init_seeds & set(eval_seeds):
+                raise ValueError(f"--init {args.init} was trained on held-out seeds "
+                                 f"{sorted(init_seeds & set(eval_seeds))[:5]}; choose other --eval-seeds")
+            seeds = sorted(set(seeds) | init_seeds)
         log(f"initialised from {args.init} ({init_steps} steps; free bias shift {baked:+.3f} undone)")
     # After --init: a bad file is reported before minutes of rendering, not after.
-    paths = build_cache(seeds, cfg.image_size, seconds=args.seconds, every=args.every, log=log)
+    paths = build_cache(parse_seeds(args.seeds), cfg.image_size, seconds=args.seconds, every=args.every, log=log)
     if not paths:
         raise ValueError("no training samples")
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
@@ -126,12 +133,16 @@ def train(args: argparse.Namespace, log=print) -> dict:
                 f"  lovasz {np.mean([h['lovasz'] for h in recent]):.3f}  lr {lr_at(step):.2e}  "
                 f"{(time.time() - start) / step:.2f} s/step")
         if step % args.save_every == 0:
-            save_checkpoint(model, out_path, {"steps": step, "partial": "true"})
+            if step == args.save_every:   # the card and metrics beside the file describe earlier weights
+                for stale in (out_path.with_suffix(".md"), out_dir / (weights_name(args.config, args.supervision) + ".json")):
+                    stale.unlink(missing_ok=True)
+            save_checkpoint(model, out_path, {"steps": init_steps + step, "partial": "true",
+                                              "train_seeds": format_seeds(seeds)})
     model.eval()
     train_seconds = time.time() - start
     stats = class_statistics(paths)
     info = {
-        "config": args.config, "supervision": args.supervision, "train_seeds": args.seeds,
+        "config": args.config, "supervision": args.supervision, "train_seeds": format_seeds(seeds),
         "eval_seeds": args.eval_seeds, "samples": len(paths), "steps": init_steps + step, "lr": args.lr,
         "train_minutes": round(train_seconds / 60, 1), "resumed_from_steps": init_steps, "threads": torch.get_num_threads(),
         "final_loss": float(np.mean([h["loss"] for h in history[-50:]])),
@@ -202,6 +213,15 @@ def main(argv: list[str]) -> int:
     args.argv = list(argv)
     if args.steps < 1:
         raise UserError("--steps must be >= 1")
+    if not 0 < args.lr < math.inf:
+        raise UserError(f"--lr {args.lr}: must be a finite number > 0")
+    if not 0 <= args.minutes < math.inf:
+        raise UserError(f"--minutes {args.minutes}: must be a finite number >= 0 (0: no limit)")
+    for name in ("log_every", "save_every"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UserError(f"--out {args.out}: a file, not a folder")
     try:
         train(args, log=lambda msg: print(msg, flush=True))
     except ValueError as exc:
