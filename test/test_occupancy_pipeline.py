@@ -44,6 +44,9 @@ def test_infer_returns_grid_with_confidence_and_observed(pipe):
     assert res.semantics.dtype == np.uint8 and res.semantics.max() <= FREE_CLASS
     assert np.all((res.confidence >= 1 / 18 - 1e-6) & (res.confidence <= 1))
     assert 0.5 < res.observed.mean() < 1.0  # six surround cameras see most of the grid, not above/below them
+    # voxels wholly below the ground (ground_z 0: layers [-1.0, -0.6] and [-0.6, -0.2]) project into the
+    # images but no camera sees them: unobserved, so never published as occupied
+    assert not res.observed[:, :, :2].any() and res.observed[:, :, 2].any()
 
 
 def test_any_image_size_is_resized_with_intrinsics(pipe):

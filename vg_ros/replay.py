@@ -266,7 +266,7 @@ class OccupancyStage(Stage):
         from vg_ros.geometry import voxel_centers
         from vg_ros.types import CameraFrame
         present = [(i, m) for i, m in enumerate(images) if m is not None]
-        stamp = stamp_of(present[0][1])
+        stamp = min(stamp_of(m) for _, m in present)   # as occupancy_node: the set's earliest image
         try:
             frames = [CameraFrame(self._camera(i, m), image_to_rgb(m), stamp_of(m)) for i, m in present]
             result = self.timed(lambda: self.pipeline.infer(frames, stamp))

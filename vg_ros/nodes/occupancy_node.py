@@ -131,7 +131,7 @@ class OccupancyNode(PerceptionNode):
         present = [(name, msg) for name, msg in zip(self.camera_names, images) if msg is not None]
         if not present:
             return
-        stamp = stamp_of(present[0][1])
+        stamp = min(stamp_of(msg) for _, msg in present)   # the set's earliest image, whatever the camera order
         missing = [n for n, m in zip(self.camera_names, images) if m is None]
         if missing:
             self.drops.drop("camera_missing", f"set {stamp}: no image from {missing}; their sector is unknown")

@@ -45,6 +45,8 @@ class OccupancyConfig(PipelineConfig):
     max_observed_range: float = param(60.0, "voxels farther than this from every camera are unobserved (m)",
                                       low=1.0, high=500.0)
     min_confidence: float = param(0.0, "occupied voxels below this confidence are reported free", low=0.0, high=1.0)
+    ground_z: float = param(0.0, "height of the ground in base_link (m): voxels wholly below it are hidden from "
+                            "every camera and reported unobserved", low=-5.0, high=5.0)
 
     def validate(self) -> None:
         super().validate()
@@ -162,8 +164,11 @@ def prepare_inputs(frames: list[CameraFrame], image_size: tuple[int, int]) -> tu
     return np.stack(images), cams
 
 
-def observed_voxels(grid: GridSpec, cameras: list[CameraModel], max_range: float) -> np.ndarray:
-    """(X, Y, Z) bool: the voxel centre projects inside some camera's image within `max_range` metres."""
+def observed_voxels(grid: GridSpec, cameras: list[CameraModel], max_range: float,
+                    ground_z: float | None = None) -> np.ndarray:
+    """(X, Y, Z) bool: the voxel centre projects inside some camera's image within `max_range` metres, and
+    (with `ground_z`) the voxel reaches above the ground: one wholly under it projects into the images too,
+    but no camera sees it (the training labels never cover it, and the network's guesses there are noise)."""
     centres = voxel_centers(grid).reshape(-1, 3).astype(np.float64)
     seen = np.zeros(len(centres), dtype=bool)
     for cam in cameras:
@@ -175,6 +180,8 @@ def observed_voxels(grid: GridSpec, cameras: list[CameraModel], max_range: float
         u = cam.K[0, 0] * pts[:, 0] / z + cam.K[0, 2]
         v = cam.K[1, 1] * pts[:, 1] / z + cam.K[1, 2]
         seen |= ok & (u >= 0) & (u < cam.width) & (v >= 0) & (v < cam.height)
+    if ground_z is not None:
+        seen &= centres[:, 2] + grid.voxel_size / 2 > ground_z
     return seen.reshape(grid.shape)
 
 
@@ -202,12 +209,13 @@ class OccupancyPipeline:
         self._observed_cache: dict[bytes, np.ndarray] = {}
 
     def observed(self, cameras: list[CameraModel]) -> np.ndarray:
-        key = b"".join(np.asarray(c.K, np.float64).tobytes() + np.asarray(c.T_base_cam, np.float64).tobytes()
+        key = np.float64(self.cfg.ground_z).tobytes() + b"".join(np.asarray(c.K, np.float64).tobytes() + np.asarray(c.T_base_cam, np.float64).tobytes()
                        + np.array([c.width, c.height]).tobytes() for c in cameras)
         if key not in self._observed_cache:
             if len(self._observed_cache) > 16:
                 self._observed_cache.clear()
-            self._observed_cache[key] = observed_voxels(self.grid, cameras, self.cfg.max_observed_range)
+            self._observed_cache[key] = observed_voxels(self.grid, cameras, self.cfg.max_observed_range,
+                                                        self.cfg.ground_z)
         return self._observed_cache[key]
 
     @torch.no_grad()
