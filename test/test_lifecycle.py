@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -238,12 +239,19 @@ def test_vg_ros_up_no_autostart_then_vg_ros_lifecycle_starts_and_shuts_the_node_
 
 
 def _pid_gone(pid: int, timeout: float) -> bool:
+    """The process has exited: no such pid, or a zombie (an orphan whose new parent, e.g. a container's
+    PID 1, does not reap)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
             return True
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return True
+        except (OSError, IndexError):
+            pass
         try:   # our child when the test started it; reaped by whoever is its parent otherwise
             if os.waitpid(pid, os.WNOHANG)[0] == pid:
                 return True
