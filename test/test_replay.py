@@ -88,6 +88,10 @@ def test_scores_of_perfect_outputs(bag, tmp_path):
     assert gro["frames"] == gro["gt_frames"] == FRAMES - gro["gt_target_not_visible"] and gro["camera"] == "CAM_FRONT"
     assert gro["gt_frames"] >= 5 and gro["found_when_not_visible"] == 0
     assert gro["prec_at_05"] == 1.0 and gro["miou"] == pytest.approx(1.0) and gro["found_rate"] == 1.0
+    # this drive's command ("the gray lorry to the right of the cyclist") stops describing its target when the
+    # cyclist moves: those frames keep their label and are also scored apart (/gt/grounding_undescribed)
+    still = gro["words_still_describe"]
+    assert still["of"] == gro["frames"] and 0 < still["frames"] < still["of"] and still["prec_at_05"] == 1.0
 
 
 def test_scores_of_degraded_outputs_are_the_expected_numbers(bag, tmp_path):

@@ -71,6 +71,7 @@ GT_TOPICS = {"occupancy": "/gt/occupancy", "odometry": "/gt/ego_pose", "groundin
 # the command's target as the cameras other than the command's see it (`vg-ros sim` writes one message per
 # such camera and frame): a node grounding in several cameras is right to publish it in any of them
 GT_GROUNDING_VIEWS = "/gt/grounding_views"
+GT_UNDESCRIBED = "/gt/grounding_undescribed"   # stamps whose target the command's words no longer single out
 
 
 class PipelineUnavailable(Exception):
@@ -713,6 +714,10 @@ def score_bags(in_bag: str | Path, out_bag: str | Path, *, grounding_image_topic
                     view = msg_to_expression(msg)
                     if view.camera in cameras and view.mask.any():
                         views[view.stamp_ns][msg.header.frame_id] = view
+            from vg_ros.convert import time_to_ns
+            undescribed = ({time_to_ns(m.stamp) for _, _, _, m in src.messages([GT_UNDESCRIBED])}
+                           if GT_UNDESCRIBED in gt_topics else set())
+            described: list[bool] = []
             gt_count = other_camera = invisible = found_invisible = wrong_camera = other_view = 0
             for _, _, _, msg in src.messages([GT_TOPICS["grounding"]]):
                 expr = msg_to_expression(msg)
@@ -746,6 +751,7 @@ def score_bags(in_bag: str | Path, out_bag: str | Path, *, grounding_image_topic
                     mask = np.zeros_like(expr.mask)
                 if keep and len(ious) % keep == 0:
                     frames.append((stamp, expr, ok, box, score, mask))
+                described.append(stamp not in undescribed)
                 ious.append(float(box_iou(box, expr.box)) if ok else 0.0)
                 m_ious.append(float(mask_ious([mask], [expr.mask])[0]) if mask.shape == expr.mask.shape else 0.0)
                 hops.append(expr.hops)
@@ -764,6 +770,12 @@ def score_bags(in_bag: str | Path, out_bag: str | Path, *, grounding_image_topic
                                 for h in np.unique(hops_a)}})
             else:
                 section.update({"prec_at_05": None, "miou": None})
+            if undescribed:   # the same scores over the frames whose command still singles out its target
+                d = np.asarray(described, bool)
+                section["words_still_describe"] = {
+                    "frames": int(d.sum()), "of": len(described),
+                    "prec_at_05": float((np.asarray(ious)[d] >= 0.5).mean()) if d.any() else None,
+                    "miou": float(np.asarray(m_ious)[d].mean()) if d.any() else None}
             if keep_frames:
                 section["_frames"] = frames
             scores["grounding"] = section
@@ -798,6 +810,10 @@ def summary_rows(result: dict) -> list[tuple[str, str, str, str]]:
             m = sec.get("miou")
             score = (f"Prec@0.5 {_fmt(None if p is None else 100 * p, '.1f')} %  "
                      f"mIoU {_fmt(None if m is None else 100 * m, '.1f')} %")
+            still = sec.get("words_still_describe")
+            if still and still.get("prec_at_05") is not None:
+                score += (f"  ({still['frames']}/{still['of']} frames the words still single out: "
+                          f"{100 * still['prec_at_05']:.1f} %)")
             if len(sec.get("cameras") or []) > 1:
                 score += f"  ({len(sec['cameras'])} cameras; in the wrong one {sec.get('found_in_wrong_camera', 0)})"
         lat = sec.get("latency_ms") or {}

@@ -18,6 +18,9 @@ ANY_CAMERA = "any"   # --command-camera any: each command about an object in a c
 BASE_FRAME = "base_link"
 
 
+# std_msgs/Header at the stamps whose /gt/grounding target the command's words no longer single out
+GT_UNDESCRIBED = "/gt/grounding_undescribed"
+
 @dataclass
 class SimBagStats:
     """What `write_bag` produced: frames, commands, seconds of data and wall seconds."""
@@ -39,7 +42,8 @@ def _topics(rig: Rig, lidar_labels: bool) -> list[tuple[str, str, bool]]:
           ("/gt/ego_pose", "geometry_msgs/msg/PoseStamped", False),
           ("/gt/occupancy", "vg_ros/msg/SemanticVoxelGrid", False),
           ("/gt/grounding", "vg_ros/msg/GroundingTarget", False),
-          ("/gt/grounding_views", "vg_ros/msg/GroundingTarget", False)]
+          ("/gt/grounding_views", "vg_ros/msg/GroundingTarget", False),
+          (GT_UNDESCRIBED, "std_msgs/msg/Header", False)]
     if lidar_labels:
         t.append(("/gt/lidar_labels", "sensor_msgs/msg/PointCloud2", False))
     return t
@@ -56,7 +60,7 @@ def write_bag(out: str | Path, seed: int, seconds: float, rig: Rig | None = None
     from vg_ros import convert
     from vg_ros.bag import BagWriter, typestore
     from vg_ros.sim.core import get_renderer, simulate
-    from vg_ros.sim.language import make_expressions, mask_box
+    from vg_ros.sim.language import make_expressions, mask_box, resolve, visible_objects
 
     rig = rig if rig is not None else Rig.load("default")
     if not (isinstance(seconds, (int, float)) and math.isfinite(seconds) and seconds > 0):
@@ -118,6 +122,12 @@ def write_bag(out: str | Path, seed: int, seconds: float, rig: Rig | None = None
                 mask = frame.instance[cam.name] == active.instance_id
                 target = Expression(active.text, cam.name, active.instance_id, mask_box(mask), mask, active.hops, S)
                 bag.write("/gt/grounding", S, convert.expression_to_msg(target, S, cam.frame_id, flavor=F))
+                # the words may stop singling out the target as the scene moves on ("the car left of the bus"
+                # once the bus has passed): the label stays (the command meant that object), and this topic
+                # marks the frame so the scores can also be read over the frames the words still describe
+                if mask.any() and resolve(visible_objects(world, frame.instance[cam.name], frame.depth[cam.name]),
+                                          active.text) != [active.instance_id]:
+                    bag.write(GT_UNDESCRIBED, S, convert.make_header(S, cam.frame_id, F))
                 for other in rig.cameras:   # the same target wherever else it is seen (multi-camera scoring)
                     if other.name == cam.name:
                         continue
