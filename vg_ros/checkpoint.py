@@ -22,10 +22,8 @@ def save_state(model: nn.Module, path: str | Path, metadata: dict | None = None)
 
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    for key, tensor in state.items():   # a diverged run: nothing written, the previous file (shipped?) stays
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise ValueError(f"not writing {path}: tensor {key} holds NaN or inf (the training diverged; a lower "
-                             "--lr?)")
+    if key := non_finite_tensor(state):   # a diverged run: nothing written, the previous file (shipped?) stays
+        raise ValueError(f"not writing {path}: tensor {key} holds NaN or inf (the training diverged; a lower --lr?)")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(path), metadata=meta)
@@ -45,11 +43,16 @@ def read_state(path: str | Path, required: str, kind: str) -> tuple[dict[str, to
         raise ValueError(f"{kind} weights {path}: not a readable safetensors file ({exc})") from exc
     if required not in meta:
         raise ValueError(f"{kind} weights {path}: no `{required}` metadata; not written by our train.py")
-    for key, tensor in state.items():   # a diverged or corrupted file would give NaN boxes and poses
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise ValueError(f"{kind} weights {path}: tensor {key} holds NaN or inf (a diverged training run or "
-                             "a corrupt file)")
+    if key := non_finite_tensor(state):   # a diverged or corrupted file would give NaN boxes and poses
+        raise ValueError(f"{kind} weights {path}: tensor {key} holds NaN or inf (a diverged training run or "
+                         "a corrupt file)")
     return state, meta
+
+
+def non_finite_tensor(state: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor of `state` holding NaN or inf, else None."""
+    return next((key for key, tensor in state.items()
+                 if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())), None)
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

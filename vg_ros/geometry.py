@@ -23,6 +23,12 @@ def make_T(R: np.ndarray | None = None, t: np.ndarray | None = None) -> np.ndarr
     return T
 
 
+def skew(v: np.ndarray) -> np.ndarray:
+    """(3, 3) matrix [v]x with [v]x w = v x w."""
+    x, y, z = np.asarray(v, dtype=np.float64).reshape(3)
+    return np.array([[0.0, -z, y], [z, 0.0, -x], [-y, x, 0.0]])
+
+
 def invert_T(T: np.ndarray) -> np.ndarray:
     """Inverse of a rigid transform (4, 4), exact (no general matrix inverse)."""
     R, t = T[:3, :3], T[:3, 3]

@@ -43,6 +43,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from vg_ros.sim.cli import GT_UNDESCRIBED   # stamps whose target the words no longer single out
 from vg_ros.types import FREE_CLASS
 
 PIPELINES = ("occupancy", "registration", "grounding")
@@ -71,7 +72,6 @@ GT_TOPICS = {"occupancy": "/gt/occupancy", "odometry": "/gt/ego_pose", "groundin
 # the command's target as the cameras other than the command's see it (`vg-ros sim` writes one message per
 # such camera and frame): a node grounding in several cameras is right to publish it in any of them
 GT_GROUNDING_VIEWS = "/gt/grounding_views"
-GT_UNDESCRIBED = "/gt/grounding_undescribed"   # stamps whose target the command's words no longer single out
 
 
 class PipelineUnavailable(Exception):

@@ -459,6 +459,12 @@ def write_card(path: Path, *, args, spec, history: dict, result: dict | None, we
     path.write_text("\n".join(line for line in lines if line is not None) + "\n")
 
 
+def seen_by_init(init_meta: dict) -> set[int]:
+    """The seeds the `--init` (or resumed) network was trained on, from its `train_seeds` metadata."""
+    from vg_ros.grounding.data import parse_seeds
+    return set(parse_seeds(init_meta["train_seeds"])) if init_meta.get("train_seeds") else set()
+
+
 def main(argv: list[str]) -> int:
     from vg_ros.cli import UserError
     from vg_ros.grounding.data import load_or_render, load_with_negatives, parse_seeds
@@ -597,11 +603,10 @@ def main(argv: list[str]) -> int:
             raise UserError(f"--init {args.init}: {exc}") from exc
         spec = init.spec
         init_steps = int(init_meta.get("steps", 0))
-        trained = set(parse_seeds(init_meta["train_seeds"])) if init_meta.get("train_seeds") else set()
         for name, other in (("--val-seeds", val_seeds), ("--dev-seeds", dev_seeds)):
-            if trained & set(other):
-                raise UserError(f"--init {args.init} was trained on {name} {sorted(trained & set(other))[:5]}: "
-                                "they could not score this run")
+            if overlap := seen_by_init(init_meta) & set(other):
+                raise UserError(f"--init {args.init} was trained on {name} {sorted(overlap)[:5]}: they could not "
+                                "score this run")
         if args.reset_pooling:
             torch.manual_seed(args.seed)
             init.box_head.reset_pooling()
@@ -620,8 +625,7 @@ def main(argv: list[str]) -> int:
     stem = args.name or f"grounding_vglaw_{args.config}" + ("_phi0" if args.ablation_phi_zero else "")
     weights = out_dir / f"{stem}.safetensors"
     # the seeds of --init's training too: `vg-ros eval grounding` refuses every seed the network has seen
-    seen = set(train_seeds) | (set(parse_seeds(init_meta["train_seeds"])) if init_meta.get("train_seeds") else set())
-    meta = {"train_seeds": format_seeds(sorted(seen)), "phi_zero": int(args.ablation_phi_zero), "absent": args.absent,
+    meta = {"train_seeds": format_seeds(sorted(set(train_seeds) | seen_by_init(init_meta))), "phi_zero": int(args.ablation_phi_zero), "absent": args.absent,
             "relation": args.relation, **({"ema": args.ema} if args.ema else {})}
     if args.presence_only:   # the network is --init's: its own record stays, the head's is apart
         meta.update(absent=init_meta.get("absent", ""), relation=init_meta.get("relation", ""),

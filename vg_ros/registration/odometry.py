@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from vg_ros.config import PipelineConfig, param
-from vg_ros.geometry import interpolate_T, invert_T, make_T
+from vg_ros.geometry import interpolate_T, invert_T, make_T, skew
 from vg_ros.types import LidarScan, OdometryResult
 
 UNTRUSTED_VARIANCE = 1e4  # per-axis variance given to poses that must not be trusted
@@ -89,9 +89,8 @@ def gicp_covariance(result, num_points: int, T_odom_lidar: np.ndarray,
     cov_tr = cov_rt[np.ix_(perm, perm)]
     R = T_odom_lidar[:3, :3]
     t = np.zeros(3) if T_lidar_base is None else T_lidar_base[:3, 3]
-    skew_t = np.array([[0, -t[2], t[1]], [t[2], 0, -t[0]], [-t[1], t[0], 0]])
     J = np.zeros((6, 6))
-    J[:3, :3], J[:3, 3:], J[3:, 3:] = R, -R @ skew_t, R
+    J[:3, :3], J[:3, 3:], J[3:, 3:] = R, -R @ skew(t), R
     cov = J @ cov_tr @ J.T
     return 0.5 * (cov + cov.T)
 

@@ -21,6 +21,7 @@ from scipy.spatial import cKDTree
 
 from vg_ros.checkpoint import load_into, read_state
 from vg_ros.config import PipelineConfig, param
+from vg_ros.geometry import skew
 from vg_ros.registration import features
 from vg_ros.registration.model import VBRegDims, VBRegNet, second_order_compatibility, spatial_compatibility
 from vg_ros.registration.search import distinct_best, refine, scale_candidates, voting_search
@@ -136,9 +137,8 @@ def uncentre(res: RegistrationResult, src_centre: np.ndarray, dst_centre: np.nda
     T = res.transform.copy()
     T[:3, 3] = T[:3, :3] @ (-src_centre) + T[:3, 3] + dst_centre
     res.transform = T
-    cx, cy, cz = dst_centre
     adjoint = np.eye(6)
-    adjoint[:3, 3:] = np.array([[0, -cz, cy], [cz, 0, -cx], [-cy, cx, 0]])
+    adjoint[:3, 3:] = skew(dst_centre)
     res.covariance = adjoint @ res.covariance @ adjoint.T
     return res
 
