@@ -265,12 +265,19 @@ def _pid_gone(pid: int, timeout: float) -> bool:
 def test_vg_ros_up_never_leaves_a_node_running_when_it_goes_away(signal_name):
     """The nodes run in their own sessions (Ctrl-C reaches the supervisor only), so a closed terminal
     (SIGHUP to `vg-ros up`) or a killed supervisor (SIGKILL) used to leave them running orphaned. SIGHUP
-    now stops them as Ctrl-C does; on SIGKILL each node gets SIGTERM from the kernel (PR_SET_PDEATHSIG)."""
+    now stops them as Ctrl-C does; on SIGKILL each node gets SIGTERM from the kernel (PR_SET_PDEATHSIG).
+
+    `vg-ros up` starts here with SIGHUP, SIGINT and SIGTERM blocked, as our CI runner starts its tests: the
+    mask is inherited across exec, so the SIGKILL case failed there (the node's SIGTERM stayed pending)
+    until the processes unblocked the signals they handle (vg_ros.stop_signals)."""
     import re
     import signal
     env = {**os.environ, "ROS_DOMAIN_ID": str(DOMAIN + 3), "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST",
            "PYTHONUNBUFFERED": "1"}
-    up = subprocess.Popen([sys.executable, "-m", "vg_ros.cli", "up", "--nodes", "registration", "--device", "cpu"],
+    blocked_exec = ("import os, signal, sys; "
+                    "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP, signal.SIGINT, signal.SIGTERM}); "
+                    "os.execv(sys.executable, [sys.executable, '-m', 'vg_ros.cli', *sys.argv[1:]])")
+    up = subprocess.Popen([sys.executable, "-c", blocked_exec, "up", "--nodes", "registration", "--device", "cpu"],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     node_pid, lines = None, []
     try:

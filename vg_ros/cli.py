@@ -10,6 +10,8 @@ import importlib
 import sys
 from pathlib import Path
 
+from vg_ros import stop_signals
+
 # command -> ("module:function", one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("vg_ros.bag:info_main", "print a rosbag2's topics, types, counts and duration"),
@@ -109,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"vg-ros: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
+    stop_signals.unblock()   # Ctrl-C and `kill` stop every command, whatever mask its parent left blocked
     try:
         return _call(COMMANDS[name][0], rest)
     except UserError as exc:

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from vg_ros import stop_signals
 from vg_ros.ros_compat import use_dds_profiles
 
 SENSOR_TYPES = frozenset({
@@ -309,7 +310,7 @@ class _RosProcess:
         # the default 3 s heartbeat, twice seen back to back: a command 6 s late (docs/bringup.md)
         use_dds_profiles()
         self.stop = threading.Event()
-        self._previous = {s: signal.signal(s, lambda *_: self.stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+        self._previous = stop_signals.catch((signal.SIGINT, signal.SIGTERM), lambda *_: self.stop.set())
         self.context = rclpy.Context()
         rclpy.init(args=[], context=self.context, signal_handler_options=SignalHandlerOptions.NO)
         self.node = rclpy.create_node(name, context=self.context,
@@ -330,16 +331,13 @@ class _RosProcess:
                 raise
 
     def close(self) -> None:
-        import signal
-
         import rclpy
         self._spinning = False
         self._thread.join(timeout=2.0)
         self.executor.shutdown(timeout_sec=1.0)
         self.node.destroy_node()
         rclpy.try_shutdown(context=self.context)
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+        stop_signals.restore(self._previous)
 
 
 def play_main(argv: list[str]) -> int:

@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, TextIO
 
+from vg_ros import stop_signals
+
 # capability -> (node name = console_scripts executable, module with `main`)
 NODES: dict[str, tuple[str, str]] = {
     "occupancy": ("occupancy_node", "vg_ros.nodes.occupancy_node"),
@@ -324,7 +326,7 @@ def main(argv: list[str]) -> int:
                        extra_ros_args=["-p", "autostart:=false"] if args.no_autostart else None) for c in chosen]
     stop = threading.Event()
     # SIGHUP: the terminal or the ssh session went away; the nodes (own sessions) would not hear it
-    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    previous = stop_signals.catch((signal.SIGINT, signal.SIGTERM, signal.SIGHUP), lambda *_: stop.set())
     sup = Supervisor(specs, log_dir=args.log_dir, respawn=args.respawn, respawn_delay_s=args.respawn_delay,
                      max_respawns=args.max_respawns)
     print(f"[up] {len(specs)} node(s) with {config}; ROS_DOMAIN_ID={os.environ.get('ROS_DOMAIN_ID', '0')}; "
@@ -339,8 +341,7 @@ def main(argv: list[str]) -> int:
             stop.wait(0.5)
     finally:
         codes = sup.stop()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        stop_signals.restore(previous)
     failed = {n: c for n, c in codes.items() if c not in (0, -signal.SIGINT)}
     print("[up] exit codes: " + ", ".join(f"{n}={c}" for n, c in codes.items()), flush=True)
     return 1 if failed else 0

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vg_ros import stop_signals
 from vg_ros.checkpoint import save_training_state
 from vg_ros.grounding.model import VGLAW, spec_by_name, total_loss, xyxy_to_cxcywh  # noqa: F401
 
@@ -369,13 +370,11 @@ class StopRequest:
         self._previous: dict = {}
 
     def __enter__(self) -> "StopRequest":
-        for sig in self.SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
+        self._previous = stop_signals.catch(self.SIGNALS, self._handle)
         return self
 
     def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+        stop_signals.restore(self._previous)
 
     def _handle(self, signum, frame) -> None:
         self.signal = signum

@@ -36,7 +36,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from vg_ros import ros_compat
+from vg_ros import ros_compat, stop_signals
 from vg_ros.config import PipelineConfig, declare_ros_parameters, default_config_path, load_section, split_params
 from vg_ros.convert import stamp_of
 from vg_ros.geometry import invert_T, make_T, quat_to_R
@@ -989,7 +989,7 @@ def run_node(node_cls: type[PerceptionNode], args: list[str] | None = None, *, m
     from rclpy.signals import SignalHandlerOptions
 
     stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = stop_signals.catch((signal.SIGINT, signal.SIGTERM), lambda *_: stop.set())
     die_with_parent(os.environ.get("VG_ROS_PARENT_PID"))
     if hasattr(signal, "SIGUSR1"):   # `kill -USR1 <pid>`: every thread's stack to stderr, the node runs on
         import faulthandler
@@ -1038,8 +1038,7 @@ def run_node(node_cls: type[PerceptionNode], args: list[str] | None = None, *, m
         if node is not None:
             node.destroy_node()
         rclpy_mod.try_shutdown()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        stop_signals.restore(previous)
 
 
 def node_main(node_cls: type[PerceptionNode]) -> Callable[[list[str] | None], int]:

@@ -1,0 +1,41 @@
+"""Stop signals (SIGINT, SIGTERM, ...) caught as a request, whatever signal mask the process inherited.
+
+A process inherits its parent's blocked-signal mask across fork and exec, and Python's `signal.signal`
+installs a handler without touching that mask. Under a harness that blocks SIGTERM (our CI runner does)
+a handler never ran: `kill PID` did nothing, and a node whose supervisor was SIGKILLed kept running, its
+parent-death SIGTERM pending forever. `catch` installs the handlers and unblocks their signals.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable, Iterable
+from typing import Any
+
+Handler = Callable[[int, Any], Any]
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def unblock(signals: Iterable[signal.Signals] = STOP_SIGNALS) -> None:
+    """Unblock `signals` in this thread, so Ctrl-C and `kill` reach the program (their default action or
+    its handler) even where its parent blocked them."""
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, tuple(signals))
+
+
+def catch(signals: Iterable[signal.Signals], handler: Handler) -> dict[signal.Signals, Any]:
+    """Install `handler` for each of `signals` and unblock them in this thread (call it from the main thread
+    before starting others: new threads inherit the mask); returns the previous handlers for `restore`.
+    The signals stay unblocked after `restore`: a program that handles a stop request wants to hear one."""
+    signals = tuple(signals)
+    previous = {sig: signal.signal(sig, handler) for sig in signals}
+    unblock(signals)
+    return previous
+
+
+def restore(previous: dict[signal.Signals, Any]) -> None:
+    """Put back the handlers `catch` replaced."""
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
