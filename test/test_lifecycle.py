@@ -299,3 +299,25 @@ def test_vg_ros_up_never_leaves_a_node_running_when_it_goes_away(signal_name):
             os.kill(node_pid, signal.SIGKILL)
     if signal_name == "SIGHUP":   # stopped as by Ctrl-C: the node's clean summary, exit 0
         assert up.returncode == 0 and "stopping:" in rest and "registration_node=0" in rest, rest
+
+
+def test_stop_signals_unblock_what_they_catch_and_a_node_notices_its_supervisor_gone():
+    """stop_signals.catch installs the handler and unblocks the signal an exec'd process may inherit
+    blocked; parent_gone is the spin loop's own check behind the kernel's parent-death signal."""
+    import signal
+
+    from vg_ros import stop_signals
+    from vg_ros.nodes.base import parent_gone
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
+    seen = []
+    previous = stop_signals.catch((signal.SIGUSR2,), lambda signum, _: seen.append(signum))
+    try:
+        assert signal.SIGUSR2 not in signal.pthread_sigmask(signal.SIG_BLOCK, set())
+        os.kill(os.getpid(), signal.SIGUSR2)
+        time.sleep(0.05)
+        assert seen == [signal.SIGUSR2]
+    finally:
+        stop_signals.restore(previous)
+    assert signal.getsignal(signal.SIGUSR2) == previous[signal.SIGUSR2]
+    assert not parent_gone(None) and not parent_gone("") and not parent_gone(str(os.getppid()))
+    assert parent_gone(str(os.getppid() + 1))

@@ -969,6 +969,13 @@ def die_with_parent(parent_pid: str | None) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def parent_gone(parent_pid: str | None) -> bool:
+    """Under `vg-ros up`: the supervisor has died (this process was re-parented). The spin loop asks too, in
+    case the kernel's parent-death signal never arrives (a sandbox without PR_SET_PDEATHSIG, the signal
+    blocked by a thread we did not start)."""
+    return bool(parent_pid) and os.getppid() != int(parent_pid)
+
+
 def run_node(node_cls: type[PerceptionNode], args: list[str] | None = None, *, multithreaded: bool = True,
              **node_kwargs: Any) -> int:
     """Init rclpy, build the node, configure and activate it (`autostart`; else a lifecycle manager does),
@@ -1020,8 +1027,12 @@ def run_node(node_cls: type[PerceptionNode], args: list[str] | None = None, *, m
         executor.add_node(node)
         try:
             # a `shutdown` transition (lifecycle manager) ends the process as SIGINT does
+            parent_pid = os.environ.get("VG_ROS_PARENT_PID")
             while not stop.is_set() and rclpy_mod.ok() and node.lifecycle_state() != "finalized":
                 executor.spin_once(timeout_sec=0.1)
+                if parent_gone(parent_pid):
+                    node.get_logger().warning(f"the supervisor (pid {parent_pid}) is gone: stopping")
+                    break
         finally:
             # no new callback starts now; the running ones (an inference, a transition a lifecycle manager
             # asked for) finish before the shutdown transition frees what they use
