@@ -219,6 +219,7 @@ def test_commands_from_volatile_and_transient_local_publishers_each_apply_once(w
         assert ros.spin_until(lambda: node.pipeline.command == "the red car", timeout=10)
         ros.spin_for(0.5)   # the second copy of the latched command, had it been applied, is counted by now
         assert node.drops.processed["commands"] == 2 and node.drops.total == 0
+        assert node.received["/command"] == 2   # each sample counted once too, not once per subscription
 
 
 def test_compressed_camera_grounds_as_the_raw_one(weights_file, tmp_path):

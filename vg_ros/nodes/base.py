@@ -695,14 +695,17 @@ class PerceptionNode(_RosNode):  # type: ignore[misc,valid-type]
         return output_qos()
 
     def subscribe(self, msg_type: type, topic: str, callback: Callable[..., None], qos: "QoSProfile",
-                  *, guard_stamps: bool = True, callback_group: Any = None, with_info: bool = False,
-                  incompatible_note: str | None = None, watch: bool = True):
+                  *, guard_stamps: bool = True, callback_group: Any = None,
+                  seen_samples: collections.deque | None = None, incompatible_note: str | None = None,
+                  watch: bool = True):
         """A subscription that logs what it expects, reports QoS mismatches, and (by default) passes
         only messages whose header stamp the StampGuard accepts. Exceptions in `callback` are caught,
         logged once per reason and counted as `callback_error`: the node keeps running. `callback_group`
         (None: the node's default, mutually exclusive with every other default callback) lets a cheap
-        control input run beside a long sensor callback on the multi-threaded executor. `with_info`: the
-        callback also gets rclpy's message info (source timestamp, publication sequence number).
+        control input run beside a long sensor callback on the multi-threaded executor. `seen_samples`:
+        shared by twin subscriptions of one topic (a transient-local and a volatile one both match a
+        transient-local publisher), it holds the samples (source timestamp, publication sequence number)
+        already taken, so each sample is counted and handled once.
         `incompatible_note`: an incompatible publisher is expected (another subscription serves it), so
         it is logged at INFO with this note instead of as an ERROR. Every message that arrives is counted
         (`received`); `watch` (sensor streams; not a command sent once) also reports the topic in the
@@ -728,6 +731,11 @@ class PerceptionNode(_RosNode):  # type: ignore[misc,valid-type]
 
         def guarded(msg: Any, info: Any) -> None:
             with self._received_lock:
+                if seen_samples is not None and isinstance(info, dict) and info.get("source_timestamp"):
+                    sample = (info["source_timestamp"], info.get("publication_sequence_number"))
+                    if sample in seen_samples:   # the twin subscription took it
+                        return
+                    seen_samples.append(sample)
                 self.received[topic] += 1
                 if topic in self._watched:
                     self._watched[topic] = (self._watched[topic][0], time.monotonic())
@@ -735,7 +743,7 @@ class PerceptionNode(_RosNode):  # type: ignore[misc,valid-type]
             if guard_stamps and hasattr(msg, "header"):
                 if not self.stamps.accept(topic, stamp_of(msg), self.now_ns()):
                     return
-            self.call_safely(callback, *((msg, info) if with_info else (msg,)), where=topic)
+            self.call_safely(callback, msg, where=topic)
 
         # rclpy passes the message info (sequence numbers) to a callback that cannot take the message alone
         sub = self.create_subscription(msg_type, topic, lambda msg, info: guarded(msg, info), qos,

@@ -144,13 +144,14 @@ class GroundingNode(PerceptionNode):
         self._seen_commands: collections.deque = collections.deque(maxlen=32)
         self.command_group = MutuallyExclusiveCallbackGroup()
         self.command_sub = self.subscribe(String, self.params["command_topic"], self.on_command, self.command_qos(),
-                                          callback_group=self.command_group, with_info=True, watch=False,
+                                          callback_group=self.command_group, seen_samples=self._seen_commands,
+                                          watch=False,
                                           incompatible_note="its commands arrive through the volatile subscription")
         # `ros2 topic pub` offers volatile durability, which a transient-local subscription never matches: a
         # second, volatile subscription takes its commands (the same group runs them one at a time)
         self.command_sub_volatile = self.subscribe(String, self.params["command_topic"], self.on_command,
                                                    volatile_command_qos(), callback_group=self.command_group,
-                                                   with_info=True, watch=False)
+                                                   seen_samples=self._seen_commands, watch=False)
         image_type = CompressedImage if self.params["image_transport"] == "compressed" else Image
         if len(self.image_inputs) == 1:
             self.subscribe(image_type, self.image_inputs[0], self.on_images, self.sensor_qos())
@@ -181,13 +182,8 @@ class GroundingNode(PerceptionNode):
             self.motion.clear()
 
     # -- inputs -------------------------------------------------------------------------------------------
-    def on_command(self, msg, info=None) -> None:
-        # a transient-local publisher's live command reaches both subscriptions: handle the sample once
-        sample = None if info is None else (info.get("source_timestamp"), info.get("publication_sequence_number"))
-        if sample is not None and sample[0]:
-            if sample in self._seen_commands:
-                return
-            self._seen_commands.append(sample)
+    def on_command(self, msg) -> None:
+        # a transient-local publisher's live command reaches both subscriptions: `seen_samples` passes it once
         text = msg.data
         with self._lock:   # a cleanup in the default group may free the pipeline once this lock is released
             if self.pipeline is None:   # cleaned up meanwhile: the latched command comes again on activate
