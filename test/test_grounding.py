@@ -1428,7 +1428,7 @@ def test_training_state_files_are_checked(tmp_path):
 def test_stop_request_turns_sigterm_into_a_flag_and_restores_the_handlers():
     import os
     import signal
-    from vg_ros.grounding.train import StopRequest
+    from vg_ros.stop_signals import StopRequest
     before = signal.getsignal(signal.SIGTERM)
     with StopRequest() as stop:
         assert not stop()

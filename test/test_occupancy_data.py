@@ -149,3 +149,36 @@ def test_train_init_reads_weights_through_the_checkpoint_reader(tmp_path, monkey
     with pytest.raises(ValueError, match="corrupt.safetensors: not a readable safetensors file"):
         train.train(args(corrupt), log=lambda *_: None)
     assert rendered == []
+
+
+def test_train_cli_stopped_by_sigint_writes_the_weights_so_far(tmp_path, monkeypatch, capsys):
+    """Ctrl-C during `vg-ros train occupancy` (a real SIGINT, sent in the second step) ends the run after that
+    step: the weights so far, marked partial, the card and metrics of earlier weights removed, exit 130."""
+    import os
+    import signal
+
+    from vg_ros.checkpoint import read_state
+    from vg_ros.cli import main as vg_main
+    from vg_ros.occupancy import data, train
+    real_cache = data.build_cache
+    monkeypatch.setattr(train, "build_cache", lambda *a, **k: real_cache(*a, **{**k, "root": tmp_path}))
+    calls = {"n": 0}
+    real_loss = train.occupancy_loss
+
+    def loss_then_sigint(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_loss(*args, **kwargs)
+    monkeypatch.setattr(train, "occupancy_loss", loss_then_sigint)
+    out = tmp_path / "out"
+    out.mkdir()
+    for stale in ("occupancy_tpvformer_tiny.md", "occupancy_tpvformer_tiny.json"):
+        (out / stale).write_text("earlier weights")
+    argv = ["train", "occupancy", "--seeds", "4242", "--eval-seeds", "4243", "--seconds", "0.1", "--every", "1",
+            "--steps", "20", "--out", str(out)]
+    assert vg_main(argv) == 130
+    assert "stopped at step 2 of 20" in capsys.readouterr().out
+    _, meta = read_state(out / "occupancy_tpvformer_tiny.safetensors", "tpv_config", "occupancy")
+    assert meta["steps"] == "2" and meta["partial"] == "true" and meta["train_seeds"] == "4242"
+    assert not (out / "occupancy_tpvformer_tiny.md").exists() and not (out / "occupancy_tpvformer_tiny.json").exists()

@@ -39,3 +39,28 @@ def restore(previous: dict[signal.Signals, Any]) -> None:
     """Put back the handlers `catch` replaced."""
     for sig, handler in previous.items():
         signal.signal(sig, handler)
+
+
+class StopRequest:
+    """SIGINT / SIGTERM turned into a request a training loop polls (it then saves what it has and ends
+    cleanly) instead of killing the process mid-step; `with StopRequest() as stop:` installs the handlers,
+    `stop()` says whether a signal came, leaving restores the previous handlers."""
+
+    SIGNALS = STOP_SIGNALS
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopRequest":
+        self._previous = catch(self.SIGNALS, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        restore(self._previous)
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+
+    def __call__(self) -> bool:
+        return self.signal is not None

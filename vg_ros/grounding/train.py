@@ -18,7 +18,6 @@ import math
 import multiprocessing
 import os
 import platform
-import signal
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -358,31 +357,6 @@ def parse_size(text: str) -> tuple[int, int]:
     return h, w
 
 
-class StopRequest:
-    """SIGINT / SIGTERM turned into a request the training loop polls (it then saves its state and ends
-    cleanly) instead of killing the process mid-step; `with StopRequest() as stop:` installs the handlers,
-    `stop()` says whether a signal came, leaving restores the previous handlers."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        self._previous: dict = {}
-
-    def __enter__(self) -> "StopRequest":
-        self._previous = stop_signals.catch(self.SIGNALS, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        stop_signals.restore(self._previous)
-
-    def _handle(self, signum, frame) -> None:
-        self.signal = signum
-
-    def __call__(self) -> bool:
-        return self.signal is not None
-
-
 def resumed_args(args: argparse.Namespace, parser: argparse.ArgumentParser, stored: dict) -> argparse.Namespace:
     """The arguments of a `--resume`d run: `stored` (the run's own, from its state) with the
     `RESUME_MAY_CHANGE` ones the command line gives (their stored values otherwise). ValueError naming
@@ -659,7 +633,7 @@ def main(argv: list[str]) -> int:
     record = {"args": {k: v for k, v in vars(args).items() if k != "resume"}, "command": command,
               "spec": spec.to_dict(), "init_steps": init_steps,
               "init_meta": {k: init_meta.get(k, "") for k in ("absent", "relation", "train_seeds")}}
-    with StopRequest() as stop:
+    with stop_signals.StopRequest() as stop:
         try:
             model, history = train(
                 split, config=args.config, spec=spec, steps=args.steps, minutes=args.minutes, batch=args.batch,

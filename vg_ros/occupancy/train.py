@@ -28,6 +28,7 @@ from vg_ros.occupancy.data import (SUPERVISION_DEFAULTS, build_cache, class_stat
 from vg_ros.occupancy.model import MODEL_CONFIGS, TPVFormer, model_config, occupancy_loss
 from vg_ros.occupancy.pipeline import WEIGHTS_DIR, resolve_device, save_checkpoint
 from vg_ros.sim.seeds import format_seeds
+from vg_ros.stop_signals import StopRequest
 from vg_ros.types import FREE_CLASS
 
 DEFAULT_TRAIN_SEEDS = "0-47"
@@ -54,7 +55,10 @@ def apply_free_logit_adjustment(model: TPVFormer, true_free: float, sampled_free
     return shift
 
 
-def train(args: argparse.Namespace, log=print) -> dict:
+def train(args: argparse.Namespace, log=print, stop=None) -> dict:
+    """Train, write the weights, calibrate, evaluate and write the card. `stop()` (polled after each step)
+    turning true ends training there: the weights so far are written, marked partial, without calibration
+    or card, and the result has `interrupted`."""
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     if args.threads:
@@ -132,12 +136,17 @@ def train(args: argparse.Namespace, log=print) -> dict:
             log(f"step {step:5d}  loss {np.mean([h['loss'] for h in recent]):.3f}  ce {np.mean([h['ce'] for h in recent]):.3f}"
                 f"  lovasz {np.mean([h['lovasz'] for h in recent]):.3f}  lr {lr_at(step):.2e}  "
                 f"{(time.time() - start) / step:.2f} s/step")
-        if step % args.save_every == 0:
-            if step == args.save_every:   # the card and metrics beside the file describe earlier weights
+        interrupted = stop is not None and stop()
+        if step % args.save_every == 0 or interrupted:
+            if step == args.save_every or interrupted:   # the card and metrics beside it describe earlier weights
                 for stale in (out_path.with_suffix(".md"), out_dir / (weights_name(args.config, args.supervision) + ".json")):
                     stale.unlink(missing_ok=True)
             save_checkpoint(model, out_path, {"steps": init_steps + step, "partial": "true",
                                               "train_seeds": format_seeds(seeds)})
+        if interrupted:
+            log(f"stopped at step {step} of {args.steps}: weights so far in {out_path} (partial; no calibration, "
+                "evaluation or card); --init it to go on")
+            return {"interrupted": True, "steps": init_steps + step, "weights": str(out_path)}
     model.eval()
     train_seconds = time.time() - start
     stats = class_statistics(paths)
@@ -223,10 +232,11 @@ def main(argv: list[str]) -> int:
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise UserError(f"--out {args.out}: a file, not a folder")
     try:
-        train(args, log=lambda msg: print(msg, flush=True))
+        with StopRequest() as stop:   # Ctrl-C / SIGTERM: the step ends, the weights so far are written
+            info = train(args, log=lambda msg: print(msg, flush=True), stop=stop)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    return 0
+    return 130 if info.get("interrupted") else 0
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from vg_ros.geometry import invert_T, make_T, rpy_to_R
 from vg_ros.registration.model import VBRegNet, elbo_loss, spatial_compatibility
 from vg_ros.registration.pipeline import DEFAULT_WEIGHTS, RegistrationConfig, RegistrationPipeline
 from vg_ros.sim.seeds import format_seeds, parse_seeds
+from vg_ros.stop_signals import StopRequest
 
 CACHE_DIR = Path(__file__).resolve().parent.parent.parent / ".cache" / "registration"
 # The RegistrationConfig fields that shape a correspondence set (the cache key); the rest only affect solving.
@@ -196,8 +197,9 @@ def batch_from_sets(sets: list[dict], rng: np.random.Generator, batch: int, size
 
 def train(sets: list[dict], cfg: RegistrationConfig, *, steps: int, batch: int = 4, size: int = 384,
           lr: float = 1e-3, kl_weight: float = 0.1, prior_weight: float = 1.0, seed: int = 0, log_every: int = 50,
-          max_seconds: float | None = None, log=print) -> tuple[VBRegNet, dict]:
-    """Adam on the negative ELBO. Returns the network and a summary (final loss terms, steps, seconds)."""
+          max_seconds: float | None = None, stop=None, log=print) -> tuple[VBRegNet, dict]:
+    """Adam on the negative ELBO. Returns the network and a summary (final loss terms, steps, seconds,
+    `interrupted`: `stop()` turned true, polled after each step, and training ended there)."""
     if not sets:
         raise ValueError("train: no correspondence sets")
     torch.manual_seed(seed)
@@ -229,10 +231,12 @@ def train(sets: list[dict], cfg: RegistrationConfig, *, steps: int, batch: int =
         if max_seconds is not None and time.perf_counter() - start > max_seconds:
             log(f"stopping at step {done}: time budget {max_seconds:.0f}s spent")
             break
+        if stop is not None and stop():
+            break
     net.eval()
     nll, kl, prior_nll = np.mean(history[-min(50, len(history)):], axis=0)
     return net, {"steps": done, "seconds": time.perf_counter() - start, "final_nll": float(nll), "final_kl": float(kl),
-                 "final_prior_nll": float(prior_nll)}
+                 "final_prior_nll": float(prior_nll), "interrupted": bool(stop is not None and stop())}
 
 
 def save_weights(net: VBRegNet, path: Path, meta: dict) -> None:
@@ -307,17 +311,26 @@ def main(argv: list[str]) -> int:
         raise UserError("no training data: give --seeds or --data")
     inlier_ratio = float(np.mean([s["labels"].mean() for s in sets]))
     print(f"{len(sets)} correspondence sets, mean inlier ratio {inlier_ratio:.3f}", flush=True)
-    net, summary = train(sets, cfg, steps=args.steps, batch=args.batch, size=args.size, lr=args.lr,
-                         kl_weight=args.kl_weight, prior_weight=args.prior_weight, max_seconds=args.max_minutes * 60)
+    with StopRequest() as stop:   # Ctrl-C / SIGTERM: the step ends, the weights so far are written
+        net, summary = train(sets, cfg, steps=args.steps, batch=args.batch, size=args.size, lr=args.lr,
+                             kl_weight=args.kl_weight, prior_weight=args.prior_weight,
+                             max_seconds=args.max_minutes * 60, stop=stop)
     out = Path(args.out)
     weights_path = out / "registration_vbreg.safetensors"
     meta = {"preset": args.preset, "steps": summary["steps"], "tau": cfg.tau}
     if args.seeds and not args.no_sim:   # `vg-ros eval registration` refuses to score these
         meta["train_seeds"] = format_seeds(args.seeds)
+    if summary["interrupted"]:
+        meta["partial"] = "true"
     try:
         save_weights(net, weights_path, meta)
     except ValueError as exc:
         raise UserError(str(exc)) from None
+    if summary["interrupted"]:
+        (out / "registration_vbreg.md").unlink(missing_ok=True)   # it describes earlier weights
+        print(f"stopped by signal {stop.signal} at step {summary['steps']} of {args.steps}; weights so far in "
+              f"{weights_path} (partial, no model card)", flush=True)
+        return 130
     card = {
         "data": "; ".join(sources) + f"; {len(sets)} correspondence sets, mean inlier ratio {inlier_ratio:.3f}",
         "seeds": format_seeds(args.seeds) if not args.no_sim else "none",
