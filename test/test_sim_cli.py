@@ -66,6 +66,10 @@ def test_bag_topics_stamps_and_ground_truth(bag_dirs):
             scan = convert.pointcloud2_to_scan(msg)
             assert msg.header.frame_id == "lidar_top" and scan.ring.dtype == np.uint16 and len(scan.xyz) > 15000
             assert [f.name for f in msg.fields] == ["x", "y", "z", "intensity", "ring", "time"]
+        elif topic == "/gt/ego_pose":   # the world frame, not an odom our odometry also publishes
+            assert msg.header.frame_id == "map"
+        elif topic == "/cameras/CAM_FRONT/camera_info":   # a pinhole: plumb_bob, zero coefficients
+            assert msg.distortion_model == "plumb_bob" and list(msg.d) == [0.0] * 5
         elif topic == "/gt/occupancy":
             sem, grid, mcam, mlid = convert.msg_to_voxel_grid(msg)
             assert sem.shape == (200, 200, 16) and grid.voxel_size == pytest.approx(0.4)

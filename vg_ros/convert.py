@@ -314,13 +314,17 @@ def camera_info_to_model(msg, name: str | None = None, T_base_cam: np.ndarray | 
 
 
 def camera_model_to_info(cam: CameraModel, stamp_ns: int = 0, flavor: str = "rclpy"):
-    """CameraModel -> sensor_msgs/CameraInfo (frame `cam.frame_id`, R identity, P = [K | 0])."""
+    """CameraModel -> sensor_msgs/CameraInfo (frame `cam.frame_id`, R identity, P = [K | 0]). A camera
+    without distortion is plumb_bob with five zero coefficients, as image_proc and camera_calibration write
+    a pinhole (an empty distortion_model is unset, not "none")."""
     K = np.asarray(cam.K, dtype=np.float64).reshape(3, 3)
     P = np.zeros((3, 4))
     P[:, :3] = K
     d = np.asarray(cam.distortion, dtype=np.float64).reshape(-1)
-    model = cam.distortion_model or {0: "", 4: "plumb_bob", 5: "plumb_bob", 8: "rational_polynomial"}.get(d.size,
-                                                                                                       "plumb_bob")
+    if d.size == 0 and not cam.distortion_model:
+        d = np.zeros(5)
+    model = cam.distortion_model or {4: "plumb_bob", 5: "plumb_bob", 8: "rational_polynomial"}.get(d.size,
+                                                                                                 "plumb_bob")
     roi = _new("sensor_msgs/msg/RegionOfInterest", flavor, x_offset=0, y_offset=0, height=0, width=0,
                do_rectify=False)
     return _new("sensor_msgs/msg/CameraInfo", flavor, header=make_header(stamp_ns, cam.frame_id or cam.name, flavor),

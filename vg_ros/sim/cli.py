@@ -13,7 +13,7 @@ import numpy as np
 
 from vg_ros.types import Expression, Rig
 
-ODOM_FRAME = "odom"
+WORLD_FRAME = "map"   # the simulated world, fixed (REP-105 map); our odometry starts its own odom at the first scan
 ANY_CAMERA = "any"   # --command-camera any: each command about an object in a camera drawn at random
 BASE_FRAME = "base_link"
 
@@ -114,7 +114,7 @@ def write_bag(out: str | Path, seed: int, seconds: float, rig: Rig | None = None
                           convert.array_to_image(frame.images[c.name], "rgb8", stamp_ns=S, frame_id=c.frame_id, flavor=F))
                 bag.write(f"/cameras/{c.name}/camera_info", S, convert.camera_model_to_info(c, S, flavor=F))
             bag.write("/lidar/points", S, convert.scan_to_pointcloud2(frame.lidar, flavor=F))
-            bag.write("/gt/ego_pose", S, convert.matrix_to_pose_stamped(frame.T_odom_base, S, ODOM_FRAME, flavor=F))
+            bag.write("/gt/ego_pose", S, convert.matrix_to_pose_stamped(frame.T_odom_base, S, WORLD_FRAME, flavor=F))
             bag.write("/gt/occupancy", S, convert.voxel_grid_to_msg(frame.occupancy, frame.grid, S, BASE_FRAME,
                                                                     frame.mask_camera, frame.mask_lidar, flavor=F))
             if active is not None:
