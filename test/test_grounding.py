@@ -517,6 +517,11 @@ def test_mask_metrics_and_hops():
     assert counts[0].tolist() == [4, 1] and counts[1].tolist() == [8, 1]
     assert metrics.report_from_counts(np.array([[0, 0, 4, 2], [0, 0, 1, 1]]), np.array([[0, 0, 4, 2], [2, 2, 4, 4]]),
                                       counts, [0, 1]) == report
+    # every mask and label empty (a node rightly finding nothing): oIoU 1, as mask_oiou says
+    empty = np.zeros_like(pred)
+    assert metrics.mask_oiou(empty, empty) == 1.0
+    assert metrics.report_from_counts(np.zeros((2, 4)), np.zeros((2, 4)), metrics.mask_counts(empty, empty),
+                                      [0, 1])["oiou"]["all"] == 1.0
 
 
 def test_misses_are_sorted_by_where_the_mask_went_and_targets_by_size():

@@ -78,3 +78,5 @@ def test_ground_only_prediction_keeps_geometry_but_finds_no_obstacle(occ3d):
     full, flat = occ3d_miou(gt, gt, mask), occ3d_miou(ground_only, gt, mask)
     assert full["obstacle_iou"] == pytest.approx(100.0)
     assert flat["obstacle_iou"] == 0.0 and flat["iou"] > 0.0
+    with pytest.raises(ValueError, match="outside"):   # without a camera mask too (was a reshape error)
+        occ3d_miou(gt, np.where(gt == 1, 255, gt).astype(np.uint8))

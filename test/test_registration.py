@@ -215,5 +215,8 @@ def test_metrics():
     assert ate(gt, gt) == 0 and rpe_drift_percent(gt, gt) == 0
     est = np.stack([make_T(t=[1.01 * i, 0, 0]) for i in range(100)])
     assert np.isclose(rpe_drift_percent(est, gt), 1.0, rtol=0.05)
+    # a robot standing still: drift is undefined (NaN), not a perfect 0 %, however far the estimate wanders
+    still = np.stack([np.eye(4)] * 10)
+    assert np.isnan(rpe_drift_percent(est[:10], still))
     with pytest.raises(ValueError):
         ate(gt[:3], gt)

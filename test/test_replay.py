@@ -146,6 +146,24 @@ def test_a_target_published_in_a_camera_that_shows_it_is_scored_against_that_vie
     assert gro["frames"] == len(visible) and gro["gt_target_not_visible"] == len(gt) - len(visible)
     assert gro["found_in_other_view"] == len({v.stamp_ns for v in views}) and gro["found_in_wrong_camera"] == 0
     assert gro["prec_at_05"] == 1.0 and gro["miou"] == 1.0
+    # a node that never finds the target scores 0, also where the command's camera does not show it (its label
+    # there is an empty mask, and an empty mask against it used to count as a perfect mask IoU): the ground
+    # truth again with the target gone from the command's camera wherever another camera sees it
+    import dataclasses
+
+    from vg_ros.convert import expression_to_msg
+    left = tmp_path / "left_view.mcap"
+    with BagReader(bag) as src, BagWriter(left, overwrite=True) as dst:
+        for topic, _, log_ns, msg in src.messages(["/gt/grounding", "/gt/grounding_views"]):
+            expr = msg_to_expression(msg)
+            if topic == "/gt/grounding" and expr.stamp_ns in {v.stamp_ns for v in views}:
+                msg = expression_to_msg(dataclasses.replace(expr, mask=np.zeros_like(expr.mask),
+                                                            box=np.zeros(4)), frame_id=msg.header.frame_id)
+            dst.write(topic, log_ns, msg)
+    none = score_bags(left, write_outputs(bag, tmp_path / "none.mcap", drop_every=1),
+                      topics={**TOPICS, "grounding": grounded})["grounding"]
+    assert none["frames"] == len(visible) and none["found_rate"] == 0.0
+    assert none["prec_at_05"] == 0.0 and none["miou"] == 0.0
     # the same outputs for a node grounding in CAM_FRONT and CAM_BACK only: those results are in a camera it
     # does not ground, so misses; one camera alone scores as before (the views do not count)
     grounded["images"] = ["/cameras/CAM_FRONT/image_raw", "/cameras/CAM_BACK/image_raw"]

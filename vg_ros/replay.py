@@ -753,7 +753,10 @@ def score_bags(in_bag: str | Path, out_bag: str | Path, *, grounding_image_topic
                     frames.append((stamp, expr, ok, box, score, mask))
                 described.append(stamp not in undescribed)
                 ious.append(float(box_iou(box, expr.box)) if ok else 0.0)
-                m_ious.append(float(mask_ious([mask], [expr.mask])[0]) if mask.shape == expr.mask.shape else 0.0)
+                # a miss scores 0: the label may be empty (the target is in another grounded camera only), and
+                # an empty mask against an empty label is a perfect IoU to `mask_ious`
+                m_ious.append(float(mask_ious([mask], [expr.mask])[0]) if ok and mask.shape == expr.mask.shape
+                              else 0.0)
                 hops.append(expr.hops)
             section = {"frames": len(ious), "gt_frames": gt_count, "coverage": len(ious) / max(gt_count, 1),
                        "found_rate": found / max(len(ious), 1), "gt_on_other_cameras": other_camera,
@@ -844,8 +847,8 @@ def public(result: dict) -> dict:
     if isinstance(result, (list, tuple)):
         return [public(v) for v in result]
     if isinstance(result, (np.floating, np.integer)):
-        return result.item()
-    if isinstance(result, float) and math.isnan(result):
+        return public(result.item())
+    if isinstance(result, float) and not math.isfinite(result):   # strict JSON has no NaN or inf
         return None
     return result
 

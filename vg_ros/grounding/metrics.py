@@ -107,7 +107,8 @@ def report_from_counts(pred_boxes, gt_boxes, counts: tuple[np.ndarray, np.ndarra
     for h in list(np.unique(hops)) + ["all"]:
         sel = np.ones_like(hops, bool) if h == "all" else hops == h
         key = h if h == "all" else int(h)
-        report["oiou"][key] = float(inter[sel].sum() / max(union[sel].sum(), 1))
+        # as mask_oiou: every mask and label empty is a perfect score
+        report["oiou"][key] = float(inter[sel].sum() / union[sel].sum()) if union[sel].sum() > 0 else 1.0
         report["count"][key] = int(sel.sum())
     return report
 

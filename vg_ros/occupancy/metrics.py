@@ -25,14 +25,14 @@ def _check(pred: np.ndarray, gt: np.ndarray, mask_camera: np.ndarray | None) -> 
     pred, gt = np.asarray(pred), np.asarray(gt)
     if pred.shape != gt.shape:
         raise ValueError(f"occupancy metrics: pred shape {pred.shape} != gt shape {gt.shape}")
+    for name, arr in (("pred", pred), ("gt", gt)):   # with or without a mask: one clear error
+        if arr.size and (arr.min() < 0 or arr.max() >= NUM_OCC_CLASSES):
+            raise ValueError(f"occupancy metrics: {name} holds labels outside 0..{NUM_OCC_CLASSES - 1}")
     if mask_camera is None:
         return np.ones(gt.shape, dtype=bool)
     mask = np.asarray(mask_camera).astype(bool)
     if mask.shape != gt.shape:
         raise ValueError(f"occupancy metrics: mask_camera shape {mask.shape} != gt shape {gt.shape}")
-    for name, arr in (("pred", pred), ("gt", gt)):
-        if arr.size and (arr.min() < 0 or arr.max() >= NUM_OCC_CLASSES):
-            raise ValueError(f"occupancy metrics: {name} holds labels outside 0..{NUM_OCC_CLASSES - 1}")
     return mask
 
 

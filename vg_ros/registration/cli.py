@@ -128,7 +128,9 @@ def run_bag_odometry(bag: str | Path, topic: str, gt_topic: str | None, cfg=None
             E, G = np.stack(paired_est), np.stack(paired_gt)
             G = np.linalg.inv(G[0]) @ G  # GT relative to the first matched scan, like odom
             E = np.linalg.inv(E[0]) @ E
-            report.update({"gt_matched": len(E), "ate_m": ate(E, G), "drift_percent": rpe_drift_percent(E, G)})
+            drift = rpe_drift_percent(E, G)   # NaN when the GT path has no length: None in the JSON
+            report.update({"gt_matched": len(E), "ate_m": ate(E, G),
+                           "drift_percent": drift if np.isfinite(drift) else None})
     return report
 
 
@@ -165,8 +167,9 @@ def odometry_main(argv: list[str]) -> int:
         if "path_length_m" in report:
             print(f"path length {report['path_length_m']:.1f} m")
         if "ate_m" in report:
+            drift = report["drift_percent"]
             print(f"vs {report['gt_topic']} ({report['gt_matched']} poses): ATE {report['ate_m']:.3f} m  "
-                  f"drift {report['drift_percent']:.2f} %")
+                  + (f"drift {drift:.2f} %" if drift is not None else "drift - (the ground truth does not move)"))
         elif report["gt_topic"] is None:
             print("no ground truth in the bag (/gt/ego_pose): not scored; --gt-topic names another")
         else:

@@ -1,5 +1,5 @@
 """How registration is scored: rotation/translation error, success under a threshold pair, registration
-recall (RR), inlier precision/recall/F1 for correspondence sets, and ATE / KITTI-style drift for
+recall (RR), inlier precision/recall/F1 for correspondence sets, and ATE / drift over 10-50 m segments (KITTI's error, shorter segments) for
 trajectories. Transforms are (4, 4) numpy arrays mapping source into target."""
 from __future__ import annotations
 
@@ -73,9 +73,11 @@ def path_lengths(poses: np.ndarray) -> np.ndarray:
 
 
 def rpe_drift_percent(est: np.ndarray, gt: np.ndarray, lengths: tuple[float, ...] = (10, 20, 30, 40, 50)) -> float:
-    """KITTI-style translational drift in %: for every start frame and segment length (m) of the GT
-    path, |relative translation error| / segment length, averaged. Segments longer than the path are
-    skipped; when none fits, one segment over the whole path is used."""
+    """Translational drift in %, KITTI's error over segments but short ones (10-50 m by default; KITTI's
+    benchmark uses 100-800 m and every 10th start frame): for every start frame and segment length (m) of
+    the GT path, |relative translation error| / segment length, averaged. Segments longer than the path
+    are skipped; when none fits, one segment over the whole path is used; NaN when the GT path has no
+    length (a robot standing still: drift is undefined, not zero)."""
     est, gt = _check_traj(est, gt)
     dist = path_lengths(gt)
     errors = []
@@ -91,5 +93,5 @@ def rpe_drift_percent(est: np.ndarray, gt: np.ndarray, lengths: tuple[float, ...
             err = np.linalg.inv(rel_est) @ rel_gt
             errors.append(np.linalg.norm(err[:3, 3]) / L)
     if not errors:
-        return 0.0
+        return float("nan")
     return float(100.0 * np.mean(errors))
