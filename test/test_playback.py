@@ -301,3 +301,33 @@ def test_play_namespace_publishes_the_data_topics_where_namespaced_nodes_read_th
         assert summary["counts"] == {"/robot1/velodyne_points": FRAMES, "/robot1/command": 1}
         with pytest.raises(ValueError, match="not a valid ROS name token"):
             Player(ros.node("bad"), bag, namespace="robot-1")
+
+
+def test_a_topic_recorded_from_a_latched_publisher_is_played_latched_with_its_latest_message(tmp_path):
+    """An occupancy grid in a replay's bag was recorded transient-local (as the node offers it): played
+    volatile, RViz's Map display and Nav2's static layer (transient-local) matched nothing. The player
+    offers what the bag recorded, keeping the latest grid for a late joiner; a sim bag's /command too."""
+    from nav_msgs.msg import OccupancyGrid
+    from vg_ros.convert import array_to_occupancy_grid
+    from vg_ros.nodes.base import latched_qos
+    path = tmp_path / "grid.mcap"
+    with BagWriter(path) as bag:
+        bag.add_topic("/occupancy/grid", "nav_msgs/msg/OccupancyGrid", latched=True)
+        for k in range(3):
+            bag.write("/occupancy/grid", T0 + k * 100_000_000, array_to_occupancy_grid(
+                np.full((4, 5), 10 * k, np.int8), 0.4, stamp_ns=T0 + k * 100_000_000, frame_id="base_link",
+                flavor="rosbags"))
+    with BagReader(path) as reader:
+        assert reader.latched_topics == {"/occupancy/grid"}
+    from sim_bags import sim_bag
+    with BagReader(sim_bag(5, 2.0)) as reader:
+        assert {"/command", "/tf_static"} <= reader.latched_topics
+    with ros_session(DOMAIN + 8) as ros:   # 70: no other test's
+        player = Player(ros.node("player"), path, rate=5.0)
+        result = player.run()
+        assert result["published"]["/occupancy/grid"] == 3
+        late: list = []   # joins after the whole bag was played, as RViz's Map display subscribes
+        ros.node("late").create_subscription(OccupancyGrid, "/occupancy/grid", late.append, latched_qos())
+        assert ros.spin_until(lambda: late, timeout=5.0)
+        ros.spin_for(0.3)
+        assert len(late) == 1 and set(late[0].data) == {20}   # the latest grid only

@@ -186,6 +186,8 @@ def test_replay_over_a_simulated_drive(bag, tmp_path):
         lidar_stamps = sorted(stamp_of(m) for _, _, _, m in src.messages(["/lidar/points"]))
     with BagReader(out) as rec:
         outputs = rec.topics
+        # offered transient-local as the node offers it: `ros2 bag play` / `vg-ros play` reach RViz's map
+        assert rec.latched_topics == {TOPICS["occupancy"]["grid"]}
         written = {t: sorted(stamp_of(m) for _, _, _, m in rec.messages([t])) for t in outputs}
     t = TOPICS
     expectations = {

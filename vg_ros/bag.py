@@ -110,6 +110,19 @@ class BagReader:
                 if info.msgcount > 0}
 
     @property
+    def latched_topics(self) -> set[str]:
+        """Topics recorded from publishers that all offered transient-local durability (rosbag2's
+        `offered_qos_profiles`): a player re-offers them so, for late joiners (RViz's map, a node that
+        starts or respawns after the command was sent)."""
+        offered: dict[str, list[bool]] = {}
+        for conn in self._reader.connections:
+            profiles = getattr(getattr(conn, "ext", None), "offered_qos_profiles", None) or []
+            for qos in profiles if isinstance(profiles, list) else []:
+                durability = getattr(qos, "durability", None)
+                offered.setdefault(conn.topic, []).append(getattr(durability, "name", "") == "TRANSIENT_LOCAL")
+        return {topic for topic, latched in offered.items() if latched and all(latched)}
+
+    @property
     def empty_topics(self) -> dict[str, str]:
         return {name: info.msgtype for name, info in sorted(self._reader.topics.items()) if info.msgcount == 0}
 

@@ -2,8 +2,10 @@
 
 `Player` publishes a bag's messages on their topics at their recorded pace (times `rate`), with
 `/clock` (rosgraph_msgs/Clock) so nodes under `use_sim_time` follow the bag's time, and the QoS a real
-system would offer: sensor data best effort (or reliable with `reliable_sensors`), `/command` and
-`/tf_static` reliable + transient-local (late joiners get them), everything else reliable. Messages go
+system would offer: sensor data best effort (or reliable with `reliable_sensors`), `/command`,
+`/tf_static` and every topic the bag recorded from transient-local publishers (an occupancy grid: RViz's
+Map display and Nav2 subscribe so) reliable + transient-local (late joiners get them), everything else
+reliable. Messages go
 out as the bag's own CDR bytes, so nothing is converted. Types with no rclpy class here (this
 package's `/gt/*` types, `tf2_msgs` without a ROS install) are skipped with a note.
 
@@ -44,10 +46,12 @@ def rclpy_class(msgtype: str) -> type | None:
         return None
 
 
-def playback_qos(topic: str, msgtype: str, *, reliable_sensors: bool = False, latched_depth: int = 1):
-    """The QoS a publisher of `topic` offers (see the module docstring)."""
+def playback_qos(topic: str, msgtype: str, *, reliable_sensors: bool = False, latched_depth: int = 1,
+                 latched: bool = False):
+    """The QoS a publisher of `topic` offers (see the module docstring); `latched`: the bag recorded it
+    from transient-local publishers."""
     from vg_ros.nodes.base import latched_qos, output_qos, sensor_qos
-    if topic in LATCHED_TOPICS:
+    if latched or topic in LATCHED_TOPICS:
         return latched_qos(max(1, latched_depth))
     if msgtype in SENSOR_TYPES:
         return sensor_qos(10, "reliable" if reliable_sensors else "best_effort")
@@ -90,6 +94,7 @@ class Player:
         self._publishers: dict[str, Any] = {}
         with BagReader(self.bag_path) as bag:
             bag_topics = bag.topics
+            recorded_latched = bag.latched_topics
             self.start_ns, self.end_ns = bag.start_ns, bag.end_ns
         wanted = set(bag_topics) if topics is None else set(topics)
         if unknown := sorted(wanted - set(bag_topics)):
@@ -119,8 +124,12 @@ class Player:
                 continue
             name = names[topic]
             # a command (or static TF) stays latched under its new name: /command published as /robot1/command
+            # every static TF message and command is kept for a late joiner; of a latched stream (a grid)
+            # only the latest, as its publisher keeps
             qos = playback_qos(topic if topic in LATCHED_TOPICS else name, msgtype,
-                               reliable_sensors=reliable_sensors, latched_depth=count)
+                               reliable_sensors=reliable_sensors,
+                               latched_depth=count if topic in LATCHED_TOPICS else 1,
+                               latched=topic in recorded_latched)
             self._publishers[topic] = node.create_publisher(cls, name, qos)
         self.topics = sorted(self._publishers)
         if not self.topics:   # nothing to publish: `messages([])` would read every topic (and loop for ever)

@@ -236,7 +236,8 @@ class OccupancyStage(Stage):
                                    queue_size=int(params["sync_queue"]),
                                    partial_timeout_s=float(params["missing_camera_timeout"]) or None,
                                    min_topics=1, drops=self.drops, names=self.image_topics)
-        writer.add_topic(params["grid_topic"], "nav_msgs/msg/OccupancyGrid")
+        # latched, as the node publishes it: RViz's Map display and Nav2's static layer ask for that
+        writer.add_topic(params["grid_topic"], "nav_msgs/msg/OccupancyGrid", latched=True)
         writer.add_topic(params["voxels_topic"], "sensor_msgs/msg/PointCloud2")
 
     def feed(self, topic: str, msg: Any) -> None:

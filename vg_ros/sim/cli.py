@@ -34,7 +34,9 @@ class SimBagStats:
 
 
 def _topics(rig: Rig, lidar_labels: bool) -> list[tuple[str, str, bool]]:
-    t = [("/tf_static", "tf2_msgs/msg/TFMessage", True), ("/command", "std_msgs/msg/String", False)]
+    # latched (offered transient-local): `ros2 bag play` re-offers them, so a node started late still gets
+    # the static TF and the active command
+    t = [("/tf_static", "tf2_msgs/msg/TFMessage", True), ("/command", "std_msgs/msg/String", True)]
     for cam in rig.cameras:
         t += [(f"/cameras/{cam.name}/image_raw", "sensor_msgs/msg/Image", False),
               (f"/cameras/{cam.name}/camera_info", "sensor_msgs/msg/CameraInfo", False)]
