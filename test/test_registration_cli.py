@@ -215,6 +215,14 @@ def test_odometry_cli_on_simulated_bag_with_ground_truth(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert code == 0 and out["scans"] == 15 and out["converged"] == 15 and out["gt_matched"] == 15
     assert out["ate_m"] < 0.05 and out["drift_percent"] < 1.0 and out["hz"] > 1.0
+    # the covariances against the ground truth, at the default scale: no planar axis badly overconfident,
+    # none absurdly conservative (the first scan has no motion: 14 steps)
+    check = out["covariance_check"]
+    assert check["steps"] == 14 and check["covariance_scale"] == 12.0
+    for axis in ("x", "y", "yaw"):
+        assert 0.02 < check["z_median"][axis] < 1.5 and check["z_p90"][axis] < 3.0, (axis, check)
+    worst = max(check["z_p90"][a] for a in ("x", "y", "yaw"))
+    assert check["suggested_covariance_scale"] == pytest.approx(12.0 * worst / 1.645)
     # a topic of another type, a ground-truth topic asked for by name that is absent, a scan limit under 1:
     # one line, exit 2; the default ground truth absent: scored nothing, said so
     assert vg_main(["odometry", str(bag), "--topic", "/cameras/CAM_BACK/image_raw"]) == 2
@@ -263,3 +271,31 @@ def test_eval_set_option_is_checked(capsys):
     assert "PARAM=VALUE" in capsys.readouterr().err
     assert vg_main(["eval", "registration", "--seeds", "9500", "--set", "no_such_parameter=1"]) == 2
     assert "unknown parameter" in capsys.readouterr().err
+
+
+def test_covariance_check_of_honest_covariances_reads_honest():
+    """Synthetic steps whose errors are Gaussian with exactly the claimed deviations: |z| has the
+    Gaussian's median (0.67) and 90th percentile (1.64) on the noisy axes, and the suggested scale is the
+    one in use."""
+    from vg_ros.geometry import make_T, rpy_to_R
+    from vg_ros.registration.cli import covariance_check
+    rng = np.random.default_rng(0)
+    n, dt, scale = 4000, 0.1, 3.0
+    sigma = np.array([0.02, 0.01, 0.005, 1e-3, 1e-3, 0.004])   # x, y, z (m), roll, pitch, yaw (rad) per step
+    stamps = [int(1e9 + k * dt * 1e9) for k in range(n)]
+    G = np.stack([make_T(None, [1.0 * k, 0.0, 0.0]) for k in range(n)])
+    E, yaw = [np.eye(4)], 0.0
+    for k in range(1, n):   # each step: the true 1 m forward plus noise in its own frame; yaw noise only
+        yaw += rng.normal(0.0, sigma[5])
+        R = rpy_to_R(0.0, 0.0, yaw)
+        E.append(make_T(R, E[-1][:3, 3] + R @ (np.array([1.0, 0, 0]) + rng.normal(0.0, sigma[:3]))))
+    E = np.stack(E)
+    cov = {s: np.diag((sigma / dt) ** 2) for s in stamps[1:]}   # twist covariance: per second
+    check = covariance_check(stamps, dict(zip(stamps, E)), cov, E, G, scale)
+    assert check["steps"] == n - 1
+    for axis in ("x", "y", "z", "yaw"):
+        assert check["z_median"][axis] == pytest.approx(0.674, abs=0.05), axis
+        assert check["z_p90"][axis] == pytest.approx(1.645, abs=0.1), axis
+        assert check["rms_error_over_claimed"][axis] == pytest.approx(1.0, abs=0.05), axis
+    assert check["z_median"]["roll"] < 1e-6   # no error there at all
+    assert check["suggested_covariance_scale"] == pytest.approx(scale, rel=0.08)

@@ -74,6 +74,7 @@ def run_bag_odometry(bag: str | Path, topic: str, gt_topic: str | None, cfg=None
 
     odo = LidarOdometry(cfg or OdometryConfig(), T_base_lidar=T_base_lidar, weights=weights)
     est: dict[int, np.ndarray] = {}
+    twist_cov: dict[int, np.ndarray] = {}   # stamp -> covariance of the motion since the previous pose
     gt: dict[int, np.ndarray] = {}
     failures: list[str] = []
     wall = 0.0
@@ -102,6 +103,8 @@ def run_bag_odometry(bag: str | Path, topic: str, gt_topic: str | None, cfg=None
                 wall += time.perf_counter() - start
                 if res.converged:
                     est[res.stamp_ns] = res.pose
+                    if res.twist_covariance is not None:
+                        twist_cov[res.stamp_ns] = res.twist_covariance
                 else:
                     failures.append(res.reason)
                 if max_scans and odo.stats["scans"] >= max_scans:
@@ -131,7 +134,52 @@ def run_bag_odometry(bag: str | Path, topic: str, gt_topic: str | None, cfg=None
             drift = rpe_drift_percent(E, G)   # NaN when the GT path has no length: None in the JSON
             report.update({"gt_matched": len(E), "ate_m": ate(E, G),
                            "drift_percent": drift if np.isfinite(drift) else None})
+            matched = [s for s in stamps if abs(gt_stamps[int(np.argmin(np.abs(gt_stamps - s)))] - s) <= 5_000_000]
+            check = covariance_check(matched, est, twist_cov, E, G, odo.cfg.covariance_scale)
+            if check is not None:
+                report["covariance_check"] = check
     return report
+
+
+COVARIANCE_AXES = ("x", "y", "z", "roll", "pitch", "yaw")
+
+
+def covariance_check(stamps: list[int], est: dict[int, np.ndarray], twist_cov: dict[int, np.ndarray],
+                     E: np.ndarray, G: np.ndarray, scale: float) -> dict | None:
+    """How honest the published covariances are. For each motion step between consecutive scans (base_link
+    frame: x, y, z, then rotation about x, y, z; as the twist, times dt), the error against ground truth in
+    units of the standard deviation the twist covariance claims, |z|. A Gaussian with honest covariances
+    gives |z| a median of 0.67 and a 90th percentile of 1.64 on every axis. Reported per axis: those two,
+    and the RMS error over the RMS claimed deviation; `suggested_covariance_scale` brings the 90th
+    percentile of the worst planar axis (x, y, yaw: what a ground robot's filter fuses) to 1.64. `stamps` are the scans matched to `E` / `G` (relative poses, in order).
+    None with fewer than 5 steps."""
+    from scipy.spatial.transform import Rotation
+
+    def step(T_prev: np.ndarray, T_cur: np.ndarray) -> np.ndarray:   # as odometry.twist_between, times dt
+        delta = np.linalg.inv(T_prev) @ T_cur
+        return np.r_[T_cur[:3, :3].T @ (T_cur[:3, 3] - T_prev[:3, 3]), Rotation.from_matrix(delta[:3, :3]).as_rotvec()]
+
+    errors, deviations = [], []
+    for k in range(1, len(stamps)):
+        cov = twist_cov.get(stamps[k])
+        if cov is None:   # the first scan, a re-localisation: no motion published
+            continue
+        dt = (stamps[k] - stamps[k - 1]) / 1e9
+        errors.append(step(E[k - 1], E[k]) - step(G[k - 1], G[k]))
+        deviations.append(np.sqrt(np.maximum(np.diag(cov), 0.0)) * dt)
+    if len(errors) < 5:
+        return None
+    errors, deviations = np.asarray(errors), np.maximum(np.asarray(deviations), 1e-15)
+    z = np.abs(errors) / deviations
+    rms_ratio = np.sqrt(np.mean(errors ** 2, axis=0) / np.mean(deviations ** 2, axis=0))
+    p90 = np.percentile(z, 90, axis=0)
+
+    def per_axis(values: np.ndarray) -> dict:
+        return {a: float(v) for a, v in zip(COVARIANCE_AXES, values)}
+    return {"steps": len(errors), "covariance_scale": scale, "z_median": per_axis(np.median(z, axis=0)),
+            "z_p90": per_axis(p90), "rms_error_over_claimed": per_axis(rms_ratio),
+            "rms_error": per_axis(np.sqrt(np.mean(errors ** 2, axis=0))),
+            "suggested_covariance_scale": float(scale * max(p90[0], p90[1], p90[5]) / 1.645)}
 
 
 def odometry_main(argv: list[str]) -> int:
@@ -170,6 +218,12 @@ def odometry_main(argv: list[str]) -> int:
             drift = report["drift_percent"]
             print(f"vs {report['gt_topic']} ({report['gt_matched']} poses): ATE {report['ate_m']:.3f} m  "
                   + (f"drift {drift:.2f} %" if drift is not None else "drift - (the ground truth does not move)"))
+            if check := report.get("covariance_check"):
+                planar = ("x", "y", "yaw")
+                print(f"covariances (covariance_scale {check['covariance_scale']:g}) over {check['steps']} steps: "
+                      "|error| / claimed sigma median " + " ".join(f"{a} {check['z_median'][a]:.2f}" for a in planar)
+                      + ", 90th percentile " + " ".join(f"{a} {check['z_p90'][a]:.2f}" for a in planar)
+                      + f" (honest: 0.67, 1.64); suggested covariance_scale {check['suggested_covariance_scale']:.3g}")
         elif report["gt_topic"] is None:
             print("no ground truth in the bag (/gt/ego_pose): not scored; --gt-topic names another")
         else:
