@@ -256,3 +256,41 @@ def test_scans_that_never_reach_the_callback_are_counted_as_missed(frames):
             second.publish(scan_msg(frame))
         ros.spin_for(0.5)
         assert node.missed[topic] == len(burst) - 1
+
+
+def test_first_scans_wait_for_tf_before_the_rig_extrinsics_are_taken(frames, monkeypatch):
+    """Where TF is listened to, the LiDAR's extrinsics are taken from it, even when /tf_static arrives after
+    the first scans (they wait, `waiting_for_tf`, up to `tf_wait` s); the rig's only when TF gives none by
+    then, with a warning. Before: the first scan took the rig's for the whole drive (TF was not even
+    listened to until that scan)."""
+    from types import SimpleNamespace
+
+    from vg_ros import convert
+    from vg_ros.geometry import make_T
+    from vg_ros.nodes.base import TfOrRig
+    monkeypatch.setattr(TfOrRig, "listens", property(lambda self: True))   # as with tf2_ros on a ROS install
+    msgs = []
+    for frame in frames[:4]:
+        scan = frame.lidar
+        scan.frame_id = frame.rig.lidar.frame_id
+        msgs.append(convert.scan_to_pointcloud2(scan))
+    with ros_session(DOMAIN + 1) as ros:
+        node = make_node(ros, tf_wait=30.0)
+        node.on_points(msgs[0])
+        node.on_points(msgs[1])
+        assert node.odometry is None and node.drops.drops["waiting_for_tf"] == 2
+        # the robot's static TF arrives (here a lever arm unlike the rig's): the next scan uses it
+        T_tf = make_T(None, [0.5, -0.2, 1.7])
+        ts = SimpleNamespace(header=SimpleNamespace(frame_id="base_link"), child_frame_id=msgs[2].header.frame_id,
+                             transform=convert.matrix_to_transform_stamped(T_tf, 0, "base_link", "x").transform)
+        assert node.extrinsics.add_transforms([ts]) == 1
+        node.on_points(msgs[2])
+        assert node.odometry is not None and np.allclose(node.odometry.T_base_lidar, T_tf)
+    with ros_session(DOMAIN + 2) as ros:   # no TF ever: the rig's after tf_wait
+        node = make_node(ros, tf_wait=0.3)
+        node.on_points(msgs[0])
+        assert node.odometry is None
+        time.sleep(0.35)
+        node.on_points(msgs[1])
+        assert node.odometry is not None and node.drops.drops["waiting_for_tf"] == 1
+        assert np.allclose(node.odometry.T_base_lidar, frames[0].rig.lidar.T_base_lidar)

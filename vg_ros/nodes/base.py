@@ -154,8 +154,14 @@ class TfOrRig:
             self.tf_buffer = tf2_ros.Buffer()
             self._tf_listener = tf2_ros.TransformListener(self.tf_buffer, node)
         elif node is not None and ros_compat.HAVE_TF2_MSGS:
+            # depth 100 as tf2's static listener: several static publishers' latched messages at once
             self._tf_sub = node.create_subscription(ros_compat.TFMessage, "/tf_static",
-                                                    lambda m: self.add_transforms(m.transforms), latched_qos())
+                                                    lambda m: self.add_transforms(m.transforms), latched_qos(100))
+
+    @property
+    def listens(self) -> bool:
+        """TF is a source (tf2_ros, or our /tf_static subscription): a frame missing there now may arrive."""
+        return self.tf_buffer is not None or self._tf_sub is not None
 
     def close(self) -> None:
         """Stop listening to TF (the node's subscriptions for it are destroyed)."""

@@ -18,6 +18,7 @@ confident pose ever comes from a failed registration.
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 
@@ -40,6 +41,8 @@ class RegistrationNode(PerceptionNode):
         "map_period": (1.0, "least stamp time (s) between two local maps"),
         "odom_frame": ("odom", "frame of the published poses and cloud"),
         "publish_tf": (True, "broadcast odom -> base_link on /tf (needs tf2_ros)"),
+        "tf_wait": (1.0, "seconds of scans to wait, from the first, for TF to give base_frame <- the LiDAR's "
+                    "frame before the rig's extrinsics are used (then kept until the node is activated again)"),
     }
 
     # read per scan by LidarOdometry.update (the map's resolution, horizon and re-localisation target are
@@ -54,8 +57,9 @@ class RegistrationNode(PerceptionNode):
                 self.odometry.cfg = self.cfg
 
     def check_parameters(self) -> None:
-        if not 0 <= float(self.params["map_period"]) <= 1e9:
-            raise ValueError(f"registration_node.map_period = {self.params['map_period']}: must be in [0, 1e9]")
+        for key in ("map_period", "tf_wait"):
+            if not 0 <= float(self.params[key]) <= 1e9:
+                raise ValueError(f"registration_node.{key} = {self.params[key]}: must be in [0, 1e9]")
         for key in ("points_topic", "odom_topic", "pose_topic", "odom_frame"):
             if not str(self.params[key]).strip():
                 raise ValueError(f"registration_node.{key} is empty")
@@ -88,6 +92,8 @@ class RegistrationNode(PerceptionNode):
         self.tf_broadcaster = None
         if self.params["publish_tf"] and ros_compat.HAVE_TF2_ROS:
             self.tf_broadcaster = ros_compat.tf2_ros.TransformBroadcaster(self)
+        self._tf_wait_since: float | None = None
+        self.extrinsics   # listening to TF from now, not from the first scan (a latched /tf_static takes a moment)
         self.subscribe(PointCloud2, self.params["points_topic"], self.on_points, self.sensor_qos())
         self.get_logger().info(f"odometry ready: {self.resolve_topic_name(self.params['points_topic'])} -> "
                                f"{self.odom_pub.topic_name}, "
@@ -110,13 +116,25 @@ class RegistrationNode(PerceptionNode):
                 self.odometry.reset()
             self._map_stamp_ns = None
 
-    def _odometry_for(self, frame_id: str) -> LidarOdometry:
-        """The odometry, built on the first scan once the LiDAR frame (hence T_base_lidar) is known."""
+    def _odometry_for(self, frame_id: str) -> LidarOdometry | None:
+        """The odometry, built on the first scan once the LiDAR frame (hence T_base_lidar) is known. While TF is
+        listened to but has not given that frame yet, None for `tf_wait` seconds from the first such scan:
+        the rig's extrinsics, once taken, would stay for the whole drive, wrong for any robot but the rig's."""
         if self.odometry is None:
             T_base_lidar, source = self.extrinsics.lookup(frame_id)
+            if source == "rig" and self.extrinsics.listens:
+                now = time.monotonic()
+                if self._tf_wait_since is None:
+                    self._tf_wait_since = now
+                if now - self._tf_wait_since < float(self.params["tf_wait"]):
+                    return None
+                self.get_logger().warning(
+                    f"TF gave no {self.params['base_frame']} <- {frame_id} within tf_wait "
+                    f"{float(self.params['tf_wait']):g} s: using rig {self.extrinsics.rig.name!r}'s extrinsics")
             self.odometry = LidarOdometry(self.cfg, T_base_lidar=T_base_lidar, weights=self._weights, device=self.device)
             self.odometry._global = self._global
             self.lidar_frame = frame_id
+            self._tf_wait_since = None
             self.get_logger().info(f"T_{self.params['base_frame']}_{frame_id} from {source}")
         elif frame_id != self.lidar_frame:
             raise ValueError(f"frame_id {frame_id!r} changed (was {self.lidar_frame!r})")
@@ -131,6 +149,10 @@ class RegistrationNode(PerceptionNode):
             odometry = self._odometry_for(msg.header.frame_id or "lidar")
         except (ValueError, KeyError) as exc:
             self.drops.drop("bad_cloud", f"cloud {stamp_ns} on {self.params['points_topic']}: {exc}")
+            return
+        if odometry is None:
+            self.drops.drop("waiting_for_tf", f"cloud {stamp_ns}: TF has not given {self.params['base_frame']} <- "
+                                              f"{msg.header.frame_id} yet (tf_wait {self.params['tf_wait']} s)")
             return
         scan.stamp_ns = stamp_ns
         with self._lock:
