@@ -92,7 +92,10 @@ def test_node_publishes_grid_voxels_markers_and_degrades(weights_file, tmp_path)
         np.testing.assert_allclose(origin_T[:2, 3], [-40.0, -40.0])
         assert set(np.unique(full)) <= {-1, 0, 100} and (full >= 0).mean() > 0.5
         arr = pointcloud2_to_structured(cloud)
-        assert arr.dtype["label"] == np.uint8 and arr.dtype["confidence"] == np.float32
+        # PCL's PointXYZL layout: label uint32 at 12 (pcl::fromROSMsg matches name and type), confidence at 16
+        assert arr.dtype["label"] == np.uint32 and arr.dtype["confidence"] == np.float32
+        assert [(f.name, f.offset) for f in cloud.fields] == [("x", 0), ("y", 4), ("z", 8), ("label", 12),
+                                                              ("confidence", 16)] and cloud.point_step == 20
         assert len(arr) > 0 and np.all(arr["label"] < 17) and np.all((arr["confidence"] > 0) & (arr["confidence"] <= 1))
         assert markers[-1].markers[0].action == 3 and len(markers[-1].markers) >= 2  # DELETEALL, then classes
 

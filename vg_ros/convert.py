@@ -510,9 +510,10 @@ def structured_to_pointcloud2(arr: np.ndarray, *, stamp_ns: int = 0, frame_id: s
 def xyz_fields_to_pointcloud2(xyz: np.ndarray, extra: dict[str, np.ndarray] | None = None, stamp_ns: int = 0,
                               frame_id: str = "", flavor: str = "rclpy"):
     """xyz (N, 3) -> PointCloud2 with float32 x, y, z plus one field per `extra` entry ((N,) arrays keep
-    their dtype, e.g. label uint8, confidence float32). Fields in order, each at an offset aligned to its
-    size as in a C struct (x y z label _ _ _ confidence: 20 bytes), so PCL and GPU consumers can read them in
-    place."""
+    their dtype, e.g. label uint32, confidence float32). Fields in order, each at an offset aligned to its
+    size as in a C struct (x y z label confidence: 20 bytes; a uint8 label would be followed by 3 padding
+    bytes), so GPU consumers can read them in place; PCL matches fields by name and type (its `label` is
+    uint32)."""
     xyz = np.asarray(xyz)
     if xyz.ndim != 2 or xyz.shape[1] != 3:
         raise ValueError(f"xyz: expected shape (N, 3), got {xyz.shape}")

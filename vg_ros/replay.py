@@ -282,7 +282,7 @@ class OccupancyStage(Stage):
         occupied = (result.semantics != FREE_CLASS) & result.observed  # as occupancy_node: seen voxels only
         centres = voxel_centers(result.grid)[occupied]
         self.writer.write(self.params["voxels_topic"], stamp, xyz_fields_to_pointcloud2(
-            centres, {"label": result.semantics[occupied].astype(np.uint8),
+            centres, {"label": result.semantics[occupied].astype(np.uint32),   # as occupancy_node: PCL's
                       "confidence": result.confidence[occupied].astype(np.float32)},
             stamp_ns=stamp, frame_id=frame_id, flavor="rosbags"))
         self.frames += 1

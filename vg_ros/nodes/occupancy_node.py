@@ -13,7 +13,7 @@ Publishes, with the stamp of the set's first image and frame `base_frame`:
   grid_topic     /occupancy/grid     nav_msgs/OccupancyGrid (transient-local): 100 occupied in [z_min, z_max],
                                      0 observed free, -1 unseen
   voxels_topic   /occupancy/voxels   sensor_msgs/PointCloud2: observed occupied voxel centres, fields x, y, z
-                                     (f32), label (u8, Occ3D class), confidence (f32)
+                                     (f32), label (u32 as PCL's PointXYZL, Occ3D class), confidence (f32)
   markers_topic  /occupancy/markers  visualization_msgs/MarkerArray: one CUBE_LIST per class, Occ3D colours
 Bad input (wrong image size or encoding, zero focal length, NaN extrinsic) drops that camera with a log line
 and a count in ~/diagnostics; a set with no usable camera is dropped; the node keeps running.
@@ -168,8 +168,9 @@ class OccupancyNode(PerceptionNode):
         occupied = (result.semantics != FREE_CLASS) & result.observed
         centres = voxel_centers(result.grid)[occupied]
         labels = result.semantics[occupied].astype(np.uint8)
+        # label uint32 at offset 12 as PCL's PointXYZL / PointXYZRGBL, so pcl::fromROSMsg reads it
         self.voxels_pub.publish(xyz_fields_to_pointcloud2(
-            centres, {"label": labels, "confidence": result.confidence[occupied].astype(np.float32)},
+            centres, {"label": labels.astype(np.uint32), "confidence": result.confidence[occupied].astype(np.float32)},
             stamp_ns=result.stamp_ns, frame_id=frame_id))
         if self.markers_pub is not None:
             self.markers_pub.publish(self.markers(centres, labels, result.grid.voxel_size, result.stamp_ns, frame_id))
