@@ -594,3 +594,50 @@ def test_camera_info_keeps_the_distortion_model_and_refuses_unknown_ones(flavor)
     msg.distortion_model = "rational_polynomial"
     with pytest.raises(ValueError, match="'rational_polynomial': 4 coefficients, expected 8"):
         C.camera_info_to_model(msg)
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_camera_info_binning_roi_and_rectified_images(flavor):
+    """As image_geometry: the region of interest (full-resolution pixels) then the binning shrink the image
+    and move K with it, so a point lands where the published image shows it; `rectified` takes P and no
+    distortion (image_rect topics)."""
+    K = np.array([[1000.0, 0, 800], [0, 1000.0, 450], [0, 0, 1]])
+    cam = CameraModel("c", 1600, 900, K, np.eye(4), "c", distortion=np.array([0.1, -0.05, 0, 0, 0]))
+    point = np.array([[0.3, -0.2, 5.0]])   # in the optical frame
+    u, v = (K @ point[0])[:2] / point[0, 2]
+    msg = C.camera_model_to_info(cam, 0, flavor)
+    msg.binning_x = msg.binning_y = 2
+    binned = C.camera_info_to_model(msg)
+    assert (binned.width, binned.height) == (800, 450) and binned.distorted
+    np.testing.assert_allclose((binned.K @ point[0])[:2] / point[0, 2], [u / 2, v / 2])
+    msg.roi.x_offset, msg.roi.y_offset, msg.roi.width, msg.roi.height = 400, 200, 800, 450
+    cropped = C.camera_info_to_model(msg)
+    assert (cropped.width, cropped.height) == (400, 225)
+    np.testing.assert_allclose((cropped.K @ point[0])[:2] / point[0, 2], [(u - 400) / 2, (v - 200) / 2])
+    msg.roi.width = 1300   # 400 + 1300 > 1600
+    with pytest.raises(ValueError, match="^roi: 1300x450 at \\(400, 200\\) does not fit the 1600x900 sensor"):
+        C.camera_info_to_model(msg)
+    rect = C.camera_model_to_info(cam, 0, flavor)
+    P = np.zeros((3, 4))
+    P[:, :3] = [[900.0, 0, 790], [0, 900.0, 455], [0, 0, 1]]
+    rect.p = P.reshape(-1).copy()
+    rectified = C.camera_info_to_model(rect, rectified=True)
+    np.testing.assert_allclose(rectified.K, P[:, :3])
+    assert not rectified.distorted and rectified.distortion.size == 0
+    np.testing.assert_allclose(C.camera_info_to_model(rect).K, K)   # the raw image: K and its distortion
+
+
+def test_grounding_reads_a_binned_camera_info_for_the_binned_image():
+    """A binned camera's images are smaller than its CameraInfo's sensor size: its intrinsics still count
+    (they were passed over for the rig's, the size not matching)."""
+    from vg_ros.grounding.messages import image_camera
+    from vg_ros.nodes.inputs import DropCounter
+    from vg_ros.types import Rig
+    K = np.array([[1000.0, 0, 800], [0, 1000.0, 450], [0, 0, 1]])
+    msg = C.camera_model_to_info(CameraModel("c", 1600, 900, K, np.eye(4), "cam_front_optical"), 0)
+    msg.binning_x = msg.binning_y = 2
+    image = C.array_to_image(np.zeros((450, 800, 3), np.uint8), "rgb8", frame_id="cam_front_optical")
+    drops = DropCounter()
+    camera = image_camera(image, 800, 450, msg, Rig.load("default"), drops)
+    np.testing.assert_allclose(camera.K, [[500.0, 0, 400], [0, 500.0, 225], [0, 0, 1]])
+    assert drops.total == 0

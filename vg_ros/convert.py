@@ -290,26 +290,59 @@ def decode_any_image(msg) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------------
 # sensor_msgs/CameraInfo
 
-def camera_info_to_model(msg, name: str | None = None, T_base_cam: np.ndarray | None = None) -> CameraModel:
-    """sensor_msgs/CameraInfo -> CameraModel (K (3, 3) float64, size, `distortion` with its
-    `distortion_model`: plumb_bob, rational_polynomial or equidistant; another model or a coefficient count
-    the model does not have is a ValueError naming it).
+def camera_info_to_model(msg, name: str | None = None, T_base_cam: np.ndarray | None = None, *,
+                         rectified: bool = False) -> CameraModel:
+    """sensor_msgs/CameraInfo -> CameraModel of the image the camera publishes (K (3, 3) float64, size,
+    `distortion` with its `distortion_model`: plumb_bob, rational_polynomial or equidistant; another model or
+    a coefficient count the model does not have is a ValueError naming it).
+
+    As image_geometry reads it: the region of interest (`roi`, in full-resolution pixels; all zero = the
+    whole sensor) and then the binning (`binning_x/y`, 0 or 1 = none) shrink the image and move K with
+    it. `rectified`: the image is the rectified one (`image_rect`, as image_proc or Isaac ROS publish it):
+    the intrinsics are P's left 3x3 and there is no distortion left.
     `name` defaults to the header frame_id; `T_base_cam` (4, 4) to identity (look it up in TF)."""
     width, height = int(msg.width), int(msg.height)
     if width <= 0 or height <= 0:
         raise ValueError(f"width/height: camera size {width}x{height} must be positive")
-    K = np.asarray(msg.k, dtype=np.float64).reshape(-1)
-    if K.size != 9:
-        raise ValueError(f"k: expected 9 values, got {K.size}")
-    K = K.reshape(3, 3)
+    if rectified:
+        P = np.asarray(msg.p, dtype=np.float64).reshape(-1)
+        if P.size != 12:
+            raise ValueError(f"p: expected 12 values, got {P.size}")
+        K = P.reshape(3, 4)[:, :3].copy()
+        where = "p"
+    else:
+        K = np.asarray(msg.k, dtype=np.float64).reshape(-1)
+        if K.size != 9:
+            raise ValueError(f"k: expected 9 values, got {K.size}")
+        K = K.reshape(3, 3).copy()
+        where = "k"
     if not np.all(np.isfinite(K)) or K[0, 0] <= 0 or K[1, 1] <= 0:
-        raise ValueError(f"k: focal lengths fx={K[0, 0]}, fy={K[1, 1]} must be finite and positive")
+        raise ValueError(f"{where}: focal lengths fx={K[0, 0]}, fy={K[1, 1]} must be finite and positive")
+    roi = getattr(msg, "roi", None)
+    x0, y0 = (int(roi.x_offset), int(roi.y_offset)) if roi is not None else (0, 0)
+    roi_w, roi_h = (int(roi.width), int(roi.height)) if roi is not None else (0, 0)
+    if roi_w or roi_h or x0 or y0:
+        if roi_w <= 0 or roi_h <= 0 or x0 + roi_w > width or y0 + roi_h > height:
+            raise ValueError(f"roi: {roi_w}x{roi_h} at ({x0}, {y0}) does not fit the {width}x{height} sensor")
+        K[0, 2] -= x0
+        K[1, 2] -= y0
+        width, height = roi_w, roi_h
+    bx, by = max(int(getattr(msg, "binning_x", 0)), 1), max(int(getattr(msg, "binning_y", 0)), 1)
+    if bx > 1 or by > 1:
+        K[0] /= bx
+        K[1] /= by
+        width, height = width // bx, height // by
+        if width <= 0 or height <= 0:
+            raise ValueError(f"binning_x/y: {bx}x{by} leaves no pixel of the {int(msg.width)}x{int(msg.height)} sensor")
     frame_id = str(msg.header.frame_id)
     from vg_ros.geometry import check_distortion
-    model = str(getattr(msg, "distortion_model", "") or "")
-    dist = check_distortion(np.asarray(msg.d, dtype=np.float64).reshape(-1).copy(), model)
+    if rectified:
+        model, dist = "", np.zeros(0)
+    else:
+        model = str(getattr(msg, "distortion_model", "") or "")
+        dist = check_distortion(np.asarray(msg.d, dtype=np.float64).reshape(-1).copy(), model)
     T = np.eye(4) if T_base_cam is None else np.asarray(T_base_cam, dtype=np.float64)
-    return CameraModel(name=name if name is not None else frame_id, width=width, height=height, K=K.copy(),
+    return CameraModel(name=name if name is not None else frame_id, width=width, height=height, K=K,
                        T_base_cam=T, frame_id=frame_id, distortion=dist, distortion_model=model)
 
 

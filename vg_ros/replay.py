@@ -257,7 +257,8 @@ class OccupancyStage(Stage):
         T_base_cam, _ = self.extrinsics.lookup(image_msg.header.frame_id or name)
         info = self.infos.get(name)
         if info is not None:
-            return camera_info_to_model(info, name=name, T_base_cam=T_base_cam)
+            return camera_info_to_model(info, name=name, T_base_cam=T_base_cam,
+                                        rectified=bool(self.params.get("images_rectified", False)))
         cam = self.extrinsics.rig.camera(name)
         return dataclasses.replace(cam, T_base_cam=T_base_cam)
 
@@ -419,7 +420,8 @@ class GroundingStage(Stage):
 
     def _camera(self, index: int, msg: Any, rgb: np.ndarray):
         from vg_ros.grounding.messages import image_camera
-        return image_camera(msg, rgb.shape[1], rgb.shape[0], self.infos[index], self.rig, self.drops)
+        return image_camera(msg, rgb.shape[1], rgb.shape[0], self.infos[index], self.rig, self.drops,
+                            rectified=bool(self.params.get("images_rectified", False)))
 
     def _on_set(self, *msgs: Any) -> None:
         from vg_ros.convert import grounding_to_msgs, point_to_point_stamped, stamp_of

@@ -56,17 +56,22 @@ def add_cloud(clouds: Any, msg: Any, drops: Any, topic: str) -> None:
     clouds.add(stamp_of(msg), cloud)
 
 
-def image_camera(msg: Any, width: int, height: int, info: Any, rig: Any, drops: Any) -> CameraModel | None:
-    """The intrinsics of an image `msg` of `width` x `height`: its camera's latest CameraInfo `info` when of
-    the image's size (a malformed one is counted, `bad_camera_info`, and passed over), else the rig camera
-    named by the image's frame, scaled to the image; None when neither knows the camera."""
+def image_camera(msg: Any, width: int, height: int, info: Any, rig: Any, drops: Any, *,
+                 rectified: bool = False) -> CameraModel | None:
+    """The intrinsics of an image `msg` of `width` x `height`: its camera's latest CameraInfo `info` (binning
+    and region of interest applied; P's with `rectified`) when it describes an image of that size (a
+    malformed one is counted, `bad_camera_info`, and passed over), else the rig camera named by the image's
+    frame, scaled to the image; None when neither knows the camera."""
     from vg_ros.convert import camera_info_to_model
 
-    if info is not None and int(info.width) == width and int(info.height) == height:
+    if info is not None:
         try:
-            return camera_info_to_model(info)
+            camera = camera_info_to_model(info, rectified=rectified)
         except ValueError as exc:
             drops.drop("bad_camera_info", f"{msg.header.frame_id!r}: {exc}")
+        else:
+            if (camera.width, camera.height) == (width, height):
+                return camera
     frame = msg.header.frame_id
     for cam in rig.cameras:
         if frame in (cam.frame_id, cam.name):

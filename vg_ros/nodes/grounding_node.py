@@ -52,6 +52,8 @@ class GroundingNode(PerceptionNode):
     config_cls = GroundingConfig
     node_params = {
         "image_topic": ("cameras/CAM_FRONT/image_raw", "input sensor_msgs/Image"),
+        "images_rectified": (False, "the images are rectified (image_rect, as image_proc or Isaac ROS publish them): "
+                             "intrinsics from CameraInfo's P, no distortion"),
         "image_transport": ("raw", "raw: sensor_msgs/Image on image_topic; compressed: sensor_msgs/CompressedImage "
                             "(jpeg, png) on image_topic/compressed, as image_transport names it"),
         "camera_info_topic": ("cameras/CAM_FRONT/camera_info", "input sensor_msgs/CameraInfo ('' = none)"),
@@ -220,9 +222,10 @@ class GroundingNode(PerceptionNode):
             return
         with self._lock:
             grounded = ground_set(self.pipeline, msgs, self.image_inputs,
-                                  lambda i, msg, rgb: image_camera(msg, rgb.shape[1], rgb.shape[0],
-                                                                   self.camera_infos[i], self.extrinsics.rig,
-                                                                   self.drops), self.drops, self.camera_choice)
+                                  lambda i, msg, rgb: image_camera(
+                                      msg, rgb.shape[1], rgb.shape[0], self.camera_infos[i], self.extrinsics.rig,
+                                      self.drops, rectified=bool(self.params["images_rectified"])),
+                                  self.drops, self.camera_choice)
             if grounded is None:
                 return
         result, header = grounded.result, grounded.msg.header

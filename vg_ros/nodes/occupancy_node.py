@@ -38,6 +38,8 @@ class OccupancyNode(PerceptionNode):
         "cameras": (["CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_FRONT_LEFT", "CAM_BACK", "CAM_BACK_LEFT", "CAM_BACK_RIGHT"],
                     "camera names to subscribe (each must be in the rig)"),
         "image_topic_pattern": ("cameras/{name}/image_raw", "input sensor_msgs/Image per camera"),
+        "images_rectified": (False, "the images are rectified (image_rect, as image_proc or Isaac ROS publish them): "
+                             "intrinsics from CameraInfo's P, no distortion"),
         "image_transport": ("raw", "raw: sensor_msgs/Image on each image topic; compressed: sensor_msgs/"
                             "CompressedImage (jpeg, png) on <image topic>/compressed, as image_transport names it"),
         "camera_info_topic_pattern": ("cameras/{name}/camera_info", "input sensor_msgs/CameraInfo per camera"),
@@ -118,7 +120,8 @@ class OccupancyNode(PerceptionNode):
         T_base_cam, _source = self.extrinsics.lookup(image_msg.header.frame_id or name)
         info = self.camera_infos.get(name)
         if info is not None:
-            camera = camera_info_to_model(info, name=name, T_base_cam=T_base_cam)
+            camera = camera_info_to_model(info, name=name, T_base_cam=T_base_cam,
+                                          rectified=bool(self.params["images_rectified"]))
         else:
             camera = dataclasses.replace(self.extrinsics.rig.camera(name), T_base_cam=T_base_cam)
         frame = CameraFrame(camera, image_to_rgb(image_msg), stamp_of(image_msg))
