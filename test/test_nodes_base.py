@@ -400,3 +400,22 @@ def test_use_sim_time_set_while_active_survives_a_deactivate_and_activate(ros_co
         ex.shutdown()
         clock_node.destroy_node()
         node.destroy_node()
+
+
+def test_rclpy_starts_where_home_is_not_writable(tmp_path):
+    """rclpy.init fails ("failed to initialize logging") with $HOME unset or read-only (a CI container under
+    an arbitrary uid) unless ROS_LOG_DIR / ROS_HOME say where: every vg_ros process sets ROS_LOG_DIR to a
+    temp folder then (ros_compat.ensure_ros_log_dir, run with use_dds_profiles before each rclpy.init)."""
+    from vg_ros.ros_compat import ensure_ros_log_dir
+    assert ensure_ros_log_dir({"ROS_LOG_DIR": "/x"}) is None and ensure_ros_log_dir({"ROS_HOME": "/x"}) is None
+    env = {"HOME": str(tmp_path)}
+    assert ensure_ros_log_dir(env) is None and (tmp_path / ".ros" / "log").is_dir() and "ROS_LOG_DIR" not in env
+    for env in ({"HOME": "/proc"}, {}):
+        folder = ensure_ros_log_dir(env)
+        assert folder is not None and env["ROS_LOG_DIR"] == folder and os.access(folder, os.W_OK)
+    clean = {k: v for k, v in os.environ.items() if k not in ("ROS_LOG_DIR", "ROS_HOME")}
+    code = ("from vg_ros.ros_compat import use_dds_profiles; use_dds_profiles(); import rclpy; "
+            "rclpy.init(); print('up'); rclpy.shutdown()")
+    run = subprocess.run([sys.executable, "-c", code], env={**clean, "HOME": "/proc"}, capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 0 and "up" in run.stdout, run.stderr[-2000:]

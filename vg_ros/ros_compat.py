@@ -83,11 +83,36 @@ DDS_PROFILES = Path(__file__).resolve().parent.parent / "config" / "fastdds_prof
 _PROFILE_VARS = ("FASTRTPS_DEFAULT_PROFILES_FILE", "FASTDDS_DEFAULT_PROFILES_FILE")  # Fast DDS 2.x, 3.x
 
 
+def ensure_ros_log_dir(environ: MutableMapping[str, str] | None = None) -> str | None:
+    """A log directory rclpy can write: rclpy.init fails ("failed to initialize logging") when $HOME is
+    unset or read-only (a container under an arbitrary uid) and neither ROS_LOG_DIR nor ROS_HOME is set.
+    Then ROS_LOG_DIR is set in `environ` to a folder under the temp directory. Returns it, or None when the
+    default (~/.ros/log) or the user's setting stands."""
+    environ = os.environ if environ is None else environ
+    if environ.get("ROS_LOG_DIR") or environ.get("ROS_HOME"):
+        return None
+    home = environ.get("HOME", "")
+    if home:
+        try:
+            (Path(home) / ".ros" / "log").mkdir(parents=True, exist_ok=True)
+            if os.access(Path(home) / ".ros" / "log", os.W_OK):
+                return None
+        except OSError:
+            pass
+    import tempfile
+    folder = Path(tempfile.gettempdir()) / f"vg_ros-ros-log-{os.getuid() if hasattr(os, 'getuid') else 0}"
+    folder.mkdir(parents=True, exist_ok=True)
+    environ["ROS_LOG_DIR"] = str(folder)
+    return str(folder)
+
+
 def use_dds_profiles(environ: MutableMapping[str, str] | None = None) -> str | None:
     """Point Fast DDS at config/fastdds_profiles.xml (100 ms reliable heartbeats; see the file) in
     `environ` (default os.environ) unless the user set a profiles file; call before rclpy.init or when
-    building a child process's environment. Returns the file in effect, None when there is none."""
+    building a child process's environment. Returns the file in effect, None when there is none. Also gives
+    rclpy a log directory it can write (`ensure_ros_log_dir`)."""
     environ = os.environ if environ is None else environ
+    ensure_ros_log_dir(environ)
     for var in _PROFILE_VARS:
         if environ.get(var):
             return environ[var]
