@@ -419,3 +419,40 @@ def test_rclpy_starts_where_home_is_not_writable(tmp_path):
     run = subprocess.run([sys.executable, "-c", code], env={**clean, "HOME": "/proc"}, capture_output=True,
                          text=True, timeout=60)
     assert run.returncode == 0 and "up" in run.stdout, run.stderr[-2000:]
+
+
+def test_twin_subscriptions_count_each_sample_once_and_a_lost_one_once():
+    """A transient-local and a volatile /command subscription both get a latched publisher's samples, in
+    either order (multi-threaded executor): each sample is handled and counted in `received` once, a sample
+    the twin took first is not counted as lost, and a lost one is counted once (a review: alternating
+    winners gave missed=2 with nothing lost)."""
+    import collections
+    import threading
+    from types import SimpleNamespace
+
+    from vg_ros.nodes.base import PerceptionNode, command_qos
+
+    class FakeSub:
+        def __init__(self, callback):
+            self.callback = callback
+
+        def get_publisher_count(self):
+            return 1   # the one transient-local publisher, matched by both subscriptions
+
+    stub = SimpleNamespace(received=collections.Counter(), missed=collections.Counter(), _watched={},
+                           _received_lock=threading.Lock(), resolve_topic_name=lambda topic: "/command",
+                           get_logger=lambda: SimpleNamespace(info=lambda *a: None, error=lambda *a: None),
+                           create_subscription=lambda t, topic, cb, qos, **kw: FakeSub(cb),
+                           call_safely=lambda cb, *a, where=None: cb(*a))
+    stub._count_missed = lambda *a: PerceptionNode._count_missed(stub, *a)
+    handled, seen = [], collections.deque(maxlen=32)
+    String = type("String", (), {"__module__": "std_msgs.msg"})
+    latched = PerceptionNode.subscribe(stub, String, "/command", handled.append, command_qos(), seen_samples=seen,
+                                       count_missed=False, watch=False)
+    volatile = PerceptionNode.subscribe(stub, String, "/command", handled.append, command_qos(), seen_samples=seen,
+                                        watch=False)
+    for number, first in zip((1, 2, 3, 4, 6), (latched, volatile, latched, volatile, latched)):   # 5 is lost
+        info = {"source_timestamp": 1000 + number, "publication_sequence_number": number}
+        for sub in (first, volatile if first is latched else latched):
+            sub.callback(object(), info)
+    assert len(handled) == 5 and stub.received["/command"] == 5 and stub.missed["/command"] == 1

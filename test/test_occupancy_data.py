@@ -182,3 +182,16 @@ def test_train_cli_stopped_by_sigint_writes_the_weights_so_far(tmp_path, monkeyp
     _, meta = read_state(out / "occupancy_tpvformer_tiny.safetensors", "tpv_config", "occupancy")
     assert meta["steps"] == "2" and meta["partial"] == "true" and meta["train_seeds"] == "4242"
     assert not (out / "occupancy_tpvformer_tiny.md").exists() and not (out / "occupancy_tpvformer_tiny.json").exists()
+    # Ctrl-C while the training frames render (before any step): the run stops there, nothing is written
+    # or removed (the handler is installed around the steps only)
+    for stale in ("occupancy_tpvformer_tiny.md", "occupancy_tpvformer_tiny.json"):
+        (out / stale).write_text("earlier weights")
+    weights_before = (out / "occupancy_tpvformer_tiny.safetensors").read_bytes()
+
+    def interrupted_render(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real_cache(*args, **{**kwargs, "root": tmp_path})
+    monkeypatch.setattr(train, "build_cache", interrupted_render)
+    assert vg_main(argv) == 130 and "interrupted" in capsys.readouterr().err
+    assert (out / "occupancy_tpvformer_tiny.safetensors").read_bytes() == weights_before
+    assert (out / "occupancy_tpvformer_tiny.md").exists() and (out / "occupancy_tpvformer_tiny.json").exists()

@@ -31,10 +31,11 @@ def bag():
 
 
 def write_outputs(bag, out, *, pose_error=None, box_shift=0.0, drop_every=0, lose_class=None, frame_id=None,
-                  other_views=False):
+                  other_views=False, empty_masks=False):
     """An output bag built from the ground truth: perfect unless told how to degrade it (`frame_id`: the
     grounding outputs' camera frame instead of the command's; `other_views`: where another camera sees the
-    target (/gt/grounding_views), the target as that camera sees it, in its frame)."""
+    target (/gt/grounding_views), the target as that camera sees it, in its frame; `empty_masks`: boxes as
+    found, masks empty, as the box head's fallback publishes)."""
     store = typestore()
     views = {}
     if other_views:
@@ -69,7 +70,7 @@ def write_outputs(bag, out, *, pose_error=None, box_shift=0.0, drop_every=0, los
                     w = (x1 - x0) * box_shift
                     points = [Point32(x0 + w, y0, 0.9), Point32(x1 + w, y0, 0.9), Point32(x1 + w, y1, 0.9),
                               Point32(x0 + w, y1, 0.9)]
-                    mask = expr.mask
+                    mask = np.zeros_like(expr.mask) if empty_masks else expr.mask
                 dst.write(TOPICS["grounding"]["box"], stamp, PolygonStamped(header=make_header(
                     stamp, frame_id or msg.header.frame_id, "rosbags"),
                                                                   polygon=Polygon(points=points)))
@@ -164,6 +165,11 @@ def test_a_target_published_in_a_camera_that_shows_it_is_scored_against_that_vie
                       topics={**TOPICS, "grounding": grounded})["grounding"]
     assert none["frames"] == len(visible) and none["found_rate"] == 0.0
     assert none["prec_at_05"] == 0.0 and none["miou"] == 0.0
+    # found in the command's camera with an empty mask while only another camera shows the target: a miss
+    # in the wrong camera, not an empty mask matching an empty label (IoU 1)
+    empty = score_bags(left, write_outputs(bag, tmp_path / "empty.mcap", empty_masks=True),
+                       topics={**TOPICS, "grounding": grounded})["grounding"]
+    assert empty["found_in_wrong_camera"] == len({v.stamp_ns for v in views}) and empty["miou"] == 0.0
     # the same outputs for a node grounding in CAM_FRONT and CAM_BACK only: those results are in a camera it
     # does not ground, so misses; one camera alone scores as before (the views do not count)
     grounded["images"] = ["/cameras/CAM_FRONT/image_raw", "/cameras/CAM_BACK/image_raw"]

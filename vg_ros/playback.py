@@ -128,7 +128,7 @@ class Player:
             # only the latest, as its publisher keeps
             qos = playback_qos(topic if topic in LATCHED_TOPICS else name, msgtype,
                                reliable_sensors=reliable_sensors,
-                               latched_depth=count if topic in LATCHED_TOPICS else 1,
+                               latched_depth=count if LATCHED_TOPICS & {topic, name} else 1,
                                latched=topic in recorded_latched)
             self._publishers[topic] = node.create_publisher(cls, name, qos)
         self.topics = sorted(self._publishers)

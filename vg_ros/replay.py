@@ -749,6 +749,9 @@ def score_bags(in_bag: str | Path, out_bag: str | Path, *, grounding_image_topic
                     else:
                         wrong_camera += 1
                         ok = False
+                elif ok and not expr.mask.any():   # found in the command's camera, which does not show it now
+                    wrong_camera += 1
+                    ok = False
                 mask = image_to_array(masks[stamp]) > 0 if stamp in masks else np.zeros_like(expr.mask)
                 if not ok:
                     mask = np.zeros_like(expr.mask)

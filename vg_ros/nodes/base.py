@@ -702,8 +702,8 @@ class PerceptionNode(_RosNode):  # type: ignore[misc,valid-type]
 
     def subscribe(self, msg_type: type, topic: str, callback: Callable[..., None], qos: "QoSProfile",
                   *, guard_stamps: bool = True, callback_group: Any = None,
-                  seen_samples: collections.deque | None = None, incompatible_note: str | None = None,
-                  watch: bool = True):
+                  seen_samples: collections.deque | None = None, count_missed: bool = True,
+                  incompatible_note: str | None = None, watch: bool = True):
         """A subscription that logs what it expects, reports QoS mismatches, and (by default) passes
         only messages whose header stamp the StampGuard accepts. Exceptions in `callback` are caught,
         logged once per reason and counted as `callback_error`: the node keeps running. `callback_group`
@@ -711,7 +711,9 @@ class PerceptionNode(_RosNode):  # type: ignore[misc,valid-type]
         control input run beside a long sensor callback on the multi-threaded executor. `seen_samples`:
         shared by twin subscriptions of one topic (a transient-local and a volatile one both match a
         transient-local publisher), it holds the samples (source timestamp, publication sequence number)
-        already taken, so each sample is counted and handled once.
+        already taken, so each sample is counted and handled once; `count_missed` False on all but the twin
+        that matches every publisher, so a lost sample is counted once and a sample the twin took first is
+        not counted as lost.
         `incompatible_note`: an incompatible publisher is expected (another subscription serves it), so
         it is logged at INFO with this note instead of as an ERROR. Every message that arrives is counted
         (`received`); `watch` (sensor streams; not a command sent once) also reports the topic in the
@@ -737,6 +739,8 @@ class PerceptionNode(_RosNode):  # type: ignore[misc,valid-type]
 
         def guarded(msg: Any, info: Any) -> None:
             with self._received_lock:
+                if count_missed:   # every sample this subscription sees, the twin's first included
+                    self._count_missed(topic, info, sequence, created)
                 if seen_samples is not None and isinstance(info, dict) and info.get("source_timestamp"):
                     sample = (info["source_timestamp"], info.get("publication_sequence_number"))
                     if sample in seen_samples:   # the twin subscription took it
@@ -745,7 +749,6 @@ class PerceptionNode(_RosNode):  # type: ignore[misc,valid-type]
                 self.received[topic] += 1
                 if topic in self._watched:
                     self._watched[topic] = (self._watched[topic][0], time.monotonic())
-                self._count_missed(topic, info, sequence, created)
             if guard_stamps and hasattr(msg, "header"):
                 if not self.stamps.accept(topic, stamp_of(msg), self.now_ns()):
                     return

@@ -147,10 +147,11 @@ class GroundingNode(PerceptionNode):
         self.command_group = MutuallyExclusiveCallbackGroup()
         self.command_sub = self.subscribe(String, self.params["command_topic"], self.on_command, self.command_qos(),
                                           callback_group=self.command_group, seen_samples=self._seen_commands,
-                                          watch=False,
+                                          count_missed=False, watch=False,
                                           incompatible_note="its commands arrive through the volatile subscription")
         # `ros2 topic pub` offers volatile durability, which a transient-local subscription never matches: a
-        # second, volatile subscription takes its commands (the same group runs them one at a time)
+        # second, volatile subscription takes its commands (the same group runs them one at a time); it matches
+        # every publisher, so it alone counts lost commands (`missed`)
         self.command_sub_volatile = self.subscribe(String, self.params["command_topic"], self.on_command,
                                                    volatile_command_qos(), callback_group=self.command_group,
                                                    seen_samples=self._seen_commands, watch=False)

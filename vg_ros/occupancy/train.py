@@ -12,6 +12,7 @@ so the voxel decoder sees the real proportions again.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -56,9 +57,9 @@ def apply_free_logit_adjustment(model: TPVFormer, true_free: float, sampled_free
 
 
 def train(args: argparse.Namespace, log=print, stop=None) -> dict:
-    """Train, write the weights, calibrate, evaluate and write the card. `stop()` (polled after each step)
-    turning true ends training there: the weights so far are written, marked partial, without calibration
-    or card, and the result has `interrupted`."""
+    """Train, write the weights, calibrate, evaluate and write the card. `stop` (a StopRequest, installed
+    around the steps; polled after each) turning true ends training there: the weights so far are written,
+    marked partial, without calibration or card, and the result has `interrupted`."""
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     if args.threads:
@@ -111,42 +112,48 @@ def train(args: argparse.Namespace, log=print, stop=None) -> dict:
     history: list[dict] = []
     order: list[int] = []
     step = 0
-    while step < args.steps and time.time() < deadline:
-        if not order:
-            order = list(rng.permutation(len(paths)))
-        sample = load_sample(paths[order.pop()])
-        points, labels = supervision_points(sample, args.supervision, rng, cfg.grid)
-        free_seen += int((labels == FREE_CLASS).sum())
-        total_seen += len(labels)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step)
-        images, K, T = batch_tensors(sample, device)
-        planes = model(images, K, T)
-        pts = model.normalise_points(torch.from_numpy(points).to(device))[None]
-        logits = model.decoder.point_logits(planes, pts)[0]
-        loss, parts = occupancy_loss(logits, torch.from_numpy(labels).to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-        opt.step()
-        step += 1
-        history.append({"step": step, "loss": float(loss.detach()), **parts})
-        if step % args.log_every == 0 or step == 1:
-            recent = history[-args.log_every:]
-            log(f"step {step:5d}  loss {np.mean([h['loss'] for h in recent]):.3f}  ce {np.mean([h['ce'] for h in recent]):.3f}"
-                f"  lovasz {np.mean([h['lovasz'] for h in recent]):.3f}  lr {lr_at(step):.2e}  "
-                f"{(time.time() - start) / step:.2f} s/step")
-        interrupted = stop is not None and stop()
-        if step % args.save_every == 0 or interrupted:
-            if step == args.save_every or interrupted:   # the card and metrics beside it describe earlier weights
-                for stale in (out_path.with_suffix(".md"), out_dir / (weights_name(args.config, args.supervision) + ".json")):
-                    stale.unlink(missing_ok=True)
-            save_checkpoint(model, out_path, {"steps": init_steps + step, "partial": "true",
-                                              "train_seeds": format_seeds(seeds)})
-        if interrupted:
-            log(f"stopped at step {step} of {args.steps}: weights so far in {out_path} (partial; no calibration, "
-                "evaluation or card); --init it to go on")
-            return {"interrupted": True, "steps": init_steps + step, "weights": str(out_path)}
+    # Ctrl-C / SIGTERM during the steps only (`stop`, installed here): the step ends and the weights so far
+    # are written; before them (rendering) and after (calibration, evaluation) they stop the run as usual
+    interrupted = False
+    with stop if stop is not None else contextlib.nullcontext():
+        while step < args.steps and time.time() < deadline:
+            if not order:
+                order = list(rng.permutation(len(paths)))
+            sample = load_sample(paths[order.pop()])
+            points, labels = supervision_points(sample, args.supervision, rng, cfg.grid)
+            free_seen += int((labels == FREE_CLASS).sum())
+            total_seen += len(labels)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step)
+            images, K, T = batch_tensors(sample, device)
+            planes = model(images, K, T)
+            pts = model.normalise_points(torch.from_numpy(points).to(device))[None]
+            logits = model.decoder.point_logits(planes, pts)[0]
+            loss, parts = occupancy_loss(logits, torch.from_numpy(labels).to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            opt.step()
+            step += 1
+            history.append({"step": step, "loss": float(loss.detach()), **parts})
+            if step % args.log_every == 0 or step == 1:
+                recent = history[-args.log_every:]
+                log(f"step {step:5d}  loss {np.mean([h['loss'] for h in recent]):.3f}  ce {np.mean([h['ce'] for h in recent]):.3f}"
+                    f"  lovasz {np.mean([h['lovasz'] for h in recent]):.3f}  lr {lr_at(step):.2e}  "
+                    f"{(time.time() - start) / step:.2f} s/step")
+            interrupted = stop is not None and stop()
+            if step % args.save_every == 0 or interrupted:
+                if step == args.save_every or interrupted:   # the card and metrics beside it describe earlier weights
+                    for stale in (out_path.with_suffix(".md"), out_dir / (weights_name(args.config, args.supervision) + ".json")):
+                        stale.unlink(missing_ok=True)
+                save_checkpoint(model, out_path, {"steps": init_steps + step, "partial": "true",
+                                                  "train_seeds": format_seeds(seeds)})
+            if interrupted:
+                break
+    if interrupted:
+        log(f"stopped at step {step} of {args.steps}: weights so far in {out_path} (partial; no calibration, "
+            "evaluation or card); --init it to go on")
+        return {"interrupted": True, "steps": init_steps + step, "weights": str(out_path)}
     model.eval()
     train_seconds = time.time() - start
     stats = class_statistics(paths)
@@ -231,9 +238,8 @@ def main(argv: list[str]) -> int:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise UserError(f"--out {args.out}: a file, not a folder")
-    try:
-        with StopRequest() as stop:   # Ctrl-C / SIGTERM: the step ends, the weights so far are written
-            info = train(args, log=lambda msg: print(msg, flush=True), stop=stop)
+    try:   # a StopRequest: train() installs it around its steps
+        info = train(args, log=lambda msg: print(msg, flush=True), stop=StopRequest())
     except ValueError as exc:
         raise UserError(str(exc)) from None
     return 130 if info.get("interrupted") else 0
