@@ -15,6 +15,13 @@ def test_help_lists_every_command(capsys):
         assert name in out
 
 
+def test_every_command_answers_help(capsys):
+    """README: every command's --help prints its usage and exits 0 (bench said "choose one of")."""
+    for name in ("train", "eval", "bench"):
+        assert main([name, "--help"]) == 0, name
+        assert capsys.readouterr().out.startswith(f"usage: vg-ros {name} "), name
+
+
 def test_unknown_command(capsys):
     assert main(["frobnicate"]) == 2
     assert "unknown command 'frobnicate'" in capsys.readouterr().err

@@ -223,6 +223,18 @@ def test_odometry_cli_on_simulated_bag_with_ground_truth(tmp_path, capsys):
         assert 0.02 < check["z_median"][axis] < 1.5 and check["z_p90"][axis] < 3.0, (axis, check)
     worst = max(check["z_p90"][a] for a in ("x", "y", "yaw"))
     assert check["suggested_covariance_scale"] == pytest.approx(12.0 * worst / 1.645)
+    # without --rig the LiDAR's mounting comes from the bag's /tf_static, as the node takes it (it was
+    # identity: 18x the drift on a 6 s drive, and a covariance scale suggested 9x too high)
+    assert out["extrinsics"] == "the bag's /tf_static (base_link <- lidar_top)"   # TF first, as the node
+    from vg_ros.bag import BagReader, BagWriter
+    clouds_only = tmp_path / "clouds.mcap"   # no /tf_static: the default rig names the frame
+    with BagReader(bag) as src, BagWriter(clouds_only) as dst:
+        for topic, _, log_ns, msg in src.messages(["/lidar/points", "/gt/ego_pose"]):
+            dst.write(topic, log_ns, msg)
+    assert vg_main(["odometry", str(clouds_only), "--topic", "/lidar/points", "--json", "--weights", "none"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert plain["extrinsics"] == "rig 'default' (base_link <- lidar_top)"
+    assert plain["ate_m"] == pytest.approx(out["ate_m"], abs=1e-9)
     # a topic of another type, a ground-truth topic asked for by name that is absent, a scan limit under 1:
     # one line, exit 2; the default ground truth absent: scored nothing, said so
     assert vg_main(["odometry", str(bag), "--topic", "/cameras/CAM_BACK/image_raw"]) == 2

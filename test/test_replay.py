@@ -309,3 +309,16 @@ def test_compressed_cameras_replay_as_the_raw_ones(bag, tmp_path):
     assert packed_run["grounding"]["frames"] == raw_run["grounding"]["frames"] == FRAMES
     for key in ("prec_at_05", "miou", "found_rate"):
         assert packed_run["grounding"][key] == pytest.approx(raw_run["grounding"][key], abs=1e-9), key
+
+
+def test_replay_of_a_real_bag_whose_every_frame_fails_exits_2_with_the_reason(shared_data, tmp_path, capsys):
+    """The real S3E bag's LiDAR frame (`velodyne`) is in neither its bag (no /tf_static) nor the default
+    rig: every scan is dropped. That is exit 2 naming the drops and the fix, not a report of nothing, exit 0."""
+    bag = shared_data / "bags" / "s3e_lidar_imu_camera"
+    argv = [str(bag), "--out", str(tmp_path / "out.mcap"), "--pipelines", "registration", "--remap",
+            "/Alpha/velodyne_points:=/lidar/points", "--json"]
+    from vg_ros.cli import main as vg_main
+    assert vg_main(["replay", *argv]) == 2
+    err = capsys.readouterr().err
+    assert "nothing replayed" in err and "registration: every input dropped (pipeline_error:KeyError=2)" in err
+    assert "--rig" in err

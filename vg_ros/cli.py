@@ -85,6 +85,9 @@ def eval_main(argv: list[str]) -> int:
 
 def bench_main(argv: list[str]) -> int:
     names = CAPABILITIES + ("sim",)
+    if argv and argv[0] in ("-h", "--help"):
+        print(f"usage: vg-ros bench {{{','.join(names)}}} [options]  (--help after the name for its options)")
+        return 0
     if not argv or argv[0] not in names:
         raise UserError(f"vg-ros bench: choose one of {', '.join(names)}")
     from pathlib import Path

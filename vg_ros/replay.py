@@ -896,6 +896,14 @@ def main(argv: list[str]) -> int:
     if sections and all(section.get("available") is False for section in sections):
         reasons = "; ".join(f"{name}: {section.get('reason')}" for name, section in zip(args.pipelines, sections))
         raise UserError(f"nothing replayed ({args.out} holds no output): {reasons}")
+    ran = [(name, section) for name, section in zip(args.pipelines, sections) if section.get("available")]
+    if ran and all(not section.get("frames_out") and section.get("drops") for _, section in ran):
+        reasons = "; ".join(f"{name}: every input dropped ("
+                            + ", ".join(f"{k}={v}" for k, v in sorted(section["drops"].items())) + ")"
+                            for name, section in ran)
+        hint = ("; a frame the rig does not name: --rig for the robot's sensors, or a bag with its /tf_static"
+                if any("KeyError" in k for _, section in ran for k in section["drops"]) else "")
+        raise UserError(f"nothing replayed ({args.out} holds no output): {reasons}{hint}")
     if args.report:
         from vg_ros.report import write_report
         topics = output_topics(args.config)

@@ -63,16 +63,47 @@ def _pose_from_msg(msg) -> np.ndarray:
     raise ValueError(f"ground-truth message {type(msg).__name__} is not an Odometry / PoseStamped / TransformStamped")
 
 
+def bag_lidar_extrinsics(reader, topic: str, rig: str | None) -> tuple[np.ndarray, str]:
+    """(T_base_lidar, where it came from) for the clouds on `topic`, as the node finds them: the bag's
+    /tf_static for the clouds' frame, else the rig (`rig`, else "default") camera/LiDAR of that frame name;
+    else, with `rig` given, that rig's LiDAR whatever its frame name; else identity (said so)."""
+    from vg_ros import convert
+    from vg_ros.nodes.base import TfOrRig
+    from vg_ros.types import Rig
+
+    frame = ""
+    for _, _, _, msg in reader.messages([topic]):
+        frame = convert.pointcloud2_to_scan(msg).frame_id or msg.header.frame_id
+        break
+    frame = frame or "lidar"
+    extrinsics = TfOrRig(rig or "default")
+    if "/tf_static" in reader.topics:
+        for _, _, _, msg in reader.messages(["/tf_static"]):
+            extrinsics.add_transforms(msg.transforms)
+    try:
+        T, source = extrinsics.lookup(frame)
+        return T, ("the bag's /tf_static" if source == "tf_static" else f"rig {extrinsics.rig.name!r}") + \
+            f" (base_link <- {frame})"
+    except KeyError:
+        pass
+    if rig:
+        return Rig.load(rig).lidar.T_base_lidar, f"rig {rig!r}'s LiDAR (the clouds' frame {frame!r} is not named in it)"
+    return np.eye(4), (f"identity: neither the bag's /tf_static nor the default rig knows frame {frame!r} (odometry "
+                       "of the LiDAR itself; --rig names the sensor's mounting)")
+
+
 def run_bag_odometry(bag: str | Path, topic: str, gt_topic: str | None, cfg=None, T_base_lidar=None,
-                     weights: str | None = "default", max_scans: int | None = None, require_gt: bool = False) -> dict:
+                     weights: str | None = "default", max_scans: int | None = None, require_gt: bool = False,
+                     rig: str | None = None) -> dict:
     """Odometry over a bag's PointCloud2 topic. Returns stats; ATE / drift when `gt_topic` has poses
-    (`gt_topic` absent from the bag: ValueError with `require_gt`, else `gt_topic` None in the report)."""
+    (`gt_topic` absent from the bag: ValueError with `require_gt`, else `gt_topic` None in the report).
+    The LiDAR's extrinsics: `T_base_lidar` when given, else `bag_lidar_extrinsics` (`extrinsics` in the
+    report says which)."""
     from vg_ros import convert
     from vg_ros.bag import BagReader
     from vg_ros.registration.metrics import ate, path_lengths, rpe_drift_percent
     from vg_ros.registration.odometry import LidarOdometry, OdometryConfig
 
-    odo = LidarOdometry(cfg or OdometryConfig(), T_base_lidar=T_base_lidar, weights=weights)
     est: dict[int, np.ndarray] = {}
     twist_cov: dict[int, np.ndarray] = {}   # stamp -> covariance of the motion since the previous pose
     gt: dict[int, np.ndarray] = {}
@@ -90,6 +121,11 @@ def run_bag_odometry(bag: str | Path, topic: str, gt_topic: str | None, cfg=None
             if require_gt:
                 raise ValueError(f"ground-truth topic {gt_topic!r} not in bag (has {sorted(reader.topics)})")
             gt_topic = None
+        if T_base_lidar is None:
+            T_base_lidar, extrinsics = bag_lidar_extrinsics(reader, topic, rig)
+        else:
+            extrinsics = "given"
+        odo = LidarOdometry(cfg or OdometryConfig(), T_base_lidar=T_base_lidar, weights=weights)
         topics = [topic] + ([gt_topic] if gt_topic else [])
         for name, _, _, msg in reader.messages(topics):
             if name == topic:
@@ -113,6 +149,7 @@ def run_bag_odometry(bag: str | Path, topic: str, gt_topic: str | None, cfg=None
                 gt[convert.stamp_of(msg)] = _pose_from_msg(msg)
     scans = odo.stats["scans"]
     report = {"scans": scans, "converged": len(est), "relocalized": odo.stats["relocalized"], "gt_topic": gt_topic,
+              "extrinsics": extrinsics,
               "failed": odo.stats["failed"], "hz": scans / wall if wall > 0 else 0.0,
               "seconds": wall, "first_failures": failures[:5]}
     stamps = sorted(est)
@@ -189,7 +226,9 @@ def odometry_main(argv: list[str]) -> int:
     parser.add_argument("--gt-topic", default=None,
                         help="ground-truth pose topic (default /gt/ego_pose, scored when the bag has it; one given "
                              "here must be in the bag)")
-    parser.add_argument("--rig", default=None, help="rig (name or path) for T_base_lidar; default: identity")
+    parser.add_argument("--rig", default=None, help="rig (name or path) for T_base_lidar when the bag's /tf_static "
+                        "does not give the clouds' frame (default: the default rig, if it names that frame; else "
+                        "identity, said so)")
     parser.add_argument("--weights", default="default", help="VBReg weights for re-localisation ('none': compat-only)")
     parser.add_argument("--deskew", action="store_true", help="undistort sweeps with per-point time")
     parser.add_argument("--max-scans", type=int, default=None)
@@ -200,11 +239,12 @@ def odometry_main(argv: list[str]) -> int:
     from vg_ros.registration.odometry import OdometryConfig
     from vg_ros.types import Rig
     try:
-        T_base_lidar = Rig.load(args.rig).lidar.T_base_lidar if args.rig else None
+        if args.rig:
+            Rig.load(args.rig)   # a bad name is one clear error before the bag is read
         report = run_bag_odometry(args.bag, args.topic, args.gt_topic or "/gt/ego_pose",
-                                  OdometryConfig(deskew=args.deskew), T_base_lidar,
+                                  OdometryConfig(deskew=args.deskew), None,
                                   None if args.weights == "none" else args.weights, args.max_scans,
-                                  require_gt=args.gt_topic is not None)
+                                  require_gt=args.gt_topic is not None, rig=args.rig)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     if args.json:
@@ -212,6 +252,7 @@ def odometry_main(argv: list[str]) -> int:
     else:
         print(f"scans {report['scans']}  converged {report['converged']}  re-localised {report['relocalized']}  "
               f"failed {report['failed']}  {report['hz']:.1f} Hz")
+        print(f"extrinsics: {report['extrinsics']}")
         if "path_length_m" in report:
             print(f"path length {report['path_length_m']:.1f} m")
         if "ate_m" in report:
