@@ -39,17 +39,20 @@ class LifecycleClient:
         self._change = node.create_client(ChangeState, f"{target}/change_state")
         self._available = node.create_client(GetAvailableTransitions, f"{target}/get_available_transitions")
 
-    def wait(self) -> bool:
+    def wait(self, changes: bool = True) -> bool:
         """The services are there and answer. A service can be discovered a moment before its reply can
         reach this caller (the reply is then lost), so each is first asked something harmless until it
-        answers: the state, the transitions, and a transition label no node has (answered success=false)."""
+        answers: the state, the transitions, and (`changes`: a transition will be asked for) a transition
+        label no node has (answered success=false; rcl_lifecycle logs a WARN for it in the node's log)."""
         from lifecycle_msgs.msg import Transition
         from lifecycle_msgs.srv import ChangeState, GetAvailableTransitions, GetState
         if not all(c.wait_for_service(timeout_sec=self.timeout_s) for c in (self._get, self._change, self._available)):
             return False
         try:
-            for client, request in ((self._get, GetState.Request()), (self._available, GetAvailableTransitions.Request()),
-                                    (self._change, ChangeState.Request(transition=Transition(label="vg_ros_probe")))):
+            probes = [(self._get, GetState.Request()), (self._available, GetAvailableTransitions.Request())]
+            if changes:
+                probes.append((self._change, ChangeState.Request(transition=Transition(label="vg_ros_probe"))))
+            for client, request in probes:
                 self._call(client, request, resend_s=1.0, timeout_s=self.timeout_s)
         except TimeoutError:
             return False
@@ -119,7 +122,7 @@ def run(action: str, targets: list[str], timeout_s: float, out=print) -> int:
     try:
         for target in targets:
             client = LifecycleClient(node, executor, target, timeout_s)
-            if not client.wait():
+            if not client.wait(changes=action != "get"):   # `get` leaves the node's log alone
                 raise UserError(f"no lifecycle node {target} answered within {timeout_s:g} s (is it running, on "
                                 f"ROS_DOMAIN_ID={os.environ.get('ROS_DOMAIN_ID', '0')}, in that namespace?)")
             if action == "get":
