@@ -119,23 +119,34 @@ def test_play_and_record_round_trip_with_clock_pace_and_latching(bag, tmp_path):
 
 
 def test_cli_play_into_cli_record_in_separate_processes(bag, tmp_path):
+    """`vg-ros play --wait-for` started before its reader waits for it (a node started with the player, or
+    slowly, missed the first messages of a stream); then every message arrives."""
     env = {**os.environ, "ROS_DOMAIN_ID": str(DOMAIN + 1), "PYTHONUNBUFFERED": "1"}
     out = tmp_path / "rec.mcap"
-    record = subprocess.Popen([sys.executable, "-m", "vg_ros.cli", "record", "/lidar/points", "/command",
-                               "--out", str(out), "--duration", "12"], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
+    bad = subprocess.run([sys.executable, "-m", "vg_ros.cli", "play", str(bag), "--wait-for", "/lidar/pints"],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--wait-for ['/lidar/pints']: not among the published topics" in bad.stderr
+    play = subprocess.Popen([sys.executable, "-m", "vg_ros.cli", "play", str(bag), "--rate", "2", "--delay", "1",
+                             "--reliable", "--wait-for", "/lidar/points", "/command"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    record = None
     try:
-        time.sleep(1.0)
-        play = subprocess.run([sys.executable, "-m", "vg_ros.cli", "play", str(bag), "--rate", "2", "--delay", "3",
-                               "--reliable"], env=env, capture_output=True, text=True, timeout=60)
-        assert play.returncode == 0, play.stderr
-        assert "skipping /gt/occupancy" in play.stdout and "published" in play.stdout
+        time.sleep(2.0)   # the player is up and waiting: nothing may be published before the recorder reads
+        assert play.poll() is None
+        record = subprocess.Popen([sys.executable, "-m", "vg_ros.cli", "record", "/lidar/points", "/command",
+                                   "--out", str(out), "--duration", "12"], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True)
+        stdout, stderr = play.communicate(timeout=60)
+        assert play.returncode == 0, stderr
+        assert "waiting for subscribers of /lidar/points /command" in stdout
+        assert "skipping /gt/occupancy" in stdout and "published" in stdout
         time.sleep(1.0)
         record.send_signal(2)  # SIGINT: the recorder closes its bag cleanly
         log, _ = record.communicate(timeout=30)
     finally:
-        if record.poll() is None:
-            record.kill()
+        for proc in (play, record):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
     assert record.returncode == 0, log
     with BagReader(out) as rec:
         assert rec.topics["/lidar/points"][1] == FRAMES, log

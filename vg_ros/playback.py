@@ -20,6 +20,7 @@ import argparse
 import collections
 import importlib
 import math
+import os
 import threading
 import time
 from pathlib import Path
@@ -146,13 +147,15 @@ class Player:
     def subscription_counts(self) -> dict[str, int]:
         return {topic: pub.get_subscription_count() for topic, pub in self._publishers.items()}
 
-    def wait_for_subscribers(self, topics: Iterable[str], timeout_s: float) -> list[str]:
-        """Wait until every topic in `topics` has a subscriber; returns those still without one."""
+    def wait_for_subscribers(self, topics: Iterable[str], timeout_s: float,
+                             stop: threading.Event | None = None) -> list[str]:
+        """Wait until every topic in `topics` has a subscriber (or `stop` is set); returns those still without
+        one."""
         deadline = time.monotonic() + timeout_s
         topics = [t for t in topics if t in self._publishers]
         while True:
             missing = [t for t in topics if self._publishers[t].get_subscription_count() == 0]
-            if not missing or time.monotonic() >= deadline:
+            if not missing or time.monotonic() >= deadline or (stop is not None and stop.is_set()):
                 return missing
             time.sleep(0.05)
 
@@ -360,7 +363,13 @@ def play_main(argv: list[str]) -> int:
     parser.add_argument("--rate", type=float, default=1.0, help="playback speed factor (default 1.0)")
     parser.add_argument("--loop", action="store_true", help="start again at the end, until Ctrl-C")
     parser.add_argument("--topics", nargs="+", help="only these topics (default: all)")
-    parser.add_argument("--delay", type=float, default=1.0, help="seconds to wait for discovery first (default 1)")
+    parser.add_argument("--delay", type=float, default=1.0, help="seconds to wait for discovery first (default 1; "
+                        "after --wait-for, to let the matched readers settle)")
+    parser.add_argument("--wait-for", nargs="+", default=[], metavar="TOPIC",
+                        help="start only once each of these topics (as published, after --remap/--namespace) has "
+                             "a subscriber (at most --wait-timeout s): a node started with the player, or slowly, "
+                             "otherwise misses the first messages of a best-effort stream")
+    parser.add_argument("--wait-timeout", type=float, default=60.0, help="seconds --wait-for waits (default 60)")
     parser.add_argument("--reliable", action="store_true", help="offer sensor topics reliable instead of best effort")
     parser.add_argument("--clock-hz", type=float, default=50.0, help="/clock publish rate (default 50)")
     parser.add_argument("--remap", nargs="+", metavar="FROM:=TO", default=[],
@@ -373,6 +382,8 @@ def play_main(argv: list[str]) -> int:
         raise UserError(f"--rate {args.rate}: must be a finite number > 0")
     if not 0 <= args.delay < math.inf:
         raise UserError(f"--delay {args.delay}: must be a finite number >= 0")
+    if not 0 <= args.wait_timeout < math.inf:
+        raise UserError(f"--wait-timeout {args.wait_timeout}: must be a finite number >= 0")
     ros = _RosProcess("vg_ros_player")
     try:
         try:
@@ -389,6 +400,17 @@ def play_main(argv: list[str]) -> int:
                 print(f"[play] {src} published as {dst}")
         print(f"[play] {len(player.topics)} topics, {player.duration_s:.2f} s of data at {args.rate}x"
               + (" (looping)" if args.loop else ""), flush=True)
+        if args.wait_for:
+            published = {player.remap.get(t, t): t for t in player.topics}   # as published -> bag topic
+            if unknown := sorted(set(args.wait_for) - set(published)):
+                raise UserError(f"--wait-for {unknown}: not among the published topics {sorted(published)}")
+            print(f"[play] waiting for subscribers of {' '.join(args.wait_for)} (up to {args.wait_timeout:g} s)",
+                  flush=True)
+            missing = player.wait_for_subscribers([published[t] for t in args.wait_for], args.wait_timeout, ros.stop)
+            if missing and not ros.stop.is_set():
+                raise UserError(f"--wait-for: no subscriber on {[player.remap.get(t, t) for t in missing]} "
+                                f"within {args.wait_timeout:g} s (is the node running, on "
+                                f"ROS_DOMAIN_ID={os.environ.get('ROS_DOMAIN_ID', '0')}?)")
         ros.stop.wait(args.delay)
         summary = player.run(ros.stop)
     finally:
