@@ -109,10 +109,12 @@ def ensure_ros_log_dir(environ: MutableMapping[str, str] | None = None) -> str |
 def use_dds_profiles(environ: MutableMapping[str, str] | None = None) -> str | None:
     """Point Fast DDS at config/fastdds_profiles.xml (100 ms reliable heartbeats; see the file) in
     `environ` (default os.environ) unless the user set a profiles file; call before rclpy.init or when
-    building a child process's environment. Returns the file in effect, None when there is none. Also gives
-    rclpy a log directory it can write (`ensure_ros_log_dir`)."""
+    building a child process's environment. Returns the file in effect, None when there is none. For this
+    process's own environment (`environ` None, before its rclpy.init) it also gives rclpy a log directory it
+    can write (`ensure_ros_log_dir`)."""
+    if environ is None:
+        ensure_ros_log_dir()
     environ = os.environ if environ is None else environ
-    ensure_ros_log_dir(environ)
     for var in _PROFILE_VARS:
         if environ.get(var):
             return environ[var]
