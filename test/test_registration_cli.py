@@ -218,11 +218,11 @@ def test_odometry_cli_on_simulated_bag_with_ground_truth(tmp_path, capsys):
     # the covariances against the ground truth, at the default scale: no planar axis badly overconfident,
     # none absurdly conservative (the first scan has no motion: 14 steps)
     check = out["covariance_check"]
-    assert check["steps"] == 14 and check["covariance_scale"] == 12.0
+    assert check["steps"] == 14 and check["covariance_scale"] == 1.5
     for axis in ("x", "y", "yaw"):
         assert 0.02 < check["z_median"][axis] < 1.5 and check["z_p90"][axis] < 3.0, (axis, check)
     worst = max(check["z_p90"][a] for a in ("x", "y", "yaw"))
-    assert check["suggested_covariance_scale"] == pytest.approx(12.0 * worst / 1.645)
+    assert check["suggested_covariance_scale"] == pytest.approx(1.5 * worst / 1.645)
     # without --rig the LiDAR's mounting comes from the bag's /tf_static, as the node takes it (it was
     # identity: 18x the drift on a 6 s drive, and a covariance scale suggested 9x too high)
     assert out["extrinsics"] == "the bag's /tf_static (base_link <- lidar_top)"   # TF first, as the node

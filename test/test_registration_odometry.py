@@ -141,3 +141,16 @@ def test_deskew_and_orthonormalize():
     T[:3, :3] *= 1.01
     fixed = orthonormalize(T)
     assert np.allclose(fixed[:3, :3] @ fixed[:3, :3].T, np.eye(3)) and np.allclose(fixed[:3, 3], [1, 2, 3])
+
+
+def test_prior_deviation_covariance_grows_with_the_correction():
+    """The extra pose variance is (k x the correction against the motion prior)^2: isotropic, zero when the
+    scan lands where the prior put it, in m^2 for a 0.5 m / rad^2 for a 0.2 rad correction."""
+    from vg_ros.geometry import make_T, rpy_to_R
+    from vg_ros.registration.odometry import prior_deviation_covariance
+    T_pred = make_T(rpy_to_R(0.1, 0.0, 1.0), [10.0, 5.0, 0.0])
+    assert np.allclose(prior_deviation_covariance(T_pred, T_pred, 0.3), 0.0)
+    moved = T_pred @ make_T(rpy_to_R(0.0, 0.0, 0.2), [0.3, 0.4, 0.0])
+    cov = prior_deviation_covariance(T_pred, moved, 0.3)
+    np.testing.assert_allclose(np.diag(cov), [0.15 ** 2] * 3 + [0.06 ** 2] * 3)
+    assert np.count_nonzero(cov - np.diag(np.diag(cov))) == 0

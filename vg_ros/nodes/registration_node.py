@@ -49,7 +49,8 @@ class RegistrationNode(PerceptionNode):
     # built with the map: read at start)
     live_params = frozenset({"min_range", "max_range", "voxel_size", "max_correspondence_distance", "max_iterations",
                              "deskew", "min_fitness", "max_prior_deviation", "max_prior_deviation_deg", "relocalize",
-                             "num_threads", "map_period", "covariance_scale"})
+                             "num_threads", "map_period", "covariance_scale",
+                             "covariance_prior_deviation"})
 
     def on_parameters_changed(self, names: set[str]) -> None:
         with self._lock:

@@ -187,8 +187,9 @@ def covariance_check(stamps: list[int], est: dict[int, np.ndarray], twist_cov: d
     frame: x, y, z, then rotation about x, y, z; as the twist, times dt), the error against ground truth in
     units of the standard deviation the twist covariance claims, |z|. A Gaussian with honest covariances
     gives |z| a median of 0.67 and a 90th percentile of 1.64 on every axis. Reported per axis: those two,
-    and the RMS error over the RMS claimed deviation; `suggested_covariance_scale` brings the 90th
-    percentile of the worst planar axis (x, y, yaw: what a ground robot's filter fuses) to 1.64. `stamps` are the scans matched to `E` / `G` (relative poses, in order).
+    and the RMS error over the RMS claimed deviation; `suggested_covariance_scale` (the scale times the worst
+    planar axis's 90th percentile over 1.64; x, y, yaw: what a ground robot's filter fuses) brings that
+    percentile to 1.64 where the Hessian term dominates (the prior-deviation term is not scaled). `stamps` are the scans matched to `E` / `G` (relative poses, in order).
     None with fewer than 5 steps."""
     from scipy.spatial.transform import Rotation
 
