@@ -154,23 +154,13 @@ def test_train_init_reads_weights_through_the_checkpoint_reader(tmp_path, monkey
 def test_train_cli_stopped_by_sigint_writes_the_weights_so_far(tmp_path, monkeypatch, capsys):
     """Ctrl-C during `vg-ros train occupancy` (a real SIGINT, sent in the second step) ends the run after that
     step: the weights so far, marked partial, the card and metrics of earlier weights removed, exit 130."""
-    import os
-    import signal
-
+    from signal_helpers import sigint_on_call
     from vg_ros.checkpoint import read_state
     from vg_ros.cli import main as vg_main
     from vg_ros.occupancy import data, train
     real_cache = data.build_cache
     monkeypatch.setattr(train, "build_cache", lambda *a, **k: real_cache(*a, **{**k, "root": tmp_path}))
-    calls = {"n": 0}
-    real_loss = train.occupancy_loss
-
-    def loss_then_sigint(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_loss(*args, **kwargs)
-    monkeypatch.setattr(train, "occupancy_loss", loss_then_sigint)
+    monkeypatch.setattr(train, "occupancy_loss", sigint_on_call(train.occupancy_loss, 2))
     out = tmp_path / "out"
     out.mkdir()
     for stale in ("occupancy_tpvformer_tiny.md", "occupancy_tpvformer_tiny.json"):
@@ -188,10 +178,8 @@ def test_train_cli_stopped_by_sigint_writes_the_weights_so_far(tmp_path, monkeyp
         (out / stale).write_text("earlier weights")
     weights_before = (out / "occupancy_tpvformer_tiny.safetensors").read_bytes()
 
-    def interrupted_render(*args, **kwargs):
-        os.kill(os.getpid(), signal.SIGINT)
-        return real_cache(*args, **{**kwargs, "root": tmp_path})
-    monkeypatch.setattr(train, "build_cache", interrupted_render)
+    monkeypatch.setattr(train, "build_cache",
+                        sigint_on_call(lambda *a, **k: real_cache(*a, **{**k, "root": tmp_path}), 1))
     assert vg_main(argv) == 130 and "interrupted" in capsys.readouterr().err
     assert (out / "occupancy_tpvformer_tiny.safetensors").read_bytes() == weights_before
     assert (out / "occupancy_tpvformer_tiny.md").exists() and (out / "occupancy_tpvformer_tiny.json").exists()

@@ -134,17 +134,10 @@ def test_train_cli_end_to_end_writes_weights_that_eval_refuses_to_score_on_their
         assert needle in capsys.readouterr().err, argv
     # Ctrl-C (a real SIGINT, sent during the second step) ends the run after that step: weights so far,
     # marked partial, the card of the earlier weights removed, exit 130
-    import os
     import signal
-    calls = {"n": 0}
-    real_loss = reg_train.elbo_loss
 
-    def loss_then_sigint(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_loss(*args, **kwargs)
-    monkeypatch.setattr(reg_train, "elbo_loss", loss_then_sigint)
+    from signal_helpers import sigint_on_call
+    monkeypatch.setattr(reg_train, "elbo_loss", sigint_on_call(reg_train.elbo_loss, 2))
     before = signal.getsignal(signal.SIGINT)
     assert vg_main(["train", "registration", "--seeds", "0", "--steps", "50", "--out", str(out)]) == 130
     assert "stopped by signal 2 at step 2 of 50" in capsys.readouterr().out
