@@ -143,6 +143,23 @@ def test_deskew_and_orthonormalize():
     assert np.allclose(fixed[:3, :3] @ fixed[:3, :3].T, np.eye(3)) and np.allclose(fixed[:3, 3], [1, 2, 3])
 
 
+def test_published_covariance_carries_the_prior_deviation_term_from_the_third_scan(drive):
+    """update() adds the prior-deviation variance to the Hessian's, from the third scan on (the second has
+    no motion prior yet: its whole motion would count as correction), on base_link's pose."""
+    import dataclasses as dc
+    T_bl = drive[0].rig.lidar.T_base_lidar
+    runs = {}
+    for k in (0.0, 0.3):
+        odo = LidarOdometry(OdometryConfig(covariance_prior_deviation=k), T_base_lidar=T_bl, weights=None)
+        runs[k] = [odo.update(dc.replace(f.lidar)) for f in drive[:12]]
+    plain, inflated = runs[0.0], runs[0.3]
+    np.testing.assert_allclose(inflated[1].covariance, plain[1].covariance)   # the second scan: no prior
+    extra = [np.diag(b.covariance - a.covariance) for a, b in zip(plain[2:], inflated[2:])]
+    assert all((e >= -1e-12).all() for e in extra) and all(e[0] > 0 and e[5] > 0 for e in extra)
+    for e in extra:   # isotropic: the same on x, y, z, and on the three rotations
+        assert np.allclose(e[:3], e[0]) and np.allclose(e[3:], e[3])
+
+
 def test_prior_deviation_covariance_grows_with_the_correction():
     """The extra pose variance is (k x the correction against the motion prior)^2: isotropic, zero when the
     scan lands where the prior put it, in m^2 for a 0.5 m / rad^2 for a 0.2 rad correction."""

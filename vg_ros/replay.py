@@ -897,12 +897,13 @@ def main(argv: list[str]) -> int:
         reasons = "; ".join(f"{name}: {section.get('reason')}" for name, section in zip(args.pipelines, sections))
         raise UserError(f"nothing replayed ({args.out} holds no output): {reasons}")
     ran = [(name, section) for name, section in zip(args.pipelines, sections) if section.get("available")]
-    if ran and all(not section.get("frames_out") and section.get("drops") for _, section in ran):
+    dropping = [(name, section) for name, section in ran if section.get("drops")]
+    if dropping and not any(section.get("frames_out") for _, section in ran):
         reasons = "; ".join(f"{name}: every input dropped ("
                             + ", ".join(f"{k}={v}" for k, v in sorted(section["drops"].items())) + ")"
-                            for name, section in ran)
+                            for name, section in dropping)
         hint = ("; a frame the rig does not name: --rig for the robot's sensors, or a bag with its /tf_static"
-                if any("KeyError" in k for _, section in ran for k in section["drops"]) else "")
+                if any("KeyError" in k for _, section in dropping for k in section["drops"]) else "")
         raise UserError(f"nothing replayed ({args.out} holds no output): {reasons}{hint}")
     if args.report:
         from vg_ros.report import write_report

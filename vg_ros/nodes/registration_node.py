@@ -4,7 +4,8 @@
 Subscribes:
   points_topic   sensor_msgs/PointCloud2   (sensor-data QoS; any frame the rig or TF knows)
 Publishes, stamped with the input cloud's stamp:
-  odom_topic     nav_msgs/Odometry         (odom -> base_link, 6x6 pose covariance from the GICP Hessian)
+  odom_topic     nav_msgs/Odometry         (odom -> base_link; pose covariance: the GICP Hessian x covariance_scale^2
+                                            + the correction against the motion prior; twist with its covariance)
   pose_topic     geometry_msgs/PoseStamped (frame odom)
   cloud_topic    sensor_msgs/PointCloud2   (the registered scan in odom)
   map_topic      sensor_msgs/PointCloud2   (the local map's voxel means in odom, every `map_period`, only while

@@ -63,38 +63,40 @@ def _pose_from_msg(msg) -> np.ndarray:
     raise ValueError(f"ground-truth message {type(msg).__name__} is not an Odometry / PoseStamped / TransformStamped")
 
 
-def bag_lidar_extrinsics(reader, topic: str, rig: str | None) -> tuple[np.ndarray, str]:
-    """(T_base_lidar, where it came from) for the clouds on `topic`, as the node finds them: the bag's
-    /tf_static for the clouds' frame, else the rig (`rig`, else "default") camera/LiDAR of that frame name;
-    else, with `rig` given, that rig's LiDAR whatever its frame name; else identity (said so)."""
-    from vg_ros import convert
+def bag_lidar_extrinsics(reader, topic: str, rig: str | None, base_frame: str = "base_link") -> tuple[np.ndarray, str]:
+    """(T_base_lidar, where it came from) for the clouds on `topic` (the first one's header frame): as the
+    node looks them up, the bag's /tf_static chain `base_frame` <- that frame, else the rig (`rig`, else
+    "default") camera/LiDAR of that frame name. Where the node would drop the clouds, this command goes on:
+    with `rig` given, that rig's LiDAR whatever its frame name, else identity; the string says which."""
     from vg_ros.nodes.base import TfOrRig
     from vg_ros.types import Rig
 
     frame = ""
     for _, _, _, msg in reader.messages([topic]):
-        frame = convert.pointcloud2_to_scan(msg).frame_id or msg.header.frame_id
+        frame = str(msg.header.frame_id).lstrip("/")
         break
     frame = frame or "lidar"
-    extrinsics = TfOrRig(rig or "default")
+    extrinsics = TfOrRig(rig or "default", base_frame)
     if "/tf_static" in reader.topics:
         for _, _, _, msg in reader.messages(["/tf_static"]):
             extrinsics.add_transforms(msg.transforms)
     try:
         T, source = extrinsics.lookup(frame)
         return T, ("the bag's /tf_static" if source == "tf_static" else f"rig {extrinsics.rig.name!r}") + \
-            f" (base_link <- {frame})"
+            f" ({base_frame} <- {frame})"
     except KeyError:
         pass
+    in_tf = frame in extrinsics.static
+    why = (f"the bag's /tf_static has {frame!r} but no chain to {base_frame!r} (--base-frame?)" if in_tf else
+           f"neither the bag's /tf_static nor rig {extrinsics.rig.name!r} knows {base_frame} <- {frame!r}")
     if rig:
-        return Rig.load(rig).lidar.T_base_lidar, f"rig {rig!r}'s LiDAR (the clouds' frame {frame!r} is not named in it)"
-    return np.eye(4), (f"identity: neither the bag's /tf_static nor the default rig knows frame {frame!r} (odometry "
-                       "of the LiDAR itself; --rig names the sensor's mounting)")
+        return Rig.load(rig).lidar.T_base_lidar, f"rig {rig!r}'s LiDAR ({why})"
+    return np.eye(4), f"identity: {why} (odometry of the LiDAR itself; --rig names the sensor's mounting)"
 
 
 def run_bag_odometry(bag: str | Path, topic: str, gt_topic: str | None, cfg=None, T_base_lidar=None,
                      weights: str | None = "default", max_scans: int | None = None, require_gt: bool = False,
-                     rig: str | None = None) -> dict:
+                     rig: str | None = None, base_frame: str = "base_link") -> dict:
     """Odometry over a bag's PointCloud2 topic. Returns stats; ATE / drift when `gt_topic` has poses
     (`gt_topic` absent from the bag: ValueError with `require_gt`, else `gt_topic` None in the report).
     The LiDAR's extrinsics: `T_base_lidar` when given, else `bag_lidar_extrinsics` (`extrinsics` in the
@@ -122,16 +124,16 @@ def run_bag_odometry(bag: str | Path, topic: str, gt_topic: str | None, cfg=None
                 raise ValueError(f"ground-truth topic {gt_topic!r} not in bag (has {sorted(reader.topics)})")
             gt_topic = None
         if T_base_lidar is None:
-            T_base_lidar, extrinsics = bag_lidar_extrinsics(reader, topic, rig)
+            T_base_lidar, extrinsics = bag_lidar_extrinsics(reader, topic, rig, base_frame)
         else:
             extrinsics = "given"
         odo = LidarOdometry(cfg or OdometryConfig(), T_base_lidar=T_base_lidar, weights=weights)
         topics = [topic] + ([gt_topic] if gt_topic else [])
         for name, _, _, msg in reader.messages(topics):
             if name == topic:
-                scan = convert.pointcloud2_to_scan(msg)
                 start = time.perf_counter()
-                try:
+                try:   # a malformed cloud is one failure, as the node drops it, not the end of the run
+                    scan = convert.pointcloud2_to_scan(msg)
                     res = odo.update(scan)
                 except ValueError as exc:
                     failures.append(str(exc))
@@ -174,6 +176,8 @@ def run_bag_odometry(bag: str | Path, topic: str, gt_topic: str | None, cfg=None
             matched = [s for s in stamps if abs(gt_stamps[int(np.argmin(np.abs(gt_stamps - s)))] - s) <= 5_000_000]
             check = covariance_check(matched, est, twist_cov, E, G, odo.cfg.covariance_scale)
             if check is not None:
+                check["covariance_prior_deviation"] = odo.cfg.covariance_prior_deviation
+            if check is not None:
                 report["covariance_check"] = check
     return report
 
@@ -187,9 +191,8 @@ def covariance_check(stamps: list[int], est: dict[int, np.ndarray], twist_cov: d
     frame: x, y, z, then rotation about x, y, z; as the twist, times dt), the error against ground truth in
     units of the standard deviation the twist covariance claims, |z|. A Gaussian with honest covariances
     gives |z| a median of 0.67 and a 90th percentile of 1.64 on every axis. Reported per axis: those two,
-    and the RMS error over the RMS claimed deviation; `suggested_covariance_scale` (the scale times the worst
-    planar axis's 90th percentile over 1.64; x, y, yaw: what a ground robot's filter fuses) brings that
-    percentile to 1.64 where the Hessian term dominates (the prior-deviation term is not scaled). `stamps` are the scans matched to `E` / `G` (relative poses, in order).
+    and the RMS error over the RMS claimed deviation (x, y, yaw are what a ground robot's filter fuses; run
+    again with other --covariance-scale / --covariance-prior-deviation to calibrate). `stamps` are the scans matched to `E` / `G` (relative poses, in order).
     None with fewer than 5 steps."""
     from scipy.spatial.transform import Rotation
 
@@ -216,8 +219,7 @@ def covariance_check(stamps: list[int], est: dict[int, np.ndarray], twist_cov: d
         return {a: float(v) for a, v in zip(COVARIANCE_AXES, values)}
     return {"steps": len(errors), "covariance_scale": scale, "z_median": per_axis(np.median(z, axis=0)),
             "z_p90": per_axis(p90), "rms_error_over_claimed": per_axis(rms_ratio),
-            "rms_error": per_axis(np.sqrt(np.mean(errors ** 2, axis=0))),
-            "suggested_covariance_scale": float(scale * max(p90[0], p90[1], p90[5]) / 1.645)}
+            "rms_error": per_axis(np.sqrt(np.mean(errors ** 2, axis=0)))}
 
 
 def odometry_main(argv: list[str]) -> int:
@@ -231,7 +233,13 @@ def odometry_main(argv: list[str]) -> int:
                         "does not give the clouds' frame (default: the default rig, if it names that frame; else "
                         "identity, said so)")
     parser.add_argument("--weights", default="default", help="VBReg weights for re-localisation ('none': compat-only)")
+    parser.add_argument("--base-frame", default="base_link", help="the robot's body frame the poses are of (default "
+                        "base_link, as the node's base_frame)")
     parser.add_argument("--deskew", action="store_true", help="undistort sweeps with per-point time")
+    parser.add_argument("--covariance-scale", type=float, default=None,
+                        help="the node's covariance_scale (default: OdometryConfig's), to calibrate against --gt-topic")
+    parser.add_argument("--covariance-prior-deviation", type=float, default=None,
+                        help="the node's covariance_prior_deviation (default: OdometryConfig's)")
     parser.add_argument("--max-scans", type=int, default=None)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
@@ -239,13 +247,16 @@ def odometry_main(argv: list[str]) -> int:
         raise UserError(f"--max-scans {args.max_scans}: must be >= 1 (leave it out for every scan)")
     from vg_ros.registration.odometry import OdometryConfig
     from vg_ros.types import Rig
+    overrides = {k: getattr(args, k) for k in ("covariance_scale", "covariance_prior_deviation")
+                 if getattr(args, k) is not None}
     try:
+        cfg = OdometryConfig(deskew=args.deskew, **overrides)   # out of range: one clear error
         if args.rig:
             Rig.load(args.rig)   # a bad name is one clear error before the bag is read
         report = run_bag_odometry(args.bag, args.topic, args.gt_topic or "/gt/ego_pose",
-                                  OdometryConfig(deskew=args.deskew), None,
+                                  cfg, None,
                                   None if args.weights == "none" else args.weights, args.max_scans,
-                                  require_gt=args.gt_topic is not None, rig=args.rig)
+                                  require_gt=args.gt_topic is not None, rig=args.rig, base_frame=args.base_frame)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     if args.json:
@@ -265,7 +276,7 @@ def odometry_main(argv: list[str]) -> int:
                 print(f"covariances (covariance_scale {check['covariance_scale']:g}) over {check['steps']} steps: "
                       "|error| / claimed sigma median " + " ".join(f"{a} {check['z_median'][a]:.2f}" for a in planar)
                       + ", 90th percentile " + " ".join(f"{a} {check['z_p90'][a]:.2f}" for a in planar)
-                      + f" (honest: 0.67, 1.64); suggested covariance_scale {check['suggested_covariance_scale']:.3g}")
+                      + f" (honest: 0.67, 1.64); covariance_prior_deviation {check['covariance_prior_deviation']:g}")
         elif report["gt_topic"] is None:
             print("no ground truth in the bag (/gt/ego_pose): not scored; --gt-topic names another")
         else:

@@ -106,11 +106,11 @@ def gicp_covariance(result, num_points: int, T_odom_lidar: np.ndarray,
 
 
 def prior_deviation_covariance(T_pred: np.ndarray, T: np.ndarray, k: float) -> np.ndarray:
-    """Isotropic extra pose variance from how far registration moved the scan from the motion prior: (k x the
-    correction's length)^2 m^2 on x, y, z and (k x its angle)^2 rad^2 on the rotations. On the simulator the
-    steps with large errors are those with large corrections (Spearman 0.70 between the planar error and the
-    correction over 796 steps; median correction 0.14 m on the worst tenth, 0.01 m on the rest), which
-    the Hessian does not see; isotropic, so the same in any frame."""
+    """Isotropic extra pose variance from how far registration moved the pose from the motion prior `T_pred`
+    (both base_link's in odom): (k x the correction's length)^2 m^2 on x, y, z and (k x its angle)^2 rad^2 on
+    the rotations. On the simulator the steps with large errors are those with large corrections (Spearman
+    0.70 between the planar error and the correction over 796 steps; median correction 0.14 m on the worst
+    tenth, 0.01 m on the rest), which the Hessian does not see. Isotropic: the same about any axes."""
     from scipy.spatial.transform import Rotation
     correction = invert_T(T_pred) @ T
     t2 = (k * float(np.linalg.norm(correction[:3, 3]))) ** 2
@@ -250,7 +250,10 @@ class LidarOdometry:
             return self._fail(stamp, predicted, reason, start)
         T = orthonormalize(np.array(result.T_target_source, dtype=np.float64, copy=True))
         cov = gicp_covariance(result, source.size(), T, self.T_lidar_base, cfg.covariance_scale)
-        cov = cov + prior_deviation_covariance(predicted, T, cfg.covariance_prior_deviation)
+        if len(self.poses) >= 2:   # a motion prior exists (the second scan's is standing still: no evidence)
+            # base_link's correction, as the covariance is base_link's (a LiDAR-frame turn moves it by the lever arm)
+            cov = cov + prior_deviation_covariance(predicted @ self.T_lidar_base, T @ self.T_lidar_base,
+                                                   cfg.covariance_prior_deviation)
         previous = self.poses[-1] if self.poses else None
         self._accept(stamp, T, source, points, keep_velocity=how != "local")
         self.stats["local_ok" if how == "local" else "relocalized"] += 1
