@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from vg_ros.cli import COMMANDS, main
 
@@ -128,3 +129,16 @@ def test_doctor_reports_a_check_that_raises_under_its_own_name(monkeypatch):
     loopback = next(c for c in checks if c.name == "dds loopback")
     assert loopback.status == doctor.FAIL and "raised RuntimeError: no such interface" in loopback.detail
     assert [c.name for c in checks][-1] == "checkpoints"
+
+
+def test_run_script_takes_paths_from_the_callers_directory(tmp_path):
+    """`./run info drive.mcap` from the folder holding the bag (./run changes into the checkout to find its
+    virtualenv; the command's relative paths were then the checkout's: 'no such file')."""
+    from vg_ros.bag import BagWriter, typestore
+    repo = Path(__file__).resolve().parent.parent
+    with BagWriter(tmp_path / "drive.mcap") as bag:
+        bag.write("/command", 1, typestore().types["std_msgs/msg/String"](data="the bus"))
+    run = subprocess.run([str(repo / "run"), "info", "drive.mcap"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "bag:      drive.mcap" in run.stdout and "/command" in run.stdout
