@@ -261,6 +261,23 @@ def _pid_gone(pid: int, timeout: float) -> bool:
     return False
 
 
+def _process_state(pid: int) -> str:
+    """What a process that should have gone is doing: its signal masks and each thread's state and wait."""
+    lines = []
+    try:
+        status = Path(f"/proc/{pid}/status").read_text().splitlines()
+        lines += [x for x in status if x.split(":")[0] in ("State", "PPid", "SigPnd", "ShdPnd", "SigBlk", "SigIgn",
+                                                               "SigCgt", "Threads")]
+        for task in sorted(Path(f"/proc/{pid}/task").iterdir()):
+            stat = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            wchan = (task / "wchan").read_text() if (task / "wchan").exists() else "?"
+            name = (task / "comm").read_text().strip()
+            lines.append(f"task {task.name} {name} {stat} {wchan}")
+    except OSError as exc:
+        lines.append(f"({exc})")
+    return "; ".join(lines)
+
+
 @pytest.mark.parametrize("signal_name", ["SIGHUP", "SIGKILL"])
 def test_vg_ros_up_never_leaves_a_node_running_when_it_goes_away(signal_name):
     """The nodes run in their own sessions (Ctrl-C reaches the supervisor only), so a closed terminal
@@ -289,7 +306,8 @@ def test_vg_ros_up_never_leaves_a_node_running_when_it_goes_away(signal_name):
                 break
         assert node_pid is not None, "".join(lines)
         up.send_signal(getattr(signal, signal_name))
-        assert _pid_gone(node_pid, 30.0), f"registration_node (pid {node_pid}) still runs after {signal_name} to up"
+        assert _pid_gone(node_pid, 30.0), \
+            f"registration_node (pid {node_pid}) still runs after {signal_name} to up: {_process_state(node_pid)}"
         rest, _ = up.communicate(timeout=30)
     finally:
         if up.poll() is None:
@@ -321,3 +339,27 @@ def test_stop_signals_unblock_what_they_catch_and_a_node_notices_its_supervisor_
     assert signal.getsignal(signal.SIGUSR2) == previous[signal.SIGUSR2]
     assert not parent_gone(None) and not parent_gone("") and not parent_gone(str(os.getppid()))
     assert parent_gone(str(os.getppid() + 1))
+
+
+def test_a_stop_signal_sets_the_event_even_while_the_main_thread_holds_its_lock():
+    """A handler runs in the main thread between two bytecodes, possibly while that thread holds the event's
+    lock (inside `event.wait()`, or inside the handler of a first SIGTERM when a second arrives: a node gets
+    the parent-death signal once per thread of its dying supervisor). A handler calling `event.set()` then
+    waited for itself for ever: a node left running after `vg-ros up` was SIGKILLed, now and then
+    (/proc showed SIGTERM caught, the main thread in a futex wait). `catch_into` only records the signal;
+    its watcher thread sets the event."""
+    import signal
+    import threading
+
+    from vg_ros import stop_signals
+    event = threading.Event()
+    previous = stop_signals.catch_into((signal.SIGUSR2,), event)
+    try:
+        with event._cond:   # as inside event.wait(): the handler runs here, and must not take this lock
+            os.kill(os.getpid(), signal.SIGUSR2)
+            os.kill(os.getpid(), signal.SIGUSR2)
+            time.sleep(0.1)
+        assert event.wait(2.0)
+    finally:
+        stop_signals.restore(previous)
+    assert signal.getsignal(signal.SIGUSR2) == previous[signal.SIGUSR2]

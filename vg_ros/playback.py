@@ -322,7 +322,7 @@ class _RosProcess:
         # the default 3 s heartbeat, twice seen back to back: a command 6 s late (docs/bringup.md)
         use_dds_profiles()
         self.stop = threading.Event()
-        self._previous = stop_signals.catch((signal.SIGINT, signal.SIGTERM), lambda *_: self.stop.set())
+        self._previous = stop_signals.catch_into((signal.SIGINT, signal.SIGTERM), self.stop)
         self.context = rclpy.Context()
         rclpy.init(args=[], context=self.context, signal_handler_options=SignalHandlerOptions.NO)
         self.node = rclpy.create_node(name, context=self.context,

@@ -9,6 +9,7 @@ parent-death SIGTERM pending forever. `catch` installs the handlers and unblocks
 from __future__ import annotations
 
 import signal
+import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -35,10 +36,38 @@ def catch(signals: Iterable[signal.Signals], handler: Handler) -> dict[signal.Si
     return previous
 
 
-def restore(previous: dict[signal.Signals, Any]) -> None:
-    """Put back the handlers `catch` replaced."""
+def catch_into(signals: Iterable[signal.Signals], event: threading.Event) -> dict[Any, Any]:
+    """Set `event` when one of `signals` arrives, as `catch` installs them; returns what `restore` needs.
+
+    The handler itself only appends to a list: `Event.set()` takes the event's (non-reentrant) lock, and a
+    handler runs in the main thread between two bytecodes, possibly while that thread holds the same lock
+    (inside `event.wait()`, or inside the handler of a first signal when a second arrives: a node gets the
+    parent-death SIGTERM once per thread of its dying supervisor). It then waited for itself for ever (a
+    node left running after `vg-ros up` was SIGKILLed, now and then). A watcher thread sets the event."""
+    caught: list[int] = []
+    closed = threading.Event()
+
+    def watch() -> None:
+        while not caught and not closed.wait(0.02):
+            pass
+        if caught:
+            event.set()
+    previous: dict[Any, Any] = catch(signals, lambda signum, frame: caught.append(signum))
+    threading.Thread(target=watch, name="stop-signal-watch", daemon=True).start()
+    previous[_WATCHER] = closed
+    return previous
+
+
+_WATCHER = "watcher"
+
+
+def restore(previous: dict[Any, Any]) -> None:
+    """Put back the handlers `catch` (or `catch_into`) replaced; stop `catch_into`'s watcher."""
     for sig, handler in previous.items():
-        signal.signal(sig, handler)
+        if sig == _WATCHER:
+            handler.set()
+        else:
+            signal.signal(sig, handler)
 
 
 class StopRequest:

@@ -326,7 +326,7 @@ def main(argv: list[str]) -> int:
                        extra_ros_args=["-p", "autostart:=false"] if args.no_autostart else None) for c in chosen]
     stop = threading.Event()
     # SIGHUP: the terminal or the ssh session went away; the nodes (own sessions) would not hear it
-    previous = stop_signals.catch((signal.SIGINT, signal.SIGTERM, signal.SIGHUP), lambda *_: stop.set())
+    previous = stop_signals.catch_into((signal.SIGINT, signal.SIGTERM, signal.SIGHUP), stop)
     sup = Supervisor(specs, log_dir=args.log_dir, respawn=args.respawn, respawn_delay_s=args.respawn_delay,
                      max_respawns=args.max_respawns)
     print(f"[up] {len(specs)} node(s) with {config}; ROS_DOMAIN_ID={os.environ.get('ROS_DOMAIN_ID', '0')}; "

@@ -1013,7 +1013,7 @@ def run_node(node_cls: type[PerceptionNode], args: list[str] | None = None, *, m
     from rclpy.signals import SignalHandlerOptions
 
     stop = threading.Event()
-    previous = stop_signals.catch((signal.SIGINT, signal.SIGTERM), lambda *_: stop.set())
+    previous = stop_signals.catch_into((signal.SIGINT, signal.SIGTERM), stop)
     die_with_parent(os.environ.get("VG_ROS_PARENT_PID"))
     if hasattr(signal, "SIGUSR1"):   # `kill -USR1 <pid>`: every thread's stack to stderr, the node runs on
         import faulthandler
