@@ -362,4 +362,4 @@ def test_a_stop_signal_sets_the_event_even_while_the_main_thread_holds_its_lock(
         assert event.wait(2.0)
     finally:
         stop_signals.restore(previous)
-    assert signal.getsignal(signal.SIGUSR2) == previous[signal.SIGUSR2]
+    assert signal.getsignal(signal.SIGUSR2) == previous.handlers[signal.SIGUSR2]

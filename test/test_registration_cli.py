@@ -325,7 +325,7 @@ def test_covariance_check_of_honest_covariances_reads_honest():
         E.append(make_T(R, E[-1][:3, 3] + R @ (np.array([1.0, 0, 0]) + rng.normal(0.0, sigma[:3]))))
     E = np.stack(E)
     cov = {s: np.diag((sigma / dt) ** 2) for s in stamps[1:]}   # twist covariance: per second
-    check = covariance_check(stamps, dict(zip(stamps, E)), cov, E, G, scale)
+    check = covariance_check(stamps, cov, E, G, scale)
     assert check["steps"] == n - 1
     for axis in ("x", "y", "z", "yaw"):
         assert check["z_median"][axis] == pytest.approx(0.674, abs=0.05), axis

@@ -91,11 +91,11 @@ def ensure_ros_log_dir(environ: MutableMapping[str, str] | None = None) -> str |
     environ = os.environ if environ is None else environ
     if environ.get("ROS_LOG_DIR") or environ.get("ROS_HOME"):
         return None
-    home = environ.get("HOME", "")
-    if home:
+    if home := environ.get("HOME", ""):
+        default = Path(home) / ".ros" / "log"
         try:
-            (Path(home) / ".ros" / "log").mkdir(parents=True, exist_ok=True)
-            if os.access(Path(home) / ".ros" / "log", os.W_OK):
+            default.mkdir(parents=True, exist_ok=True)
+            if os.access(default, os.W_OK):
                 return None
         except OSError:
             pass

@@ -1,16 +1,19 @@
 """Stop signals (SIGINT, SIGTERM, ...) caught as a request, whatever signal mask the process inherited.
 
 A process inherits its parent's blocked-signal mask across fork and exec, and Python's `signal.signal`
-installs a handler without touching that mask. Under a harness that blocks SIGTERM (our CI runner does)
-a handler never ran: `kill PID` did nothing, and a node whose supervisor was SIGKILLed kept running, its
-parent-death SIGTERM pending forever. `catch` installs the handlers and unblocks their signals.
+installs a handler without touching that mask: under a harness that blocks SIGTERM a handler never ran,
+`kill PID` did nothing, and a node whose supervisor was SIGKILLed kept its parent-death SIGTERM pending
+for ever. `catch` installs the handlers and unblocks their signals; `catch_into` turns them into a
+`threading.Event` without taking a lock in the handler.
 """
 
 from __future__ import annotations
 
+import queue
 import signal
 import threading
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 Handler = Callable[[int, Any], Any]
@@ -36,38 +39,40 @@ def catch(signals: Iterable[signal.Signals], handler: Handler) -> dict[signal.Si
     return previous
 
 
-def catch_into(signals: Iterable[signal.Signals], event: threading.Event) -> dict[Any, Any]:
-    """Set `event` when one of `signals` arrives, as `catch` installs them; returns what `restore` needs.
+@dataclass
+class Caught:
+    """What `catch_into` replaced: the previous handlers, and the queue its watcher thread reads."""
 
-    The handler itself only appends to a list: `Event.set()` takes the event's (non-reentrant) lock, and a
-    handler runs in the main thread between two bytecodes, possibly while that thread holds the same lock
-    (inside `event.wait()`, or inside the handler of a first signal when a second arrives: a node gets the
-    parent-death SIGTERM once per thread of its dying supervisor). It then waited for itself for ever (a
-    node left running after `vg-ros up` was SIGKILLed, now and then). A watcher thread sets the event."""
-    caught: list[int] = []
-    closed = threading.Event()
+    handlers: dict[signal.Signals, Any]
+    inbox: queue.SimpleQueue[int | None]
+
+
+def catch_into(signals: Iterable[signal.Signals], event: threading.Event) -> Caught:
+    """Set `event` when one of `signals` arrives, as `catch` installs them; `restore` undoes it.
+
+    The handler only puts the signal on a `queue.SimpleQueue`, whose `put` is documented safe in a signal
+    handler: `Event.set()` takes the event's (non-reentrant) lock, and a handler runs in the main thread
+    between two bytecodes, possibly while that thread holds the same lock (inside `event.wait()`, or inside
+    the handler of a first signal when a second arrives: a node gets the parent-death SIGTERM once per
+    thread of its dying supervisor). It then waited for itself for ever (a node left running after
+    `vg-ros up` was SIGKILLed, now and then). A watcher thread, blocked on the queue, sets the event."""
+    signals_queue: queue.SimpleQueue[int | None] = queue.SimpleQueue()
 
     def watch() -> None:
-        while not caught and not closed.wait(0.02):
-            pass
-        if caught:
+        if signals_queue.get() is not None:   # None: `restore` ended the watch
             event.set()
-    previous: dict[Any, Any] = catch(signals, lambda signum, frame: caught.append(signum))
+    handlers = catch(signals, lambda signum, frame: signals_queue.put(signum))
     threading.Thread(target=watch, name="stop-signal-watch", daemon=True).start()
-    previous[_WATCHER] = closed
-    return previous
+    return Caught(handlers, signals_queue)
 
 
-_WATCHER = "watcher"
-
-
-def restore(previous: dict[Any, Any]) -> None:
-    """Put back the handlers `catch` (or `catch_into`) replaced; stop `catch_into`'s watcher."""
+def restore(previous: dict[signal.Signals, Any] | Caught) -> None:
+    """Put back the handlers `catch` (or `catch_into`) replaced; end `catch_into`'s watcher."""
+    if isinstance(previous, Caught):
+        previous.inbox.put(None)
+        previous = previous.handlers
     for sig, handler in previous.items():
-        if sig == _WATCHER:
-            handler.set()
-        else:
-            signal.signal(sig, handler)
+        signal.signal(sig, handler)
 
 
 class StopRequest:

@@ -1014,7 +1014,8 @@ def run_node(node_cls: type[PerceptionNode], args: list[str] | None = None, *, m
 
     stop = threading.Event()
     previous = stop_signals.catch_into((signal.SIGINT, signal.SIGTERM), stop)
-    die_with_parent(os.environ.get("VG_ROS_PARENT_PID"))
+    parent_pid = os.environ.get("VG_ROS_PARENT_PID")   # set by `vg-ros up`
+    die_with_parent(parent_pid)
     if hasattr(signal, "SIGUSR1"):   # `kill -USR1 <pid>`: every thread's stack to stderr, the node runs on
         import faulthandler
         faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
@@ -1044,7 +1045,6 @@ def run_node(node_cls: type[PerceptionNode], args: list[str] | None = None, *, m
         executor.add_node(node)
         try:
             # a `shutdown` transition (lifecycle manager) ends the process as SIGINT does
-            parent_pid = os.environ.get("VG_ROS_PARENT_PID")
             while not stop.is_set() and rclpy_mod.ok() and node.lifecycle_state() != "finalized":
                 executor.spin_once(timeout_sec=0.1)
                 if parent_gone(parent_pid):

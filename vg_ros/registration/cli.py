@@ -160,12 +160,13 @@ def run_bag_odometry(bag: str | Path, topic: str, gt_topic: str | None, cfg=None
         report["path_length_m"] = float(path_lengths(poses)[-1])
     if gt and stamps:
         gt_stamps = np.array(sorted(gt))
-        paired_est, paired_gt = [], []
+        paired_est, paired_gt, matched = [], [], []
         for s in stamps:
             k = int(np.argmin(np.abs(gt_stamps - s)))
             if abs(gt_stamps[k] - s) <= 5_000_000:
                 paired_est.append(est[s])
                 paired_gt.append(gt[int(gt_stamps[k])])
+                matched.append(s)
         if len(paired_est) >= 2:
             E, G = np.stack(paired_est), np.stack(paired_gt)
             G = np.linalg.inv(G[0]) @ G  # GT relative to the first matched scan, like odom
@@ -173,11 +174,9 @@ def run_bag_odometry(bag: str | Path, topic: str, gt_topic: str | None, cfg=None
             drift = rpe_drift_percent(E, G)   # NaN when the GT path has no length: None in the JSON
             report.update({"gt_matched": len(E), "ate_m": ate(E, G),
                            "drift_percent": drift if np.isfinite(drift) else None})
-            matched = [s for s in stamps if abs(gt_stamps[int(np.argmin(np.abs(gt_stamps - s)))] - s) <= 5_000_000]
-            check = covariance_check(matched, est, twist_cov, E, G, odo.cfg.covariance_scale)
+            check = covariance_check(matched, twist_cov, E, G, odo.cfg.covariance_scale)
             if check is not None:
                 check["covariance_prior_deviation"] = odo.cfg.covariance_prior_deviation
-            if check is not None:
                 report["covariance_check"] = check
     return report
 
@@ -185,20 +184,16 @@ def run_bag_odometry(bag: str | Path, topic: str, gt_topic: str | None, cfg=None
 COVARIANCE_AXES = ("x", "y", "z", "roll", "pitch", "yaw")
 
 
-def covariance_check(stamps: list[int], est: dict[int, np.ndarray], twist_cov: dict[int, np.ndarray],
-                     E: np.ndarray, G: np.ndarray, scale: float) -> dict | None:
+def covariance_check(stamps: list[int], twist_cov: dict[int, np.ndarray], E: np.ndarray, G: np.ndarray,
+                     scale: float) -> dict | None:
     """How honest the published covariances are. For each motion step between consecutive scans (base_link
     frame: x, y, z, then rotation about x, y, z; as the twist, times dt), the error against ground truth in
     units of the standard deviation the twist covariance claims, |z|. A Gaussian with honest covariances
     gives |z| a median of 0.67 and a 90th percentile of 1.64 on every axis. Reported per axis: those two,
     and the RMS error over the RMS claimed deviation (x, y, yaw are what a ground robot's filter fuses; run
-    again with other --covariance-scale / --covariance-prior-deviation to calibrate). `stamps` are the scans matched to `E` / `G` (relative poses, in order).
-    None with fewer than 5 steps."""
-    from scipy.spatial.transform import Rotation
-
-    def step(T_prev: np.ndarray, T_cur: np.ndarray) -> np.ndarray:   # as odometry.twist_between, times dt
-        delta = np.linalg.inv(T_prev) @ T_cur
-        return np.r_[T_cur[:3, :3].T @ (T_cur[:3, 3] - T_prev[:3, 3]), Rotation.from_matrix(delta[:3, :3]).as_rotvec()]
+    again with other --covariance-scale / --covariance-prior-deviation to calibrate). `stamps` are the scans
+    matched to `E` / `G` (relative poses, in order). None with fewer than 5 steps."""
+    from vg_ros.registration.odometry import motion_step
 
     errors, deviations = [], []
     for k in range(1, len(stamps)):
@@ -206,7 +201,7 @@ def covariance_check(stamps: list[int], est: dict[int, np.ndarray], twist_cov: d
         if cov is None:   # the first scan, a re-localisation: no motion published
             continue
         dt = (stamps[k] - stamps[k - 1]) / 1e9
-        errors.append(step(E[k - 1], E[k]) - step(G[k - 1], G[k]))
+        errors.append(motion_step(E[k - 1], E[k]) - motion_step(G[k - 1], G[k]))
         deviations.append(np.sqrt(np.maximum(np.diag(cov), 0.0)) * dt)
     if len(errors) < 5:
         return None

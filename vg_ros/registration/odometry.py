@@ -126,15 +126,20 @@ def odometry_twist(result: OdometryResult) -> tuple[np.ndarray, np.ndarray]:
     return result.twist, result.twist_covariance
 
 
-def twist_between(T_prev: np.ndarray, T_cur: np.ndarray, dt_s: float, cov_cur: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(twist (6,) vx vy vz wx wy wz in the current base frame, its covariance (6, 6)) of the motion from pose
-    T_prev to T_cur (T_odom_base) over `dt_s`: the relative translation and rotation vector divided by dt.
-    Covariance: both poses as uncertain as the current one (its odom-frame covariance turned into the base
-    frame), the difference of the two over dt^2."""
+def motion_step(T_prev: np.ndarray, T_cur: np.ndarray) -> np.ndarray:
+    """(6,) the motion from pose T_prev to T_cur (T_odom_base): the translation in the current base frame,
+    then the relative rotation vector (the twist times dt)."""
     from scipy.spatial.transform import Rotation
     delta = invert_T(T_prev) @ T_cur
-    rotvec = Rotation.from_matrix(delta[:3, :3]).as_rotvec()
-    twist = np.r_[T_cur[:3, :3].T @ (T_cur[:3, 3] - T_prev[:3, 3]), rotvec] / dt_s
+    return np.r_[T_cur[:3, :3].T @ (T_cur[:3, 3] - T_prev[:3, 3]), Rotation.from_matrix(delta[:3, :3]).as_rotvec()]
+
+
+def twist_between(T_prev: np.ndarray, T_cur: np.ndarray, dt_s: float, cov_cur: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(twist (6,) vx vy vz wx wy wz in the current base frame, its covariance (6, 6)) of the motion from pose
+    T_prev to T_cur (T_odom_base) over `dt_s`: `motion_step` divided by dt.
+    Covariance: both poses as uncertain as the current one (its odom-frame covariance turned into the base
+    frame), the difference of the two over dt^2."""
+    twist = motion_step(T_prev, T_cur) / dt_s
     R = T_cur[:3, :3].T   # odom axes -> base axes
     turn = np.zeros((6, 6))
     turn[:3, :3], turn[3:, 3:] = R, R
