@@ -331,8 +331,7 @@ def test_stop_signals_unblock_what_they_catch_and_a_node_notices_its_supervisor_
     previous = stop_signals.catch((signal.SIGUSR2,), lambda signum, _: seen.append(signum))
     try:
         assert signal.SIGUSR2 not in signal.pthread_sigmask(signal.SIG_BLOCK, set())
-        os.kill(os.getpid(), signal.SIGUSR2)
-        time.sleep(0.05)
+        signal.raise_signal(signal.SIGUSR2)   # to this thread: were it still blocked, it would stay pending
         assert seen == [signal.SIGUSR2]
     finally:
         stop_signals.restore(previous)
@@ -356,10 +355,9 @@ def test_a_stop_signal_sets_the_event_even_while_the_main_thread_holds_its_lock(
     previous = stop_signals.catch_into((signal.SIGUSR2,), event)
     try:
         with event._cond:   # as inside event.wait(): the handler runs here, and must not take this lock
-            os.kill(os.getpid(), signal.SIGUSR2)
-            os.kill(os.getpid(), signal.SIGUSR2)
-            time.sleep(0.1)
-        assert event.wait(2.0)
+            signal.raise_signal(signal.SIGUSR2)   # to this thread: the handler runs here, under the lock
+            signal.raise_signal(signal.SIGUSR2)
+        assert event.wait(10.0)
     finally:
         stop_signals.restore(previous)
     assert signal.getsignal(signal.SIGUSR2) == previous.handlers[signal.SIGUSR2]
