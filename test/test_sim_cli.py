@@ -186,3 +186,28 @@ def test_commands_about_any_camera(tmp_path):
                 objs = visible_objects(world, frame.instance[cam.name], frame.depth[cam.name], min_pixels=40,
                                        min_box=6)
                 assert not resolve(objs, gt.text), (gt.text, gt.camera, cam.name)
+
+
+def test_lidar_motion_flag_bends_the_bags_sweeps_only(bag_dirs, tmp_path, capsys):
+    """`vg-ros sim --lidar-motion`: the same drive, its LiDAR sweeps bent by the ego motion (the first
+    column as before, the last moved by about the distance driven in one period), the point times and every
+    other topic unchanged."""
+    root, paths = bag_dirs
+    out = tmp_path / "bent.mcap"
+    assert vg_main(["sim", "--seed", "5", "--seconds", "0.2", "--command-every", "0.3", "--lidar-motion",
+                    "--out", str(out)]) == 0
+    assert "2 frames" in capsys.readouterr().out
+
+    def read(path):
+        first = {}
+        with BagReader(path) as bag:
+            for topic, _, _, msg in bag.messages(["/lidar/points", "/gt/ego_pose"]):
+                first.setdefault(topic, msg)
+        return first
+    bent, plain = read(out), read(paths[0][0])
+    a, b = convert.pointcloud2_to_scan(bent["/lidar/points"]), convert.pointcloud2_to_scan(plain["/lidar/points"])
+    assert len(a.xyz) == pytest.approx(len(b.xyz), rel=0.01) and not np.array_equal(a.xyz, b.xyz)
+    first_a, first_b = a.xyz[a.time == 0], b.xyz[b.time == 0]
+    assert len(first_a) == len(first_b) and np.allclose(first_a, first_b, atol=1e-4)
+    assert np.array_equal(np.unique(a.time), np.unique(b.time))
+    assert bent["/gt/ego_pose"].pose == plain["/gt/ego_pose"].pose

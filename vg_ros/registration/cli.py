@@ -154,6 +154,8 @@ def run_bag_odometry(bag: str | Path, topic: str, gt_topic: str | None, cfg=None
               "extrinsics": extrinsics,
               "failed": odo.stats["failed"], "hz": scans / wall if wall > 0 else 0.0,
               "seconds": wall, "first_failures": failures[:5]}
+    if odo.cfg.deskew:   # sweeps deskewed a second time with their own motion; sweeps left distorted (bad times)
+        report.update(deskewed_again=odo.stats["deskewed_again"], deskew_skipped=odo.stats["deskew_skipped"])
     stamps = sorted(est)
     if stamps:
         poses = np.stack([est[s] for s in stamps])
@@ -230,7 +232,10 @@ def odometry_main(argv: list[str]) -> int:
     parser.add_argument("--weights", default="default", help="VBReg weights for re-localisation ('none': compat-only)")
     parser.add_argument("--base-frame", default="base_link", help="the robot's body frame the poses are of (default "
                         "base_link, as the node's base_frame)")
-    parser.add_argument("--deskew", action="store_true", help="undistort sweeps with per-point time")
+    parser.add_argument("--deskew", action="store_true", help="undistort sweeps with per-point time (the node's "
+                        "deskew parameter)")
+    parser.add_argument("--deskew-tolerance", type=float, default=None,
+                        help="the node's deskew_tolerance (default: OdometryConfig's)")
     parser.add_argument("--covariance-scale", type=float, default=None,
                         help="the node's covariance_scale (default: OdometryConfig's), to calibrate against --gt-topic")
     parser.add_argument("--covariance-prior-deviation", type=float, default=None,
@@ -242,7 +247,7 @@ def odometry_main(argv: list[str]) -> int:
         raise UserError(f"--max-scans {args.max_scans}: must be >= 1 (leave it out for every scan)")
     from vg_ros.registration.odometry import OdometryConfig
     from vg_ros.types import Rig
-    overrides = {k: getattr(args, k) for k in ("covariance_scale", "covariance_prior_deviation")
+    overrides = {k: getattr(args, k) for k in ("covariance_scale", "covariance_prior_deviation", "deskew_tolerance")
                  if getattr(args, k) is not None}
     try:
         cfg = OdometryConfig(deskew=args.deskew, **overrides)   # out of range: one clear error

@@ -35,7 +35,11 @@ class OdometryConfig(PipelineConfig):
     map_horizon: int = param(30, "scans a map voxel survives without being seen (LRU)", low=1, high=100_000)
     max_correspondence_distance: float = param(2.0, "GICP max correspondence distance (m)", low=0.05, high=50.0)
     max_iterations: int = param(30, "GICP iterations", low=1, high=1000)
-    deskew: bool = param(False, "undistort each sweep with the constant-velocity model and per-point time")
+    deskew: bool = param(False, "undistort each sweep to its middle with the constant-velocity model and per-point "
+                                "time (the pose is still the one at the stamp)")
+    deskew_tolerance: float = param(0.05, "deskew a sweep again with its own registered motion when that moves a "
+                                          "point 50 m away by more than this (m) against the prior's", low=0.0,
+                                    high=100.0)
     min_fitness: float = param(0.5, "GICP inlier fraction below this = local refinement failed", low=0.0, high=1.0)
     max_prior_deviation: float = param(2.0, "correction vs the motion prior above this (m) = prior is off", low=0.0, high=100.0)
     max_prior_deviation_deg: float = param(15.0, "correction vs the motion prior above this (deg) = prior is off",
@@ -165,13 +169,17 @@ class LidarOdometry:
         self.voxelmap = self._sg.GaussianVoxelMap(self.cfg.map_voxel_size)
         self.voxelmap.set_lru(horizon=self.cfg.map_horizon, clear_cycle=10)
         self.T_odom_lidar: np.ndarray | None = None
-        self.velocity = np.eye(4)  # motion over one scan period, lidar frame
+        self.velocity = np.eye(4)  # the last motion between two scans, lidar frame, over `velocity_s` seconds
+        self.velocity_s = 0.1
         self.last_stamp_ns: int | None = None
         self.registered_cloud = np.zeros((0, 3))
         self.recent_clouds: collections.deque = collections.deque(maxlen=self.cfg.relocalize_scans)
         self.poses: list[tuple[int, np.ndarray]] = []
+        self._first_sweeps: list[tuple[np.ndarray, np.ndarray, float]] = []   # (points, times, offset): see update
         # deskew_skipped: scans registered as they are because a per-point time was NaN or infinite
-        self.stats = {"scans": 0, "local_ok": 0, "relocalized": 0, "failed": 0, "deskew_skipped": 0}
+        # deskewed_again: sweeps deskewed a second time with their own registered motion (`_deskew_again`)
+        self.stats = {"scans": 0, "local_ok": 0, "relocalized": 0, "failed": 0, "deskew_skipped": 0,
+                      "deskewed_again": 0}
 
     def local_map(self) -> np.ndarray:
         """(M, 3) float64: the means of the local map's voxels in the odom frame (empty before the first scan)."""
@@ -226,10 +234,26 @@ class LidarOdometry:
         predicted = None if self.T_odom_lidar is None else self.T_odom_lidar @ self._velocity_for(stamp)
         if len(points) < 10:
             return self._fail(stamp, predicted, f"only {len(points)} usable points in the scan", start)
-        if cfg.deskew and scan.time is not None and self.T_odom_lidar is not None:
-            times = np.asarray(scan.time)[keep]
+        # The instant (s after the stamp) whose pose the registration estimates: a deskewed sweep is undistorted
+        # to its middle, not to its stamp. Against the start (or end), an error e in the velocity it is deskewed
+        # with moves the registered pose by about e/2, and the next velocity, a difference of two such poses,
+        # by -e/2 + e_prev/2: an oscillation that does not decay (seen on a simulated drive: the velocity swung
+        # between 0.7 and 1.8 m per sweep at a true 1.25 and the registration had to re-localise). About the
+        # middle the errors cancel to first order; the pose is moved back to the stamp for the output only.
+        # The first two sweeps cannot be deskewed (no velocity yet): they register as they are (their equal
+        # distortions cancel), and once the second gives the velocity the map restarts from both deskewed
+        # (`_restart_map_deskewed`); a map of distorted sweeps would bend every deskewed one registered to it.
+        offset = 0.0
+        raw = sweep = None
+        if cfg.deskew and scan.time is not None:
+            times = np.asarray(scan.time, dtype=np.float64)[keep]
             if np.isfinite(times).all():
-                points = deskew(points, times, self._velocity_for(stamp), self._period(stamp))
+                offset = 0.5 * (float(times.min()) + float(times.max()))
+                if len(self.poses) < 2:
+                    raw = (points, times, offset)
+                else:
+                    sweep = (points, times - offset)
+                    points = deskew(points, times - offset, self.velocity, self.velocity_s)
             else:   # a NaN time would move its point to NaN: the sweep is registered undistorted instead
                 self.stats["deskew_skipped"] += 1
         source, _ = self._sg.preprocess_points(points, downsampling_resolution=cfg.voxel_size, num_neighbors=10,
@@ -240,10 +264,13 @@ class LidarOdometry:
             T = self.T_base_lidar.copy()  # odom = base_link at the first scan
             cov = np.eye(6) * 1e-9
             self._accept(stamp, T, source, points)
+            self._first_sweeps = [raw] if raw is not None else []
             self.stats["local_ok"] += 1
             return OdometryResult(stamp, T @ self.T_lidar_base, cov, True, time.perf_counter() - start)
         result = self._align(source, predicted)
         reason = self._check(result, source.size(), predicted)
+        if sweep is not None and not reason:
+            result, source, points = self._deskew_again(stamp, sweep, result, source, points, predicted)
         how = "local"
         if reason and cfg.relocalize:
             relocalized = self._relocalize(points, source, predicted)
@@ -252,7 +279,7 @@ class LidarOdometry:
             else:
                 reason = f"{reason}; global re-localisation failed too"
         if reason:
-            return self._fail(stamp, predicted, reason, start)
+            return self._fail(stamp, predicted, reason, start, offset)
         T = orthonormalize(np.array(result.T_target_source, dtype=np.float64, copy=True))
         cov = gicp_covariance(result, source.size(), T, self.T_lidar_base, cfg.covariance_scale)
         if len(self.poses) >= 2:   # a motion prior exists (the second scan's is standing still: no evidence)
@@ -262,28 +289,26 @@ class LidarOdometry:
         previous = self.poses[-1] if self.poses else None
         self._accept(stamp, T, source, points, keep_velocity=how != "local")
         self.stats["local_ok" if how == "local" else "relocalized"] += 1
-        pose = T @ self.T_lidar_base
+        if self._first_sweeps and raw is not None and how == "local":
+            T = self._restart_map_deskewed(self._first_sweeps[0], raw)
+            previous = self.poses[-2]
+        self._first_sweeps = []
         twist = twist_cov = None
         if how == "local" and previous is not None and stamp > previous[0]:   # a re-localisation is no motion
-            twist, twist_cov = twist_between(previous[1], pose, (stamp - previous[0]) / 1e9, cov)
+            twist, twist_cov = twist_between(previous[1], T @ self.T_lidar_base, (stamp - previous[0]) / 1e9, cov)
+        pose = self._at_stamp(T, offset) @ self.T_lidar_base
         return OdometryResult(stamp, pose, cov, True, time.perf_counter() - start,
                               reason="" if how == "local" else "re-localised by VBReg", twist=twist,
                               twist_covariance=twist_cov)
 
-    def _period(self, stamp: int) -> float:
-        if self.last_stamp_ns is None or len(self.poses) < 2:
-            return 0.1
-        return max((self.poses[-1][0] - self.poses[-2][0]) / 1e9, 1e-3)
-
     def _velocity_for(self, stamp: int) -> np.ndarray:
-        """The constant-velocity prior scaled to the gap since the last scan (dropped scans widen it)."""
-        if self.last_stamp_ns is None or len(self.poses) < 2:
+        """The constant-velocity prior over the gap since the last scan (a dropped scan widens it)."""
+        if self.last_stamp_ns is None:
             return self.velocity
-        period_ns = self.poses[-1][0] - self.poses[-2][0]
-        gap_ns = stamp - self.last_stamp_ns
-        if period_ns <= 0 or abs(gap_ns - period_ns) < 0.1 * period_ns:
+        gap_s = (stamp - self.last_stamp_ns) / 1e9
+        if abs(gap_s - self.velocity_s) < 1e-3 * self.velocity_s:
             return self.velocity
-        return interpolate_T(np.eye(4), self.velocity, gap_ns / period_ns)   # the motion of `gap_ns`
+        return interpolate_T(np.eye(4), self.velocity, gap_s / self.velocity_s)
 
     def _relocalize(self, points: np.ndarray, source, predicted: np.ndarray):
         """VBReg of the scan against the local map (in the predicted LiDAR frame), then GICP from there."""
@@ -311,11 +336,7 @@ class LidarOdometry:
         re-localisation, which is not motion) and add the scan to the map."""
         if self.T_odom_lidar is not None and not keep_velocity:
             self.velocity = orthonormalize(invert_T(self.T_odom_lidar) @ T_odom_lidar)
-            gap = stamp - (self.last_stamp_ns or stamp)
-            if self.poses and len(self.poses) >= 2:
-                period = self.poses[-1][0] - self.poses[-2][0]
-                if period > 0 and gap > 0 and abs(gap - period) > 0.1 * period:
-                    self.velocity = interpolate_T(np.eye(4), self.velocity, period / gap)   # per period
+            self.velocity_s = max((stamp - self.last_stamp_ns) / 1e9, 1e-6)
         self.T_odom_lidar = T_odom_lidar
         self.last_stamp_ns = stamp
         self.poses.append((stamp, T_odom_lidar @ self.T_lidar_base))
@@ -323,9 +344,63 @@ class LidarOdometry:
         self.registered_cloud = points @ T_odom_lidar[:3, :3].T + T_odom_lidar[:3, 3]
         self.recent_clouds.append(np.asarray(source.points())[:, :3] @ T_odom_lidar[:3, :3].T + T_odom_lidar[:3, 3])
 
-    def _fail(self, stamp: int, predicted: np.ndarray | None, reason: str, start: float) -> OdometryResult:
+    def _restart_map_deskewed(self, first: tuple, second: tuple) -> np.ndarray:
+        """The first two sweeps, registered as they were measured, now that the velocity is known: the map
+        restarts from both deskewed to their middles, and the poses move from the first sweep's stamp (odom's
+        origin, where the first pose was put) to its middle, so that every later pose is a sweep's middle as
+        `update` registers it. Returns the second sweep's new pose T_odom_lidar."""
+        period = self.velocity_s
+        T_first = self.poses[0][1] @ self.T_base_lidar
+        A = T_first @ interpolate_T(np.eye(4), self.velocity, first[2] / period) @ invert_T(T_first)
+        self.poses = [(stamp, A @ T) for stamp, T in self.poses]
+        self.T_odom_lidar = A @ self.T_odom_lidar
+        self.voxelmap = self._sg.GaussianVoxelMap(self.cfg.map_voxel_size)
+        self.voxelmap.set_lru(horizon=self.cfg.map_horizon, clear_cycle=10)
+        self.recent_clouds.clear()
+        for (points, times, offset), (_, T_odom_base) in zip((first, second), self.poses[-2:]):
+            T = T_odom_base @ self.T_base_lidar
+            points = deskew(points, times - offset, self.velocity, period)
+            source, _ = self._sg.preprocess_points(points, downsampling_resolution=self.cfg.voxel_size,
+                                                   num_neighbors=10, num_threads=self.cfg.num_threads)
+            self.voxelmap.insert(source, T)
+            self.registered_cloud = points @ T[:3, :3].T + T[:3, 3]
+            self.recent_clouds.append(np.asarray(source.points())[:, :3] @ T[:3, :3].T + T[:3, 3])
+        return self.T_odom_lidar
+
+    def _deskew_again(self, stamp: int, sweep: tuple, result, source, points: np.ndarray, predicted: np.ndarray):
+        """The sweep deskewed again with its own motion as just registered (from the last pose to this one)
+        instead of the previous one, and registered again from there, when the two differ by more than
+        `deskew_tolerance` at 50 m: the constant-velocity prior is wrong where the motion changes (a turn
+        begins: 7 deg in one sweep on the simulator's loop), and the sweep is then bent as much as it was.
+        The second registration is kept if it passes the same checks. (result, source, points) to use."""
+        T = np.asarray(result.T_target_source, dtype=np.float64)
+        gap_s = max((stamp - self.last_stamp_ns) / 1e9, 1e-6)
+        motion = orthonormalize(invert_T(self.T_odom_lidar) @ T)
+        change = invert_T(self._velocity_for(stamp)) @ motion
+        if np.linalg.norm(change[:3, 3]) + 50.0 * np.radians(_rotation_angle_deg(change[:3, :3])) \
+                <= self.cfg.deskew_tolerance:
+            return result, source, points
+        again = deskew(sweep[0], sweep[1], motion, gap_s)
+        source_again, _ = self._sg.preprocess_points(again, downsampling_resolution=self.cfg.voxel_size,
+                                                     num_neighbors=10, num_threads=self.cfg.num_threads)
+        if source_again.size() < 10:
+            return result, source, points
+        result_again = self._align(source_again, T)
+        if self._check(result_again, source_again.size(), predicted):
+            return result, source, points
+        self.stats["deskewed_again"] += 1
+        return result_again, source_again, again
+
+    def _at_stamp(self, T_odom_lidar: np.ndarray, offset: float) -> np.ndarray:
+        """The LiDAR's pose at the stamp from its pose `offset` s after it, at the current velocity estimate."""
+        if offset == 0.0:
+            return T_odom_lidar
+        return T_odom_lidar @ interpolate_T(np.eye(4), self.velocity, -offset / self.velocity_s)
+
+    def _fail(self, stamp: int, predicted: np.ndarray | None, reason: str, start: float,
+              offset: float = 0.0) -> OdometryResult:
         self.stats["failed"] += 1
-        pose_lidar = predicted if predicted is not None else (self.T_odom_lidar if self.T_odom_lidar is not None
-                                                               else self.T_base_lidar)
+        pose_lidar = (self._at_stamp(predicted, offset) if predicted is not None else
+                      self.T_odom_lidar if self.T_odom_lidar is not None else self.T_base_lidar)
         return OdometryResult(stamp, pose_lidar @ self.T_lidar_base, np.eye(6) * UNTRUSTED_VARIANCE, False,
                               time.perf_counter() - start, reason=reason)

@@ -53,11 +53,12 @@ def _topics(rig: Rig, lidar_labels: bool) -> list[tuple[str, str, bool]]:
 
 def write_bag(out: str | Path, seed: int, seconds: float, rig: Rig | None = None, *, preview_dir: str | Path | None = None,
               command_every: float = 3.0, command_camera: str = "CAM_FRONT", lidar_labels: bool = True,
-              overwrite: bool = False, progress: bool = False) -> SimBagStats:
+              overwrite: bool = False, progress: bool = False, lidar_motion: bool = False) -> SimBagStats:
     """Simulate `seconds` of world `seed` into an mcap rosbag2 at `out` (see docs/sim.md for the topics).
     `command_camera`: the camera the commands refer to, or "any": each command is about an object in a
     camera drawn at random and names nothing in the other cameras at that instant (for multi-camera
-    grounding; /gt/grounding names the camera in its header).
+    grounding; /gt/grounding names the camera in its header). `lidar_motion`: each sweep distorted by the
+    vehicle's motion during it, as a real spinning LiDAR's (`simulate`).
     Raises ValueError for bad arguments (unknown camera, negative duration, existing output...)."""
     from vg_ros import convert
     from vg_ros.bag import BagWriter, typestore
@@ -88,7 +89,7 @@ def write_bag(out: str | Path, seed: int, seconds: float, rig: Rig | None = None
     with BagWriter(out, overwrite=overwrite) as bag:
         for topic, msgtype, latched in _topics(rig, lidar_labels):
             bag.add_topic(topic, msgtype, latched=latched)
-        for frame in simulate(seed, seconds, rig, expressions=0):
+        for frame in simulate(seed, seconds, rig, expressions=0, lidar_motion=lidar_motion):
             S = frame.stamp_ns
             if frames == 0:
                 tfs = [convert.matrix_to_transform_stamped(c.T_base_cam, S, BASE_FRAME, c.frame_id, flavor=F)
@@ -225,6 +226,10 @@ def main(argv: list[str]) -> int:
                     help="camera the commands refer to, or 'any': each command about an object in a camera drawn at "
                          "random, naming nothing in the others (for multi-camera grounding)")
     ap.add_argument("--no-lidar-labels", action="store_true", help="do not write /gt/lidar_labels")
+    ap.add_argument("--lidar-motion", action="store_true",
+                    help="fire each LiDAR azimuth column from the vehicle's pose at its own time in the sweep (the "
+                         "motion distortion of a real spinning LiDAR; undo it with `deskew`); default: each sweep "
+                         "at one instant")
     ap.add_argument("--force", action="store_true", help="replace an existing output bag")
     args = ap.parse_args(argv)
     if args.seed < 0:
@@ -239,7 +244,8 @@ def main(argv: list[str]) -> int:
             _writable_target(Path(args.preview) / "x")
         stats = write_bag(out, args.seed, args.seconds, rig, preview_dir=args.preview,
                           command_every=args.command_every, command_camera=args.command_camera,
-                          lidar_labels=not args.no_lidar_labels, overwrite=args.force)
+                          lidar_labels=not args.no_lidar_labels, overwrite=args.force,
+                          lidar_motion=args.lidar_motion)
     except OSError as exc:
         raise UserError(f"cannot write {exc.filename or args.out!s}: {exc.strerror or exc}") from None
     except (ValueError, KeyError) as exc:

@@ -81,10 +81,11 @@ def get_renderer(seed: int, rig: Rig, grid: GridSpec | None = None) -> tuple[Wor
 
 def simulate(seed: int, seconds: float, rig: Rig | None = None, *, start_s: float = 0.0, every: int = 1,
              cameras: bool = True, lidar: bool = True, occupancy: bool = True, expressions: int = 3,
-             grid: GridSpec | None = None) -> Iterator[SimFrame]:
+             grid: GridSpec | None = None, lidar_motion: bool = False) -> Iterator[SimFrame]:
     """Drive through `make_world(seed)` for `seconds` from `start_s`, yielding every `every`-th LiDAR tick
     (10 Hz with the default rig). `rig` None -> Rig.load("default"). Turn off `cameras`, `lidar` or
-    `occupancy` to skip that work; `expressions` is the most referring expressions per frame (needs cameras).
+    `occupancy` to skip that work; `expressions` is the most referring expressions per frame (needs cameras);
+    `lidar_motion` distorts each sweep by the vehicle's motion during it (`render.Renderer.render`).
     Deterministic: the same arguments give identical arrays."""
     _check_args(seed, seconds, start_s, every, expressions)
     rig = rig if rig is not None else Rig.load("default")
@@ -94,7 +95,8 @@ def simulate(seed: int, seconds: float, rig: Rig | None = None, *, start_s: floa
     n = int(math.floor(seconds * rate + 1e-9))
     for tick in range(first, first + n, every):
         t = tick / rate
-        T_odom_base, out = renderer.render(t, tick, cameras=cameras, lidar=lidar, occupancy=occupancy)
+        T_odom_base, out = renderer.render(t, tick, cameras=cameras, lidar=lidar, occupancy=occupancy,
+                                           lidar_motion=lidar_motion)
         stamp = EPOCH_NS + int(round(t * 1e9))
         if out.lidar is not None:
             out.lidar.stamp_ns = stamp

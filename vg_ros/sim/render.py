@@ -2,8 +2,11 @@
 cameras (all pixels of all cameras in one cast) and the LiDAR (one cast), and Occ3D-style occupancy ground
 truth with camera and LiDAR visibility masks.
 
-Motion during a LiDAR sweep is ignored: the whole sweep is cast at the tick's instant (each point still
-carries its nominal firing `time` within the sweep).
+A LiDAR sweep is cast at the tick's instant by default (each point still carries its nominal firing `time`
+within the sweep); with `lidar_motion` each azimuth column is fired from where the vehicle is at that column's
+time, as a spinning LiDAR on a moving vehicle measures (the sweep is distorted by the ego motion, up to the
+distance driven in one period at its end: 1 m at 10 m/s and 10 Hz), while the scene's moving objects stay
+where they are at the tick.
 """
 from __future__ import annotations
 
@@ -281,8 +284,8 @@ class Renderer:
         self.lidar_dirs = np.stack([np.cos(el) * np.cos(az), np.cos(el) * np.sin(az), np.sin(el)], -1).reshape(-1, 3)
         self.lidar_dirs = np.ascontiguousarray(self.lidar_dirs.astype(np.float32))
         self.lidar_ring = np.tile(np.arange(li.beams, dtype=np.uint16), li.points_per_ring)
-        self.lidar_time = np.repeat((np.arange(li.points_per_ring) / li.points_per_ring / li.rate_hz).astype(np.float32),
-                                    li.beams)
+        self.lidar_column_time = np.arange(li.points_per_ring) / li.points_per_ring / li.rate_hz   # s after the stamp
+        self.lidar_time = np.repeat(self.lidar_column_time.astype(np.float32), li.beams)
         self._sky_cache: dict[str, np.ndarray] = {}
         self._mask_tables()
 
@@ -325,10 +328,17 @@ class Renderer:
         sets = [self.static] + [_transform(ms, obj.T_world_obj(t)) for obj, ms in self.moving]
         return MeshSet.concat(sets)
 
+    def lidar_column_poses(self, t: float) -> np.ndarray:
+        """T_odom_lidar (points_per_ring, 4, 4) at each azimuth column's firing time within the sweep stamped t."""
+        T_base_lidar = self.rig.lidar.T_base_lidar
+        return np.stack([self.world.T_odom_base(t + dt) @ T_base_lidar for dt in self.lidar_column_time])
+
     def render(self, t: float, tick: int, *, cameras: bool = True, lidar: bool = True,
-               occupancy: bool = True) -> tuple[np.ndarray, RenderOutput]:
-        """Render the tick at time t (seconds from the world's start); `tick` seeds the LiDAR noise."""
+               occupancy: bool = True, lidar_motion: bool = False) -> tuple[np.ndarray, RenderOutput]:
+        """Render the tick at time t (seconds from the world's start); `tick` seeds the LiDAR noise.
+        `lidar_motion`: fire each LiDAR column from the vehicle's pose at its own time (module docstring)."""
         T_odom_base = self.world.T_odom_base(t)
+        column_poses = self.lidar_column_poses(t) if lidar and lidar_motion else None
         mesh = self.scene_at(t) if (cameras or lidar) else None
         scene = None
         if mesh is not None:
@@ -340,8 +350,10 @@ class Renderer:
         if cameras:
             for cam, dirs in zip(self.rig.cameras, self.cam_dirs):
                 start = self._fill_rays(ray_arr, start, T_odom_base @ cam.T_base_cam, dirs)
-        if lidar:
+        if lidar and column_poses is None:
             self._fill_rays(ray_arr, start, T_odom_base @ self.rig.lidar.T_base_lidar, self.lidar_dirs)
+        elif lidar:
+            self._fill_column_rays(ray_arr, start, column_poses, self.lidar_dirs)
         images, depth, semantic, instance = {}, {}, {}, {}
         scan, labels, inst_pts = None, np.zeros(0, np.uint8), np.zeros(0, np.int32)
         if n_rays:
@@ -380,7 +392,15 @@ class Renderer:
                 mask_lidar = np.zeros(occ.size, bool)
                 mask_lidar[vox[r <= self._last_range[ray] + SEAM]] = True
                 T = self.rig.lidar.T_base_lidar
-                self._mark(mask_lidar, scan.xyz, T)
+                xyz = scan.xyz
+                # bent sweeps: each return from its column's pose to the LiDAR at the stamp (the free space
+                # before it, above, is still taken along the stamp's ray: off by at most one period's drive)
+                if column_poses is not None:
+                    column = np.rint(scan.time.astype(np.float64) * self.rig.lidar.rate_hz
+                                     * len(column_poses)).astype(np.int64)
+                    T_stamp_col = invert_T(T_odom_base @ T)[None] @ column_poses[column]
+                    xyz = (np.einsum("nij,nj->ni", T_stamp_col[:, :3, :3], xyz) + T_stamp_col[:, :3, 3]).astype(np.float32)
+                self._mark(mask_lidar, xyz, T)
                 mask_lidar = mask_lidar.reshape(occ.shape)
         return T_odom_base, RenderOutput(images, depth, semantic, instance, scan, labels, inst_pts, occ, mask_cam,
                                          mask_lidar)
@@ -404,6 +424,16 @@ class Renderer:
             np.multiply(dirs[:, 0], R[k, 0], out=out[:, 3 + k])
             out[:, 3 + k] += dirs[:, 1] * R[k, 1]
             out[:, 3 + k] += dirs[:, 2] * R[k, 2]
+        return start + n
+
+    @staticmethod
+    def _fill_column_rays(buf: np.ndarray, start: int, poses: np.ndarray, dirs: np.ndarray) -> int:
+        """As `_fill_rays` for azimuth-major `dirs` (columns x beams, 3) with one pose (columns, 4, 4) per column."""
+        n = len(dirs)
+        out = buf[start:start + n]
+        D = dirs.reshape(len(poses), -1, 3)
+        out[:, 3:] = np.einsum("kij,kbj->kbi", poses[:, :3, :3].astype(np.float32), D).reshape(-1, 3)
+        out[:, :3] = np.repeat(poses[:, :3, 3].astype(np.float32), D.shape[1], axis=0)
         return start + n
 
     def _mark(self, flat_mask: np.ndarray, pts: np.ndarray, T_base_sensor: np.ndarray) -> None:
