@@ -104,7 +104,10 @@ def test_node_outputs_late_command_and_position(weights_file, tmp_path):
         stamp = 1_000_000_000
         info_pub.publish(camera_model_to_info(cam, stamp_ns=stamp))
         pts_pub.publish(_cloud(stamp, p_lidar))
-        ros.spin_for(0.3)
+        # both taken before the image: the image subscription comes first in the executor's order, so an image
+        # sent while the cloud still waits (a loaded machine) is grounded without it and has no position
+        assert ros.spin_until(lambda: node.camera_infos[0] is not None and
+                              node.clouds.nearest(stamp, 0.0)[0] is not None, timeout=10), node.drops.summary()
         assert ros.spin_until(node.overlay_pub.get_subscription_count, timeout=5)   # drawn only while subscribed
         image = _image(stamp)
         img_pub.publish(image)
@@ -295,11 +298,16 @@ def test_several_cameras_publish_the_one_where_the_target_scores_highest(weights
         chosen, choice = [], CameraChoice(0.1)
         assert ros.spin_until(node.overlay_pub.get_subscription_count, timeout=5)
         sets = [(1_000_000_000, (0, 1, 2)), (1_100_000_000, (0, 2)), (1_500_000_000, (0, 1, 2))]
+        sent = [0] * len(topics)
         for stamp, present in sets:   # the second set misses CAM_BACK: it goes on once the third is 0.4 s on
             for i in present:
                 pubs[i].publish(array_to_image(images[i], "rgb8", stamp_ns=stamp + i * 1_000_000,
                                                frame_id=cams[i].frame_id))
-            ros.spin_for(0.2)
+                sent[i] += 1
+            # each set in the node before the next is sent: taken interleaved (set 3's CAM_BACK before set 2's
+            # CAM_FRONT_LEFT) stamp time would time set 2 out before it is complete
+            assert ros.spin_until(lambda: all(node.received[t] >= n for t, n in zip(topics, sent)), timeout=20), \
+                (dict(node.received), sent, node.drops.summary())
         assert ros.spin_until(lambda: len(masks) == len(boxes) == len(overlays) == 3, timeout=30), node.drops.summary()
         assert [o.header.frame_id for o in overlays] == [m.header.frame_id for m in masks]   # the chosen camera
         for k, (stamp, present) in enumerate(sets):
@@ -360,9 +368,11 @@ def test_deactivated_node_takes_and_sends_nothing_and_activates_again_with_its_c
         assert ros.spin_until(lambda: io.count_publishers("/grounding/mask") == 1, timeout=5)
         ground(1_400_000_000)
         assert ros.spin_until(lambda: len(masks) == 2, timeout=20), node.drops.summary()
+        # the latched command, delivered again on activation (its own subscription: it may come after the mask)
+        assert ros.spin_until(lambda: node.drops.processed["commands"] >= 2, timeout=10), node.drops.summary()
         ros.spin_for(0.5)
         assert len(masks) == 2 and node.pipeline.command == "the blue truck"
-        assert node.drops.processed["commands"] == 2   # the latched command, delivered again on activation
+        assert node.drops.processed["commands"] == 2   # once, not once per subscription
         assert not any(k.startswith("callback_error") for k in node.drops.drops), node.drops.summary()
 
         node.deactivate()

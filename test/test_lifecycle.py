@@ -120,7 +120,7 @@ def test_registration_node_through_the_managed_lifecycle_over_dds(tmp_path, fram
             pub.publish(scan(3))
             ros.spin_for(1.0)
             assert len(odoms) == 3
-            assert ros.spin_until(lambda: diag[-1]["state"] == "inactive", timeout=5.0)
+            assert ros.spin_until(lambda: diag[-1]["state"] == "inactive", timeout=15.0)
 
             # activated once more: one subscription and one publisher, not two; odometry starts afresh
             assert life.change("activate")
@@ -211,19 +211,20 @@ def test_vg_ros_up_no_autostart_then_vg_ros_lifecycle_starts_and_shuts_the_node_
     try:
         got = vg_ros("lifecycle", "get", "/robot1/registration_node", "--timeout", "60", env=env)
         assert (got.returncode, got.stdout) == (0, "/robot1/registration_node: unconfigured\n"), got.stderr
-        started = vg_ros("lifecycle", "startup", "/robot1/registration_node", env=env)
+        # --timeout: each call is a fresh process discovering the node (the default 10 s is tight on a loaded machine)
+        started = vg_ros("lifecycle", "startup", "/robot1/registration_node", "--timeout", "60", env=env)
         assert started.returncode == 0, started.stdout + started.stderr
         assert started.stdout.splitlines() == ["/robot1/registration_node: configure: unconfigured -> inactive",
                                                "/robot1/registration_node: activate: inactive -> active"]
-        again = vg_ros("lifecycle", "startup", "/robot1/registration_node", env=env)
+        again = vg_ros("lifecycle", "startup", "/robot1/registration_node", "--timeout", "60", env=env)
         assert (again.returncode, again.stdout) == (0, "/robot1/registration_node: already active\n")
-        wrong = vg_ros("lifecycle", "cleanup", "/robot1/registration_node", env=env)
+        wrong = vg_ros("lifecycle", "cleanup", "/robot1/registration_node", "--timeout", "60", env=env)
         assert wrong.returncode == 1
         assert wrong.stdout.startswith("/robot1/registration_node: cleanup is not a transition from active "
                                        "(available: deactivate, shutdown")
         missing = vg_ros("lifecycle", "get", "registration_node", "--timeout", "1", env=env)
         assert missing.returncode == 2 and "no lifecycle node /registration_node answered within 1 s" in missing.stderr
-        down = vg_ros("lifecycle", "shutdown", "/robot1/registration_node", env=env)
+        down = vg_ros("lifecycle", "shutdown", "/robot1/registration_node", "--timeout", "60", env=env)
         assert (down.returncode, down.stdout) == (0, "/robot1/registration_node: shutdown: active -> finalized\n")
         output, _ = up.communicate(timeout=60)   # the node exits, and with it `vg-ros up`
     finally:

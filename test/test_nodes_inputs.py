@@ -223,12 +223,20 @@ def test_sync_partial_sets_after_timeout_when_a_camera_is_missing():
     assert [m[0] for m in out] == [f"a{k}" for k in range(6)]
 
 
-def test_sync_flush_ignores_a_clock_of_another_time_base_and_a_running_backlog():
+def test_sync_flush_ignores_a_clock_of_another_time_base_and_a_running_backlog(monkeypatch):
+    import types
+
+    import vg_ros.nodes.inputs as inputs
+    # the sync's wall clock, stepped by hand: "input arrived just now" must not depend on this machine's load
+    # (a real 0.1 s pause between the add and the first flush, on a busy CI machine, flushed early)
+    wall = [1000.0]
+    monkeypatch.setattr(inputs, "time", types.SimpleNamespace(monotonic=lambda: wall[0]))
     sync, out, drops = make_sync(2, slop_s=0.02, partial_timeout_s=0.1)
     sync.add(0, "a0", 100 * MS)
+    wall[0] += 0.05
     sync.flush(400 * MS)            # input arrived just now: a backlog may still be coming, no flush
     assert out == []
-    time.sleep(0.15)
+    wall[0] += 0.15
     sync.flush(10**18)              # wall clock against bag stamps: no early partial set
     assert out == [] and sync.pending() == 1
     sync.flush(400 * MS)            # idle, same time base: the timeout applies
