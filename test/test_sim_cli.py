@@ -190,8 +190,7 @@ def test_commands_about_any_camera(tmp_path):
 
 def test_lidar_motion_flag_bends_the_bags_sweeps_only(bag_dirs, tmp_path, capsys):
     """`vg-ros sim --lidar-motion`: the same drive, its LiDAR sweeps bent by the ego motion (the first
-    column as before, the last moved by about the distance driven in one period), the point times and every
-    other topic unchanged."""
+    column as before), the point times and the ground-truth pose unchanged."""
     root, paths = bag_dirs
     out = tmp_path / "bent.mcap"
     assert vg_main(["sim", "--seed", "5", "--seconds", "0.2", "--command-every", "0.3", "--lidar-motion",

@@ -175,7 +175,10 @@ class LidarOdometry:
         self.registered_cloud = np.zeros((0, 3))
         self.recent_clouds: collections.deque = collections.deque(maxlen=self.cfg.relocalize_scans)
         self.poses: list[tuple[int, np.ndarray]] = []
-        self._first_sweeps: list[tuple[np.ndarray, np.ndarray, float]] = []   # (points, times, offset): see update
+        self.ref_offset = 0.0   # the last pose's instant, s after its stamp (a deskewed sweep's middle)
+        self._first_sweeps: list[tuple] = []   # (stamp, points, times, middle) of a sweep registered undeskewed
+        self._deskewing = False   # cfg.deskew at the last update (turned on: the map restarts, see update)
+        self._map_deskewed = False   # the map holds deskewed sweeps (else new ones register undeskewed first)
         # deskew_skipped: scans registered as they are because a per-point time was NaN or infinite
         # deskewed_again: sweeps deskewed a second time with their own registered motion (`_deskew_again`)
         self.stats = {"scans": 0, "local_ok": 0, "relocalized": 0, "failed": 0, "deskew_skipped": 0,
@@ -231,46 +234,52 @@ class LidarOdometry:
         self.stats["scans"] += 1
         keep = self._crop(xyz[:, :3])
         points = np.asarray(xyz[keep, :3], dtype=np.float64)
-        predicted = None if self.T_odom_lidar is None else self.T_odom_lidar @ self._velocity_for(stamp)
-        if len(points) < 10:
-            return self._fail(stamp, predicted, f"only {len(points)} usable points in the scan", start)
         # The instant (s after the stamp) whose pose the registration estimates: a deskewed sweep is undistorted
         # to its middle, not to its stamp. Against the start (or end), an error e in the velocity it is deskewed
         # with moves the registered pose by about e/2, and the next velocity, a difference of two such poses,
         # by -e/2 + e_prev/2: an oscillation that does not decay (seen on a simulated drive: the velocity swung
-        # between 0.7 and 1.8 m per sweep at a true 1.25 and the registration had to re-localise). About the
+        # between 0.7 and 1.8 m per sweep at a true 1.27 and the registration had to re-localise). About the
         # middle the errors cancel to first order; the pose is moved back to the stamp for the output only.
-        # The first two sweeps cannot be deskewed (no velocity yet): they register as they are (their equal
-        # distortions cancel), and once the second gives the velocity the map restarts from both deskewed
+        # A sweep registered as measured (no usable times, deskew turned off) fits about its middle too: it
+        # keeps the reference of the pose before it (`ref_offset`), so the reference never jumps.
+        # Until there is a velocity (the start, deskew turned on) sweeps register as they are (two equal
+        # distortions cancel), and once a second one gives the velocity the map restarts from both deskewed
         # (`_restart_map_deskewed`); a map of distorted sweeps would bend every deskewed one registered to it.
-        offset = 0.0
+        if cfg.deskew and not self._deskewing:   # on (at the start, or turned on while running): bootstrap
+            self._first_sweeps = []
+        self._deskewing = cfg.deskew
+        offset = self.ref_offset
         raw = sweep = None
         if cfg.deskew and scan.time is not None:
             times = np.asarray(scan.time, dtype=np.float64)[keep]
-            if np.isfinite(times).all():
-                offset = 0.5 * (float(times.min()) + float(times.max()))
-                if len(self.poses) < 2:
-                    raw = (points, times, offset)
+            if len(times) and np.isfinite(times).all():
+                middle = 0.5 * (float(times.min()) + float(times.max()))
+                if self.T_odom_lidar is None or not self._map_deskewed:
+                    raw = (stamp, points, times, middle)
                 else:
-                    sweep = (points, times - offset)
-                    points = deskew(points, times - offset, self.velocity, self.velocity_s)
-            else:   # a NaN time would move its point to NaN: the sweep is registered undistorted instead
+                    offset, sweep = middle, (points, times - middle)
+            elif len(times):   # a NaN time would move its point to NaN: the sweep is registered undistorted
                 self.stats["deskew_skipped"] += 1
+        predicted = None if self.T_odom_lidar is None else self.T_odom_lidar @ self._velocity_for(stamp, offset)
+        if len(points) < 10:
+            return self._fail(stamp, predicted, f"only {len(points)} usable points in the scan", start, offset)
+        if sweep is not None:
+            points = deskew(points, sweep[1], self.velocity, self.velocity_s)
         source, _ = self._sg.preprocess_points(points, downsampling_resolution=cfg.voxel_size, num_neighbors=10,
                                                num_threads=cfg.num_threads)
         if source.size() < 10:
-            return self._fail(stamp, predicted, f"only {source.size()} points after downsampling", start)
+            return self._fail(stamp, predicted, f"only {source.size()} points after downsampling", start, offset)
         if self.T_odom_lidar is None:
             T = self.T_base_lidar.copy()  # odom = base_link at the first scan
             cov = np.eye(6) * 1e-9
-            self._accept(stamp, T, source, points)
+            self._accept(stamp, T, source, points, offset)
             self._first_sweeps = [raw] if raw is not None else []
             self.stats["local_ok"] += 1
             return OdometryResult(stamp, T @ self.T_lidar_base, cov, True, time.perf_counter() - start)
         result = self._align(source, predicted)
         reason = self._check(result, source.size(), predicted)
         if sweep is not None and not reason:
-            result, source, points = self._deskew_again(stamp, sweep, result, source, points, predicted)
+            result, source, points = self._deskew_again(stamp, offset, sweep, result, source, points, predicted)
         how = "local"
         if reason and cfg.relocalize:
             relocalized = self._relocalize(points, source, predicted)
@@ -287,12 +296,14 @@ class LidarOdometry:
             cov = cov + prior_deviation_covariance(predicted @ self.T_lidar_base, T @ self.T_lidar_base,
                                                    cfg.covariance_prior_deviation)
         previous = self.poses[-1] if self.poses else None
-        self._accept(stamp, T, source, points, keep_velocity=how != "local")
+        self._accept(stamp, T, source, points, offset, keep_velocity=how != "local")
         self.stats["local_ok" if how == "local" else "relocalized"] += 1
-        if self._first_sweeps and raw is not None and how == "local":
+        if raw is not None and how == "local" and self._first_sweeps:
             T = self._restart_map_deskewed(self._first_sweeps[0], raw)
+            offset = self.ref_offset
             previous = self.poses[-2]
-        self._first_sweeps = []
+        elif raw is not None:   # the first of the pair (a re-localised one starts the pair again)
+            self._first_sweeps = [raw] if how == "local" else []
         twist = twist_cov = None
         if how == "local" and previous is not None and stamp > previous[0]:   # a re-localisation is no motion
             twist, twist_cov = twist_between(previous[1], T @ self.T_lidar_base, (stamp - previous[0]) / 1e9, cov)
@@ -301,11 +312,16 @@ class LidarOdometry:
                               reason="" if how == "local" else "re-localised by VBReg", twist=twist,
                               twist_covariance=twist_cov)
 
-    def _velocity_for(self, stamp: int) -> np.ndarray:
-        """The constant-velocity prior over the gap since the last scan (a dropped scan widens it)."""
+    def _gap_s(self, stamp: int, offset: float) -> float:
+        """Seconds from the last pose's instant to this sweep's (`offset` s after `stamp`)."""
+        return (stamp - self.last_stamp_ns) / 1e9 + offset - self.ref_offset
+
+    def _velocity_for(self, stamp: int, offset: float = 0.0) -> np.ndarray:
+        """The constant-velocity prior from the last pose to the instant `offset` s after `stamp` (a dropped
+        scan widens it)."""
         if self.last_stamp_ns is None:
             return self.velocity
-        gap_s = (stamp - self.last_stamp_ns) / 1e9
+        gap_s = self._gap_s(stamp, offset)
         if abs(gap_s - self.velocity_s) < 1e-3 * self.velocity_s:
             return self.velocity
         return interpolate_T(np.eye(4), self.velocity, gap_s / self.velocity_s)
@@ -330,53 +346,60 @@ class LidarOdometry:
             return None
         return result
 
-    def _accept(self, stamp: int, T_odom_lidar: np.ndarray, source, points: np.ndarray,
+    def _accept(self, stamp: int, T_odom_lidar: np.ndarray, source, points: np.ndarray, offset: float,
                 keep_velocity: bool = False) -> None:
-        """Make T_odom_lidar the current pose, update the velocity (unless the jump came from
-        re-localisation, which is not motion) and add the scan to the map."""
+        """Make T_odom_lidar (the pose `offset` s after `stamp`) the current pose, update the velocity (unless
+        the jump came from re-localisation, which is not motion) and add the scan to the map."""
         if self.T_odom_lidar is not None and not keep_velocity:
             self.velocity = orthonormalize(invert_T(self.T_odom_lidar) @ T_odom_lidar)
-            self.velocity_s = max((stamp - self.last_stamp_ns) / 1e9, 1e-6)
+            self.velocity_s = max(self._gap_s(stamp, offset), 1e-6)
+        if not self.cfg.deskew:
+            self._map_deskewed = False
         self.T_odom_lidar = T_odom_lidar
         self.last_stamp_ns = stamp
+        self.ref_offset = offset
         self.poses.append((stamp, T_odom_lidar @ self.T_lidar_base))
         self.voxelmap.insert(source, T_odom_lidar)
         self.registered_cloud = points @ T_odom_lidar[:3, :3].T + T_odom_lidar[:3, 3]
         self.recent_clouds.append(np.asarray(source.points())[:, :3] @ T_odom_lidar[:3, :3].T + T_odom_lidar[:3, 3])
 
     def _restart_map_deskewed(self, first: tuple, second: tuple) -> np.ndarray:
-        """The first two sweeps, registered as they were measured, now that the velocity is known: the map
-        restarts from both deskewed to their middles, and the poses move from the first sweep's stamp (odom's
-        origin, where the first pose was put) to its middle, so that every later pose is a sweep's middle as
-        `update` registers it. Returns the second sweep's new pose T_odom_lidar."""
+        """Two sweeps (stamp, points, times, middle), registered as they were measured, now that the velocity
+        is known: the map restarts from both deskewed to their middles, and the poses move from the instant
+        they were taken at (`ref_offset`: the stamp at the start, where odom's origin was put) to the first
+        sweep's middle, so that every later pose is a sweep's middle as `update` registers it (the second is
+        the current sweep). Returns its new pose T_odom_lidar."""
         period = self.velocity_s
-        T_first = self.poses[0][1] @ self.T_base_lidar
-        A = T_first @ interpolate_T(np.eye(4), self.velocity, first[2] / period) @ invert_T(T_first)
+        T_first = next(T for stamp, T in self.poses if stamp == first[0]) @ self.T_base_lidar
+        A = T_first @ interpolate_T(np.eye(4), self.velocity, (first[3] - self.ref_offset) / period) @ invert_T(T_first)
         self.poses = [(stamp, A @ T) for stamp, T in self.poses]
         self.T_odom_lidar = A @ self.T_odom_lidar
+        self.ref_offset = first[3]
         self.voxelmap = self._sg.GaussianVoxelMap(self.cfg.map_voxel_size)
         self.voxelmap.set_lru(horizon=self.cfg.map_horizon, clear_cycle=10)
         self.recent_clouds.clear()
-        for (points, times, offset), (_, T_odom_base) in zip((first, second), self.poses[-2:]):
-            T = T_odom_base @ self.T_base_lidar
-            points = deskew(points, times - offset, self.velocity, period)
+        for stamp, points, times, middle in (first, second):
+            T = next(T for s, T in self.poses if s == stamp) @ self.T_base_lidar
+            points = deskew(points, times - middle, self.velocity, period)
             source, _ = self._sg.preprocess_points(points, downsampling_resolution=self.cfg.voxel_size,
                                                    num_neighbors=10, num_threads=self.cfg.num_threads)
             self.voxelmap.insert(source, T)
             self.registered_cloud = points @ T[:3, :3].T + T[:3, 3]
             self.recent_clouds.append(np.asarray(source.points())[:, :3] @ T[:3, :3].T + T[:3, 3])
+        self._map_deskewed, self._first_sweeps = True, []
         return self.T_odom_lidar
 
-    def _deskew_again(self, stamp: int, sweep: tuple, result, source, points: np.ndarray, predicted: np.ndarray):
+    def _deskew_again(self, stamp: int, offset: float, sweep: tuple, result, source, points: np.ndarray,
+                      predicted: np.ndarray):
         """The sweep deskewed again with its own motion as just registered (from the last pose to this one)
         instead of the previous one, and registered again from there, when the two differ by more than
         `deskew_tolerance` at 50 m: the constant-velocity prior is wrong where the motion changes (a turn
         begins: 7 deg in one sweep on the simulator's loop), and the sweep is then bent as much as it was.
         The second registration is kept if it passes the same checks. (result, source, points) to use."""
         T = np.asarray(result.T_target_source, dtype=np.float64)
-        gap_s = max((stamp - self.last_stamp_ns) / 1e9, 1e-6)
+        gap_s = max(self._gap_s(stamp, offset), 1e-6)
         motion = orthonormalize(invert_T(self.T_odom_lidar) @ T)
-        change = invert_T(self._velocity_for(stamp)) @ motion
+        change = invert_T(self._velocity_for(stamp, offset)) @ motion
         if np.linalg.norm(change[:3, 3]) + 50.0 * np.radians(_rotation_angle_deg(change[:3, :3])) \
                 <= self.cfg.deskew_tolerance:
             return result, source, points
