@@ -76,9 +76,14 @@ def deskew(points: np.ndarray, times: np.ndarray, delta: np.ndarray, period: flo
     time represents, so all are expressed at the stamp."""
     from scipy.spatial.transform import Rotation
     frac = (np.asarray(times, np.float64) / max(period, 1e-6))[:, None]
+    points = np.asarray(points, np.float64)
     rotvec = Rotation.from_matrix(delta[:3, :3]).as_rotvec()
-    R = Rotation.from_rotvec(frac * rotvec).as_matrix()  # (N, 3, 3)
-    return np.einsum("nij,nj->ni", R, points) + frac * delta[:3, 3]
+    angle = float(np.linalg.norm(rotvec))
+    if angle > 1e-12:   # every point turns about the same axis, by its own angle (Rodrigues' formula)
+        axis = rotvec / angle
+        cos, sin = np.cos(frac * angle), np.sin(frac * angle)
+        points = points * cos + np.cross(axis, points) * sin + (points @ axis)[:, None] * axis * (1.0 - cos)
+    return points + frac * delta[:3, 3]
 
 
 def gicp_covariance(result, num_points: int, T_odom_lidar: np.ndarray,
