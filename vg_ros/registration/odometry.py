@@ -71,9 +71,10 @@ def orthonormalize(T: np.ndarray) -> np.ndarray:
 
 
 def deskew(points: np.ndarray, times: np.ndarray, delta: np.ndarray, period: float) -> np.ndarray:
-    """Undistort a sweep: points (N, 3) measured at times (N,) s after the stamp; `delta` (4, 4) the
-    motion over one `period` (T_prev^-1 T_curr). Each point moves by the fraction of the motion its
-    time represents, so all are expressed at the stamp."""
+    """Undistort a sweep: points (N, 3) measured at times (N,) s after an instant t0 (negative: before it);
+    `delta` (4, 4) the LiDAR's motion over `period` s (T_prev^-1 T_curr, constant velocity). Each point moves
+    by the fraction of the motion its time represents, so all are expressed in the LiDAR frame at t0
+    (`LidarOdometry` passes times from the sweep's middle)."""
     from scipy.spatial.transform import Rotation
     frac = (np.asarray(times, np.float64) / max(period, 1e-6))[:, None]
     points = np.asarray(points, np.float64)
