@@ -49,8 +49,8 @@ class RegistrationNode(PerceptionNode):
     # read per scan by LidarOdometry.update (the map's resolution, horizon and re-localisation target are
     # built with the map: read at start)
     live_params = frozenset({"min_range", "max_range", "voxel_size", "max_correspondence_distance", "max_iterations",
-                             "deskew", "deskew_tolerance", "min_fitness", "max_prior_deviation", "max_prior_deviation_deg", "relocalize",
-                             "num_threads", "map_period", "covariance_scale",
+                             "deskew", "deskew_tolerance", "min_fitness", "max_prior_deviation",
+                             "max_prior_deviation_deg", "relocalize", "num_threads", "map_period", "covariance_scale",
                              "covariance_prior_deviation"})
 
     def on_parameters_changed(self, names: set[str]) -> None:

@@ -172,8 +172,7 @@ class LidarOdometry:
         self.reset()
 
     def reset(self) -> None:
-        self.voxelmap = self._sg.GaussianVoxelMap(self.cfg.map_voxel_size)
-        self.voxelmap.set_lru(horizon=self.cfg.map_horizon, clear_cycle=10)
+        self._new_map()
         self.T_odom_lidar: np.ndarray | None = None
         self.velocity = np.eye(4)  # the last motion between two scans, lidar frame, over `velocity_s` seconds
         self.velocity_s = 0.1
@@ -271,8 +270,7 @@ class LidarOdometry:
             return self._fail(stamp, predicted, f"only {len(points)} usable points in the scan", start, offset)
         if sweep is not None:
             points = deskew(points, sweep[1], self.velocity, self.velocity_s)
-        source, _ = self._sg.preprocess_points(points, downsampling_resolution=cfg.voxel_size, num_neighbors=10,
-                                               num_threads=cfg.num_threads)
+        source = self._downsample(points)
         if source.size() < 10:
             return self._fail(stamp, predicted, f"only {source.size()} points after downsampling", start, offset)
         if self.T_odom_lidar is None:
@@ -365,6 +363,21 @@ class LidarOdometry:
         self.last_stamp_ns = stamp
         self.ref_offset = offset
         self.poses.append((stamp, T_odom_lidar @ self.T_lidar_base))
+        self._add_to_map(source, points, T_odom_lidar)
+
+    def _new_map(self) -> None:
+        self.voxelmap = self._sg.GaussianVoxelMap(self.cfg.map_voxel_size)
+        self.voxelmap.set_lru(horizon=self.cfg.map_horizon, clear_cycle=10)
+
+    def _downsample(self, points: np.ndarray):
+        """The sweep as GICP takes it: voxel-downsampled, with point covariances."""
+        source, _ = self._sg.preprocess_points(points, downsampling_resolution=self.cfg.voxel_size, num_neighbors=10,
+                                               num_threads=self.cfg.num_threads)
+        return source
+
+    def _add_to_map(self, source, points: np.ndarray, T_odom_lidar: np.ndarray) -> None:
+        """A registered sweep (downsampled `source`, full `points`) into the map, the last registered cloud and
+        the re-localisation target."""
         self.voxelmap.insert(source, T_odom_lidar)
         self.registered_cloud = points @ T_odom_lidar[:3, :3].T + T_odom_lidar[:3, 3]
         self.recent_clouds.append(np.asarray(source.points())[:, :3] @ T_odom_lidar[:3, :3].T + T_odom_lidar[:3, 3])
@@ -381,17 +394,12 @@ class LidarOdometry:
         self.poses = [(stamp, A @ T) for stamp, T in self.poses]
         self.T_odom_lidar = A @ self.T_odom_lidar
         self.ref_offset = first[3]
-        self.voxelmap = self._sg.GaussianVoxelMap(self.cfg.map_voxel_size)
-        self.voxelmap.set_lru(horizon=self.cfg.map_horizon, clear_cycle=10)
+        self._new_map()
         self.recent_clouds.clear()
         for stamp, points, times, middle in (first, second):
             T = next(T for s, T in self.poses if s == stamp) @ self.T_base_lidar
             points = deskew(points, times - middle, self.velocity, period)
-            source, _ = self._sg.preprocess_points(points, downsampling_resolution=self.cfg.voxel_size,
-                                                   num_neighbors=10, num_threads=self.cfg.num_threads)
-            self.voxelmap.insert(source, T)
-            self.registered_cloud = points @ T[:3, :3].T + T[:3, 3]
-            self.recent_clouds.append(np.asarray(source.points())[:, :3] @ T[:3, :3].T + T[:3, 3])
+            self._add_to_map(self._downsample(points), points, T)
         self._map_deskewed, self._first_sweeps = True, []
         return self.T_odom_lidar
 
@@ -410,8 +418,7 @@ class LidarOdometry:
                 <= self.cfg.deskew_tolerance:
             return result, source, points
         again = deskew(sweep[0], sweep[1], motion, gap_s)
-        source_again, _ = self._sg.preprocess_points(again, downsampling_resolution=self.cfg.voxel_size,
-                                                     num_neighbors=10, num_threads=self.cfg.num_threads)
+        source_again = self._downsample(again)
         if source_again.size() < 10:
             return result, source, points
         result_again = self._align(source_again, T)
