@@ -74,7 +74,7 @@ def parse_nodes(text):
 def thread_env(text, n_nodes, cpu_count=None):
     """The `threads` argument -> environment of each node: OMP_NUM_THREADS (torch's intra-op pool) and
     MKL_NUM_THREADS; '0': CPU cores / nodes, at least 1 (as `vg-ros up`). numpy's OpenBLAS runs on one thread in
-    every node regardless (`vg_ros.nodes.base.limit_blas_threads`). ValueError for anything but a whole number
+    every node regardless (`vg_ros.nodes.process.limit_blas_threads`). ValueError for anything but a whole number
     >= 0."""
     try:
         threads = int(str(text).strip())

@@ -569,7 +569,7 @@ def test_read_rgb_files_of_every_depth(tmp_path):
 
 
 def test_camera_topic_follows_image_transport_naming():
-    from vg_ros.nodes.base import camera_topic
+    from vg_ros.nodes.topics import camera_topic
     assert camera_topic("/cam/image_raw", "raw") == "/cam/image_raw"
     assert camera_topic("/cam/image_raw", "compressed") == "/cam/image_raw/compressed"
     assert camera_topic("/cam/image_raw/compressed", "compressed") == "/cam/image_raw/compressed"

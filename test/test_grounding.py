@@ -1694,7 +1694,7 @@ def test_add_odometry_counts_what_it_cannot_use():
     PoseBuffer as T_odom_base; an unknown child frame or a non-finite pose is counted `bad_odometry`."""
     from vg_ros.convert import matrix_to_odometry
     from vg_ros.grounding.messages import add_odometry
-    from vg_ros.nodes.base import TfOrRig
+    from vg_ros.nodes.extrinsics import TfOrRig
     from vg_ros.nodes.inputs import DropCounter, PoseBuffer
     from vg_ros.rig import load_rig
 

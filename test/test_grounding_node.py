@@ -73,7 +73,7 @@ def test_node_outputs_late_command_and_position(weights_file, tmp_path):
     from sensor_msgs.msg import CameraInfo, Image, PointCloud2
     from std_msgs.msg import String
     from vg_ros.convert import camera_model_to_info, image_to_array
-    from vg_ros.nodes.base import command_qos
+    from vg_ros.nodes.qos import command_qos
     from vg_ros.types import Rig
 
     with ros_session(DOMAIN) as ros:
@@ -150,7 +150,7 @@ def test_node_bad_input_is_counted_and_node_stays_up(weights_file, tmp_path):
     from sensor_msgs.msg import Image
     from std_msgs.msg import String
     from vg_ros.convert import image_to_array
-    from vg_ros.nodes.base import command_qos
+    from vg_ros.nodes.qos import command_qos
 
     with ros_session(DOMAIN + 1) as ros:
         node = _node(ros, weights_file, tmp_path, score_threshold=1.0, points_topic="")  # nothing is ever "found"
@@ -208,7 +208,7 @@ def test_commands_from_volatile_and_transient_local_publishers_each_apply_once(w
     both subscriptions and is applied once."""
     from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
     from std_msgs.msg import String
-    from vg_ros.nodes.base import command_qos
+    from vg_ros.nodes.qos import command_qos
 
     with ros_session(DOMAIN) as ros:
         node = _node(ros, weights_file, tmp_path)
@@ -233,7 +233,7 @@ def test_compressed_camera_grounds_as_the_raw_one(weights_file, tmp_path):
     from std_msgs.msg import String
     from vg_ros.convert import image_to_array, rgb_to_compressed
     from vg_ros.grounding.messages import image_camera
-    from vg_ros.nodes.base import command_qos
+    from vg_ros.nodes.qos import command_qos
     from vg_ros.types import CameraFrame
 
     with ros_session(DOMAIN) as ros:
@@ -271,7 +271,7 @@ def test_several_cameras_publish_the_one_where_the_target_scores_highest(weights
     from std_msgs.msg import String
     from vg_ros.convert import array_to_image, camera_model_to_info, image_to_array
     from vg_ros.grounding.messages import CameraChoice
-    from vg_ros.nodes.base import command_qos
+    from vg_ros.nodes.qos import command_qos
     from vg_ros.types import CameraFrame, Rig
 
     cams = [Rig.load("default").camera(n) for n in ("CAM_FRONT", "CAM_BACK", "CAM_FRONT_LEFT")]
@@ -331,7 +331,7 @@ def test_deactivated_node_takes_and_sends_nothing_and_activates_again_with_its_c
     has each once and grounds with the command it kept (the latched command arrives once more)."""
     from sensor_msgs.msg import Image
     from std_msgs.msg import String
-    from vg_ros.nodes.base import command_qos
+    from vg_ros.nodes.qos import command_qos
 
     topics = ["/cameras/CAM_FRONT/image_raw", "/cameras/CAM_BACK/image_raw"]
     with ros_session(DOMAIN + 6) as ros:
@@ -405,7 +405,7 @@ def test_the_position_follows_the_vehicle_between_the_sweep_and_the_image(weight
     from std_msgs.msg import String
     from vg_ros.convert import matrix_to_odometry
     from vg_ros.geometry import make_T
-    from vg_ros.nodes.base import command_qos
+    from vg_ros.nodes.qos import command_qos
     from vg_ros.types import Rig
 
     rig = Rig.load("default")

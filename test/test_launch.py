@@ -94,7 +94,7 @@ def test_yaml_section_matches_the_node_and_its_pipeline_config(capability):
 def test_rviz_view_shows_what_the_nodes_publish():
     """config/perception.rviz: valid YAML, installed by setup.py, every display's topic a default output
     topic of a node (so a renamed topic cannot leave the view silently empty), every node shown."""
-    from vg_ros.nodes.base import global_topic
+    from vg_ros.nodes.topics import global_topic
     view = yaml.safe_load((REPO / "config" / "perception.rviz").read_text())
     displays = view["Visualization Manager"]["Displays"]
     shown = {d["Topic"]["Value"] for d in displays if "Topic" in d}
@@ -210,7 +210,7 @@ def test_launch_namespace_moves_nodes_topics_and_the_rviz_view(monkeypatch, tmp_
     its YAML is (rcl would not apply plain `occupancy_node:` keys in a namespace), RViz shown a copy of the
     view with /robot1/... topics, the bag played by `vg-ros play --namespace` (`ros2 bag play` would keep
     the bag's names); the launch file's namespace rule is `normalize_namespace`'s."""
-    from vg_ros.nodes.base import normalize_namespace
+    from vg_ros.nodes.topics import normalize_namespace
     module = stub_launch_modules(monkeypatch)
     view = tmp_path / "config" / "perception.rviz"   # the installed share directory
     view.parent.mkdir()
@@ -284,7 +284,8 @@ def test_up_command_lines_and_arguments(tmp_path):
 HEARTBEAT_NODE = textwrap.dedent("""
     import sys
     from std_msgs.msg import String
-    from vg_ros.nodes.base import PerceptionNode, run_node
+    from vg_ros.nodes.base import PerceptionNode
+    from vg_ros.nodes.process import run_node
 
     class Heartbeat(PerceptionNode):
         default_node_name = sys.argv[1]

@@ -150,7 +150,8 @@ def test_registration_node_through_the_managed_lifecycle_over_dds(tmp_path, fram
 
 SLOW_NODE = """
 import sys, time
-from vg_ros.nodes.base import PerceptionNode, run_node
+from vg_ros.nodes.base import PerceptionNode
+from vg_ros.nodes.process import run_node
 
 class Slow(PerceptionNode):
     default_node_name = "slow_node"
@@ -326,7 +327,7 @@ def test_stop_signals_unblock_what_they_catch_and_a_node_notices_its_supervisor_
     import signal
 
     from vg_ros import stop_signals
-    from vg_ros.nodes.base import parent_gone
+    from vg_ros.nodes.process import parent_gone
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
     seen = []
     previous = stop_signals.catch((signal.SIGUSR2,), lambda signum, _: seen.append(signum))

@@ -17,9 +17,9 @@ import pytest
 from vg_ros import ros_compat
 from vg_ros.config import PipelineConfig, param
 from vg_ros.geometry import make_T, rpy_to_R
-from vg_ros.nodes.base import (
-    DIAG_ERROR, DIAG_OK, DIAG_WARN, TfOrRig, command_qos, diagnostic_status, latched_qos, resolve_device, sensor_qos,
-)
+from vg_ros.nodes.base import DIAG_ERROR, DIAG_OK, DIAG_WARN, diagnostic_status, resolve_device
+from vg_ros.nodes.extrinsics import TfOrRig
+from vg_ros.nodes.qos import command_qos, latched_qos, sensor_qos
 from vg_ros.types import Rig
 
 
@@ -53,7 +53,7 @@ def test_odometry_of_another_vehicle_frame_becomes_the_base_pose():
     from vg_ros.convert import matrix_to_odometry
     from vg_ros.geometry import make_T, rpy_to_R
     from vg_ros.grounding.messages import odometry_base_pose
-    from vg_ros.nodes.base import TfOrRig
+    from vg_ros.nodes.extrinsics import TfOrRig
     extrinsics = TfOrRig("default")
     T_odom_base = make_T(rpy_to_R(0.0, 0.0, 0.4), [5.0, -2.0, 0.1])
     T_base_lidar, _ = extrinsics.lookup("lidar_top")
@@ -258,7 +258,8 @@ def test_subscription_guards_stamps_and_survives_callback_errors(tmp_path, ros_c
 
 NODE_SCRIPT = textwrap.dedent("""
     import sys
-    from vg_ros.nodes.base import PerceptionNode, run_node
+    from vg_ros.nodes.base import PerceptionNode
+    from vg_ros.nodes.process import run_node
 
     class Broken(PerceptionNode):
         default_node_name = "broken_node"
@@ -300,7 +301,7 @@ def test_node_processes_run_numpy_blas_on_one_thread_unless_the_user_set_it():
     left alone; the limiter undoes itself."""
     from threadpoolctl import threadpool_info
 
-    from vg_ros.nodes.base import limit_blas_threads
+    from vg_ros.nodes.process import limit_blas_threads
 
     def blas_threads() -> list[int]:
         return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
@@ -438,7 +439,8 @@ def test_twin_subscriptions_count_each_sample_once_and_a_lost_one_once():
     import threading
     from types import SimpleNamespace
 
-    from vg_ros.nodes.base import PerceptionNode, command_qos
+    from vg_ros.nodes.base import PerceptionNode
+    from vg_ros.nodes.qos import command_qos
 
     class FakeSub:
         def __init__(self, callback):

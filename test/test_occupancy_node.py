@@ -51,7 +51,7 @@ def test_node_publishes_grid_voxels_markers_and_degrades(weights_file, tmp_path)
     from visualization_msgs.msg import MarkerArray
     from vg_ros.convert import (array_to_image, camera_model_to_info, occupancy_grid_to_array,
                                 pointcloud2_to_structured)
-    from vg_ros.nodes.base import latched_qos
+    from vg_ros.nodes.qos import latched_qos
     from vg_ros.types import Rig
 
     rig = Rig.load("default")

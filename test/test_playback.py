@@ -19,7 +19,7 @@ from vg_ros.convert import (
     array_to_image, image_to_array, make_header, matrix_to_transform_stamped, pointcloud2_to_scan, stamp_of,
     xyz_fields_to_pointcloud2,
 )
-from vg_ros.nodes.base import command_qos
+from vg_ros.nodes.qos import command_qos
 from vg_ros.playback import Player, Recorder, play_main, record_main
 
 DOMAIN = 62
@@ -323,7 +323,7 @@ def test_a_topic_recorded_from_a_latched_publisher_is_played_latched_with_its_la
     offers what the bag recorded, keeping the latest grid for a late joiner; a sim bag's /command too."""
     from nav_msgs.msg import OccupancyGrid
     from vg_ros.convert import array_to_occupancy_grid
-    from vg_ros.nodes.base import latched_qos
+    from vg_ros.nodes.qos import latched_qos
     path = tmp_path / "grid.mcap"
     with BagWriter(path) as bag:
         bag.add_topic("/occupancy/grid", "nav_msgs/msg/OccupancyGrid", latched=True)

@@ -267,7 +267,7 @@ def test_first_scans_wait_for_tf_before_the_rig_extrinsics_are_taken(frames, mon
 
     from vg_ros import convert
     from vg_ros.geometry import make_T
-    from vg_ros.nodes.base import TfOrRig
+    from vg_ros.nodes.extrinsics import TfOrRig
     monkeypatch.setattr(TfOrRig, "listens", property(lambda self: True))   # as with tf2_ros on a ROS install
     msgs = []
     for frame in frames[:4]:

@@ -51,7 +51,7 @@ def playback_qos(topic: str, msgtype: str, *, reliable_sensors: bool = False, la
                  latched: bool = False):
     """The QoS a publisher of `topic` offers (see the module docstring); `latched`: the bag recorded it
     from transient-local publishers."""
-    from vg_ros.nodes.base import latched_qos, output_qos, sensor_qos
+    from vg_ros.nodes.qos import latched_qos, output_qos, sensor_qos
     if latched or topic in LATCHED_TOPICS:
         return latched_qos(max(1, latched_depth))
     if msgtype in SENSOR_TYPES:
@@ -77,7 +77,7 @@ class Player:
                  track_stamps: bool = False, remap: dict[str, str] | None = None, namespace: str = "/") -> None:
         from rosgraph_msgs.msg import Clock
         from vg_ros.bag import BagReader
-        from vg_ros.nodes.base import GLOBAL_TOPICS, global_topic, normalize_namespace
+        from vg_ros.nodes.topics import GLOBAL_TOPICS, global_topic, normalize_namespace
 
         if not 0 < rate < math.inf:
             raise ValueError(f"rate = {rate}: must be a finite number > 0")

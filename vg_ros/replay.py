@@ -127,7 +127,7 @@ def node_settings(capability: str, config_path: str | Path | None = None) -> tup
     params.update(rest)
     # topics as a node without a namespace resolves them (bags name them absolutely), and a compressed
     # camera read where its node reads it: <image topic>/compressed
-    from vg_ros.nodes.base import camera_topic, global_topics
+    from vg_ros.nodes.topics import camera_topic, global_topics
     params = global_topics(params)
     transport = str(params.get("image_transport", "raw"))
     for key in ("image_topic", "image_topic_pattern"):
@@ -357,8 +357,8 @@ class GroundingStage(Stage):
             self.pipeline = GroundingPipeline(cfg, weights=params.get("weights", "default"), device=device)
         except (ImportError, FileNotFoundError, OSError, ValueError, RuntimeError) as exc:
             raise PipelineUnavailable(f"{type(exc).__name__}: {exc}") from None
-        from vg_ros.nodes.base import camera_info_sibling
         from vg_ros.nodes.inputs import ApproxTimeSync, PoseBuffer, StampedBuffer
+        from vg_ros.nodes.topics import camera_info_sibling
         self.rig = rig
         self.extrinsics = extrinsics
         p = params
@@ -484,7 +484,7 @@ def replay(bag: str | Path, out: str | Path, *, config: str | Path | None = None
     pipelines' /lidar/points), as `ros2 bag play --remap`. Returns the `--json` object (see the module
     docstring)."""
     from vg_ros.bag import BagReader, BagWriter
-    from vg_ros.nodes.base import TfOrRig
+    from vg_ros.nodes.extrinsics import TfOrRig
     from vg_ros.types import Rig
 
     unknown = sorted(set(pipelines) - set(PIPELINES))
@@ -884,7 +884,7 @@ def main(argv: list[str]) -> int:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
         import torch
         torch.set_num_threads(args.threads)
-    from vg_ros.nodes.base import limit_blas_threads
+    from vg_ros.nodes.process import limit_blas_threads
     limit_blas_threads()   # as in the nodes: numpy's BLAS pool would take the cores from torch's
     try:
         remap = parse_remaps(args.remap)

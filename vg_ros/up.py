@@ -58,7 +58,7 @@ def node_spec(capability: str, *, config: str | Path | None = None, rig: str | N
               namespace: str | None = None, extra_ros_args: list[str] | None = None) -> NodeSpec:
     """The command line that runs `capability`'s node the way `ros2 run vg_ros <node>` would; `namespace`
     puts the node and its (relative) data topics under it."""
-    from vg_ros.nodes.base import normalize_namespace
+    from vg_ros.nodes.topics import normalize_namespace
     if capability not in NODES:
         raise ValueError(f"nodes: unknown node {capability!r}; choose from {sorted(NODES)}")
     name, module = NODES[capability]
@@ -89,7 +89,7 @@ def threads_per_node(requested: int, n_nodes: int, cpu_count: int | None = None)
     return requested or max(1, (cpu_count or os.cpu_count() or 1) // max(1, n_nodes))
 
 
-# A node's exit code for a setup failure (`vg_ros.nodes.base.run_node`): restarting cannot help.
+# A node's exit code for a setup failure (`vg_ros.nodes.process.run_node`): restarting cannot help.
 SETUP_FAILURE = 2
 
 
@@ -269,7 +269,7 @@ def main(argv: list[str]) -> int:
     """`vg-ros up [--config config/perception.yaml] [--rig NAME] [--nodes ...] [--device D]`."""
     from vg_ros.cli import UserError
     from vg_ros.config import default_config_path
-    from vg_ros.nodes.base import normalize_namespace
+    from vg_ros.nodes.topics import normalize_namespace
     from vg_ros.types import Rig
 
     parser = argparse.ArgumentParser(prog="vg-ros up", description=(

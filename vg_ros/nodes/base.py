@@ -1,5 +1,5 @@
-"""What the three perception nodes share: parameters from one YAML, QoS conventions, counted drops,
-stamp checks, approximate-time sync, extrinsics from TF or the rig, and a clean `main`.
+"""What the three perception nodes share: `PerceptionNode`, a lifecycle node with parameters from one YAML,
+counted drops, stamp checks, approximate-time sync and periodic diagnostics.
 
 A node subclasses `PerceptionNode`, names its pipeline config dataclass and its own parameters, and
 overrides the hooks of the ROS 2 managed-node lifecycle it runs through (`check_parameters` and `load` on
@@ -16,10 +16,12 @@ configure, `start` on activate, `stop` on deactivate, `unload` on cleanup):
         def start(self):                 # what it creates here is destroyed again on deactivate
             self.subscribe(PointCloud2, self.params["points_topic"], self.on_points, self.sensor_qos())
 
-    def main(args=None):
-        return run_node(RegistrationNode, args)
+    main = node_main(RegistrationNode)   # vg_ros.nodes.process: init, spin, a clean stop
 
-The input checks every node applies (drops, stamps, sync, buffers) are ROS-free, in `vg_ros.nodes.inputs`.
+Beside it: the input checks every node applies (drops, stamps, sync, buffers), ROS-free, in
+`vg_ros.nodes.inputs`; QoS profiles in `vg_ros.nodes.qos`; topic names (transports, namespaces, CameraInfo
+siblings) in `vg_ros.nodes.topics`; extrinsics from TF or the rig in `vg_ros.nodes.extrinsics`; the node
+process (`run_node`, `node_main`) in `vg_ros.nodes.process`.
 Times are integer nanoseconds throughout.
 """
 from __future__ import annotations
@@ -28,262 +30,27 @@ import collections
 import dataclasses
 import json
 import os
-import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
-
-from vg_ros import ros_compat, stop_signals
+from vg_ros import ros_compat
 from vg_ros.config import PipelineConfig, declare_ros_parameters, default_config_path, load_section, split_params
 from vg_ros.convert import stamp_of
-from vg_ros.geometry import invert_T, make_T, quat_to_R
+from vg_ros.nodes.extrinsics import TfOrRig
 from vg_ros.nodes.inputs import ApproxTimeSync, DropCounter, StampGuard
-from vg_ros.types import Rig
+from vg_ros.nodes.qos import RELIABILITIES, command_qos, describe_qos, latched_qos, output_qos, sensor_qos
 
 if ros_compat.HAVE_RCLPY:
-    import rclpy
     from rclpy.lifecycle import LifecycleNode as _RosNode
     from rclpy.impl.implementation_singleton import rclpy_implementation as _rclpy
     from rclpy.lifecycle import TransitionCallbackReturn
-    from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+    from rclpy.qos import QoSProfile
 else:  # replay and tests of the ROS-free helpers still import this module
     _RosNode = object  # type: ignore[assignment,misc]
 
 DEVICES = ("cpu", "cuda", "auto")
-RELIABILITIES = ("best_effort", "reliable")
-IMAGE_TRANSPORTS = ("raw", "compressed")
-
-
-def camera_topic(topic: str, transport: str) -> str:
-    """The topic a camera's images come on: `topic` for raw sensor_msgs/Image; for compressed
-    (sensor_msgs/CompressedImage, jpeg or png) `topic/compressed`, as image_transport names it, unless
-    `topic` already ends so. ValueError for another transport."""
-    if transport not in IMAGE_TRANSPORTS:
-        raise ValueError(f"image_transport = {transport!r}: must be one of {list(IMAGE_TRANSPORTS)}")
-    if transport == "raw" or topic.rstrip("/").endswith("/compressed"):
-        return topic
-    return topic.rstrip("/") + "/compressed"
-
-
-TOPIC_LIST_PARAMS = ("extra_image_topics",)
-# topics that stay global whatever the namespace (the player, `vg-ros play --namespace`, leaves them alone)
-GLOBAL_TOPICS = frozenset({"/clock", "/tf", "/tf_static", "/diagnostics", "/rosout", "/parameter_events"})
-
-
-def normalize_namespace(namespace: str) -> str:
-    """'robot1', '/robot1/' or '/fleet/robot1' -> '/robot1', '/fleet/robot1'; '' or '/' -> '/'. ValueError
-    for a name ROS would refuse (tokens of letters, digits and '_', not starting with a digit)."""
-    tokens = [t for t in str(namespace).strip().split("/") if t]
-    for token in tokens:
-        if not (token[0].isalpha() or token[0] == "_") or not all(c.isalnum() or c == "_" for c in token) \
-                or not token.isascii():
-            raise ValueError(f"namespace {namespace!r}: {token!r} is not a valid ROS name token "
-                             "(letters, digits and '_', not starting with a digit)")
-    return "/" + "/".join(tokens)
-
-
-def global_topic(topic: str, namespace: str = "/") -> str:
-    """The fully qualified name of a data topic as a node in `namespace` resolves it: an absolute name
-    stays, a relative one (the defaults: `lidar/points`) goes under the namespace, so `namespace:=robot1`
-    moves a node's inputs and outputs to /robot1/...; '' (an output turned off) stays ''. Replay and the
-    recorder read bags with absolute names: they resolve the parameters with this, namespace "/"."""
-    topic = str(topic)
-    if not topic or topic.startswith("/"):
-        return topic
-    if topic.startswith("~"):
-        raise ValueError(f"topic {topic!r}: a data topic cannot be private to a node (~); use a relative name")
-    return namespace.rstrip("/") + "/" + topic
-
-
-def global_topics(params: dict[str, Any], namespace: str = "/") -> dict[str, Any]:
-    """`params` with every topic parameter (`*_topic`, `*_topic_pattern`, `extra_image_topics`) resolved by
-    `global_topic`."""
-    out = dict(params)
-    for key, value in params.items():
-        if key.endswith(("_topic", "_topic_pattern")) and isinstance(value, str):
-            out[key] = global_topic(value, namespace)
-        elif key in TOPIC_LIST_PARAMS and value:
-            out[key] = [global_topic(str(t), namespace) for t in value]
-    return out
-
-
-def camera_info_sibling(image_topic: str) -> str:
-    """The CameraInfo topic beside an image topic, as image_transport's camera subscriber pairs them:
-    /cameras/X/image_raw (or its transport topic /cameras/X/image_raw/compressed) -> /cameras/X/camera_info."""
-    topic = str(image_topic).rstrip("/")
-    topic = topic[:-len("/compressed")] if topic.endswith("/compressed") else topic
-    head, _, _ = topic.rpartition("/")
-    return f"{head}/camera_info" if head or str(image_topic).startswith("/") else "camera_info"
-
-
-# ------------------------------------------------------------------------------------- extrinsics
-
-
-def transform_to_matrix(transform: Any) -> np.ndarray:
-    """geometry_msgs/Transform (rclpy or rosbags) -> (4, 4). A zero quaternion raises ValueError."""
-    t, q = transform.translation, transform.rotation
-    T = make_T(quat_to_R(np.array([q.x, q.y, q.z, q.w], dtype=np.float64)), np.array([t.x, t.y, t.z]))
-    if not np.all(np.isfinite(T)):
-        raise ValueError("transform.translation is not finite")
-    return T
-
-
-class TfOrRig:
-    """Sensor extrinsics `T_base_sensor` (4, 4): from TF when it has them, else from the rig YAML.
-
-    Sources, in order: a tf2_ros buffer (when tf2_ros imports), the static transforms this object has
-    seen on /tf_static (subscribed when tf2_msgs imports, or fed by `add_transforms`, e.g. from a bag),
-    then the rig (`Rig.load(rig)`; camera `frame_id` or name, LiDAR `frame_id`). `lookup` returns the
-    matrix and the source's name so a node can log where its calibration came from.
-    """
-
-    def __init__(self, rig: Rig | str = "default", base_frame: str = "base_link", node: Any = None) -> None:
-        self.rig = rig if isinstance(rig, Rig) else Rig.load(rig)
-        self.source = (rig if isinstance(rig, str) else rig.name, base_frame)   # the parameters it was built from
-        self.base_frame = base_frame
-        self.static: dict[str, tuple[str, np.ndarray]] = {}  # child -> (parent, T_parent_child)
-        self.tf_buffer = None
-        self._tf_listener = self._tf_sub = None
-        self._node = node
-        self._lock = threading.Lock()
-        if node is not None and ros_compat.HAVE_TF2_ROS:
-            tf2_ros = ros_compat.tf2_ros
-            self.tf_buffer = tf2_ros.Buffer()
-            self._tf_listener = tf2_ros.TransformListener(self.tf_buffer, node)
-        elif node is not None and ros_compat.HAVE_TF2_MSGS:
-            # depth 100 as tf2's static listener: several static publishers' latched messages at once
-            self._tf_sub = node.create_subscription(ros_compat.TFMessage, "/tf_static",
-                                                    lambda m: self.add_transforms(m.transforms), latched_qos(100))
-
-    @property
-    def listens(self) -> bool:
-        """TF is a source (tf2_ros, or our /tf_static subscription): a frame missing there now may arrive."""
-        return self.tf_buffer is not None or self._tf_sub is not None
-
-    def close(self) -> None:
-        """Stop listening to TF (the node's subscriptions for it are destroyed)."""
-        if self._tf_listener is not None:
-            self._tf_listener.unregister()
-        if self._tf_sub is not None and self._node is not None:
-            self._node.destroy_subscription(self._tf_sub)
-        self._tf_listener = self._tf_sub = None
-
-    def add_transforms(self, transforms: Sequence[Any]) -> int:
-        """Remember static TransformStamped messages (duck-typed); returns how many were usable."""
-        used = 0
-        for ts in transforms:
-            try:
-                T = transform_to_matrix(ts.transform)
-            except ValueError:
-                continue
-            with self._lock:
-                self.static[ts.child_frame_id.lstrip("/")] = (ts.header.frame_id.lstrip("/"), T)
-            used += 1
-        return used
-
-    def _from_static(self, frame: str) -> np.ndarray | None:
-        T = np.eye(4)
-        seen = set()
-        with self._lock:
-            while frame != self.base_frame:
-                if frame in seen or frame not in self.static:
-                    return None
-                seen.add(frame)
-                parent, T_parent_child = self.static[frame]
-                T = T_parent_child @ T
-                frame = parent
-        return T
-
-    def _from_tf2(self, frame: str) -> np.ndarray | None:
-        if self.tf_buffer is None:
-            return None
-        try:
-            ts = self.tf_buffer.lookup_transform(self.base_frame, frame, rclpy.time.Time())
-        except Exception:  # noqa: BLE001 - tf2 raises several lookup/connectivity exception types
-            return None
-        return transform_to_matrix(ts.transform)
-
-    def _from_rig(self, frame: str) -> np.ndarray | None:
-        if frame == self.base_frame:
-            return np.eye(4)
-        for cam in self.rig.cameras:
-            if frame in (cam.frame_id, cam.name):
-                return cam.T_base_cam.copy()
-        if frame == self.rig.lidar.frame_id:
-            return self.rig.lidar.T_base_lidar.copy()
-        return None
-
-    def lookup(self, frame: str) -> tuple[np.ndarray, str]:
-        """(T_base_frame (4, 4), source in {"tf2", "tf_static", "rig"}). Unknown frame: KeyError."""
-        frame = frame.lstrip("/")
-        for source, get in (("tf2", self._from_tf2), ("tf_static", self._from_static), ("rig", self._from_rig)):
-            T = get(frame)
-            if T is not None:
-                return T, source
-        raise KeyError(f"no transform {self.base_frame} <- {frame!r}: not in TF and not in rig {self.rig.name!r} "
-                       f"(rig frames: {[c.frame_id for c in self.rig.cameras] + [self.rig.lidar.frame_id]})")
-
-    def lookup_inverse(self, frame: str) -> np.ndarray:
-        """T_frame_base (4, 4)."""
-        return invert_T(self.lookup(frame)[0])
-
-
-# ------------------------------------------------------------------------------------------- QoS
-
-
-def sensor_qos(depth: int = 5, reliability: str = "best_effort") -> "QoSProfile":
-    """Sensor inputs: keep-last `depth`, best effort by default (as qos_profile_sensor_data), volatile.
-
-    A best-effort subscription receives from reliable and best-effort publishers alike; a reliable one
-    receives nothing from a best-effort publisher (the classic "node publishes nothing").
-    """
-    if reliability not in RELIABILITIES:
-        raise ValueError(f"sensor_reliability = {reliability!r}: must be one of {list(RELIABILITIES)}")
-    if depth < 1:
-        raise ValueError(f"qos_depth = {depth}: must be >= 1")
-    return QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=int(depth),
-                      reliability=ReliabilityPolicy.BEST_EFFORT if reliability == "best_effort"
-                      else ReliabilityPolicy.RELIABLE,
-                      durability=DurabilityPolicy.VOLATILE)
-
-
-def command_qos(depth: int = 1) -> "QoSProfile":
-    """Commands (/command): reliable and transient-local, so a late-joining node gets the last one."""
-    return QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=int(depth), reliability=ReliabilityPolicy.RELIABLE,
-                      durability=DurabilityPolicy.TRANSIENT_LOCAL)
-
-
-def volatile_command_qos(depth: int = 10) -> "QoSProfile":
-    """The second command subscription: reliable and volatile, the only durability a volatile publisher
-    (`ros2 topic pub` without `--qos-durability transient_local`) can reach; it receives a transient-local
-    publisher's live commands too, so a node with both subscriptions drops the second copy."""
-    return QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=int(depth), reliability=ReliabilityPolicy.RELIABLE,
-                      durability=DurabilityPolicy.VOLATILE)
-
-
-def latched_qos(depth: int = 1) -> "QoSProfile":
-    """Latched outputs and /tf_static: reliable, transient-local (late subscribers get the last value)."""
-    return command_qos(depth)
-
-
-def output_qos(depth: int = 5) -> "QoSProfile":
-    """Ordinary outputs: reliable, volatile — received by reliable and best-effort subscribers alike."""
-    return QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=int(depth), reliability=ReliabilityPolicy.RELIABLE,
-                      durability=DurabilityPolicy.VOLATILE)
-
-
-def describe_qos(qos: "QoSProfile") -> str:
-    rel = "reliable" if qos.reliability == ReliabilityPolicy.RELIABLE else "best_effort"
-    dur = "transient_local" if qos.durability == DurabilityPolicy.TRANSIENT_LOCAL else "volatile"
-    needs = []
-    if rel == "reliable":
-        needs.append("publishers must be reliable")
-    if dur == "transient_local":
-        needs.append("publishers must be transient_local")
-    return f"{rel}/{dur} depth {qos.depth}" + (f" ({', '.join(needs)})" if needs else " (accepts any publisher)")
 
 
 def resolve_device(device: str) -> str:
@@ -934,146 +701,3 @@ def _as_declared(default: Any, value: Any) -> Any:
 
 def config_fields(cfg_cls: type[PipelineConfig]) -> list[str]:
     return [f.name for f in dataclasses.fields(cfg_cls)]
-
-
-# -------------------------------------------------------------------------------------------- main
-
-
-def limit_blas_threads(environ: dict[str, str] | None = None) -> Any:
-    """numpy's BLAS (OpenBLAS) at one thread in this process, unless OPENBLAS_NUM_THREADS is set; the
-    `threadpoolctl` limiter (its `restore_original_limits()` undoes it), or None when left alone.
-
-    Why: torch runs the networks on its own pool. A numpy product large enough for OpenBLAS to use its pool
-    (grounding's LiDAR projection into the mask, 60k points) leaves those threads spinning after it, and they
-    took the cores from the next frame's network: grounding's cached frame 11-13 ms, 27-29 ms right after such a
-    projection; 13.1-13.3 ms with one BLAS thread (2-core machine, torch on 2 threads). The registration
-    pipeline's numpy work is too thin to gain from BLAS threads (odometry 46-56 Hz either way)."""
-    environ = os.environ if environ is None else environ
-    if environ.get("OPENBLAS_NUM_THREADS"):
-        return None
-    from threadpoolctl import threadpool_limits
-    return threadpool_limits(limits=1, user_api="blas")
-
-
-SHUTDOWN_WAIT_S = 5.0   # for running callbacks at a stop; `vg-ros up` sends SIGKILL 20 s after SIGINT
-
-
-def wait_for_callbacks(executor: Any, timeout_s: float) -> bool:
-    """True once no callback the executor handed to its worker threads is running (at once for a
-    single-threaded executor: its callbacks ran inside `spin_once`); False after `timeout_s`. rclpy's own
-    `Executor.shutdown(timeout_sec)` returns without waiting for them (rclpy 7.x)."""
-    deadline = time.monotonic() + timeout_s
-    while any(not task.done() for task in list(getattr(executor, "_futures", ()))):
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.02)
-    return True
-
-
-def die_with_parent(parent_pid: str | None) -> None:
-    """Under `vg-ros up` (which passes its pid): SIGTERM this process when the supervisor dies, however it
-    dies (SIGKILL included), so no node runs on orphaned; at once if it is already gone. Linux only."""
-    if not parent_pid or not sys.platform.startswith("linux"):
-        return
-    import ctypes
-    import signal
-    PR_SET_PDEATHSIG = 1
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != int(parent_pid):   # the supervisor died before the request was in place
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
-def parent_gone(parent_pid: str | None) -> bool:
-    """Under `vg-ros up`: the supervisor has died (this process was re-parented). The spin loop asks too, in
-    case the kernel's parent-death signal never arrives (a sandbox without PR_SET_PDEATHSIG, the signal
-    blocked by a thread we did not start)."""
-    return bool(parent_pid) and os.getppid() != int(parent_pid)
-
-
-def run_node(node_cls: type[PerceptionNode], args: list[str] | None = None, *, multithreaded: bool = True,
-             **node_kwargs: Any) -> int:
-    """Init rclpy, build the node, configure and activate it (`autostart`; else a lifecycle manager does),
-    spin until SIGINT/SIGTERM or the shutdown transition, shut down.
-
-    A setup failure (bad parameter, missing or corrupt checkpoint, CUDA asked for but absent) is one
-    ERROR log line and exit code 2, never a traceback; under a lifecycle manager the failed transition is
-    that line and the node stays up in its previous state. SIGINT/SIGTERM only set a flag (our handlers,
-    not rclpy's), so the node deactivates and logs its drop summary while its context is still valid,
-    whenever the signal arrives. `args` are ROS arguments (None: sys.argv).
-    """
-    import signal
-
-    rclpy_mod = ros_compat.require_rclpy(node_cls.__name__)
-    ros_compat.use_dds_profiles()
-    limit_blas_threads()
-    from rclpy.executors import MultiThreadedExecutor, SingleThreadedExecutor
-    from rclpy.signals import SignalHandlerOptions
-
-    stop = threading.Event()
-    previous = stop_signals.catch_into((signal.SIGINT, signal.SIGTERM), stop)
-    parent_pid = os.environ.get("VG_ROS_PARENT_PID")   # set by `vg-ros up`
-    die_with_parent(parent_pid)
-    if hasattr(signal, "SIGUSR1"):   # `kill -USR1 <pid>`: every thread's stack to stderr, the node runs on
-        import faulthandler
-        faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
-    rclpy_mod.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
-    node = None
-    try:
-        try:
-            node = node_cls(**node_kwargs)
-            if node.params["autostart"]:
-                node.configure()
-                node.activate()
-            else:
-                node.get_logger().info(
-                    "autostart false: unconfigured, waiting for a lifecycle manager or `ros2 lifecycle set "
-                    f"{node.get_fully_qualified_name()} configure` (then activate)")
-        except Exception as exc:  # noqa: BLE001 - setup failures end the process with one clear line
-            if node is not None and node.transition_error:   # a failed transition: the node logged its line
-                return 2
-            name = node.get_name() if node is not None else node_cls.default_node_name
-            msg = f"{name}: construct failed: {type(exc).__name__}: {exc}"
-            if node is not None:
-                node.get_logger().error(msg)
-            else:
-                print(f"[ERROR] {msg}", file=sys.stderr, flush=True)
-            return 2
-        executor = MultiThreadedExecutor(num_threads=4) if multithreaded else SingleThreadedExecutor()
-        executor.add_node(node)
-        try:
-            # a `shutdown` transition (lifecycle manager) ends the process as SIGINT does
-            while not stop.is_set() and rclpy_mod.ok() and node.lifecycle_state() != "finalized":
-                executor.spin_once(timeout_sec=0.1)
-                if parent_gone(parent_pid):
-                    node.get_logger().warning(f"the supervisor (pid {parent_pid}) is gone: stopping")
-                    break
-        finally:
-            # no new callback starts now; the running ones (an inference, a transition a lifecycle manager
-            # asked for) finish before the shutdown transition frees what they use
-            if not wait_for_callbacks(executor, SHUTDOWN_WAIT_S):
-                # say where, so a hang is never silent (the supervisor's SIGKILL follows if it never returns)
-                import faulthandler
-                node.get_logger().error(f"callbacks still running {SHUTDOWN_WAIT_S:g} s after the stop; "
-                                        "every thread's stack follows")
-                faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
-            node.finish()
-            executor.shutdown(timeout_sec=0)
-        return 0
-    finally:
-        if node is not None:
-            node.destroy_node()
-        rclpy_mod.try_shutdown()
-        stop_signals.restore(previous)
-
-
-def node_main(node_cls: type[PerceptionNode]) -> Callable[[list[str] | None], int]:
-    """A console-script `main(args=None)` for `node_cls` that exits with run_node's code."""
-    def main(args: list[str] | None = None) -> int:
-        code = run_node(node_cls, args)
-        if args is None:
-            sys.exit(code)
-        return code
-    return main

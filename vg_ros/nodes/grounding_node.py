@@ -43,8 +43,11 @@ import numpy as np
 
 from vg_ros.convert import grounding_to_msgs, point_to_point_stamped, stamp_of, time_to_ns
 from vg_ros.grounding.pipeline import GroundingConfig
-from vg_ros.nodes.base import PerceptionNode, camera_info_sibling, camera_topic, node_main, volatile_command_qos
+from vg_ros.nodes.base import PerceptionNode
 from vg_ros.nodes.inputs import PoseBuffer, StampedBuffer
+from vg_ros.nodes.process import node_main
+from vg_ros.nodes.qos import volatile_command_qos
+from vg_ros.nodes.topics import camera_info_sibling, camera_topic
 
 
 class GroundingNode(PerceptionNode):

@@ -26,7 +26,9 @@ import threading
 import numpy as np
 
 from vg_ros.convert import stamp_of
-from vg_ros.nodes.base import PerceptionNode, camera_topic, node_main
+from vg_ros.nodes.base import PerceptionNode
+from vg_ros.nodes.process import node_main
+from vg_ros.nodes.topics import camera_topic
 from vg_ros.occupancy.pipeline import OccupancyConfig
 from vg_ros.types import FREE_CLASS, OCC_CLASSES, OCC_PALETTE, CameraFrame
 

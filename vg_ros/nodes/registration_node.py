@@ -25,7 +25,8 @@ import numpy as np
 
 from vg_ros import ros_compat
 from vg_ros.convert import stamp_of
-from vg_ros.nodes.base import PerceptionNode, node_main
+from vg_ros.nodes.base import PerceptionNode
+from vg_ros.nodes.process import node_main
 from vg_ros.registration.odometry import LidarOdometry, OdometryConfig
 
 

@@ -68,7 +68,7 @@ def bag_lidar_extrinsics(reader, topic: str, rig: str | None, base_frame: str = 
     node looks them up, the bag's /tf_static chain `base_frame` <- that frame, else the rig (`rig`, else
     "default") camera/LiDAR of that frame name. Where the node would drop the clouds, this command goes on:
     with `rig` given, that rig's LiDAR whatever its frame name, else identity; the string says which."""
-    from vg_ros.nodes.base import TfOrRig
+    from vg_ros.nodes.extrinsics import TfOrRig
     from vg_ros.types import Rig
 
     frame = ""
