@@ -294,3 +294,43 @@ def test_first_scans_wait_for_tf_before_the_rig_extrinsics_are_taken(frames, mon
         node.on_points(msgs[1])
         assert node.odometry is not None and node.drops.drops["waiting_for_tf"] == 1
         assert np.allclose(node.odometry.T_base_lidar, frames[0].rig.lidar.T_base_lidar)
+
+
+def test_a_degenerate_first_scan_does_not_stop_the_odometry_for_ever(frames):
+    """The first cloud becomes the map unchecked; one that nothing can be registered against (a partial sweep:
+    20 points on a line) made every later good scan fail, for ever (found by fuzzing the node). A map of one
+    sweep that the next scan cannot match is replaced by that scan at once, counted as `map_restarted` (not
+    published: its pose is the prior's), and the scans after it are published with the right motion."""
+    from nav_msgs.msg import Odometry
+    from sensor_msgs.msg import PointCloud2
+    from vg_ros import convert
+
+    with ros_session(DOMAIN) as ros:
+        node = make_node(ros)
+        client = ros.node("client")
+        odoms = []
+        client.create_subscription(Odometry, "/registration/odometry", odoms.append, 20)
+        pub = client.create_publisher(PointCloud2, "/lidar/points", 20)
+        assert ros.wait_for_match(pub, timeout=5.0)
+        lidar_frame = frames[0].rig.lidar.frame_id
+        line = np.stack([np.linspace(2, 12, 20), np.zeros(20), np.zeros(20)], 1).astype(np.float32)
+        pub.publish(convert.xyz_fields_to_pointcloud2(line, stamp_ns=frames[0].stamp_ns - 50_000_000,
+                                                      frame_id=lidar_frame))
+        assert ros.spin_until(lambda: len(odoms) == 1, timeout=10.0)
+        for k, frame in enumerate(frames):
+            scan = frame.lidar
+            scan.frame_id = lidar_frame
+            pub.publish(convert.scan_to_pointcloud2(scan))
+            assert ros.spin_until(lambda: node.received["/lidar/points"] == k + 2 and
+                                  node.drops.total + sum(node.drops.processed.values()) == k + 2, timeout=15.0), \
+                f"scan {k}: {node.drops.summary()}"
+        assert node.drops.drops["map_restarted"] == 1 and node.drops.drops["registration_failed"] == 0, \
+            node.drops.summary()
+        assert ros.spin_until(lambda: len(odoms) == len(frames), timeout=10.0), node.drops.summary()
+        published = [convert.stamp_of(m) for m in odoms[1:]]
+        assert published == [f.stamp_ns for f in frames[1:]], node.drops.summary()
+        poses = [convert.odometry_to_matrix(m)[0] for m in odoms[1:]]
+        gt = [invert_T(frames[0].T_odom_base) @ f.T_odom_base for f in frames[1:]]
+        # the restart pose is the prior's (identity: the line gave no motion); the motion after it is right
+        assert all(np.isfinite(T).all() for T in poses)
+        assert all(np.linalg.norm(T[:3, 3] - G[:3, 3]) < 0.1 for T, G in zip(poses, gt)), node.drops.summary()

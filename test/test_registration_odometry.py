@@ -249,3 +249,31 @@ def test_prior_deviation_covariance_grows_with_the_correction():
     cov = prior_deviation_covariance(T_pred, moved, 0.3)
     np.testing.assert_allclose(np.diag(cov), [0.15 ** 2] * 3 + [0.06 ** 2] * 3)
     assert np.count_nonzero(cov - np.diag(np.diag(cov))) == 0
+
+
+def test_a_map_that_no_longer_matches_restarts_after_failures_in_a_row():
+    """Scans from elsewhere (another simulated town, as after a kidnapping the re-localisation cannot solve)
+    fail against the local map for ever unless it restarts: after `restart_after_failures` failures in a row
+    the map restarts from the last failed scan at the motion prior's pose, and the next scans register with
+    their true motion (within 2 cm). 0 never restarts."""
+    import dataclasses
+    from vg_ros.sim import simulate
+    here = list(simulate(5, 0.4, cameras=False, occupancy=False, expressions=0))
+    there = list(simulate(77, 0.6, cameras=False, occupancy=False, expressions=0))
+    T_bl = here[0].rig.lidar.T_base_lidar
+    stamps = [here[-1].stamp_ns + (k + 1) * 100_000_000 for k in range(len(there))]
+    for after in (3, 0):
+        odo = LidarOdometry(OdometryConfig(relocalize=False, restart_after_failures=after), T_base_lidar=T_bl,
+                            weights=None)
+        assert all(odo.update(f.lidar).converged for f in here)
+        results = [odo.update(dataclasses.replace(f.lidar, stamp_ns=s)) for f, s in zip(there, stamps)]
+        if after == 0:
+            assert not any(r.converged for r in results) and odo.stats["map_restarts"] == 0
+            continue
+        assert [r.converged for r in results] == [False] * 3 + [True] * (len(there) - 3)
+        assert odo.stats["map_restarts"] == 1 and "map restarts" in results[2].reason
+        assert np.all(np.diag(results[2].covariance) >= 1e3)   # the restart pose is never a confident one
+        for k in range(3, len(there)):
+            step = invert_T(results[k - 1].pose) @ results[k].pose
+            truth = invert_T(there[k - 1].T_odom_base) @ there[k].T_odom_base
+            assert np.linalg.norm(step[:3, 3] - truth[:3, 3]) < 0.02, k

@@ -327,9 +327,14 @@ class RegistrationStage(Stage):
                                                   device=self.device)
                 if self.global_registration is not None:
                     self.odometry._global = self.global_registration  # loaded once, as registration_node does
+            restarts = self.odometry.stats["map_restarts"]
             result = self.timed(lambda: self.odometry.update(scan))
         except (ValueError, KeyError) as exc:
             self.drops.drop(f"pipeline_error:{type(exc).__name__}", f"scan {stamp}: {exc}")
+            return
+        if self.odometry.stats["map_restarts"] > restarts:   # as the node: the new map starts from this scan
+            self.failed += 1
+            self.drops.drop("map_restarted", f"scan {stamp}: {result.reason}")
             return
         if not result.converged:
             self.failed += 1

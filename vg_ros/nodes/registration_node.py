@@ -52,7 +52,7 @@ class RegistrationNode(PerceptionNode):
     live_params = frozenset({"min_range", "max_range", "voxel_size", "max_correspondence_distance", "max_iterations",
                              "deskew", "deskew_tolerance", "min_fitness", "max_prior_deviation",
                              "max_prior_deviation_deg", "relocalize", "num_threads", "map_period", "covariance_scale",
-                             "covariance_prior_deviation"})
+                             "covariance_prior_deviation", "restart_after_failures"})
 
     def on_parameters_changed(self, names: set[str]) -> None:
         with self._lock:
@@ -159,10 +159,13 @@ class RegistrationNode(PerceptionNode):
             return
         scan.stamp_ns = stamp_ns
         with self._lock:
-            skipped = odometry.stats["deskew_skipped"]
+            skipped, restarts = odometry.stats["deskew_skipped"], odometry.stats["map_restarts"]
             result = odometry.update(scan)
             if odometry.stats["deskew_skipped"] > skipped:
                 self.drops.ok("not_deskewed:non_finite_point_time")
+        if odometry.stats["map_restarts"] > restarts:   # not published either: the new map starts from it
+            self.drops.drop("map_restarted", f"cloud {stamp_ns}: {result.reason}; pose not published")
+            return
         if not result.converged:
             self.drops.drop("registration_failed", f"cloud {stamp_ns}: {result.reason}; pose not published")
             return

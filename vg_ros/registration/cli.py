@@ -152,7 +152,8 @@ def run_bag_odometry(bag: str | Path, topic: str, gt_topic: str | None, cfg=None
     scans = odo.stats["scans"]
     report = {"scans": scans, "converged": len(est), "relocalized": odo.stats["relocalized"], "gt_topic": gt_topic,
               "extrinsics": extrinsics,
-              "failed": odo.stats["failed"], "hz": scans / wall if wall > 0 else 0.0,
+              "failed": odo.stats["failed"], "map_restarts": odo.stats["map_restarts"],
+              "hz": scans / wall if wall > 0 else 0.0,
               "seconds": wall, "first_failures": failures[:5]}
     if odo.cfg.deskew:   # sweeps deskewed a second time with their own motion; sweeps left distorted (bad times)
         report.update(deskewed_again=odo.stats["deskewed_again"], deskew_skipped=odo.stats["deskew_skipped"])
@@ -263,7 +264,8 @@ def odometry_main(argv: list[str]) -> int:
         print(json.dumps(report))
     else:
         print(f"scans {report['scans']}  converged {report['converged']}  re-localised {report['relocalized']}  "
-              f"failed {report['failed']}  {report['hz']:.1f} Hz")
+              f"failed {report['failed']}  {report['hz']:.1f} Hz"
+              + (f"  map restarted {report['map_restarts']}x" if report["map_restarts"] else ""))
         print(f"extrinsics: {report['extrinsics']}")
         if "path_length_m" in report:
             print(f"path length {report['path_length_m']:.1f} m")

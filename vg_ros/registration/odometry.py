@@ -56,6 +56,10 @@ class OdometryConfig(PipelineConfig):
         0.3, "adds (this x the scan's correction against the constant-velocity prior)^2 to the pose variances "
         "(m per m of correction, rad per rad): the steps the prior disagrees with are the ones that err",
         low=0.0, high=1e3)
+    restart_after_failures: int = param(
+        10, "when this many scans in a row fail registration, the local map restarts from the last of them, at "
+        "the motion prior's pose (a degenerate first sweep or a map gone wrong would otherwise fail every later "
+        "scan for ever); while the map holds one sweep only, at the first failure; 0 = never", low=0, high=100_000)
 
 
 def _rotation_angle_deg(R: np.ndarray) -> float:
@@ -174,8 +178,7 @@ class LidarOdometry:
     def reset(self) -> None:
         self._new_map()
         self.T_odom_lidar: np.ndarray | None = None
-        self.velocity = np.eye(4)  # the last motion between two scans, lidar frame, over `velocity_s` seconds
-        self.velocity_s = 0.1
+        self._forget_motion()
         self.last_stamp_ns: int | None = None
         self.registered_cloud = np.zeros((0, 3))
         self.recent_clouds: collections.deque = collections.deque(maxlen=self.cfg.relocalize_scans)
@@ -187,7 +190,12 @@ class LidarOdometry:
         # deskew_skipped: scans registered as they are because a per-point time was NaN or infinite
         # deskewed_again: sweeps deskewed a second time with their own registered motion (`_deskew_again`)
         self.stats = {"scans": 0, "local_ok": 0, "relocalized": 0, "failed": 0, "deskew_skipped": 0,
-                      "deskewed_again": 0}
+                      "deskewed_again": 0, "map_restarts": 0}
+        self.failed_in_a_row = 0   # scans failed since the last registered one (`restart_after_failures`)
+
+    def _forget_motion(self) -> None:
+        self.velocity = np.eye(4)  # the last motion between two scans, lidar frame, over `velocity_s` seconds
+        self.velocity_s = 0.1
 
     def local_map(self) -> np.ndarray:
         """(M, 3) float64: the means of the local map's voxels in the odom frame (empty before the first scan)."""
@@ -279,6 +287,7 @@ class LidarOdometry:
             self._accept(stamp, T, source, points, offset)
             self._first_sweeps = [raw] if raw is not None else []
             self.stats["local_ok"] += 1
+            self.failed_in_a_row = 0
             return OdometryResult(stamp, T @ self.T_lidar_base, cov, True, time.perf_counter() - start)
         result = self._align(source, predicted)
         reason = self._check(result, source.size(), predicted)
@@ -292,7 +301,13 @@ class LidarOdometry:
             else:
                 reason = f"{reason}; global re-localisation failed too"
         if reason:
+            # a map of one sweep has never matched another: it may be the bad one (a partial or degenerate first
+            # cloud), so it is replaced at once; a longer one after `restart_after_failures` failures in a row
+            if cfg.restart_after_failures and (self._map_sweeps <= 1 or
+                                               self.failed_in_a_row + 1 >= cfg.restart_after_failures):
+                return self._restart_map(stamp, predicted, source, points, offset, raw, reason, start)
             return self._fail(stamp, predicted, reason, start, offset)
+        self.failed_in_a_row = 0
         T = orthonormalize(np.array(result.T_target_source, dtype=np.float64, copy=True))
         cov = gicp_covariance(result, source.size(), T, self.T_lidar_base, cfg.covariance_scale)
         if len(self.poses) >= 2:   # a motion prior exists (the second scan's is standing still: no evidence)
@@ -368,6 +383,7 @@ class LidarOdometry:
     def _new_map(self) -> None:
         self.voxelmap = self._sg.GaussianVoxelMap(self.cfg.map_voxel_size)
         self.voxelmap.set_lru(horizon=self.cfg.map_horizon, clear_cycle=10)
+        self._map_sweeps = 0   # sweeps inserted since the map was created
 
     def _downsample(self, points: np.ndarray):
         """The sweep as GICP takes it: voxel-downsampled, with point covariances."""
@@ -379,6 +395,7 @@ class LidarOdometry:
         """A registered sweep (downsampled `source`, full `points`) into the map, the last registered cloud and
         the re-localisation target."""
         self.voxelmap.insert(source, T_odom_lidar)
+        self._map_sweeps += 1
         self.registered_cloud = points @ T_odom_lidar[:3, :3].T + T_odom_lidar[:3, 3]
         self.recent_clouds.append(np.asarray(source.points())[:, :3] @ T_odom_lidar[:3, :3].T + T_odom_lidar[:3, 3])
 
@@ -433,9 +450,30 @@ class LidarOdometry:
             return T_odom_lidar
         return T_odom_lidar @ interpolate_T(np.eye(4), self.velocity, -offset / self.velocity_s)
 
+    def _restart_map(self, stamp: int, predicted: np.ndarray, source, points: np.ndarray, offset: float,
+                     raw: tuple | None, reason: str, start: float) -> OdometryResult:
+        """The map is no use any more (`restart_after_failures` scans in a row failed, or the one sweep it holds
+        matched nothing): it restarts from this sweep, placed at the motion prior's pose (dead reckoning keeps
+        odom continuous), with the velocity forgotten; the scan itself is still a failure (not a confident
+        pose), the next ones register against the new map."""
+        failed = self.failed_in_a_row + 1
+        result = self._fail(stamp, predicted, f"{reason}; {failed} scan(s) failed in a row: the local map restarts "
+                                              f"from this scan at the motion prior's pose", start, offset)
+        self._new_map()
+        self.recent_clouds.clear()
+        self._forget_motion()
+        self._map_deskewed = False
+        self.T_odom_lidar = None   # no velocity from the jump to the restart pose
+        self._accept(stamp, predicted, source, points, offset)
+        self._first_sweeps = [raw] if raw is not None else []
+        self.failed_in_a_row = 0
+        self.stats["map_restarts"] += 1
+        return result
+
     def _fail(self, stamp: int, predicted: np.ndarray | None, reason: str, start: float,
               offset: float = 0.0) -> OdometryResult:
         self.stats["failed"] += 1
+        self.failed_in_a_row += 1
         pose_lidar = (self._at_stamp(predicted, offset) if predicted is not None else
                       self.T_odom_lidar if self.T_odom_lidar is not None else self.T_base_lidar)
         return OdometryResult(stamp, pose_lidar @ self.T_lidar_base, np.eye(6) * UNTRUSTED_VARIANCE, False,
