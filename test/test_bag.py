@@ -244,3 +244,15 @@ def test_sqlite_single_file_reads(s3e, tmp_path):
     shutil.copy(db, copy)
     with B.BagReader(copy) as bag:
         assert bag.topics[S3E_CLOUD] == ("sensor_msgs/msg/PointCloud2", 2)
+
+
+def test_writer_to_an_unwritable_place_is_a_value_error_and_the_clis_exit_2(tmp_path, capsys):
+    # mkdir's OSError went through `vg-ros replay --out` / `vg-ros record --out` as a traceback
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="cannot write .*file/out.mcap"):
+        B.BagWriter(tmp_path / "file" / "out.mcap")
+    (tmp_path / "bad.yaml").write_text("registration_node: [\n")
+    code = cli.main(["replay", str(tmp_path / "no.mcap"), "--out", str(tmp_path / "o.mcap"),
+                     "--config", str(tmp_path / "bad.yaml")])
+    err = capsys.readouterr().err
+    assert code == 2 and "not a YAML parameters file" in err and "Traceback" not in err

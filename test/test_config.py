@@ -51,3 +51,26 @@ def test_params_file_sections(tmp_path):
 def test_shipped_perception_yaml_parses():
     for node in ("occupancy_node", "registration_node", "grounding_node"):
         assert isinstance(load_section(None, node), dict)
+
+
+def test_unreadable_params_files_are_one_value_error_naming_the_file(tmp_path):
+    # a folder, a YAML syntax error, a binary file or a section that is not a mapping raised IsADirectoryError,
+    # yaml.ParserError, AttributeError: tracebacks from `vg-ros replay --config` / `vg-ros up --config`
+    from vg_ros.config import unknown_sections
+    (tmp_path / "bad.yaml").write_text("registration_node: [\n")
+    (tmp_path / "binary.yaml").write_bytes(b"\x84\xff\x00 not text")
+    (tmp_path / "section.yaml").write_text("registration_node: 5\n")
+    (tmp_path / "params.yaml").write_text("registration_node:\n  ros__parameters: [1, 2]\n")
+    for name, match in (("", "cannot read it"), ("bad.yaml", "not a YAML parameters file"),
+                        ("binary.yaml", "not a YAML parameters file"), ("section.yaml", "section 'registration_node'"),
+                        ("params.yaml", "section .* a `ros__parameters` mapping")):
+        path = tmp_path / name
+        with pytest.raises(ValueError, match=f"config file {path}: {match}"):
+            load_section(path, "registration_node")
+    for name in ("", "bad.yaml", "binary.yaml"):
+        with pytest.raises(ValueError, match="config file"):
+            unknown_sections(tmp_path / name)
+    # a section or a ros__parameters left empty (null in YAML) is a file with nothing to set, not an error
+    (tmp_path / "empty.yaml").write_text("registration_node:\ngrounding_node:\n  ros__parameters:\n")
+    assert load_section(tmp_path / "empty.yaml", "registration_node") == {}
+    assert load_section(tmp_path / "empty.yaml", "grounding_node") == {}

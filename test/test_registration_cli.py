@@ -53,6 +53,9 @@ def test_register_rejects_non_point_clouds(tmp_path, capsys):
     np.save(tmp_path / "empty.npy", np.zeros((0, 3)))   # as an empty .bin: a bad file, exit 2
     assert vg_main(["register", str(tmp_path / "empty.npy"), str(tmp_path / "empty.npy")]) == 2
     assert "no points" in capsys.readouterr().err
+    np.save(tmp_path / "nan.npy", np.full((100, 3), np.nan))   # nothing usable: as empty (it exited 1, "not converged")
+    assert vg_main(["register", str(tmp_path / "nan.npy"), str(tmp_path / "empty.npy")]) == 2
+    assert "no finite point" in capsys.readouterr().err
 
 
 def test_bin_layouts_detected(tmp_path):
@@ -332,3 +335,22 @@ def test_covariance_check_of_honest_covariances_reads_honest():
         assert check["z_p90"][axis] == pytest.approx(1.645, abs=0.1), axis
         assert check["rms_error_over_claimed"][axis] == pytest.approx(1.0, abs=0.05), axis
     assert check["z_median"]["roll"] < 1e-6   # no error there at all
+
+
+def test_truncated_ply_and_pcd_are_bad_files_not_clouds_padded_with_zeros(tmp_path, capsys):
+    # Open3D warns on a .ply / .pcd shorter than its header, then returns the declared number of points with the
+    # missing ones at the origin: `vg-ros register` exited 0 on half a file
+    import open3d as o3d
+    cloud = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(np.random.default_rng(0).uniform(-5, 5, (2000, 3))))
+    for name, ascii_ in (("b.ply", False), ("a.ply", True), ("b.pcd", False), ("a.pcd", True)):
+        whole = tmp_path / name
+        o3d.io.write_point_cloud(str(whole), cloud, write_ascii=ascii_)
+        assert read_cloud(whole).shape == (2000, 3)
+        half = tmp_path / ("half_" + name)
+        data = whole.read_bytes()
+        half.write_bytes(data[: len(data) // 2])
+        with pytest.raises(ValueError, match="truncated: the header declares 2000 points"):
+            read_cloud(half)
+    code = vg_main(["register", str(tmp_path / "half_b.ply"), str(tmp_path / "b.ply"), "--weights", "none"])
+    err = capsys.readouterr().err
+    assert code == 2 and "half_b.ply: truncated" in err and "Traceback" not in err

@@ -207,9 +207,12 @@ class BagWriter:
                 shutil.rmtree(self.path)
             else:
                 self.path.unlink()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._writer = Writer(self.path, version=9, storage_plugin=StoragePlugin.MCAP)
-        self._writer.open()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._writer = Writer(self.path, version=9, storage_plugin=StoragePlugin.MCAP)
+            self._writer.open()
+        except OSError as exc:   # an unwritable place (/proc/x.mcap, a read-only folder, a file as parent)
+            raise ValueError(f"cannot write {str(self.path)!r}: {exc.strerror or exc}") from None
         self._store = typestore()
         self._conns: dict[str, Any] = {}
         self._types: dict[str, str] = {}

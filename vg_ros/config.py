@@ -102,15 +102,31 @@ def load_section(path: str | Path | None, node_name: str) -> dict:
     path = Path(path) if path else default_config_path()
     if not path.exists():
         raise ValueError(f"config file {path} does not exist")
-    with open(path) as fh:
-        data = yaml.safe_load(fh) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"config file {path}: top level must be a mapping of node names")
+    data = read_params_file(path)
     params: dict = {}
     for key in ("/**", node_name, "/" + node_name):
         section = data.get(key) or {}
-        params.update(section.get("ros__parameters", {}) or {})
+        if not isinstance(section, dict) or not isinstance(section.get("ros__parameters") or {}, dict):
+            raise ValueError(f"config file {path}: section {key!r} must be a mapping with a `ros__parameters` "
+                             f"mapping, got {section!r}")
+        params.update(section.get("ros__parameters") or {})
     return params
+
+
+def read_params_file(path: str | Path) -> dict:
+    """A ROS 2 params file's top-level mapping; ValueError naming the file when it cannot be read as one (a
+    folder, no permission, not UTF-8, a YAML syntax error, a top level that is not a mapping)."""
+    try:
+        with open(path) as fh:
+            data = yaml.safe_load(fh) or {}
+    except OSError as exc:
+        raise ValueError(f"config file {path}: cannot read it ({exc.strerror or exc})") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        detail = " ".join(str(exc).split())
+        raise ValueError(f"config file {path}: not a YAML parameters file ({detail})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path}: top level must be a mapping of node names")
+    return data
 
 
 NODE_NAMES = ("occupancy_node", "registration_node", "grounding_node")
@@ -120,10 +136,7 @@ def unknown_sections(path: str | Path) -> list[str]:
     """Top-level keys of a params file that no vg_ros node reads: not `/**`, not a node name (bare, or under a
     namespace: `/robot1/grounding_node`). A typo there (`registraton_node:`) would leave that node on its
     defaults without a word."""
-    with open(path) as fh:
-        data = yaml.safe_load(fh) or {}
-    if not isinstance(data, dict):
-        return []
+    data = read_params_file(path)
     return [str(key) for key in data if key != "/**" and str(key).rstrip("/").split("/")[-1] not in NODE_NAMES]
 
 

@@ -891,6 +891,15 @@ def main(argv: list[str]) -> int:
         torch.set_num_threads(args.threads)
     from vg_ros.nodes.process import limit_blas_threads
     limit_blas_threads()   # as in the nodes: numpy's BLAS pool would take the cores from torch's
+    if args.config is not None:
+        from vg_ros.config import NODE_NAMES, unknown_sections
+        try:
+            stray = unknown_sections(args.config) if Path(args.config).exists() else []
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        if stray:
+            print(f"vg-ros replay: warning: {args.config}: section(s) {stray} match no node ({', '.join(NODE_NAMES)} "
+                  "or /**): a misspelt node name leaves that pipeline on its defaults", file=sys.stderr)
     try:
         remap = parse_remaps(args.remap)
         result = replay(args.bag, args.out, config=args.config, rig=args.rig, device=args.device,
@@ -915,7 +924,11 @@ def main(argv: list[str]) -> int:
         topics = output_topics(args.config)
         original = {dst: src for src, dst in remap.items()}   # the report draws the bag's own camera topic
         topics["grounding"]["image"] = original.get(topics["grounding"]["image"], topics["grounding"]["image"])
-        index = write_report(args.report, args.bag, args.out, result, title="vg-ros replay", topics=topics)
+        try:
+            index = write_report(args.report, args.bag, args.out, result, title="vg-ros replay", topics=topics)
+        except OSError as exc:
+            raise UserError(f"--report {args.report}: cannot write {exc.filename or args.report}: "
+                            f"{exc.strerror or exc}") from None
         result["report"] = str(index)
     if args.json:
         print(json.dumps(public(result), sort_keys=True))

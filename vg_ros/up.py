@@ -302,7 +302,11 @@ def main(argv: list[str]) -> int:
     if not config.is_file():
         raise UserError(f"--config {config}: no such file")
     from vg_ros.config import NODE_NAMES, unknown_sections
-    if stray := unknown_sections(config):
+    try:
+        stray = unknown_sections(config)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    if stray:
         print(f"[up] WARNING: {config}: section(s) {stray} match no node ({', '.join(NODE_NAMES)} or /**): "
               "a misspelt node name leaves that node on its defaults", flush=True)
     if args.rig is not None:

@@ -18,6 +18,78 @@ def _check_header(path: Path, magic: tuple[bytes, ...], kind: str) -> None:
         raise ValueError(f"{path}: not a {kind} file (header does not start like one)")
 
 
+_PLY_SIZES = {"char": 1, "int8": 1, "uchar": 1, "uint8": 1, "short": 2, "int16": 2, "ushort": 2, "uint16": 2,
+              "int": 4, "int32": 4, "uint": 4, "uint32": 4, "float": 4, "float32": 4, "double": 8, "float64": 8}
+
+
+def _check_body(path: Path) -> None:
+    """A .ply / .pcd whose data is shorter than its header declares is refused: Open3D warns, then returns the
+    declared number of points with the missing ones at the origin (a truncated download or an unfinished copy
+    would be registered as if whole)."""
+    data = path.read_bytes()
+    shortfall = _ply_shortfall(data) if path.suffix.lower() == ".ply" else _pcd_shortfall(data)
+    if shortfall:
+        raise ValueError(f"{path}: truncated: {shortfall}")
+
+
+def _rows(body: bytes) -> int:
+    return sum(1 for row in body.splitlines() if row.strip())
+
+
+def _ply_shortfall(data: bytes) -> str | None:
+    """What a PLY's body lacks against its header's vertex count; None when complete or not checkable (no
+    header end: Open3D refuses it; a list property before the vertices: row sizes vary)."""
+    end = data.find(b"end_header")
+    if end < 0:
+        return None
+    body = data[data.find(b"\n", end) + 1:]
+    fmt, elements = "", []   # elements: [name, count, bytes per row or None where a list property varies]
+    for words in (line.split() for line in data[:end].decode("ascii", "replace").splitlines()):
+        if words[:1] == ["format"] and len(words) > 1:
+            fmt = words[1]
+        elif words[:1] == ["element"] and len(words) == 3 and words[2].isdigit():
+            elements.append([words[1], int(words[2]), 0])
+        elif words[:1] == ["property"] and len(words) > 1 and elements and elements[-1][2] is not None:
+            size = _PLY_SIZES.get(words[1])
+            elements[-1][2] = None if size is None else elements[-1][2] + size
+    rows = nbytes = 0   # what the vertices and the elements before them take
+    for name, count, row in elements:
+        rows += count
+        if nbytes is not None:
+            nbytes = None if row is None else nbytes + count * row
+        if name == "vertex":
+            if fmt == "ascii" and _rows(body) < rows:
+                return f"the header declares {count} points, the file holds {max(_rows(body) - rows + count, 0)} rows"
+            if fmt.startswith("binary") and nbytes is not None and len(body) < nbytes:
+                return f"the header declares {count} points ({nbytes} bytes of data), the file holds {len(body)} bytes"
+            return None
+    return None
+
+
+def _pcd_shortfall(data: bytes) -> str | None:
+    """What a PCD's body lacks against its POINTS; None when complete or not checkable (binary_compressed)."""
+    end = data.find(b"\nDATA ")
+    if end < 0:
+        return None
+    line_end = data.find(b"\n", end + 1)
+    kind = data[end + 6: line_end if line_end >= 0 else len(data)].decode("ascii", "replace").strip()
+    body = data[line_end + 1:] if line_end >= 0 else b""
+    fields = {words[0]: words[1:] for words in (ln.split() for ln in data[:end].decode("ascii", "replace").splitlines())
+              if words}
+    try:
+        points = int(fields.get("POINTS", ["0"])[0])
+        sizes = [int(v) for v in fields.get("SIZE", [])]
+        counts = [int(v) for v in fields.get("COUNT", [])] or [1] * len(sizes)
+    except ValueError:
+        return None
+    if kind == "ascii" and _rows(body) < points:
+        return f"the header declares {points} points, the file holds {_rows(body)} rows"
+    need = points * sum(s * c for s, c in zip(sizes, counts))
+    if kind == "binary" and sizes and len(counts) == len(sizes) and len(body) < need:
+        return f"the header declares {points} points ({need} bytes of data), the file holds {len(body)} bytes"
+    return None
+
+
 def _open3d_points(path: Path) -> np.ndarray:
     import open3d as o3d
     pcd = o3d.io.read_point_cloud(str(path))
@@ -44,8 +116,15 @@ def bin_field_count(path: Path, num_bytes: int, data: np.ndarray) -> int:
 
 
 def read_cloud(path: str | Path, bin_fields: int | None = None) -> np.ndarray:
-    """xyz (N, 3) float64 from a point-cloud file. Raises ValueError naming the file and the problem."""
-    path = Path(path)
+    """xyz (N, 3) float64 from a point-cloud file. Raises ValueError naming the file and the problem, also for
+    a cloud without one finite point (an empty cloud is a bad file, whatever its format)."""
+    xyz = _read_xyz(Path(path), bin_fields)
+    if not np.isfinite(xyz).all(axis=1).any():
+        raise ValueError(f"{path}: no finite point among its {len(xyz)} (every one has a NaN or infinite coordinate)")
+    return xyz
+
+
+def _read_xyz(path: Path, bin_fields: int | None) -> np.ndarray:
     if not path.exists():
         raise ValueError(f"{path}: no such file")
     if not path.is_file():
@@ -53,9 +132,11 @@ def read_cloud(path: str | Path, bin_fields: int | None = None) -> np.ndarray:
     suffix = path.suffix.lower()
     if suffix == ".ply":
         _check_header(path, (b"ply",), "PLY")
+        _check_body(path)
         return _open3d_points(path)
     if suffix == ".pcd":
         _check_header(path, (b"VERSION", b"FIELDS", b"# .PCD"), "PCD")
+        _check_body(path)
         return _open3d_points(path)
     if suffix == ".npy":
         try:
