@@ -202,6 +202,32 @@ def test_parameters_change_while_running_or_are_refused_with_a_reason(weights_fi
                 and node.camera_choice.half_life == 0.0)
 
 
+def test_a_time_jump_starts_the_camera_evidence_again(weights_file, tmp_path):
+    """A looped bag (stamps back, twice in order: the node's state reset) also restarts the camera choice: its
+    stamp was the old time base's newest, so no set of the new one decayed the sums, and the camera that led
+    the last loop stayed published for up to a loop's length (299 sets of 10 Hz after a 60 s loop, not 1)."""
+    from vg_ros.types import GroundingResult
+    topics = ["/cameras/CAM_FRONT/image_raw", "/cameras/CAM_BACK/image_raw"]
+
+    def res(*scores):
+        return [GroundingResult(0, "c", found=True, score=s, box=np.zeros(4), mask=np.zeros((1, 1), bool))
+                for s in scores]
+
+    with ros_session(DOMAIN + 7) as ros:
+        node = _node(ros, weights_file, tmp_path, extra_image_topics=topics[1:])
+        S = 10**9   # noqa: N806
+        for k in range(600):                                  # the bag's first pass: stamps 1000 .. 1060 s
+            node.camera_choice.choose("cmd", ["F", "B"], res(0.9, 0.1), 1000 * S + k * S // 10)
+        topic = node.image_inputs[0]
+        assert node.stamps.accept(topic, 1060 * S) and not node.stamps.accept(topic, 1000 * S)
+        assert node.stamps.accept(topic, 1000 * S + S // 10) and node.stamps.jumps == 1   # the loop: reset
+        choice = node.camera_choice
+        assert choice.stamp_ns is None and choice.sums == {} and choice.half_life == 0.1
+        for k in range(2):                                    # the second pass, target now in B
+            chosen = choice.choose("cmd", ["F", "B"], res(0.1, 0.9), 1000 * S + (k + 2) * S // 10)
+        assert chosen == 1
+
+
 def test_commands_from_volatile_and_transient_local_publishers_each_apply_once(weights_file, tmp_path):
     """A plain `ros2 topic pub` offers volatile durability, which the transient-local subscription never
     matches: the node's volatile subscription takes it. A transient-local publisher's live command reaches

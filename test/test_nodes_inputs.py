@@ -90,6 +90,41 @@ def test_stamp_guard_drops_a_stamp_far_ahead_but_follows_a_real_gap():
     assert off.accept("/a", 1_000 * MS) and off.accept("/a", 1_100 * MS) and off.accept("/a", (1_200 + year) * MS)
 
 
+def test_a_new_topics_far_future_stamp_does_not_split_every_later_set():
+    """A camera that has not started sends one image stamped a day ahead (found by fuzzing occupancy_node): its
+    first stamp is judged against the other topics' stamps and dropped, so the synchroniser's partial-set clock
+    (the newest stamp of any topic) is not pushed a day ahead, which made every later set go out at once with
+    whichever camera came first and dropped the others as `sync_late` for as long as that camera stayed silent.
+    When the camera really starts (in order, from its first stamp) it is accepted."""
+    drops = DropCounter(ListLogger())
+    sets = []
+    sync = ApproxTimeSync(3, lambda *m: sets.append(tuple(x is not None for x in m)), slop_s=0.05,
+                          partial_timeout_s=0.5, drops=drops, names=["/a", "/b", "/c"])
+    guard = StampGuard(drops, jump_back_s=1.0, on_jump=lambda *a: sync.reset())
+
+    def deliver(i, t_ms):
+        if guard.accept(["/a", "/b", "/c"][i], t_ms * MS):
+            sync.add(i, object(), t_ms * MS)
+
+    for t in range(10_000, 11_000, 100):            # /a and /b at 10 Hz; /c not started
+        deliver(0, t), deliver(1, t)
+    day = 86_400_000
+    deliver(2, 10_950 + day)                         # /c's first message: a day ahead
+    assert "/c" not in guard.last_ns and drops.drops["time_jump_forward"] == 1
+    sets.clear()
+    for t in range(11_000, 13_000, 100):
+        deliver(0, t), deliver(1, t)
+    assert sets and all(s == (True, True, False) for s in sets), sets
+    assert drops.drops["sync_late"] == 0
+    deliver(2, 13_000), deliver(0, 13_000), deliver(1, 13_000)     # /c starts: accepted, full sets
+    assert guard.last_ns["/c"] == 13_000 * MS and sets[-1] == (True, True, True)
+    # a pause after a topic's first message is no jump: its second stamp has nothing to be judged against
+    assert guard.accept("/d", 13_000 * MS) and guard.accept("/d", 43_000 * MS)
+    # a source that really starts far ahead (the others stale) goes on: only its first message is lost
+    assert not guard.accept("/e", 60_000 * MS) and guard.accept("/e", 60_100 * MS)
+    assert guard.jumps == 0
+
+
 def test_stamp_guard_resets_when_a_source_starts_again_but_not_for_a_straggler():
     jumps = []
     drops = DropCounter(ListLogger())

@@ -183,9 +183,14 @@ class GroundingNode(PerceptionNode):
             self.pipeline = None
 
     def on_time_jump(self) -> None:
+        from vg_ros.grounding.messages import CameraChoice
         self.clouds.clear()   # clouds and poses of the old time base (the command stays)
         if self.motion is not None:
             self.motion.clear()
+        with self._lock:
+            # the evidence too: its stamp is the old time base's newest, and no set before it decays the sums
+            # (a looped bag published the camera that led the last loop for up to a loop's length)
+            self.camera_choice = CameraChoice(float(self.params["camera_evidence_half_life"]))
 
     # -- inputs -------------------------------------------------------------------------------------------
     def on_command(self, msg) -> None:

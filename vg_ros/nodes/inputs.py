@@ -100,7 +100,12 @@ class StampGuard:
     accepted stamps, so a slow sensor's normal period never counts) is dropped as `time_jump_forward`: one
     message stamped a year ahead must not become the topic's last stamp, which would then drop every good
     one. When the next stamp is also that far ahead and after it (the source really went on after a gap),
-    it is accepted without a reset: a gap costs its first message. Off with `jump_back_s` 0.
+    it is accepted without a reset: a gap costs its first message. A topic's first stamp (a camera that
+    starts late, or any topic after a reset) is judged the same way against the newest stamp accepted on the
+    other topics (more than `jump_back_s` ahead of all of them):
+    its one far-future stamp would otherwise reach the node's synchroniser, whose partial-set clock is the
+    newest stamp of any topic, and split or drop every later set for as long as that topic stays silent.
+    Off with `jump_back_s` 0.
     """
 
     # An age this large is a clock mismatch (bag stamps against wall time), not a slow pipeline.
@@ -134,7 +139,14 @@ class StampGuard:
             last = self.last_ns.get(topic)
             back_ns = 0 if last is None else last - stamp_ns
             period = self._period_ns.get(topic)
-            ahead_limit = max(self.jump_back_ns, 10 * period) if period else None
+            if period:
+                ahead_of, ahead_limit = last, max(self.jump_back_ns, 10 * period)
+            elif last is None and self.last_ns:
+                # its first stamp: judged against the newest stamp accepted on the other topics (one clock)
+                ahead_of, ahead_limit = max(self.last_ns.values()), self.jump_back_ns
+            else:   # its second stamp: no interval yet, and a pause after a first message is no jump
+                ahead_of = ahead_limit = None
+            ahead_ns = 0 if ahead_of is None else stamp_ns - ahead_of
             stale = bool(self.max_age_ns and now_ns and now_ns - stamp_ns > self.max_age_ns)
             if self.jump_back_ns and back_ns > self.jump_back_ns and not stale:
                 seen = self._jump_seen.get(topic)
@@ -148,7 +160,7 @@ class StampGuard:
                     self._jump_seen[topic] = stamp_ns
                     verdict = ("time_jump_back", f"on {topic}: stamp {back_ns / 1e9:.3f} s before the last accepted "
                                                  f"one; the next such stamp resets (a looped or restarted source)")
-            elif self.jump_back_ns and ahead_limit and -back_ns > ahead_limit:
+            elif self.jump_back_ns and ahead_limit and ahead_ns > ahead_limit:
                 seen = self._ahead_seen.get(topic)
                 if seen is not None and seen < stamp_ns:   # the source goes on after a gap: its new interval
                     self.last_ns[topic] = stamp_ns
@@ -156,8 +168,9 @@ class StampGuard:
                     self._ahead_seen.pop(topic, None)
                     return True
                 self._ahead_seen[topic] = stamp_ns
-                verdict = ("time_jump_forward", f"on {topic}: stamp {-back_ns / 1e9:.3f} s after the last accepted "
-                                                f"one; accepted only if the next stamp goes on from it (a gap)")
+                whose = "the last accepted one" if ahead_of == last else "the newest accepted on any topic"
+                verdict = ("time_jump_forward", f"on {topic}: stamp {ahead_ns / 1e9:.3f} s after {whose}; "
+                                                f"accepted only if the next stamp goes on from it (a gap)")
             elif last is not None and stamp_ns <= last:
                 reason = "duplicate_stamp" if stamp_ns == last else "out_of_order"
                 verdict = (reason, f"on {topic}: stamp {stamp_ns} <= last accepted {last}")
