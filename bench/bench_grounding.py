@@ -88,6 +88,21 @@ def main(argv: list[str]) -> int:
         ap.error(f"--cameras {args.cameras}: must be in [0, 6] (the default rig's cameras)")
     if args.weights and not Path(args.weights).is_file():
         ap.error(f"--weights {args.weights}: no such file")
+    if args.frames < 1:
+        ap.error(f"--frames {args.frames}: must be >= 1")
+    cases = []
+    for case in args.cases.split(","):   # all of them before the first is timed
+        try:
+            name, size = case.split("@")
+            width, height = (int(v) for v in size.lower().split("x"))
+        except ValueError:
+            ap.error(f"--cases: {case!r} is not config@WxH, e.g. tiny@320x176")
+        from vg_ros.grounding.model import spec_by_name
+        try:
+            spec_by_name(name, img_h=height, img_w=width)
+        except (ValueError, KeyError) as exc:
+            ap.error(f"--cases: {case!r}: {exc}")
+        cases.append((case, name, width, height))
     torch.set_num_threads(max(1, args.threads))
 
     from vg_ros.grounding.model import VGLAW, spec_by_name
@@ -102,9 +117,7 @@ def main(argv: list[str]) -> int:
     print(f"uncached short: {short!r}; uncached long: {long!r} (cached: the frame cost does not depend on it)")
     print(f"{'case':>16} {'weights':>9} {'params':>8} {'cached ms':>10} {'uncached ms':>19} {'speed-up':>15}")
     print(f"{'':>16} {'':>9} {'':>8} {'':>10} {'short':>9} {'long':>9} {'short':>7} {'long':>7}")
-    for case in args.cases.split(","):
-        name, size = case.split("@")
-        width, height = (int(v) for v in size.split("x"))
+    for case, name, width, height in cases:
         shipped = Path(args.weights) if args.weights else default_weights_path(name)
         pipe = GroundingPipeline(GroundingConfig(model=name), weights=shipped if shipped.exists() else None,
                                  device=args.device, text_encoder=encoder)

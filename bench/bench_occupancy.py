@@ -68,6 +68,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--channels", type=int, default=128, help="feature channels for the memory comparison")
     p.add_argument("--skip-latency", action="store_true")
     args = p.parse_args(argv)
+    for name in ("threads", "repeats", "channels"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} {getattr(args, name)}: must be >= 1")
     torch.set_num_threads(args.threads)
     print(f"Feature memory, C = {args.channels}, float32: TPV planes vs dense voxel volume")
     for r in memory(args.channels):

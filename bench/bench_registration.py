@@ -192,6 +192,10 @@ def main(argv: list[str]) -> int:
                              "at one instant, deskew off for both)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    if args.pairs_per_seed < 1:
+        parser.error(f"--pairs-per-seed {args.pairs_per_seed}: must be >= 1")
+    if not 1 <= args.odometry_seconds < float("inf"):   # under a second: too few scans for a drift
+        parser.error(f"--odometry-seconds {args.odometry_seconds}: must be a finite number >= 1")
     # one thread for every side, whatever the shell says: Open3D's RANSAC and FPFH (OpenMP) read this at
     # import, torch below, KISS-ICP and small_gicp by their configs; printed so a run says what it compared
     os.environ["OMP_NUM_THREADS"] = "1"

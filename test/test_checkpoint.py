@@ -83,3 +83,14 @@ def test_another_architecture_is_refused(tmp_path):
         load_into(_model(width=5), state, tmp_path / "w.safetensors", "toy")
     with pytest.raises(ValueError, match="missing"):
         load_into(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1)), state, "w", "toy")
+
+
+def test_another_size_is_one_line_naming_the_first_mismatch(tmp_path):
+    """torch lists every mismatched tensor on a line of its own: `vg-ros train occupancy --config base --init`
+    of the tiny weights printed a 154-line error."""
+    save_state(_model(width=4), tmp_path / "w.safetensors", {"spec": "{}"})
+    state, _ = read_state(tmp_path / "w.safetensors", "spec", "toy")
+    with pytest.raises(ValueError) as info:
+        load_into(_model(width=5), state, tmp_path / "w.safetensors", "toy")
+    message = str(info.value)
+    assert "\n" not in message and "size mismatch for 0.weight" in message and "more)" in message

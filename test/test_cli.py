@@ -142,3 +142,37 @@ def test_run_script_takes_paths_from_the_callers_directory(tmp_path):
                          timeout=120)
     assert run.returncode == 0, run.stderr
     assert "bag:      drive.mcap" in run.stdout and "/command" in run.stdout
+
+
+def _code(argv: list[str]) -> int:
+    """main's exit code, an argparse error (SystemExit) included."""
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return int(exc.code)
+
+
+def test_bad_numbers_to_train_eval_and_bench_are_one_line(tmp_path, capsys):
+    """Each was a traceback (exit 1) or, for eval occupancy --seconds 0, exit 0 with nothing scored; all are
+    refused before any rendering or training."""
+    cases = [
+        ["train", "occupancy", "--threads", "-1"], ["train", "occupancy", "--every", "0"],
+        ["train", "occupancy", "--seconds", "nan"],
+        ["eval", "occupancy", "--threads", "0"], ["eval", "occupancy", "--seconds", "0"],
+        ["eval", "occupancy", "--every", "0"],
+        ["train", "grounding", "--seconds", "0"], ["train", "grounding", "--seconds", "nan"],
+        ["train", "grounding", "--expressions", "0"], ["train", "grounding", "--val-seconds", "-1"],
+        ["train", "grounding", "--monitor-every", "-5"],
+        ["eval", "grounding", "--json", str(tmp_path / "no" / "such" / "x.json")],
+        ["eval", "grounding", "--json", str(tmp_path)],
+        ["bench", "grounding", "--cases", "tiny"], ["bench", "grounding", "--cases", "tiny@17x33"],
+        ["bench", "grounding", "--cases", "huge@224x224"], ["bench", "grounding", "--frames", "0"],
+        ["bench", "occupancy", "--threads", "0"], ["bench", "registration", "--skip-pairs", "--odometry-seconds", "0"],
+        ["bench", "sim", "--rig", "no_such_rig"],
+    ]
+    for argv in cases:
+        assert _code(argv) == 2, argv
+        err = capsys.readouterr().err
+        # one error line (argparse's own errors print the usage above it)
+        assert "Traceback" not in err and "error: " in err.strip().splitlines()[-1], (argv, err)
+        assert sum("error" in line for line in err.splitlines()) == 1, (argv, err)

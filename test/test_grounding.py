@@ -1711,3 +1711,41 @@ def test_add_odometry_counts_what_it_cannot_use():
     broken.pose.pose.position.y = float("nan")
     add_odometry(motion, broken, extrinsics, drops, "/odom")
     assert drops.drops["bad_odometry"] == 2 and motion.at(30) is None
+
+
+def test_resume_refuses_an_option_spelt_out_at_its_default_that_the_run_did_not_use(tmp_path, capsys):
+    """`--resume STATE --steps 6000` of a run started with `--steps 10000`: 6000 is the parser's default, so the
+    clash went unseen and the run silently went on to 10000 steps; an option given is compared, whatever its
+    value."""
+    from vg_ros.checkpoint import save_training_state
+    from vg_ros.cli import main as vg_main
+    net = torch.nn.Linear(2, 2)
+    opt = torch.optim.Adam(net.parameters())
+    state = tmp_path / "run.state.safetensors"
+    save_training_state(state, {"model": net}, opt, {"step": 3, "elapsed_s": 1.0, "caller": {
+        "args": {"steps": 10000, "minutes": 25.0, "batch": 32}, "command": "vg-ros train grounding --steps 10000"}})
+    assert vg_main(["train", "grounding", "--resume", str(state), "--steps", "6000"]) == 2   # the default
+    assert "drop --steps" in capsys.readouterr().err
+    assert vg_main(["train", "grounding", "--resume", str(state), "--steps", "10000", "--batch", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "drop --batch" in err and "--steps" not in err.split("drop")[1]   # the run's own value: no clash
+
+
+def test_average_weights_tool_unwritable_out_is_one_line(tmp_path, capsys):
+    """OUT a folder, or under a file: exit 2 and one line (were tracebacks from safetensors and mkdir)."""
+    import importlib.util
+    from pathlib import Path
+
+    from vg_ros.grounding.pipeline import save_weights
+    tool = Path(__file__).resolve().parents[1] / "tools" / "average_weights.py"
+    spec = importlib.util.spec_from_file_location("average_weights", tool)
+    average_weights = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(average_weights)
+    torch.manual_seed(0)
+    save_weights(VGLAW(SMALL), tmp_path / "a.safetensors", {"train_seeds": "0-9", "phi_zero": "0"})
+    (tmp_path / "afile").write_text("")
+    inputs = [str(tmp_path / "a.safetensors")] * 2
+    for out in (tmp_path, tmp_path / "afile" / "mean.safetensors"):
+        assert average_weights.main([str(out), *inputs]) == 2, out
+        err = capsys.readouterr().err
+        assert err.startswith("average_weights: ") and len(err.strip().splitlines()) == 1, err

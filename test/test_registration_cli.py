@@ -354,3 +354,52 @@ def test_truncated_ply_and_pcd_are_bad_files_not_clouds_padded_with_zeros(tmp_pa
     code = vg_main(["register", str(tmp_path / "half_b.ply"), str(tmp_path / "b.ply"), "--weights", "none"])
     err = capsys.readouterr().err
     assert code == 2 and "half_b.ply: truncated" in err and "Traceback" not in err
+
+
+def test_train_cli_bad_user_data_is_one_line(tmp_path, monkeypatch, capsys):
+    """A KITTI folder without poses.txt, a gt.log with a non-number, a cloud that is no cloud, --threads 0,
+    a negative seed, an --out that cannot be made: exit 2 and one line (were tracebacks, exit 1; the --out
+    one after the whole training)."""
+    from vg_ros.registration import train as reg_train
+    monkeypatch.setattr(reg_train, "CACHE_DIR", tmp_path / "cache")
+    kitti = tmp_path / "kitti"
+    (kitti / "velodyne").mkdir(parents=True)
+    tdm = tmp_path / "tdm"
+    tdm.mkdir()
+    (tdm / "gt.log").write_text("0 1 2\n1 0 0 0\n0 1 0 0\n0 0 1 x\n0 0 0 1\n")
+    bad_cloud = tmp_path / "badcloud"
+    bad_cloud.mkdir()
+    (bad_cloud / "gt.log").write_text("0 1 2\n1 0 0 0\n0 1 0 0\n0 0 1 0\n0 0 0 1\n")
+    for i in range(2):
+        (bad_cloud / f"cloud_bin_{i}.ply").write_text("ply\nformat ascii 1.0\nelement vertex 100\n")
+    (tmp_path / "afile").write_text("")
+    base = ["train", "registration", "--steps", "1", "--out", str(tmp_path / "out")]
+    for extra, words in ((["--no-sim", "--data", str(kitti)], "poses.txt"), (["--no-sim", "--data", str(tdm)], "'x'"),
+                         (["--no-sim", "--data", str(bad_cloud)], "cloud_bin_"), (["--threads", "0"], "--threads"),
+                         (["--seeds", "-3"], "--seeds"),
+                         (["--seeds", "5", "--out", str(tmp_path / "afile" / "sub")], "--out")):
+        assert vg_main(base + extra) == 2, extra
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, (extra, err)
+
+
+def test_train_cli_user_data_fixed_in_place_is_read_again(tmp_path, monkeypatch, capsys):
+    """The user-data cache was keyed by the folder's path alone: a folder whose gt.log was fixed (or whose
+    clouds were replaced) went on answering "no pairs found" (or training on the old sets) for ever."""
+    from vg_ros.registration import train as reg_train
+    monkeypatch.setattr(reg_train, "CACHE_DIR", tmp_path / "cache")
+    folder = tmp_path / "tdm"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        pts = rng.uniform(-5, 5, (3000, 3))
+        header = f"ply\nformat ascii 1.0\nelement vertex {len(pts)}\nproperty float x\nproperty float y\n" \
+                 "property float z\nend_header\n"
+        (folder / f"cloud_bin_{i}.ply").write_text(header + "\n".join("%f %f %f" % tuple(p) for p in pts) + "\n")
+    (folder / "gt.log").write_text("garbage\n")
+    args = ["train", "registration", "--no-sim", "--data", str(folder), "--steps", "1", "--out", str(tmp_path / "out")]
+    assert vg_main(args) == 2
+    assert "no pairs found" in capsys.readouterr().err
+    (folder / "gt.log").write_text("0 1 2\n1 0 0 0\n0 1 0 0\n0 0 1 0\n0 0 0 1\n")
+    assert vg_main(args) == 0
+    assert "1 correspondence sets" in capsys.readouterr().out

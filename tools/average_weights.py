@@ -124,8 +124,17 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"average_weights: {e}", file=sys.stderr)
         return 2
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(args.out), metadata=meta)
+    try:
+        if args.out.is_dir():
+            raise ValueError(f"{args.out}: a folder; give the output file's name")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(args.out), metadata=meta)
+    except (ValueError, OSError) as e:   # safetensors' own error for an unwritable file is no OSError
+        print(f"average_weights: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - SafetensorError
+        print(f"average_weights: cannot write {args.out} ({e})", file=sys.stderr)
+        return 2
     print(f"average_weights: {len(tensors)} tensors, mean of {len(args.inputs)} files -> {args.out}")
     return 0
 

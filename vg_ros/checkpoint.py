@@ -68,8 +68,11 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path
     """Load `state` into `model`, strictly: a missing, extra or wrongly shaped tensor is a ValueError."""
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # shape mismatches
-        raise ValueError(f"{kind} weights {path} do not match the model: {exc}") from exc
+    except RuntimeError as exc:  # shape mismatches: torch lists every tensor, a line each (154 for occupancy)
+        lines = [ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()]
+        more = f" (and {len(lines) - 1} more)" if len(lines) > 1 else ""
+        raise ValueError(f"{kind} weights {path} do not match the model (another size or config?): "
+                         f"{lines[0] if lines else exc}{more}") from exc
     if missing or unexpected:
         raise ValueError(f"{kind} weights {path} do not match the model (missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]})")

@@ -95,7 +95,10 @@ def bench_main(argv: list[str]) -> int:
     if not (root / "bench").is_dir():
         raise UserError("vg-ros bench: the benchmarks live in the source tree's bench/; run from a checkout")
     sys.path.insert(0, str(root))
-    return _call(f"bench.bench_{argv[0]}:main", argv[1:])
+    try:
+        return _call(f"bench.bench_{argv[0]}:main", argv[1:])
+    except ValueError as exc:   # the library's word on a bad input (a seed, a rig, a weights file): one line
+        raise UserError(str(exc)) from exc
 
 
 def usage() -> str:

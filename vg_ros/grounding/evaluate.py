@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -429,6 +430,11 @@ def main(argv: list[str]) -> int:
         seeds = parse_seeds(args.seeds)
         if args.gallery_size < 1:
             raise ValueError(f"--gallery-size: at least 1, got {args.gallery_size}")
+        if args.json_out:   # before minutes of evaluation, not after them
+            json_dir = Path(args.json_out).resolve().parent
+            if Path(args.json_out).is_dir() or not json_dir.is_dir():
+                raise ValueError(f"--json {args.json_out}: " + ("is a folder" if Path(args.json_out).is_dir()
+                                                                 else f"folder {json_dir} does not exist"))
         torch.set_num_threads(max(1, args.threads))
         device = resolve_device(args.device)
         path = default_weights_path(args.config) if args.weights == "default" else args.weights
@@ -478,8 +484,11 @@ def main(argv: list[str]) -> int:
             raise UserError(f"--gallery {args.gallery}: {exc}") from exc
         print(f"gallery: {len(entries)} pictures in {args.gallery} (index.json lists them)")
     if args.json_out:
-        with open(args.json_out, "w") as fh:   # strict JSON: an undefined rate (nothing found) is null, not NaN
-            json.dump(without_nan(result), fh, indent=2, default=str, allow_nan=False)
+        try:
+            with open(args.json_out, "w") as fh:   # strict JSON: an undefined rate (nothing found) is null, not NaN
+                json.dump(without_nan(result), fh, indent=2, default=str, allow_nan=False)
+        except OSError as exc:
+            raise UserError(f"--json {args.json_out}: {exc}") from exc
     return 0
 
 

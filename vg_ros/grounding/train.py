@@ -357,20 +357,32 @@ def parse_size(text: str) -> tuple[int, int]:
     return h, w
 
 
-def resumed_args(args: argparse.Namespace, parser: argparse.ArgumentParser, stored: dict) -> argparse.Namespace:
+def given_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The destinations of the options `argv` gives, whatever their values (a default spelt out included)."""
+    unset = object()
+    probe = argparse.Namespace(**{a.dest: unset for a in parser._actions if a.dest != "help"})
+    parser.parse_args(argv, namespace=probe)   # argparse fills in no default where the namespace has the name
+    return {k for k, v in vars(probe).items() if v is not unset}
+
+
+def resumed_args(args: argparse.Namespace, parser: argparse.ArgumentParser, stored: dict,
+                 given: set[str] | None = None) -> argparse.Namespace:
     """The arguments of a `--resume`d run: `stored` (the run's own, from its state) with the
     `RESUME_MAY_CHANGE` ones the command line gives (their stored values otherwise). ValueError naming
     every other option given with a value that differs from the stored one (the schedule, data and
-    network are the run's)."""
+    network are the run's). `given`: the options the command line names (`given_options`); without it,
+    those whose value is not the default."""
     def flag(name: str) -> str:
         return "--" + name.replace("_", "-")
+    if given is None:
+        given = {k for k, v in vars(args).items() if v != parser.get_default(k)}
     clashes = [flag(k) for k, v in vars(args).items()
-               if k not in RESUME_MAY_CHANGE and v != parser.get_default(k) and v != stored.get(k)]
+               if k not in RESUME_MAY_CHANGE and k in given and v != stored.get(k)]
     if clashes:
         raise ValueError(f"--resume continues the run with the arguments it was started with; drop "
                          f"{', '.join(clashes)} (only {', '.join(map(flag, RESUME_MAY_CHANGE[1:]))} may change)")
-    given = {k: getattr(args, k) for k in RESUME_MAY_CHANGE if getattr(args, k) != parser.get_default(k)}
-    return argparse.Namespace(**{**vars(args), **stored, **given})
+    anew = {k: getattr(args, k) for k in RESUME_MAY_CHANGE if k in given}
+    return argparse.Namespace(**{**vars(args), **stored, **anew})
 
 
 def write_card(path: Path, *, args, spec, history: dict, result: dict | None, weights: Path, n_train: int,
@@ -516,7 +528,7 @@ def main(argv: list[str]) -> int:
             caller = resume["record"].get("caller", {})
             if "args" not in caller:
                 raise ValueError(f"--resume {args.resume}: not the state of a `vg-ros train grounding` run")
-            args = resumed_args(args, ap, caller["args"])
+            args = resumed_args(args, ap, caller["args"], given=given_options(ap, argv))
             command = caller["command"]
         if args.save_every < 0:
             raise ValueError(f"--save-every: at least 0, got {args.save_every}")
@@ -535,6 +547,13 @@ def main(argv: list[str]) -> int:
             raise ValueError(f"--lr {args.lr}: must be a finite number > 0")
         if args.workers < 0:
             raise ValueError(f"--workers: at least 0, got {args.workers}")
+        for name in ("seconds", "val_seconds"):
+            if not 0 < getattr(args, name) < math.inf:
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be a finite number > 0")
+        if args.expressions < 1:
+            raise ValueError(f"--expressions {args.expressions}: at least 1")
+        if args.monitor_every < 0:
+            raise ValueError(f"--monitor-every {args.monitor_every}: at least 0 (0: no dev scoring)")
         if args.ema and not 0.0 < args.ema < 1.0:
             raise ValueError(f"--ema: a decay in (0, 1), or 0 for none, got {args.ema}")
         for name in ("absent", "relation"):

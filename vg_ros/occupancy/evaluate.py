@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -223,6 +224,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--prior-seeds", help="training seeds for the height-prior baseline when the weights carry none")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
+    if args.threads < 1:
+        raise UserError(f"--threads {args.threads}: must be >= 1")
+    if not 0 < args.seconds < math.inf:
+        raise UserError(f"--seconds {args.seconds}: must be a finite number > 0")
+    if args.every < 1:
+        raise UserError(f"--every {args.every}: must be >= 1")
     torch.set_num_threads(args.threads)
     try:
         path = default_weights_path(args.config) if args.weights == "default" else Path(args.weights)
@@ -240,6 +247,8 @@ def main(argv: list[str]) -> int:
             raise UserError(f"eval seeds {sorted(train_seeds & set(eval_seeds))} were used to train {path.name}")
         paths = build_cache(eval_seeds, model.cfg.image_size, seconds=args.seconds, every=args.every,
                             log=lambda m: print(m, file=sys.stderr))
+        if not paths:   # scored nothing: "mIoU -" and exit 0 said the evaluation had run
+            raise UserError(f"--eval-seeds {args.eval_seeds} --seconds {args.seconds}: no frames to score")
         metrics = evaluate_model(model, paths, resolve_device(args.device), per_height)
     except ValueError as exc:
         raise UserError(str(exc)) from None

@@ -233,7 +233,13 @@ def main(argv: list[str]) -> int:
         raise UserError(f"--lr {args.lr}: must be a finite number > 0")
     if not 0 <= args.minutes < math.inf:
         raise UserError(f"--minutes {args.minutes}: must be a finite number >= 0 (0: no limit)")
-    for name in ("log_every", "save_every"):
+    if args.threads < 0:
+        raise UserError(f"--threads {args.threads}: must be >= 0 (0: torch's default)")
+    if not 0 < args.seconds < math.inf:
+        raise UserError(f"--seconds {args.seconds}: must be a finite number > 0")
+    if args.calibrate_frames < 0:
+        raise UserError(f"--calibrate-frames {args.calibrate_frames}: must be >= 0 (0: off)")
+    for name in ("every", "log_every", "save_every"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
     if Path(args.out).exists() and not Path(args.out).is_dir():

@@ -138,6 +138,14 @@ def kitti_pairs(folder: Path, every: int = 10) -> list[CloudPair]:
     return pairs
 
 
+def data_fingerprint(folder: Path, layout: str) -> list:
+    """(name, size, mtime) of every file a `layout` folder's pairs are read from: the user-data cache key,
+    so that files fixed or replaced in the same folder are matched again, not answered from the cache."""
+    names = (["gt.log", "cloud_bin_*.ply"] if layout == "3dmatch" else ["poses.txt", "calib.txt", "velodyne/*.bin"])
+    files = sorted({f for pattern in names for f in folder.glob(pattern) if f.is_file()})
+    return [(str(f.relative_to(folder)), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+
+
 def correspondence_set(pipe: RegistrationPipeline, pair: CloudPair) -> dict[str, np.ndarray]:
     """{"src": (K, 3), "dst": (K, 3), "labels": (K,) uint8, "T_gt": (4, 4)} from the pipeline's FPFH matches."""
     src_pts = pipe.preprocess(pair.src, "source")
@@ -282,8 +290,16 @@ def main(argv: list[str]) -> int:
     if held:
         raise UserError(f"--seeds {held[:10]}: held-out evaluation seeds ({format_seeds(sorted(EVAL_SEEDS))}); "
                         "train on others")
+    if args.threads < 1:
+        raise UserError(f"--threads {args.threads}: must be >= 1")
+    if negative := [s for s in args.seeds or [] if s < 0]:
+        raise UserError(f"--seeds {negative[:5]}: simulator seeds are >= 0")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise UserError(f"--out {args.out}: a file, not a folder")
+    try:   # before minutes of matching and training, not after them
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--out {args.out}: cannot create the folder ({exc})") from None
     torch.set_num_threads(args.threads)
     cfg = set_config(args.preset)
     pipe = RegistrationPipeline(cfg, weights=None)
@@ -302,7 +318,11 @@ def main(argv: list[str]) -> int:
         if layout is None:
             raise UserError(f"--data {folder}: neither 3DMatch (gt.log) nor KITTI (velodyne/) layout; pass --layout")
         fn = (lambda: threedmatch_pairs(folder)) if layout == "3dmatch" else (lambda: kitti_pairs(folder))
-        user = cached_sets(f"user_{folder.name}", fn, pipe, {"path": str(folder.resolve()), "layout": layout})
+        key = {"path": str(folder.resolve()), "layout": layout, "files": data_fingerprint(folder, layout)}
+        try:   # a missing poses.txt, a malformed gt.log, a cloud that is no cloud: one line naming the file
+            user = cached_sets(f"user_{folder.name}", fn, pipe, key)
+        except (ValueError, OSError) as exc:
+            raise UserError(f"--data {folder}: {exc}") from None
         if not user:
             raise UserError(f"--data {folder}: no pairs found in {layout} layout")
         sets += user
