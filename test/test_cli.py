@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from vg_ros.cli import COMMANDS, main
 
 
@@ -176,3 +178,19 @@ def test_bad_numbers_to_train_eval_and_bench_are_one_line(tmp_path, capsys):
         # one error line (argparse's own errors print the usage above it)
         assert "Traceback" not in err and "error: " in err.strip().splitlines()[-1], (argv, err)
         assert sum("error" in line for line in err.splitlines()) == 1, (argv, err)
+
+
+def test_seed_ranges_beyond_a_million_and_bad_weights_are_one_line(tmp_path, capsys):
+    """`--seeds 0-99999999999` built the whole list (memory, then a hang); a negative KL weight trained the wrong
+    way; a training state that is a folder was reported as missing."""
+    from vg_ros.checkpoint import read_training_state
+    from vg_ros.sim.seeds import MAX_SEEDS, parse_seeds
+    assert len(parse_seeds(f"0-{MAX_SEEDS - 1}")) == MAX_SEEDS
+    with pytest.raises(ValueError, match="more than"):
+        parse_seeds("0-99999999999")
+    with pytest.raises(ValueError, match="more than"):
+        parse_seeds(f"0-{MAX_SEEDS - 1},{MAX_SEEDS + 5}")
+    with pytest.raises(ValueError, match="is a folder"):
+        read_training_state(tmp_path)
+    assert _code(["train", "registration", "--kl-weight", "-1", "--out", str(tmp_path / "w")]) == 2
+    assert "--kl-weight -1.0: must be a finite number >= 0" in capsys.readouterr().err

@@ -122,6 +122,8 @@ def read_training_state(path: str | Path) -> dict:
     import json
 
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"training state {path} is a folder; give the run's <name>.state.safetensors in it")
     if not path.is_file():
         raise ValueError(f"training state {path} does not exist")
     try:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import threading
@@ -332,6 +333,8 @@ def main(argv: list[str]) -> int:
         raise UserError(f"--rate {args.rate}: must be in (0, 10]")
     if args.seed < 0:
         raise UserError(f"--seed {args.seed}: must be >= 0")
+    if not 0 < args.startup_timeout < math.inf:
+        raise UserError(f"--startup-timeout {args.startup_timeout}: must be a finite number of seconds > 0")
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)

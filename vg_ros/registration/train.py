@@ -286,6 +286,9 @@ def main(argv: list[str]) -> int:
     for name in ("lr", "max_minutes"):
         if not 0 < getattr(args, name) < math.inf:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be a finite number > 0")
+    for name in ("kl_weight", "prior_weight"):   # a negative weight trains the wrong way; NaN only showed at the end
+        if not 0 <= getattr(args, name) < math.inf:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be a finite number >= 0")
     held = [] if args.no_sim else sorted(set(args.seeds or []) & EVAL_SEEDS)
     if held:
         raise UserError(f"--seeds {held[:10]}: held-out evaluation seeds ({format_seeds(sorted(EVAL_SEEDS))}); "

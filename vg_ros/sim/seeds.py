@@ -4,8 +4,11 @@ from __future__ import annotations
 import re
 
 
+MAX_SEEDS = 1_000_000   # a run of the simulator per seed: far more is a typo (and a list that fills the memory)
+
+
 def parse_seeds(text: str) -> list[int]:
-    """'0-3,7,9-10' -> [0, 1, 2, 3, 7, 9, 10]. ValueError on anything else."""
+    """'0-3,7,9-10' -> [0, 1, 2, 3, 7, 9, 10]. ValueError on anything else, and on more than MAX_SEEDS seeds."""
     seeds: list[int] = []
     for part in str(text).split(","):
         part = part.strip()
@@ -15,6 +18,8 @@ def parse_seeds(text: str) -> list[int]:
         lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
         if hi < lo:
             raise ValueError(f"seeds: range {part!r} is empty")
+        if len(seeds) + hi - lo + 1 > MAX_SEEDS:
+            raise ValueError(f"seeds: {text!r} names more than {MAX_SEEDS:,} seeds")
         seeds.extend(range(lo, hi + 1))
     return seeds
 
