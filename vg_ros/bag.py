@@ -208,6 +208,8 @@ class BagWriter:
             else:
                 self.path.unlink()
         try:
+            if self.path.parent.exists() and not self.path.parent.is_dir():
+                raise NotADirectoryError(20, f"{self.path.parent} is a file, not a folder")
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._writer = Writer(self.path, version=9, storage_plugin=StoragePlugin.MCAP)
             self._writer.open()

@@ -102,7 +102,7 @@ class StampGuard:
     one. When the next stamp is also that far ahead and after it (the source really went on after a gap),
     it is accepted without a reset: a gap costs its first message. A topic's first stamp (a camera that
     starts late, or any topic after a reset) is judged the same way against the newest stamp accepted on the
-    other topics (more than `jump_back_s` ahead of all of them):
+    other topics (more than `jump_back_s`, and at least 10 s, ahead of all of them):
     its one far-future stamp would otherwise reach the node's synchroniser, whose partial-set clock is the
     newest stamp of any topic, and split or drop every later set for as long as that topic stays silent.
     Off with `jump_back_s` 0.
@@ -110,6 +110,8 @@ class StampGuard:
 
     # An age this large is a clock mismatch (bag stamps against wall time), not a slow pipeline.
     CLOCK_MISMATCH_S = 1e5
+    # A topic's first stamp this far ahead of every other topic's newest is another clock's, not a late start.
+    FIRST_AHEAD_NS = 10_000_000_000
 
     def __init__(self, drops: DropCounter, max_age_s: float = 0.0, *, jump_back_s: float = 0.0,
                  on_jump: Callable[[str, float], None] | None = None) -> None:
@@ -142,8 +144,9 @@ class StampGuard:
             if period:
                 ahead_of, ahead_limit = last, max(self.jump_back_ns, 10 * period)
             elif last is None and self.last_ns:
-                # its first stamp: judged against the newest stamp accepted on the other topics (one clock)
-                ahead_of, ahead_limit = max(self.last_ns.values()), self.jump_back_ns
+                # its first stamp: judged against the newest stamp accepted on the other topics (one clock), with
+                # room for another input's lag (odometry behind a slow re-localisation, a topic silent a while)
+                ahead_of, ahead_limit = max(self.last_ns.values()), max(self.jump_back_ns, self.FIRST_AHEAD_NS)
             else:   # its second stamp: no interval yet, and a pause after a first message is no jump
                 ahead_of = ahead_limit = None
             ahead_ns = 0 if ahead_of is None else stamp_ns - ahead_of

@@ -57,9 +57,10 @@ class OdometryConfig(PipelineConfig):
         "(m per m of correction, rad per rad): the steps the prior disagrees with are the ones that err",
         low=0.0, high=1e3)
     restart_after_failures: int = param(
-        10, "when this many scans in a row fail registration, the local map restarts from the last of them, at "
-        "the motion prior's pose (a degenerate first sweep or a map gone wrong would otherwise fail every later "
-        "scan for ever); while the map holds one sweep only, at the first failure; 0 = never", low=0, high=100_000)
+        50, "when this many scans in a row fail registration against the local map, it restarts from the last of "
+        "them, at the motion prior's pose (a map gone wrong would otherwise fail every later scan for ever; until "
+        "then a burst of bad sweeps is bridged by dead reckoning and the map kept); a map of one sweep (a first "
+        "cloud that may be degenerate) at the first failure; 0 = never", low=0, high=100_000)
 
 
 def _rotation_angle_deg(R: np.ndarray) -> float:
@@ -178,7 +179,8 @@ class LidarOdometry:
     def reset(self) -> None:
         self._new_map()
         self.T_odom_lidar: np.ndarray | None = None
-        self._forget_motion()
+        self.velocity = np.eye(4)  # the last motion between two scans, lidar frame, over `velocity_s` seconds
+        self.velocity_s = 0.1
         self.last_stamp_ns: int | None = None
         self.registered_cloud = np.zeros((0, 3))
         self.recent_clouds: collections.deque = collections.deque(maxlen=self.cfg.relocalize_scans)
@@ -192,10 +194,6 @@ class LidarOdometry:
         self.stats = {"scans": 0, "local_ok": 0, "relocalized": 0, "failed": 0, "deskew_skipped": 0,
                       "deskewed_again": 0, "map_restarts": 0}
         self.failed_in_a_row = 0   # scans failed since the last registered one (`restart_after_failures`)
-
-    def _forget_motion(self) -> None:
-        self.velocity = np.eye(4)  # the last motion between two scans, lidar frame, over `velocity_s` seconds
-        self.velocity_s = 0.1
 
     def local_map(self) -> np.ndarray:
         """(M, 3) float64: the means of the local map's voxels in the odom frame (empty before the first scan)."""
@@ -301,10 +299,12 @@ class LidarOdometry:
             else:
                 reason = f"{reason}; global re-localisation failed too"
         if reason:
-            # a map of one sweep has never matched another: it may be the bad one (a partial or degenerate first
+            # only sweeps matched against the map count (a run of near-empty ones says nothing about the map).
+            # A map of one sweep has never matched another: it may be the bad one (a partial or degenerate first
             # cloud), so it is replaced at once; a longer one after `restart_after_failures` failures in a row
+            self.failed_in_a_row += 1
             if cfg.restart_after_failures and (self._map_sweeps <= 1 or
-                                               self.failed_in_a_row + 1 >= cfg.restart_after_failures):
+                                               self.failed_in_a_row >= cfg.restart_after_failures):
                 return self._restart_map(stamp, predicted, source, points, offset, raw, reason, start)
             return self._fail(stamp, predicted, reason, start, offset)
         self.failed_in_a_row = 0
@@ -454,16 +454,16 @@ class LidarOdometry:
                      raw: tuple | None, reason: str, start: float) -> OdometryResult:
         """The map is no use any more (`restart_after_failures` scans in a row failed, or the one sweep it holds
         matched nothing): it restarts from this sweep, placed at the motion prior's pose (dead reckoning keeps
-        odom continuous), with the velocity forgotten; the scan itself is still a failure (not a confident
-        pose), the next ones register against the new map."""
-        failed = self.failed_in_a_row + 1
-        result = self._fail(stamp, predicted, f"{reason}; {failed} scan(s) failed in a row: the local map restarts "
+        odom continuous); the velocity is kept, so that a run of restarts (a burst of bad sweeps: each one a
+        map of one sweep the next cannot match) goes on dead-reckoning instead of standing still. The scan
+        itself is still a failure (not a confident pose), the next ones register against the new map."""
+        result = self._fail(stamp, predicted, f"{reason}; {self.failed_in_a_row} scan(s) failed in a row: the local "
+                                              f"map restarts "
                                               f"from this scan at the motion prior's pose", start, offset)
         self._new_map()
         self.recent_clouds.clear()
-        self._forget_motion()
         self._map_deskewed = False
-        self.T_odom_lidar = None   # no velocity from the jump to the restart pose
+        self.T_odom_lidar = None   # the velocity stays the prior's (not re-measured from the prior itself)
         self._accept(stamp, predicted, source, points, offset)
         self._first_sweeps = [raw] if raw is not None else []
         self.failed_in_a_row = 0
@@ -473,7 +473,6 @@ class LidarOdometry:
     def _fail(self, stamp: int, predicted: np.ndarray | None, reason: str, start: float,
               offset: float = 0.0) -> OdometryResult:
         self.stats["failed"] += 1
-        self.failed_in_a_row += 1
         pose_lidar = (self._at_stamp(predicted, offset) if predicted is not None else
                       self.T_odom_lidar if self.T_odom_lidar is not None else self.T_base_lidar)
         return OdometryResult(stamp, pose_lidar @ self.T_lidar_base, np.eye(6) * UNTRUSTED_VARIANCE, False,
