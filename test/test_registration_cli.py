@@ -403,3 +403,25 @@ def test_train_cli_user_data_fixed_in_place_is_read_again(tmp_path, monkeypatch,
     (folder / "gt.log").write_text("0 1 2\n1 0 0 0\n0 1 0 0\n0 0 1 0\n0 0 0 1\n")
     assert vg_main(args) == 0
     assert "1 correspondence sets" in capsys.readouterr().out
+
+
+def test_odometry_cli_leaves_out_a_nan_ground_truth_pose_and_says_so(tmp_path, capsys):
+    """One /gt/ego_pose with a NaN position: that pose is counted and not scored, the rest is (before: exit 2,
+    `position: not finite`, after registering every scan)."""
+    import dataclasses
+
+    from vg_ros.bag import BagReader, BagWriter
+    bag = tmp_path / "drive.mcap"
+    assert vg_main(["sim", "--seed", "5", "--seconds", "1", "--out", str(bag)]) == 0
+    hostile = tmp_path / "nan_gt.mcap"
+    with BagReader(bag) as src, BagWriter(hostile) as dst:
+        for k, (topic, _, log_ns, msg) in enumerate(src.messages(["/lidar/points", "/gt/ego_pose", "/tf_static"])):
+            if topic == "/gt/ego_pose" and k == 6:
+                msg = dataclasses.replace(msg, pose=dataclasses.replace(msg.pose, position=dataclasses.replace(
+                    msg.pose.position, x=float("nan"))))
+            dst.write(topic, log_ns, msg)
+    capsys.readouterr()
+    assert vg_main(["odometry", str(hostile), "--topic", "/lidar/points", "--json", "--weights", "none"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["gt_malformed"] == 1 and "not finite" in out["first_gt_malformed"][0]
+    assert out["gt_matched"] == out["converged"] - 1 == 9 and out["ate_m"] < 0.05

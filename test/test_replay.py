@@ -322,3 +322,120 @@ def test_replay_of_a_real_bag_whose_every_frame_fails_exits_2_with_the_reason(sh
     err = capsys.readouterr().err
     assert "nothing replayed" in err and "registration: every input dropped (pipeline_error:KeyError=2)" in err
     assert "--rig" in err
+
+
+def _hostile_copy(bag, out, change):
+    """A copy of `bag` with `change(topic, index, msg)` applied: it returns the message to write (None: leave it
+    out), or (msgtype, message) to record the topic with another type."""
+    with BagReader(bag) as src, BagWriter(out) as dst:
+        seen: dict[str, int] = {}
+        for topic, msgtype, log_ns, msg in src.messages():
+            k = seen[topic] = seen.get(topic, -1) + 1
+            new = change(topic, k, msg)
+            if new is None:
+                continue
+            if isinstance(new, tuple):
+                msgtype, new = new
+            dst.add_topic(topic, msgtype, latched=topic in ("/tf_static", "/command"))
+            dst.write(topic, log_ns, new)
+    return out
+
+
+def test_malformed_ground_truth_is_counted_and_left_out_not_the_end_of_every_score(bag, tmp_path):
+    """One NaN ego pose, one NaN grounding box, one occupancy label whose camera mask has the wrong size: each
+    is counted (`gt_malformed`) and left out, the rest scored (before: one ValueError ended score_bags, and
+    `vg-ros replay` exited 2 with no score at all after running every pipeline)."""
+    import dataclasses as dc
+
+    def change(topic, k, msg):
+        if topic == "/gt/ego_pose" and k == 3:
+            return dc.replace(msg, pose=dc.replace(msg.pose, position=dc.replace(msg.pose.position, x=float("nan"))))
+        if topic == "/gt/grounding" and k == 4:
+            return dc.replace(msg, box=np.array([np.nan, 0, 1, 1], np.float32))
+        if topic == "/gt/occupancy" and k == 5:
+            return dc.replace(msg, mask_camera=msg.mask_camera[:1000].copy())
+        return msg
+    hostile = _hostile_copy(bag, tmp_path / "hostile.mcap", change)
+    scores = score_bags(hostile, write_outputs(bag, tmp_path / "perfect.mcap"),
+                        grounding_image_topic="/cameras/CAM_FRONT/image_raw")
+    occ, odo, gro = scores["occupancy"], scores["odometry"], scores["grounding"]
+    assert occ["gt_malformed"] == odo["gt_malformed"] == gro["gt_malformed"] == 1
+    assert occ["frames"] == occ["gt_frames"] == FRAMES - 1 and occ["miou"] == pytest.approx(100.0)
+    assert odo["frames"] == odo["gt_frames"] == FRAMES - 1 and odo["ate_m"] < 1e-6
+    assert gro["prec_at_05"] == 1.0 and gro["miou"] == pytest.approx(1.0)   # a NaN box was a silent miss
+
+
+def test_a_grounding_label_of_another_size_than_the_output_is_counted_not_scored_zero(bag, tmp_path):
+    """A /gt/grounding mask of another size than the answer (or a camera whose images changed size): the box and
+    mask are in other pixels. Counted (`mask_size_mismatch`) and not scored, instead of a silent mask IoU of 0."""
+    import dataclasses as dc
+
+    def change(topic, k, msg):
+        if topic == "/gt/grounding" and k % 2 == 0:
+            small = np.ascontiguousarray(np.asarray(msg.mask.data).reshape(msg.mask.height, msg.mask.width)[::2, ::2])
+            return dc.replace(msg, mask=dc.replace(msg.mask, height=small.shape[0], width=small.shape[1],
+                                                   step=small.shape[1], data=small.reshape(-1)))
+        return msg
+    hostile = _hostile_copy(bag, tmp_path / "hostile.mcap", change)
+    gro = score_bags(hostile, write_outputs(bag, tmp_path / "perfect.mcap"),
+                     grounding_image_topic="/cameras/CAM_FRONT/image_raw")["grounding"]
+    assert gro["mask_size_mismatch"] >= 5
+    assert gro["frames"] == gro["gt_frames"] - gro["mask_size_mismatch"] and gro["coverage"] < 1.0
+    assert gro["miou"] == pytest.approx(1.0) and gro["prec_at_05"] == 1.0
+
+
+def test_ground_truth_of_another_type(bag, tmp_path):
+    """/gt/ego_pose recorded as nav_msgs/Odometry is scored as `vg-ros odometry` scores it; /gt/occupancy as an
+    Image says so in its section (before: an AttributeError traceback after the whole replay)."""
+    def change(topic, k, msg):
+        if topic == "/gt/ego_pose":
+            return "nav_msgs/msg/Odometry", matrix_to_odometry(pose_stamped_to_matrix(msg), stamp_ns=stamp_of(msg),
+                                                               flavor="rosbags")
+        if topic == "/gt/occupancy":
+            return "sensor_msgs/msg/Image", array_to_image(np.zeros((2, 2), np.uint8), "mono8",
+                                                           stamp_ns=stamp_of(msg), flavor="rosbags")
+        return msg
+    hostile = _hostile_copy(bag, tmp_path / "hostile.mcap", change)
+    scores = score_bags(hostile, write_outputs(bag, tmp_path / "perfect.mcap"))
+    assert scores["odometry"]["frames"] == FRAMES and scores["odometry"]["ate_m"] < 1e-6
+    occ = scores["occupancy"]
+    assert occ["miou"] is None and occ["frames"] == 0 and "sensor_msgs/msg/Image" in occ["gt_error"]
+    assert "/gt/occupancy is sensor_msgs/msg/Image" in format_summary(scores)
+
+
+def test_one_camera_with_a_bad_calibration_is_left_out_of_its_sets_as_occupancy_node_does(bag, tmp_path):
+    """CAM_FRONT's CameraInfo with a NaN focal length: occupancy_node drops that camera (`bad_camera:CAM_FRONT`)
+    and answers from the other five; replay dropped every whole set (coverage 0)."""
+    import dataclasses as dc
+
+    def change(topic, k, msg):
+        if topic == "/cameras/CAM_FRONT/camera_info":
+            return dc.replace(msg, k=np.array([np.nan, *msg.k[1:]]))
+        return msg
+    hostile = _hostile_copy(bag, tmp_path / "hostile.mcap", change)
+    result = replay(hostile, tmp_path / "out.mcap", pipelines=("occupancy",))
+    occ = result["occupancy"]
+    if occ.get("available") is False:
+        pytest.skip(occ["reason"])
+    assert occ["frames_out"] == occ["frames"] == FRAMES and occ["miou"] > 0
+    assert occ["drops"]["bad_camera:CAM_FRONT"] == FRAMES and set(occ["drops"]) == {"bad_camera:CAM_FRONT"}
+
+
+def test_a_concatenated_bag_scores_no_output_against_the_other_drives_ground_truth(bag, tmp_path):
+    """Two drives over the same stamps in one bag (a concatenated or looped recording): an output stamp matches
+    the ground truth of either drive. Such stamps are counted (`gt_ambiguous_stamps`) and not scored (before:
+    coverage 1.0 over twice the ground-truth frames, and an ATE against the second drive's poses)."""
+    other = sim_bag(SEED + 1, SECONDS)
+    cat = tmp_path / "cat.mcap"
+    with BagWriter(cat) as dst:
+        for k, path in enumerate((bag, other)):
+            with BagReader(path) as src:
+                shift = k * (src.end_ns - src.start_ns + 100_000_000)
+                for topic, msgtype, log_ns, msg in src.messages(["/gt/occupancy", "/gt/ego_pose", "/gt/grounding"]):
+                    dst.add_topic(topic, msgtype)
+                    dst.write(topic, log_ns + shift, msg)
+    scores = score_bags(cat, write_outputs(bag, tmp_path / "perfect.mcap"),
+                        grounding_image_topic="/cameras/CAM_FRONT/image_raw")
+    for section in ("occupancy", "odometry", "grounding"):
+        sec = scores[section]
+        assert sec["gt_ambiguous_stamps"] == FRAMES and sec["frames"] == 0, section

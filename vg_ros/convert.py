@@ -834,6 +834,8 @@ def msg_to_expression(msg) -> Expression:
     box = np.asarray(msg.box, dtype=np.float32).reshape(-1)
     if box.size != 4:
         raise ValueError(f"box: expected 4 values, got {box.size}")
+    if not np.all(np.isfinite(box)):   # a NaN corner scores every answer a miss
+        raise ValueError(f"box: not finite ({box.tolist()})")
     return Expression(text=str(msg.command), camera=str(msg.camera), instance_id=int(msg.instance_id),
                       box=box.astype(np.float64), mask=mask > 0, hops=int(msg.hops), stamp_ns=stamp_of(msg))
 

@@ -44,7 +44,7 @@ from typing import Any, Callable
 import numpy as np
 
 from vg_ros.sim.cli import GT_UNDESCRIBED   # stamps whose target the words no longer single out
-from vg_ros.types import FREE_CLASS
+from vg_ros.types import FREE_CLASS, NUM_OCC_CLASSES
 
 PIPELINES = ("occupancy", "registration", "grounding")
 # pipeline -> its section in the result (the JSON contract calls the registration section "odometry")
@@ -72,6 +72,12 @@ GT_TOPICS = {"occupancy": "/gt/occupancy", "odometry": "/gt/ego_pose", "groundin
 # the command's target as the cameras other than the command's see it (`vg-ros sim` writes one message per
 # such camera and frame): a node grounding in several cameras is right to publish it in any of them
 GT_GROUNDING_VIEWS = "/gt/grounding_views"
+# the message types score_bags reads on each ground-truth topic (the ego pose as `vg-ros odometry` takes it)
+GT_TYPES = {GT_TOPICS["occupancy"]: ("vg_ros/msg/SemanticVoxelGrid",),
+            GT_TOPICS["odometry"]: ("geometry_msgs/msg/PoseStamped", "nav_msgs/msg/Odometry",
+                                    "geometry_msgs/msg/TransformStamped"),
+            GT_TOPICS["grounding"]: ("vg_ros/msg/GroundingTarget",), GT_GROUNDING_VIEWS: ("vg_ros/msg/GroundingTarget",),
+            GT_UNDESCRIBED: ("std_msgs/msg/Header",)}
 
 
 class PipelineUnavailable(Exception):
@@ -268,10 +274,30 @@ class OccupancyStage(Stage):
         )
         from vg_ros.geometry import voxel_centers
         from vg_ros.types import CameraFrame
+        from vg_ros.occupancy.pipeline import check_frame
         present = [(i, m) for i, m in enumerate(images) if m is not None]
+        if not present:
+            return
         stamp = min(stamp_of(m) for _, m in present)   # as occupancy_node: the set's earliest image
+        missing = [n for n, m in zip(self.cameras, images) if m is None]
+        if missing:
+            self.drops.drop("camera_missing", f"set {stamp}: no image from {missing}; their sector is unknown")
+        # as occupancy_node: a camera whose image or calibration is bad is left out of the set, not the set
+        frames = []
+        for i, m in present:
+            name = self.cameras[i]
+            try:
+                frame = CameraFrame(self._camera(i, m), image_to_rgb(m), stamp_of(m))
+                check_frame(frame)
+            except (ValueError, KeyError) as exc:   # a frame neither TF nor the rig names: said apart, for the hint
+                reason = f"unknown_frame:{name}" if isinstance(exc, KeyError) else f"bad_camera:{name}"
+                self.drops.drop(reason, f"{self.image_topics[i]} stamp {stamp_of(m)}: {exc}")
+                continue
+            frames.append(frame)
+        if not frames:
+            self.drops.drop("no_usable_camera", f"set {stamp}: every camera was rejected")
+            return
         try:
-            frames = [CameraFrame(self._camera(i, m), image_to_rgb(m), stamp_of(m)) for i, m in present]
             result = self.timed(lambda: self.pipeline.infer(frames, stamp))
         except (ValueError, KeyError) as exc:
             self.drops.drop(f"pipeline_error:{type(exc).__name__}", f"set {stamp}: {exc}")
@@ -548,7 +574,10 @@ def replay(bag: str | Path, out: str | Path, *, config: str | Path | None = None
                     for stage in stages.values():
                         extr = getattr(stage, "extrinsics", None)
                         if extr is not None:
-                            extr.add_transforms(msg.transforms)
+                            bad = len(msg.transforms) - extr.add_transforms(msg.transforms)
+                            for _ in range(bad):   # a NaN or zero quaternion: the rig stands in, said so
+                                stage.drops.drop("bad_tf_static", "a /tf_static transform is not finite or has a "
+                                                 "zero quaternion: not used (the rig's mounting, if it names the frame)")
                 for stage in stages.values():
                     if topic in stage.topics:
                         try:
@@ -625,6 +654,13 @@ def _pred_semantics(voxel_msg: Any, grid: Any) -> np.ndarray:
     return pred
 
 
+def _gt_malformed(topic: str, stamp: int, exc: Exception) -> None:
+    """Log one ground-truth message that cannot be scored (its section counts it)."""
+    import logging
+    where = f"{topic} stamp {stamp}" if stamp else topic
+    logging.getLogger("vg_ros.replay.score").warning(f"ground truth on {where} not scored: {exc}")
+
+
 def _box_of_polygon(msg: Any) -> tuple[bool, np.ndarray, float]:
     pts = list(msg.polygon.points)
     if not pts:
@@ -643,7 +679,7 @@ def score_bags(in_bag: str | Path, out_bag: str | Path, *, grounding_image_topic
     (default: `output_topics(config)`, i.e. the nodes' parameters)."""
     from vg_ros.bag import BagReader
     from vg_ros.convert import image_to_array, msg_to_expression, msg_to_voxel_grid, odometry_to_matrix
-    from vg_ros.convert import pose_stamped_to_matrix, stamp_of
+    from vg_ros.convert import stamp_of
 
     topics = topics or output_topics(config)
     with BagReader(out_bag) as out:
@@ -654,9 +690,33 @@ def score_bags(in_bag: str | Path, out_bag: str | Path, *, grounding_image_topic
     scores: dict = {}
     with BagReader(in_bag) as src:
         gt_topics = set(src.topics)
+        for topic, accepted in GT_TYPES.items():   # another type on a /gt topic: that section says so
+            msgtype = src.topics.get(topic, ("", 0))[0]
+            if topic in gt_topics and msgtype not in accepted:
+                gt_topics.discard(topic)
+                reason = f"{topic} is {msgtype}, not {' / '.join(accepted)}: not scored"
+                _gt_malformed(topic, 0, ValueError(reason))
+                section = next((k for k, v in GT_TOPICS.items() if v == topic), None)
+                if section is not None:
+                    scores[section] = {"frames": 0, "gt_frames": 0, "coverage": 0.0, "gt_error": reason,
+                                       **{k: None for k in {"occupancy": ("miou", "iou", "obstacle_iou"),
+                                                            "odometry": ("ate_m", "drift_pct"),
+                                                            "grounding": ("prec_at_05", "miou")}[section]}}
 
         def every(topic: str) -> int:
             return max(1, math.ceil(src.topics[topic][1] / keep_frames)) if keep_frames else 0
+
+        # a stamp that two ground-truth messages of one topic carry (a concatenated or looped bag: two drives
+        # over the same time) matches an output to either: such stamps are counted, not scored
+        ambiguous: dict[str, set[int]] = {}
+        for topic in (GT_TOPICS["occupancy"], GT_TOPICS["odometry"], GT_TOPICS["grounding"]):
+            if topic in gt_topics:
+                seen_stamps = collections.Counter(stamp_of(m) for _, _, _, m in src.messages([topic]))
+                ambiguous[topic] = {s for s, n in seen_stamps.items() if n > 1}
+                if ambiguous[topic]:
+                    _gt_malformed(topic, 0, ValueError(
+                        f"{len(ambiguous[topic])} stamps carried by more than one message (a concatenated or "
+                        f"looped bag?): not scored"))
 
         # occupancy
         if GT_TOPICS["occupancy"] in gt_topics:
@@ -666,12 +726,23 @@ def score_bags(in_bag: str | Path, out_bag: str | Path, *, grounding_image_topic
             frames = []
             keep = every(GT_TOPICS["occupancy"])
             voxels = pred.get(topics["occupancy"]["voxels"], {})
+            malformed = unmasked = 0
             for _, _, _, msg in src.messages([GT_TOPICS["occupancy"]]):
-                gt_frames += 1
                 stamp = stamp_of(msg)
+                if stamp in ambiguous[GT_TOPICS["occupancy"]]:
+                    continue
+                try:   # malformed ground truth is counted and left out, not the end of every section's scores
+                    sem, grid, mask_camera, _ = msg_to_voxel_grid(msg)
+                    if sem.size and sem.max() >= NUM_OCC_CLASSES:
+                        raise ValueError(f"semantics: labels outside 0..{NUM_OCC_CLASSES - 1}")
+                except ValueError as exc:
+                    malformed += 1
+                    _gt_malformed(GT_TOPICS["occupancy"], stamp, exc)
+                    continue
+                gt_frames += 1
                 if stamp not in voxels:
                     continue
-                sem, grid, mask_camera, _ = msg_to_voxel_grid(msg)
+                unmasked += mask_camera is None   # scored over every voxel, not the camera-visible ones
                 p = _pred_semantics(voxels[stamp], grid)
                 if keep and acc.frames % keep == 0:
                     frames.append((stamp, p, sem, mask_camera, grid))
@@ -684,17 +755,30 @@ def score_bags(in_bag: str | Path, out_bag: str | Path, *, grounding_image_topic
             else:
                 scores["occupancy"] = {"miou": None, "iou": None, "obstacle_iou": None, "frames": 0,
                                        "gt_frames": gt_frames, "coverage": 0.0}
+            scores["occupancy"].update({"gt_malformed": malformed, "gt_without_camera_mask": unmasked,
+                                        "gt_ambiguous_stamps": len(ambiguous[GT_TOPICS["occupancy"]])})
             if keep_frames:
                 scores["occupancy"]["_frames"] = frames
 
         # odometry
         if GT_TOPICS["odometry"] in gt_topics:
+            from vg_ros.registration.cli import _pose_from_msg   # PoseStamped, Odometry or TransformStamped
             from vg_ros.registration.metrics import ate, rpe_drift_percent
-            gt_poses = {stamp_of(m): pose_stamped_to_matrix(m) for _, _, _, m in src.messages([GT_TOPICS["odometry"]])}
+            gt_poses: dict[int, np.ndarray] = {}
+            malformed = 0
+            for _, _, _, m in src.messages([GT_TOPICS["odometry"]]):
+                if stamp_of(m) in ambiguous[GT_TOPICS["odometry"]]:
+                    continue
+                try:
+                    gt_poses[stamp_of(m)] = _pose_from_msg(m)
+                except ValueError as exc:   # a NaN position, a zero quaternion: counted, left out
+                    malformed += 1
+                    _gt_malformed(GT_TOPICS["odometry"], stamp_of(m), exc)
             odo = pred.get(topics["odometry"]["odometry"], {})
             stamps = sorted(s for s in odo if s in gt_poses)
             section: dict = {"frames": len(stamps), "gt_frames": len(gt_poses),
-                             "coverage": len(stamps) / max(len(gt_poses), 1)}
+                             "coverage": len(stamps) / max(len(gt_poses), 1), "gt_malformed": malformed,
+                             "gt_ambiguous_stamps": len(ambiguous[GT_TOPICS["odometry"]])}
             if len(stamps) >= 3:  # ATE aligns rigidly: fewer poses say nothing
                 est = np.stack([odometry_to_matrix(odo[s])[0] for s in stamps])
                 gt = np.stack([gt_poses[s] for s in stamps])
@@ -719,7 +803,11 @@ def score_bags(in_bag: str | Path, out_bag: str | Path, *, grounding_image_topic
             views: dict[int, dict[str, Any]] = collections.defaultdict(dict)
             if GT_GROUNDING_VIEWS in gt_topics and None not in cameras and len(cameras) > 1:
                 for _, _, _, msg in src.messages([GT_GROUNDING_VIEWS]):
-                    view = msg_to_expression(msg)
+                    try:
+                        view = msg_to_expression(msg)
+                    except ValueError as exc:
+                        _gt_malformed(GT_GROUNDING_VIEWS, stamp_of(msg), exc)
+                        continue
                     if view.camera in cameras and view.mask.any():
                         views[view.stamp_ns][msg.header.frame_id] = view
             from vg_ros.convert import time_to_ns
@@ -727,8 +815,16 @@ def score_bags(in_bag: str | Path, out_bag: str | Path, *, grounding_image_topic
                            if GT_UNDESCRIBED in gt_topics else set())
             described: list[bool] = []
             gt_count = other_camera = invisible = found_invisible = wrong_camera = other_view = 0
+            malformed = size_mismatch = 0
             for _, _, _, msg in src.messages([GT_TOPICS["grounding"]]):
-                expr = msg_to_expression(msg)
+                if stamp_of(msg) in ambiguous[GT_TOPICS["grounding"]]:
+                    continue
+                try:
+                    expr = msg_to_expression(msg)
+                except ValueError as exc:   # a NaN box, a mask in a foreign encoding: counted, left out
+                    malformed += 1
+                    _gt_malformed(GT_TOPICS["grounding"], stamp_of(msg), exc)
+                    continue
                 if None not in cameras and expr.camera not in cameras:
                     other_camera += 1
                     continue
@@ -743,10 +839,22 @@ def score_bags(in_bag: str | Path, out_bag: str | Path, *, grounding_image_topic
                 if stamp not in boxes:
                     continue
                 ok, box, score = _box_of_polygon(boxes[stamp])
+                frame_out, frame_gt = boxes[stamp].header.frame_id, msg.header.frame_id
+                # an output mask of another size than the label it is scored against (the camera's images
+                # changed size, or a label of the wrong size): its box and mask are in other pixels, so the
+                # frame is not scored, but counted (and not covered)
+                other = bool(ok and frame_out and frame_gt and frame_out != frame_gt)
+                label = seen_elsewhere.get(frame_out) if other else expr   # None: a miss whatever its size
+                out_mask = image_to_array(masks[stamp]) if stamp in masks else None
+                if label is not None and out_mask is not None and out_mask.shape[:2] != label.mask.shape:
+                    size_mismatch += 1
+                    _gt_malformed(GT_TOPICS["grounding"], stamp, ValueError(
+                        f"mask {label.mask.shape[1]}x{label.mask.shape[0]} but the output mask is "
+                        f"{out_mask.shape[1]}x{out_mask.shape[0]}: not scored"))
+                    continue
                 found += int(ok)
                 # several cameras: a target published in a camera that does not show it is a miss; one that
                 # does (the target passed into it, or cameras overlap) is scored against that camera's view
-                frame_out, frame_gt = boxes[stamp].header.frame_id, msg.header.frame_id
                 if ok and frame_out and frame_gt and frame_out != frame_gt:
                     if frame_out in seen_elsewhere:
                         expr = seen_elsewhere[frame_out]
@@ -757,7 +865,7 @@ def score_bags(in_bag: str | Path, out_bag: str | Path, *, grounding_image_topic
                 elif ok and not expr.mask.any():   # found in the command's camera, which does not show it now
                     wrong_camera += 1
                     ok = False
-                mask = image_to_array(masks[stamp]) > 0 if stamp in masks else np.zeros_like(expr.mask)
+                mask = out_mask > 0 if out_mask is not None else np.zeros_like(expr.mask)
                 if not ok:
                     mask = np.zeros_like(expr.mask)
                 if keep and len(ious) % keep == 0:
@@ -773,6 +881,8 @@ def score_bags(in_bag: str | Path, out_bag: str | Path, *, grounding_image_topic
                        "found_rate": found / max(len(ious), 1), "gt_on_other_cameras": other_camera,
                        "gt_target_not_visible": invisible, "found_when_not_visible": found_invisible,
                        "found_in_wrong_camera": wrong_camera, "found_in_other_view": other_view,
+                       "gt_malformed": malformed, "mask_size_mismatch": size_mismatch,
+                       "gt_ambiguous_stamps": len(ambiguous[GT_TOPICS["grounding"]]),
                        "camera": cameras[0], "cameras": cameras,
                        "image_topic": image_topics[0], "image_topics": image_topics}
             if ious:
@@ -830,6 +940,8 @@ def summary_rows(result: dict) -> list[tuple[str, str, str, str]]:
                           f"{100 * still['prec_at_05']:.1f} %)")
             if len(sec.get("cameras") or []) > 1:
                 score += f"  ({len(sec['cameras'])} cameras; in the wrong one {sec.get('found_in_wrong_camera', 0)})"
+        if sec.get("gt_error"):
+            score += f"  ({sec['gt_error']})"
         lat = sec.get("latency_ms") or {}
         latency = f"{_fmt(lat.get('p50'), '.0f')}/{_fmt(lat.get('p90'), '.0f')}/{_fmt(lat.get('p99'), '.0f')} ms"
         frames = f"{sec.get('frames', 0)}/{sec.get('gt_frames', '?')}"
@@ -917,7 +1029,8 @@ def main(argv: list[str]) -> int:
                             + ", ".join(f"{k}={v}" for k, v in sorted(section["drops"].items())) + ")"
                             for name, section in dropping)
         hint = ("; a frame the rig does not name: --rig for the robot's sensors, or a bag with its /tf_static"
-                if any("KeyError" in k for _, section in dropping for k in section["drops"]) else "")
+                if any("KeyError" in k or k.startswith("unknown_frame:") for _, section in dropping
+                       for k in section["drops"]) else "")
         raise UserError(f"nothing replayed ({args.out} holds no output): {reasons}{hint}")
     if args.report:
         from vg_ros.report import write_report

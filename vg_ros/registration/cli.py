@@ -110,6 +110,7 @@ def run_bag_odometry(bag: str | Path, topic: str, gt_topic: str | None, cfg=None
     twist_cov: dict[int, np.ndarray] = {}   # stamp -> covariance of the motion since the previous pose
     gt: dict[int, np.ndarray] = {}
     failures: list[str] = []
+    gt_malformed: list[str] = []
     wall = 0.0
     with BagReader(bag) as reader:
         if topic not in reader.topics:
@@ -148,13 +149,17 @@ def run_bag_odometry(bag: str | Path, topic: str, gt_topic: str | None, cfg=None
                 if max_scans and odo.stats["scans"] >= max_scans:
                     break
             else:
-                gt[convert.stamp_of(msg)] = _pose_from_msg(msg)
+                try:   # a NaN or zero-quaternion pose is one unscored ground truth, not the end of the run
+                    gt[convert.stamp_of(msg)] = _pose_from_msg(msg)
+                except ValueError as exc:
+                    gt_malformed.append(f"{gt_topic} stamp {convert.stamp_of(msg)}: {exc}")
     scans = odo.stats["scans"]
     report = {"scans": scans, "converged": len(est), "relocalized": odo.stats["relocalized"], "gt_topic": gt_topic,
               "extrinsics": extrinsics,
               "failed": odo.stats["failed"], "map_restarts": odo.stats["map_restarts"],
               "hz": scans / wall if wall > 0 else 0.0,
-              "seconds": wall, "first_failures": failures[:5]}
+              "seconds": wall, "first_failures": failures[:5], "gt_malformed": len(gt_malformed),
+              "first_gt_malformed": gt_malformed[:5]}
     if odo.cfg.deskew:   # sweeps deskewed a second time with their own motion; sweeps left distorted (bad times)
         report.update(deskewed_again=odo.stats["deskewed_again"], deskew_skipped=odo.stats["deskew_skipped"])
     stamps = sorted(est)
@@ -285,4 +290,6 @@ def odometry_main(argv: list[str]) -> int:
             print(f"{report['gt_topic']}: fewer than two poses within 5 ms of a registered scan: not scored")
         for reason in report["first_failures"]:
             print(f"  failure: {reason}")
+        if report["gt_malformed"]:
+            print(f"{report['gt_malformed']} ground-truth pose(s) not scored, e.g. {report['first_gt_malformed'][0]}")
     return 0
