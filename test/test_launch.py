@@ -433,3 +433,45 @@ def test_supervisor_respawns_a_crashed_node_but_not_a_failed_setup_nor_past_the_
     assert "restarting in 0.5 s (respawn 1 of 1)" in deaths[1]
     assert "not restarted: respawned 1 times already" in deaths[2]
     assert any("started alpha" in line and "respawn 1 of 1" in line for line in lines)
+
+
+def test_supervisor_reports_a_node_killed_by_a_real_time_signal_and_keeps_the_others(tmp_path):
+    """A node killed by a signal `signal.Signals` has no member for (`kill -35 PID`, SIGRTMIN+1) made the
+    death report raise ValueError: `vg-ros up` died with a traceback and stopped every other node."""
+    if not hasattr(signal, "SIGRTMIN"):
+        pytest.skip("no real-time signals here")
+    rt = signal.SIGRTMIN + 1
+    lines: list[str] = []
+    sup = Supervisor([NodeSpec("victim", [sys.executable, "-c", f"import os; os.kill(os.getpid(), {int(rt)})"]),
+                      NodeSpec("other", [sys.executable, "-c", "import time; time.sleep(60)"])], log=lines.append)
+    sup.start()
+    try:
+        deadline, died = time.monotonic() + 10, []
+        while not died and time.monotonic() < deadline:
+            died = sup.poll()
+            time.sleep(0.05)
+        assert died == [("victim", -int(rt))], lines
+        assert sup.alive() == ["other"]
+        assert any("victim DIED (killed by SIGRTMIN+1)" in line and "Still running: other" in line for line in lines)
+    finally:
+        sup.stop(grace_s=2.0)
+
+
+def test_supervisor_keeps_draining_a_nodes_output_after_its_own_output_broke(tmp_path):
+    """`vg-ros up | head`: once the reader had gone, the relay thread died of the BrokenPipeError and the node
+    blocked for ever in a log call as soon as its pipe's 64 KB had filled."""
+    def broken(line: str) -> None:
+        if "started" not in line:
+            raise BrokenPipeError(32, "Broken pipe")
+    chatty = "for i in range(20000): print('diagnostics ' + 'x' * 90)"
+    sup = Supervisor([NodeSpec("chatty", [sys.executable, "-c", chatty])], log=broken, log_dir=tmp_path)
+    sup.start()
+    try:
+        deadline = time.monotonic() + 15
+        while sup.alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sup.alive() == [], "the node blocked on its full stdout pipe"
+        assert sup.procs["chatty"].returncode == 0
+    finally:
+        sup.stop(grace_s=1.0)
+    assert len((tmp_path / "chatty.log").read_text().splitlines()) == 20000

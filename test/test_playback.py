@@ -345,3 +345,86 @@ def test_a_topic_recorded_from_a_latched_publisher_is_played_latched_with_its_la
         assert ros.spin_until(lambda: late, timeout=5.0)
         ros.spin_for(0.3)
         assert len(late) == 1 and set(late[0].data) == {20}   # the latest grid only
+
+
+class _FakePublisher:
+    def __init__(self, log: list, name: str) -> None:
+        self.log, self.name = log, name
+
+    def publish(self, msg) -> None:
+        self.log.append(self.name)
+
+    def get_subscription_count(self) -> int:
+        return 1
+
+
+class _FakeNode:
+    """What Player and Recorder use of a node, without DDS: publishers that count, a settable clock."""
+
+    def __init__(self) -> None:
+        self.published: list[str] = []
+        self.now_ns = 0
+
+    def create_publisher(self, cls, name, qos):
+        return _FakePublisher(self.published, name)
+
+    def get_clock(self):
+        node = self
+
+        class _Clock:
+            def now(self):
+                return type("T", (), {"nanoseconds": node.now_ns})()
+        return _Clock()
+
+
+def test_a_looped_bag_of_one_instant_is_paced_instead_of_spinning(tmp_path):
+    """A bag whose messages share one instant (one /command) made `play --loop` loop without ever sleeping:
+    measured 1865 passes in 4 s, one core at 100 %, the command published ~450 times a second."""
+    path = tmp_path / "one.mcap"
+    with BagWriter(path) as bag:
+        bag.write("/command", T0, typestore().types["std_msgs/msg/String"](data="the red car"))
+    node = _FakeNode()
+    player = Player(node, path, loop=True, clock_hz=20.0)
+    stop = threading.Event()
+    timer = threading.Timer(0.5, stop.set)
+    timer.start()
+    summary = player.run(stop)
+    timer.join()
+    assert summary["passes"] <= 0.5 * 20 + 2, summary
+    assert summary["published"]["/command"] <= 0.5 * 20 + 2, summary
+
+
+def test_record_under_sim_time_never_writes_a_log_time_of_zero(tmp_path):
+    """`vg-ros record --use-sim-time`: what arrived before the node's clock had its first /clock got log time
+    0, so the bag started at 0 and lasted 1.7e9 s (`vg-ros play` of it then waited 54 years after that
+    message). Such messages now take the first real time."""
+    from std_msgs.msg import String
+    node = _FakeNode()
+    recorder = Recorder(node, tmp_path / "out.mcap", ["/command"])
+    recorder.writer.add_topic("/command", "std_msgs/msg/String")
+    recorder._on_msg("/command", String(data="early"))          # sim time not started: clock at 0
+    node.now_ns = T0
+    recorder._on_msg("/command", String(data="late"))
+    summary = recorder.close()
+    assert summary["counts"] == {"/command": 2}
+    with BagReader(tmp_path / "out.mcap") as bag:
+        got = [(ns, msg.data) for _, _, ns, msg in bag.messages(["/command"])]
+        assert bag.start_ns == T0
+    assert got == [(T0, "early"), (T0, "late")]
+
+
+def test_a_bag_with_its_own_clock_plays_with_the_players_clock(tmp_path):
+    """A bag recorded with /clock (`vg-ros record /clock ...`) was refused by `vg-ros play` with
+    "--remap /clock:=/clock: /clock is already published by this player" though no --remap was given."""
+    store = typestore()
+    path = tmp_path / "with_clock.mcap"
+    with BagWriter(path) as bag:
+        bag.write("/clock", T0, store.types["rosgraph_msgs/msg/Clock"](
+            clock=store.types["builtin_interfaces/msg/Time"](sec=T0 // 10**9, nanosec=0)))
+        bag.write("/command", T0, store.types["std_msgs/msg/String"](data="the red car"))
+    node = _FakeNode()
+    player = Player(node, path)
+    assert player.topics == ["/command"] and "/clock" in player.skipped
+    summary = player.run()
+    assert summary["published"] == {"/command": 1}
+    assert Player(_FakeNode(), path, remap={"/clock": "/bag_clock"}).topics == ["/clock", "/command"]

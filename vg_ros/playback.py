@@ -103,6 +103,12 @@ class Player:
         self.remap = dict(remap or {})   # bag topic -> the name it is published under
         if unknown := sorted(set(self.remap) - set(bag_topics)):
             raise ValueError(f"--remap: {unknown} not in bag {str(self.bag_path)!r} (has {sorted(bag_topics)})")
+        if "/clock" in wanted and self.remap.get("/clock", "/clock") == "/clock":
+            # a bag recorded with its /clock (`vg-ros record /clock ...`, `ros2 bag record -a`): the player
+            # publishes its own from the bag's time, and a second publisher would send it back and forth
+            # (before: refused as "--remap /clock:=/clock: already published", with no --remap given)
+            wanted.discard("/clock")
+            self.skipped["/clock"] = "the player publishes /clock itself, from the bag's time"
         namespace = normalize_namespace(namespace)
         if namespace != "/":   # every data topic under it, as nodes started in that namespace read them
             for topic in wanted - GLOBAL_TOPICS:
@@ -201,7 +207,9 @@ class Player:
                     if progress is not None:
                         progress(1)
                 if self.loop:   # a pass spans the whole bag, whichever topics were chosen, its /clock running on
-                    end = pass_wall0 + (bag.end_ns - t0) / 1e9 / self.rate
+                    # and at least one /clock period: a bag of one message (or of one instant) otherwise looped
+                    # without ever sleeping, publishing it thousands of times a second on a full core
+                    end = pass_wall0 + max((bag.end_ns - t0) / 1e9 / self.rate, self.clock_period_s)
                     while not stop.is_set() and (now := time.monotonic()) < end:
                         self.publish_clock(t0 + int((now - pass_wall0) * self.rate * 1e9))
                         time.sleep(min(end - now, self.clock_period_s))
@@ -244,6 +252,9 @@ class Recorder:
         self._subs: list[Any] = []
         self._lock = threading.Lock()
         self._closed = False
+        # under use_sim_time, what arrived before the node's clock had its first /clock (its time is still 0):
+        # written with the first real time once there is one (a log time of 0 made a bag 54 years long)
+        self._early: list[tuple[str, Any]] = []
 
     def _qos_for(self, topic: str):
         """Reliable/transient-local only where every publisher offers it: then nothing is refused."""
@@ -284,7 +295,11 @@ class Recorder:
         with self._lock:
             if self._closed:
                 return
-            self.writer.write(topic, log_ns, msg)
+            if log_ns <= 0:   # sim time, no /clock yet
+                self._early.append((topic, msg))
+            else:
+                self._write_early(log_ns)
+                self.writer.write(topic, log_ns, msg)
             self.counts[topic] += 1
             self.last_receive_wall = time.monotonic()
             if self.track_stamps:
@@ -292,12 +307,18 @@ class Recorder:
                 if stamp is not None:
                     self.receive_wall_ns.setdefault((topic, stamp), wall)
 
+    def _write_early(self, log_ns: int) -> None:
+        for topic, msg in self._early:
+            self.writer.write(topic, log_ns, msg)
+        self._early.clear()
+
     def close(self) -> dict:
         with self._lock:
             if not self._closed:
                 self._closed = True
                 for sub in self._subs:
                     self.node.destroy_subscription(sub)
+                self._write_early(time.time_ns())   # /clock never came: wall time rather than 0
                 self.writer.close()
         return {"out": str(self.out), "counts": dict(self.counts), "skipped": dict(self.skipped),
                 "never_seen": [t for t in self.topics if t not in self.subscribed and t not in self.skipped]}

@@ -79,7 +79,11 @@ def node_spec(capability: str, *, config: str | Path | None = None, rig: str | N
     ros_args += list(extra_ros_args or [])
     if threads:
         env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
-    code = f"import sys; from {module} import main; sys.exit(main())"
+    # SIGINT's default action until run_node installs its handlers: a node stopped while it still imports
+    # (`vg-ros up` stopped within its first seconds, or a respawn) ends by the signal, not with a
+    # KeyboardInterrupt traceback from deep inside numpy or torch in the log
+    code = (f"import signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); from {module} import main; "
+            "sys.exit(main())")
     return NodeSpec(name, [sys.executable, "-u", "-c", code, *ros_args], env)
 
 
@@ -89,8 +93,30 @@ def threads_per_node(requested: int, n_nodes: int, cpu_count: int | None = None)
     return requested or max(1, (cpu_count or os.cpu_count() or 1) // max(1, n_nodes))
 
 
+def signal_name(signum: int) -> str:
+    """'SIGKILL' for 9; a number `signal.Signals` has no member for (a real-time signal, `kill -35 PID`)
+    as 'SIGRTMIN+1' or 'signal 35': the death report must never raise, or `vg-ros up` dies with a traceback
+    and stops every other node."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        rtmin, rtmax = getattr(signal, "SIGRTMIN", None), getattr(signal, "SIGRTMAX", None)
+        if rtmin is not None and rtmax is not None and rtmin < signum < rtmax:
+            return f"SIGRTMIN+{signum - rtmin}"
+        return f"signal {signum}"
+
+
 # A node's exit code for a setup failure (`vg_ros.nodes.process.run_node`): restarting cannot help.
 SETUP_FAILURE = 2
+
+
+def _print_line(line: str) -> None:
+    """The supervisor's default log: stdout, and nothing once stdout is gone (`vg-ros up | head`): a death
+    report must not raise in the watch loop, which would then stop every node."""
+    try:
+        print(line, flush=True)
+    except (OSError, ValueError):
+        pass
 
 
 class Supervisor:
@@ -116,7 +142,7 @@ class Supervisor:
         self._due: dict[str, float] = {}   # name -> monotonic time of its next start
         self.specs = {s.name: s for s in specs}
         self.env = dict(os.environ if env is None else env)
-        self.log = log or (lambda line: print(line, flush=True))
+        self.log = log or _print_line
         self.log_dir = Path(log_dir) if log_dir else None
         self.procs: dict[str, subprocess.Popen] = {}
         self.started_at: dict[str, float] = {}
@@ -155,15 +181,27 @@ class Supervisor:
         self.log(f"[up] started {name} (pid {proc.pid}{again})")
 
     def _relay(self, name: str, proc: subprocess.Popen, sink: TextIO | None) -> None:
+        """Relay `proc`'s output until it ends. The pipe is always drained to its end: when our own output
+        went away (`vg-ros up | head`, a `tee` that ended, a full disk under --log-dir) this thread used to die
+        with the write's exception, and the node then blocked for ever in its next log call once the pipe's
+        64 KB had filled (its callbacks with it, and a stop request too, until the SIGKILL)."""
         assert proc.stdout is not None
+        relay = True
         for line in proc.stdout:
             line = line.rstrip("\n")
             self.tail[name].append(line)
             self.lines[name].append(line)
             if sink:
-                sink.write(line + "\n")
-                sink.flush()
-            self.log(f"[{name}] {line}")
+                try:
+                    sink.write(line + "\n")
+                    sink.flush()
+                except (OSError, ValueError):   # no room, or closed: the node's own output goes on
+                    sink = None
+            if relay:
+                try:
+                    self.log(f"[{name}] {line}")
+                except (OSError, ValueError):   # BrokenPipeError, a closed stdout: keep draining, drop the lines
+                    relay = False
 
     def alive(self) -> list[str]:
         return [n for n, p in self.procs.items() if p.poll() is None]
@@ -188,7 +226,7 @@ class Supervisor:
             self.exit_codes[name] = code
             died.append((name, code))
             ran = time.monotonic() - self.started_at[name]
-            how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+            how = f"killed by {signal_name(-code)}" if code < 0 else f"exit code {code}"
             if code == 0:   # it ended on its own: a lifecycle shutdown, not a crash
                 fate = "not restarted: it shut down cleanly"
             elif not self.respawn:
