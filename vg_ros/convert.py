@@ -655,6 +655,18 @@ def matrix_to_transform_stamped(T: np.ndarray, stamp_ns: int = 0, parent: str = 
                 child_frame_id=str(child), transform=matrix_to_transform(T, flavor))
 
 
+def stamped_pose_to_matrix(msg) -> np.ndarray:
+    """A pose as ground truth comes: nav_msgs/Odometry, geometry_msgs/PoseStamped or TransformStamped -> (4, 4).
+    ValueError for another message, or a pose that is not finite."""
+    if hasattr(msg, "pose") and hasattr(msg.pose, "pose"):
+        return odometry_to_matrix(msg)[0]
+    if hasattr(msg, "pose"):
+        return pose_stamped_to_matrix(msg)
+    if hasattr(msg, "transform"):
+        return transform_stamped_to_matrix(msg)
+    raise ValueError(f"ground-truth message {type(msg).__name__} is not an Odometry / PoseStamped / TransformStamped")
+
+
 def _cov6(values, name: str) -> np.ndarray:
     cov = np.asarray(values, dtype=np.float64).reshape(-1)
     if cov.size != 36:

@@ -76,7 +76,8 @@ GT_GROUNDING_VIEWS = "/gt/grounding_views"
 GT_TYPES = {GT_TOPICS["occupancy"]: ("vg_ros/msg/SemanticVoxelGrid",),
             GT_TOPICS["odometry"]: ("geometry_msgs/msg/PoseStamped", "nav_msgs/msg/Odometry",
                                     "geometry_msgs/msg/TransformStamped"),
-            GT_TOPICS["grounding"]: ("vg_ros/msg/GroundingTarget",), GT_GROUNDING_VIEWS: ("vg_ros/msg/GroundingTarget",),
+            GT_TOPICS["grounding"]: ("vg_ros/msg/GroundingTarget",),
+            GT_GROUNDING_VIEWS: ("vg_ros/msg/GroundingTarget",),
             GT_UNDESCRIBED: ("std_msgs/msg/Header",)}
 
 
@@ -273,29 +274,20 @@ class OccupancyStage(Stage):
             array_to_occupancy_grid, image_to_rgb, stamp_of, xyz_fields_to_pointcloud2,
         )
         from vg_ros.geometry import voxel_centers
-        from vg_ros.types import CameraFrame
+        from vg_ros.nodes.inputs import usable_frames
         from vg_ros.occupancy.pipeline import check_frame
-        present = [(i, m) for i, m in enumerate(images) if m is not None]
-        if not present:
-            return
-        stamp = min(stamp_of(m) for _, m in present)   # as occupancy_node: the set's earliest image
-        missing = [n for n, m in zip(self.cameras, images) if m is None]
-        if missing:
-            self.drops.drop("camera_missing", f"set {stamp}: no image from {missing}; their sector is unknown")
-        # as occupancy_node: a camera whose image or calibration is bad is left out of the set, not the set
-        frames = []
-        for i, m in present:
-            name = self.cameras[i]
-            try:
-                frame = CameraFrame(self._camera(i, m), image_to_rgb(m), stamp_of(m))
-                check_frame(frame)
-            except (ValueError, KeyError) as exc:   # a frame neither TF nor the rig names: said apart, for the hint
-                reason = f"unknown_frame:{name}" if isinstance(exc, KeyError) else f"bad_camera:{name}"
-                self.drops.drop(reason, f"{self.image_topics[i]} stamp {stamp_of(m)}: {exc}")
-                continue
-            frames.append(frame)
+        from vg_ros.types import CameraFrame
+
+        def make_frame(i: int, msg: Any) -> CameraFrame:
+            frame = CameraFrame(self._camera(i, msg), image_to_rgb(msg), stamp_of(msg))
+            check_frame(frame)
+            return frame
+
+        # as occupancy_node; a frame neither TF nor the rig names (KeyError) is said apart, for main's --rig hint
+        stamp, frames = usable_frames(
+            self.cameras, images, make_frame, self.drops, self.image_topics,
+            reason=lambda name, exc: f"unknown_frame:{name}" if isinstance(exc, KeyError) else f"bad_camera:{name}")
         if not frames:
-            self.drops.drop("no_usable_camera", f"set {stamp}: every camera was rejected")
             return
         try:
             result = self.timed(lambda: self.pipeline.infer(frames, stamp))
@@ -576,8 +568,9 @@ def replay(bag: str | Path, out: str | Path, *, config: str | Path | None = None
                         if extr is not None:
                             bad = len(msg.transforms) - extr.add_transforms(msg.transforms)
                             for _ in range(bad):   # a NaN or zero quaternion: the rig stands in, said so
-                                stage.drops.drop("bad_tf_static", "a /tf_static transform is not finite or has a "
-                                                 "zero quaternion: not used (the rig's mounting, if it names the frame)")
+                                stage.drops.drop("bad_tf_static", "a /tf_static transform is not finite or has "
+                                                 "a zero quaternion: not used (the rig's mounting, if it names "
+                                                 "the frame)")
                 for stage in stages.values():
                     if topic in stage.topics:
                         try:
@@ -679,7 +672,7 @@ def score_bags(in_bag: str | Path, out_bag: str | Path, *, grounding_image_topic
     (default: `output_topics(config)`, i.e. the nodes' parameters)."""
     from vg_ros.bag import BagReader
     from vg_ros.convert import image_to_array, msg_to_expression, msg_to_voxel_grid, odometry_to_matrix
-    from vg_ros.convert import stamp_of
+    from vg_ros.convert import stamp_of, stamped_pose_to_matrix
 
     topics = topics or output_topics(config)
     with BagReader(out_bag) as out:
@@ -762,7 +755,6 @@ def score_bags(in_bag: str | Path, out_bag: str | Path, *, grounding_image_topic
 
         # odometry
         if GT_TOPICS["odometry"] in gt_topics:
-            from vg_ros.registration.cli import _pose_from_msg   # PoseStamped, Odometry or TransformStamped
             from vg_ros.registration.metrics import ate, rpe_drift_percent
             gt_poses: dict[int, np.ndarray] = {}
             malformed = 0
@@ -770,7 +762,7 @@ def score_bags(in_bag: str | Path, out_bag: str | Path, *, grounding_image_topic
                 if stamp_of(m) in ambiguous[GT_TOPICS["odometry"]]:
                     continue
                 try:
-                    gt_poses[stamp_of(m)] = _pose_from_msg(m)
+                    gt_poses[stamp_of(m)] = stamped_pose_to_matrix(m)   # PoseStamped, Odometry or TransformStamped
                 except ValueError as exc:   # a NaN position, a zero quaternion: counted, left out
                     malformed += 1
                     _gt_malformed(GT_TOPICS["odometry"], stamp_of(m), exc)

@@ -291,6 +291,33 @@ class PoseBuffer:
 # ------------------------------------------------------------------------------------------- sync
 
 
+def usable_frames(names: Sequence[str], messages: Sequence[Any], make_frame: Callable[[int, Any], Any],
+                  drops: DropCounter, topics: Sequence[str],
+                  reason: Callable[[str, Exception], str] = lambda name, exc: f"bad_camera:{name}"
+                  ) -> tuple[int | None, list]:
+    """One synchronised camera set (a message or None per camera, in `names` order) -> (its stamp: the
+    earliest image's, the frames `make_frame(index, message)` could build). A camera missing from the set is
+    counted (`camera_missing`: its sector is unknown); one whose image or calibration `make_frame` refuses
+    (ValueError, KeyError) is left out of the set, not the set, counted as `reason(name, exc)`; none left is
+    `no_usable_camera` and no frames. (None, []) for an empty set. occupancy_node and `vg-ros replay` both
+    take their camera sets through it."""
+    present = [(i, m) for i, m in enumerate(messages) if m is not None]
+    if not present:
+        return None, []
+    stamp = min(stamp_of(m) for _, m in present)   # the set's earliest image, whatever the camera order
+    if missing := [names[i] for i, m in enumerate(messages) if m is None]:
+        drops.drop("camera_missing", f"set {stamp}: no image from {missing}; their sector is unknown")
+    frames = []
+    for i, m in present:
+        try:
+            frames.append(make_frame(i, m))
+        except (ValueError, KeyError) as exc:
+            drops.drop(reason(names[i], exc), f"{topics[i]} stamp {stamp_of(m)}: {exc}")
+    if not frames:
+        drops.drop("no_usable_camera", f"set {stamp}: every camera was rejected")
+    return stamp, frames
+
+
 class ApproxTimeSync:
     """Approximate-time synchroniser for N topics, with the message_filters policy.
 

@@ -27,6 +27,7 @@ import numpy as np
 
 from vg_ros.convert import stamp_of
 from vg_ros.nodes.base import PerceptionNode
+from vg_ros.nodes.inputs import usable_frames
 from vg_ros.nodes.process import node_main
 from vg_ros.nodes.topics import camera_topic
 from vg_ros.occupancy.pipeline import OccupancyConfig
@@ -133,22 +134,10 @@ class OccupancyNode(PerceptionNode):
     def on_images(self, *images) -> None:
         if self.pipeline is None:
             return
-        present = [(name, msg) for name, msg in zip(self.camera_names, images) if msg is not None]
-        if not present:
-            return
-        stamp = min(stamp_of(msg) for _, msg in present)   # the set's earliest image, whatever the camera order
-        missing = [n for n, m in zip(self.camera_names, images) if m is None]
-        if missing:
-            self.drops.drop("camera_missing", f"set {stamp}: no image from {missing}; their sector is unknown")
-        frames = []
-        for name, msg in present:
-            try:
-                frames.append(self.camera_frame(name, msg))
-            except (ValueError, KeyError) as exc:
-                self.drops.drop(f"bad_camera:{name}", f"{self.image_topics[self.camera_names.index(name)]} stamp "
-                                                      f"{stamp_of(msg)}: {exc}")
+        stamp, frames = usable_frames(self.camera_names, images,
+                                      lambda i, msg: self.camera_frame(self.camera_names[i], msg), self.drops,
+                                      self.image_topics)
         if not frames:
-            self.drops.drop("no_usable_camera", f"set {stamp}: every camera was rejected")
             return
         if not self._busy.acquire(blocking=False):
             self.drops.drop("busy", f"set {stamp}: still processing the previous set")

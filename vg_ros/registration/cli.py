@@ -52,17 +52,6 @@ def register_main(argv: list[str]) -> int:
     return 0 if res.converged else 1
 
 
-def _pose_from_msg(msg) -> np.ndarray:
-    from vg_ros import convert
-    if hasattr(msg, "pose") and hasattr(msg.pose, "pose"):
-        return convert.odometry_to_matrix(msg)[0]
-    if hasattr(msg, "pose"):
-        return convert.pose_stamped_to_matrix(msg)
-    if hasattr(msg, "transform"):
-        return convert.transform_stamped_to_matrix(msg)
-    raise ValueError(f"ground-truth message {type(msg).__name__} is not an Odometry / PoseStamped / TransformStamped")
-
-
 def bag_lidar_extrinsics(reader, topic: str, rig: str | None, base_frame: str = "base_link") -> tuple[np.ndarray, str]:
     """(T_base_lidar, where it came from) for the clouds on `topic` (the first one's header frame): as the
     node looks them up, the bag's /tf_static chain `base_frame` <- that frame, else the rig (`rig`, else
@@ -150,7 +139,7 @@ def run_bag_odometry(bag: str | Path, topic: str, gt_topic: str | None, cfg=None
                     break
             else:
                 try:   # a NaN or zero-quaternion pose is one unscored ground truth, not the end of the run
-                    gt[convert.stamp_of(msg)] = _pose_from_msg(msg)
+                    gt[convert.stamp_of(msg)] = convert.stamped_pose_to_matrix(msg)
                 except ValueError as exc:
                     gt_malformed.append(f"{gt_topic} stamp {convert.stamp_of(msg)}: {exc}")
     scans = odo.stats["scans"]

@@ -61,8 +61,8 @@ def _ply_shortfall(data: bytes) -> str | None:
         if nbytes is not None:
             nbytes = None if row is None else nbytes + count * row
         if name == "vertex":
-            if fmt == "ascii" and _rows(body) < rows:
-                return f"the header declares {count} points, the file holds {max(_rows(body) - rows + count, 0)} rows"
+            if fmt == "ascii" and (have := _rows(body)) < rows:
+                return f"the header declares {count} points, the file holds {max(have - rows + count, 0)} rows"
             if fmt.startswith("binary") and nbytes is not None and len(body) < nbytes:
                 return f"the header declares {count} points ({nbytes} bytes of data), the file holds {len(body)} bytes"
             return None
@@ -85,8 +85,8 @@ def _pcd_shortfall(data: bytes) -> str | None:
         counts = [int(v) for v in fields.get("COUNT", [])] or [1] * len(sizes)
     except ValueError:
         return None
-    if kind == "ascii" and _rows(body) < points:
-        return f"the header declares {points} points, the file holds {_rows(body)} rows"
+    if kind == "ascii" and (have := _rows(body)) < points:
+        return f"the header declares {points} points, the file holds {have} rows"
     need = points * sum(s * c for s, c in zip(sizes, counts))
     if kind == "binary" and sizes and len(counts) == len(sizes) and len(body) < need:
         return f"the header declares {points} points ({need} bytes of data), the file holds {len(body)} bytes"

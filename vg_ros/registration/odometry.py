@@ -285,7 +285,6 @@ class LidarOdometry:
             self._accept(stamp, T, source, points, offset)
             self._first_sweeps = [raw] if raw is not None else []
             self.stats["local_ok"] += 1
-            self.failed_in_a_row = 0
             return OdometryResult(stamp, T @ self.T_lidar_base, cov, True, time.perf_counter() - start)
         result = self._align(source, predicted)
         reason = self._check(result, source.size(), predicted)
@@ -458,13 +457,12 @@ class LidarOdometry:
         map of one sweep the next cannot match) goes on dead-reckoning instead of standing still. The scan
         itself is still a failure (not a confident pose), the next ones register against the new map."""
         result = self._fail(stamp, predicted, f"{reason}; {self.failed_in_a_row} scan(s) failed in a row: the local "
-                                              f"map restarts "
-                                              f"from this scan at the motion prior's pose", start, offset)
+                                              f"map restarts from this scan at the motion prior's pose", start, offset)
         self._new_map()
         self.recent_clouds.clear()
         self._map_deskewed = False
-        self.T_odom_lidar = None   # the velocity stays the prior's (not re-measured from the prior itself)
-        self._accept(stamp, predicted, source, points, offset)
+        # the velocity stays the prior's (not re-measured from the prior itself)
+        self._accept(stamp, predicted, source, points, offset, keep_velocity=True)
         self._first_sweeps = [raw] if raw is not None else []
         self.failed_in_a_row = 0
         self.stats["map_restarts"] += 1
